@@ -1,0 +1,56 @@
+"""embtools: a Parquet-backed columnar embedding store with NumPy, PyTorch and MLX backends.
+
+Importing embtools is cheap: torch, mlx and polars are imported only when a name that needs them is
+first used (PEP 562 module ``__getattr__``).
+
+Examples
+--------
+>>> import embtools as et
+>>> et.compute_param_hash(model="m", dims=[64, 384]) == et.compute_config_hash({"dims": [64, 384], "model": "m"})
+True
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it (imported on first access)
+_LAZY: dict[str, str] = {
+    "get_backend": "embtools.backends",
+    "available_backends": "embtools.backends",
+    "convert": "embtools.backends",
+    "Backend": "embtools.backends",
+    "compute_config_hash": "embtools.config",
+    "compute_param_hash": "embtools.config",
+    "EmbeddingStore": "embtools.store",
+    "similarity_join": "embtools.search",
+    "embed_texts": "embtools.embed",
+}
+
+__all__ = ["__version__", "errors", *_LAZY]
+
+if TYPE_CHECKING:  # pragma: no cover
+    from embtools import errors
+    from embtools.backends import Backend, available_backends, convert, get_backend
+    from embtools.config import compute_config_hash, compute_param_hash
+    from embtools.embed import embed_texts
+    from embtools.search import similarity_join
+    from embtools.store import EmbeddingStore
+
+
+def __getattr__(name: str) -> Any:
+    if name == "errors":
+        return importlib.import_module("embtools.errors")
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'embtools' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
