@@ -1,0 +1,1 @@
+"""Search: exact streaming top-k, filters, Matryoshka funnel, batch similarity jobs."""

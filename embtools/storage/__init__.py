@@ -1,0 +1,1 @@
+"""Storage layer: data file format, schema, manifest and commits, snapshots."""
