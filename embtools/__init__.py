@@ -30,7 +30,19 @@ _LAZY: dict[str, str] = {
     "embed_texts": "embtools.embed",
 }
 
-__all__ = ["__version__", "errors", *_LAZY]
+__all__ = [
+    "Backend",
+    "EmbeddingStore",
+    "__version__",
+    "available_backends",
+    "compute_config_hash",
+    "compute_param_hash",
+    "convert",
+    "embed_texts",
+    "errors",
+    "get_backend",
+    "similarity_join",
+]
 
 if TYPE_CHECKING:  # pragma: no cover
     from embtools import errors
