@@ -20,6 +20,8 @@ True
 
 from __future__ import annotations
 
+import contextlib
+import mmap
 import os
 import re
 from types import TracebackType
@@ -30,6 +32,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from embtools.errors import CorruptStoreError, InvalidArgumentError, InvalidEmbeddingsError
+from embtools.storage.pages import LayoutError, plain_value_spans
 
 __all__ = [
     "EMBEDDING_COLUMN",
@@ -49,6 +52,7 @@ MAX_PAGE_BYTES = 1024**3
 """Largest data page we ask pyarrow for (Parquet page sizes are int32)."""
 
 DEFAULT_ROWS_NO_EMBEDDING = 1024 * 1024
+_F32 = np.dtype("<f4")
 
 
 def embedding_type(dim: int) -> pa.FixedSizeListType:
@@ -146,9 +150,10 @@ class MappedParquetFile:
     """A data file opened for reading embedding column chunks.
 
     ``embedding(column, row_group)`` returns a ``(rows, d)`` float32 array: a read-only view of the
-    memory-mapped file when the chunk has the layout :func:`write_data_file` produces, otherwise a
-    copy decoded by pyarrow (same values). Every inconsistency raises
-    :class:`~embtools.errors.CorruptStoreError` naming the file.
+    memory-mapped file when the chunk has the layout :func:`write_data_file` produces (one PLAIN,
+    uncompressed data page, no dictionary, no nulls), otherwise a copy decoded by pyarrow with the
+    same values. A chunk of several plain pages is returned as a copy concatenated from the mapped
+    pages. Every inconsistency raises :class:`~embtools.errors.CorruptStoreError` naming the file.
 
     Examples
     --------
@@ -156,8 +161,9 @@ class MappedParquetFile:
     >>> p = os.path.join(tempfile.mkdtemp(), "f.parquet")
     >>> _ = write_data_file(p, pa.table({"emb_2": embedding_array(np.eye(2, dtype=np.float32))}))
     >>> f = MappedParquetFile(p)
-    >>> f.embedding("emb_2", 0).tolist()
-    [[1.0, 0.0], [0.0, 1.0]]
+    >>> f.embedding("emb_2", 0).tolist(), f.zero_copy("emb_2", 0)
+    ([[1.0, 0.0], [0.0, 1.0]], True)
+    >>> f.release("emb_2", 0)
     >>> f.close()
     """
 
@@ -170,32 +176,101 @@ class MappedParquetFile:
             self.row_group_rows: list[int] = [
                 int(meta.row_group(i).num_rows) for i in range(meta.num_row_groups)
             ]
+            self._arrow_schema = self._pf.schema_arrow
+            self._leaves: dict[str, list[int]] = {}
+            for i in range(meta.num_columns):
+                top = self._pf.schema.column(i).path.split(".")[0]
+                self._leaves.setdefault(top, []).append(i)
         except FileNotFoundError:
             raise
-        except (OSError, pa.ArrowException, ValueError) as exc:
+        except (OSError, pa.ArrowException, ValueError, KeyError) as exc:
             raise CorruptStoreError(f"{self.path}: not a readable Parquet file ({exc})") from exc
-        if sum(self.row_group_rows) != self.num_rows:
+        if sum(self.row_group_rows) != self.num_rows or any(r < 0 for r in self.row_group_rows):
             raise CorruptStoreError(f"{self.path}: row group sizes do not add up to num_rows")
+        self._plans: dict[tuple[str, int], list[tuple[int, int]] | None] = {}
+        self._mm: mmap.mmap | None = None
         self._closed = False
+        with open(self.path, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            if size < 12:
+                raise CorruptStoreError(f"{self.path}: {size} bytes is too short for Parquet")
+            self._mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        self.size = size
+        mm = self._mm
+        footer_len = int.from_bytes(mm[size - 8:size - 4], "little")
+        if mm[:4] != b"PAR1" or mm[size - 4:] != b"PAR1" or footer_len > size - 12:
+            self.close()
+            raise CorruptStoreError(f"{self.path}: bad Parquet magic or footer length")
+        self._data_end = size - 8 - footer_len
 
     # -- public -------------------------------------------------------------------------------
     def embedding(self, column: str, row_group: int) -> np.ndarray:
-        """The ``(rows, d)`` float32 values of ``column`` in ``row_group``."""
-        self._check(column, row_group)
-        return self._decode(column, row_group)
+        """The ``(rows, d)`` float32 values of ``column`` in ``row_group``.
+
+        A read-only view of the mapped file when :meth:`zero_copy` is true, else a new array.
+        """
+        spans = self._plan(column, row_group)
+        if spans is None:
+            return self._decode(column, row_group)
+        rows, dim = self.row_group_rows[row_group], self._dim(column)
+        if len(spans) == 1:
+            off, n = spans[0]
+            return np.frombuffer(self._map(), dtype=_F32, count=n, offset=off).reshape(rows, dim)
+        out = np.empty(rows * dim, dtype=np.float32)
+        pos = 0
+        for off, n in spans:
+            out[pos:pos + n] = np.frombuffer(self._map(), dtype=_F32, count=n, offset=off)
+            pos += n
+        return out.reshape(rows, dim)
+
+    def embedding_rows(self, column: str, row_groups: list[int] | None = None) -> np.ndarray:
+        """Several row groups (default: all) as one ``(rows, d)`` array.
+
+        A view of the mapped file for a single zero-copy row group; otherwise a copy.
+        """
+        groups = list(range(len(self.row_group_rows))) if row_groups is None else list(row_groups)
+        if len(groups) == 1:
+            return self.embedding(column, groups[0])
+        dim = self._dim(column)
+        for g in groups:
+            self._check(column, g)
+        out = np.empty((sum(self.row_group_rows[g] for g in groups), dim), dtype=np.float32)
+        pos = 0
+        for g in groups:
+            rows = self.row_group_rows[g]
+            out[pos:pos + rows] = self.embedding(column, g)
+            self.release(column, g)
+            pos += rows
+        return out
 
     def zero_copy(self, column: str, row_group: int) -> bool:
         """Whether :meth:`embedding` returns a view of the mapped file for this chunk."""
-        self._check(column, row_group)
-        return False
+        spans = self._plan(column, row_group)
+        return spans is not None and len(spans) == 1
+
+    def prefetch(self, column: str, row_group: int) -> None:
+        """Ask the kernel to read this chunk's mapped pages ahead (``MADV_WILLNEED``)."""
+        self._advise(column, row_group, "MADV_WILLNEED")
 
     def release(self, column: str, row_group: int) -> None:
-        """Tell the kernel the mapped pages of this chunk are no longer needed."""
-        self._check(column, row_group)
+        """Drop this chunk's mapped pages from the process (``MADV_DONTNEED``).
+
+        The file stays mapped: arrays returned earlier stay valid and fault the pages back in
+        (from the page cache) if they are read again. A no-op for pyarrow-decoded chunks.
+        """
+        self._advise(column, row_group, "MADV_DONTNEED")
 
     def close(self) -> None:
-        """Close the file. Arrays already returned stay valid."""
+        """Close the file. Arrays already returned stay valid (the mapping lives until they go)."""
         self._closed = True
+        if self._mm is not None:
+            # With views still alive, close() raises BufferError; the mapping then goes with them.
+            with contextlib.suppress(BufferError):
+                self._mm.close()
+            self._mm = None
+        pf = getattr(self, "_pf", None)
+        if pf is not None:
+            pf.close()
 
     def __enter__(self) -> MappedParquetFile:
         return self
@@ -205,6 +280,11 @@ class MappedParquetFile:
         self.close()
 
     # -- internals ----------------------------------------------------------------------------
+    def _map(self) -> mmap.mmap:
+        if self._mm is None:
+            raise InvalidArgumentError(f"{self.path}: file is closed")
+        return self._mm
+
     def _dim(self, column: str) -> int:
         m = EMBEDDING_COLUMN.match(column)
         if m is None:
@@ -215,10 +295,72 @@ class MappedParquetFile:
         if self._closed:
             raise InvalidArgumentError(f"{self.path}: file is closed")
         self._dim(column)
-        if not 0 <= row_group < len(self.row_group_rows):
+        if column not in self._leaves:
+            raise InvalidArgumentError(f"{self.path}: no column {column!r}")
+        if isinstance(row_group, bool) or not isinstance(row_group, (int, np.integer)) or not (
+            0 <= row_group < len(self.row_group_rows)
+        ):
             raise InvalidArgumentError(
-                f"{self.path}: row group {row_group} out of range 0..{len(self.row_group_rows) - 1}"
+                f"{self.path}: row group {row_group!r} out of range "
+                f"0..{len(self.row_group_rows) - 1}"
             )
+
+    def _advise(self, column: str, row_group: int, option: str) -> None:
+        spans = self._plan(column, row_group)
+        advice = getattr(mmap, option, None)
+        if not spans or advice is None:
+            return
+        lo = min(off for off, _ in spans)
+        hi = max(off + 4 * n for off, n in spans)
+        lo -= lo % mmap.PAGESIZE
+        if hi > lo:
+            self._map().madvise(advice, lo, hi - lo)
+
+    def _plan(self, column: str, row_group: int) -> list[tuple[int, int]] | None:
+        """Value spans of a plain chunk (cached), or ``None`` to decode with pyarrow."""
+        self._check(column, row_group)
+        key = (column, int(row_group))
+        if key not in self._plans:
+            self._plans[key] = self._make_plan(column, int(row_group))
+        return self._plans[key]
+
+    def _make_plan(self, column: str, row_group: int) -> list[tuple[int, int]] | None:
+        dim = self._dim(column)
+        rows = self.row_group_rows[row_group]
+        where = f"{self.path}: column {column!r} row group {row_group}"
+        idx = self._arrow_schema.get_field_index(column)
+        if idx < 0 or len(self._leaves[column]) != 1:
+            return None
+        field = self._arrow_schema.field(idx)
+        typ = field.type
+        if (field.nullable or not pa.types.is_fixed_size_list(typ) or typ.list_size != dim
+                or typ.value_type != pa.float32() or typ.value_field.nullable):
+            return None
+        leaf = self._leaves[column][0]
+        desc = self._pf.schema.column(leaf)
+        if desc.physical_type != "FLOAT" or (desc.max_repetition_level,
+                                             desc.max_definition_level) != (1, 1):
+            return None
+        try:
+            cc = self._pf.metadata.row_group(row_group).column(leaf)
+            codec, has_dict = cc.compression, cc.has_dictionary_page
+            start, length, num_values = cc.data_page_offset, cc.total_compressed_size, cc.num_values
+        except (OSError, pa.ArrowException, ValueError) as exc:
+            raise CorruptStoreError(f"{where}: bad column chunk metadata ({exc})") from exc
+        if codec != "UNCOMPRESSED" or has_dict:
+            return None
+        if num_values != rows * dim:
+            raise CorruptStoreError(f"{where}: {num_values} values, expected {rows} x {dim}")
+        if start < 4 or length < 0 or start + length > self._data_end:
+            raise CorruptStoreError(
+                f"{where}: chunk [{start}, {start + length}) outside the data region "
+                f"[4, {self._data_end})"
+            )
+        try:
+            return plain_value_spans(self._map(), start, length, rows=rows, dim=dim,
+                                     max_rep=1, max_def=1)
+        except LayoutError as exc:
+            raise CorruptStoreError(f"{where}: {exc}") from exc
 
     def _decode(self, column: str, row_group: int) -> np.ndarray:
         """pyarrow decode of one chunk, as a fresh C-contiguous (rows, d) float32 array."""

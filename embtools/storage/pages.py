@@ -1,0 +1,156 @@
+"""Locating the raw float values of a PLAIN, uncompressed Parquet column chunk.
+
+:func:`plain_value_spans` walks the page headers of one column chunk of a required
+``fixed_size_list<float32 not null>`` column and returns where each data page's values lie in the
+file. It returns ``None`` when the chunk is valid Parquet but not the plain layout (dictionary or
+index pages, another encoding), and raises :class:`LayoutError` when the chunk contradicts itself
+(sizes that do not add up, a header that does not parse, counts that disagree with the footer).
+
+Only columns with max repetition level 1 and max definition level 1 (a required list of required
+floats) are handled; for them the value bytes of a page with no nulls are exactly 4 x num_values:
+
+- data page v1: ``[4-byte len][rep levels][4-byte len][def levels][values]``
+- data page v2: ``[rep levels][def levels][values]`` with the level lengths in the header.
+
+Examples
+--------
+>>> import numpy as np, pyarrow as pa, pyarrow.parquet as pq, io
+>>> x = np.arange(6, dtype=np.float32)
+>>> typ = pa.list_(pa.field("element", pa.float32(), nullable=False), 3)
+>>> col = pa.FixedSizeListArray.from_arrays(pa.array(x), type=typ)
+>>> schema = pa.schema([pa.field("e", typ, nullable=False)])
+>>> buf = io.BytesIO()
+>>> pq.write_table(pa.table({"e": col}, schema=schema), buf, compression="none",
+...                use_dictionary=False)
+>>> raw = buf.getvalue()
+>>> cc = pq.ParquetFile(io.BytesIO(raw)).metadata.row_group(0).column(0)
+>>> (off, n), = plain_value_spans(raw, cc.data_page_offset, cc.total_compressed_size,
+...                               rows=2, dim=3, max_rep=1, max_def=1)
+>>> np.frombuffer(raw, np.float32, n, off).tolist()
+[0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
+"""
+
+from __future__ import annotations
+
+import mmap
+
+from embtools.storage.thrift import (
+    ENCODING_PLAIN,
+    PAGE_DATA,
+    PAGE_DATA_V2,
+    PAGE_DICTIONARY,
+    PAGE_INDEX,
+    PageHeader,
+    ThriftError,
+    parse_page_header,
+)
+
+__all__ = ["LayoutError", "plain_value_spans"]
+
+FLOAT_BYTES = 4
+_HEADER_WINDOW = 64 * 1024
+_MAX_HEADER = 16 * 1024 * 1024
+
+Buffer = bytes | bytearray | memoryview | mmap.mmap
+
+
+class LayoutError(ValueError):
+    """A column chunk whose pages contradict themselves or the footer."""
+
+
+def _read_header(buf: Buffer, pos: int, end: int) -> PageHeader:
+    window = min(end, pos + _HEADER_WINDOW)
+    while True:
+        try:
+            return parse_page_header(buf[pos:window])
+        except ThriftError as exc:
+            if window >= min(end, pos + _MAX_HEADER):
+                raise LayoutError(f"page header at byte {pos}: {exc}") from exc
+            window = min(end, pos + _MAX_HEADER)
+
+
+def _level_block(buf: Buffer, p: int, body_end: int, what: str) -> int:
+    """Skip a v1 ``[4-byte length][levels]`` block starting at ``p``; return the position after."""
+    if p + 4 > body_end:
+        raise LayoutError(f"{what} length runs past the page")
+    n = int.from_bytes(buf[p:p + 4], "little")
+    if p + 4 + n > body_end:
+        raise LayoutError(f"{what} ({n} bytes) run past the page")
+    return p + 4 + n
+
+
+def plain_value_spans(buf: Buffer, start: int, length: int, *, rows: int, dim: int,
+                      max_rep: int, max_def: int) -> list[tuple[int, int]] | None:
+    """``[(byte_offset, n_values), ...]`` of the float values of each data page of a chunk.
+
+    ``buf`` is the whole file (an ``mmap`` or bytes), the chunk is ``buf[start:start + length]``,
+    which the caller has checked lies inside the file. Returns ``None`` if the chunk is not
+    PLAIN-encoded data pages only; raises :class:`LayoutError` if it is inconsistent.
+    """
+    if start < 0 or length < 0 or start + length > len(buf):
+        raise LayoutError(f"chunk [{start}, {start + length}) lies outside the file")
+    if (max_rep, max_def) != (1, 1):
+        return None
+    end = start + length
+    pos = start
+    spans: list[tuple[int, int]] = []
+    total = 0
+    total_rows = 0
+    while pos < end:
+        h = _read_header(buf, pos, end)
+        body = pos + h.header_size
+        body_end = body + h.compressed_page_size
+        if body_end > end:
+            raise LayoutError(
+                f"page at byte {pos} ({h.compressed_page_size} bytes) runs past its chunk's end {end}"
+            )
+        if h.type in (PAGE_DICTIONARY, PAGE_INDEX):
+            return None
+        if h.type not in (PAGE_DATA, PAGE_DATA_V2):
+            raise LayoutError(f"page at byte {pos} has unknown type {h.type}")
+        if h.uncompressed_page_size != h.compressed_page_size:
+            raise LayoutError(f"page at byte {pos}: sizes differ in an uncompressed chunk")
+        if h.type == PAGE_DATA:
+            v1 = h.data_page_header
+            if v1 is None:
+                raise LayoutError(f"data page at byte {pos} lacks its DataPageHeader")
+            if v1.encoding != ENCODING_PLAIN:
+                return None
+            n = v1.num_values
+            p = body
+            if max_rep:
+                p = _level_block(buf, p, body_end, "repetition levels")
+            if max_def:
+                p = _level_block(buf, p, body_end, "definition levels")
+            if n % dim:
+                raise LayoutError(f"data page at byte {pos}: {n} values is not a multiple of {dim}")
+            page_rows = n // dim
+        else:
+            v2 = h.data_page_header_v2
+            if v2 is None:
+                raise LayoutError(f"data page at byte {pos} lacks its DataPageHeaderV2")
+            if v2.encoding != ENCODING_PLAIN:
+                return None
+            n = v2.num_values
+            if v2.num_nulls:
+                raise LayoutError(f"data page at byte {pos}: {v2.num_nulls} nulls in a required column")
+            if n != v2.num_rows * dim:
+                raise LayoutError(
+                    f"data page at byte {pos}: {n} values for {v2.num_rows} rows of {dim}"
+                )
+            levels = v2.repetition_levels_byte_length + v2.definition_levels_byte_length
+            p = body + levels
+            if p > body_end:
+                raise LayoutError(f"data page at byte {pos}: levels run past the page")
+            page_rows = v2.num_rows
+        if body_end - p != n * FLOAT_BYTES:
+            raise LayoutError(
+                f"data page at byte {pos}: {body_end - p} value bytes for {n} float values"
+            )
+        spans.append((p, n))
+        total += n
+        total_rows += page_rows
+        pos = body_end
+    if total != rows * dim or total_rows != rows:
+        raise LayoutError(f"chunk holds {total} values in {total_rows} rows, expected {rows} x {dim}")
+    return spans

@@ -1,0 +1,286 @@
+"""Decoding of Parquet page headers (Thrift compact protocol), just what the fast reader needs.
+
+Only ``PageHeader`` and the headers nested in it are decoded; every other field is skipped by its
+type, so headers written by newer writers still parse. The decoder never reads past the buffer it is
+given, caps varints at 10 bytes and nesting at 32 levels, and raises :class:`ThriftError` (a
+``ValueError``) on anything malformed; callers turn that into ``CorruptStoreError`` naming the file.
+
+Examples
+--------
+>>> raw = bytes([0x15, 0x06, 0x15, 0x10, 0x15, 0x10, 0x00])   # DATA_PAGE_V2, sizes 8 and 8
+>>> h = parse_page_header(raw)
+>>> h.type == PAGE_DATA_V2, h.compressed_page_size, h.header_size
+(True, 8, 7)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = [
+    "ENCODING_PLAIN",
+    "PAGE_DATA",
+    "PAGE_DATA_V2",
+    "PAGE_DICTIONARY",
+    "PAGE_INDEX",
+    "DataPageHeader",
+    "DataPageHeaderV2",
+    "PageHeader",
+    "ThriftError",
+    "parse_page_header",
+]
+
+PAGE_DATA = 0
+PAGE_INDEX = 1
+PAGE_DICTIONARY = 2
+PAGE_DATA_V2 = 3
+ENCODING_PLAIN = 0
+
+# Compact protocol type ids.
+_STOP, _TRUE, _FALSE, _BYTE, _I16, _I32, _I64, _DOUBLE, _BINARY, _LIST, _SET, _MAP, _STRUCT = range(13)
+_MAX_DEPTH = 32
+_I32_MIN, _I32_MAX = -(2**31), 2**31 - 1
+
+
+class ThriftError(ValueError):
+    """Malformed Thrift compact-protocol bytes."""
+
+
+@dataclass(frozen=True)
+class DataPageHeader:
+    """``DataPageHeader`` (data page v1): levels are inline, each prefixed by a 4-byte length."""
+
+    num_values: int
+    encoding: int
+    definition_level_encoding: int
+    repetition_level_encoding: int
+
+
+@dataclass(frozen=True)
+class DataPageHeaderV2:
+    """``DataPageHeaderV2``: level byte lengths are in the header, levels are never compressed."""
+
+    num_values: int
+    num_nulls: int
+    num_rows: int
+    encoding: int
+    definition_levels_byte_length: int
+    repetition_levels_byte_length: int
+    is_compressed: bool = True
+
+
+@dataclass(frozen=True)
+class PageHeader:
+    """``PageHeader`` plus ``header_size``, the number of bytes the header itself took."""
+
+    type: int
+    uncompressed_page_size: int
+    compressed_page_size: int
+    header_size: int
+    crc: int | None = None
+    data_page_header: DataPageHeader | None = None
+    data_page_header_v2: DataPageHeaderV2 | None = None
+    dictionary_num_values: int | None = None
+
+
+class _Reader:
+    """Cursor over a bytes-like buffer; all reads are bounds-checked."""
+
+    def __init__(self, buf: bytes | bytearray | memoryview) -> None:
+        self.buf = buf
+        self.pos = 0
+        self.end = len(buf)
+
+    def byte(self) -> int:
+        if self.pos >= self.end:
+            raise ThriftError("unexpected end of header bytes")
+        b = self.buf[self.pos]
+        self.pos += 1
+        return int(b)
+
+    def varint(self) -> int:
+        shift = 0
+        value = 0
+        for _ in range(10):
+            b = self.byte()
+            value |= (b & 0x7F) << shift
+            if not b & 0x80:
+                return value
+            shift += 7
+        raise ThriftError("varint longer than 10 bytes")
+
+    def zigzag(self) -> int:
+        n = self.varint()
+        return (n >> 1) ^ -(n & 1)
+
+    def i32(self) -> int:
+        v = self.zigzag()
+        if not _I32_MIN <= v <= _I32_MAX:
+            raise ThriftError(f"i32 out of range: {v}")
+        return v
+
+    def skip_bytes(self, n: int) -> None:
+        if n < 0 or n > self.end - self.pos:
+            raise ThriftError(f"length {n} runs past the end of the header bytes")
+        self.pos += n
+
+    def field(self, last_id: int) -> tuple[int, int]:
+        """Next field header: ``(type, field_id)``; type ``_STOP`` ends the struct."""
+        b = self.byte()
+        ftype = b & 0x0F
+        if ftype == _STOP:
+            return _STOP, 0
+        delta = b >> 4
+        fid = last_id + delta if delta else self.zigzag()
+        return ftype, fid
+
+    def skip(self, ftype: int, depth: int = 0) -> None:
+        """Skip one value of compact type ``ftype``."""
+        if depth > _MAX_DEPTH:
+            raise ThriftError("nesting too deep")
+        if ftype in (_TRUE, _FALSE):
+            return
+        if ftype == _BYTE:
+            self.skip_bytes(1)
+        elif ftype in (_I16, _I32, _I64):
+            self.varint()
+        elif ftype == _DOUBLE:
+            self.skip_bytes(8)
+        elif ftype == _BINARY:
+            self.skip_bytes(self.varint())
+        elif ftype in (_LIST, _SET):
+            head = self.byte()
+            size = head >> 4
+            etype = head & 0x0F
+            if size == 15:
+                size = self.varint()
+            self._check_count(size)
+            for _ in range(size):
+                self._skip_element(etype, depth + 1)
+        elif ftype == _MAP:
+            size = self.varint()
+            if size:
+                self._check_count(size)
+                kv = self.byte()
+                for _ in range(size):
+                    self._skip_element(kv >> 4, depth + 1)
+                    self._skip_element(kv & 0x0F, depth + 1)
+        elif ftype == _STRUCT:
+            last = 0
+            while True:
+                t, last = self.field(last)
+                if t == _STOP:
+                    return
+                self.skip(t, depth + 1)
+        else:
+            raise ThriftError(f"unknown compact type {ftype}")
+
+    def _skip_element(self, etype: int, depth: int) -> None:
+        # Booleans inside containers take one byte each.
+        if etype in (_TRUE, _FALSE):
+            self.skip_bytes(1)
+        else:
+            self.skip(etype, depth)
+
+    def _check_count(self, size: int) -> None:
+        # Every element takes at least one byte, so a count above the remaining bytes is corrupt.
+        if size > self.end - self.pos:
+            raise ThriftError(f"container of {size} elements cannot fit in the header bytes")
+
+    def struct_i32s(self, wanted: dict[int, str], bools: dict[int, str]) -> dict[str, int]:
+        """Read a struct, keeping i32 fields in ``wanted`` and bool fields in ``bools``."""
+        out: dict[str, int] = {}
+        last = 0
+        while True:
+            t, last = self.field(last)
+            if t == _STOP:
+                return out
+            if last in wanted and t == _I32:
+                out[wanted[last]] = self.i32()
+            elif last in bools and t in (_TRUE, _FALSE):
+                out[bools[last]] = int(t == _TRUE)
+            elif last in wanted or last in bools:
+                raise ThriftError(f"field {last} has unexpected type {t}")
+            else:
+                self.skip(t, 1)
+
+
+_DATA_V1 = {1: "num_values", 2: "encoding", 3: "definition_level_encoding",
+            4: "repetition_level_encoding"}
+_DATA_V2 = {1: "num_values", 2: "num_nulls", 3: "num_rows", 4: "encoding",
+            5: "definition_levels_byte_length", 6: "repetition_levels_byte_length"}
+
+
+def _require(fields: dict[str, int], names: dict[int, str], what: str) -> None:
+    missing = [n for n in names.values() if n not in fields]
+    if missing:
+        raise ThriftError(f"{what} lacks required field(s) {', '.join(missing)}")
+
+
+def parse_page_header(buf: bytes | bytearray | memoryview) -> PageHeader:
+    """Decode the ``PageHeader`` at the start of ``buf``.
+
+    Raises :class:`ThriftError` when the bytes are malformed, truncated, lack a required field,
+    or hold a negative size or count.
+
+    Examples
+    --------
+    >>> parse_page_header(b"\\x15\\x04\\x15\\x02\\x15\\x02\\x00").uncompressed_page_size
+    1
+    >>> parse_page_header(b"\\x15\\x04")
+    Traceback (most recent call last):
+    ...
+    embtools.storage.thrift.ThriftError: unexpected end of header bytes
+    """
+    r = _Reader(buf)
+    top: dict[str, int] = {}
+    v1: DataPageHeader | None = None
+    v2: DataPageHeaderV2 | None = None
+    dict_values: int | None = None
+    names = {1: "type", 2: "uncompressed_page_size", 3: "compressed_page_size", 4: "crc"}
+    last = 0
+    while True:
+        t, last = r.field(last)
+        if t == _STOP:
+            break
+        if last in names:
+            if t != _I32:
+                raise ThriftError(f"PageHeader field {last} has type {t}, expected i32")
+            top[names[last]] = r.i32()
+        elif last == 5 and t == _STRUCT:
+            f = r.struct_i32s(_DATA_V1, {})
+            _require(f, _DATA_V1, "DataPageHeader")
+            v1 = DataPageHeader(**f)
+        elif last == 8 and t == _STRUCT:
+            f = r.struct_i32s(_DATA_V2, {7: "is_compressed"})
+            _require(f, _DATA_V2, "DataPageHeaderV2")
+            v2 = DataPageHeaderV2(
+                **{k: v for k, v in f.items() if k != "is_compressed"},
+                is_compressed=bool(f.get("is_compressed", 1)),
+            )
+        elif last == 7 and t == _STRUCT:
+            f = r.struct_i32s({1: "num_values", 2: "encoding"}, {3: "is_sorted"})
+            _require(f, {1: "num_values"}, "DictionaryPageHeader")
+            dict_values = f["num_values"]
+        elif last in (5, 6, 7, 8):
+            raise ThriftError(f"PageHeader field {last} has type {t}, expected struct")
+        else:
+            r.skip(t, 1)
+    for name in ("type", "uncompressed_page_size", "compressed_page_size"):
+        if name not in top:
+            raise ThriftError(f"PageHeader lacks required field {name}")
+    if top["uncompressed_page_size"] < 0 or top["compressed_page_size"] < 0:
+        raise ThriftError("negative page size")
+    for sub in (v1, v2):
+        if sub is not None and any(v < 0 for k, v in vars(sub).items() if k != "is_compressed"):
+            raise ThriftError("negative count or length in a data page header")
+    return PageHeader(
+        type=top["type"],
+        uncompressed_page_size=top["uncompressed_page_size"],
+        compressed_page_size=top["compressed_page_size"],
+        header_size=r.pos,
+        crc=top.get("crc"),
+        data_page_header=v1,
+        data_page_header_v2=v2,
+        dictionary_num_values=dict_values,
+    )
