@@ -404,7 +404,7 @@ class Backend(ABC):
         >>> from embtools.backends import get_backend
         >>> b = get_backend("numpy")
         >>> v, i = b.top_k(b.create_array([0.5, 0.9, 0.5, 0.1]), 3)
-        >>> i.tolist(), v.round(2).tolist()
+        >>> i.tolist(), [round(float(x), 2) for x in v]
         ([1, 0, 2], [0.9, 0.5, 0.5])
         """
         k = check_k(k)
@@ -442,12 +442,12 @@ class Backend(ABC):
         vals = s[rows, cols]
         # order by row, then value descending, then column (nonzero gives rows, cols ascending)
         order = xp.argsort(-vals, stable=True)
-        order = xp.take(order, xp.argsort(xp.take(rows, order), stable=True))
+        order = order[xp.argsort(rows[order], stable=True)]
         starts = xp.cumulative_sum(counts) - counts
         arange_k = xp.arange(k, dtype=starts.dtype, device=_device_of(starts))
-        pick = xp.take(order, xp.reshape(starts, (-1, 1)) + xp.reshape(arange_k, (1, -1)))
+        pick = order[xp.reshape(starts, (-1, 1)) + xp.reshape(arange_k, (1, -1))]
         int64 = self.resolve_dtype("int64")
-        return xp.take(vals, pick), xp.astype(xp.take(cols, pick), int64)
+        return vals[pick], xp.astype(cols[pick], int64)
 
     def _select_sorted(self, s: Any, k: int) -> tuple[Any, Any]:
         """Exact top-k by a full stable sort per row; NaN counts as the smallest value."""
