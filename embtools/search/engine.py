@@ -1,0 +1,456 @@
+"""The exact streaming top-k engine: every query against every selected corpus row, under the cap.
+
+The corpus is read from a :class:`VectorSource` in ascending position order, in batches sized from
+the :class:`~embtools.memory.MemoryBudget` (the batch, its prepared copy, the batch being prefetched,
+the score matrix and the top-k buffers all count against the cap). Each batch is scored on the
+backend with :meth:`Backend.block_top_k` and merged into a running top-k per query with
+:meth:`Backend.merge_top_k` on the device. Block-local indices are offset by the number of rows
+already streamed (an *ordinal* into the selection), so ties go to the lower ordinal, which is the
+lower position and the lower ``row_id``.
+
+A reader thread prepares the next batch (reads it from the memory map, normalises it for cosine or
+copies it, and on CUDA starts its host-to-device copy) while the device scores the current one.
+
+Examples
+--------
+>>> import numpy as np
+>>> from embtools.backends import get_backend
+>>> from embtools.memory import MemoryBudget
+>>> from embtools.search.engine import ArraySource, stream_top_k
+>>> corpus = np.array([[1, 0], [0, 1], [1, 1]], dtype=np.float32)
+>>> scores, pos = stream_top_k(ArraySource(corpus), get_backend("numpy"), MemoryBudget(None),
+...                            np.array([[1, 0.1]], dtype=np.float32), 2, k=2, metric="dot")
+>>> pos.tolist(), scores.astype(float).round(2).tolist()
+([[2, 0]], [[1.1, 1.0]])
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from embtools.errors import (
+    DimensionMismatchError,
+    InvalidArgumentError,
+    InvalidEmbeddingsError,
+    MemoryLimitError,
+)
+from embtools.memory import MemoryBudget
+
+__all__ = [
+    "METRICS",
+    "ArraySource",
+    "SearchPlan",
+    "VectorSource",
+    "check_k",
+    "check_metric",
+    "normalize_rows",
+    "plan_search",
+    "prepare_queries",
+    "stream_top_k",
+]
+
+METRICS = ("cosine", "dot", "l2")
+
+#: Without a memory cap, aim for batches whose workspace is about this many bytes.
+DEFAULT_WORKSPACE_BYTES = 256 * 1024**2
+#: Largest number of queries scored against one batch in one matmul.
+MAX_QUERY_CHUNK = 2048
+#: Smallest batch worth streaming before query chunks are made smaller.
+MIN_BATCH_ROWS = 1024
+#: From this many queries on, dot/l2 batches are prefetched (copied) by a reader thread.
+PREFETCH_MIN_QUERIES = 16
+
+
+class VectorSource(Protocol):
+    """What the engine reads (see docs/internals.md): implemented by the store's snapshot."""
+
+    num_rows: int
+    dimensions: list[int]
+
+    def select(self, where: Any) -> np.ndarray: ...
+
+    def iter_vectors(
+        self, dim: int, positions: np.ndarray | None = None, batch_rows: int | None = None
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]: ...
+
+    def take_metadata(self, positions: np.ndarray, columns: list[str] | None = None) -> Any: ...
+
+
+class ArraySource:
+    """A minimal :class:`VectorSource` over one in-memory NumPy array (no metadata, no filters).
+
+    Used by :func:`compute_similarity`-style calls on plain arrays and by tests.
+
+    Examples
+    --------
+    >>> src = ArraySource(np.ones((5, 4), dtype=np.float32))
+    >>> [p.tolist() for p, _ in src.iter_vectors(4, batch_rows=2)]
+    [[0, 1], [2, 3], [4]]
+    """
+
+    def __init__(self, vectors: np.ndarray) -> None:
+        self.vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        self.num_rows = int(self.vectors.shape[0])
+        self.dimensions = [int(self.vectors.shape[1])]
+
+    def select(self, where: Any) -> np.ndarray:
+        raise InvalidArgumentError("an ArraySource has no metadata to filter on")
+
+    def iter_vectors(
+        self, dim: int, positions: np.ndarray | None = None, batch_rows: int | None = None
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        rows = batch_rows or 65_536
+        if positions is None:
+            for start in range(0, self.num_rows, rows):
+                stop = min(start + rows, self.num_rows)
+                yield np.arange(start, stop, dtype=np.int64), self.vectors[start:stop, :dim]
+        else:
+            for start in range(0, len(positions), rows):
+                pos = np.asarray(positions[start : start + rows], dtype=np.int64)
+                yield pos, self.vectors[pos, :dim]
+
+    def take_metadata(self, positions: np.ndarray, columns: list[str] | None = None) -> Any:
+        raise InvalidArgumentError("an ArraySource has no metadata")
+
+
+# ---------------------------------------------------------------------------------- validation
+def check_k(k: Any, name: str = "k") -> int:
+    """``k`` as an int; InvalidArgumentError unless it is a positive integer (bools refused)."""
+    if isinstance(k, (bool, np.bool_)) or not isinstance(k, (int, np.integer)):
+        raise InvalidArgumentError(f"{name} must be a positive integer, got {k!r}")
+    if int(k) <= 0:
+        raise InvalidArgumentError(f"{name} must be a positive integer, got {int(k)}")
+    return int(k)
+
+
+def check_metric(metric: Any) -> str:
+    """The metric name; InvalidArgumentError unless it is cosine, dot or l2."""
+    if not isinstance(metric, str) or metric.lower() not in METRICS:
+        raise InvalidArgumentError(f"unknown metric {metric!r}; use one of {', '.join(METRICS)}")
+    return metric.lower()
+
+
+def prepare_queries(queries: Any, dim: int | None = None) -> tuple[np.ndarray, bool]:
+    """Any backend's query array as C-contiguous float32 NumPy ``(n, d)``, and whether it was 1-D.
+
+    Raises InvalidEmbeddingsError for empty, non-numeric, NaN or inf queries, and
+    DimensionMismatchError when ``dim`` is given and the queries have another dimension.
+
+    Examples
+    --------
+    >>> q, one = prepare_queries([1.0, 2.0])
+    >>> q.shape, one
+    ((1, 2), True)
+    """
+    if isinstance(queries, np.ndarray):
+        arr = queries
+    elif type(queries).__module__.split(".")[0] in ("torch", "mlx") or hasattr(queries, "__dlpack__"):
+        from embtools.backends import convert
+
+        arr = np.asarray(convert(queries, "numpy"))
+    else:
+        try:
+            arr = np.asarray(queries)
+        except ValueError as err:
+            raise InvalidEmbeddingsError(f"queries are not a regular array: {err}") from None
+    if arr.dtype == object or not (
+        np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)
+    ):
+        raise InvalidEmbeddingsError(f"queries must be a numeric array, got dtype {arr.dtype}")
+    if arr.ndim not in (1, 2):
+        raise InvalidEmbeddingsError(f"queries must be 1-D or 2-D, got shape {arr.shape}")
+    one = arr.ndim == 1
+    q = np.ascontiguousarray(arr.reshape(1, -1) if one else arr, dtype=np.float32)
+    if q.shape[0] == 0 or q.shape[1] == 0:
+        raise InvalidEmbeddingsError(f"queries are empty (shape {arr.shape})")
+    if not np.isfinite(q).all():
+        raise InvalidEmbeddingsError("queries contain NaN or inf values")
+    if dim is not None and q.shape[1] != dim:
+        raise DimensionMismatchError(
+            f"queries have dimension {q.shape[1]} but the search uses dimension {dim}; "
+            f"pass dimension={q.shape[1]} or slice the queries (Q[:, :{dim}])"
+        )
+    return q, one
+
+
+def normalize_rows(x: np.ndarray) -> np.ndarray:
+    """A new float32 array with the rows of ``x`` L2-normalised (zero rows stay zero)."""
+    x = np.asarray(x, dtype=np.float32)
+    norms = np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float32))
+    norms[norms == 0] = 1.0
+    return np.divide(x, norms[:, None], dtype=np.float32)
+
+
+# ---------------------------------------------------------------------------------- planning
+@dataclass(frozen=True)
+class SearchPlan:
+    """How a search is cut up: query groups (one corpus pass each), query chunks per matmul,
+    corpus rows per batch, whether a reader thread prefetches, and the bytes held."""
+
+    group: int
+    chunk: int
+    rows: int
+    prefetch: bool
+    nbytes: int
+
+
+def plan_search(
+    budget: MemoryBudget,
+    nq: int,
+    dim: int,
+    k: int,
+    n_rows: int,
+    metric: str,
+    batch_rows: int | None = None,
+) -> SearchPlan:
+    """Size the batches of a search of ``nq`` queries over ``n_rows`` rows of ``dim`` floats.
+
+    Examples
+    --------
+    >>> p = plan_search(MemoryBudget(0.001), nq=10, dim=64, k=5, n_rows=100_000, metric="cosine")
+    >>> p.rows * (3 * 64 * 4 + 10 * 12) + p.nbytes - p.rows * (3 * 64 * 4 + 10 * 12) <= 0.001 * 1024**3
+    True
+    """
+    prefetch = metric == "cosine" or nq >= PREFETCH_MIN_QUERIES
+    copies = 3 if prefetch else 2  # the batch, its prepared copy, the next batch
+
+    def fixed(group: int) -> int:
+        return group * dim * 4 * 2 + group * k * 12 * 3  # queries (+normalised) and top-k buffers
+
+    def per_row(chunk: int) -> int:
+        return dim * 4 * copies + chunk * 12  # + scores (float32) and selection workspace
+
+    n_rows = max(n_rows, 1)
+    avail = budget.available_bytes
+    group = nq
+    if avail is not None:
+        while group > 1 and fixed(group) > avail // 2:
+            group = (group + 1) // 2
+    chunk = min(group, MAX_QUERY_CHUNK)
+    if avail is None:
+        rows = DEFAULT_WORKSPACE_BYTES // per_row(chunk)
+        rows = max(MIN_BATCH_ROWS, min(rows, 65_536))
+    else:
+        want = min(n_rows, MIN_BATCH_ROWS)
+        rows = (avail - fixed(group)) // per_row(chunk)
+        while rows < want and chunk > 1:
+            chunk = (chunk + 1) // 2
+            rows = (avail - fixed(group)) // per_row(chunk)
+        if rows < 1:
+            budget.check(
+                fixed(group) + per_row(chunk),
+                f"a search of {dim}-dimensional vectors",
+                "raise max_memory_gb",
+            )
+            raise MemoryLimitError("the memory cap is too small for one batch of one row")
+    if batch_rows is not None:
+        rows = min(rows, check_k(batch_rows, "batch_rows"))
+    rows = int(min(rows, n_rows))
+    return SearchPlan(group, chunk, rows, prefetch, fixed(group) + rows * per_row(chunk))
+
+
+# ---------------------------------------------------------------------------------- reading
+def _split(
+    batches: Iterator[tuple[np.ndarray, np.ndarray]], rows: int
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Cut batches longer than ``rows`` (views, no copies)."""
+    for pos, vec in batches:
+        if len(pos) <= rows:
+            yield pos, vec
+        else:
+            for s in range(0, len(pos), rows):
+                yield pos[s : s + rows], vec[s : s + rows]
+
+
+_DONE = object()
+
+
+def _prefetched(
+    batches: Iterator[tuple[np.ndarray, np.ndarray]],
+    prepare: Callable[[np.ndarray], Any],
+) -> Iterator[tuple[np.ndarray, Any]]:
+    """Run ``prepare`` (which must copy) on each batch in a reader thread, one batch ahead."""
+    q: queue.Queue[Any] = queue.Queue(maxsize=1)
+    stop = threading.Event()
+
+    def reader() -> None:
+        try:
+            for pos, vec in batches:
+                item = (np.array(pos, dtype=np.int64), prepare(vec))
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(_DONE)
+        except BaseException as err:  # handed to the consumer
+            q.put(err)
+
+    thread = threading.Thread(target=reader, name="embtools-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is _DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                thread.join(0.05)
+        close = getattr(batches, "close", None)
+        if close is not None:
+            close()
+
+
+def _device_copier(backend: Any) -> Callable[[np.ndarray], Any] | None:
+    """On CUDA, a function that starts an asynchronous pinned host-to-device copy on a side
+    stream (run in the reader thread); None elsewhere (``from_numpy`` is then done in place)."""
+    if backend.name != "torch" or not str(backend.device).startswith("cuda"):
+        return None
+    import torch
+
+    device = torch.device(backend.device)
+    stream = torch.cuda.Stream(device=device)
+
+    def copy(x: np.ndarray) -> Any:
+        pinned = torch.from_numpy(x).pin_memory()
+        with torch.cuda.stream(stream):
+            t = pinned.to(device, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(stream)
+        return (t, event, pinned)
+
+    return copy
+
+
+def _batches(
+    source: VectorSource,
+    backend: Any,
+    dim: int,
+    positions: np.ndarray | None,
+    plan: SearchPlan,
+    metric: str,
+) -> Iterator[tuple[np.ndarray, Any]]:
+    """(positions, backend block ready to score) in ascending position order."""
+    raw = _split(source.iter_vectors(dim, positions=positions, batch_rows=plan.rows), plan.rows)
+    if not plan.prefetch:
+        for pos, vec in raw:
+            block = backend.from_numpy(np.ascontiguousarray(vec, dtype=np.float32))
+            yield pos, backend.normalize(block) if metric == "cosine" else block
+        return
+
+    to_device = _device_copier(backend)
+
+    def prepare(vec: np.ndarray) -> Any:
+        x = normalize_rows(vec) if metric == "cosine" else np.array(vec, dtype=np.float32)
+        return x if to_device is None else to_device(x)
+
+    for pos, x in _prefetched(raw, prepare):
+        if to_device is None:
+            yield pos, backend.from_numpy(x)
+        else:
+            import torch
+
+            t, event, _pinned = x
+            torch.cuda.current_stream(t.device).wait_event(event)
+            yield pos, t
+
+
+# ---------------------------------------------------------------------------------- the engine
+def stream_top_k(
+    source: VectorSource,
+    backend: Any,
+    budget: MemoryBudget,
+    queries: np.ndarray,
+    dim: int,
+    k: int,
+    metric: str = "cosine",
+    positions: np.ndarray | None = None,
+    batch_rows: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k of ``queries`` (validated float32 ``(nq, dim)``) over the source's rows.
+
+    ``positions`` (ascending int64) restricts the search to those rows. Returns NumPy
+    ``(scores float32 (nq, kk), positions int64 (nq, kk))`` with ``kk = min(k, rows searched)``,
+    best first (l2: smallest distance first), ties by lower position.
+    """
+    metric = check_metric(metric)
+    k = check_k(k)
+    nq = int(queries.shape[0])
+    n_sel = source.num_rows if positions is None else len(positions)
+    kk = min(k, n_sel)
+    if kk == 0 or nq == 0:
+        return np.zeros((nq, 0), np.float32), np.zeros((nq, 0), np.int64)
+    plan = plan_search(budget, nq, dim, kk, n_sel, metric, batch_rows)
+    key = f"search/{id(queries)}"
+    out_s: list[np.ndarray] = []
+    out_i: list[np.ndarray] = []
+    with budget.holding(key, plan.nbytes, "the search workspace", "raise max_memory_gb"):
+        for g in range(0, nq, plan.group):
+            s, i = _one_pass(source, backend, queries[g : g + plan.group], dim, kk, metric, positions, plan)
+            out_s.append(s)
+            out_i.append(i)
+    scores = np.concatenate(out_s, axis=0)
+    ordinals = np.concatenate(out_i, axis=0)
+    found = ordinals if positions is None else np.asarray(positions, dtype=np.int64)[ordinals]
+    return scores, found
+
+
+def _one_pass(
+    source: VectorSource,
+    backend: Any,
+    queries: np.ndarray,
+    dim: int,
+    k: int,
+    metric: str,
+    positions: np.ndarray | None,
+    plan: SearchPlan,
+) -> tuple[np.ndarray, np.ndarray]:
+    """One pass over the corpus for a group of queries; returns ordinals into the selection."""
+    q = backend.from_numpy(queries)
+    if metric == "cosine":
+        q = backend.normalize(q)
+    chunks = [(a, min(a + plan.chunk, len(queries))) for a in range(0, len(queries), plan.chunk)]
+    best: list[tuple[Any, Any] | None] = [None] * len(chunks)
+    qs = [q[a:b] for a, b in chunks]
+    largest = metric != "l2"
+    seen = 0
+    for pos, block in _batches(source, backend, dim, positions, plan, metric):
+        n = len(pos)
+        if n == 0:
+            continue
+        expected = seen if positions is None else int(positions[seen])
+        if int(pos[0]) != expected:
+            raise RuntimeError(
+                f"the vector source yielded position {int(pos[0])} where {expected} was expected"
+            )
+        kb = min(k, n)
+        for c, qc in enumerate(qs):
+            values, local = backend.block_top_k(qc, block, kb, metric)
+            glob = local + seen
+            prev = best[c]
+            best[c] = (values, glob) if prev is None else backend.merge_top_k(
+                *prev, values, glob, k, largest=largest
+            )
+        seen += n
+    if seen != (source.num_rows if positions is None else len(positions)):
+        raise RuntimeError(f"the vector source yielded {seen} rows, expected more")
+    backend.synchronize()
+    scores = np.concatenate([np.asarray(backend.to_numpy(b[0]), np.float32) for b in best if b], 0)
+    idx = np.concatenate([np.asarray(backend.to_numpy(b[1]), np.int64) for b in best if b], 0)
+    return scores, idx
