@@ -154,8 +154,10 @@ class MLXBackend(Backend):
         largest: bool = True,
     ) -> tuple[Any, Any]:
         check_k(k)
-        parts = [self.to_numpy(self._coerce(x)) for x in (values_a, indices_a, values_b, indices_b)]
-        values, indices = _HOST.merge_top_k(*parts, k, largest)
+        va, ia, vb, ib = (
+            self.to_numpy(self._coerce(x)) for x in (values_a, indices_a, values_b, indices_b)
+        )
+        values, indices = _HOST.merge_top_k(va, ia, vb, ib, k, largest)
         return mx.array(values), mx.array(indices)
 
 
