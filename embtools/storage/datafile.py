@@ -139,6 +139,7 @@ def write_data_file(path: str | os.PathLike[str], table: pa.Table, *,
             data_page_size=page_bytes,
             max_rows_per_page=rows,
             data_page_version="2.0",
+            write_page_checksum=True,
             store_schema=True,
         )
         fh.flush()
@@ -154,6 +155,9 @@ class MappedParquetFile:
     uncompressed data page, no dictionary, no nulls), otherwise a copy decoded by pyarrow with the
     same values. A chunk of several plain pages is returned as a copy concatenated from the mapped
     pages. Every inconsistency raises :class:`~embtools.errors.CorruptStoreError` naming the file.
+    ``verify_checksums=True`` checks each mapped page against its CRC-32 (written by
+    :func:`write_data_file`) when the chunk is first planned; it reads every byte, so it is off by
+    default.
 
     Examples
     --------
@@ -167,8 +171,9 @@ class MappedParquetFile:
     >>> f.close()
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, verify_checksums: bool = False) -> None:
         self.path = os.fspath(path)
+        self.verify_checksums = verify_checksums
         try:
             self._pf = pq.ParquetFile(self.path)
             meta = self._pf.metadata
@@ -358,7 +363,7 @@ class MappedParquetFile:
             )
         try:
             return plain_value_spans(self._map(), start, length, rows=rows, dim=dim,
-                                     max_rep=1, max_def=1)
+                                     max_rep=1, max_def=1, verify_crc=self.verify_checksums)
         except LayoutError as exc:
             raise CorruptStoreError(f"{where}: {exc}") from exc
 

@@ -4,7 +4,9 @@
 ``fixed_size_list<float32 not null>`` column and returns where each data page's values lie in the
 file. It returns ``None`` when the chunk is valid Parquet but not the plain layout (dictionary or
 index pages, another encoding), and raises :class:`LayoutError` when the chunk contradicts itself
-(sizes that do not add up, a header that does not parse, counts that disagree with the footer).
+(sizes that do not add up, a header that does not parse, counts that disagree with the footer,
+definition levels that are not all 1). Repetition levels are not read: rows are cut every ``dim``
+values, as the fixed-size type says.
 
 Only columns with max repetition level 1 and max definition level 1 (a required list of required
 floats) are handled; for them the value bytes of a page with no nulls are exactly 4 x num_values:
@@ -33,6 +35,9 @@ Examples
 from __future__ import annotations
 
 import mmap
+import zlib
+
+import numpy as np
 
 from embtools.storage.thrift import (
     ENCODING_PLAIN,
@@ -48,6 +53,7 @@ from embtools.storage.thrift import (
 __all__ = ["LayoutError", "plain_value_spans"]
 
 FLOAT_BYTES = 4
+RLE = 3
 _HEADER_WINDOW = 64 * 1024
 _MAX_HEADER = 16 * 1024 * 1024
 
@@ -69,23 +75,70 @@ def _read_header(buf: Buffer, pos: int, end: int) -> PageHeader:
             window = min(end, pos + _MAX_HEADER)
 
 
-def _level_block(buf: Buffer, p: int, body_end: int, what: str) -> int:
-    """Skip a v1 ``[4-byte length][levels]`` block starting at ``p``; return the position after."""
+def _level_block(buf: Buffer, p: int, body_end: int, what: str) -> tuple[int, int]:
+    """A v1 ``[4-byte length][levels]`` block at ``p``: ``(levels_start, levels_end)``."""
     if p + 4 > body_end:
         raise LayoutError(f"{what} length runs past the page")
     n = int.from_bytes(buf[p:p + 4], "little")
     if p + 4 + n > body_end:
         raise LayoutError(f"{what} ({n} bytes) run past the page")
-    return p + 4 + n
+    return p + 4, p + 4 + n
+
+
+def _varint(buf: Buffer, p: int, end: int) -> tuple[int, int]:
+    value = 0
+    for shift in range(0, 70, 7):
+        if p >= end:
+            raise LayoutError("level run header runs past the level bytes")
+        b = buf[p]
+        p += 1
+        value |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return value, p
+    raise LayoutError("level run header longer than 10 bytes")
+
+
+def _check_all_ones(buf: Buffer, p: int, end: int, n: int) -> None:
+    """Check that the 1-bit RLE/bit-packed hybrid levels in ``buf[p:end]`` are ``n`` ones.
+
+    Definition levels of a required list of required floats are all 1; anything else means the
+    level or length fields are damaged. Writers use one RLE run here, so this is cheap.
+    """
+    seen = 0
+    while p < end:
+        head, p = _varint(buf, p, end)
+        if head & 1:  # bit-packed: (head >> 1) groups of 8 values, one byte each at width 1
+            nbytes = head >> 1
+            if p + nbytes > end:
+                raise LayoutError("bit-packed levels run past the level bytes")
+            want = min(n - seen, nbytes * 8)
+            if want > 0:
+                bits = np.unpackbits(np.frombuffer(buf[p:p + nbytes], np.uint8), bitorder="little")
+                if not bits[:want].all():
+                    raise LayoutError("definition levels are not all 1 (nulls or damage)")
+            seen += nbytes * 8
+            p += nbytes
+        else:  # RLE: (head >> 1) copies of one 1-byte value
+            count = head >> 1
+            if p >= end:
+                raise LayoutError("RLE level value runs past the level bytes")
+            if count and seen < n and buf[p] != 1:
+                raise LayoutError("definition levels are not all 1 (nulls or damage)")
+            seen += count
+            p += 1
+    if seen < n:
+        raise LayoutError(f"{seen} definition levels for {n} values")
 
 
 def plain_value_spans(buf: Buffer, start: int, length: int, *, rows: int, dim: int,
-                      max_rep: int, max_def: int) -> list[tuple[int, int]] | None:
+                      max_rep: int, max_def: int,
+                      verify_crc: bool = False) -> list[tuple[int, int]] | None:
     """``[(byte_offset, n_values), ...]`` of the float values of each data page of a chunk.
 
     ``buf`` is the whole file (an ``mmap`` or bytes), the chunk is ``buf[start:start + length]``,
     which the caller has checked lies inside the file. Returns ``None`` if the chunk is not
-    PLAIN-encoded data pages only; raises :class:`LayoutError` if it is inconsistent.
+    PLAIN-encoded data pages only; raises :class:`LayoutError` if it is inconsistent. With
+    ``verify_crc``, pages that carry a CRC-32 (``write_page_checksum=True``) are checked against it.
     """
     if start < 0 or length < 0 or start + length > len(buf):
         raise LayoutError(f"chunk [{start}, {start + length}) lies outside the file")
@@ -104,6 +157,11 @@ def plain_value_spans(buf: Buffer, start: int, length: int, *, rows: int, dim: i
             raise LayoutError(
                 f"page at byte {pos} ({h.compressed_page_size} bytes) runs past its chunk's end {end}"
             )
+        if verify_crc and h.crc is not None:
+            with memoryview(buf) as mv:
+                crc = zlib.crc32(mv[body:body_end])
+            if crc != h.crc & 0xFFFFFFFF:
+                raise LayoutError(f"page at byte {pos}: CRC-32 mismatch")
         if h.type in (PAGE_DICTIONARY, PAGE_INDEX):
             return None
         if h.type not in (PAGE_DATA, PAGE_DATA_V2):
@@ -116,12 +174,12 @@ def plain_value_spans(buf: Buffer, start: int, length: int, *, rows: int, dim: i
                 raise LayoutError(f"data page at byte {pos} lacks its DataPageHeader")
             if v1.encoding != ENCODING_PLAIN:
                 return None
+            if v1.definition_level_encoding != RLE or v1.repetition_level_encoding != RLE:
+                return None  # deprecated BIT_PACKED levels have no length prefix
             n = v1.num_values
-            p = body
-            if max_rep:
-                p = _level_block(buf, p, body_end, "repetition levels")
-            if max_def:
-                p = _level_block(buf, p, body_end, "definition levels")
+            _, p = _level_block(buf, body, body_end, "repetition levels")
+            def_start, p = _level_block(buf, p, body_end, "definition levels")
+            _check_all_ones(buf, def_start, p, n)
             if n % dim:
                 raise LayoutError(f"data page at byte {pos}: {n} values is not a multiple of {dim}")
             page_rows = n // dim
@@ -138,10 +196,11 @@ def plain_value_spans(buf: Buffer, start: int, length: int, *, rows: int, dim: i
                 raise LayoutError(
                     f"data page at byte {pos}: {n} values for {v2.num_rows} rows of {dim}"
                 )
-            levels = v2.repetition_levels_byte_length + v2.definition_levels_byte_length
-            p = body + levels
+            def_start = body + v2.repetition_levels_byte_length
+            p = def_start + v2.definition_levels_byte_length
             if p > body_end:
                 raise LayoutError(f"data page at byte {pos}: levels run past the page")
+            _check_all_ones(buf, def_start, p, n)
             page_rows = v2.num_rows
         if body_end - p != n * FLOAT_BYTES:
             raise LayoutError(
