@@ -81,9 +81,9 @@ def get_backend(name: str | None = None, device: str | None = None) -> Backend:
     with _LOCK:
         backend = _CACHE.get(key)
         if backend is None:
-            backend = _create(*key)
+            created = _create(*key)
+            backend = _CACHE.setdefault((created.name, created.device), created)
             _CACHE[key] = backend
-            _CACHE.setdefault((backend.name, backend.device), backend)
     return backend
 
 

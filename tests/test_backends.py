@@ -1,0 +1,589 @@
+"""Conformance tests for the compute backends, against a NumPy float64 reference.
+
+`BackendTests` runs once per installed backend and per device present (cpu always; cuda/mps/gpu
+when there). Every test draws fresh random data; the seed is printed so a failure can be replayed
+with EMBTOOLS_TEST_SEED=<seed>.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import embtools
+from embtools.backends import Backend, available_backends, convert, get_backend
+from embtools.backends.detect import Facts, choose_backend
+from embtools.errors import (
+    BackendUnavailableError,
+    DeviceUnavailableError,
+    DimensionMismatchError,
+    InvalidArgumentError,
+    InvalidEmbeddingsError,
+)
+
+
+def _devices(name: str) -> list[str]:
+    if name == "numpy":
+        return ["cpu"]
+    if name == "torch":
+        from embtools.backends.torch_backend import available_devices
+
+        return available_devices()
+    from embtools.backends.mlx_backend import available_devices as mlx_devices
+
+    return mlx_devices()
+
+
+PAIRS = [(name, dev) for name in available_backends() for dev in _devices(name)]
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    seed = int(os.environ.get("EMBTOOLS_TEST_SEED", np.random.SeedSequence().entropy % 2**32))
+    print(f"random seed: {seed} (replay with EMBTOOLS_TEST_SEED={seed})")
+    return np.random.default_rng(seed)
+
+
+def f64(b: Backend, x: Any) -> np.ndarray:
+    """A backend array as a NumPy float64 array (for comparing with the reference)."""
+    return np.asarray(b.to_numpy(x), dtype=np.float64)
+
+
+def ref_normalize(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    n = np.linalg.norm(x, axis=axis, keepdims=True)
+    return np.divide(x, n, out=np.zeros_like(x), where=n > 0)
+
+
+def ref_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return ref_normalize(np.atleast_2d(a)) @ ref_normalize(np.atleast_2d(b)).T
+
+
+def ref_top_k(s: np.ndarray, k: int, largest: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Stable full sort: ties to the lower index."""
+    order = np.argsort(-s if largest else s, axis=-1, kind="stable")[..., :k]
+    return np.take_along_axis(s, order, axis=-1), order
+
+
+def assert_top_k(ref: np.ndarray, values: np.ndarray, indices: np.ndarray, k: int, largest=True):
+    """Values are the reference's best k (to float32 precision) and sit at the returned indices."""
+    expect_v, _ = ref_top_k(ref, k, largest)
+    assert indices.shape == expect_v.shape
+    np.testing.assert_allclose(values, expect_v, atol=2e-5, rtol=1e-5)
+    np.testing.assert_allclose(np.take_along_axis(ref, indices, -1), values, atol=2e-5, rtol=1e-5)
+    for row in indices.reshape(-1, indices.shape[-1]):
+        assert len(set(row.tolist())) == row.size
+
+
+@pytest.mark.parametrize(
+    "backend", [pytest.param(p, id=f"{p[0]}-{p[1]}") for p in PAIRS], indirect=True
+)
+class BackendTests:
+    """Every backend must pass these; subclass or parametrize ``backend`` to run a new one."""
+
+    # ---------------------------------------------------------------- creation and metadata
+    def test_identity(self, backend: Backend):
+        assert backend.name in ("numpy", "torch", "mlx")
+        assert isinstance(backend.device, str)
+
+    @pytest.mark.parametrize("shape", [(7,), (5, 3), (2, 3, 4)])
+    def test_create_array_shape_dtype(self, backend: Backend, rng, shape):
+        data = rng.standard_normal(shape)
+        x = backend.create_array(data)
+        assert backend.get_shape(x) == shape
+        assert backend.get_dtype(x) == "float32"
+        np.testing.assert_allclose(f64(backend, x), data, rtol=1e-6, atol=1e-7)
+        assert backend.get_memory_usage(x) == int(np.prod(shape)) * 4
+        h = backend.create_array(data.tolist(), dtype="float16")
+        assert backend.get_dtype(h) == "float16"
+        assert backend.get_memory_usage(h) == int(np.prod(shape)) * 2
+
+    def test_create_array_rejects_ragged(self, backend: Backend):
+        with pytest.raises(InvalidEmbeddingsError):
+            backend.create_array([[1.0, 2.0], [3.0]])
+
+    def test_zeros_ones(self, backend: Backend):
+        z, o = backend.zeros((3, 5)), backend.ones(4, dtype="int64")
+        assert backend.get_shape(z) == (3, 5) and backend.get_dtype(z) == "float32"
+        assert backend.get_dtype(o) == "int64"
+        assert (f64(backend, z) == 0).all() and (f64(backend, o) == 1).all()
+
+    def test_random_normal(self, backend: Backend, rng):
+        seed = int(rng.integers(2**31))
+        a = backend.random_normal((64, 64), seed=seed)
+        b = backend.random_normal((64, 64), seed=seed)
+        c = backend.random_normal((64, 64), seed=seed + 1)
+        assert backend.get_dtype(a) == "float32" and backend.get_shape(a) == (64, 64)
+        np.testing.assert_array_equal(f64(backend, a), f64(backend, b))
+        assert not np.array_equal(f64(backend, a), f64(backend, c))
+        values = f64(backend, a)
+        assert abs(values.mean()) < 0.1 and 0.9 < values.std() < 1.1
+
+    def test_numpy_round_trip(self, backend: Backend, rng):
+        for dtype in (np.float32, np.float64, np.int64, np.float16):
+            a = (rng.standard_normal((4, 3)) * 10).astype(dtype)
+            x = backend.from_numpy(a)
+            assert backend.get_dtype(x) == np.dtype(dtype).name
+            back = backend.to_numpy(x)
+            assert back.dtype == a.dtype
+            np.testing.assert_array_equal(back, a)
+
+    # ---------------------------------------------------------------- maths
+    @pytest.mark.parametrize(
+        "shapes", [((5,), (5,)), ((3, 5), (5,)), ((5,), (5, 4)), ((3, 5), (5, 4))]
+    )
+    def test_dot(self, backend: Backend, rng, shapes):
+        a, b = rng.standard_normal(shapes[0]), rng.standard_normal(shapes[1])
+        out = backend.dot(backend.create_array(a), backend.create_array(b))
+        expect = np.dot(
+            a.astype(np.float32).astype(np.float64), b.astype(np.float32).astype(np.float64)
+        )
+        assert backend.get_shape(out) == np.shape(expect)
+        np.testing.assert_allclose(f64(backend, out), expect, rtol=1e-5, atol=1e-5)
+
+    def test_dot_mismatch(self, backend: Backend):
+        with pytest.raises(DimensionMismatchError):
+            backend.dot(backend.ones((2, 3)), backend.ones((4,)))
+
+    @pytest.mark.parametrize("n,m,d", [(1, 1, 3), (7, 5, 16), (13, 29, 33)])
+    def test_cosine_similarity_2d(self, backend: Backend, rng, n, m, d):
+        a = rng.standard_normal((n, d)).astype(np.float32)
+        b = rng.standard_normal((m, d)).astype(np.float32)
+        a[0] = 0.0  # a zero vector has similarity 0, never NaN
+        out = f64(backend, backend.cosine_similarity(backend.from_numpy(a), backend.from_numpy(b)))
+        assert out.shape == (n, m)
+        np.testing.assert_allclose(out, ref_cosine(a, b), atol=1e-5)
+        assert (out[0] == 0).all()
+
+    def test_cosine_similarity_1d_squeezes(self, backend: Backend, rng):
+        v, w = rng.standard_normal(9), rng.standard_normal(9)
+        m = rng.standard_normal((4, 9))
+        cs = backend.cosine_similarity
+        arr = backend.create_array
+        assert backend.get_shape(cs(arr(v), arr(w))) == ()
+        np.testing.assert_allclose(
+            f64(backend, cs(arr(v), arr(w))), ref_cosine(v, w)[0, 0], atol=1e-5
+        )
+        np.testing.assert_allclose(f64(backend, cs(arr(v), arr(m))), ref_cosine(v, m)[0], atol=1e-5)
+        np.testing.assert_allclose(
+            f64(backend, cs(arr(m), arr(v))), ref_cosine(m, v)[:, 0], atol=1e-5
+        )
+        assert float(f64(backend, cs(arr(v), backend.zeros(9)))) == 0.0
+
+    def test_cosine_similarity_float16_input(self, backend: Backend, rng):
+        a = rng.standard_normal((6, 24)).astype(np.float16)
+        b = rng.standard_normal((8, 24)).astype(np.float16)
+        out = backend.cosine_similarity(backend.from_numpy(a), backend.from_numpy(b))
+        assert backend.get_dtype(out) == "float32"
+        np.testing.assert_allclose(f64(backend, out), ref_cosine(a, b), atol=1e-5)
+
+    def test_cosine_similarity_mismatch(self, backend: Backend):
+        with pytest.raises(DimensionMismatchError):
+            backend.cosine_similarity(backend.ones((2, 3)), backend.ones((2, 4)))
+
+    @pytest.mark.parametrize("shape,axis", [((11,), -1), ((6, 17), -1), ((6, 17), 0)])
+    def test_normalize(self, backend: Backend, rng, shape, axis):
+        x = rng.standard_normal(shape).astype(np.float32)
+        if len(shape) == 2:
+            x[2] = 0.0
+        out = f64(backend, backend.normalize(backend.from_numpy(x), axis=axis))
+        np.testing.assert_allclose(out, ref_normalize(x, axis), atol=1e-6)
+        assert np.isfinite(out).all()
+
+    def test_normalize_huge_and_bad_values(self, backend: Backend, rng):
+        x = (rng.standard_normal((3, 8)) * 1e30).astype(np.float32)  # squares overflow float32
+        out = f64(backend, backend.normalize(backend.from_numpy(x)))
+        np.testing.assert_allclose(out, ref_normalize(x), atol=1e-6)
+        x[1, 2] = np.nan
+        with pytest.raises(InvalidEmbeddingsError):
+            backend.normalize(backend.from_numpy(x))
+
+    @pytest.mark.parametrize("axis", [0, 1])
+    def test_concatenate_stack(self, backend: Backend, rng, axis):
+        a, b = rng.standard_normal((3, 4)), rng.standard_normal((3, 4))
+        xa, xb = backend.create_array(a), backend.create_array(b)
+        np.testing.assert_allclose(
+            f64(backend, backend.concatenate([xa, xb], axis=axis)),
+            np.concatenate([a, b], axis=axis),
+            rtol=1e-6,
+            atol=1e-7,
+        )
+        np.testing.assert_allclose(
+            f64(backend, backend.stack([xa, xb], axis=axis)),
+            np.stack([a, b], axis=axis),
+            rtol=1e-6,
+            atol=1e-7,
+        )
+
+    def test_concatenate_stack_errors(self, backend: Backend):
+        with pytest.raises(InvalidArgumentError):
+            backend.concatenate([])
+        with pytest.raises(DimensionMismatchError):
+            backend.stack([backend.ones((2, 3)), backend.ones((3, 2))])
+        with pytest.raises(DimensionMismatchError):
+            backend.concatenate([backend.ones((2, 3)), backend.ones((2, 4))], axis=0)
+
+    def test_slice_last_dim(self, backend: Backend, rng):
+        x = rng.standard_normal((5, 12)).astype(np.float32)
+        for d in (1, 7, 12):
+            np.testing.assert_array_equal(
+                backend.to_numpy(backend.slice_last_dim(backend.from_numpy(x), d)), x[:, :d]
+            )
+        for bad in (0, 13, 2.5):
+            with pytest.raises(DimensionMismatchError):
+                backend.slice_last_dim(backend.from_numpy(x), bad)  # type: ignore[arg-type]
+
+    def test_matmul_t_and_half_inputs(self, backend: Backend, rng):
+        a = rng.standard_normal((7, 10)).astype(np.float16)
+        b = rng.standard_normal((9, 10)).astype(np.float16)
+        out = backend.matmul_t(backend.from_numpy(a), backend.from_numpy(b))
+        assert backend.get_dtype(out) == "float32"
+        np.testing.assert_allclose(
+            f64(backend, out), a.astype(np.float64) @ b.astype(np.float64).T, atol=1e-4
+        )
+
+    def test_bfloat16_input(self, backend: Backend, rng):
+        if backend.name == "numpy":
+            with pytest.raises(InvalidArgumentError):
+                backend.create_array([1.0], dtype="bfloat16")
+            return
+        a = backend.create_array(rng.standard_normal((5, 8)), dtype="bfloat16")
+        assert backend.get_dtype(a) == "bfloat16"
+        host = backend.to_numpy(a)
+        assert host.dtype == np.float32  # NumPy has no bfloat16
+        out = backend.cosine_similarity(a, a)
+        assert backend.get_dtype(out) == "float32"
+        np.testing.assert_allclose(f64(backend, out), ref_cosine(host, host), atol=1e-5)
+
+    @pytest.mark.parametrize("metric", ["cosine", "dot", "l2"])
+    def test_score_block(self, backend: Backend, rng, metric):
+        q = rng.standard_normal((4, 12)).astype(np.float32)
+        c = rng.standard_normal((15, 12)).astype(np.float32)
+        q64, c64 = q.astype(np.float64), c.astype(np.float64)
+        if metric == "l2":
+            expect = ((q64[:, None, :] - c64[None, :, :]) ** 2).sum(-1)
+        else:
+            expect = q64 @ c64.T
+        out = f64(
+            backend, backend.score_block(backend.from_numpy(q), backend.from_numpy(c), metric)
+        )
+        np.testing.assert_allclose(out, expect, atol=1e-4, rtol=1e-5)
+        with pytest.raises(InvalidArgumentError):
+            backend.score_block(backend.from_numpy(q), backend.from_numpy(c), "hamming")
+
+    # ---------------------------------------------------------------- top-k
+    @pytest.mark.parametrize("n", [1, 2, 17, 100])
+    @pytest.mark.parametrize("largest", [True, False])
+    def test_top_k_random(self, backend: Backend, rng, n, largest):
+        s = rng.standard_normal((5, n)).astype(np.float32)
+        for k in sorted({1, max(1, n // 3), n, n + 4}):
+            values, indices = backend.top_k(backend.from_numpy(s), k, largest=largest)
+            assert backend.get_dtype(indices) == "int64"
+            ev, ei = ref_top_k(s.astype(np.float64), min(k, n), largest)
+            np.testing.assert_array_equal(backend.to_numpy(indices), ei)
+            np.testing.assert_array_equal(f64(backend, values), ev)
+        v1, i1 = backend.top_k(backend.from_numpy(s[0]), 3, largest=largest)
+        ev, ei = ref_top_k(s[0].astype(np.float64), min(3, n), largest)
+        np.testing.assert_array_equal(backend.to_numpy(i1), ei)
+        np.testing.assert_array_equal(f64(backend, v1), ev)
+
+    @pytest.mark.parametrize("largest", [True, False])
+    def test_top_k_ties_go_to_lower_index(self, backend: Backend, rng, largest):
+        s = rng.integers(0, 4, size=(6, 50)).astype(np.float32)  # many exact ties
+        for k in (1, 5, 50):
+            values, indices = backend.top_k(backend.from_numpy(s), k, largest=largest)
+            ev, ei = ref_top_k(s.astype(np.float64), k, largest)
+            np.testing.assert_array_equal(backend.to_numpy(indices), ei)
+            np.testing.assert_array_equal(f64(backend, values), ev)
+
+    def test_top_k_bad_k(self, backend: Backend):
+        s = backend.ones((2, 3))
+        for bad in (0, -1, 1.5, True):
+            with pytest.raises(InvalidArgumentError):
+                backend.top_k(s, bad)  # type: ignore[arg-type]
+
+    @pytest.mark.parametrize("metric", ["cosine", "dot", "l2"])
+    @pytest.mark.parametrize("nb,k", [(5, 10), (40, 1), (3000, 10)])
+    def test_block_top_k(self, backend: Backend, rng, metric, nb, k):
+        if backend.name == "mlx" and nb > 100:
+            nb = 300  # MLX on CPU is slow; the large-block bound is exercised on numpy and torch
+        q = rng.standard_normal((3, 16)).astype(np.float32)
+        c = rng.standard_normal((nb, 16)).astype(np.float32)
+        if metric == "cosine":
+            q, c = ref_normalize(q).astype(np.float32), ref_normalize(c).astype(np.float32)
+        q64, c64 = q.astype(np.float64), c.astype(np.float64)
+        ref = ((q64[:, None] - c64[None]) ** 2).sum(-1) if metric == "l2" else q64 @ c64.T
+        values, indices = backend.block_top_k(
+            backend.from_numpy(q), backend.from_numpy(c), k, metric
+        )
+        assert backend.get_dtype(indices) == "int64"
+        assert_top_k(
+            ref, f64(backend, values), backend.to_numpy(indices), min(k, nb), metric != "l2"
+        )
+
+    def test_block_top_k_ties_in_large_block(self, backend: Backend, rng):
+        nb = 300 if backend.name == "mlx" else 4096
+        q = np.eye(4, dtype=np.float32)
+        c = rng.integers(-2, 3, size=(nb, 4)).astype(np.float32)  # integer scores: many ties
+        values, indices = backend.block_top_k(
+            backend.from_numpy(q), backend.from_numpy(c), 7, "dot"
+        )
+        ev, ei = ref_top_k(q.astype(np.float64) @ c.astype(np.float64).T, 7)
+        np.testing.assert_array_equal(backend.to_numpy(indices), ei)
+        np.testing.assert_array_equal(f64(backend, values), ev)
+
+    @pytest.mark.parametrize("largest", [True, False])
+    def test_merge_top_k(self, backend: Backend, rng, largest):
+        n, k = 40, 6
+        s = rng.integers(0, 8, size=(5, n)).astype(np.float32)  # ties across the two halves
+        cut = int(rng.integers(1, n))
+        va, ia = ref_top_k(s[:, :cut], k, largest)
+        vb, ib = ref_top_k(s[:, cut:], k, largest)
+        ib = ib + cut
+        v, i = backend.merge_top_k(
+            backend.from_numpy(va.astype(np.float32)),
+            backend.from_numpy(ia),
+            backend.from_numpy(vb.astype(np.float32)),
+            backend.from_numpy(ib),
+            k,
+            largest=largest,
+        )
+        ev, ei = ref_top_k(s.astype(np.float64), k, largest)
+        np.testing.assert_array_equal(backend.to_numpy(i), ei)
+        np.testing.assert_array_equal(f64(backend, v), ev)
+
+    def test_take_along_axis(self, backend: Backend, rng):
+        x = rng.standard_normal((4, 9)).astype(np.float32)
+        idx = rng.integers(0, 9, size=(4, 3)).astype(np.int64)
+        out = backend.take_along_axis(backend.from_numpy(x), backend.from_numpy(idx), axis=1)
+        np.testing.assert_array_equal(backend.to_numpy(out), np.take_along_axis(x, idx, axis=1))
+
+    @pytest.mark.parametrize("batch_size", [None, 1, 7, 64])
+    def test_top_k_cosine_neighbors(self, backend: Backend, rng, batch_size):
+        n = 60 if backend.name == "mlx" and batch_size == 1 else 150
+        q = rng.standard_normal((6, 20)).astype(np.float32)
+        c = rng.standard_normal((n, 20)).astype(np.float32)
+        c[3] = 0.0  # zero rows score 0
+        q[1] = 0.0  # a zero query scores 0 against everything: ties, lowest indices first
+        ref = ref_cosine(q, c)
+        for k in (1, 10, n, n + 5):
+            idx, sims = backend.top_k_cosine_neighbors(
+                backend.from_numpy(q), backend.from_numpy(c), k, batch_size=batch_size
+            )
+            idx_np, sims_np = backend.to_numpy(idx), f64(backend, sims)
+            assert idx_np.dtype == np.int64 and idx_np.shape == (6, min(k, n))
+            assert_top_k(ref, sims_np, idx_np, min(k, n))
+            np.testing.assert_array_equal(idx_np[1], np.arange(min(k, n)))
+            np.testing.assert_array_equal(sims_np[1], 0.0)
+
+    def test_top_k_cosine_neighbors_exact_ties_half_input(self, backend: Backend, rng):
+        # rows with four entries of +-2**m: normalised entries are exactly +-0.5, so every cosine is
+        # an exact multiple of 1/4 and ties are exact whatever the summation order
+        n, d = 40, 16
+        c = np.zeros((n, d))
+        for row in c:
+            cols = rng.choice(d, size=4, replace=False)
+            row[cols] = rng.choice([-1.0, 1.0], size=4) * 2.0 ** int(rng.integers(-3, 4))
+        c[int(rng.integers(n))] = 0.0
+        q = c[: 5 if backend.name == "mlx" else 9].copy()
+        ref = ref_cosine(q, c)
+        for batch_size in (None, 3):
+            for k in (1, 4, n):
+                idx, sims = backend.top_k_cosine_neighbors(
+                    backend.from_numpy(q.astype(np.float16)),
+                    backend.from_numpy(c.astype(np.float16)),
+                    k,
+                    batch_size=batch_size,
+                )
+                ev, ei = ref_top_k(ref, k)
+                np.testing.assert_array_equal(backend.to_numpy(idx), ei)
+                np.testing.assert_array_equal(f64(backend, sims), ev)
+        idx1, sims1 = backend.top_k_cosine_neighbors(
+            backend.from_numpy(q[0]), backend.from_numpy(c), 5, batch_size=7
+        )
+        assert backend.get_shape(idx1) == (5,) and backend.get_shape(sims1) == (5,)
+        np.testing.assert_array_equal(backend.to_numpy(idx1), ref_top_k(ref[0], 5)[1])
+
+    def test_top_k_cosine_neighbors_errors(self, backend: Backend):
+        q, c = backend.ones((2, 4)), backend.ones((5, 4))
+        with pytest.raises(DimensionMismatchError):
+            backend.top_k_cosine_neighbors(q, backend.ones((5, 3)), 2)
+        with pytest.raises(InvalidArgumentError):
+            backend.top_k_cosine_neighbors(q, c, 0)
+        with pytest.raises(InvalidArgumentError):
+            backend.top_k_cosine_neighbors(q, c, 2, batch_size=0)
+        with pytest.raises(InvalidArgumentError):
+            backend.top_k_cosine_neighbors(q, backend.ones((0, 4)), 2)
+
+    # ---------------------------------------------------------------- files
+    @pytest.mark.parametrize("suffix", [".npy", ".npz"])
+    @pytest.mark.parametrize("dtype", ["float32", "float16", "int64"])
+    def test_save_load_round_trip(self, backend: Backend, rng, tmp_path: Path, suffix, dtype):
+        x = backend.create_array(rng.standard_normal((7, 5)) * 100, dtype=dtype)
+        path = tmp_path / f"x{suffix}"
+        backend.save(x, path)
+        y = backend.load(path)
+        assert backend.get_dtype(y) == dtype
+        np.testing.assert_array_equal(backend.to_numpy(y), backend.to_numpy(x))
+
+    def test_save_load_refuses_other_suffixes_and_pickles(self, backend: Backend, tmp_path: Path):
+        with pytest.raises(InvalidArgumentError):
+            backend.save(backend.ones(3), tmp_path / "x.pt")
+        with pytest.raises(InvalidArgumentError):
+            backend.load(tmp_path / "x.pkl")
+        evil = tmp_path / "evil.npy"
+        np.save(evil, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+        with pytest.raises(InvalidArgumentError, match="pickle"):
+            backend.load(evil)
+        with pytest.raises(FileNotFoundError):
+            backend.load(tmp_path / "missing.npy")
+        pickle_npz = tmp_path / "evil.npz"
+        np.savez(pickle_npz, array=np.array([object()], dtype=object))
+        with pytest.raises(InvalidArgumentError):
+            backend.load(pickle_npz)
+
+
+@pytest.fixture
+def backend(request) -> Backend:
+    name, device = request.param
+    return get_backend(name, device)
+
+
+TestBackends = BackendTests  # collected by pytest under the usual Test* name
+
+
+# -------------------------------------------------------------------- conversion
+@pytest.mark.parametrize("src", available_backends())
+@pytest.mark.parametrize("dst", available_backends())
+def test_convert_all_pairs(rng, src, dst):
+    a = rng.standard_normal((4, 6)).astype(np.float32)
+    x = get_backend(src, "cpu").from_numpy(a)
+    y = convert(x, dst)
+    b = get_backend(dst, "cpu")
+    assert b.is_array(y)
+    np.testing.assert_array_equal(b.to_numpy(y), a)
+    i = convert(get_backend(src, "cpu").from_numpy(np.arange(5)), dst)
+    assert b.get_dtype(i) == "int64"
+
+
+@pytest.mark.skipif("torch" not in available_backends(), reason="torch not installed")
+def test_convert_numpy_torch_share_memory_and_read_only_arrays_work(rng):
+    a = rng.standard_normal((8, 3)).astype(np.float32)
+    t = convert(a, "torch", "cpu")
+    t[0, 0] = 42.0
+    assert a[0, 0] == 42.0  # zero-copy: one buffer
+    back = convert(t, "numpy")
+    back[1, 1] = -7.0
+    assert float(t[1, 1]) == -7.0
+    ro = np.ascontiguousarray(a)
+    ro.flags.writeable = False  # like a memory-mapped store column
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        t_ro = convert(ro, "torch", "cpu")
+    assert t_ro.data_ptr() == ro.ctypes.data
+    np.testing.assert_array_equal(t_ro.numpy(), ro)
+    strided = a[::-1, ::2]  # negative strides: torch cannot view them, so a copy is made
+    np.testing.assert_array_equal(convert(strided, "torch", "cpu").numpy(), strided)
+
+
+def test_convert_nested_list_and_bad_input():
+    np.testing.assert_array_equal(convert([[1, 2], [3, 4]], "numpy"), [[1, 2], [3, 4]])
+    with pytest.raises(InvalidArgumentError):
+        convert([{"a": 1}], "numpy")
+
+
+# -------------------------------------------------------------------- get_backend
+def test_get_backend_names_and_errors():
+    assert get_backend("NumPy").name == "numpy"
+    assert get_backend("numpy") is get_backend("numpy", "cpu")
+    with pytest.raises(InvalidArgumentError, match="numpy, torch, mlx"):
+        get_backend("jax")
+    with pytest.raises(DeviceUnavailableError, match="cpu"):
+        get_backend("numpy", "cuda")
+    if "torch" in available_backends():
+        with pytest.raises(DeviceUnavailableError, match="available devices: cpu"):
+            get_backend("torch", "cuda:7")
+        with pytest.raises(DeviceUnavailableError):
+            get_backend("torch", "tpu")
+    if "mlx" in available_backends():
+        from embtools.backends.mlx_backend import available_devices
+
+        if "gpu" not in available_devices():
+            with pytest.raises(DeviceUnavailableError, match="cpu"):
+                get_backend("mlx", "gpu")
+
+
+def test_get_backend_auto_returns_a_working_backend(rng):
+    b = get_backend()
+    assert b.name in available_backends()
+    x = rng.standard_normal((3, 4)).astype(np.float32)
+    np.testing.assert_allclose(
+        f64(b, b.cosine_similarity(b.from_numpy(x), b.from_numpy(x))), ref_cosine(x, x), atol=1e-5
+    )
+    assert get_backend(device="cpu").device == "cpu"
+
+
+@pytest.mark.parametrize("name", ["torch", "mlx"])
+def test_missing_framework_names_the_extra(monkeypatch, name):
+    import embtools.backends as eb
+
+    monkeypatch.setitem(sys.modules, "torch" if name == "torch" else "mlx.core", None)
+    monkeypatch.setattr(eb, "_CACHE", {})
+    with pytest.raises(BackendUnavailableError, match=rf'pip install "embtools\[{name}\]"'):
+        get_backend(name)
+    with pytest.raises(ImportError):  # also the standard exception
+        get_backend(name)
+
+
+def test_available_backends_matches_find_spec():
+    import importlib.util
+
+    expect = ["numpy"] + [
+        n for n, mod in (("torch", "torch"), ("mlx", "mlx")) if importlib.util.find_spec(mod)
+    ]
+    assert available_backends() == expect
+    assert embtools.available_backends() == expect
+
+
+@pytest.mark.parametrize(
+    "facts,expect",
+    [
+        (Facts("Darwin", "arm64", True, True, False, True), ("mlx", "gpu")),
+        (Facts("Darwin", "arm64", False, True, False, True), ("torch", "mps")),
+        (Facts("Darwin", "x86_64", True, True, False, False), ("numpy", "cpu")),
+        (Facts("Linux", "x86_64", True, True, True, False), ("torch", "cuda:0")),
+        (Facts("Linux", "aarch64", True, True, False, False), ("numpy", "cpu")),
+        (Facts("Linux", "x86_64", False, False, False, False), ("numpy", "cpu")),
+        (Facts("Windows", "AMD64", False, True, True, False), ("torch", "cuda:0")),
+        (Facts("Darwin", "arm64", False, False, False, False), ("numpy", "cpu")),
+    ],
+)
+def test_choose_backend_decision(facts, expect):
+    assert choose_backend(facts) == expect
+
+
+def test_import_embtools_and_numpy_backend_import_no_frameworks():
+    code = (
+        "import sys, embtools; b = embtools.get_backend('numpy'); "
+        "b.top_k_cosine_neighbors([[1.0, 0.0]], [[1.0, 0.0], [0.0, 1.0]], 1); "
+        "bad = [m for m in ('torch', 'mlx', 'mlx.core', 'polars') if m in sys.modules]; "
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_no_pickle_in_backends():
+    src = Path(embtools.__file__).parent / "backends"
+    for path in src.glob("*.py"):
+        text = path.read_text()
+        assert "import pickle" not in text and "allow_pickle=True" not in text, path
