@@ -32,7 +32,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from embtools.errors import CorruptStoreError, InvalidArgumentError, InvalidEmbeddingsError
-from embtools.storage.pages import LayoutError, plain_value_spans
+from embtools.storage.pages import ENCODING_IDS, LayoutError, plain_value_spans
 
 __all__ = [
     "EMBEDDING_COLUMN",
@@ -175,7 +175,7 @@ class MappedParquetFile:
         self.path = os.fspath(path)
         self.verify_checksums = verify_checksums
         try:
-            self._pf = pq.ParquetFile(self.path)
+            self._pf = pq.ParquetFile(self.path, page_checksum_verification=verify_checksums)
             meta = self._pf.metadata
             self.num_rows: int = int(meta.num_rows)
             self.row_group_rows: list[int] = [
@@ -350,10 +350,12 @@ class MappedParquetFile:
             cc = self._pf.metadata.row_group(row_group).column(leaf)
             codec, has_dict = cc.compression, cc.has_dictionary_page
             start, length, num_values = cc.data_page_offset, cc.total_compressed_size, cc.num_values
+            names = cc.encodings
         except (OSError, pa.ArrowException, ValueError) as exc:
             raise CorruptStoreError(f"{where}: bad column chunk metadata ({exc})") from exc
-        if codec != "UNCOMPRESSED" or has_dict:
+        if codec != "UNCOMPRESSED" or has_dict or not set(names) <= set(ENCODING_IDS):
             return None
+        encodings = frozenset(ENCODING_IDS[e] for e in names)
         if num_values != rows * dim:
             raise CorruptStoreError(f"{where}: {num_values} values, expected {rows} x {dim}")
         if start < 4 or length < 0 or start + length > self._data_end:
@@ -363,7 +365,8 @@ class MappedParquetFile:
             )
         try:
             return plain_value_spans(self._map(), start, length, rows=rows, dim=dim,
-                                     max_rep=1, max_def=1, verify_crc=self.verify_checksums)
+                                     max_rep=1, max_def=1, verify_crc=self.verify_checksums,
+                                     encodings=encodings)
         except LayoutError as exc:
             raise CorruptStoreError(f"{where}: {exc}") from exc
 

@@ -50,10 +50,16 @@ from embtools.storage.thrift import (
     parse_page_header,
 )
 
-__all__ = ["LayoutError", "plain_value_spans"]
+__all__ = ["ENCODING_IDS", "LayoutError", "plain_value_spans"]
 
 FLOAT_BYTES = 4
 RLE = 3
+ENCODING_IDS = {
+    "PLAIN": 0, "PLAIN_DICTIONARY": 2, "RLE": 3, "BIT_PACKED": 4, "DELTA_BINARY_PACKED": 5,
+    "DELTA_LENGTH_BYTE_ARRAY": 6, "DELTA_BYTE_ARRAY": 7, "RLE_DICTIONARY": 8,
+    "BYTE_STREAM_SPLIT": 9,
+}
+"""Parquet ``Encoding`` ids by the names pyarrow's metadata reports."""
 _HEADER_WINDOW = 64 * 1024
 _MAX_HEADER = 16 * 1024 * 1024
 
@@ -130,15 +136,27 @@ def _check_all_ones(buf: Buffer, p: int, end: int, n: int) -> None:
         raise LayoutError(f"{seen} definition levels for {n} values")
 
 
+def _check_encodings(allowed: frozenset[int] | None, pos: int, *used: int) -> None:
+    if allowed is not None and not set(used) <= allowed:
+        raise LayoutError(
+            f"page at byte {pos} uses encoding(s) {sorted(set(used) - allowed)} "
+            f"that the footer does not list"
+        )
+
+
 def plain_value_spans(buf: Buffer, start: int, length: int, *, rows: int, dim: int,
                       max_rep: int, max_def: int,
-                      verify_crc: bool = False) -> list[tuple[int, int]] | None:
+                      verify_crc: bool = False,
+                      encodings: frozenset[int] | None = None) -> list[tuple[int, int]] | None:
     """``[(byte_offset, n_values), ...]`` of the float values of each data page of a chunk.
 
     ``buf`` is the whole file (an ``mmap`` or bytes), the chunk is ``buf[start:start + length]``,
     which the caller has checked lies inside the file. Returns ``None`` if the chunk is not
     PLAIN-encoded data pages only; raises :class:`LayoutError` if it is inconsistent. With
     ``verify_crc``, pages that carry a CRC-32 (``write_page_checksum=True``) are checked against it.
+    ``encodings`` (the footer's list for the chunk) makes any page encoding outside it an error.
+    The caller only calls this for chunks whose footer declares no dictionary page and no codec,
+    so a dictionary page, or sizes that differ, are damage.
     """
     if start < 0 or length < 0 or start + length > len(buf):
         raise LayoutError(f"chunk [{start}, {start + length}) lies outside the file")
@@ -162,8 +180,10 @@ def plain_value_spans(buf: Buffer, start: int, length: int, *, rows: int, dim: i
                 crc = zlib.crc32(mv[body:body_end])
             if crc != h.crc & 0xFFFFFFFF:
                 raise LayoutError(f"page at byte {pos}: CRC-32 mismatch")
-        if h.type in (PAGE_DICTIONARY, PAGE_INDEX):
+        if h.type == PAGE_INDEX:
             return None
+        if h.type == PAGE_DICTIONARY:
+            raise LayoutError(f"dictionary page at byte {pos} in a chunk declared without one")
         if h.type not in (PAGE_DATA, PAGE_DATA_V2):
             raise LayoutError(f"page at byte {pos} has unknown type {h.type}")
         if h.uncompressed_page_size != h.compressed_page_size:
@@ -172,6 +192,8 @@ def plain_value_spans(buf: Buffer, start: int, length: int, *, rows: int, dim: i
             v1 = h.data_page_header
             if v1 is None:
                 raise LayoutError(f"data page at byte {pos} lacks its DataPageHeader")
+            _check_encodings(encodings, pos, v1.encoding, v1.definition_level_encoding,
+                             v1.repetition_level_encoding)
             if v1.encoding != ENCODING_PLAIN:
                 return None
             if v1.definition_level_encoding != RLE or v1.repetition_level_encoding != RLE:
@@ -187,6 +209,7 @@ def plain_value_spans(buf: Buffer, start: int, length: int, *, rows: int, dim: i
             v2 = h.data_page_header_v2
             if v2 is None:
                 raise LayoutError(f"data page at byte {pos} lacks its DataPageHeaderV2")
+            _check_encodings(encodings, pos, v2.encoding)
             if v2.encoding != ENCODING_PLAIN:
                 return None
             n = v2.num_values
