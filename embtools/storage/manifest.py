@@ -1,0 +1,379 @@
+"""Versions, manifests and the atomic commit protocol of a store directory.
+
+Layout::
+
+    STORE/_versions/<version:020d>.json   one JSON manifest per committed version
+    STORE/data/<uuid>.parquet             data files (only those a manifest lists are ever read)
+    STORE/_rowids                         the row-id counter (reserved under an exclusive flock)
+
+Commit (after Delta Lake's and Lance's local-filesystem protocols): data files are written and fsynced
+first; the manifest goes to a temporary file in ``_versions`` and is fsynced; it is then published with
+``os.link(tmp, "<N+1>.json")``, which fails with ``FileExistsError`` when another writer already
+committed N+1, so two writers can never both commit a version; finally the ``_versions`` directory is
+fsynced. A loser re-reads the latest version and asks its ``rebase`` callback for a new manifest
+(appends rebase onto any version; deletes and compactions raise
+:class:`~embtools.errors.CommitConflictError` when their input files are gone). A crash at any point
+leaves at worst unreferenced files, which :func:`vacuum` removes.
+
+Examples
+--------
+>>> import tempfile
+>>> root = tempfile.mkdtemp()
+>>> m = commit(root, lambda latest: empty_manifest("create"))
+>>> m.version, list_versions(root)
+(0, [0])
+>>> reserve_row_ids(root, 10), reserve_row_ids(root, 5)
+(0, 10)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import fcntl
+import json
+import os
+import re
+import signal
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import pyarrow as pa
+
+from embtools.errors import CorruptStoreError, InvalidArgumentError, StoreNotFoundError
+from embtools.storage.schema import base_schema, schema_from_json, schema_to_json
+
+__all__ = [
+    "CRASH_ENV",
+    "DATA_DIR",
+    "FORMAT",
+    "ROWIDS_FILE",
+    "VERSIONS_DIR",
+    "FileEntry",
+    "Manifest",
+    "commit",
+    "crash_point",
+    "empty_manifest",
+    "fsync_dir",
+    "is_store",
+    "latest_version",
+    "list_versions",
+    "new_data_path",
+    "read_manifest",
+    "reserve_row_ids",
+    "vacuum",
+]
+
+FORMAT = "embtools/1"
+VERSIONS_DIR = "_versions"
+DATA_DIR = "data"
+ROWIDS_FILE = "_rowids"
+CRASH_ENV = "EMBTOOLS_CRASH_AT"
+_VERSION_FILE = re.compile(r"^([0-9]{20})\.json$")
+_MAX_COMMIT_ATTEMPTS = 1000
+
+
+def crash_point(name: str) -> None:
+    """Test hook: SIGKILL this process when ``$EMBTOOLS_CRASH_AT`` equals ``name``.
+
+    Named points: ``after_data`` (data files written, no manifest), ``after_manifest_tmp`` (temporary
+    manifest written, not published), ``before_dir_fsync`` (published, directory not yet fsynced).
+    Harmless in production: the variable is never set.
+    """
+    if os.environ.get(CRASH_ENV) == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """One committed data file: path relative to the store, rows, row-id range, size, row groups."""
+
+    path: str
+    num_rows: int
+    row_id_min: int
+    row_id_max: int
+    bytes: int
+    row_groups: list[int]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "path": self.path, "num_rows": self.num_rows, "row_id_min": self.row_id_min,
+            "row_id_max": self.row_id_max, "bytes": self.bytes, "row_groups": list(self.row_groups),
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> FileEntry:
+        return cls(str(d["path"]), int(d["num_rows"]), int(d["row_id_min"]), int(d["row_id_max"]),
+                   int(d["bytes"]), [int(r) for r in d["row_groups"]])
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """One committed version: its files (sorted by row id), dimensions, schema and properties."""
+
+    version: int
+    parent: int | None
+    created: str
+    operation: str
+    files: list[FileEntry]
+    dimensions: list[int]
+    schema: pa.Schema
+    config_hash: str
+    properties: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_rows(self) -> int:
+        return sum(f.num_rows for f in self.files)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT, "version": self.version, "parent": self.parent,
+            "created": self.created, "operation": self.operation,
+            "files": [f.to_json() for f in self.files], "dimensions": list(self.dimensions),
+            "schema": schema_to_json(self.schema), "config_hash": self.config_hash,
+            "properties": self.properties,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Manifest:
+        if d.get("format") != FORMAT:
+            raise ValueError(f"unknown format {d.get('format')!r}")
+        return cls(
+            version=int(d["version"]), parent=None if d["parent"] is None else int(d["parent"]),
+            created=str(d["created"]), operation=str(d["operation"]),
+            files=[FileEntry.from_json(f) for f in d["files"]],
+            dimensions=[int(x) for x in d["dimensions"]], schema=schema_from_json(d["schema"]),
+            config_hash=str(d["config_hash"]), properties=dict(d.get("properties") or {}),
+        )
+
+    def settings_hash(self) -> str:
+        """The config hash of this manifest's settings (dimensions, schema, properties)."""
+        return config_hash(self.dimensions, self.schema, self.properties)
+
+
+def config_hash(dimensions: list[int], schema: pa.Schema, properties: dict[str, Any]) -> str:
+    """``compute_config_hash`` of the store settings recorded in a manifest."""
+    from embtools.config import compute_config_hash
+
+    return compute_config_hash({
+        "dimensions": sorted(dimensions),
+        "schema": {f.name: str(f.type) for f in schema},
+        "properties": properties,
+    })
+
+
+def empty_manifest(operation: str = "create") -> Manifest:
+    """A manifest with no files, no dimensions and the base schema (version/parent set by commit)."""
+    schema = base_schema()
+    return Manifest(0, None, _now(), operation, [], [], schema, config_hash([], schema, {}), {})
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat()
+
+
+def _versions_dir(root: str | os.PathLike[str]) -> str:
+    return os.path.join(os.fspath(root), VERSIONS_DIR)
+
+
+def _version_path(root: str | os.PathLike[str], version: int) -> str:
+    return os.path.join(_versions_dir(root), f"{version:020d}.json")
+
+
+def is_store(root: str | os.PathLike[str]) -> bool:
+    """Whether ``root`` is a store directory (has a ``_versions`` folder)."""
+    return os.path.isdir(_versions_dir(root))
+
+
+def list_versions(root: str | os.PathLike[str]) -> list[int]:
+    """The committed versions of the store at ``root``, ascending."""
+    try:
+        names = os.listdir(_versions_dir(root))
+    except FileNotFoundError:
+        return []
+    return sorted(int(m.group(1)) for n in names if (m := _VERSION_FILE.match(n)))
+
+
+def latest_version(root: str | os.PathLike[str]) -> int | None:
+    """The newest committed version, or None when there is none."""
+    versions = list_versions(root)
+    return versions[-1] if versions else None
+
+
+def read_manifest(root: str | os.PathLike[str], version: int | None = None) -> Manifest:
+    """Read the manifest of ``version`` (default: the latest).
+
+    Raises StoreNotFoundError (listing the versions there are) when it does not exist, and
+    CorruptStoreError when it cannot be parsed.
+    """
+    if version is None:
+        version = latest_version(root)
+        if version is None:
+            raise StoreNotFoundError(f"{os.fspath(root)!r} has no committed version")
+    path = _version_path(root, version)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+        manifest = Manifest.from_json(data)
+    except FileNotFoundError:
+        have = list_versions(root)
+        raise StoreNotFoundError(
+            f"store {os.fspath(root)!r} has no version {version}; versions: {have}"
+        ) from None
+    except (ValueError, KeyError, TypeError, OSError, pa.ArrowException) as exc:
+        raise CorruptStoreError(f"{path}: unreadable manifest ({exc})") from exc
+    if manifest.version != version:
+        raise CorruptStoreError(f"{path}: manifest says version {manifest.version}")
+    return manifest
+
+
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """fsync a directory so that entries created in it survive a power loss."""
+    fd = os.open(os.fspath(path), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def new_data_path(root: str | os.PathLike[str]) -> tuple[str, str]:
+    """A fresh ``(relative, absolute)`` path for a data file."""
+    rel = f"{DATA_DIR}/{uuid.uuid4().hex}.parquet"
+    return rel, os.path.join(os.fspath(root), rel)
+
+
+def reserve_row_ids(root: str | os.PathLike[str], n: int) -> int:
+    """Reserve ``n`` consecutive row ids and return the first.
+
+    The counter file is updated under an exclusive ``flock``; a writer that crashes after reserving
+    only leaves a gap in the row ids.
+    """
+    if n < 0:
+        raise InvalidArgumentError(f"cannot reserve {n} row ids")
+    path = os.path.join(os.fspath(root), ROWIDS_FILE)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        raw = os.pread(fd, 64, 0).decode("ascii").strip()
+        start = int(raw) if raw else 0
+        start = max(start, _max_committed_row_id(root) + 1)
+        data = f"{start + n:020d}\n".encode("ascii")
+        os.pwrite(fd, data, 0)
+        os.ftruncate(fd, len(data))
+        os.fsync(fd)
+        return start
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def _max_committed_row_id(root: str | os.PathLike[str]) -> int:
+    """Largest row id of the latest version (guards against a lost or reset counter file)."""
+    latest = latest_version(root)
+    if latest is None:
+        return -1
+    try:
+        files = read_manifest(root, latest).files
+    except (StoreNotFoundError, CorruptStoreError):
+        return -1
+    return max((f.row_id_max for f in files), default=-1)
+
+
+def commit(root: str | os.PathLike[str], rebase: Callable[[Manifest | None], Manifest],
+           operation_note: str = "") -> Manifest:
+    """Publish the manifest ``rebase(latest)`` as version ``latest + 1`` and return it.
+
+    ``rebase`` gets the latest committed manifest (None for an empty directory) and returns the
+    manifest to commit on top of it (its version and parent are set here); it is called again with
+    the new latest when another writer wins the race, and may raise CommitConflictError.
+    """
+    root = os.fspath(root)
+    vdir = _versions_dir(root)
+    os.makedirs(vdir, exist_ok=True)
+    for _ in range(_MAX_COMMIT_ATTEMPTS):
+        latest_n = latest_version(root)
+        latest = None if latest_n is None else read_manifest(root, latest_n)
+        new_version = 0 if latest_n is None else latest_n + 1
+        manifest = replace(rebase(latest), version=new_version, parent=latest_n, created=_now())
+        tmp = os.path.join(vdir, f".tmp-{uuid.uuid4().hex}.json")
+        with open(tmp, "w", encoding="utf-8") as fh:
+            json.dump(manifest.to_json(), fh, indent=1)
+            fh.flush()
+            os.fsync(fh.fileno())
+        crash_point("after_manifest_tmp")
+        try:
+            os.link(tmp, _version_path(root, new_version))
+        except FileExistsError:
+            continue
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        crash_point("before_dir_fsync")
+        fsync_dir(vdir)
+        return manifest
+    raise CorruptStoreError(f"{root}: could not commit after {_MAX_COMMIT_ATTEMPTS} attempts")
+
+
+def vacuum(root: str | os.PathLike[str], retain_versions: int = 1,
+           older_than: float | _dt.timedelta | None = None,
+           grace_seconds: float = 3600.0) -> dict[str, list[Any]]:
+    """Remove old version manifests and data files no retained version references.
+
+    Keeps the newest ``retain_versions`` versions (at least 1: the latest is never removed); with
+    ``older_than`` (seconds or a timedelta), an older version is removed only when its manifest is
+    older than that. Unreferenced data files and stale temporary manifests are removed only when
+    their modification time is more than ``grace_seconds`` ago, so that the files of a writer that
+    has not committed yet survive. Returns ``{"versions": [...], "files": [...]}`` of what was removed.
+    """
+    if isinstance(retain_versions, bool) or not isinstance(retain_versions, int) or retain_versions < 1:
+        raise InvalidArgumentError(f"retain_versions must be an int >= 1, got {retain_versions!r}")
+    if isinstance(older_than, _dt.timedelta):
+        older_than = older_than.total_seconds()
+    if older_than is not None and (not isinstance(older_than, (int, float)) or older_than < 0):
+        raise InvalidArgumentError(f"older_than must be >= 0 seconds, got {older_than!r}")
+    if not isinstance(grace_seconds, (int, float)) or grace_seconds < 0:
+        raise InvalidArgumentError(f"grace_seconds must be >= 0, got {grace_seconds!r}")
+    root = os.fspath(root)
+    now = time.time()
+    versions = list_versions(root)
+    keep = set(versions[-retain_versions:])
+    removed_versions: list[int] = []
+    for v in versions:
+        if v in keep:
+            continue
+        path = _version_path(root, v)
+        if older_than is not None and now - os.path.getmtime(path) < older_than:
+            keep.add(v)
+            continue
+        removed_versions.append(v)
+    referenced: set[str] = set()
+    for v in sorted(keep):
+        referenced.update(os.path.normpath(f.path) for f in read_manifest(root, v).files)
+    # Manifests first: a removed version must never point at a removed file.
+    for v in removed_versions:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(_version_path(root, v))
+    removed_files: list[str] = []
+    data_dir = os.path.join(root, DATA_DIR)
+    for name in sorted(os.listdir(data_dir)) if os.path.isdir(data_dir) else []:
+        rel = os.path.normpath(f"{DATA_DIR}/{name}")
+        path = os.path.join(root, rel)
+        if rel in referenced or not os.path.isfile(path):
+            continue
+        if now - os.path.getmtime(path) < grace_seconds:
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        removed_files.append(path)
+    vdir = _versions_dir(root)
+    for name in os.listdir(vdir):
+        path = os.path.join(vdir, name)
+        if name.startswith(".tmp-") and now - os.path.getmtime(path) >= grace_seconds:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+    fsync_dir(vdir)
+    if os.path.isdir(data_dir):
+        fsync_dir(data_dir)
+    return {"versions": removed_versions, "files": removed_files}

@@ -1,0 +1,107 @@
+"""MemoryState: the writable state of an in-memory store (``EmbeddingStore(path=None)``).
+
+Versions are an in-memory counter. Every embedding byte is held in the store's
+:class:`~embtools.memory.MemoryBudget` under ``store/emb_<d>``, so an add past ``max_memory_gb``
+raises :class:`~embtools.errors.MemoryLimitError` (the seed's memory limit) and changes nothing.
+
+Examples
+--------
+>>> import numpy as np
+>>> from embtools.memory import MemoryBudget
+>>> from embtools.storage.ingest import prepare_batch
+>>> state = MemoryState(MemoryBudget(None))
+>>> src = state.source
+>>> b = prepare_batch(np.ones((2, 3)), stored_dims=src.dimensions, schema=src.schema, num_rows=0)
+>>> state.add(b, {}), state.source.take_metadata([0, 1])["text_id"].to_list()
+(1, ['row-0', 'row-1'])
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from embtools.errors import DuplicateTextIdError
+from embtools.memory import MemoryBudget
+from embtools.storage.ingest import Batch
+from embtools.storage.manifest import config_hash
+from embtools.storage.memory_source import MemorySource
+from embtools.storage.schema import ROW_ID, TEXT_ID, base_schema
+
+__all__ = ["MemoryState", "first_duplicate"]
+
+_HINT = "raise max_memory_gb, or give the store a path so that it lives on disk"
+
+
+def first_duplicate(existing: pa.Array | pa.ChunkedArray, ids: pa.Array) -> str | None:
+    """The first of ``ids`` that is already in ``existing``, or None."""
+    if len(existing) == 0 or len(ids) == 0:
+        return None
+    hit = pc.is_in(ids, value_set=pa.chunked_array(existing).combine_chunks())
+    idx = np.flatnonzero(hit.to_numpy(zero_copy_only=False))
+    return None if idx.size == 0 else str(ids[int(idx[0])].as_py())
+
+
+class MemoryState:
+    """Rows held in memory: a metadata table, one float32 array per dimension, properties."""
+
+    def __init__(self, budget: MemoryBudget) -> None:
+        self.budget = budget
+        self.version = 0
+        self.meta: pa.Table = base_schema().empty_table()
+        self.arrays: dict[int, np.ndarray] = {}
+        self.properties: dict[str, Any] = {}
+        self.next_row_id = 0
+        self._source: MemorySource | None = None
+
+    @property
+    def source(self) -> MemorySource:
+        if self._source is None:
+            self._source = MemorySource(self.meta, self.arrays, self.budget)
+        return self._source
+
+    def config_hash(self) -> str:
+        return config_hash(sorted(self.arrays), self.meta.schema, self.properties)
+
+    def add(self, batch: Batch, properties: dict[str, Any]) -> int:
+        n = batch.num_rows
+        ids = batch.all_text_ids(self.next_row_id)
+        dup = first_duplicate(self.meta.column(TEXT_ID), ids)
+        if dup is not None:
+            raise DuplicateTextIdError(f"text id {dup!r} is already in the store")
+        new_bytes = n * sum(batch.dimensions) * 4
+        self.budget.check(new_bytes, f"adding {n} rows of dimensions {batch.dimensions}", _HINT)
+        table = batch.table(0, n, self.next_row_id, ids, with_embeddings=False)
+        old = self.meta
+        if old.num_rows:
+            merged = pa.concat_tables([old, table], promote_options="default")
+            meta = merged.select(batch.schema.names).cast(batch.schema)
+        else:
+            meta = table.cast(batch.schema)
+        arrays: dict[int, np.ndarray] = {}
+        for d in batch.dimensions:
+            new = batch.embeddings(d, 0, n)
+            arrays[d] = np.concatenate([self.arrays[d], new]) if old.num_rows else new.copy()
+        self._replace(meta, arrays)
+        self.properties.update(properties)
+        self.next_row_id += n
+        self.version += 1
+        return self.version
+
+    def delete(self, positions: np.ndarray) -> int:
+        keep = np.ones(self.meta.num_rows, dtype=bool)
+        keep[positions] = False
+        self._replace(self.meta.filter(pa.array(keep)), {d: a[keep] for d, a in self.arrays.items()})
+        self.version += 1
+        return self.version
+
+    def _replace(self, meta: pa.Table, arrays: dict[int, np.ndarray]) -> None:
+        for d in list(self.arrays):
+            self.budget.free(f"store/emb_{d}")
+        self.meta, self.arrays, self._source = meta, arrays, None
+        for d, a in arrays.items():
+            self.budget.hold(f"store/emb_{d}", int(a.nbytes))
+        assert meta.column(ROW_ID).null_count == 0

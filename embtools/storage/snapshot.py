@@ -1,0 +1,165 @@
+"""Snapshot: one committed version of a store directory, the read side (a VectorSource).
+
+A snapshot reads only the files its manifest lists. Positions 0..num_rows-1 follow the manifest's
+file order (ascending row id); each file's row-group sizes come from the manifest, so a selection
+opens only the row groups that hold selected rows. Embedding chunks are read with
+:class:`~embtools.storage.datafile.MappedParquetFile` and released once consumed.
+
+Examples
+--------
+>>> import tempfile, numpy as np, embtools as et
+>>> store = et.EmbeddingStore(tempfile.mkdtemp() + "/s", backend="numpy")
+>>> _ = store.add(np.eye(3, dtype=np.float32), text_ids=["a", "b", "c"])
+>>> snap = store.source
+>>> snap.select("text_id = 'b'").tolist()
+[1]
+>>> [(p.tolist(), x.shape) for p, x in snap.iter_vectors(2, batch_rows=2)]
+[([0, 1], (2, 2)), ([2], (1, 2))]
+>>> snap.take_metadata([2, 0])["text_id"].to_list()
+['c', 'a']
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from embtools.errors import CorruptStoreError, InvalidArgumentError
+from embtools.memory import MemoryBudget
+from embtools.storage.datafile import MappedParquetFile
+from embtools.storage.manifest import Manifest
+from embtools.storage.schema import LABEL, ROW_ID, TEXT_ID, emb_column
+from embtools.storage.source import Chunk, ChunkedSource
+
+__all__ = ["Snapshot", "metadata_frame"]
+
+
+def metadata_frame(table: pa.Table) -> pl.DataFrame:
+    """A pyarrow table as a polars DataFrame."""
+    out = pl.from_arrow(table)
+    assert isinstance(out, pl.DataFrame)
+    return out
+
+
+class Snapshot(ChunkedSource):
+    """The committed version ``manifest`` of the store at ``root``."""
+
+    def __init__(self, root: str | os.PathLike[str], manifest: Manifest,
+                 budget: MemoryBudget | None = None) -> None:
+        self.root = os.fspath(root)
+        self.manifest = manifest
+        self.budget = budget
+        self.version = manifest.version
+        self.num_rows = manifest.num_rows
+        self.dimensions = sorted(manifest.dimensions)
+        self.schema = manifest.schema
+        starts = np.cumsum([0] + [f.num_rows for f in manifest.files])
+        self._file_starts = starts
+        self._open: dict[int, MappedParquetFile] = {}
+
+    # -- files ---------------------------------------------------------------------------------
+    def files(self) -> list[str]:
+        """Absolute paths of the committed data files, in position order."""
+        return [os.path.join(self.root, f.path) for f in self.manifest.files]
+
+    def _file(self, i: int) -> MappedParquetFile:
+        f = self._open.get(i)
+        if f is None:
+            path = os.path.join(self.root, self.manifest.files[i].path)
+            try:
+                f = MappedParquetFile(path)
+            except FileNotFoundError:
+                raise CorruptStoreError(
+                    f"{path}: listed by version {self.version} but missing (vacuumed?)") from None
+            if f.row_group_rows != self.manifest.files[i].row_groups:
+                raise CorruptStoreError(f"{path}: row groups {f.row_group_rows} do not match the manifest")
+            self._open[i] = f
+        return f
+
+    def close(self) -> None:
+        """Close the open data files."""
+        for f in self._open.values():
+            f.close()
+        self._open.clear()
+
+    # -- VectorSource ----------------------------------------------------------------------------
+    def metadata(self) -> pl.LazyFrame:
+        """polars LazyFrame of the non-embedding columns over the committed files, in position order."""
+        empty = metadata_frame(self.schema.empty_table())
+        if not self.manifest.files:
+            return empty.lazy()
+        return pl.scan_parquet(self.files(), schema=empty.schema, missing_columns="insert",
+                               extra_columns="ignore", glob=False)
+
+    def chunks(self) -> list[Chunk]:
+        out: list[Chunk] = []
+        for i, entry in enumerate(self.manifest.files):
+            start = int(self._file_starts[i])
+            for rg, rows in enumerate(entry.row_groups):
+                out.append(Chunk(start, rows, self._loader(i, rg), self._releaser(i, rg)))
+                start += rows
+        return out
+
+    def _loader(self, i: int, rg: int) -> Any:
+        def load(dim: int) -> np.ndarray:
+            return self._file(i).embedding(emb_column(dim), rg)
+        return load
+
+    def _releaser(self, i: int, rg: int) -> Any:
+        def release(dim: int) -> None:
+            self._file(i).release(emb_column(dim), rg)
+        return release
+
+    def take_metadata(self, positions: Any, columns: Sequence[str] | None = None) -> pl.DataFrame:
+        """row_id, text_id, label (+ ``columns``) of ``positions``, in the order given."""
+        pos = np.asarray(positions, dtype=np.int64).reshape(-1)
+        names = [ROW_ID, TEXT_ID, LABEL]
+        for c in columns or []:
+            if c not in self.schema.names:
+                raise InvalidArgumentError(
+                    f"unknown metadata column {c!r}; columns: {self.schema.names}")
+            if c not in names:
+                names.append(c)
+        schema = pa.schema([self.schema.field(n) for n in names])
+        if pos.size == 0:
+            return metadata_frame(schema.empty_table())
+        if pos.min() < 0 or pos.max() >= self.num_rows:
+            raise InvalidArgumentError(f"positions out of range 0..{self.num_rows - 1}")
+        order = np.argsort(pos, kind="stable")
+        sorted_pos = pos[order]
+        file_idx = np.searchsorted(self._file_starts, sorted_pos, side="right") - 1
+        parts: list[pa.Table] = []
+        for i in np.unique(file_idx):
+            local = sorted_pos[file_idx == i] - self._file_starts[i]
+            parts.append(self._read_rows(int(i), local, schema))
+        table = pa.concat_tables(parts)
+        inverse = np.empty_like(order)
+        inverse[order] = np.arange(order.size)
+        return metadata_frame(table.take(pa.array(inverse)))
+
+    def _read_rows(self, i: int, local: np.ndarray, schema: pa.Schema) -> pa.Table:
+        """Rows ``local`` (sorted) of file ``i``, reading only their row groups."""
+        entry = self.manifest.files[i]
+        rg_starts = np.cumsum([0, *entry.row_groups])
+        rg_idx = np.searchsorted(rg_starts, local, side="right") - 1
+        groups = np.unique(rg_idx)
+        path = os.path.join(self.root, entry.path)
+        try:
+            pf = pq.ParquetFile(path)
+            present = [n for n in schema.names if n in pf.schema_arrow.names]
+            table = pf.read_row_groups([int(g) for g in groups], columns=present)
+        except (OSError, pa.ArrowException) as exc:
+            raise CorruptStoreError(f"{path}: cannot read metadata ({exc})") from exc
+        base = {int(g): int(off) for g, off in zip(groups, np.cumsum([0] + [entry.row_groups[g] for g in groups[:-1]]), strict=True)}
+        idx = np.array([base[int(g)] + int(r - rg_starts[g]) for g, r in zip(rg_idx, local, strict=True)],
+                       dtype=np.int64)
+        table = table.take(pa.array(idx))
+        cols = [table.column(n) if n in table.column_names else pa.nulls(len(idx), schema.field(n).type)
+                for n in schema.names]
+        return pa.Table.from_arrays([c.cast(f.type) for c, f in zip(cols, schema, strict=True)], schema=schema)

@@ -1,0 +1,187 @@
+"""The shared read logic of a VectorSource (see docs/internals.md): filters, batching, prefixes.
+
+A source is a sequence of *chunks* (a data file's row group, or an in-memory array) in ascending
+position order. :class:`ChunkedSource` implements ``select``, ``iter_vectors`` and the dimension
+rules once; :class:`~embtools.storage.snapshot.Snapshot` (a committed version on disk) and
+:class:`~embtools.storage.memory_source.MemorySource` (the in-memory store) provide the chunks.
+
+Examples
+--------
+>>> import polars as pl
+>>> compile_where("year > 2020") is not None, compile_where(pl.col("x") == 1) is not None
+(True, True)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from embtools.errors import DimensionMismatchError, FilterError, InvalidArgumentError
+from embtools.memory import MemoryBudget
+
+__all__ = ["Chunk", "ChunkedSource", "compile_where", "resolve_dimension"]
+
+_POS = "__embtools_pos"
+MAX_DEFAULT_BATCH_ROWS = 262_144
+
+
+def compile_where(where: Any) -> pl.Expr:
+    """A polars expression or a SQL predicate string as a polars expression (FilterError otherwise)."""
+    if isinstance(where, pl.Expr):
+        return where
+    if isinstance(where, str):
+        if not where.strip():
+            raise FilterError("empty where string")
+        try:
+            return pl.sql_expr(where)
+        except Exception as exc:  # polars raises several kinds for bad SQL
+            raise FilterError(f"cannot parse where={where!r}: {exc}") from None
+    raise FilterError(
+        f"where must be a polars expression or a SQL predicate string, got {type(where).__name__}")
+
+
+def resolve_dimension(dim: Any, stored: Sequence[int]) -> int:
+    """The stored dimension that serves ``dim``: itself, or the smallest stored one above it."""
+    if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim < 1:
+        raise InvalidArgumentError(f"dimension must be an int >= 1, got {dim!r}")
+    dim = int(dim)
+    if dim in stored:
+        return dim
+    above = [d for d in stored if d > dim]
+    if not above:
+        raise DimensionMismatchError(
+            f"dimension {dim} is not stored and is not a prefix of a stored one; "
+            f"stored dimensions: {sorted(stored)}")
+    return min(above)
+
+
+@dataclass
+class Chunk:
+    """Rows ``start:start+rows`` of a source; ``load(stored_dim)`` gives their (rows, d) float32."""
+
+    start: int
+    rows: int
+    load: Callable[[int], np.ndarray]
+    release: Callable[[int], None]
+
+
+class ChunkedSource:
+    """Base class of the VectorSources; subclasses set ``num_rows``, ``dimensions`` and implement
+    :meth:`metadata`, :meth:`chunks` and :meth:`take_metadata`."""
+
+    num_rows: int
+    dimensions: list[int]
+    budget: MemoryBudget | None = None
+
+    def metadata(self) -> pl.LazyFrame:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def chunks(self) -> list[Chunk]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def take_metadata(self, positions: Any, columns: Sequence[str] | None = None) -> pl.DataFrame:
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    # -- shared ----------------------------------------------------------------------------------
+    def select(self, where: Any) -> np.ndarray:
+        """int64 positions of the rows matching ``where`` (all rows for None), ascending."""
+        if where is None:
+            return np.arange(self.num_rows, dtype=np.int64)
+        expr = compile_where(where)
+        try:
+            out = (self.metadata().with_row_index(_POS).filter(expr).select(_POS).collect())
+        except Exception as exc:  # polars: ColumnNotFoundError, InvalidOperationError, SQL errors...
+            raise FilterError(f"cannot apply where={where!r}: {exc}") from None
+        return out.get_column(_POS).to_numpy().astype(np.int64, copy=False)
+
+    def resolve(self, dim: int) -> int:
+        """The stored dimension that serves ``dim`` (see :func:`resolve_dimension`)."""
+        return resolve_dimension(dim, self.dimensions)
+
+    def default_batch_rows(self, dim: int) -> int:
+        """Rows per batch from the memory budget (capped at 262,144)."""
+        if self.budget is None:
+            return 65_536
+        return min(self.budget.rows_per_batch(dim * 4), MAX_DEFAULT_BATCH_ROWS)
+
+    def iter_vectors(self, dim: int, positions: Any = None, batch_rows: int | None = None
+                     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Yield ``(positions, (n, dim) float32)`` batches in ascending position order.
+
+        A batch that lies in one chunk as a contiguous run is a (read-only) view; otherwise it is a
+        fresh array. Each chunk is released once all its rows have been handed out.
+        """
+        stored = self.resolve(dim)
+        dim = int(dim)
+        if batch_rows is None:
+            batch_rows = self.default_batch_rows(dim)
+        if isinstance(batch_rows, bool) or not isinstance(batch_rows, (int, np.integer)) or batch_rows < 1:
+            raise InvalidArgumentError(f"batch_rows must be an int >= 1, got {batch_rows!r}")
+        batch_rows = int(batch_rows)
+        pos = None if positions is None else self._check_positions(positions)
+        return self._iter(stored, dim, pos, batch_rows)
+
+    def _check_positions(self, positions: Any) -> np.ndarray:
+        pos = np.asarray(positions)
+        if pos.ndim != 1 or (pos.size and pos.dtype.kind not in "iu"):
+            raise InvalidArgumentError("positions must be a 1-D array of integers")
+        pos = pos.astype(np.int64, copy=False)
+        if pos.size:
+            if pos.min() < 0 or pos.max() >= self.num_rows:
+                raise InvalidArgumentError(f"positions out of range 0..{self.num_rows - 1}")
+            if (np.diff(pos) <= 0).any():
+                pos = np.unique(pos)
+        return pos
+
+    def _iter(self, stored: int, dim: int, pos: np.ndarray | None, batch_rows: int
+              ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        buf: np.ndarray | None = None
+        buf_pos: np.ndarray | None = None
+        fill = 0
+        chunks = self.chunks()
+        for ci, chunk in enumerate(chunks):
+            if pos is None:
+                local = np.arange(chunk.rows, dtype=np.int64)
+            else:
+                lo, hi = np.searchsorted(pos, [chunk.start, chunk.start + chunk.rows])
+                local = pos[lo:hi] - chunk.start
+            if local.size == 0:
+                continue
+            arr = chunk.load(stored)
+            last_chunk = (pos is None and ci == len(chunks) - 1) or (
+                pos is not None and int(pos[-1]) < chunk.start + chunk.rows)
+            i = 0
+            while i < local.size:
+                take = min(batch_rows - fill, local.size - i)
+                sel = local[i:i + take]
+                contiguous = int(sel[-1]) - int(sel[0]) == take - 1
+                if fill == 0 and contiguous and (take == batch_rows or (last_chunk and i + take == local.size)):
+                    a, b = int(sel[0]), int(sel[-1]) + 1
+                    view = arr[a:b, :dim] if dim != stored else arr[a:b]
+                    yield sel + chunk.start, view
+                    i += take
+                    continue
+                if buf is None:
+                    buf = np.empty((batch_rows, dim), dtype=np.float32)
+                    buf_pos = np.empty(batch_rows, dtype=np.int64)
+                assert buf_pos is not None
+                if contiguous:
+                    buf[fill:fill + take] = arr[int(sel[0]):int(sel[-1]) + 1, :dim]
+                else:
+                    buf[fill:fill + take] = arr[sel, :dim]
+                buf_pos[fill:fill + take] = sel + chunk.start
+                fill += take
+                i += take
+                if fill == batch_rows:
+                    yield buf_pos, buf
+                    buf, buf_pos, fill = None, None, 0
+            del arr
+            chunk.release(stored)
+        if fill:
+            assert buf is not None and buf_pos is not None
+            yield buf_pos[:fill], buf[:fill]

@@ -1,0 +1,264 @@
+"""The write side of a store directory: append, delete, compact and save, each one commit.
+
+Every operation writes its data files first (fsynced, under ``data/``), then commits a manifest with
+:func:`embtools.storage.manifest.commit`. Conflicts with concurrent writers:
+
+- append rebases onto whatever was committed meanwhile (its files join the latest file list; its
+  text ids are re-checked against the files added since its base version);
+- delete and compact need all their input files in the latest version; when another writer removed
+  one (a concurrent delete or compact), they raise :class:`~embtools.errors.CommitConflictError` and
+  leave only unreferenced files behind; re-open the store and retry.
+
+Examples
+--------
+>>> rows_per_file(bytes_per_row=1024, target_bytes=10 * 1024, cap_free=None)
+10
+>>> rows_per_file(bytes_per_row=1024, target_bytes=10 * 1024, cap_free=4096)
+2
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from embtools.errors import CommitConflictError, CorruptStoreError, DuplicateTextIdError
+from embtools.memory import MemoryBudget
+from embtools.storage.datafile import write_data_file
+from embtools.storage.ingest import Batch
+from embtools.storage.manifest import (
+    DATA_DIR,
+    FileEntry,
+    Manifest,
+    commit,
+    config_hash,
+    crash_point,
+    fsync_dir,
+    new_data_path,
+    reserve_row_ids,
+)
+from embtools.storage.schema import LABEL, ROW_ID, TEXT_ID, emb_column, embedding_type
+
+__all__ = ["append", "compact_files", "delete_rows", "rows_per_file", "save_source"]
+
+
+def rows_per_file(bytes_per_row: int, target_bytes: int, cap_free: int | None) -> int:
+    """Rows per data file: ``target_bytes`` worth, and at most half the free memory budget."""
+    rows = max(1, target_bytes // max(1, bytes_per_row))
+    if cap_free is not None:
+        rows = min(rows, max(1, cap_free // (2 * max(1, bytes_per_row))))
+    return int(rows)
+
+
+def _row_group_rows(rows: int, bytes_per_row: int, budget: MemoryBudget) -> int | None:
+    """Row groups small enough that one decoded chunk fits a quarter of the cap."""
+    if budget.cap_bytes is None:
+        return None
+    return max(1, min(rows, budget.cap_bytes // (4 * max(1, bytes_per_row))))
+
+
+def _write(root: str, table: pa.Table, row_group_rows: int | None = None) -> FileEntry:
+    rel, path = new_data_path(root)
+    nbytes = write_data_file(path, table, row_group_rows=row_group_rows)
+    md = pq.read_metadata(path)
+    row_ids = table.column(ROW_ID).to_numpy()
+    return FileEntry(rel, table.num_rows, int(row_ids.min()), int(row_ids.max()), int(nbytes),
+                     [int(md.row_group(i).num_rows) for i in range(md.num_row_groups)])
+
+
+def _sorted(files: Sequence[FileEntry]) -> list[FileEntry]:
+    return sorted(files, key=lambda f: f.row_id_min)
+
+
+def existing_text_id(root: str, files: Sequence[FileEntry], ids: pa.Array) -> str | None:
+    """The first of ``ids`` already present in ``files``, or None."""
+    if not files or len(ids) == 0:
+        return None
+    paths = [os.path.join(root, f.path) for f in files]
+    wanted = pl.Series("ids", ids.to_pylist(), dtype=pl.String)
+    hits = (pl.scan_parquet(paths, glob=False).select(TEXT_ID)
+            .filter(pl.col(TEXT_ID).is_in(wanted.implode())).head(1).collect())
+    return None if hits.height == 0 else str(hits[TEXT_ID][0])
+
+
+def _merge_schema(latest: Manifest, schema: pa.Schema) -> pa.Schema:
+    fields = list(latest.schema)
+    names = {f.name: i for i, f in enumerate(fields)}
+    for f in schema:
+        if f.name in names:
+            old = fields[names[f.name]]
+            if old.type != f.type:
+                if latest.num_rows:
+                    raise CommitConflictError(
+                        f"column {f.name!r}: a concurrent writer stored type {old.type}, this add has "
+                        f"{f.type}")
+                fields[names[f.name]] = f
+        else:
+            fields.append(f)
+    return pa.schema(fields)
+
+
+def _finish_data(root: str) -> None:
+    fsync_dir(os.path.join(root, DATA_DIR))
+    crash_point("after_data")
+
+
+def append(root: str, base: Manifest, batch: Batch, properties: dict[str, Any],
+           budget: MemoryBudget, target_bytes: int) -> Manifest:
+    """Write ``batch`` as new data files and commit them on top of the latest version."""
+    n = batch.num_rows
+    start = reserve_row_ids(root, n)
+    ids = batch.all_text_ids(start)
+    dup = existing_text_id(root, base.files, ids)
+    if dup is not None:
+        raise DuplicateTextIdError(f"text id {dup!r} is already in the store")
+    bytes_per_row = sum(batch.dimensions) * 4 + 64
+    rows = rows_per_file(bytes_per_row, target_bytes, budget.available_bytes)
+    rg = _row_group_rows(rows, bytes_per_row, budget)
+    entries = []
+    for s in range(0, n, rows):
+        e = min(n, s + rows)
+        entries.append(_write(root, batch.table(s, e, start + s, text_ids=ids), rg))
+    _finish_data(root)
+    dims = batch.dimensions
+    known = {f.path for f in base.files}
+
+    def rebase(latest: Manifest | None) -> Manifest:
+        if latest is None:
+            raise CorruptStoreError(f"{root}: the store has no committed version")
+        if latest.version != base.version:
+            added = [f for f in latest.files if f.path not in known]
+            dup = existing_text_id(root, added, ids)
+            if dup is not None:
+                raise DuplicateTextIdError(f"text id {dup!r} was added by a concurrent writer")
+            if latest.num_rows and sorted(latest.dimensions) != dims:
+                raise CommitConflictError(
+                    f"a concurrent writer stored dimensions {latest.dimensions}, this add has {dims}")
+        schema = _merge_schema(latest, batch.schema)
+        props = {**latest.properties, **properties}
+        return replace(latest, operation="add", files=_sorted([*latest.files, *entries]),
+                       dimensions=dims, schema=schema, properties=props,
+                       config_hash=config_hash(dims, schema, props))
+
+    return commit(root, rebase)
+
+
+def _needs_inputs(root: str, inputs: set[str], operation: str, new: list[FileEntry]
+                  ) -> Any:
+    def rebase(latest: Manifest | None) -> Manifest:
+        if latest is None:
+            raise CorruptStoreError(f"{root}: the store has no committed version")
+        present = {f.path for f in latest.files}
+        missing = inputs - present
+        if missing:
+            raise CommitConflictError(
+                f"{operation}: a concurrent writer removed {len(missing)} of its input files "
+                f"(version {latest.version}); re-open the store and retry")
+        files = [f for f in latest.files if f.path not in inputs] + new
+        return replace(latest, operation=operation, files=_sorted(files))
+    return rebase
+
+
+def _read(root: str, entry: FileEntry) -> pa.Table:
+    path = os.path.join(root, entry.path)
+    try:
+        return pq.read_table(path)
+    except (OSError, pa.ArrowException) as exc:
+        raise CorruptStoreError(f"{path}: cannot read ({exc})") from exc
+
+
+def delete_rows(root: str, snapshot: Any, positions: np.ndarray) -> Manifest:
+    """Rewrite the files holding ``positions`` without them (copy-on-write) and commit."""
+    base: Manifest = snapshot.manifest
+    starts = np.cumsum([0] + [f.num_rows for f in base.files])
+    file_idx = np.searchsorted(starts, positions, side="right") - 1
+    inputs: set[str] = set()
+    new: list[FileEntry] = []
+    for i in np.unique(file_idx):
+        entry = base.files[int(i)]
+        keep = np.ones(entry.num_rows, dtype=bool)
+        keep[positions[file_idx == i] - starts[i]] = False
+        if keep.any():
+            table = _read(root, entry).filter(pa.array(keep))
+            new.append(_write(root, table, entry.row_groups[0] if entry.row_groups else None))
+        inputs.add(entry.path)
+    _finish_data(root)
+    return commit(root, _needs_inputs(root, inputs, "delete", new))
+
+
+def compact_files(root: str, base: Manifest, target_bytes: int, budget: MemoryBudget
+                  ) -> Manifest | None:
+    """Merge runs of consecutive files smaller than ``target_bytes``; None when nothing merges."""
+    groups: list[list[FileEntry]] = []
+    current: list[FileEntry] = []
+    size = 0
+    for f in base.files:
+        if current and size + f.bytes > target_bytes:
+            groups.append(current)
+            current, size = [], 0
+        current.append(f)
+        size += f.bytes
+    if current:
+        groups.append(current)
+    merges = [g for g in groups if len(g) > 1]
+    if not merges:
+        return None
+    inputs: set[str] = set()
+    new: list[FileEntry] = []
+    bytes_per_row = sum(base.dimensions) * 4 + 64
+    for group in merges:
+        table = pa.concat_tables([_read(root, f) for f in group], promote_options="default")
+        new.append(_write(root, table, _row_group_rows(table.num_rows, bytes_per_row, budget)))
+        inputs.update(f.path for f in group)
+        del table
+    _finish_data(root)
+    return commit(root, _needs_inputs(root, inputs, "compact", new))
+
+
+def save_source(root: str, base: Manifest, source: Any, properties: dict[str, Any],
+                budget: MemoryBudget, target_bytes: int) -> Manifest:
+    """Write every row of ``source`` (a Snapshot or MemorySource) into ``root`` as a new version.
+
+    The new version holds exactly the source's rows (row ids kept), replacing what ``root`` held.
+    """
+    entries: list[FileEntry] = []
+    dims = sorted(source.dimensions)
+    if hasattr(source, "manifest"):
+        for f in source.manifest.files:
+            entries.append(_write(root, _read(source.root, f), f.row_groups[0]))
+    elif source.num_rows:
+        bytes_per_row = sum(dims) * 4 + 64
+        rows = rows_per_file(bytes_per_row, target_bytes, None)
+        for s in range(0, source.num_rows, rows):
+            e = min(source.num_rows, s + rows)
+            table = source.meta.slice(s, e - s)
+            for d in dims:
+                x = np.ascontiguousarray(source.arrays[d][s:e])
+                table = table.append_column(
+                    pa.field(emb_column(d), embedding_type(d), nullable=False),
+                    pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), type=embedding_type(d)))
+            entries.append(_write(root, table, _row_group_rows(e - s, bytes_per_row, budget)))
+    if entries:
+        reserve_row_ids(root, 0)
+        _finish_data(root)
+    schema = source.schema
+    assert schema.names[:3] == [ROW_ID, TEXT_ID, LABEL]
+
+    def rebase(latest: Manifest | None) -> Manifest:
+        if latest is None:
+            raise CorruptStoreError(f"{root}: the store has no committed version")
+        return replace(latest, operation="save", files=_sorted(entries), dimensions=dims,
+                       schema=schema, properties=dict(properties),
+                       config_hash=config_hash(dims, schema, properties))
+
+    manifest = commit(root, rebase)
+    # make sure the row-id counter is past the saved rows
+    reserve_row_ids(root, 0)
+    return manifest

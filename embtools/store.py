@@ -1,0 +1,467 @@
+"""EmbeddingStore: the facade over the Parquet store, the memory budget, backends and search.
+
+``EmbeddingStore(path)`` opens (or creates) a store directory: versioned, atomically committed Parquet
+files (see :mod:`embtools.storage.manifest`). ``EmbeddingStore(path, version=N)`` is a read-only
+snapshot of version N. ``EmbeddingStore(path=None)`` keeps everything in memory with the same API
+(the seed's form); ``save_to_disk`` writes it as a store. Reads see the version the store has open;
+a writable store moves to each version it commits (which includes other writers' commits), and
+:meth:`EmbeddingStore.refresh` moves it to the latest.
+
+Examples
+--------
+>>> import tempfile, numpy as np, polars as pl
+>>> store = EmbeddingStore(tempfile.mkdtemp() + "/corpus", backend="numpy")
+>>> x = np.random.default_rng(0).standard_normal((4, 8)).astype(np.float32)
+>>> store.add({8: x, 4: x[:, :4]}, text_ids=list("abcd"), labels=[0, 1, 0, 1],
+...           metadata={"year": [2020, 2021, 2022, 2023]})
+1
+>>> store.dimensions, store.num_rows, store.versions()
+([4, 8], 4, [0, 1])
+>>> store.metadata().filter(pl.col("year") > 2021).select("text_id").collect()["text_id"].to_list()
+['c', 'd']
+>>> bool((store.get_embeddings(8, where="label = 1") == x[[1, 3]]).all())
+True
+>>> store.delete(pl.col("text_id") == "a"), store.num_rows
+(2, 3)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import numpy as np
+
+from embtools.errors import (
+    DimensionMismatchError,
+    InvalidArgumentError,
+    ReadOnlyStoreError,
+    StoreNotFoundError,
+)
+from embtools.memory import GB, MemoryBudget
+
+__all__ = ["DEFAULT_TARGET_FILE_BYTES", "EmbeddingStore"]
+
+DEFAULT_TARGET_FILE_BYTES = 256 * 1024**2
+"""Target size of a data file written by add() and compact()."""
+
+_BACKEND_NAMES = ("numpy", "torch", "mlx")
+_HINT = "use store.iter_batches(...) or store.search(...), which stream under the cap"
+
+
+class EmbeddingStore:
+    """A versioned Parquet embedding store (``path``), or an in-memory one (``path=None``).
+
+    Parameters
+    ----------
+    path : directory of the store; created (version 0) when it does not exist or is empty.
+        ``None`` keeps everything in memory.
+    backend, device : compute backend for returned arrays (``embtools.get_backend``).
+    max_memory_gb : cap on embedding bytes held at once (None: no cap).
+    version : open this committed version read-only.
+    target_file_bytes : size of the data files ``add`` writes (default 256 MiB).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> mem = EmbeddingStore(backend="numpy", max_memory_gb=0.001)
+    >>> mem.add_embeddings(np.ones((2, 3), np.float32), dimension=3, text_ids=["x", "y"])
+    1
+    >>> mem.get_available_dimensions(), mem.files()
+    ([3], [])
+    """
+
+    def __init__(self, path: str | os.PathLike[str] | None = None, backend: str | None = None,
+                 max_memory_gb: float | None = None, device: str | None = None, *,
+                 version: int | None = None, target_file_bytes: int | None = None) -> None:
+        if (isinstance(path, str) and path in _BACKEND_NAMES and backend is None
+                and not os.path.exists(path)):
+            # the seed's EmbeddingStore("numpy", ...) positional form
+            path, backend = None, path
+        from embtools.backends import get_backend
+
+        self.budget = MemoryBudget(max_memory_gb)
+        self.backend = get_backend(backend, device)
+        self.max_memory_gb = max_memory_gb
+        if target_file_bytes is not None and (
+                isinstance(target_file_bytes, bool) or not isinstance(target_file_bytes, int)
+                or target_file_bytes < 1):
+            raise InvalidArgumentError(f"target_file_bytes must be an int >= 1, got {target_file_bytes!r}")
+        self.target_file_bytes = target_file_bytes or DEFAULT_TARGET_FILE_BYTES
+        if version is not None and (isinstance(version, bool) or not isinstance(version, int)):
+            raise InvalidArgumentError(f"version must be an int, got {version!r}")
+        self.path: str | None = None if path is None else os.path.abspath(os.fspath(path))
+        self.read_only = version is not None
+        if self.path is None:
+            if version is not None:
+                raise InvalidArgumentError("version= needs a store path")
+            from embtools.storage.memory_writer import MemoryState
+
+            self._mem: Any = MemoryState(self.budget)
+            self._snap: Any = None
+        else:
+            self._mem = None
+            self._snap = self._open(self.path, version)
+
+    # -- opening --------------------------------------------------------------------------------
+    def _open(self, root: str, version: int | None) -> Any:
+        from embtools.storage import manifest as mf
+        from embtools.storage.snapshot import Snapshot
+
+        if not mf.is_store(root):
+            exists = os.path.exists(root)
+            if exists and not os.path.isdir(root):
+                raise StoreNotFoundError(f"{root!r} is a file, not an embtools store directory")
+            if exists and os.listdir(root):
+                raise StoreNotFoundError(
+                    f"{root!r} is a non-empty directory that is not an embtools store (no _versions/)")
+            if version is not None:
+                raise StoreNotFoundError(f"no store at {root!r}, so no version {version}")
+            os.makedirs(os.path.join(root, mf.DATA_DIR), exist_ok=True)
+            with contextlib.suppress(FileExistsError):
+                os.makedirs(os.path.join(root, mf.VERSIONS_DIR))
+            if mf.latest_version(root) is None:
+                mf.commit(root, lambda latest: latest or mf.empty_manifest("create"))
+        return Snapshot(root, mf.read_manifest(root, version), self.budget)
+
+    @classmethod
+    def load_from_disk(cls, directory: str | os.PathLike[str], backend: str | None = None,
+                       device: str | None = None, max_memory_gb: float | None = None,
+                       version: int | None = None) -> EmbeddingStore:
+        """Open the store at ``directory`` (StoreNotFoundError when it is not one)."""
+        from embtools.storage.manifest import is_store
+
+        if not is_store(directory):
+            raise StoreNotFoundError(f"{os.fspath(directory)!r} is not an embtools store")
+        return cls(directory, backend=backend, max_memory_gb=max_memory_gb, device=device,
+                   version=version)
+
+    def refresh(self) -> int:
+        """Move a writable store to the latest committed version; returns it."""
+        if self._mem is not None or self.read_only:
+            return self.version
+        assert self.path is not None
+        self._snap.close()
+        self._snap = self._open(self.path, None)
+        return self.version
+
+    # -- state ----------------------------------------------------------------------------------
+    @property
+    def source(self) -> Any:
+        """The VectorSource of the open version (Snapshot or in-memory source)."""
+        return self._mem.source if self._mem is not None else self._snap
+
+    @property
+    def version(self) -> int:
+        return int(self._mem.version if self._mem is not None else self._snap.version)
+
+    def versions(self) -> list[int]:
+        """Committed versions (in-memory: 0..version)."""
+        if self._mem is not None:
+            return list(range(self._mem.version + 1))
+        from embtools.storage.manifest import list_versions
+
+        assert self.path is not None
+        return list_versions(self.path)
+
+    @property
+    def dimensions(self) -> list[int]:
+        return list(self.source.dimensions)
+
+    def get_available_dimensions(self) -> list[int]:
+        """Stored dimensions, ascending (the seed's name)."""
+        return self.dimensions
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.source.num_rows)
+
+    def __len__(self) -> int:
+        return self.num_rows
+
+    @property
+    def properties(self) -> dict[str, Any]:
+        """Store-level JSON properties (e.g. the embedding model)."""
+        props = self._mem.properties if self._mem is not None else self._snap.manifest.properties
+        return json.loads(json.dumps(props))
+
+    @property
+    def config_hash(self) -> str:
+        """Config hash of the store settings (dimensions, schema, properties)."""
+        if self._mem is not None:
+            return str(self._mem.config_hash())
+        return str(self._snap.manifest.config_hash)
+
+    def files(self) -> list[str]:
+        """Absolute paths of the committed data files of the open version ([] in memory)."""
+        return [] if self._mem is not None else self._snap.files()
+
+    def __repr__(self) -> str:
+        where = "memory" if self.path is None else repr(self.path)
+        return (f"EmbeddingStore({where}, version={self.version}, rows={self.num_rows}, "
+                f"dims={self.dimensions}, backend={self.backend.name!r})")
+
+    # -- writes ---------------------------------------------------------------------------------
+    def _writable(self) -> None:
+        if self.read_only:
+            raise ReadOnlyStoreError(
+                f"this store was opened at version {self.version} (read-only snapshot); open it "
+                "without version= to write")
+
+    def add(self, embeddings: Any, text_ids: Any = None, labels: Any = None, metadata: Any = None,
+            *, properties: Mapping[str, Any] | None = None) -> int:
+        """Append rows; returns the new version.
+
+        ``embeddings``: an array of any backend, nested lists, a pyarrow FixedSizeList/ChunkedArray,
+        a polars Array Series, or ``{dim: array}`` for several dimensions of the same rows.
+        ``text_ids`` default to ``"row-<row_id>"``. ``metadata``: dict of columns, polars DataFrame
+        or pyarrow Table. ``properties`` is merged into the store properties in the same commit.
+        """
+        return self._add(embeddings, text_ids, labels, metadata, None, properties)
+
+    def add_embeddings(self, embeddings: Any, dimension: int, text_ids: Any = None,
+                       labels: Any = None, metadata: Any = None) -> int:
+        """The seed's form of :meth:`add` for one dimension; returns the new version."""
+        return self._add(embeddings, text_ids, labels, metadata, dimension, None)
+
+    def _add(self, embeddings: Any, text_ids: Any, labels: Any, metadata: Any,
+             dimension: int | None, properties: Mapping[str, Any] | None) -> int:
+        self._writable()
+        props = _check_properties(properties)
+        from embtools.storage.ingest import prepare_batch
+
+        src = self.source
+        batch = prepare_batch(embeddings, text_ids, labels, metadata, dimension=dimension,
+                              stored_dims=src.dimensions, schema=src.schema, num_rows=src.num_rows)
+        if self._mem is not None:
+            return int(self._mem.add(batch, props))
+        from embtools.storage.writer import append
+
+        assert self.path is not None
+        manifest = append(self.path, self._snap.manifest, batch, props, self.budget,
+                          self.target_file_bytes)
+        self._set_snapshot(manifest)
+        return self.version
+
+    def _set_snapshot(self, manifest: Any) -> None:
+        from embtools.storage.snapshot import Snapshot
+
+        self._snap.close()
+        self._snap = Snapshot(self.path or "", manifest, self.budget)
+
+    def delete(self, where: Any) -> int:
+        """Delete the rows matching ``where`` (polars expression or SQL string); returns the version.
+
+        A new version when rows match (old versions stay readable until vacuumed); when nothing
+        matches, nothing is committed and the current version is returned.
+        """
+        self._writable()
+        if where is None:
+            raise InvalidArgumentError("delete needs a where filter (use a literal True to delete all)")
+        positions = self.source.select(where)
+        if positions.size == 0:
+            return self.version
+        if self._mem is not None:
+            return int(self._mem.delete(positions))
+        from embtools.storage.writer import delete_rows
+
+        assert self.path is not None
+        self._set_snapshot(delete_rows(self.path, self._snap, positions))
+        return self.version
+
+    def compact(self, target_file_bytes: int | None = None) -> int:
+        """Merge consecutive small data files into files of about ``target_file_bytes``.
+
+        Row ids and row order are kept. Returns the new version, or the current one when there is
+        nothing to merge (in memory there never is).
+        """
+        self._writable()
+        if target_file_bytes is not None and (
+                isinstance(target_file_bytes, bool) or not isinstance(target_file_bytes, int)
+                or target_file_bytes < 1):
+            raise InvalidArgumentError(f"target_file_bytes must be an int >= 1, got {target_file_bytes!r}")
+        if self._mem is not None:
+            return self.version
+        from embtools.storage.writer import compact_files
+
+        assert self.path is not None
+        manifest = compact_files(self.path, self._snap.manifest,
+                                 target_file_bytes or self.target_file_bytes, self.budget)
+        if manifest is not None:
+            self._set_snapshot(manifest)
+        return self.version
+
+    def vacuum(self, retain_versions: int = 1, older_than: Any = None,
+               grace_seconds: float = 3600.0) -> dict[str, list[Any]]:
+        """Remove old versions and unreferenced files (see :func:`embtools.storage.manifest.vacuum`).
+
+        Keeps the newest ``retain_versions`` versions; data files that no kept version references are
+        removed once older than ``grace_seconds`` (so a concurrent writer's files survive until it
+        commits). Readers of removed versions can no longer read them.
+        """
+        self._writable()
+        if self._mem is not None:
+            return {"versions": [], "files": []}
+        from embtools.storage.manifest import vacuum
+
+        assert self.path is not None
+        return vacuum(self.path, retain_versions, older_than, grace_seconds)
+
+    def save_to_disk(self, directory: str | os.PathLike[str]) -> int:
+        """Write the open version as a store at ``directory`` (a new version there); returns it."""
+        from embtools.storage.writer import save_source
+
+        target = os.path.abspath(os.fspath(directory))
+        if self.path is not None and os.path.samefile(self.path, target) if (
+                self.path is not None and os.path.exists(target)) else False:
+            raise InvalidArgumentError("save_to_disk: target is this store's own directory")
+        dst = EmbeddingStore(target, backend=self.backend.name, device=self.backend.device)
+        assert dst.path is not None
+        manifest = save_source(dst.path, dst._snap.manifest, self.source, self.properties,
+                               self.budget, self.target_file_bytes)
+        return int(manifest.version)
+
+    # -- reads ----------------------------------------------------------------------------------
+    def metadata(self) -> Any:
+        """polars LazyFrame of row_id, text_id, label and the metadata columns, in row order."""
+        return self.source.metadata()
+
+    def get_embeddings(self, dimension: int, where: Any = None) -> Any:
+        """All (or the ``where``-selected) rows of ``dimension`` as one backend array, in row order.
+
+        Raises MemoryLimitError when the result would pass ``max_memory_gb``.
+        """
+        src = self.source
+        stored = src.resolve(dimension)
+        dim = int(dimension)
+        if self._mem is not None and where is None and stored == dim:
+            return self.backend.from_numpy(self._mem.arrays[dim])
+        positions = None if where is None else src.select(where)
+        n = src.num_rows if positions is None else int(positions.size)
+        nbytes = n * dim * 4
+        key = f"get_embeddings/{id(self)}"
+        self.budget.check(nbytes, f"get_embeddings({dim}) of {n} rows", _HINT)
+        out = np.empty((n, dim), dtype=np.float32)
+        with self.budget.holding(key, nbytes, f"get_embeddings({dim})", _HINT):
+            pos = 0
+            rows = max(1, min(max(n, 1), 65_536))
+            for _, block in src.iter_vectors(dim, positions, batch_rows=rows):
+                out[pos:pos + len(block)] = block
+                pos += len(block)
+        return self.backend.from_numpy(out)
+
+    def iter_batches(self, dimension: int, where: Any = None, batch_rows: int | None = None
+                     ) -> Iterator[tuple[Any, Any]]:
+        """Yield ``(polars metadata DataFrame, backend array)`` batches in row order.
+
+        The batch size comes from the memory cap; a ``batch_rows`` that does not fit raises
+        MemoryLimitError before anything is read.
+        """
+        src = self.source
+        src.resolve(dimension)
+        dim = int(dimension)
+        if batch_rows is not None:
+            if isinstance(batch_rows, bool) or not isinstance(batch_rows, (int, np.integer)) or batch_rows < 1:
+                raise InvalidArgumentError(f"batch_rows must be an int >= 1, got {batch_rows!r}")
+            self.budget.check(int(batch_rows) * dim * 4, f"a batch of {batch_rows} rows of dimension {dim}",
+                              "pass a smaller batch_rows")
+            rows = int(batch_rows)
+        else:
+            rows = src.default_batch_rows(dim)
+        positions = None if where is None else src.select(where)
+        return self._batches(src, dim, positions, rows)
+
+    def _batches(self, src: Any, dim: int, positions: Any, rows: int) -> Iterator[tuple[Any, Any]]:
+        key = f"iter_batches/{id(self)}/{id(positions)}"
+        with self.budget.holding(key, rows * dim * 4, f"iter_batches({dim})"):
+            for pos, block in src.iter_vectors(dim, positions, batch_rows=rows):
+                meta = src.take_metadata(pos, [c for c in src.schema.names
+                                               if c not in ("row_id", "text_id", "label")])
+                yield meta, self.backend.from_numpy(block)
+
+    def slice_to_dimension(self, source_dim: int, target_dim: int, normalize: bool = True) -> Any:
+        """The first ``target_dim`` values of dimension ``source_dim`` (re-normalised by default)."""
+        src = self.source
+        src.resolve(source_dim)
+        if isinstance(target_dim, bool) or not isinstance(target_dim, (int, np.integer)) or not (
+                1 <= target_dim <= source_dim):
+            raise DimensionMismatchError(
+                f"target_dim must be between 1 and source_dim={source_dim}, got {target_dim!r}")
+        x = self.get_embeddings(int(target_dim))
+        return self.backend.normalize(x) if normalize else x
+
+    # -- memory ---------------------------------------------------------------------------------
+    def get_memory_info(self) -> dict[str, Any]:
+        """Embedding bytes per dimension (stored and held in memory), what is held, and the cap."""
+        src = self.source
+        held = self.budget.held()
+        dims: dict[int, dict[str, Any]] = {}
+        for d in src.dimensions:
+            held_d = sum(v for k, v in held.items() if k == f"store/emb_{d}")
+            dims[d] = {"rows": src.num_rows, "shape": (src.num_rows, d),
+                       "bytes": src.num_rows * d * 4, "held_bytes": held_d,
+                       "memory_mb": held_d / 1024**2}
+        total = self.budget.held_bytes
+        cap = self.budget.cap_bytes
+        return {
+            "dimensions": dims,
+            "in_memory": self._mem is not None,
+            "held": held,
+            "held_bytes": total,
+            "stored_bytes": sum(v["bytes"] for v in dims.values()),
+            "total_memory_gb": total / GB,
+            "max_memory_gb": self.max_memory_gb,
+            "cap_bytes": cap,
+            "usage_percent": None if cap is None else 100.0 * total / cap,
+        }
+
+    def get_total_memory_usage(self) -> float:
+        """Embedding memory held now, in GB (the in-memory store's arrays, batches in flight)."""
+        return self.budget.held_bytes / GB
+
+    # -- delegates ------------------------------------------------------------------------------
+    def search(self, queries: Any, k: int = 10, **kwargs: Any) -> Any:
+        """Exact top-k search (see :func:`embtools.search.search_store`)."""
+        from embtools.search import search_store
+
+        return search_store(self, queries, k, **kwargs)
+
+    def compute_similarity(self, query: Any, dimension: int, top_k: int | None = None) -> Any:
+        """The seed's ``(similarities, indices)`` search (see :func:`embtools.search.compute_similarity`)."""
+        from embtools.search import compute_similarity
+
+        return compute_similarity(self, query, dimension, top_k)
+
+    def add_texts(self, texts: Any, text_ids: Any = None, labels: Any = None, metadata: Any = None,
+                  model: Any = None, **kwargs: Any) -> Any:
+        """Embed ``texts`` and add them (see :func:`embtools.embed.add_texts`)."""
+        from embtools.embed import add_texts
+
+        return add_texts(self, texts, text_ids=text_ids, labels=labels, metadata=metadata,
+                         model=model, **kwargs)
+
+    def close(self) -> None:
+        """Close open data files."""
+        if self._snap is not None:
+            self._snap.close()
+
+    def __enter__(self) -> EmbeddingStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _check_properties(properties: Mapping[str, Any] | None) -> dict[str, Any]:
+    if properties is None:
+        return {}
+    if not isinstance(properties, Mapping) or not all(isinstance(k, str) for k in properties):
+        raise InvalidArgumentError("properties must be a dict with string keys")
+    try:
+        return dict(json.loads(json.dumps(dict(properties), allow_nan=False)))
+    except (TypeError, ValueError) as exc:
+        raise InvalidArgumentError(f"properties must be JSON-serialisable: {exc}") from None
+
