@@ -1,0 +1,336 @@
+"""Batch similarity jobs: every row of one store against another, written to Parquet in chunks.
+
+``similarity_join(left, right, k, out=dir)`` cuts the (filtered) rows of ``left`` into query chunks
+of ``chunk_rows``; each chunk is searched exactly against ``right`` with the streaming engine (under
+``right``'s memory cap) and written as ``dir/part-000123.parquet`` with columns ``left_text_id,
+right_text_id, rank, score, left_row_id, right_row_id``. A part file is written to a temporary name,
+fsynced and renamed, then recorded in ``dir/_progress.json`` (replaced atomically), so a job that is
+killed can be re-run with the same arguments and recomputes only the chunks that were not recorded.
+``dir/_job.json`` holds the parameter hash that a re-run must match.
+
+Read the result with ``pl.scan_parquet(f"{dir}/*.parquet")``.
+
+Examples
+--------
+>>> import numpy as np, polars as pl, tempfile, embtools as et
+>>> store = et.EmbeddingStore(None, backend="numpy")
+>>> _ = store.add_embeddings(np.array([[1, 0], [1, 0.01], [0, 1]], np.float32), dimension=2,
+...                          text_ids=["a", "a2", "b"])
+>>> out = similarity_join(store, store, 1, out=tempfile.mkdtemp() + "/nn", exclude_self=True)
+>>> pl.read_parquet(f"{out}/*.parquet")["right_text_id"].to_list()
+['a2', 'a', 'a2']
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from embtools.errors import InvalidArgumentError
+from embtools.search.api import is_store
+from embtools.search.engine import check_k, check_metric, stream_top_k
+from embtools.search.filters import select_positions, where_key
+
+__all__ = ["JOB_FILE", "PROGRESS_FILE", "similarity_join"]
+
+JOB_FILE = "_job.json"
+PROGRESS_FILE = "_progress.json"
+_PART = re.compile(r"^part-(\d{6,})\.parquet$")
+#: Default number of left rows per chunk (one pass over ``right`` each), before the memory cap.
+DEFAULT_CHUNK_ROWS = 4096
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write JSON atomically: temporary file, fsync, rename, fsync the directory."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        return data if isinstance(data, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def _identity(store: Any) -> dict[str, Any]:
+    """What identifies a store's data for the parameter hash."""
+    path = getattr(store, "path", None)
+    ident: dict[str, Any] = {
+        "path": None if path is None else str(Path(path).resolve()),
+        "version": getattr(store, "version", None),
+        "num_rows": int(store.source.num_rows),
+    }
+    if path is None:  # an in-memory store: only resumable within this process
+        ident["object"] = id(store.source)
+    return ident
+
+
+def _param_hash(params: dict[str, Any]) -> str:
+    from embtools.config import compute_param_hash
+
+    return compute_param_hash(**params)
+
+
+def _same_data(left: Any, right: Any) -> bool:
+    if left is right or left.source is right.source:
+        return True
+    lp, rp = getattr(left, "path", None), getattr(right, "path", None)
+    return (
+        lp is not None
+        and rp is not None
+        and Path(lp).resolve() == Path(rp).resolve()
+        and getattr(left, "version", None) == getattr(right, "version", None)
+    )
+
+
+def _join_dimension(left: Any, right: Any, dimension: Any) -> int:
+    from embtools.search.api import search_dimension
+
+    lmax = max([int(d) for d in left.source.dimensions] or [0])
+    if dimension is None:
+        common = [int(d) for d in right.source.dimensions if int(d) <= lmax]
+        if not common:
+            from embtools.errors import DimensionMismatchError
+
+            raise DimensionMismatchError(
+                f"no dimension is served by both stores (left {left.source.dimensions}, "
+                f"right {right.source.dimensions}); pass dimension="
+            )
+        dimension = max(common)
+    dim = search_dimension(right.source, dimension, None)
+    search_dimension(left.source, dim, None)
+    return dim
+
+
+@contextmanager
+def _progress_bar(enabled: bool, total: int, done: int) -> Iterator[Any]:
+    if not enabled:
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    with Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        transient=False,
+    ) as bar:
+        task = bar.add_task("similarity join (chunks)", total=total, completed=done)
+        yield lambda: bar.advance(task)
+
+
+def _prepare_out(out: Path, job: dict[str, Any], overwrite: bool) -> set[int]:
+    """Create or check ``out``; return the chunks already completed by the same job."""
+    out.mkdir(parents=True, exist_ok=True)
+    existing = _read_json(out / JOB_FILE)
+    parts = {int(m.group(1)): p for p in out.iterdir() if (m := _PART.match(p.name))}
+    for p in out.iterdir():
+        if p.name.startswith(".") and p.name.endswith(".tmp"):
+            p.unlink()
+    if existing is not None and existing.get("param_hash") == job["param_hash"] and not overwrite:
+        progress = _read_json(out / PROGRESS_FILE) or {}
+        recorded = {int(c) for c in progress.get("completed", [])}
+        return {c for c in recorded if c in parts}
+    if existing is None and parts and not overwrite:
+        raise InvalidArgumentError(f"{out} holds part files of an unknown job; pass overwrite=True")
+    if existing is not None and not overwrite:
+        raise InvalidArgumentError(
+            f"{out} holds the results of a different similarity join (other arguments or data); "
+            "pass overwrite=True to replace them, or choose another out="
+        )
+    for p in parts.values():
+        p.unlink()
+    (out / PROGRESS_FILE).unlink(missing_ok=True)
+    _write_json(out / JOB_FILE, job)
+    return set()
+
+
+def _drop_self(
+    scores: np.ndarray, found: np.ndarray, own: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Flattened (query index, rank, keep mask) after dropping each query's own position."""
+    keep = found != own[:, None]
+    rank = np.cumsum(keep, axis=1) - 1
+    keep &= rank < k
+    rows, cols = np.nonzero(keep)
+    return rows, rank[rows, cols], cols
+
+
+def similarity_join(
+    left: Any,
+    right: Any,
+    k: int,
+    out: str | os.PathLike[str],
+    *,
+    dimension: int | None = None,
+    where: Any = None,
+    left_where: Any = None,
+    exclude_self: bool = False,
+    metric: str = "cosine",
+    batch_rows: int | None = None,
+    chunk_rows: int | None = None,
+    progress: bool | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Top-``k`` rows of ``right`` for every row of ``left``, written to the Parquet dataset ``out``.
+
+    ``where`` filters ``right`` (the rows searched), ``left_where`` the query rows. With
+    ``exclude_self=True`` on a self-join (the same store, or the same directory and version) each
+    row's own match is dropped and ``k`` other neighbours are still returned: a k-NN graph or a
+    near-duplicate finder. ``progress`` shows a rich progress bar (default: when stderr is a
+    terminal). Re-running with the same arguments resumes an interrupted job; other arguments on
+    the same ``out`` raise InvalidArgumentError unless ``overwrite=True``. Returns ``Path(out)``.
+    """
+    if not is_store(left) or not is_store(right):
+        raise InvalidArgumentError("similarity_join takes two EmbeddingStores (left, right)")
+    k = check_k(k)
+    metric = check_metric(metric)
+    if out is None:
+        raise InvalidArgumentError("similarity_join needs out= (a directory for the Parquet parts)")
+    out_path = Path(out)
+    if out_path.exists() and not out_path.is_dir():
+        raise InvalidArgumentError(f"out={out_path} exists and is not a directory")
+    if exclude_self and not _same_data(left, right):
+        raise InvalidArgumentError("exclude_self=True needs a self-join (right is the same store as left)")
+    dim = _join_dimension(left, right, dimension)
+    left_pos = select_positions(left.source, left_where)
+    right_pos = select_positions(right.source, where)
+    n_left = left.source.num_rows if left_pos is None else len(left_pos)
+    if chunk_rows is None:
+        avail = right.budget.available_bytes
+        per_query = dim * 4 * 2 + (k + 1) * 12 * 3
+        chunk = DEFAULT_CHUNK_ROWS if avail is None else max(1, min(DEFAULT_CHUNK_ROWS, avail // 4 // per_query))
+    else:
+        chunk = check_k(chunk_rows, "chunk_rows")
+    n_chunks = -(-n_left // chunk)
+    job = {
+        "kind": "similarity_join",
+        "left": _identity(left),
+        "right": _identity(right),
+        "k": k,
+        "dimension": dim,
+        "metric": metric,
+        "where": where_key(where),
+        "left_where": where_key(left_where),
+        "exclude_self": bool(exclude_self),
+        "chunk_rows": chunk,
+        "chunks": n_chunks,
+    }
+    job["param_hash"] = _param_hash(job)
+    done = _prepare_out(out_path, job, overwrite)
+    show = sys.stderr.isatty() if progress is None else bool(progress)
+    completed = sorted(done)
+    with _progress_bar(show, n_chunks, len(done)) as tick:
+        for c in range(n_chunks):
+            if c in done:
+                continue
+            lo, hi = c * chunk, min((c + 1) * chunk, n_left)
+            pos = np.arange(lo, hi, dtype=np.int64) if left_pos is None else left_pos[lo:hi]
+            table = _join_chunk(left, right, pos, dim, k, metric, right_pos, exclude_self, batch_rows)
+            _write_part(out_path, c, table)
+            completed.append(c)
+            _write_json(out_path / PROGRESS_FILE, {"param_hash": job["param_hash"], "completed": completed})
+            if tick is not None:
+                tick()
+    _write_json(out_path / JOB_FILE, {**job, "complete": True})
+    return out_path
+
+
+def _join_chunk(
+    left: Any,
+    right: Any,
+    pos: np.ndarray,
+    dim: int,
+    k: int,
+    metric: str,
+    right_pos: np.ndarray | None,
+    exclude_self: bool,
+    batch_rows: int | None,
+) -> pa.Table:
+    """Search one chunk of left rows against right; the part file's table."""
+    budget = right.budget
+    key = f"join/left/{id(pos)}"
+    with budget.holding(key, len(pos) * dim * 4, "a chunk of join queries", "raise max_memory_gb or lower chunk_rows"):
+        queries = np.empty((len(pos), dim), np.float32)
+        filled = 0
+        for p, v in left.source.iter_vectors(dim, positions=pos):
+            queries[filled : filled + len(p)] = v
+            filled += len(p)
+        if filled != len(pos):
+            raise RuntimeError(f"the left source yielded {filled} of {len(pos)} rows")
+        kk = k + 1 if exclude_self else k
+        scores, found = stream_top_k(
+            right.source, right.backend, budget, queries, dim, kk, metric, right_pos, batch_rows
+        )
+    if exclude_self:
+        rows, rank, cols = _drop_self(scores, found, pos, k)
+    else:
+        nq, width = found.shape
+        rows = np.repeat(np.arange(nq), width)
+        cols = np.tile(np.arange(width), nq)
+        rank = cols
+    hit = found[rows, cols]
+    lmeta = left.source.take_metadata(pos, None)
+    uniq, inv = np.unique(hit, return_inverse=True)
+    rmeta = right.source.take_metadata(uniq, None)
+    l_text = lmeta["text_id"].to_arrow().take(pa.array(rows))
+    r_text = rmeta["text_id"].to_arrow().take(pa.array(inv.reshape(-1)))
+    l_row = lmeta["row_id"].to_numpy()[rows]
+    r_row = rmeta["row_id"].to_numpy()[inv.reshape(-1)]
+    return pa.table(
+        {
+            "left_text_id": l_text,
+            "right_text_id": r_text,
+            "rank": pa.array(np.asarray(rank, dtype=np.int32)),
+            "score": pa.array(scores[rows, cols].astype(np.float32)),
+            "left_row_id": pa.array(np.asarray(l_row, dtype=np.int64)),
+            "right_row_id": pa.array(np.asarray(r_row, dtype=np.int64)),
+        }
+    )
+
+
+def _write_part(out: Path, chunk: int, table: pa.Table) -> None:
+    """Write ``part-<chunk>.parquet`` atomically (temporary name, fsync, rename)."""
+    final = out / f"part-{chunk:06d}.parquet"
+    tmp = out / f".{final.name}.tmp"
+    with open(tmp, "wb") as f:
+        pq.write_table(table, f, compression="zstd")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, final)
+    _fsync_dir(out)
+
