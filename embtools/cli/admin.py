@@ -1,0 +1,167 @@
+"""Store administration commands: ``info``, ``delete``, ``compact``, ``vacuum``, ``hash``, ``validate``.
+
+Examples
+--------
+>>> [c.name for c in COMMANDS]
+['info', 'delete', 'compact', 'vacuum', 'hash', 'validate']
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from embtools.cli.common import open_store, out_console
+from embtools.errors import InvalidArgumentError
+
+__all__ = ["COMMANDS", "load_config_file", "store_summary"]
+
+
+def _file_path(store_path: Path, name: Any) -> Path:
+    p = Path(os.fspath(name))
+    return p if p.is_absolute() else store_path / p
+
+
+def store_summary(store: Any, path: str) -> dict[str, Any]:
+    """What ``embtools info`` reports, as a JSON-ready dict."""
+    from embtools.config import compute_config_hash
+
+    files = [str(f) for f in store.files()]
+    sizes = [_file_path(Path(path), f).stat().st_size for f in files]
+    schema = store.metadata().collect_schema()
+    props = dict(store.properties or {})
+    return {
+        "path": str(path),
+        "version": int(store.version),
+        "versions": [int(v) for v in store.versions()],
+        "rows": int(store.num_rows),
+        "dimensions": [int(d) for d in store.dimensions],
+        "files": len(files),
+        "bytes": int(sum(sizes)),
+        "schema": {name: str(dtype) for name, dtype in schema.items()},
+        "properties": props,
+        "embedding_model": (props.get("embedding_model") or {}).get("name"),
+        "config_hash": compute_config_hash(
+            {"dimensions": [int(d) for d in store.dimensions], "properties": props}
+        ),
+    }
+
+
+@click.command()
+@click.argument("store", type=click.Path())
+@click.option(
+    "--version", "version", type=int, default=None, help="Show this version (default: latest)."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def info(store: str, version: int | None, as_json: bool) -> None:
+    """Show a store's versions, rows, dimensions, files and bytes, schema and config hash."""
+    from rich.table import Table
+
+    from embtools.memory import format_bytes
+
+    summary = store_summary(open_store(store, version=version), store)
+    if as_json:
+        click.echo(json.dumps(summary, indent=2, default=str))
+        return
+    table = Table(title=f"embtools store {store}", show_header=False)
+    table.add_row("version", f"{summary['version']} (of {len(summary['versions'])} versions)")
+    table.add_row("rows", f"{summary['rows']:,}")
+    table.add_row("dimensions", ", ".join(map(str, summary["dimensions"])) or "-")
+    table.add_row("files", f"{summary['files']} ({format_bytes(summary['bytes'])})")
+    table.add_row("schema", ", ".join(f"{k}: {v}" for k, v in summary["schema"].items()))
+    table.add_row(
+        "embedding model", str(summary["embedding_model"] or "- (vectors added directly)")
+    )
+    table.add_row("config hash", summary["config_hash"])
+    out_console().print(table)
+
+
+@click.command()
+@click.argument("store", type=click.Path())
+@click.option(
+    "--where", required=True, help="SQL predicate on the metadata, e.g. \"label = 'spam'\"."
+)
+def delete(store: str, where: str) -> None:
+    """Delete the rows matching --where (a new version; vacuum reclaims the space)."""
+    from embtools.search.filters import to_expression
+
+    s = open_store(store)
+    expr = to_expression(where)
+    before = s.num_rows
+    version = s.delete(expr)
+    after = open_store(store).num_rows
+    click.echo(f"deleted {before - after:,} rows ({after:,} left); version {version}")
+
+
+@click.command()
+@click.argument("store", type=click.Path())
+def compact(store: str) -> None:
+    """Rewrite the store's data files into fewer, larger ones (a new version)."""
+    s = open_store(store)
+    before = len(s.files())
+    version = s.compact()
+    after = len(open_store(store).files())
+    click.echo(f"compacted {before} files into {after}; version {version}")
+
+
+@click.command()
+@click.argument("store", type=click.Path())
+def vacuum(store: str) -> None:
+    """Delete files that no version needs any more (unfinished writes, old versions' files)."""
+    s = open_store(store)
+    result = s.vacuum()
+    click.echo(f"vacuum done: {result}" if result is not None else "vacuum done")
+
+
+def load_config_file(path: Path) -> Any:
+    """Parse a JSON or TOML configuration file (TOML needs Python 3.11+ or ``tomli``)."""
+    suffix = path.suffix.lower()
+    if suffix == ".json":
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise InvalidArgumentError(f"{path} is not valid JSON: {err}") from None
+    if suffix == ".toml":
+        if sys.version_info >= (3, 11):
+            import tomllib
+        else:  # pragma: no cover - Python 3.10
+            try:
+                import tomli as tomllib
+            except ImportError:
+                raise InvalidArgumentError(
+                    "reading TOML needs Python 3.11+ or the tomli package (pip install tomli)"
+                ) from None
+        try:
+            return tomllib.loads(path.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as err:
+            raise InvalidArgumentError(f"{path} is not valid TOML: {err}") from None
+    raise InvalidArgumentError(f"{path}: expected a .json or .toml file")
+
+
+@click.command(name="hash")
+@click.argument("config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+def hash_command(config: Path) -> None:
+    """Print the 16-hex-digit config hash of a JSON or TOML configuration file."""
+    from embtools.config import compute_config_hash
+
+    try:
+        value = compute_config_hash(load_config_file(config))
+    except TypeError as err:
+        raise InvalidArgumentError(str(err)) from None
+    click.echo(value)
+
+
+@click.command()
+def validate() -> None:
+    """Check the installation: imports, each backend, a store round trip, config hashing."""
+    from embtools.validate import main as validate_main
+
+    raise SystemExit(validate_main([]))
+
+
+COMMANDS = [info, delete, compact, vacuum, hash_command, validate]

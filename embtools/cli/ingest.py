@@ -1,0 +1,292 @@
+"""``embtools ingest STORE FILE``: add rows from Parquet, CSV or JSONL, resumably.
+
+Rows come with precomputed vectors (``--vector-column``) or texts embedded with ``--model``
+(``--text-column``). Rows are committed in chunks (``--commit-rows``); rows whose text id is already
+in the store are skipped, so re-running after an interruption finishes the job with every row once.
+
+Examples
+--------
+>>> read_table_file  # doctest: +ELLIPSIS
+<function read_table_file at ...>
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+
+from embtools.cli.common import err_console, open_store, parse_int_list, split_names
+from embtools.errors import (
+    DuplicateTextIdError,
+    InvalidArgumentError,
+    InvalidEmbeddingsError,
+)
+
+__all__ = ["COMMANDS", "prefixes", "read_table_file", "vectors_from_column"]
+
+_FORMATS = {
+    ".parquet": "parquet",
+    ".pq": "parquet",
+    ".csv": "csv",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+}
+
+
+def read_table_file(path: Path, fmt: str = "auto") -> Any:
+    """Read a Parquet, CSV or JSONL file into a polars DataFrame (format from the suffix by default)."""
+    import polars as pl
+
+    kind = _FORMATS.get(path.suffix.lower()) if fmt == "auto" else fmt
+    if kind is None:
+        raise InvalidArgumentError(
+            f"cannot tell the format of {path} from its suffix; pass --format parquet|csv|jsonl"
+        )
+    if kind == "parquet":
+        return pl.read_parquet(path)
+    if kind == "csv":
+        return pl.read_csv(path)
+    return pl.read_ndjson(path)
+
+
+def _check_columns(df: Any, names: list[str], path: Path) -> None:
+    for name in names:
+        if name not in df.columns:
+            raise InvalidArgumentError(
+                f"column {name!r} is not in {path.name} (its columns: {', '.join(df.columns)})"
+            )
+
+
+def vectors_from_column(series: Any) -> np.ndarray:
+    """A polars list/array column of numbers as a float32 ``(n, d)`` array (errors if ragged)."""
+    import polars as pl
+
+    if series.null_count():
+        raise InvalidEmbeddingsError(
+            f"vector column {series.name!r} has {series.null_count()} null rows"
+        )
+    if isinstance(series.dtype, pl.Array):
+        width = series.dtype.size
+    elif isinstance(series.dtype, pl.List):
+        lengths = series.list.len()
+        width = int(lengths.min() or 0)
+        if width != int(lengths.max() or 0):
+            raise InvalidEmbeddingsError(
+                f"vector column {series.name!r} is ragged (lengths {width}..{lengths.max()})"
+            )
+    else:
+        raise InvalidEmbeddingsError(
+            f"vector column {series.name!r} has type {series.dtype}, not a list of numbers"
+        )
+    if width == 0:
+        raise InvalidEmbeddingsError(f"vector column {series.name!r} holds empty vectors")
+    flat = series.cast(pl.Array(pl.Float32, width)).to_numpy()
+    return np.ascontiguousarray(flat, dtype=np.float32).reshape(len(series), width)
+
+
+def prefixes(vectors: np.ndarray, dims: list[int] | None) -> dict[int, np.ndarray]:
+    """``{d: vectors[:, :d]}`` for each Matryoshka dim (the full width when ``dims`` is None)."""
+    width = vectors.shape[1]
+    wanted = dims or [width]
+    for d in wanted:
+        if d > width:
+            raise InvalidArgumentError(f"--dims {d} is larger than the vectors' dimension {width}")
+    return {d: np.ascontiguousarray(vectors[:, :d]) for d in sorted(set(wanted))}
+
+
+def _existing_ids(store: Any) -> set[str]:
+    if not store.num_rows:
+        return set()
+    ids = store.metadata().select("text_id").collect()["text_id"]
+    return set(ids.to_list())
+
+
+def _progress(total: int) -> Any:
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        ProgressColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+    from rich.text import Text
+
+    class RateColumn(ProgressColumn):
+        def render(self, task: Any) -> Text:
+            speed = task.finished_speed or task.speed
+            return Text("-- rows/s" if speed is None else f"{speed:,.0f} rows/s")
+
+    return Progress(
+        TextColumn("[bold]ingest"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        RateColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=err_console(),
+    )
+
+
+@click.command()
+@click.argument("store", type=click.Path(file_okay=False))
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["auto", "parquet", "csv", "jsonl"]),
+    default="auto",
+    show_default=True,
+    help="Input format (default: from the file's suffix).",
+)
+@click.option(
+    "--id-column", default=None, help="Column of unique text ids (default: the row number)."
+)
+@click.option("--label-column", default=None, help="Column of labels.")
+@click.option("--text-column", default=None, help="Column of texts to embed with --model.")
+@click.option(
+    "--vector-column", default=None, help="Column of precomputed vectors (lists of numbers)."
+)
+@click.option(
+    "--metadata-columns", default=None, help="Comma-separated columns to keep as metadata."
+)
+@click.option(
+    "--model",
+    default=None,
+    help="Embedding model for --text-column: a name or a local directory "
+    "(default: the store's recorded model, else all-MiniLM-L6-v2).",
+)
+@click.option(
+    "--dims", default=None, help="Matryoshka dims to store, e.g. 64,128,384 (default: full)."
+)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=64,
+    show_default=True,
+    help="Texts per model batch.",
+)
+@click.option("--device", default=None, help="Device for the model (cpu, cuda, mps).")
+@click.option(
+    "--commit-rows",
+    type=click.IntRange(min=1),
+    default=1000,
+    show_default=True,
+    help="Rows per commit; an interrupted ingest keeps every committed chunk.",
+)
+@click.option(
+    "--store-text/--no-store-text",
+    default=True,
+    show_default=True,
+    help="Keep --text-column as a 'text' metadata column (shown by search).",
+)
+@click.option(
+    "--cache-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Embedding cache directory (default: $EMBTOOLS_CACHE_DIR or ~/.cache/embtools).",
+)
+def ingest(
+    store: str,
+    file: Path,
+    fmt: str,
+    id_column: str | None,
+    label_column: str | None,
+    text_column: str | None,
+    vector_column: str | None,
+    metadata_columns: str | None,
+    model: str | None,
+    dims: str | None,
+    batch_size: int,
+    device: str | None,
+    commit_rows: int,
+    store_text: bool,
+    cache_dir: str | None,
+) -> None:
+    """Add the rows of FILE (Parquet, CSV or JSONL) to STORE, creating it if needed.
+
+    Give either --vector-column (precomputed vectors) or --text-column (texts embedded with
+    --model). Rows whose id is already in the store are skipped, so re-running an interrupted
+    ingest finishes it.
+    """
+    import polars as pl
+
+    from embtools.embed import add_texts
+
+    if (text_column is None) == (vector_column is None):
+        raise click.UsageError("give exactly one of --text-column and --vector-column")
+    if model is not None and vector_column is not None:
+        raise click.UsageError("--model applies to --text-column, not to --vector-column")
+    dim_list = parse_int_list(dims, "--dims")
+    meta_cols = split_names(metadata_columns)
+    df = read_table_file(file, fmt)
+    named = [c for c in (id_column, label_column, text_column, vector_column) if c] + meta_cols
+    _check_columns(df, named, file)
+    ids = (
+        df[id_column].cast(pl.String)
+        if id_column
+        else pl.Series(np.arange(len(df))).cast(pl.String)
+    )
+    if ids.null_count():
+        raise InvalidArgumentError(f"id column {id_column!r} has {ids.null_count()} null values")
+    if ids.n_unique() != len(ids):
+        dup = ids.filter(ids.is_duplicated()).head(3).to_list()
+        raise DuplicateTextIdError(f"{file.name} repeats text ids, e.g. {dup}")
+    target = open_store(store, create=True)
+    existing = _existing_ids(target)
+    keep = ~ids.is_in(list(existing)) if existing else pl.Series([True] * len(df))
+    todo = df.filter(keep)
+    todo_ids = ids.filter(keep)
+    skipped = len(df) - len(todo)
+    console = err_console()
+    if skipped:
+        console.print(f"skipping {skipped:,} rows whose text id is already in {store}")
+    start = time.perf_counter()
+    version = target.version
+    with _progress(len(todo)) as bar:
+        task = bar.add_task("ingest", total=len(todo))
+        for lo in range(0, len(todo), commit_rows):
+            chunk = todo.slice(lo, commit_rows)
+            chunk_ids = todo_ids.slice(lo, commit_rows).to_list()
+            labels = chunk[label_column].cast(pl.String).to_list() if label_column else None
+            metadata = {c: chunk[c].to_list() for c in meta_cols if c != text_column}
+            if text_column is not None:
+                texts = chunk[text_column].cast(pl.String).fill_null("").to_list()
+                if store_text:
+                    metadata["text"] = texts
+                version = add_texts(
+                    target,
+                    texts,
+                    text_ids=chunk_ids,
+                    labels=labels,
+                    metadata=metadata or None,
+                    model=model,
+                    dims=dim_list,
+                    batch_size=batch_size,
+                    device=device,
+                    cache_dir=cache_dir,
+                    progress=lambda n: bar.advance(task, n),
+                )
+            else:
+                vectors = vectors_from_column(chunk[vector_column])
+                version = target.add(
+                    prefixes(vectors, dim_list),
+                    text_ids=chunk_ids,
+                    labels=labels,
+                    metadata=metadata or None,
+                )
+                bar.advance(task, len(chunk))
+    elapsed = time.perf_counter() - start
+    rate = len(todo) / elapsed if elapsed > 0 else float("inf")
+    click.echo(
+        f"ingested {len(todo):,} rows ({skipped:,} already present) in {elapsed:.1f} s "
+        f"({rate:,.0f} rows/s); {store} is at version {version}"
+    )
+
+
+COMMANDS = [ingest]

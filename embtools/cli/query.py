@@ -1,0 +1,264 @@
+"""``embtools search`` (text or vector queries against a store) and ``embtools join`` (batch top-k).
+
+Examples
+--------
+>>> read_queries_file  # doctest: +ELLIPSIS
+<function read_queries_file at ...>
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+
+from embtools.cli.common import err_console, open_store, out_console, parse_funnel_option
+from embtools.errors import InvalidArgumentError
+
+__all__ = ["COMMANDS", "read_queries_file", "write_results"]
+
+
+def read_queries_file(path: Path) -> list[str] | np.ndarray:
+    """Queries from a file: ``.npy`` -> a float array of vectors; anything else -> one text per line."""
+    if path.suffix.lower() == ".npy":
+        try:
+            arr = np.load(path, allow_pickle=False)
+        except ValueError as err:
+            raise InvalidArgumentError(f"{path} is not a numeric .npy array: {err}") from None
+        return np.atleast_2d(arr)
+    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    texts = [line for line in lines if line]
+    if not texts:
+        raise InvalidArgumentError(f"{path} holds no queries (one query per line)")
+    return texts
+
+
+def write_results(df: Any, out: Path | None, fmt: str) -> None:
+    """Write ``df`` to ``out`` (format from its suffix: .parquet, .csv, .json) or print it as ``fmt``."""
+    if out is not None:
+        suffix = out.suffix.lower()
+        if suffix == ".csv":
+            df.write_csv(out)
+        elif suffix == ".json":
+            df.write_json(out)
+        else:
+            df.write_parquet(out)
+        err_console().print(f"wrote {df.height:,} rows to {out}")
+        return
+    if fmt == "json":
+        click.echo(df.write_json())
+    elif fmt == "csv":
+        click.echo(df.write_csv(), nl=False)
+    else:
+        _print_table(df)
+
+
+def _print_table(df: Any) -> None:
+    from rich.table import Table
+
+    table = Table(show_lines=False)
+    shown = [c for c in df.columns if c not in {"row_id"}]
+    for name in shown:
+        table.add_column(
+            name, overflow="fold", max_width=70 if name in {"text", "query_text"} else None
+        )
+    for row in df.select(shown).iter_rows():
+        table.add_row(*[f"{v:.4f}" if isinstance(v, float) else str(v) for v in row])
+    out_console().print(table)
+
+
+def _metadata_columns(store: Any) -> list[str]:
+    return list(store.metadata().collect_schema().names())
+
+
+@click.command()
+@click.argument("store", type=click.Path())
+@click.option("--query", "-q", "queries", multiple=True, help="A query text (repeatable).")
+@click.option(
+    "--queries",
+    "queries_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="A file of queries: one text per line, or a .npy array of vectors.",
+)
+@click.option("-k", "k", type=int, default=10, show_default=True, help="Neighbours per query.")
+@click.option(
+    "--dim", type=int, default=None, help="Dimension to search (default: the largest stored)."
+)
+@click.option(
+    "--metric", type=click.Choice(["cosine", "dot", "l2"]), default="cosine", show_default=True
+)
+@click.option(
+    "--where",
+    default=None,
+    help="SQL predicate on metadata, e.g. \"label = 'json' AND n_words > 5\".",
+)
+@click.option(
+    "--funnel", default=None, help="Matryoshka funnel DIM:SHORTLIST pairs, e.g. 64:400,128:100."
+)
+@click.option(
+    "--backend", default=None, help="Compute backend: numpy, torch or mlx (default: auto)."
+)
+@click.option("--device", default=None, help="Device for the backend: cpu, cuda, cuda:1, mps, gpu.")
+@click.option(
+    "--max-memory-gb", type=float, default=None, help="Cap on embedding bytes held at once."
+)
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Write the results to a file (.parquet, .csv or .json) instead of printing them.",
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["table", "json", "csv"]),
+    default="table",
+    show_default=True,
+    help="How to print the results.",
+)
+def search(
+    store: str,
+    queries: tuple[str, ...],
+    queries_file: Path | None,
+    k: int,
+    dim: int | None,
+    metric: str,
+    where: str | None,
+    funnel: str | None,
+    backend: str | None,
+    device: str | None,
+    max_memory_gb: float | None,
+    out: Path | None,
+    fmt: str,
+) -> None:
+    """Exact top-k search of STORE for text queries (embedded with the store's model) or vectors."""
+    import polars as pl
+
+    from embtools.embed import embed_queries
+
+    if bool(queries) == (queries_file is not None):
+        raise click.UsageError(
+            "give --query TEXT (repeatable) or --queries FILE, not both or neither"
+        )
+    if k <= 0:
+        raise InvalidArgumentError(f"-k must be a positive integer, got {k}")
+    stages = parse_funnel_option(funnel)
+    s = open_store(store, backend=backend, device=device, max_memory_gb=max_memory_gb)
+    items: list[str] | np.ndarray = list(queries) if queries else read_queries_file(queries_file)  # type: ignore[arg-type]
+    texts: list[str] | None = None
+    start = time.perf_counter()
+    if isinstance(items, np.ndarray):
+        vectors = items
+    else:
+        texts = items
+        search_dim = dim if dim is not None else (max(s.dimensions) if s.dimensions else None)
+        vectors = embed_queries(s, texts, dimension=search_dim, device=device)
+    embedded = time.perf_counter()
+    columns = [c for c in ("text",) if c in _metadata_columns(s)]
+    df = s.search(
+        vectors,
+        k=k,
+        dimension=dim,
+        metric=metric,
+        where=where,
+        funnel=stages,
+        columns=columns or None,
+    )
+    done = time.perf_counter()
+    if texts is not None:
+        df = df.with_columns(
+            pl.col("query")
+            .replace_strict(list(range(len(texts))), texts, return_dtype=pl.String)
+            .alias("query_text")
+        )
+        df = df.select(
+            "query", "query_text", *[c for c in df.columns if c not in {"query", "query_text"}]
+        )
+    write_results(df, out, fmt)
+    if fmt == "table" or out is not None:
+        timing = f"search {1000 * (done - embedded):.1f} ms"
+        if texts is not None:
+            timing = f"embedding {1000 * (embedded - start):.1f} ms, " + timing
+        err_console().print(f"{len(vectors)} queries over {s.num_rows:,} rows: {timing}")
+
+
+@click.command()
+@click.argument("left", type=click.Path())
+@click.argument("right", type=click.Path())
+@click.option(
+    "--k", "-k", "k", type=int, default=10, show_default=True, help="Neighbours per left row."
+)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="Directory for the Parquet result parts (re-running resumes the job).",
+)
+@click.option("--exclude-self", is_flag=True, help="Self-join: drop each row's match with itself.")
+@click.option(
+    "--dim", type=int, default=None, help="Dimension to compare (default: the largest shared)."
+)
+@click.option(
+    "--metric", type=click.Choice(["cosine", "dot", "l2"]), default="cosine", show_default=True
+)
+@click.option("--where", default=None, help="SQL predicate selecting the RIGHT rows searched.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing result with other parameters.")
+@click.option(
+    "--max-memory-gb", type=float, default=None, help="Cap on embedding bytes held at once."
+)
+@click.option(
+    "--backend", default=None, help="Compute backend: numpy, torch or mlx (default: auto)."
+)
+@click.option("--device", default=None, help="Device for the backend.")
+def join(
+    left: str,
+    right: str,
+    k: int,
+    out: Path,
+    exclude_self: bool,
+    dim: int | None,
+    metric: str,
+    where: str | None,
+    overwrite: bool,
+    max_memory_gb: float | None,
+    backend: str | None,
+    device: str | None,
+) -> None:
+    """Top-k rows of RIGHT for every row of LEFT, written as Parquet under --out (resumable)."""
+    import polars as pl
+
+    from embtools.search import similarity_join
+
+    if k <= 0:
+        raise InvalidArgumentError(f"--k must be a positive integer, got {k}")
+    lstore = open_store(left, backend=backend, device=device, max_memory_gb=max_memory_gb)
+    same = Path(right).resolve() == Path(left).resolve()
+    rstore = (
+        lstore
+        if same
+        else open_store(right, backend=backend, device=device, max_memory_gb=max_memory_gb)
+    )
+    start = time.perf_counter()
+    path = similarity_join(
+        lstore,
+        rstore,
+        k,
+        out=out,
+        dimension=dim,
+        where=where,
+        exclude_self=exclude_self,
+        metric=metric,
+        overwrite=overwrite,
+        progress=sys.stderr.isatty(),
+    )
+    elapsed = time.perf_counter() - start
+    rows = pl.scan_parquet(str(Path(path) / "*.parquet")).select(pl.len()).collect().item()
+    click.echo(f"wrote {rows:,} pairs for {lstore.num_rows:,} rows to {path} in {elapsed:.1f} s")
+
+
+COMMANDS = [search, join]
