@@ -338,6 +338,15 @@ def test_release_drops_mapped_pages(tmp_path: Path) -> None:
         assert touched - before > 48 * 1024  # the touched pages were resident...
         assert touched - released > 48 * 1024  # ...and release gave them back
         np.testing.assert_array_equal(a, x)  # the view still reads right (pages fault back in)
+        f.release("emb_1024", 0)
+        base = _rss_file_kib()
+        float(a[:8192].sum())  # first half resident again
+        f.release("emb_1024", 0, 0, 4096)  # give back the first quarter only
+        quarter = _rss_file_kib()
+        assert 12 * 1024 < base + 32 * 1024 - quarter < 20 * 1024
+        with pytest.raises(InvalidArgumentError):
+            f.release("emb_1024", 0, 5, 20_000)
+        np.testing.assert_array_equal(a[:8192], x[:8192])
 
 
 # -- damage ---------------------------------------------------------------------------------------

@@ -255,15 +255,41 @@ class MappedParquetFile:
 
     def prefetch(self, column: str, row_group: int) -> None:
         """Ask the kernel to read this chunk's mapped pages ahead (``MADV_WILLNEED``)."""
-        self._advise(column, row_group, "MADV_WILLNEED")
+        spans = self._plan(column, row_group)
+        if spans:
+            lo = min(off for off, _ in spans)
+            hi = max(off + 4 * n for off, n in spans)
+            self._madvise("MADV_WILLNEED", lo - lo % mmap.PAGESIZE, hi)
 
-    def release(self, column: str, row_group: int) -> None:
+    def release(self, column: str, row_group: int, start: int | None = None,
+                stop: int | None = None) -> None:
         """Drop this chunk's mapped pages from the process (``MADV_DONTNEED``).
 
-        The file stays mapped: arrays returned earlier stay valid and fault the pages back in
-        (from the page cache) if they are read again. A no-op for pyarrow-decoded chunks.
+        With ``start``/``stop``, only the memory pages lying wholly inside rows ``start:stop`` of
+        the chunk are dropped, so a batch reader can give back each batch as it finishes. The file
+        stays mapped: arrays returned earlier stay valid and fault their pages back in (from the
+        page cache) if they are read again. A no-op for pyarrow-decoded chunks.
         """
-        self._advise(column, row_group, "MADV_DONTNEED")
+        spans = self._plan(column, row_group)
+        if not spans:
+            return
+        rows = self.row_group_rows[row_group]
+        a = 0 if start is None else start
+        b = rows if stop is None else stop
+        if not 0 <= a <= b <= rows:
+            raise InvalidArgumentError(f"{self.path}: rows {a}:{b} outside 0..{rows}")
+        lo = min(off for off, _ in spans)
+        hi = max(off + 4 * n for off, n in spans)
+        if (a, b) != (0, rows):
+            if len(spans) != 1:
+                return  # several pages: only the whole chunk is released
+            row_bytes = 4 * self._dim(column)
+            lo, hi = lo + a * row_bytes, lo + b * row_bytes
+            lo += -lo % mmap.PAGESIZE  # keep the pages shared with neighbouring rows
+            hi -= hi % mmap.PAGESIZE
+        else:
+            lo -= lo % mmap.PAGESIZE
+        self._madvise("MADV_DONTNEED", lo, hi)
 
     def close(self) -> None:
         """Close the file. Arrays already returned stay valid (the mapping lives until they go)."""
@@ -310,15 +336,9 @@ class MappedParquetFile:
                 f"0..{len(self.row_group_rows) - 1}"
             )
 
-    def _advise(self, column: str, row_group: int, option: str) -> None:
-        spans = self._plan(column, row_group)
+    def _madvise(self, option: str, lo: int, hi: int) -> None:
         advice = getattr(mmap, option, None)
-        if not spans or advice is None:
-            return
-        lo = min(off for off, _ in spans)
-        hi = max(off + 4 * n for off, n in spans)
-        lo -= lo % mmap.PAGESIZE
-        if hi > lo:
+        if advice is not None and hi > lo:
             self._map().madvise(advice, lo, hi - lo)
 
     def _plan(self, column: str, row_group: int) -> list[tuple[int, int]] | None:
