@@ -103,5 +103,6 @@ class MemoryState:
             self.budget.free(f"store/emb_{d}")
         self.meta, self.arrays, self._source = meta, arrays, None
         for d, a in arrays.items():
+            a.setflags(write=False)  # get_embeddings hands out these arrays without a copy
             self.budget.hold(f"store/emb_{d}", int(a.nbytes))
         assert meta.column(ROW_ID).null_count == 0
