@@ -157,6 +157,17 @@ def _hub_reachable(timeout: float = 3.0) -> str | None:
         return f"cannot reach {host}:{port} ({err})"
 
 
+def _quiet_transformers() -> None:
+    """Silence transformers' weight-loading progress bars (embtools shows its own progress)."""
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except Exception:  # an older or newer transformers without these helpers: keep its output
+        pass
+
+
 def _first_line(err: BaseException) -> str:
     lines = str(err).strip().splitlines()
     return f"{type(err).__name__}: {lines[0] if lines else ''}"
@@ -200,6 +211,7 @@ def load_model(spec: ModelSpec | str | None = None, device: str | None = None) -
     key = (spec.location, device)
     if key in _LOADED:
         return _LOADED[key]
+    _quiet_transformers()
     if spec.source in {"packaged", "local"}:
         global _OFFLINE_SET_BY_US
         if "HF_HUB_OFFLINE" not in os.environ:

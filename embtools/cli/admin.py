@@ -29,8 +29,6 @@ def _file_path(store_path: Path, name: Any) -> Path:
 
 def store_summary(store: Any, path: str) -> dict[str, Any]:
     """What ``embtools info`` reports, as a JSON-ready dict."""
-    from embtools.config import compute_config_hash
-
     files = [str(f) for f in store.files()]
     sizes = [_file_path(Path(path), f).stat().st_size for f in files]
     schema = store.metadata().collect_schema()
@@ -46,9 +44,7 @@ def store_summary(store: Any, path: str) -> dict[str, Any]:
         "schema": {name: str(dtype) for name, dtype in schema.items()},
         "properties": props,
         "embedding_model": (props.get("embedding_model") or {}).get("name"),
-        "config_hash": compute_config_hash(
-            {"dimensions": [int(d) for d in store.dimensions], "properties": props}
-        ),
+        "config_hash": str(store.config_hash),
     }
 
 
@@ -115,7 +111,8 @@ def vacuum(store: str) -> None:
     """Delete files that no version needs any more (unfinished writes, old versions' files)."""
     s = open_store(store)
     result = s.vacuum()
-    click.echo(f"vacuum done: {result}" if result is not None else "vacuum done")
+    versions, files = len(result.get("versions", [])), len(result.get("files", []))
+    click.echo(f"removed {versions} old versions and {files} unreferenced files; version {s.version}")
 
 
 def load_config_file(path: Path) -> Any:
