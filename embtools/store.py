@@ -303,9 +303,11 @@ class EmbeddingStore:
         commits). Readers of removed versions can no longer read them.
         """
         self._writable()
+        from embtools.storage.manifest import check_vacuum_args, vacuum
+
+        check_vacuum_args(retain_versions, older_than, grace_seconds)
         if self._mem is not None:
             return {"versions": [], "files": []}
-        from embtools.storage.manifest import vacuum
 
         assert self.path is not None
         return vacuum(self.path, retain_versions, older_than, grace_seconds)

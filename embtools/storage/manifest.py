@@ -54,7 +54,9 @@ __all__ = [
     "VERSIONS_DIR",
     "FileEntry",
     "Manifest",
+    "check_vacuum_args",
     "commit",
+    "config_hash",
     "crash_point",
     "empty_manifest",
     "fsync_dir",
@@ -316,6 +318,20 @@ def commit(root: str | os.PathLike[str], rebase: Callable[[Manifest | None], Man
     raise CorruptStoreError(f"{root}: could not commit after {_MAX_COMMIT_ATTEMPTS} attempts")
 
 
+def check_vacuum_args(retain_versions: Any, older_than: Any, grace_seconds: Any) -> float | None:
+    """Validate :func:`vacuum`'s arguments; returns ``older_than`` in seconds."""
+    if isinstance(retain_versions, bool) or not isinstance(retain_versions, int) or retain_versions < 1:
+        raise InvalidArgumentError(f"retain_versions must be an int >= 1, got {retain_versions!r}")
+    if isinstance(older_than, _dt.timedelta):
+        older_than = older_than.total_seconds()
+    if older_than is not None and (isinstance(older_than, bool) or not isinstance(older_than, (int, float))
+                                   or older_than < 0):
+        raise InvalidArgumentError(f"older_than must be >= 0 seconds, got {older_than!r}")
+    if isinstance(grace_seconds, bool) or not isinstance(grace_seconds, (int, float)) or grace_seconds < 0:
+        raise InvalidArgumentError(f"grace_seconds must be >= 0, got {grace_seconds!r}")
+    return None if older_than is None else float(older_than)
+
+
 def vacuum(root: str | os.PathLike[str], retain_versions: int = 1,
            older_than: float | _dt.timedelta | None = None,
            grace_seconds: float = 3600.0) -> dict[str, list[Any]]:
@@ -327,14 +343,7 @@ def vacuum(root: str | os.PathLike[str], retain_versions: int = 1,
     their modification time is more than ``grace_seconds`` ago, so that the files of a writer that
     has not committed yet survive. Returns ``{"versions": [...], "files": [...]}`` of what was removed.
     """
-    if isinstance(retain_versions, bool) or not isinstance(retain_versions, int) or retain_versions < 1:
-        raise InvalidArgumentError(f"retain_versions must be an int >= 1, got {retain_versions!r}")
-    if isinstance(older_than, _dt.timedelta):
-        older_than = older_than.total_seconds()
-    if older_than is not None and (not isinstance(older_than, (int, float)) or older_than < 0):
-        raise InvalidArgumentError(f"older_than must be >= 0 seconds, got {older_than!r}")
-    if not isinstance(grace_seconds, (int, float)) or grace_seconds < 0:
-        raise InvalidArgumentError(f"grace_seconds must be >= 0, got {grace_seconds!r}")
+    older_than = check_vacuum_args(retain_versions, older_than, grace_seconds)
     root = os.fspath(root)
     now = time.time()
     versions = list_versions(root)
