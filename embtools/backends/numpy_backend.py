@@ -16,13 +16,11 @@ from typing import Any
 import array_api_compat.numpy as xnp
 import numpy as np
 
-from embtools.backends.base import Backend
-from embtools.errors import DeviceUnavailableError, InvalidArgumentError
+from embtools.backends import numpy_kernel as kernel
+from embtools.backends.base import Backend, check_k, check_metric
+from embtools.errors import DeviceUnavailableError, DimensionMismatchError, InvalidArgumentError
 
 __all__ = ["NumpyBackend"]
-
-# a column group this wide gives each row ~GROUPS group maxima to bound its k-th best score
-_GROUP_MIN = 8
 
 
 class NumpyBackend(Backend):
@@ -89,6 +87,13 @@ class NumpyBackend(Backend):
         return int(np.asarray(x).nbytes)
 
     def normalize(self, x: Any, axis: int = -1) -> np.ndarray:
+        x = self._float(x)
+        if x.ndim == 2 and axis in (-1, 1) and x.size:
+            # fast path: one pass for the norms, one for the scaling
+            norm = np.sqrt(np.einsum("ij,ij->i", x, x))
+            if np.isfinite(norm).all():
+                inv = np.divide(1, norm, out=np.zeros_like(norm), where=norm > 0)
+                return x * inv[:, None]  # type: ignore[no-any-return]
         # overflowing squares are handled by the rescaling path in Backend.normalize
         with np.errstate(over="ignore", invalid="ignore"):
             return super().normalize(x, axis)  # type: ignore[no-any-return]
@@ -100,17 +105,22 @@ class NumpyBackend(Backend):
         n = scores.shape[1]
         return np.partition(scores, n - k, axis=1)[:, n - k]
 
-    def _block_bound(self, scores: Any, k: int) -> np.ndarray:
-        """A cheap lower bound on each row's k-th best score.
+    def _select(self, s: Any, k: int, bound: Any) -> tuple[np.ndarray, np.ndarray]:
+        return kernel.select_top_k(np.asarray(s), k)
 
-        The columns are split into ``g`` strided groups; the k-th largest of the ``g`` group maxima
-        is k distinct entries deep, so it never exceeds the k-th largest score, and with ``g >> k``
-        only a few entries beyond the true top k reach it.
-        """
-        n = scores.shape[1]
-        groups = max(8 * k, 256)
-        if n < groups * _GROUP_MIN:
-            return self._kth_value(scores, k)
-        width = n // groups
-        maxima = scores[:, : width * groups].reshape(scores.shape[0], width, groups).max(axis=1)
-        return np.partition(maxima, groups - k, axis=1)[:, groups - k]
+    def block_top_k(
+        self, queries: Any, block: Any, k: int, metric: str = "cosine"
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Best ``k`` of one block per query, scored and selected tile by tile (fused)."""
+        k = check_k(k)
+        metric = check_metric(metric)
+        q, c = self._pair(queries, block)
+        if q.ndim != 2 or c.ndim != 2:
+            raise InvalidArgumentError("block_top_k takes 2-D queries and a 2-D block")
+        if q.shape[1] != c.shape[1]:
+            raise DimensionMismatchError(
+                f"block_top_k: dimensions differ ({q.shape[1]} != {c.shape[1]})"
+            )
+        if c.shape[0] == 0:
+            return np.zeros((q.shape[0], 0), q.dtype), np.zeros((q.shape[0], 0), np.int64)
+        return kernel.block_top_k(q, c, k, metric)
