@@ -60,7 +60,9 @@ def agreement(result: Result, reference: Result) -> str:
     """Share of identical neighbour ids and the largest similarity difference."""
     idx, sims = result
     ridx, rsims = reference
-    same = np.mean([len(set(a) & set(b)) / len(b) for a, b in zip(idx.tolist(), ridx.tolist())])
+    same = np.mean(
+        [len(set(a) & set(b)) / len(b) for a, b in zip(idx.tolist(), ridx.tolist(), strict=True)]
+    )
     return f"ids {same:.4%}, max |dsim| {np.abs(sims - rsims).max():.1e}"
 
 
