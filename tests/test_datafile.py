@@ -180,6 +180,19 @@ def test_zero_copy_matches_pyarrow(tmp_path: Path, n: int, dims: list[int], rows
     f.close()
 
 
+def test_empty_table(tmp_path: Path) -> None:
+    path = tmp_path / "empty.parquet"
+    write_data_file(path, pa.table({"row_id": pa.array([], pa.int64()),
+                                    "emb_4": embedding_array(np.zeros((0, 4), np.float32))}))
+    assert pq.read_table(path).num_rows == 0
+    with MappedParquetFile(path) as f:
+        assert f.num_rows == 0
+        assert f.embedding_rows("emb_4").shape == (0, 4)
+        for g in range(len(f.row_group_rows)):
+            assert f.embedding("emb_4", g).shape == (0, 4)
+            f.release("emb_4", g)
+
+
 def test_views_are_read_only_and_outlive_close(tmp_path: Path) -> None:
     table, xs = _table(50, [16], _rng())
     path = tmp_path / "f.parquet"

@@ -378,6 +378,8 @@ class MappedParquetFile:
         encodings = frozenset(ENCODING_IDS[e] for e in names)
         if num_values != rows * dim:
             raise CorruptStoreError(f"{where}: {num_values} values, expected {rows} x {dim}")
+        if rows == 0:
+            return []  # an empty row group (pyarrow writes one for an empty table): no pages
         if start < 4 or length < 0 or start + length > self._data_end:
             raise CorruptStoreError(
                 f"{where}: chunk [{start}, {start + length}) outside the data region "
