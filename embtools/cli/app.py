@@ -81,9 +81,10 @@ for _command in (*admin.COMMANDS, *ingest.COMMANDS, *query.COMMANDS):
 @click.option("--no-model", is_flag=True, help="Use random vectors instead of the MiniLM model.")
 @click.option(
     "--limit",
-    type=click.IntRange(min=50),
-    default=None,
-    help="Number of docstrings to embed (default: the whole corpus, ~3,500).",
+    type=click.IntRange(min=0),
+    default=2000,
+    show_default=True,
+    help="Number of docstrings to embed (an even spread of the corpus); 0 for all (~3,500).",
 )
 @click.option("--device", default=None, help="Device for the model and the torch backend.")
 def demo(directory: str | None, no_model: bool, limit: int | None, device: str | None) -> None:
@@ -95,7 +96,7 @@ def demo(directory: str | None, no_model: bool, limit: int | None, device: str |
     """
     from embtools.demo import run_demo
 
-    run_demo(directory=directory, use_model=not no_model, limit=limit, device=device)
+    run_demo(directory=directory, use_model=not no_model, limit=limit or None, device=device)
 
 
 def main(argv: list[str] | None = None) -> None:
