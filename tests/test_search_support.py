@@ -7,6 +7,7 @@ decide), with ties on exactly equal float64 scores going to the lower position.
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -132,49 +133,6 @@ def check_frame(frame: pl.DataFrame, nq: int, per_query: int) -> None:
         assert frame["rank"].to_list() == list(range(per_query)) * nq
 
 
-class FakeSource:
-    """Test double of a VectorSource over NumPy arrays (until/unless the real store is used)."""
-
-    def __init__(self, vectors: dict[int, np.ndarray], meta: pl.DataFrame, chunk: int = 37) -> None:
-        self.vectors = {d: np.ascontiguousarray(v, np.float32) for d, v in vectors.items()}
-        self.meta = meta
-        self.num_rows = meta.height
-        self.dimensions = sorted(self.vectors)
-        self.chunk = chunk
-
-    def select(self, where: Any) -> np.ndarray:
-        from embtools.errors import FilterError
-
-        try:
-            idx = self.meta.with_row_index("_p").filter(where)["_p"].to_numpy()
-        except Exception as err:
-            raise FilterError(str(err)) from None
-        return idx.astype(np.int64)
-
-    def iter_vectors(self, dim: int, positions: Any = None, batch_rows: int | None = None) -> Any:
-        stored = min(d for d in self.dimensions if d >= dim)
-        x = self.vectors[stored]
-        rows = min(batch_rows or 1000, self.chunk)
-        pos = np.arange(self.num_rows) if positions is None else np.asarray(positions)
-        for s in range(0, len(pos), rows):
-            p = pos[s : s + rows].astype(np.int64)
-            yield p, x[p, :dim]
-
-    def take_metadata(self, positions: Any, columns: Any = None) -> pl.DataFrame:
-        cols = ["row_id", "text_id", "label", *(columns or [])]
-        return self.meta[np.asarray(positions, np.int64)].select(cols)
-
-
-class FakeStore:
-    def __init__(self, source: FakeSource, backend: str, max_memory_gb: float | None) -> None:
-        from embtools.memory import MemoryBudget
-
-        self.source = source
-        self.backend = et.get_backend(backend)
-        self.budget = MemoryBudget(max_memory_gb)
-        self.path = None
-
-
 def make_store(
     path: Path | None,
     vectors: dict[int, np.ndarray] | np.ndarray,
@@ -183,31 +141,24 @@ def make_store(
     max_memory_gb: float | None = None,
     labels: Any = None,
     metadata: dict[str, Any] | None = None,
-    row_group_rows: int | None = None,
+    pieces: bool = True,
 ) -> Any:
     """A real EmbeddingStore (on disk at ``path``, or in memory for None) holding ``vectors``."""
     if isinstance(vectors, np.ndarray):
         vectors = {vectors.shape[1]: vectors}
     n = next(iter(vectors.values())).shape[0]
-    try:
-        import embtools.store  # noqa: F401
-    except ImportError:
-        meta = pl.DataFrame({"row_id": np.arange(n, dtype=np.int64),
-                             "text_id": [f"t{i}" for i in range(n)],
-                             "label": labels if labels is not None else [None] * n,
-                             **(metadata or {})})
-        return FakeStore(FakeSource(vectors, meta), backend, max_memory_gb)
     store = et.EmbeddingStore(
         None if path is None else str(path), backend=backend, max_memory_gb=max_memory_gb
     )
-    kwargs: dict[str, Any] = {}
-    if row_group_rows is not None:
-        kwargs["row_group_rows"] = row_group_rows
-    store.add(
-        vectors,
-        text_ids=[f"t{i}" for i in range(n)],
-        labels=labels,
-        metadata=metadata,
-        **kwargs,
-    )
+    # several adds: several data files, so reads cross file boundaries
+    cuts = [0, n // 3, (2 * n) // 3, n] if n >= 30 and pieces else [0, n]
+    for lo, hi in itertools.pairwise(cuts):
+        if hi == lo:
+            continue
+        store.add(
+            {d: v[lo:hi] for d, v in vectors.items()},
+            text_ids=[f"t{i}" for i in range(lo, hi)],
+            labels=None if labels is None else list(labels[lo:hi]),
+            metadata=None if metadata is None else {c: v[lo:hi] for c, v in metadata.items()},
+        )
     return store

@@ -22,9 +22,10 @@ import numpy as np
 import polars as pl
 
 from embtools.errors import DimensionMismatchError, EmbtoolsError, InvalidArgumentError
-from embtools.search.engine import check_k, check_metric, prepare_queries, stream_top_k
+from embtools.search.engine import check_k, check_metric, prepare_queries
 from embtools.search.filters import select_positions
 from embtools.search.funnel import funnel_top_k, parse_funnel
+from embtools.search.refine import exact_top_k
 
 __all__ = ["compute_similarity", "is_store", "result_frame", "search_dimension", "search_store"]
 
@@ -158,7 +159,7 @@ def search_store(
     if source.num_rows == 0:
         scores, found = np.zeros((len(q), 0), np.float32), np.zeros((len(q), 0), np.int64)
     elif stages is None:
-        scores, found = stream_top_k(
+        scores, found = exact_top_k(
             source, store.backend, store.budget, q, dim, k, metric, positions, batch_rows
         )
     else:
@@ -191,7 +192,7 @@ def compute_similarity(
     if k == 0:
         scores, found = np.zeros((len(q), 0), np.float32), np.zeros((len(q), 0), np.int64)
     else:
-        scores, found = stream_top_k(source, store.backend, store.budget, q, dim, k, "cosine")
+        scores, found = exact_top_k(source, store.backend, store.budget, q, dim, k, "cosine")
     scores = np.clip(scores, -1.0, 1.0)
     if one:
         scores, found = scores[0], found[0]

@@ -21,13 +21,10 @@ import numpy as np
 
 from embtools.errors import InvalidArgumentError
 from embtools.memory import MemoryBudget
-from embtools.search.engine import VectorSource, check_k, normalize_rows, stream_top_k
+from embtools.search.engine import VectorSource, check_k, stream_top_k
+from embtools.search.refine import rerank
 
-__all__ = ["funnel_top_k", "parse_funnel", "recall_at_k", "rerank"]
-
-#: Gathered candidate vectors re-ranked in one go are kept under this many bytes (and the cap).
-RERANK_CHUNK_BYTES = 64 * 1024**2
-
+__all__ = ["funnel_top_k", "parse_funnel", "recall_at_k"]
 
 def parse_funnel(funnel: Any, full_dim: int, k: int) -> list[tuple[int, int]]:
     """Validate ``funnel``: a non-empty list of ``(dimension, shortlist)`` pairs with dimensions
@@ -55,62 +52,6 @@ def parse_funnel(funnel: Any, full_dim: int, k: int) -> list[tuple[int, int]]:
         if i and n > stages[i - 1][1]:
             raise InvalidArgumentError(f"funnel shortlists must not grow, got {[s[1] for s in stages]}")
     return stages
-
-
-def rerank(
-    source: VectorSource,
-    budget: MemoryBudget,
-    queries: np.ndarray,
-    dim: int,
-    candidates: np.ndarray,
-    keep: int,
-    metric: str,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Re-score each query's candidate positions with ``dim`` dimensions and keep the best ``keep``.
-
-    ``candidates`` is ``(nq, m)`` int64 (distinct positions per row). Scores are computed in float64
-    from the float32 vectors; ties go to the lower position. Returns ``(scores float32, positions)``.
-    """
-    nq, m = candidates.shape
-    keep = min(keep, m)
-    if m == 0 or nq == 0:
-        return np.zeros((nq, 0), np.float32), np.zeros((nq, 0), np.int64)
-    q = queries[:, :dim].astype(np.float64)
-    if metric == "cosine":
-        q = normalize_rows(q).astype(np.float64)
-    per_query = m * dim * (4 + 8 + 8)  # loaded rows (float32), gathered float64, products
-    avail = budget.available_bytes
-    limit = RERANK_CHUNK_BYTES if avail is None else min(RERANK_CHUNK_BYTES, avail)
-    group = max(1, min(nq, limit // per_query))
-    out_s = np.empty((nq, keep), np.float32)
-    out_p = np.empty((nq, keep), np.int64)
-    for a in range(0, nq, group):
-        b = min(a + group, nq)
-        cand = np.sort(candidates[a:b], axis=1)
-        uniq, inv = np.unique(cand, return_inverse=True)
-        with budget.holding(f"rerank/{id(candidates)}", len(uniq) * dim * 4 + (b - a) * per_query,
-                            "the funnel's re-ranking", "raise max_memory_gb or shorten the funnel"):
-            vecs = np.empty((len(uniq), dim), np.float32)
-            filled = 0
-            for pos, v in source.iter_vectors(dim, positions=uniq):
-                vecs[filled : filled + len(pos)] = v
-                filled += len(pos)
-            if filled != len(uniq):
-                raise RuntimeError(f"the vector source yielded {filled} of {len(uniq)} rows")
-            if metric == "cosine":
-                vecs = normalize_rows(vecs)
-            g = vecs[inv.reshape(cand.shape)].astype(np.float64)  # (group, m, dim)
-            qg = q[a:b]
-            if metric == "l2":
-                diff = g - qg[:, None, :]
-                scores = np.einsum("qmd,qmd->qm", diff, diff)
-                order = np.argsort(scores, axis=1, kind="stable")[:, :keep]
-            else:
-                scores = np.matmul(g, qg[:, :, None])[:, :, 0]
-                order = np.argsort(-scores, axis=1, kind="stable")[:, :keep]
-        out_s[a:b] = np.take_along_axis(scores, order, axis=1)
-        out_p[a:b] = np.take_along_axis(cand, order, axis=1)
-    return out_s, out_p
 
 
 def funnel_top_k(

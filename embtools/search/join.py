@@ -38,8 +38,9 @@ import pyarrow.parquet as pq
 
 from embtools.errors import InvalidArgumentError
 from embtools.search.api import is_store
-from embtools.search.engine import check_k, check_metric, stream_top_k
+from embtools.search.engine import check_k, check_metric
 from embtools.search.filters import select_positions, where_key
+from embtools.search.refine import exact_top_k
 
 __all__ = ["JOB_FILE", "PROGRESS_FILE", "similarity_join"]
 
@@ -293,7 +294,7 @@ def _join_chunk(
         if filled != len(pos):
             raise RuntimeError(f"the left source yielded {filled} of {len(pos)} rows")
         kk = k + 1 if exclude_self else k
-        scores, found = stream_top_k(
+        scores, found = exact_top_k(
             right.source, right.backend, budget, queries, dim, kk, metric, right_pos, batch_rows
         )
     if exclude_self:

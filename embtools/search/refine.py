@@ -1,0 +1,124 @@
+"""Exact re-ranking of candidate rows in float64, and the exact search built on it.
+
+The streaming engine scores in float32 on the backend, where the same vector can score a last bit
+differently depending on where it sits in a matmul tile. :func:`exact_top_k` therefore asks the
+engine for a few more than ``k`` candidates and re-ranks them with :func:`rerank`, which recomputes
+their scores in float64 from the stored float32 vectors and orders them by score, ties by lower
+position. The result is the float64 brute force's (exact duplicates tie exactly and come in row-id
+order), and it is the same on every backend.
+
+Examples
+--------
+>>> import numpy as np
+>>> from embtools.backends import get_backend
+>>> from embtools.memory import MemoryBudget
+>>> from embtools.search.engine import ArraySource
+>>> x = np.array([[1, 0], [0, 1], [1, 0]], np.float32)
+>>> s, p = exact_top_k(ArraySource(x), get_backend("numpy"), MemoryBudget(None),
+...                    np.array([[1, 0]], np.float32), 2, 2, "cosine")
+>>> p.tolist(), s.tolist()
+([[0, 2]], [[1.0, 1.0]])
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from embtools.memory import MemoryBudget
+from embtools.search.engine import VectorSource, normalize_rows, stream_top_k
+
+__all__ = ["exact_top_k", "overfetch", "rerank"]
+
+#: Gathered candidate vectors re-ranked in one go are kept under this many bytes (and the cap).
+RERANK_CHUNK_BYTES = 64 * 1024**2
+_RERANK_BYTES_PER_VALUE = 4 + 4 + 8 + 8  # loaded, normalised, gathered float64, products
+
+
+def overfetch(k: int) -> int:
+    """How many float32 candidates to fetch for an exact top-``k``: ``k`` plus a margin."""
+    return k + max(8, k // 4)
+
+
+def exact_top_k(
+    source: VectorSource,
+    backend: Any,
+    budget: MemoryBudget,
+    queries: np.ndarray,
+    dim: int,
+    k: int,
+    metric: str,
+    positions: np.ndarray | None = None,
+    batch_rows: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-``k``: the streaming engine's top ``overfetch(k)`` re-ranked in float64.
+
+    When one query's candidates would not fit the re-ranking workspace (a very large ``k``), the
+    engine's float32 order is returned as it is (ties by position among equal float32 scores).
+    """
+    m = overfetch(k)
+    avail = budget.available_bytes
+    limit = RERANK_CHUNK_BYTES if avail is None else min(RERANK_CHUNK_BYTES, avail)
+    if m * dim * _RERANK_BYTES_PER_VALUE > limit:
+        return stream_top_k(source, backend, budget, queries, dim, k, metric, positions, batch_rows)
+    _, cand = stream_top_k(source, backend, budget, queries, dim, m, metric, positions, batch_rows)
+    return rerank(source, budget, queries, dim, cand, k, metric)
+
+
+def rerank(
+    source: VectorSource,
+    budget: MemoryBudget,
+    queries: np.ndarray,
+    dim: int,
+    candidates: np.ndarray,
+    keep: int,
+    metric: str,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Re-score each query's candidate positions with ``dim`` dimensions and keep the best ``keep``.
+
+    ``candidates`` is ``(nq, m)`` int64 (distinct positions per row). Scores are computed in float64
+    from the float32 vectors; ties go to the lower position. Returns ``(scores float32, positions)``.
+    """
+    nq, m = candidates.shape
+    keep = min(keep, m)
+    if m == 0 or nq == 0:
+        return np.zeros((nq, 0), np.float32), np.zeros((nq, 0), np.int64)
+    q = queries[:, :dim].astype(np.float64)
+    if metric == "cosine":
+        q = normalize_rows(q).astype(np.float64)
+    per_query = m * dim * _RERANK_BYTES_PER_VALUE
+    avail = budget.available_bytes
+    limit = RERANK_CHUNK_BYTES if avail is None else min(RERANK_CHUNK_BYTES, avail)
+    group = max(1, min(nq, limit // per_query))
+    out_s = np.empty((nq, keep), np.float32)
+    out_p = np.empty((nq, keep), np.int64)
+    for a in range(0, nq, group):
+        b = min(a + group, nq)
+        cand = np.sort(candidates[a:b], axis=1)
+        uniq, inv = np.unique(cand, return_inverse=True)
+        with budget.holding(f"rerank/{id(candidates)}", (b - a) * per_query,
+                            "re-ranking candidates", "raise max_memory_gb or use a smaller k or funnel"):
+            vecs = np.empty((len(uniq), dim), np.float32)
+            filled = 0
+            for pos, v in source.iter_vectors(dim, positions=uniq):
+                vecs[filled : filled + len(pos)] = v
+                filled += len(pos)
+            if filled != len(uniq):
+                raise RuntimeError(f"the vector source yielded {filled} of {len(uniq)} rows")
+            if metric == "cosine":
+                vecs = normalize_rows(vecs)
+            g = vecs[inv.reshape(cand.shape)].astype(np.float64)  # (group, m, dim)
+            qg = q[a:b]
+            if metric == "l2":
+                diff = g - qg[:, None, :]
+                scores = np.einsum("qmd,qmd->qm", diff, diff)
+                order = np.argsort(scores, axis=1, kind="stable")[:, :keep]
+            else:
+                scores = np.matmul(g, qg[:, :, None])[:, :, 0]
+                if metric == "cosine":
+                    scores = np.clip(scores, -1.0, 1.0)
+                order = np.argsort(-scores, axis=1, kind="stable")[:, :keep]
+        out_s[a:b] = np.take_along_axis(scores, order, axis=1)
+        out_p[a:b] = np.take_along_axis(cand, order, axis=1)
+    return out_s, out_p
