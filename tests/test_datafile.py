@@ -134,6 +134,20 @@ def test_write_rejects_bad_embedding_columns(tmp_path: Path) -> None:
     assert not any(tmp_path.iterdir())
 
 
+def test_write_sliced_and_chunked_input(tmp_path: Path) -> None:
+    x = _rng().standard_normal((30, 4)).astype(np.float32)
+    values = x.ravel().copy()
+    values[:4] = np.nan  # row 0 is sliced away below, so its values must not matter...
+    arr = pa.FixedSizeListArray.from_arrays(
+        pa.array(values, mask=np.arange(values.size) < 4), type=pa.list_(pa.float32(), 4))
+    col = pa.chunked_array([arr.slice(1, 10), arr.slice(11, 19)])
+    path = tmp_path / "f.parquet"
+    write_data_file(path, pa.table({"emb_4": col}), row_group_rows=7)
+    with MappedParquetFile(path) as f:
+        np.testing.assert_array_equal(f.embedding_rows("emb_4"), x[1:])
+        assert all(f.zero_copy("emb_4", g) for g in range(len(f.row_group_rows)))
+
+
 def test_write_casts_nullable_float64_lists(tmp_path: Path) -> None:
     x = _rng().standard_normal((9, 5))
     col = pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), 5)  # float64, nullable

@@ -89,7 +89,7 @@ def _normalise_table(table: pa.Table) -> tuple[pa.Table, list[str]]:
         typ = embedding_type(dim)
         if column.type != typ:
             column = column.cast(typ)
-        if any(chunk.values.null_count for chunk in column.chunks):
+        if any(chunk.flatten().null_count for chunk in column.chunks):
             raise InvalidEmbeddingsError(f"column {field.name!r} has null values")
         fields.append(pa.field(field.name, typ, nullable=False, metadata=field.metadata))
         columns.append(column)
