@@ -117,6 +117,8 @@ def _progress(total: int) -> Any:
     )
     from rich.text import Text
 
+    console = err_console()
+
     class RateColumn(ProgressColumn):
         def render(self, task: Any) -> Text:
             speed = task.finished_speed or task.speed
@@ -129,7 +131,8 @@ def _progress(total: int) -> Any:
         RateColumn(),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
-        console=err_console(),
+        console=console,
+        disable=not console.is_terminal,
     )
 
 
@@ -237,6 +240,10 @@ def ingest(
     if ids.n_unique() != len(ids):
         dup = ids.filter(ids.is_duplicated()).head(3).to_list()
         raise DuplicateTextIdError(f"{file.name} repeats text ids, e.g. {dup}")
+    if vector_column is not None and len(df):
+        prefixes(
+            vectors_from_column(df[vector_column].head(1)), dim_list
+        )  # type and --dims, up front
     target = open_store(store, create=True)
     existing = _existing_ids(target)
     keep = ~ids.is_in(list(existing)) if existing else pl.Series([True] * len(df))
