@@ -16,14 +16,22 @@ Examples
 
 from __future__ import annotations
 
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 
-__all__ = ["block_top_k", "mask_positions", "select_top_k"]
+__all__ = ["block_top_k", "kth_bound", "mask_positions", "select_top_k"]
 
 #: columns of the corpus scored per tile (the scores of one tile, nq x TILE_COLS, stay in cache)
 TILE_COLS = 4096
 #: queries per tile
 TILE_ROWS = 1024
+#: threads that split the queries of a large block (NumPy selection is single-threaded)
+THREADS = min(2, os.cpu_count() or 1)
+#: fewest queries per thread
+MIN_THREAD_ROWS = 64
 
 
 def mask_positions(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -46,11 +54,22 @@ def _best_per_group(
 ) -> tuple[np.ndarray, np.ndarray]:
     """The first ``k`` entries of every group after ordering by value (descending) then index.
 
-    ``groups`` (sorted ascending, 0..n_groups-1) labels each entry; every group has >= k entries.
+    ``groups`` labels each entry (0..n_groups-1, sorted ascending; every group has >= k entries
+    and, within a group, entries in ascending ``index`` order).
     """
-    order = np.lexsort((index, -values, groups))
     counts = np.bincount(groups, minlength=n_groups)
     starts = np.cumsum(counts) - counts
+    width = int(counts.max())
+    if n_groups * width <= 4 * groups.size + 65536:
+        # dense rows padded with -inf: a stable sort on the value keeps ties in index order
+        rank = np.arange(groups.size) - starts[groups]
+        dense_v = np.full((n_groups, width), -np.inf, dtype=values.dtype)
+        dense_i = np.zeros((n_groups, width), dtype=np.int64)
+        dense_v[groups, rank] = values
+        dense_i[groups, rank] = index
+        order = np.argsort(-dense_v, axis=1, kind="stable")[:, :k]
+        return np.take_along_axis(dense_v, order, 1), np.take_along_axis(dense_i, order, 1)
+    order = np.lexsort((index, -values, groups))  # a few groups hold many entries
     pick = order[starts[:, None] + np.arange(k)]
     return values[pick], index[pick]
 
@@ -62,18 +81,34 @@ def _sorted_fallback(s: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return np.take_along_axis(s, order, axis=1), order.astype(np.int64)
 
 
+def kth_bound(s: np.ndarray, k: int) -> np.ndarray:
+    """Per row of ``s``, a value at most its k-th largest that few other entries reach.
+
+    The columns are dealt into ``g >> k`` strided groups; the k-th largest group maximum is reached
+    by k distinct entries, so it never exceeds the k-th largest entry, and with many groups only
+    about k * k / g entries beyond the true top k reach it. Small rows use the exact k-th value.
+    """
+    n = s.shape[1]
+    groups = max(256, 16 * k)
+    if n < 4 * groups:
+        return np.partition(s, n - k, axis=1)[:, n - k]
+    width = n // groups
+    maxima = s[:, : width * groups].reshape(s.shape[0], width, groups).max(axis=1)
+    return np.partition(maxima, groups - k, axis=1)[:, groups - k]
+
+
 def select_top_k(
     s: np.ndarray, k: int, bound: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Top ``k`` (largest first, ties to the lower index) of each row of 2-D ``s``; k <= columns.
 
-    ``bound`` is, per row, a value that at least k entries reach (default: the exact k-th value).
+    ``bound`` is, per row, a value that at least k entries reach (default: :func:`kth_bound`).
     """
-    nq, n = s.shape
+    nq = s.shape[0]
     if k == 0 or nq == 0:
         return s[:, :0].copy(), np.zeros((nq, 0), dtype=np.int64)
     if bound is None:
-        bound = np.partition(s, n - k, axis=1)[:, n - k]
+        bound = kth_bound(s, k)
     rows, cols = mask_positions(s >= bound[:, None])
     if rows.size < nq * k or np.bincount(rows, minlength=nq).min() < k:
         return _sorted_fallback(s, k)  # NaN in a row
@@ -87,8 +122,8 @@ def _merge_candidates(
     cand_values: np.ndarray,
     cand_indices: np.ndarray,
 ) -> None:
-    """Merge candidates (rows sorted ascending, indices above all current ones) into the running
-    top-k ``values``/``indices`` in place."""
+    """Merge candidates (rows ascending; within a row, indices ascending and above all current
+    ones) into the running top-k ``values``/``indices`` in place."""
     k = values.shape[1]
     touched, labels = np.unique(rows, return_inverse=True)
     nt = touched.size
@@ -101,10 +136,59 @@ def _merge_candidates(
     indices[touched] = new_i
 
 
+def _block_rows(
+    q: np.ndarray,
+    c: np.ndarray,
+    k: int,
+    qq: np.ndarray | None,
+    cc: np.ndarray | None,
+    out_v: np.ndarray,
+    out_i: np.ndarray,
+) -> None:
+    """:func:`block_top_k` for the queries ``q``, written into ``out_v``/``out_i``."""
+    nq, nb = q.shape[0], c.shape[0]
+    first = min(nb, max(TILE_COLS, k))  # the first tile holds at least k columns
+    # one scores buffer and one mask buffer, reused by every tile (fresh pages are slow to fault in)
+    size = min(nq, TILE_ROWS) * first
+    scores_buf = np.empty(size, dtype=out_v.dtype)
+    mask_buf = np.empty(size, dtype=bool)
+
+    def tile(qs: np.ndarray, q0: int, c0: int, c1: int) -> np.ndarray:
+        width = min(c1, nb) - c0
+        s = scores_buf[: qs.shape[0] * width].reshape(qs.shape[0], width)
+        np.matmul(qs, c[c0 : c0 + width].T, out=s)
+        if qq is not None and cc is not None:
+            # l2, higher is better: the negated squared distance, clamped at 0 like score_block
+            s *= 2
+            s -= cc[:, c0 : c0 + width]
+            s -= qq[q0 : q0 + qs.shape[0]]
+            np.minimum(s, 0, out=s)
+        return s
+
+    for q0 in range(0, nq, TILE_ROWS):
+        qs = q[q0 : q0 + TILE_ROWS]
+        values, indices = select_top_k(tile(qs, q0, 0, first), k)
+        values = np.ascontiguousarray(values)
+        threshold = values[:, -1:].copy()
+        for c0 in range(first, nb, TILE_COLS):
+            s = tile(qs, q0, c0, c0 + TILE_COLS)
+            # strictly better than the k-th best: a tie loses to the earlier (lower) index
+            mask = np.greater(s, threshold, out=mask_buf[: s.size].reshape(s.shape))
+            rows, cols = mask_positions(mask)
+            if rows.size:
+                _merge_candidates(values, indices, rows, s[rows, cols], cols + c0)
+                threshold = values[:, -1:].copy()
+        out_v[q0 : q0 + qs.shape[0]] = values
+        out_i[q0 : q0 + qs.shape[0]] = indices
+
+
 def block_top_k(q: np.ndarray, c: np.ndarray, k: int, metric: str) -> tuple[np.ndarray, np.ndarray]:
     """Best ``k`` rows of ``c`` per row of ``q``: ``(values, indices)``, best first, ties to the
     lower index; ``metric`` is "cosine"/"dot" (inner product, largest first) or "l2" (squared
     distance, smallest first). ``q``, ``c``: 2-D float arrays of one dtype; ``1 <= k``.
+
+    Large problems are split by query rows over two threads: NumPy releases the GIL in matmul and
+    in the comparisons, so one thread's selection overlaps the other's matrix product.
     """
     nq, nb = q.shape[0], c.shape[0]
     k = min(k, nb)
@@ -114,33 +198,38 @@ def block_top_k(q: np.ndarray, c: np.ndarray, k: int, metric: str) -> tuple[np.n
     dtype = np.result_type(q.dtype, c.dtype)
     out_v = np.empty((nq, k), dtype=dtype)
     out_i = np.empty((nq, k), dtype=np.int64)
-
-    def tile(qs: np.ndarray, q0: int, c0: int, c1: int) -> np.ndarray:
-        s = np.matmul(qs, c[c0:c1].T)
-        if l2:  # higher is better: the negated squared distance, clamped at 0 like score_block
-            assert qq is not None and cc is not None
-            s *= 2
-            s -= cc[:, c0:c1]
-            s -= qq[q0 : q0 + qs.shape[0]]
-            np.minimum(s, 0, out=s)
-        return s
-
-    for q0 in range(0, nq, TILE_ROWS):
-        qs = q[q0 : q0 + TILE_ROWS]
-        first = min(nb, max(TILE_COLS, k))
-        values, indices = select_top_k(tile(qs, q0, 0, first), k)
-        values = np.ascontiguousarray(values)
-        threshold = values[:, -1].copy()
-        for c0 in range(first, nb, TILE_COLS):
-            s = tile(qs, q0, c0, c0 + TILE_COLS)
-            # strictly better than the k-th best: a tie loses to the earlier (lower) index
-            rows, cols = mask_positions(s > threshold[:, None])
-            if rows.size:
-                _merge_candidates(values, indices, rows, s[rows, cols], cols + c0)
-                threshold = values[:, -1].copy()
-        out_v[q0 : q0 + qs.shape[0]] = values
-        out_i[q0 : q0 + qs.shape[0]] = indices
+    if THREADS > 1 and nq >= 2 * MIN_THREAD_ROWS and nb >= 2 * TILE_COLS:
+        parts = np.array_split(np.arange(nq), THREADS)
+        futures = [
+            _pool().submit(
+                _block_rows,
+                q[p[0] : p[-1] + 1],
+                c,
+                k,
+                None if qq is None else qq[p[0] : p[-1] + 1],
+                cc,
+                out_v[p[0] : p[-1] + 1],
+                out_i[p[0] : p[-1] + 1],
+            )
+            for p in parts
+        ]
+        for f in futures:
+            f.result()
+    else:
+        _block_rows(q, c, k, qq, cc, out_v, out_i)
     if l2:
         np.negative(out_v, out=out_v)
         out_v += 0.0  # no negative zeros
     return out_v, out_i
+
+
+_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(max_workers=THREADS, thread_name_prefix="embtools-topk")
+        return _POOL

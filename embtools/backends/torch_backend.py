@@ -184,6 +184,33 @@ class TorchBackend(Backend):
     def _kth_value(self, scores: Any, k: int) -> torch.Tensor:
         return torch.topk(scores, k, dim=1, largest=True, sorted=True).values[:, -1]
 
+    def _select(self, s: Any, k: int, bound: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """torch.topk, made exact about ties: rows whose k-th and (k+1)-th values differ have an
+        unambiguous top-k set, which two stable sorts order by value then index; the rare rows
+        with a tie at the boundary (or NaN) take the exact candidate path of the base class."""
+        nq, n = int(s.shape[0]), int(s.shape[1])
+        if k == 0 or nq == 0 or k >= n:
+            return super()._select(s, k, bound) if k < n else _sort_rows(s, k)
+        values, indices = torch.topk(s, k + 1, dim=1, largest=True, sorted=True)
+        clean = values[:, k - 1] > values[:, k]
+        indices, order = torch.sort(indices[:, :k], dim=1)
+        values = values[:, :k].gather(1, order)
+        values, order = torch.sort(values, dim=1, descending=True, stable=True)
+        indices = indices.gather(1, order)
+        if not bool(clean.all()):
+            bad = torch.nonzero(~clean).squeeze(1)
+            bad_v, bad_i = super()._select(s[bad], k, self._kth_value)
+            values[bad] = bad_v
+            indices[bad] = bad_i
+        return values, indices
+
+
+def _sort_rows(s: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top ``k`` of each row by a full stable sort (NaN last)."""
+    key = torch.where(torch.isnan(s), torch.full_like(s, -torch.inf), s)
+    order = torch.sort(key, dim=1, descending=True, stable=True).indices[:, :k]
+    return s.gather(1, order), order
+
 
 def _shape(shape: int | Sequence[int]) -> tuple[int, ...]:
     return (int(shape),) if isinstance(shape, (int, np.integer)) else tuple(int(s) for s in shape)
