@@ -303,6 +303,17 @@ class BackendTests:
             np.testing.assert_array_equal(backend.to_numpy(indices), ei)
             np.testing.assert_array_equal(f64(backend, values), ev)
 
+    @pytest.mark.parametrize("largest", [True, False])
+    def test_top_k_nan_ranks_last(self, backend: Backend, rng, largest):
+        s = rng.standard_normal((3, 9)).astype(np.float32)
+        s[0, 4] = np.nan
+        s[2, [0, 7]] = np.nan
+        values, indices = backend.top_k(backend.from_numpy(s), 9, largest=largest)
+        key = np.where(np.isnan(s), np.inf if not largest else -np.inf, s)
+        expect = np.argsort(-key if largest else key, axis=1, kind="stable")
+        np.testing.assert_array_equal(backend.to_numpy(indices), expect)
+        np.testing.assert_array_equal(f64(backend, values), np.take_along_axis(s, expect, 1))
+
     def test_top_k_bad_k(self, backend: Backend):
         s = backend.ones((2, 3))
         for bad in (0, -1, 1.5, True):
@@ -457,6 +468,45 @@ def backend(request) -> Backend:
 
 
 TestBackends = BackendTests  # collected by pytest under the usual Test* name
+
+
+# -------------------------------------------------------------------- NumPy kernel internals
+@pytest.mark.parametrize("metric", ["cosine", "dot", "l2"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_numpy_kernel_tiles_and_threads(monkeypatch, rng, metric, threads):
+    """Small tiles force many tiles per block, candidate merges and the two-thread split."""
+    from embtools.backends import numpy_kernel
+
+    monkeypatch.setattr(numpy_kernel, "TILE_COLS", 16)
+    monkeypatch.setattr(numpy_kernel, "TILE_ROWS", 8)
+    monkeypatch.setattr(numpy_kernel, "MIN_THREAD_ROWS", 4)
+    monkeypatch.setattr(numpy_kernel, "THREADS", threads)
+    b = get_backend("numpy")
+    q = rng.integers(-2, 3, size=(21, 6)).astype(np.float32)  # integer scores: exact ties
+    c = rng.integers(-2, 3, size=(203, 6)).astype(np.float32)
+    q64, c64 = q.astype(np.float64), c.astype(np.float64)
+    ref = ((q64[:, None] - c64[None]) ** 2).sum(-1) if metric == "l2" else q64 @ c64.T
+    for k in (1, 5, 17, 203, 300):
+        values, indices = b.block_top_k(q, c, k, metric)
+        ev, ei = ref_top_k(ref, min(k, 203), largest=metric != "l2")
+        np.testing.assert_array_equal(indices, ei)
+        np.testing.assert_array_equal(values, ev)
+    # random data through top_k_cosine_neighbors with blocks that are not multiples of the tiles
+    qr, cr = rng.standard_normal((19, 10)), rng.standard_normal((157, 10))
+    idx, sims = b.top_k_cosine_neighbors(qr, cr, 7, batch_size=50)
+    assert_top_k(ref_cosine(qr, cr), sims.astype(np.float64), idx, 7)
+
+
+def test_numpy_kernel_heavy_tie_rows(rng):
+    """A row where every score ties takes the sparse (lexsort) path; results stay exact."""
+    from embtools.backends import numpy_kernel
+
+    s = rng.standard_normal((4, 5000)).astype(np.float32)
+    s[1] = 0.25
+    values, indices = numpy_kernel.select_top_k(s, 12)
+    ev, ei = ref_top_k(s.astype(np.float64), 12)
+    np.testing.assert_array_equal(indices, ei)
+    np.testing.assert_array_equal(values, ev)
 
 
 # -------------------------------------------------------------------- conversion
