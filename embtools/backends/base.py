@@ -140,6 +140,11 @@ class Backend(ABC):
         """Per row, a value <= the k-th largest, such that few values are above it."""
         return self._kth_value(scores, k)
 
+    def _normalize_block(self, x: Any, scratch: dict[str, Any]) -> Any:
+        """:meth:`normalize` for a corpus block of a streaming loop; the result is only used until
+        the next call, so a backend may reuse memory kept in ``scratch`` (one dict per loop)."""
+        return self.normalize(x)
+
     def take_along_axis(self, x: Any, indices: Any, axis: int = -1) -> Any:
         """Elements of ``x`` at ``indices`` along ``axis`` (NumPy ``take_along_axis``)."""
         return self.xp.take_along_axis(self._coerce(x), self._coerce(indices), axis=axis)
@@ -540,8 +545,9 @@ class Backend(ABC):
         rows = DEFAULT_BLOCK_ROWS if batch_size is None else check_k(batch_size)
         qn = self.normalize(q2)
         best: tuple[Any, Any] | None = None
+        scratch: dict[str, Any] = {}
         for start in range(0, n, rows):
-            blk = self.normalize(c[start : start + rows])
+            blk = self._normalize_block(c[start : start + rows], scratch)
             values, local = self.block_top_k(qn, blk, k, "cosine")
             glob = local + start
             best = (values, glob) if best is None else self.merge_top_k(*best, values, glob, k)

@@ -87,13 +87,26 @@ class NumpyBackend(Backend):
         return int(np.asarray(x).nbytes)
 
     def normalize(self, x: Any, axis: int = -1) -> np.ndarray:
+        return self._normalize(x, axis, None)
+
+    def _normalize_block(self, x: Any, scratch: dict[str, Any]) -> np.ndarray:
+        return self._normalize(x, -1, scratch)
+
+    def _normalize(self, x: Any, axis: int, scratch: dict[str, Any] | None) -> np.ndarray:
         x = self._float(x)
         if x.ndim == 2 and axis in (-1, 1) and x.size:
             # fast path: one pass for the norms, one for the scaling
-            norm = np.sqrt(np.einsum("ij,ij->i", x, x))
+            with np.errstate(over="ignore", invalid="ignore"):
+                norm = np.sqrt(np.einsum("ij,ij->i", x, x))
             if np.isfinite(norm).all():
                 inv = np.divide(1, norm, out=np.zeros_like(norm), where=norm > 0)
-                return x * inv[:, None]  # type: ignore[no-any-return]
+                out = None
+                if scratch is not None:  # reuse one buffer per streaming loop
+                    buf = scratch.get("normalize")
+                    if buf is None or buf.size < x.size or buf.dtype != x.dtype:
+                        buf = scratch["normalize"] = np.empty(x.size, dtype=x.dtype)
+                    out = buf[: x.size].reshape(x.shape)
+                return np.multiply(x, inv[:, None], out=out)  # type: ignore[no-any-return]
         # overflowing squares are handled by the rescaling path in Backend.normalize
         with np.errstate(over="ignore", invalid="ignore"):
             return super().normalize(x, axis)  # type: ignore[no-any-return]

@@ -172,6 +172,14 @@ class TorchBackend(Backend):
     def get_memory_usage(self, x: Any) -> int:
         return int(x.element_size() * x.nelement())
 
+    def normalize(self, x: Any, axis: int = -1) -> torch.Tensor:
+        x = self._float(x)
+        if x.numel():
+            norm = torch.linalg.vector_norm(x, dim=axis, keepdim=True)  # one pass
+            if bool(torch.isfinite(norm).all()):
+                return x / torch.where(norm > 0, norm, torch.ones_like(norm))
+        return super().normalize(x, axis)  # type: ignore[no-any-return]
+
     def take_along_axis(self, x: Any, indices: Any, axis: int = -1) -> torch.Tensor:
         return torch.take_along_dim(self._coerce(x), self._coerce(indices), dim=axis)
 
