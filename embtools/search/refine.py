@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from embtools.memory import MemoryBudget
-from embtools.search.engine import VectorSource, normalize_rows, stream_top_k
+from embtools.search.engine import VectorSource, stream_top_k
 
 __all__ = ["exact_top_k", "overfetch", "rerank"]
 
@@ -54,13 +54,13 @@ def exact_top_k(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-``k``: the streaming engine's top ``overfetch(k)`` re-ranked in float64.
 
-    When one query's candidates would not fit the re-ranking workspace (a very large ``k``), the
+    When one query's candidate scores would not fit the re-ranking workspace (a huge ``k``), the
     engine's float32 order is returned as it is (ties by position among equal float32 scores).
     """
     m = overfetch(k)
     avail = budget.available_bytes
     limit = RERANK_CHUNK_BYTES if avail is None else min(RERANK_CHUNK_BYTES, avail)
-    if m * dim * _RERANK_BYTES_PER_VALUE > limit:
+    if m * 24 + dim * _RERANK_BYTES_PER_VALUE > limit:
         return stream_top_k(source, backend, budget, queries, dim, k, metric, positions, batch_rows)
     _, cand = stream_top_k(source, backend, budget, queries, dim, m, metric, positions, batch_rows)
     return rerank(source, budget, queries, dim, cand, k, metric)
@@ -86,39 +86,53 @@ def rerank(
         return np.zeros((nq, 0), np.float32), np.zeros((nq, 0), np.int64)
     q = queries[:, :dim].astype(np.float64)
     if metric == "cosine":
-        q = normalize_rows(q).astype(np.float64)
-    per_query = m * dim * _RERANK_BYTES_PER_VALUE
+        qn = np.linalg.norm(q, axis=1, keepdims=True)
+        q = q / np.where(qn == 0, 1.0, qn)
     avail = budget.available_bytes
     limit = RERANK_CHUNK_BYTES if avail is None else min(RERANK_CHUNK_BYTES, avail)
-    group = max(1, min(nq, limit // per_query))
+    # per query: its m scores and sort keys; per (query, candidate) in a column block: the vectors
+    per_col = dim * _RERANK_BYTES_PER_VALUE
+    group = max(1, min(nq, limit // (m * 24 + min(m, 32) * per_col)))
+    width = max(1, min(m, (limit - group * m * 24) // (group * per_col)))
+    nbytes = group * m * 24 + group * width * per_col
     out_s = np.empty((nq, keep), np.float32)
     out_p = np.empty((nq, keep), np.int64)
-    for a in range(0, nq, group):
-        b = min(a + group, nq)
-        cand = np.sort(candidates[a:b], axis=1)
-        uniq, inv = np.unique(cand, return_inverse=True)
-        with budget.holding(f"rerank/{id(candidates)}", (b - a) * per_query,
-                            "re-ranking candidates", "raise max_memory_gb or use a smaller k or funnel"):
-            vecs = np.empty((len(uniq), dim), np.float32)
-            filled = 0
-            for pos, v in source.iter_vectors(dim, positions=uniq):
-                vecs[filled : filled + len(pos)] = v
-                filled += len(pos)
-            if filled != len(uniq):
-                raise RuntimeError(f"the vector source yielded {filled} of {len(uniq)} rows")
-            if metric == "cosine":
-                vecs = normalize_rows(vecs)
-            g = vecs[inv.reshape(cand.shape)].astype(np.float64)  # (group, m, dim)
-            qg = q[a:b]
-            if metric == "l2":
-                diff = g - qg[:, None, :]
-                scores = np.einsum("qmd,qmd->qm", diff, diff)
-                order = np.argsort(scores, axis=1, kind="stable")[:, :keep]
-            else:
-                scores = np.matmul(g, qg[:, :, None])[:, :, 0]
-                if metric == "cosine":
-                    scores = np.clip(scores, -1.0, 1.0)
-                order = np.argsort(-scores, axis=1, kind="stable")[:, :keep]
-        out_s[a:b] = np.take_along_axis(scores, order, axis=1)
-        out_p[a:b] = np.take_along_axis(cand, order, axis=1)
+    with budget.holding(f"rerank/{id(candidates)}", nbytes, "re-ranking candidates",
+                        "raise max_memory_gb or use a smaller k or funnel"):
+        for a in range(0, nq, group):
+            b = min(a + group, nq)
+            cand = np.sort(candidates[a:b], axis=1)
+            scores = np.empty(cand.shape, np.float64)
+            for c in range(0, m, width):
+                scores[:, c : c + width] = _score(source, q[a:b], dim, cand[:, c : c + width], metric)
+            key = scores if metric == "l2" else -scores
+            order = np.argsort(key, axis=1, kind="stable")[:, :keep]
+            out_s[a:b] = np.take_along_axis(scores, order, axis=1)
+            out_p[a:b] = np.take_along_axis(cand, order, axis=1)
     return out_s, out_p
+
+
+def _score(
+    source: VectorSource, q: np.ndarray, dim: int, cand: np.ndarray, metric: str
+) -> np.ndarray:
+    """float64 scores ``(g, w)`` of queries ``q`` (float64, normalised for cosine) against their
+    candidate positions ``cand``."""
+    uniq, inv = np.unique(cand, return_inverse=True)
+    vecs = np.empty((len(uniq), dim), np.float32)
+    filled = 0
+    for pos, v in source.iter_vectors(dim, positions=uniq, batch_rows=max(len(uniq), 1)):
+        vecs[filled : filled + len(pos)] = v
+        filled += len(pos)
+    if filled != len(uniq):
+        raise RuntimeError(f"the vector source yielded {filled} of {len(uniq)} rows")
+    g = vecs[inv.reshape(cand.shape)].astype(np.float64)  # (group, width, dim)
+    # elementwise products summed along the last axis: the same bits for a (query, row) pair
+    # whatever the block shape (a BLAS call may round differently for different shapes)
+    if metric == "l2":
+        diff = g - q[:, None, :]
+        return np.sum(diff * diff, axis=-1)
+    scores = np.sum(g * q[:, None, :], axis=-1)
+    if metric == "cosine":
+        norms = np.sqrt(np.sum(g * g, axis=-1))
+        scores = np.clip(scores / np.where(norms == 0, 1.0, norms), -1.0, 1.0)
+    return scores
