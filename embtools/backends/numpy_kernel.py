@@ -18,11 +18,14 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-__all__ = ["block_top_k", "kth_bound", "mask_positions", "select_top_k"]
+__all__ = ["block_top_k", "kth_bound", "mask_positions", "numpy_matmul_t", "select_top_k"]
+
+MatmulT = Callable[[np.ndarray, np.ndarray, np.ndarray], None]
 
 #: columns of the corpus scored per tile (the scores of one tile, nq x TILE_COLS, stay in cache)
 TILE_COLS = 4096
@@ -144,6 +147,7 @@ def _block_rows(
     cc: np.ndarray | None,
     out_v: np.ndarray,
     out_i: np.ndarray,
+    matmul: MatmulT,
 ) -> None:
     """:func:`block_top_k` for the queries ``q``, written into ``out_v``/``out_i``."""
     nq, nb = q.shape[0], c.shape[0]
@@ -156,7 +160,7 @@ def _block_rows(
     def tile(qs: np.ndarray, q0: int, c0: int, c1: int) -> np.ndarray:
         width = min(c1, nb) - c0
         s = scores_buf[: qs.shape[0] * width].reshape(qs.shape[0], width)
-        np.matmul(qs, c[c0 : c0 + width].T, out=s)
+        matmul(qs, c[c0 : c0 + width], s)
         if qq is not None and cc is not None:
             # l2, higher is better: the negated squared distance, clamped at 0 like score_block
             s *= 2
@@ -182,10 +186,18 @@ def _block_rows(
         out_i[q0 : q0 + qs.shape[0]] = indices
 
 
-def block_top_k(q: np.ndarray, c: np.ndarray, k: int, metric: str) -> tuple[np.ndarray, np.ndarray]:
+def numpy_matmul_t(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> None:
+    """``out[...] = a @ b.T`` with NumPy (sgemm/dgemm)."""
+    np.matmul(a, b.T, out=out)
+
+
+def block_top_k(
+    q: np.ndarray, c: np.ndarray, k: int, metric: str, matmul: MatmulT = numpy_matmul_t
+) -> tuple[np.ndarray, np.ndarray]:
     """Best ``k`` rows of ``c`` per row of ``q``: ``(values, indices)``, best first, ties to the
     lower index; ``metric`` is "cosine"/"dot" (inner product, largest first) or "l2" (squared
     distance, smallest first). ``q``, ``c``: 2-D float arrays of one dtype; ``1 <= k``.
+    ``matmul(a, b, out)`` writes ``a @ b.T`` into ``out`` (the torch backend passes torch's).
 
     Large problems are split by query rows over two threads: NumPy releases the GIL in matmul and
     in the comparisons, so one thread's selection overlaps the other's matrix product.
@@ -210,13 +222,14 @@ def block_top_k(q: np.ndarray, c: np.ndarray, k: int, metric: str) -> tuple[np.n
                 cc,
                 out_v[p[0] : p[-1] + 1],
                 out_i[p[0] : p[-1] + 1],
+                matmul,
             )
             for p in parts
         ]
         for f in futures:
             f.result()
     else:
-        _block_rows(q, c, k, qq, cc, out_v, out_i)
+        _block_rows(q, c, k, qq, cc, out_v, out_i, matmul)
     if l2:
         np.negative(out_v, out=out_v)
         out_v += 0.0  # no negative zeros

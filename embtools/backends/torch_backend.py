@@ -21,8 +21,9 @@ import array_api_compat.torch as xtorch
 import numpy as np
 import torch
 
-from embtools.backends.base import Backend
-from embtools.errors import DeviceUnavailableError, InvalidArgumentError
+from embtools.backends import numpy_kernel as kernel
+from embtools.backends.base import Backend, check_k, check_metric
+from embtools.errors import DeviceUnavailableError, DimensionMismatchError, InvalidArgumentError
 
 __all__ = ["TorchBackend", "available_devices", "tensor_to_numpy"]
 
@@ -189,6 +190,29 @@ class TorchBackend(Backend):
         elif self._torch_device.type == "mps":
             torch.mps.synchronize()
 
+    def block_top_k(
+        self, queries: Any, block: Any, k: int, metric: str = "cosine"
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Best ``k`` of one block per query. On the CPU, torch's matrix product feeds the tiled
+        NumPy selection kernel through shared memory; on GPUs, score_block + torch.topk."""
+        if self._torch_device.type != "cpu":
+            return super().block_top_k(queries, block, k, metric)  # type: ignore[no-any-return]
+        k = check_k(k)
+        metric = check_metric(metric)
+        q, c = self._pair(queries, block)
+        if q.ndim != 2 or c.ndim != 2:
+            raise InvalidArgumentError("block_top_k takes 2-D queries and a 2-D block")
+        if q.shape[1] != c.shape[1]:
+            raise DimensionMismatchError(
+                f"block_top_k: dimensions differ ({q.shape[1]} != {c.shape[1]})"
+            )
+        if c.shape[0] == 0:
+            return q[:, :0].clone(), torch.zeros((q.shape[0], 0), dtype=torch.int64)
+        values, indices = kernel.block_top_k(
+            q.detach().contiguous().numpy(), c.detach().contiguous().numpy(), k, metric, _torch_mm
+        )
+        return torch.from_numpy(values), torch.from_numpy(indices)
+
     def _kth_value(self, scores: Any, k: int) -> torch.Tensor:
         return torch.topk(scores, k, dim=1, largest=True, sorted=True).values[:, -1]
 
@@ -211,6 +235,11 @@ class TorchBackend(Backend):
             values[bad] = bad_v
             indices[bad] = bad_i
         return values, indices
+
+
+def _torch_mm(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> None:
+    """``out[...] = a @ b.T`` with torch's CPU matrix product, on shared memory."""
+    torch.mm(torch.from_numpy(a), torch.from_numpy(b).T, out=torch.from_numpy(out))
 
 
 def _sort_rows(s: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -60,7 +60,7 @@ def info(store: str, version: int | None, as_json: bool) -> None:
 
     from embtools.memory import format_bytes
 
-    summary = store_summary(open_store(store, version=version), store)
+    summary = store_summary(open_store(store, backend="numpy", version=version), store)
     if as_json:
         click.echo(json.dumps(summary, indent=2, default=str))
         return
@@ -86,11 +86,11 @@ def delete(store: str, where: str) -> None:
     """Delete the rows matching --where (a new version; vacuum reclaims the space)."""
     from embtools.search.filters import to_expression
 
-    s = open_store(store)
+    s = open_store(store, backend="numpy")
     expr = to_expression(where)
     before = s.num_rows
     version = s.delete(expr)
-    after = open_store(store).num_rows
+    after = open_store(store, backend="numpy").num_rows
     click.echo(f"deleted {before - after:,} rows ({after:,} left); version {version}")
 
 
@@ -98,10 +98,10 @@ def delete(store: str, where: str) -> None:
 @click.argument("store", type=click.Path())
 def compact(store: str) -> None:
     """Rewrite the store's data files into fewer, larger ones (a new version)."""
-    s = open_store(store)
+    s = open_store(store, backend="numpy")
     before = len(s.files())
     version = s.compact()
-    after = len(open_store(store).files())
+    after = len(open_store(store, backend="numpy").files())
     click.echo(f"compacted {before} files into {after}; version {version}")
 
 
@@ -109,10 +109,12 @@ def compact(store: str) -> None:
 @click.argument("store", type=click.Path())
 def vacuum(store: str) -> None:
     """Delete files that no version needs any more (unfinished writes, old versions' files)."""
-    s = open_store(store)
+    s = open_store(store, backend="numpy")
     result = s.vacuum()
     versions, files = len(result.get("versions", [])), len(result.get("files", []))
-    click.echo(f"removed {versions} old versions and {files} unreferenced files; version {s.version}")
+    click.echo(
+        f"removed {versions} old versions and {files} unreferenced files; version {s.version}"
+    )
 
 
 def load_config_file(path: Path) -> Any:

@@ -244,7 +244,7 @@ def ingest(
         prefixes(
             vectors_from_column(df[vector_column].head(1)), dim_list
         )  # type and --dims, up front
-    target = open_store(store, create=True)
+    target = open_store(store, create=True, backend="numpy")
     existing = _existing_ids(target)
     keep = ~ids.is_in(list(existing)) if existing else pl.Series([True] * len(df))
     todo = df.filter(keep)

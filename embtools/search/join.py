@@ -288,7 +288,7 @@ def _join_chunk(
     with budget.holding(key, len(pos) * dim * 4, "a chunk of join queries", "raise max_memory_gb or lower chunk_rows"):
         queries = np.empty((len(pos), dim), np.float32)
         filled = 0
-        for p, v in left.source.iter_vectors(dim, positions=pos):
+        for p, v in left.source.iter_vectors(dim, positions=pos, batch_rows=max(len(pos), 1)):
             queries[filled : filled + len(p)] = v
             filled += len(p)
         if filled != len(pos):
