@@ -21,6 +21,7 @@ from click.testing import CliRunner
 
 from embtools import EmbeddingStore, compute_config_hash
 from embtools.cli import cli
+from embtools.errors import StoreNotFoundError
 
 N, D = 240, 32
 COMMANDS = [
@@ -439,7 +440,10 @@ def test_ingest_killed_and_rerun_gives_every_row_once(tmp_path):
     try:
         while time.monotonic() < deadline and proc.poll() is None:
             if (store / "_versions").is_dir():
-                seen = EmbeddingStore(store).num_rows
+                try:
+                    seen = EmbeddingStore(store).num_rows
+                except StoreNotFoundError:  # the folder exists, the first version is not committed yet
+                    seen = 0
                 if seen >= 1000:
                     break
             time.sleep(0.02)
