@@ -61,16 +61,44 @@ def _cell(value: Any, width: int) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def _table(df: Any, title: str, columns: list[str], width: int = 60) -> Any:
+def _fit(widths: list[int], floors: list[int], max_width: int | None) -> list[int]:
+    """Narrow the widest columns (never below their floors) until the table fits ``max_width``.
+
+    A rich table takes 3 characters per column plus 1 besides the cells; left to itself rich
+    squeezes short columns such as ``rank`` and ``score`` down to nothing instead.
+    """
+    out = list(widths)
+    if max_width is None:
+        return out
+    excess = sum(out) + 3 * len(out) + 1 - max_width
+    while excess > 0:
+        i = max(range(len(out)), key=lambda j: out[j] - floors[j])
+        if out[i] <= floors[i]:
+            break
+        out[i] -= 1
+        excess -= 1
+    return out
+
+
+def _table(
+    df: Any, title: str, columns: list[str], width: int = 60, max_width: int | None = None
+) -> Any:
     """A rich table of ``columns``; long cells are cut here so that no column gets squeezed out."""
     from rich.table import Table
 
-    widths = {"text": width, "query": 30}
+    limits = {"text": width, "query": 30}
+    rows = [
+        [_cell(v, limits.get(n, 36)) for n, v in zip(columns, row, strict=True)]
+        for row in df.select(columns).iter_rows()
+    ]
+    widths = [max([len(n), *(len(r[i]) for r in rows)]) for i, n in enumerate(columns)]
+    fitted = _fit(widths, [max(len(n), min(w, 8)) for n, w in zip(columns, widths, strict=True)],
+                  max_width)
     table = Table(title=title, title_justify="left")
     for name in columns:
         table.add_column(name, no_wrap=True)
-    for row in df.select(columns).iter_rows():
-        table.add_row(*[_cell(v, widths.get(n, 36)) for n, v in zip(columns, row, strict=True)])
+    for row in rows:
+        table.add_row(*[_cell(v, w) for v, w in zip(row, fitted, strict=True)])
     return table
 
 
@@ -242,7 +270,10 @@ def _run(
             list(range(len(DEMO_QUERIES))), DEMO_QUERIES, return_dtype=pl.String
         )
     )
-    console.print(_table(shown, "neighbours", ["query", "rank", "text_id", "score", "text"]))
+    console.print(
+        _table(shown, "neighbours", ["query", "rank", "text_id", "score", "text"],
+               max_width=console.width)
+    )
 
     # 2. the same with a where filter
     text, where = _FILTERED
@@ -251,7 +282,8 @@ def _run(
         fq = _queries(store, [text], with_model, 384)
         filtered = store.search(fq, k=5, dimension=384, where=where, columns=["text"])
     console.print(
-        _table(filtered, f"'{text}' where {where}", ["rank", "text_id", "label", "score", "text"])
+        _table(filtered, f"'{text}' where {where}", ["rank", "text_id", "label", "score", "text"],
+               max_width=console.width)
     )
 
     # 3. Matryoshka funnel vs exact
@@ -294,7 +326,7 @@ def _run(
             .head(6)
             .collect()
         )
-    console.print(_table(stats, "largest modules", stats.columns))
+    console.print(_table(stats, "largest modules", stats.columns, max_width=console.width))
     console.print(
         f"the same files read directly: pl.scan_parquet(store.files()) -> "
         f"{pl.scan_parquet(store.files()).select(pl.len()).collect().item():,} rows"
@@ -315,12 +347,15 @@ def _run(
         )
         pairs = pl.read_parquet(f"{out}/*.parquet")
     text_of = store.metadata().select("text_id", "text").collect()
+    # each pair once, whichever side found it (a's nearest may be b while b's nearest is c)
+    lo = pl.min_horizontal("left_text_id", "right_text_id")
+    hi = pl.max_horizontal("left_text_id", "right_text_id")
     dups = (
-        pairs.filter(
-            (pl.col("score") >= _NEAR_DUP) & (pl.col("left_text_id") < pl.col("right_text_id"))
-        )
-        .sort("score", descending=True)
+        pairs.filter(pl.col("score") >= _NEAR_DUP)
+        .select(lo.alias("left_text_id"), hi.alias("right_text_id"), "score")
+        .unique(["left_text_id", "right_text_id"])
         .join(text_of.rename({"text_id": "left_text_id"}), on="left_text_id")
+        .sort("score", "left_text_id", descending=[True, False])
     )
     report["near_duplicates"] = dups.height
     console.print(
@@ -328,7 +363,11 @@ def _run(
     )
     console.print(
         _table(
-            dups.head(5), "near duplicates", ["left_text_id", "right_text_id", "score", "text"], 48
+            dups.head(5),
+            "near duplicates",
+            ["left_text_id", "right_text_id", "score", "text"],
+            48,
+            max_width=console.width,
         )
     )
 
