@@ -85,6 +85,9 @@ class Backend(ABC):
     device: str = "cpu"
     #: the array namespace the shared maths runs on
     xp: Any = None
+    #: whether ``block_top_k`` takes ``scale=`` (per-row factors of the block for cosine/dot);
+    #: the search engine then scores few queries against unnormalised blocks
+    supports_scale: bool = False
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(device={self.device!r})"

@@ -121,12 +121,22 @@ class NumpyBackend(Backend):
     def _select(self, s: Any, k: int, bound: Any) -> tuple[np.ndarray, np.ndarray]:
         return kernel.select_top_k(np.asarray(s), k)
 
+    #: ``block_top_k`` takes ``scale=`` (per-row factors of the block, cosine/dot)
+    supports_scale = True
+
     def block_top_k(
-        self, queries: Any, block: Any, k: int, metric: str = "cosine"
+        self, queries: Any, block: Any, k: int, metric: str = "cosine", *,
+        scale: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Best ``k`` of one block per query, scored and selected tile by tile (fused)."""
+        """Best ``k`` of one block per query, scored and selected tile by tile (fused).
+
+        ``scale`` (cosine/dot): multiplies each block row's scores, e.g. by its inverse norm so
+        that cosine runs on an unnormalised block (the queries still come normalised).
+        """
         k = check_k(k)
         metric = check_metric(metric)
+        if scale is not None and metric == "l2":
+            raise InvalidArgumentError("block_top_k: scale applies to cosine and dot, not l2")
         q, c = self._pair(queries, block)
         if q.ndim != 2 or c.ndim != 2:
             raise InvalidArgumentError("block_top_k takes 2-D queries and a 2-D block")
@@ -136,4 +146,10 @@ class NumpyBackend(Backend):
             )
         if c.shape[0] == 0:
             return np.zeros((q.shape[0], 0), q.dtype), np.zeros((q.shape[0], 0), np.int64)
-        return kernel.block_top_k(q, c, k, metric)
+        if scale is not None:
+            scale = np.asarray(scale).reshape(-1)
+            if scale.shape[0] != c.shape[0]:
+                raise DimensionMismatchError(
+                    f"block_top_k: {scale.shape[0]} scale factors for a block of {c.shape[0]} rows"
+                )
+        return kernel.block_top_k(q, c, k, metric, scale=scale)

@@ -23,7 +23,16 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-__all__ = ["block_top_k", "kth_bound", "mask_positions", "numpy_matmul_t", "select_top_k"]
+__all__ = [
+    "block_top_k",
+    "kth_bound",
+    "mask_positions",
+    "matvec",
+    "numpy_matmul_t",
+    "row_dots",
+    "select_top_k",
+    "select_top_k_1d",
+]
 
 MatmulT = Callable[[np.ndarray, np.ndarray, np.ndarray], None]
 
@@ -118,6 +127,63 @@ def select_top_k(
     return _best_per_group(rows, nq, s[rows, cols], cols.astype(np.int64), k)
 
 
+def select_top_k_1d(s: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top ``k`` (largest first, ties to the lower index) of a 1-D ``s``; ``k <= len(s)``.
+
+    One ``np.partition`` for the k-th largest value, then only the entries above it (and the
+    first of those equal to it) are sorted: about one pass over ``s``. NaN counts as the
+    smallest value.
+
+    Examples
+    --------
+    >>> v, i = select_top_k_1d(np.array([0.5, 0.9, 0.5, 0.1, 0.5], np.float32), 3)
+    >>> i.tolist(), v.tolist()
+    ([1, 0, 2], [0.8999999761581421, 0.5, 0.5])
+    """
+    n = s.shape[0]
+    if k <= 0:
+        return s[:0].copy(), np.zeros(0, dtype=np.int64)
+    if k < n:
+        kth = np.partition(s, n - k)[n - k]  # NaN sorts last: a NaN here means NaN in s
+        above = np.flatnonzero(s > kth)
+        ties = np.flatnonzero(s == kth)[: k - above.size]
+        if above.size + ties.size < k:  # NaN among the best k
+            v, i = _sorted_fallback(s[None, :], k)
+            return v[0], i[0]
+        idx = np.concatenate([above, ties])
+    else:
+        if np.isnan(s).any():
+            v, i = _sorted_fallback(s[None, :], k)
+            return v[0], i[0]
+        idx = np.arange(n, dtype=np.int64)
+    vals = s[idx]
+    order = np.lexsort((idx, -vals))  # value descending, then index ascending
+    return vals[order], idx[order].astype(np.int64, copy=False)
+
+
+def matvec(c: np.ndarray, q: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """``c @ q`` for a 2-D ``c`` and 1-D ``q``, on one thread and without a BLAS call.
+
+    A single query's scores are a memory-bound matrix-vector product: one thread streams the
+    block at memory speed, while a multithreaded BLAS gemv costs thread wake-ups that dominate
+    small blocks and stall badly when the other cores are busy. ``np.vecdot`` (NumPy >= 2) and
+    ``np.einsum`` run their own SIMD loops.
+    """
+    if _VECDOT is not None:
+        return _VECDOT(c, q, out=out)  # type: ignore[no-any-return]
+    return np.einsum("ij,j->i", c, q, out=out)  # type: ignore[no-any-return]
+
+
+def row_dots(c: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """Squared L2 norm of each row of 2-D ``c`` (one pass, one thread)."""
+    if _VECDOT is not None:
+        return _VECDOT(c, c, out=out)  # type: ignore[no-any-return]
+    return np.einsum("ij,ij->i", c, c, out=out)  # type: ignore[no-any-return]
+
+
+_VECDOT = getattr(np, "vecdot", None)
+
+
 def _merge_candidates(
     values: np.ndarray,
     indices: np.ndarray,
@@ -148,6 +214,7 @@ def _block_rows(
     out_v: np.ndarray,
     out_i: np.ndarray,
     matmul: MatmulT,
+    scale: np.ndarray | None = None,
 ) -> None:
     """:func:`block_top_k` for the queries ``q``, written into ``out_v``/``out_i``."""
     nq, nb = q.shape[0], c.shape[0]
@@ -161,6 +228,8 @@ def _block_rows(
         width = min(c1, nb) - c0
         s = scores_buf[: qs.shape[0] * width].reshape(qs.shape[0], width)
         matmul(qs, c[c0 : c0 + width], s)
+        if scale is not None:
+            s *= scale[c0 : c0 + width]
         if qq is not None and cc is not None:
             # l2, higher is better: the negated squared distance, clamped at 0 like score_block
             s *= 2
@@ -192,19 +261,32 @@ def numpy_matmul_t(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> None:
 
 
 def block_top_k(
-    q: np.ndarray, c: np.ndarray, k: int, metric: str, matmul: MatmulT = numpy_matmul_t
+    q: np.ndarray,
+    c: np.ndarray,
+    k: int,
+    metric: str,
+    matmul: MatmulT = numpy_matmul_t,
+    scale: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Best ``k`` rows of ``c`` per row of ``q``: ``(values, indices)``, best first, ties to the
     lower index; ``metric`` is "cosine"/"dot" (inner product, largest first) or "l2" (squared
     distance, smallest first). ``q``, ``c``: 2-D float arrays of one dtype; ``1 <= k``.
     ``matmul(a, b, out)`` writes ``a @ b.T`` into ``out`` (the torch backend passes torch's).
+    ``scale`` (cosine/dot only): a per-row factor of ``c`` applied to the inner products, e.g. the
+    inverse row norms, so that an unnormalised block scores as if normalised.
 
-    Large problems are split by query rows over two threads: NumPy releases the GIL in matmul and
-    in the comparisons, so one thread's selection overlaps the other's matrix product.
+    A single query is scored in one matrix-vector pass and selected with one partition
+    (:func:`select_top_k_1d`). Large problems are split by query rows over two threads: NumPy
+    releases the GIL in matmul and in the comparisons, so one thread's selection overlaps the
+    other's matrix product.
     """
     nq, nb = q.shape[0], c.shape[0]
     k = min(k, nb)
     l2 = metric == "l2"
+    if scale is not None and l2:
+        raise ValueError("scale applies to inner products (cosine, dot), not to l2")
+    if nq == 1:
+        return _single_top_k(q, c, k, l2, matmul, scale)
     qq = np.einsum("ij,ij->i", q, q)[:, None] if l2 else None
     cc = np.einsum("ij,ij->i", c, c)[None, :] if l2 else None
     dtype = np.result_type(q.dtype, c.dtype)
@@ -223,17 +305,49 @@ def block_top_k(
                 out_v[p[0] : p[-1] + 1],
                 out_i[p[0] : p[-1] + 1],
                 matmul,
+                scale,
             )
             for p in parts
         ]
         for f in futures:
             f.result()
     else:
-        _block_rows(q, c, k, qq, cc, out_v, out_i, matmul)
+        _block_rows(q, c, k, qq, cc, out_v, out_i, matmul, scale)
     if l2:
         np.negative(out_v, out=out_v)
         out_v += 0.0  # no negative zeros
     return out_v, out_i
+
+
+def _single_top_k(
+    q: np.ndarray,
+    c: np.ndarray,
+    k: int,
+    l2: bool,
+    matmul: MatmulT,
+    scale: np.ndarray | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`block_top_k` for one query: one pass for the scores, one partition to select."""
+    dtype = np.result_type(q.dtype, c.dtype)
+    if matmul is numpy_matmul_t and dtype in (np.float32, np.float64):
+        s = matvec(c, q[0]).astype(dtype, copy=False)
+    else:
+        out = np.empty((1, c.shape[0]), dtype=dtype)
+        matmul(q, c, out)
+        s = out[0]
+    if scale is not None:
+        s *= scale
+    if l2:
+        # higher is better: the negated squared distance, clamped at 0 like score_block
+        s *= 2
+        s -= row_dots(c) if c.dtype == dtype else np.einsum("ij,ij->i", c, c).astype(dtype)
+        s -= np.dot(q[0], q[0])
+        np.minimum(s, 0, out=s)
+    values, indices = select_top_k_1d(s, k)
+    if l2:
+        np.negative(values, out=values)
+        values += 0.0  # no negative zeros
+    return values[None, :], indices[None, :]
 
 
 _POOL: ThreadPoolExecutor | None = None

@@ -11,6 +11,13 @@ lower position and the lower ``row_id``.
 A reader thread prepares the next batch (reads it from the memory map, normalises it for cosine or
 copies it, and on CUDA starts its host-to-device copy) while the device scores the current one.
 
+Few queries (fewer than ``PREFETCH_MIN_QUERIES``) on a backend whose ``block_top_k`` takes
+``scale=`` (NumPy) are scored straight from the source's arrays with no thread and no copy: for
+cosine the block stays unnormalised and each row's score is multiplied by its inverse norm. The
+inverse norms of an immutable source (``source.frozen``: a committed snapshot, an in-memory
+store's version) are computed during the first full pass and kept per ``(source, dimension)``,
+4 bytes a row, so a single query costs one pass over the vectors, like a flat index.
+
 Examples
 --------
 >>> import numpy as np
@@ -28,12 +35,14 @@ from __future__ import annotations
 
 import queue
 import threading
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
 
+from embtools.backends.numpy_kernel import row_dots
 from embtools.errors import (
     DimensionMismatchError,
     InvalidArgumentError,
@@ -208,8 +217,13 @@ def plan_search(
     n_rows: int,
     metric: str,
     batch_rows: int | None = None,
+    scaled: bool = False,
+    extra_bytes: int = 0,
 ) -> SearchPlan:
     """Size the batches of a search of ``nq`` queries over ``n_rows`` rows of ``dim`` floats.
+
+    ``scaled``: cosine on unnormalised blocks with per-row inverse norms (no prepared copy, no
+    reader thread). ``extra_bytes`` (e.g. cached norms read by the search) count in ``nbytes``.
 
     Examples
     --------
@@ -217,14 +231,16 @@ def plan_search(
     >>> p.rows * (3 * 64 * 4 + 10 * 12) + p.nbytes - p.rows * (3 * 64 * 4 + 10 * 12) <= 0.001 * 1024**3
     True
     """
-    prefetch = metric == "cosine" or nq >= PREFETCH_MIN_QUERIES
+    prefetch = (metric == "cosine" and not scaled) or nq >= PREFETCH_MIN_QUERIES
     copies = 3 if prefetch else 2  # the batch, its prepared copy, the next batch
 
     def fixed(group: int) -> int:
-        return group * dim * 4 * 2 + group * k * 12 * 3  # queries (+normalised) and top-k buffers
+        # queries (+normalised) and top-k buffers
+        return group * dim * 4 * 2 + group * k * 12 * 3 + extra_bytes
 
     def per_row(chunk: int) -> int:
-        return dim * 4 * copies + chunk * 12  # + scores (float32) and selection workspace
+        # + scores (float32) and selection workspace (+ the inverse norms of the batch)
+        return dim * 4 * copies + chunk * 12 + (4 if scaled else 0)
 
     n_rows = max(n_rows, 1)
     avail = budget.available_bytes
@@ -345,13 +361,16 @@ def _batches(
     positions: np.ndarray | None,
     plan: SearchPlan,
     metric: str,
+    scaled: bool = False,
 ) -> Iterator[tuple[np.ndarray, Any]]:
-    """(positions, backend block ready to score) in ascending position order."""
+    """(positions, backend block ready to score) in ascending position order; ``scaled`` blocks
+    are left unnormalised for cosine (scored with inverse norms)."""
     raw = _split(source.iter_vectors(dim, positions=positions, batch_rows=plan.rows), plan.rows)
     if not plan.prefetch:
+        normalize = metric == "cosine" and not scaled
         for pos, vec in raw:
             block = backend.from_numpy(np.ascontiguousarray(vec, dtype=np.float32))
-            yield pos, backend.normalize(block) if metric == "cosine" else block
+            yield pos, backend.normalize(block) if normalize else block
         return
 
     to_device = _device_copier(backend)
@@ -396,13 +415,22 @@ def stream_top_k(
     kk = min(k, n_sel)
     if kk == 0 or nq == 0:
         return np.zeros((nq, 0), np.float32), np.zeros((nq, 0), np.int64)
-    plan = plan_search(budget, nq, dim, kk, n_sel, metric, batch_rows)
+    scaled = (
+        metric == "cosine"
+        and nq < PREFETCH_MIN_QUERIES
+        and bool(getattr(backend, "supports_scale", False))
+    )
+    norms = _RowNorms.for_search(source, dim, budget, positions is None) if scaled else None
+    extra = 0 if norms is None else norms.nbytes
+    plan = plan_search(budget, nq, dim, kk, n_sel, metric, batch_rows, scaled, extra)
     key = f"search/{id(queries)}"
     out_s: list[np.ndarray] = []
     out_i: list[np.ndarray] = []
     with budget.holding(key, plan.nbytes, "the search workspace", "raise max_memory_gb"):
         for g in range(0, nq, plan.group):
-            s, i = _one_pass(source, backend, queries[g : g + plan.group], dim, kk, metric, positions, plan)
+            s, i = _one_pass(
+                source, backend, queries[g : g + plan.group], dim, kk, metric, positions, plan, norms
+            )
             out_s.append(s)
             out_i.append(i)
     scores = np.concatenate(out_s, axis=0)
@@ -420,8 +448,12 @@ def _one_pass(
     metric: str,
     positions: np.ndarray | None,
     plan: SearchPlan,
+    norms: _RowNorms | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """One pass over the corpus for a group of queries; returns ordinals into the selection."""
+    """One pass over the corpus for a group of queries; returns ordinals into the selection.
+
+    ``norms`` (cosine on a backend with ``supports_scale``): score unnormalised blocks, each row
+    multiplied by its inverse norm."""
     q = backend.from_numpy(queries)
     if metric == "cosine":
         q = backend.normalize(q)
@@ -430,7 +462,8 @@ def _one_pass(
     qs = [q[a:b] for a, b in chunks]
     largest = metric != "l2"
     seen = 0
-    for pos, block in _batches(source, backend, dim, positions, plan, metric):
+    scaled = norms is not None
+    for pos, block in _batches(source, backend, dim, positions, plan, metric, scaled):
         n = len(pos)
         if n == 0:
             continue
@@ -440,8 +473,15 @@ def _one_pass(
                 f"the vector source yielded position {int(pos[0])} where {expected} was expected"
             )
         kb = min(k, n)
+        if norms is not None:
+            scale = norms.of_batch(pos, block)
+            if scale is None:  # norms out of float32's safe range: normalise this block instead
+                block = backend.normalize(block)
+            kw: dict[str, Any] = {"scale": scale}
+        else:
+            kw = {}
         for c, qc in enumerate(qs):
-            values, local = backend.block_top_k(qc, block, kb, metric)
+            values, local = backend.block_top_k(qc, block, kb, metric, **kw)
             glob = local + seen
             prev = best[c]
             best[c] = (values, glob) if prev is None else backend.merge_top_k(
@@ -450,7 +490,96 @@ def _one_pass(
         seen += n
     if seen != (source.num_rows if positions is None else len(positions)):
         raise RuntimeError(f"the vector source yielded {seen} rows, expected more")
+    if norms is not None and positions is None:
+        norms.pass_done()
     backend.synchronize()
     scores = np.concatenate([np.asarray(backend.to_numpy(b[0]), np.float32) for b in best if b], 0)
     idx = np.concatenate([np.asarray(backend.to_numpy(b[1]), np.int64) for b in best if b], 0)
     return scores, idx
+
+
+# ---------------------------------------------------------------------------------- row norms
+#: smallest and largest squared row norm whose inverse norm scales float32 scores safely
+_SAFE_SQ = (2.0**-100, 2.0**100)
+#: inverse norms kept per source: WeakKeyDictionary[source, {dim: float32 (num_rows,)}]
+_NORM_CACHE: weakref.WeakKeyDictionary[Any, dict[int, np.ndarray]] = weakref.WeakKeyDictionary()
+_NORM_LOCK = threading.Lock()
+#: dimensions whose norms are kept per source (the most recently filled)
+_NORM_DIMS = 4
+#: a norm cache is built only when it takes at most this fraction of the memory cap left
+_NORM_CAP_FRACTION = 16
+
+
+def inverse_norms(block: np.ndarray) -> np.ndarray | None:
+    """float32 ``1 / ||row||`` of a 2-D block (0 for zero rows); None when a row's squared norm is
+    outside float32's safe range (tiny or overflowing), where the block must be normalised."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        sq = np.asarray(row_dots(np.asarray(block)), dtype=np.float32)
+    lo, hi = _SAFE_SQ
+    nonzero = sq != 0
+    if not bool(np.all((sq >= lo) & (sq <= hi) | ~nonzero)):
+        return None
+    if not bool(nonzero.all()) and bool(np.any(block[~nonzero])):
+        return None  # a row of tiny values whose squares underflow to 0
+    inv = np.sqrt(sq, out=sq)
+    return np.divide(1.0, inv, out=inv, where=nonzero)
+
+
+class _RowNorms:
+    """The inverse row norms of one search's ``(source, dim)``: cached ones, or computed batch by
+    batch (and filled into a new cache during a full pass when the source is immutable)."""
+
+    def __init__(self, source: Any, dim: int, cached: np.ndarray | None, fill: bool) -> None:
+        self.source = source
+        self.dim = dim
+        self.cached = cached
+        self.filling = None if cached is not None or not fill else np.empty(source.num_rows, np.float32)
+        self.complete = True  # every batch so far had safe norms
+
+    @classmethod
+    def for_search(cls, source: Any, dim: int, budget: MemoryBudget, full: bool) -> _RowNorms:
+        """The norms for a search of ``source`` at ``dim``; ``full``: it reads every row."""
+        frozen = bool(getattr(source, "frozen", False))
+        cached = None
+        if frozen:
+            with _NORM_LOCK:
+                cached = _NORM_CACHE.get(source, {}).get(dim)
+        avail = budget.available_bytes
+        fits = avail is None or source.num_rows * 4 * _NORM_CAP_FRACTION <= avail
+        return cls(source, dim, cached, frozen and fits and full)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of norms this search holds (a cache read or filled)."""
+        arr = self.cached if self.cached is not None else self.filling
+        return 0 if arr is None else int(arr.nbytes)
+
+    def of_batch(self, pos: np.ndarray, block: np.ndarray) -> np.ndarray | None:
+        """Inverse norms of the batch's rows (positions ``pos``), or None (normalise instead)."""
+        a, b = int(pos[0]), int(pos[-1]) + 1
+        run = b - a == len(pos)
+        if self.cached is not None:
+            return self.cached[a:b] if run else self.cached[pos]
+        inv = inverse_norms(block)
+        if inv is None:
+            self.complete = False
+        elif self.filling is not None:
+            if run:
+                self.filling[a:b] = inv
+            else:
+                self.filling[pos] = inv
+        return inv
+
+    def pass_done(self) -> None:
+        """After a full pass over every row: keep the filled norms for later searches."""
+        if self.filling is None or not self.complete:
+            return
+        arr, self.filling = self.filling, None
+        arr.setflags(write=False)
+        with _NORM_LOCK:
+            per_dim = _NORM_CACHE.setdefault(self.source, {})
+            per_dim.pop(self.dim, None)
+            per_dim[self.dim] = arr
+            while len(per_dim) > _NORM_DIMS:
+                per_dim.pop(next(iter(per_dim)))
+        self.cached = arr

@@ -35,6 +35,10 @@ __all__ = ["MemorySource"]
 class MemorySource(ChunkedSource):
     """In-memory rows: ``meta`` (pyarrow table) and ``arrays`` (dim -> (n, dim) float32)."""
 
+    #: its rows never change (a new version is a new object): the search engine may cache derived
+    #: data (row norms) per object
+    frozen = True
+
     def __init__(self, meta: pa.Table, arrays: dict[int, np.ndarray],
                  budget: MemoryBudget | None = None) -> None:
         self.meta = meta

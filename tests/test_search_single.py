@@ -1,0 +1,211 @@
+"""Few-query search paths: the one-query kernel, cosine on unnormalised blocks with inverse row
+norms (cached per immutable source), differential against the float64 brute force and against
+the batched (normalise-every-block) path."""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import pytest
+from test_search_support import brute_force, check_top_k, make_store, planted_corpus
+
+import embtools as et
+from embtools.backends import numpy_kernel
+from embtools.memory import MemoryBudget
+from embtools.search import engine
+from embtools.search.engine import ArraySource, stream_top_k
+
+METRICS = ["cosine", "dot", "l2"]
+
+
+def _ref_top_k(s: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Largest first, ties by lower index, NaN last (stable sort on the negated key)."""
+    key = np.where(np.isnan(s), -np.inf, s)
+    order = np.argsort(-key, kind="stable")[:k]
+    return s[order], order
+
+
+def _frame_arrays(frame: pl.DataFrame, nq: int) -> tuple[np.ndarray, np.ndarray]:
+    per = frame.height // nq
+    return (frame["score"].to_numpy().reshape(nq, per), frame["row_id"].to_numpy().reshape(nq, per))
+
+
+# ---------------------------------------------------------------------------- kernel
+def test_select_top_k_1d_ties_and_nan():
+    rng = np.random.default_rng()
+    for _ in range(50):
+        n = int(rng.integers(1, 300))
+        s = rng.integers(-3, 4, size=n).astype(np.float32)  # heavy exact ties
+        if rng.random() < 0.3:
+            s[rng.choice(n, size=int(rng.integers(1, n + 1)), replace=True)] = np.nan
+        for k in {1, 2, 7, n, n + 3}:
+            kk = min(k, n)
+            v, i = numpy_kernel.select_top_k_1d(s, kk)
+            ev, ei = _ref_top_k(s, kk)
+            np.testing.assert_array_equal(i, ei)
+            np.testing.assert_array_equal(v, ev)
+            assert i.dtype == np.int64
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_one_query_kernel_exact_with_ties(metric):
+    """Integer data (exact float32 scores): the one-query path equals the float64 reference and
+    the tiled path (the same query as a 1-row slice of a many-query block)."""
+    rng = np.random.default_rng()
+    c = rng.integers(-2, 3, size=(5000, 6)).astype(np.float32)
+    q = rng.integers(-2, 3, size=(40, 6)).astype(np.float32)
+    q64, c64 = q.astype(np.float64), c.astype(np.float64)
+    ref = -((q64[:, None] - c64[None]) ** 2).sum(-1) if metric == "l2" else q64 @ c64.T
+    many_v, many_i = numpy_kernel.block_top_k(q, c, 25, metric)
+    for j in range(3):
+        v, i = numpy_kernel.block_top_k(q[j : j + 1], c, 25, metric)
+        ev, ei = _ref_top_k(ref[j], 25)
+        np.testing.assert_array_equal(i[0], ei)
+        np.testing.assert_array_equal(v[0], -ev if metric == "l2" else ev)
+        np.testing.assert_array_equal(i[0], many_i[j])
+        np.testing.assert_array_equal(v[0], many_v[j])
+
+
+@pytest.mark.parametrize("nq", [1, 3])
+def test_kernel_scale_is_an_unnormalised_cosine(nq):
+    rng = np.random.default_rng()
+    c = rng.integers(-2, 3, size=(3000, 5)).astype(np.float32)
+    q = rng.integers(-2, 3, size=(nq, 5)).astype(np.float32)
+    scale = rng.integers(1, 4, size=3000).astype(np.float32)  # exact products: exact ties
+    ref = (q.astype(np.float64) @ c.astype(np.float64).T) * scale
+    b = et.get_backend("numpy")
+    v, i = b.block_top_k(q, c, 30, "dot", scale=scale)
+    for j in range(nq):
+        ev, ei = _ref_top_k(ref[j], 30)
+        np.testing.assert_array_equal(i[j], ei)
+        np.testing.assert_array_equal(v[j], ev)
+    with pytest.raises(et.errors.InvalidArgumentError):
+        b.block_top_k(q, c, 3, "l2", scale=scale)
+    with pytest.raises(et.errors.DimensionMismatchError):
+        b.block_top_k(q, c, 3, "dot", scale=scale[:-1])
+
+
+def test_inverse_norms_safe_range():
+    x = np.array([[3, 4], [0, 0], [1e-30, 0], [1e30, 1e30], [0.5, 0]], np.float32)
+    assert engine.inverse_norms(x) is None  # tiny and huge rows: the block is normalised instead
+    inv = engine.inverse_norms(x[[0, 1, 4]])
+    assert inv is not None and inv.dtype == np.float32
+    np.testing.assert_allclose(inv, [0.2, 0.0, 2.0])
+
+
+# ---------------------------------------------------------------------------- engine and stores
+@pytest.mark.parametrize("where_store", ["memory", "disk"])
+@pytest.mark.parametrize("metric", METRICS)
+def test_single_queries_equal_the_batch_path_and_brute_force(tmp_path, where_store, metric):
+    """One query at a time (the few-query path) gives exactly the rows and scores of the same
+    queries searched together (the normalise-every-block path), and the float64 brute force."""
+    rng = np.random.default_rng()
+    n, d, k = 1500, 12, 10
+    x = planted_corpus(rng, n, d)
+    labels = rng.choice(["a", "b"], size=n).tolist()
+    path = None if where_store == "memory" else tmp_path / "s"
+    store = make_store(path, x, labels=labels)
+    # queries equal to stored rows (their planted duplicates tie exactly) and random ones
+    q = np.concatenate([x[rng.choice(n, 10)], rng.standard_normal((10, d)).astype(np.float32)])
+    for where, positions in [(None, None), ("label = 'a'", np.flatnonzero(np.array(labels) == "a"))]:
+        batch = store.search(q, k, metric=metric, where=where)
+        assert len(q) >= engine.PREFETCH_MIN_QUERIES
+        s64 = brute_force(x, q, metric, positions)
+        for rep in range(2):  # the second round reads the cached norms
+            singles = pl.concat(
+                [store.search(qi, k, metric=metric, where=where).with_columns(pl.lit(j).alias("query"))
+                 for j, qi in enumerate(q)]
+            )
+            assert singles.equals(batch), (where, rep)
+        scores, found = _frame_arrays(batch, len(q))
+        check_top_k(s64, scores, found, k, metric)
+    if metric == "cosine":
+        cached = engine._NORM_CACHE.get(store.source, {})
+        assert d in cached and cached[d].shape == (n,)
+
+
+@pytest.mark.parametrize("where_store", ["memory", "disk"])
+def test_single_query_prefix_dimension_and_ties(tmp_path, where_store):
+    """A Matryoshka prefix of the stored column (strided views, norms of the prefix), exact ties
+    from duplicated rows broken by row id."""
+    rng = np.random.default_rng()
+    n, d = 900, 16
+    x = rng.integers(-3, 4, size=(n, d)).astype(np.float32)
+    x[500:600] = x[100:200]  # exact duplicates: exact ties, the lower row id first
+    store = make_store(None if where_store == "memory" else tmp_path / "s", x)
+    for dim in (6, d):
+        q = x[150, :dim] + 0.0
+        frame = store.search(q, 20, dimension=dim)
+        s64 = brute_force(x[:, :dim], q[None], "cosine")
+        scores, found = _frame_arrays(frame, 1)
+        check_top_k(s64, scores, found, 20, "cosine")
+        assert found[0][0] == 150 and 550 in found[0]
+        assert list(found[0]).index(150) < list(found[0]).index(550)
+        assert dim in engine._NORM_CACHE.get(store.source, {})
+
+
+def test_single_query_rows_outside_the_safe_norm_range():
+    """Rows whose squared norms underflow or overflow float32 are normalised, not scaled: the
+    result still equals the brute force, and no norm cache is kept for that source."""
+    rng = np.random.default_rng()
+    x = rng.standard_normal((400, 8)).astype(np.float32)
+    x[7] = x[3] * 1e-25
+    x[9] = x[3] * 1e25
+    x[11] = 0.0
+    store = make_store(None, x)
+    q = x[3] + 0.0
+    frame = store.search(q, 6)
+    scores, found = _frame_arrays(frame, 1)
+    check_top_k(brute_force(x, q[None], "cosine"), scores, found, 6, "cosine")
+    assert {3, 7, 9} <= set(found[0].tolist())
+    assert 8 not in engine._NORM_CACHE.get(store.source, {})
+
+
+def test_norm_cache_follows_the_version_and_the_cap(tmp_path):
+    rng = np.random.default_rng()
+    x = rng.standard_normal((2000, 8)).astype(np.float32)
+    store = make_store(None, x)
+    q = x[5] + 0.0
+    store.search(q, 3)
+    old = store.source
+    assert 8 in engine._NORM_CACHE.get(old, {})
+    y = rng.standard_normal((50, 8)).astype(np.float32) * 100
+    store.add({8: y})
+    assert store.source is not old  # a new version: its own norms
+    frame = store.search(q, 3)
+    scores, found = _frame_arrays(frame, 1)
+    check_top_k(brute_force(np.concatenate([x, y]), q[None], "cosine"), scores, found, 3, "cosine")
+    assert engine._NORM_CACHE[store.source][8].shape == (2050,)
+    # under a tight cap: no cache, and nothing left in the ledger after the search
+    disk = make_store(tmp_path / "s", x, max_memory_gb=x.nbytes / 4 / 1024**3)
+    frame = disk.search(q, 3)
+    scores, found = _frame_arrays(frame, 1)
+    check_top_k(brute_force(x, q[None], "cosine"), scores, found, 3, "cosine")
+    assert 8 not in engine._NORM_CACHE.get(disk.source, {})
+    assert disk.budget.held_bytes == 0
+
+
+def test_array_sources_are_not_cached():
+    """An ArraySource wraps a caller's (mutable) array: norms are computed every time."""
+    rng = np.random.default_rng()
+    x = rng.standard_normal((300, 5)).astype(np.float32)
+    src = ArraySource(x)
+    b = et.get_backend("numpy")
+    q = rng.standard_normal((1, 5)).astype(np.float32)
+    s1, p1 = stream_top_k(src, b, MemoryBudget(None), q, 5, 4, "cosine")
+    check_top_k(brute_force(x, q, "cosine"), s1, p1, 4, "cosine")
+    assert src not in engine._NORM_CACHE
+    src.vectors[p1[0, 0]] *= -1.0  # the caller changes the data in place
+    s2, p2 = stream_top_k(src, b, MemoryBudget(None), q, 5, 4, "cosine")
+    check_top_k(brute_force(src.vectors, q, "cosine"), s2, p2, 4, "cosine")
+    assert p2[0, 0] != p1[0, 0]
+
+
+def test_compute_similarity_single_query_matches_brute_force():
+    rng = np.random.default_rng()
+    x = planted_corpus(rng, 700, 10)
+    store = make_store(None, x)
+    q = rng.standard_normal(10).astype(np.float32)
+    sims, idx = store.compute_similarity(q, 10, top_k=15)
+    assert idx.shape == (15,)
+    check_top_k(brute_force(x, q[None], "cosine"), np.asarray(sims)[None], idx[None], 15, "cosine")
