@@ -4,7 +4,9 @@ One subprocess builds a store of about ``--gb`` GB of ``--dim``-dimensional floa
 reuses ``--store`` if it already holds one). A fresh subprocess then opens it with
 ``max_memory_gb=--cap``, iterates every batch of ``iter_batches`` touching every value, and reports
 its peak resident memory (``VmHWM``, reset through ``/proc/self/clear_refs`` after the imports) minus
-its resident memory just before opening the store. Goal: at most the cap plus 100 MB.
+its resident memory just before opening the store. Another fresh subprocess does the same for one
+exact ``search`` of ``--queries`` random queries (k=10), which streams the store under the cap too.
+Goal: at most the cap plus 100 MB for both.
 
 Examples
 --------
@@ -24,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-__all__ = ["build", "main", "measure", "run"]
+__all__ = ["build", "main", "measure", "measure_search", "run"]
 
 MB = 1024**2
 SLACK_BYTES = 100 * MB
@@ -90,16 +92,43 @@ def measure(path: str, cap_gb: float, dim: int) -> dict[str, float]:
     }
 
 
+def measure_search(path: str, cap_gb: float, dim: int, queries: int = 10) -> dict[str, float]:
+    """One exact search of ``queries`` random queries (k=10) under ``cap_gb``; a fresh process."""
+    import numpy as np
+
+    import embtools as et
+
+    et.EmbeddingStore  # noqa: B018 - resolve the lazy imports before measuring
+    import embtools.search
+    import embtools.storage.snapshot
+    import embtools.store
+
+    q = np.random.default_rng(0).standard_normal((queries, dim), dtype=np.float32)
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+    before = _status_kib("VmRSS") * 1024
+    t0 = time.perf_counter()
+    store = et.EmbeddingStore(path, backend="numpy", max_memory_gb=cap_gb)
+    result = store.search(q, k=10)
+    elapsed = time.perf_counter() - t0
+    peak = _status_kib("VmHWM") * 1024
+    return {
+        "queries": queries, "results": result.height, "seconds": elapsed,
+        "peak_minus_before": peak - before, "cap_bytes": int(cap_gb * 1024**3),
+    }
+
+
 def _subprocess(*args: str) -> dict[str, float]:
     out = subprocess.run([sys.executable, os.path.abspath(__file__), *args],
                          check=True, capture_output=True, text=True)
     return dict(json.loads(out.stdout.strip().splitlines()[-1]))
 
 
-def run(store: str, gb: float, cap: float, dim: int) -> dict[str, float]:
+def run(store: str, gb: float, cap: float, dim: int, queries: int = 10) -> dict[str, float]:
     """Build (if needed) and measure, each in its own subprocess; the measurement as a dict.
 
     When the store is built here, the result also has ``built_rows`` and ``built_checksum``.
+    With ``queries`` > 0 it also has the search measurement: ``search_peak_minus_before``,
+    ``search_seconds`` and ``search_results``.
     """
     built: dict[str, float] = {}
     if not (os.path.isdir(store) and os.listdir(store)):
@@ -107,12 +136,19 @@ def run(store: str, gb: float, cap: float, dim: int) -> dict[str, float]:
     r = _subprocess("_measure", store, str(cap), str(dim))
     if built:
         r["built_rows"], r["built_checksum"] = built["rows"], built["checksum"]
+    if queries > 0:
+        s = _subprocess("_search", store, str(cap), str(dim), str(queries))
+        r["search_peak_minus_before"] = s["peak_minus_before"]
+        r["search_seconds"], r["search_results"] = s["seconds"], s["results"]
     return r
 
 
 def main(argv: list[str] | None = None) -> None:
     """Command line: build and measure, print the figures and whether the goal holds."""
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "_search":
+        print(json.dumps(measure_search(argv[1], float(argv[2]), int(argv[3]), int(argv[4]))))
+        return
     if argv and argv[0] in ("_build", "_measure"):
         fn = build if argv[0] == "_build" else measure
         print(json.dumps(fn(argv[1], float(argv[2]), int(argv[3]))))
@@ -122,11 +158,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--cap", type=float, default=0.25, help="max_memory_gb when reading")
     ap.add_argument("--dim", type=int, default=384)
     ap.add_argument("--store", default=None, help="store directory (kept; reused if present)")
+    ap.add_argument("--queries", type=int, default=10, help="queries of the search run (0: none)")
     args = ap.parse_args(argv)
     tmp = None if args.store else tempfile.mkdtemp(prefix="embtools-memcap-")
     store = args.store or os.path.join(tmp or "", "store")
     try:
-        r = run(store, args.gb, args.cap, args.dim)
+        r = run(store, args.gb, args.cap, args.dim, args.queries)
     finally:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -137,6 +174,11 @@ def main(argv: list[str] | None = None) -> None:
     print(f"peak RSS - RSS before opening: {r['peak_minus_before'] / MB:.1f} MiB; "
           f"goal <= cap + 100 MiB = {goal / MB:.1f} MiB: "
           f"{'OK' if r['peak_minus_before'] <= goal else 'EXCEEDED'}")
+    if args.queries > 0:
+        peak = r["search_peak_minus_before"]
+        print(f"search of {args.queries} queries (k=10) in {r['search_seconds']:.2f} s: "
+              f"peak RSS - RSS before opening: {peak / MB:.1f} MiB; "
+              f"goal <= {goal / MB:.1f} MiB: {'OK' if peak <= goal else 'EXCEEDED'}")
 
 
 if __name__ == "__main__":

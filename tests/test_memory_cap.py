@@ -2,7 +2,8 @@
 
 A subprocess builds a ~400 MB store; a fresh subprocess opens it with ``max_memory_gb=0.05``,
 iterates ``iter_batches`` touching every value, and reports peak RSS minus RSS before opening
-(see ``benchmarks/memory_cap.py``). The bound is the cap plus 100 MiB.
+(see ``benchmarks/memory_cap.py``); another runs one exact search of 10 queries, which streams the
+store through the same reader. The bound is the cap plus 100 MiB for both.
 """
 
 from __future__ import annotations
@@ -39,5 +40,10 @@ def test_streaming_stays_under_cap_plus_100_mib(tmp_path: Path) -> None:
     bound = r["cap_bytes"] + bench.SLACK_BYTES
     assert r["peak_minus_before"] <= bound, (
         f"peak RSS grew by {r['peak_minus_before'] / 2**20:.1f} MiB while streaming "
+        f"{r['bytes'] / 2**20:.0f} MiB under max_memory_gb={cap_gb}; bound {bound / 2**20:.1f} MiB"
+    )
+    assert r["search_results"] == 10 * 10
+    assert r["search_peak_minus_before"] <= bound, (
+        f"peak RSS grew by {r['search_peak_minus_before'] / 2**20:.1f} MiB while searching "
         f"{r['bytes'] / 2**20:.0f} MiB under max_memory_gb={cap_gb}; bound {bound / 2**20:.1f} MiB"
     )

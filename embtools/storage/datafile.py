@@ -266,9 +266,19 @@ class MappedParquetFile:
         """Drop this chunk's mapped pages from the process (``MADV_DONTNEED``).
 
         With ``start``/``stop``, only the memory pages lying wholly inside rows ``start:stop`` of
-        the chunk are dropped, so a batch reader can give back each batch as it finishes. The file
-        stays mapped: arrays returned earlier stay valid and fault their pages back in (from the
-        page cache) if they are read again. A no-op for pyarrow-decoded chunks.
+        the chunk are dropped (see :meth:`release_rows`). The file stays mapped: arrays returned
+        earlier stay valid and fault their pages back in (from the page cache) if they are read
+        again. A no-op for pyarrow-decoded chunks.
+        """
+        self.release_rows(column, row_group, start, stop)
+
+    def release_rows(self, column: str, row_group: int, start: int | None = None,
+                     stop: int | None = None) -> None:
+        """Drop the mapped pages of rows ``start:stop`` of a chunk (default: all its rows).
+
+        Pages shared with rows outside the range are kept (a batch reader gives back each batch
+        as it finishes, then the whole chunk with :meth:`release`). A chunk of several data pages
+        is only released whole.
         """
         spans = self._plan(column, row_group)
         if not spans:

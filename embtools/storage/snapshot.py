@@ -106,7 +106,8 @@ class Snapshot(ChunkedSource):
         for i, entry in enumerate(self.manifest.files):
             start = int(self._file_starts[i])
             for rg, rows in enumerate(entry.row_groups):
-                out.append(Chunk(start, rows, self._loader(i, rg), self._releaser(i, rg)))
+                out.append(Chunk(start, rows, self._loader(i, rg), self._releaser(i, rg),
+                                 self._row_releaser(i, rg)))
                 start += rows
         return out
 
@@ -119,6 +120,11 @@ class Snapshot(ChunkedSource):
         def release(dim: int) -> None:
             self._file(i).release(emb_column(dim), rg)
         return release
+
+    def _row_releaser(self, i: int, rg: int) -> Any:
+        def release_rows(dim: int, start: int, stop: int) -> None:
+            self._file(i).release_rows(emb_column(dim), rg, start, stop)
+        return release_rows
 
     def take_metadata(self, positions: Any, columns: Sequence[str] | None = None) -> pl.DataFrame:
         """row_id, text_id, label (+ ``columns``) of ``positions``, in the order given."""
@@ -145,7 +151,12 @@ class Snapshot(ChunkedSource):
         table = pa.concat_tables(parts)
         inverse = np.empty_like(order)
         inverse[order] = np.arange(order.size)
-        return metadata_frame(table.take(pa.array(inverse)))
+        out = metadata_frame(table.take(pa.array(inverse)))
+        del parts, table
+        # The reads ran on this thread: give the pages pyarrow's pool (mimalloc) kept from them
+        # back to the system, or a stream of batches (iter_batches) piles up tens of MiB.
+        pa.default_memory_pool().release_unused()
+        return out
 
     def _read_rows(self, i: int, local: np.ndarray, schema: pa.Schema) -> pa.Table:
         """Rows ``local`` (sorted) of file ``i``, reading only their row groups."""
@@ -155,9 +166,10 @@ class Snapshot(ChunkedSource):
         groups = np.unique(rg_idx)
         path = os.path.join(self.root, entry.path)
         try:
-            pf = pq.ParquetFile(path)
+            pf = pq.ParquetFile(path, pre_buffer=False)
             present = [n for n in schema.names if n in pf.schema_arrow.names]
-            table = pf.read_row_groups([int(g) for g in groups], columns=present)
+            # on this thread (see take_metadata): a few small columns, nothing to parallelise
+            table = pf.read_row_groups([int(g) for g in groups], columns=present, use_threads=False)
         except (OSError, pa.ArrowException) as exc:
             raise CorruptStoreError(f"{path}: cannot read metadata ({exc})") from exc
         base = {int(g): int(off) for g, off in zip(groups, np.cumsum([0] + [entry.row_groups[g] for g in groups[:-1]]), strict=True)}

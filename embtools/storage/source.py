@@ -14,6 +14,7 @@ Examples
 
 from __future__ import annotations
 
+import mmap
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +29,11 @@ __all__ = ["Chunk", "ChunkedSource", "compile_where", "resolve_dimension"]
 
 _POS = "__embtools_pos"
 MAX_DEFAULT_BATCH_ROWS = 262_144
+#: Batches above this many bytes end at their chunk's end (a view) rather than copy a contiguous
+#: run together with the next chunk's rows; smaller ones keep exactly ``batch_rows`` rows.
+VIEW_BATCH_BYTES = 4 * 1024**2
+#: Rows copied into a batch per step (then released) are about this many bytes of mapped pages.
+GATHER_STEP_BYTES = 8 * 1024**2
 
 
 def compile_where(where: Any) -> pl.Expr:
@@ -68,6 +74,9 @@ class Chunk:
     rows: int
     load: Callable[[int], np.ndarray]
     release: Callable[[int], None]
+    #: ``release_rows(stored_dim, start, stop)``: give back the memory of rows ``start:stop`` of
+    #: the chunk (their pages may fault in again if read); None when there is nothing to give back
+    release_rows: Callable[[int, int, int], None] | None = None
 
 
 class ChunkedSource:
@@ -114,7 +123,14 @@ class ChunkedSource:
         """Yield ``(positions, (n, dim) float32)`` batches in ascending position order.
 
         A batch that lies in one chunk as a contiguous run is a (read-only) view; otherwise it is a
-        fresh array. Each chunk is released once all its rows have been handed out.
+        fresh array. Batches hold ``batch_rows`` rows except the last, and except that a batch of
+        more than ``VIEW_BATCH_BYTES`` never copies a contiguous run: it ends at its chunk's end
+        (a view) and a long run inside a selection comes as its own view.
+
+        Memory: the mapped pages of a view are given back when the next batch is asked for (the
+        array stays valid; read again, it faults its pages back in), rows copied into a batch as
+        soon as they are copied, and each chunk once all its rows have been handed out. So the
+        reader holds about one batch, whatever the store size.
         """
         stored = self.resolve(dim)
         dim = int(dim)
@@ -140,6 +156,17 @@ class ChunkedSource:
 
     def _iter(self, stored: int, dim: int, pos: np.ndarray | None, batch_rows: int
               ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        # Memory: a view's mapped pages are given back (release_rows) when the consumer asks for
+        # the next batch, and rows copied into a batch buffer right after the copy (in steps, so
+        # that a sparse selection does not fault in a whole chunk first). Above VIEW_BATCH_BYTES a
+        # contiguous run is never copied together with the next chunk's rows (that would hold a
+        # full-size copy besides the view the consumer still has): the batch ends at the chunk.
+        big = batch_rows * dim * 4 > VIEW_BATCH_BYTES
+        if big:
+            min_view = min(-(-batch_rows // 4), max(1, VIEW_BATCH_BYTES // (dim * 4)))
+        else:
+            min_view = batch_rows
+        step = max(1, GATHER_STEP_BYTES // max(stored * 4, mmap.PAGESIZE))
         buf: np.ndarray | None = None
         buf_pos: np.ndarray | None = None
         fill = 0
@@ -155,26 +182,41 @@ class ChunkedSource:
             arr = chunk.load(stored)
             last_chunk = (pos is None and ci == len(chunks) - 1) or (
                 pos is not None and int(pos[-1]) < chunk.start + chunk.rows)
+            release_rows = chunk.release_rows or _no_release
             i = 0
             while i < local.size:
-                take = min(batch_rows - fill, local.size - i)
-                sel = local[i:i + take]
-                contiguous = int(sel[-1]) - int(sel[0]) == take - 1
-                if fill == 0 and contiguous and (take == batch_rows or (last_chunk and i + take == local.size)):
-                    a, b = int(sel[0]), int(sel[-1]) + 1
-                    view = arr[a:b, :dim] if dim != stored else arr[a:b]
-                    yield sel + chunk.start, view
-                    i += take
+                n = min(batch_rows, local.size - i)
+                run = _leading_run(local[i:i + n])
+                if run == n and fill == 0 and (
+                        n == batch_rows or n >= min_view or (last_chunk and i + n == local.size)):
+                    view_rows = n
+                elif big and run >= min_view:
+                    view_rows = run
+                    if fill:  # keep position order: hand out the rows copied so far first
+                        assert buf is not None and buf_pos is not None
+                        yield buf_pos[:fill], buf[:fill]
+                        buf, buf_pos, fill = None, None, 0
+                else:
+                    view_rows = 0
+                if view_rows:
+                    a = int(local[i])
+                    b = a + view_rows
+                    yield local[i:i + view_rows] + chunk.start, (arr[a:b, :dim] if dim != stored else arr[a:b])
+                    release_rows(stored, a, b)
+                    i += view_rows
                     continue
+                take = min(batch_rows - fill, local.size - i)
                 if buf is None:
                     buf = np.empty((batch_rows, dim), dtype=np.float32)
                     buf_pos = np.empty(batch_rows, dtype=np.int64)
                 assert buf_pos is not None
-                if contiguous:
-                    buf[fill:fill + take] = arr[int(sel[0]):int(sel[-1]) + 1, :dim]
-                else:
-                    buf[fill:fill + take] = arr[sel, :dim]
-                buf_pos[fill:fill + take] = sel + chunk.start
+                for s in range(0, take, step):
+                    sel = local[i + s:i + min(s + step, take)]
+                    a, b = int(sel[0]), int(sel[-1]) + 1
+                    out = buf[fill + s:fill + s + sel.size]
+                    out[:] = arr[a:b, :dim] if b - a == sel.size else arr[sel, :dim]
+                    release_rows(stored, a, b)
+                buf_pos[fill:fill + take] = local[i:i + take] + chunk.start
                 fill += take
                 i += take
                 if fill == batch_rows:
@@ -185,3 +227,14 @@ class ChunkedSource:
         if fill:
             assert buf is not None and buf_pos is not None
             yield buf_pos[:fill], buf[:fill]
+
+
+def _no_release(dim: int, start: int, stop: int) -> None:
+    """``Chunk.release_rows`` of a chunk that holds no mapped pages."""
+
+
+def _leading_run(sel: np.ndarray) -> int:
+    """How many of the ascending, distinct ``sel`` (non-empty) are consecutive from the first."""
+    if int(sel[-1]) - int(sel[0]) == sel.size - 1:
+        return int(sel.size)
+    return int(np.flatnonzero(np.diff(sel) != 1)[0]) + 1
