@@ -478,6 +478,7 @@ def test_numpy_kernel_tiles_and_threads(monkeypatch, rng, metric, threads):
     from embtools.backends import numpy_kernel
 
     monkeypatch.setattr(numpy_kernel, "TILE_COLS", 16)
+    monkeypatch.setattr(numpy_kernel, "TILE_COLS_PER_K", 1)
     monkeypatch.setattr(numpy_kernel, "TILE_ROWS", 8)
     monkeypatch.setattr(numpy_kernel, "MIN_THREAD_ROWS", 4)
     monkeypatch.setattr(numpy_kernel, "THREADS", threads)

@@ -49,10 +49,10 @@ def test_funnel_reads_the_stored_short_columns(tmp_path, monkeypatch):
     asked: list[tuple[int, int]] = []
     original = store.source.iter_vectors
 
-    def spy(dim, positions=None, batch_rows=None):
+    def spy(dim, positions=None, batch_rows=None, **kw):
         rows = store.source.num_rows if positions is None else len(positions)
         asked.append((dim, rows))
-        return original(dim, positions=positions, batch_rows=batch_rows)
+        return original(dim, positions=positions, batch_rows=batch_rows, **kw)
 
     monkeypatch.setattr(store.source, "iter_vectors", spy)
     q = matryoshka(rng, 4, d)

@@ -85,6 +85,36 @@ def test_kernel_scale_is_an_unnormalised_cosine(nq):
         b.block_top_k(q, c, 3, "dot", scale=scale[:-1])
 
 
+def _unaligned(x: np.ndarray) -> np.ndarray:
+    """A read-only copy of ``x`` starting 2 bytes into a buffer (like a data file's values)."""
+    raw = np.zeros(x.nbytes + 8, np.uint8)
+    out = np.frombuffer(raw[2 : 2 + x.nbytes].data, dtype=x.dtype).reshape(x.shape)
+    np.copyto(out, x)
+    out.flags.writeable = False
+    assert not out.flags.aligned
+    return out
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("nq", [1, 3])
+def test_kernel_on_unaligned_blocks(monkeypatch, metric, nq):
+    """Zero-copy views of data files need not be 4-byte aligned (no BLAS): the einsum
+    matrix-vector product (split over threads) and the tile copies give the aligned results."""
+    monkeypatch.setattr(numpy_kernel, "MIN_THREAD_MATVEC_ROWS", 100)
+    monkeypatch.setattr(numpy_kernel, "TILE_COLS", 256)
+    rng = np.random.default_rng()
+    c = rng.integers(-3, 4, size=(3001, 7)).astype(np.float32)  # exact scores in any order
+    q = rng.integers(-3, 4, size=(nq, 7)).astype(np.float32)
+    scale = None if metric == "l2" else rng.integers(1, 3, size=3001).astype(np.float32)
+    want = numpy_kernel.block_top_k(q, c, 40, metric, scale=scale)
+    got = numpy_kernel.block_top_k(q, _unaligned(c), 40, metric, scale=scale)
+    np.testing.assert_array_equal(got[1], want[1])
+    np.testing.assert_array_equal(got[0], want[0])
+    ref = (c.astype(np.float64) @ q[0].astype(np.float64)).astype(np.float32)
+    np.testing.assert_array_equal(numpy_kernel.matvec(_unaligned(c), q[0]), ref)
+    np.testing.assert_array_equal(numpy_kernel.row_dots(_unaligned(c)), np.sum(c * c, axis=1))
+
+
 def test_inverse_norms_safe_range():
     x = np.array([[3, 4], [0, 0], [1e-30, 0], [1e30, 1e30], [0.5, 0]], np.float32)
     assert engine.inverse_norms(x) is None  # tiny and huge rows: the block is normalised instead
@@ -130,7 +160,7 @@ def test_single_query_prefix_dimension_and_ties(tmp_path, where_store):
     from duplicated rows broken by row id."""
     rng = np.random.default_rng()
     n, d = 900, 16
-    x = rng.integers(-3, 4, size=(n, d)).astype(np.float32)
+    x = rng.standard_normal((n, d)).astype(np.float32)
     x[500:600] = x[100:200]  # exact duplicates: exact ties, the lower row id first
     store = make_store(None if where_store == "memory" else tmp_path / "s", x)
     for dim in (6, d):
@@ -149,8 +179,8 @@ def test_single_query_rows_outside_the_safe_norm_range():
     result still equals the brute force, and no norm cache is kept for that source."""
     rng = np.random.default_rng()
     x = rng.standard_normal((400, 8)).astype(np.float32)
-    x[7] = x[3] * 1e-25
-    x[9] = x[3] * 1e25
+    x[7] = x[3] * 2.0**-90  # powers of two: exact scalings, so rows 3, 7 and 9 tie exactly
+    x[9] = x[3] * 2.0**90
     x[11] = 0.0
     store = make_store(None, x)
     q = x[3] + 0.0
@@ -209,3 +239,154 @@ def test_compute_similarity_single_query_matches_brute_force():
     sims, idx = store.compute_similarity(q, 10, top_k=15)
     assert idx.shape == (15,)
     check_top_k(brute_force(x, q[None], "cosine"), np.asarray(sims)[None], idx[None], 15, "cosine")
+
+
+# ---------------------------------------------------------------------------- float64 re-ranking
+@pytest.mark.parametrize("metric", METRICS)
+def test_rerank_scores_are_shape_independent(monkeypatch, metric):
+    """The re-ranking scores equal, bit for bit, the elementwise float64 reference whatever the
+    query groups, column blocks and cache-sized product blocks (so duplicates tie exactly)."""
+    from embtools.search import refine
+
+    rng = np.random.default_rng()
+    n, d, nq, m = 500, 24, 7, 40
+    x = planted_corpus(rng, n, d)
+    q = rng.standard_normal((nq, d)).astype(np.float32)
+    cand = np.stack([rng.choice(n, m, replace=False) for _ in range(nq)]).astype(np.int64)
+    q64 = q.astype(np.float64)
+    if metric == "cosine":
+        q64 = q64 / np.linalg.norm(q64, axis=1, keepdims=True)
+    g = x.astype(np.float64)[np.sort(cand, axis=1)]
+    if metric == "l2":
+        ref = np.sum((g - q64[:, None, :]) * (g - q64[:, None, :]), axis=-1)
+    else:
+        ref = np.sum(g * q64[:, None, :], axis=-1)
+    if metric == "cosine":
+        norms = np.sqrt(np.sum(g * g, axis=-1))
+        ref = np.clip(ref / np.where(norms == 0, 1.0, norms), -1.0, 1.0)
+    key = ref if metric == "l2" else -ref
+    order = np.argsort(key, axis=1, kind="stable")[:, :m]
+    src = ArraySource(x)
+    for chunk, sub in [(None, None), (40_000, 3000), (9_000, 200)]:
+        if chunk is not None:
+            monkeypatch.setattr(refine, "RERANK_CHUNK_BYTES", chunk)
+            monkeypatch.setattr(refine, "SUB_BLOCK_BYTES", sub)
+        s, p = refine.rerank(src, MemoryBudget(None), q, d, cand, m, metric)
+        np.testing.assert_array_equal(p, np.take_along_axis(np.sort(cand, axis=1), order, axis=1))
+        np.testing.assert_array_equal(s, np.take_along_axis(ref, order, axis=1).astype(np.float32))
+    for sub in (1, 5000, 10**7):  # the float64 scores themselves, product blocks of any size
+        got = refine._score(src, q64, d, np.sort(cand, axis=1), metric, sub)
+        np.testing.assert_array_equal(got, ref)
+
+
+# ---------------------------------------------------------------------------- bounds, merges
+@pytest.mark.parametrize("metric", METRICS)
+def test_kernel_bound_from_earlier_blocks(monkeypatch, metric):
+    """Blocks scored with the k-th best of the earlier blocks as a bound (rows not better come
+    back as padding) merge to exactly the unbounded result; small tiles force pending merges."""
+    monkeypatch.setattr(numpy_kernel, "TILE_COLS", 32)
+    monkeypatch.setattr(numpy_kernel, "TILE_COLS_PER_K", 1)
+    monkeypatch.setattr(numpy_kernel, "TILE_ROWS", 8)
+    rng = np.random.default_rng()
+    b = et.get_backend("numpy")
+    c = rng.integers(-2, 3, size=(2000, 5)).astype(np.float32)  # exact scores, many ties
+    q = rng.integers(-2, 3, size=(13, 5)).astype(np.float32)
+    largest = metric != "l2"
+    for k in (1, 7, 40):
+        want = b.block_top_k(q, c, k, metric)
+        best = None
+        for a in range(0, 2000, 450):
+            blk = c[a : a + 450]
+            kw = {} if best is None else {"bound": best[0][:, -1]}
+            v, i = b.block_top_k(q, blk, min(k, len(blk)), metric, **kw)
+            pad = i == numpy_kernel.PAD_INDEX
+            assert np.all(v[pad] == (-np.inf if largest else np.inf))
+            if best is not None:  # every real row beats the bound strictly
+                beat = v > best[0][:, -1:] if largest else v < best[0][:, -1:]
+                assert np.all(beat | pad)
+            best = (v, i + a) if best is None else b.merge_top_k(*best, v, i + a, k, largest=largest)
+        np.testing.assert_array_equal(best[1], want[1])
+        np.testing.assert_array_equal(best[0], want[0])
+    with pytest.raises(et.errors.DimensionMismatchError):
+        b.block_top_k(q, c, 3, metric, bound=np.zeros(2, np.float32))
+
+
+def test_engine_many_blocks_large_k_exact(tmp_path):
+    """A funnel-sized shortlist over many batches (bounds and pending merges in the engine)."""
+    rng = np.random.default_rng()
+    n, d = 3000, 8
+    x = rng.integers(-3, 4, size=(n, d)).astype(np.float32)
+    q = rng.integers(-3, 4, size=(20, d)).astype(np.float32)
+    for metric in ("dot", "l2"):
+        s, p = stream_top_k(ArraySource(x), et.get_backend("numpy"), MemoryBudget(None), q, d, 300,
+                            metric, batch_rows=700)
+        check_top_k(brute_force(x, q, metric), s, p, 300, metric, exact=True)
+
+
+# ---------------------------------------------------------------------------- reading for search
+def _grouped_store(tmp_path, n=2400, d=16):
+    """A disk store of several files with several row groups each (small cap)."""
+    rng = np.random.default_rng()
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    labels = rng.choice(["a", "b", None], size=n).tolist()
+    store = make_store(tmp_path / "s", x, labels=labels, metadata={"year": np.arange(n) % 50},
+                       max_memory_gb=n * d * 4 / 8 / 1024**3)
+    groups = [rg for f in store.source.manifest.files for rg in f.row_groups]
+    assert len(store.source.manifest.files) >= 3 and len(groups) >= 6
+    return store, x, labels
+
+
+def test_iter_vectors_views_end_batches_at_row_groups(tmp_path):
+    store, x, _ = _grouped_store(tmp_path)
+    src = store.source
+    groups = [rg for f in src.manifest.files for rg in f.row_groups]
+    ends = set(np.cumsum(groups).tolist())
+    batch = max(groups) + 7  # a batch straddles row groups unless it ends at one
+    seen = []
+    for pos, v in src.iter_vectors(16, batch_rows=batch, views=True):
+        assert len(pos) <= batch
+        np.testing.assert_array_equal(v, x[pos])
+        if not v.flags.owndata:  # a view of one row group
+            assert int(pos[-1]) + 1 in ends or len(pos) == batch
+        seen.append(pos)
+    np.testing.assert_array_equal(np.concatenate(seen), np.arange(len(x)))
+    # without views: full batches (copies across row groups), same rows
+    sizes = [len(p) for p, _ in src.iter_vectors(16, batch_rows=batch)]
+    assert sizes[:-1] == [batch] * (len(sizes) - 1)
+    # a selection with gaps and a prefix dimension: the same rows either way
+    sel = np.flatnonzero(np.random.default_rng().random(len(x)) < 0.6)
+    for views in (False, True):
+        got = [(p, np.array(v)) for p, v in src.iter_vectors(5, sel, batch_rows=300, views=views)]
+        np.testing.assert_array_equal(np.concatenate([p for p, _ in got]), sel)
+        np.testing.assert_array_equal(np.concatenate([v for _, v in got]), x[sel, :5])
+
+
+def test_take_metadata_cached_row_groups(tmp_path, monkeypatch):
+    from embtools.storage import snapshot
+
+    store, x, labels = _grouped_store(tmp_path)
+    src = store.source
+    rng = np.random.default_rng()
+    n = len(x)
+    for rep in range(3):
+        if rep == 2:  # a cache that holds about one row group: evictions, same answers
+            one = max(int(t.nbytes) for t in src._meta_groups.values())
+            monkeypatch.setattr(snapshot, "META_CACHE_BYTES", one * 3 // 2)
+            src.close()
+        pos = rng.integers(0, n, size=40)  # any order, repeats
+        frame = src.take_metadata(pos)
+        assert frame["row_id"].to_list() == pos.tolist()
+        assert frame["text_id"].to_list() == [f"t{i}" for i in pos]
+        assert frame["label"].to_list() == [labels[i] for i in pos]
+        extra = src.take_metadata(pos, ["year"])
+        assert extra["year"].to_list() == (pos % 50).tolist()
+        assert extra.select("row_id", "text_id", "label").equals(frame)
+    assert src._meta_groups and all(key[2] == snapshot._BASE for key in src._meta_groups)
+    assert 0 < src._meta_bytes <= snapshot.META_CACHE_BYTES
+    # the search results carry the same metadata as the brute force's rows
+    q = x[rng.choice(n, 3)]
+    res = store.search(q, 5, columns=["year"])
+    assert res["text_id"].to_list() == [f"t{i}" for i in res["row_id"].to_list()]
+    assert res["year"].to_list() == [i % 50 for i in res["row_id"].to_list()]
+    src.close()
+    assert not src._meta_groups and not src._meta_files

@@ -121,17 +121,20 @@ class NumpyBackend(Backend):
     def _select(self, s: Any, k: int, bound: Any) -> tuple[np.ndarray, np.ndarray]:
         return kernel.select_top_k(np.asarray(s), k)
 
-    #: ``block_top_k`` takes ``scale=`` (per-row factors of the block, cosine/dot)
+    #: ``block_top_k`` takes ``scale=`` (per-row factors of the block, cosine/dot) and ``bound=``
     supports_scale = True
+    supports_bound = True
 
     def block_top_k(
         self, queries: Any, block: Any, k: int, metric: str = "cosine", *,
-        scale: np.ndarray | None = None,
+        scale: np.ndarray | None = None, bound: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Best ``k`` of one block per query, scored and selected tile by tile (fused).
 
         ``scale`` (cosine/dot): multiplies each block row's scores, e.g. by its inverse norm so
         that cosine runs on an unnormalised block (the queries still come normalised).
+        ``bound`` (per query, the k-th best score of earlier blocks): rows not strictly better
+        may come back as padding (value -inf, l2 +inf; index ``numpy_kernel.PAD_INDEX``).
         """
         k = check_k(k)
         metric = check_metric(metric)
@@ -152,4 +155,10 @@ class NumpyBackend(Backend):
                 raise DimensionMismatchError(
                     f"block_top_k: {scale.shape[0]} scale factors for a block of {c.shape[0]} rows"
                 )
-        return kernel.block_top_k(q, c, k, metric, scale=scale)
+        if bound is not None:
+            bound = np.asarray(bound).reshape(-1)
+            if bound.shape[0] != q.shape[0]:
+                raise DimensionMismatchError(
+                    f"block_top_k: {bound.shape[0]} bounds for {q.shape[0]} queries"
+                )
+        return kernel.block_top_k(q, c, k, metric, scale=scale, bound=bound)

@@ -16,6 +16,7 @@ Examples
 
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 from collections.abc import Callable
@@ -24,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 __all__ = [
+    "PAD_INDEX",
     "block_top_k",
     "kth_bound",
     "mask_positions",
@@ -38,12 +40,18 @@ MatmulT = Callable[[np.ndarray, np.ndarray, np.ndarray], None]
 
 #: columns of the corpus scored per tile (the scores of one tile, nq x TILE_COLS, stay in cache)
 TILE_COLS = 4096
+#: ... and at least this many columns per wanted result (k)
+TILE_COLS_PER_K = 64
 #: queries per tile
 TILE_ROWS = 1024
+#: the index of a padding slot (see ``bound`` in :func:`block_top_k`): above any row position
+PAD_INDEX = 2**62
 #: threads that split the queries of a large block (NumPy selection is single-threaded)
 THREADS = min(2, os.cpu_count() or 1)
 #: fewest queries per thread
 MIN_THREAD_ROWS = 64
+#: fewest block rows per thread of an unaligned matrix-vector product
+MIN_THREAD_MATVEC_ROWS = 8192
 
 
 def mask_positions(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -162,26 +170,36 @@ def select_top_k_1d(s: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def matvec(c: np.ndarray, q: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """``c @ q`` for a 2-D ``c`` and 1-D ``q``, on one thread and without a BLAS call.
+    """``c @ q`` for a 2-D ``c`` and 1-D ``q``: one BLAS gemv over the whole block.
 
-    A single query's scores are a memory-bound matrix-vector product: one thread streams the
-    block at memory speed, while a multithreaded BLAS gemv costs thread wake-ups that dominate
-    small blocks and stall badly when the other cores are busy. ``np.vecdot`` (NumPy >= 2) and
-    ``np.einsum`` run their own SIMD loops.
+    A single query's scores are a memory-bound matrix-vector product. One call per block (not
+    one per tile of a few thousand rows) keeps BLAS's thread start-up off the critical path,
+    which matters most when the other cores are busy. A block that is not 4-byte aligned (a
+    zero-copy view of a data file whose values start at an odd offset) cannot go to BLAS, and
+    NumPy's fallback matmul loop is slow: ``np.einsum`` streams it with unaligned SIMD loads.
     """
-    if _VECDOT is not None:
-        return _VECDOT(c, q, out=out)  # type: ignore[no-any-return]
-    return np.einsum("ij,j->i", c, q, out=out)  # type: ignore[no-any-return]
+    if c.flags.aligned and q.flags.aligned:
+        return np.matmul(c, q, out=out)  # type: ignore[no-any-return]
+    n = c.shape[0]
+    if out is None:
+        out = np.empty(n, dtype=np.result_type(c.dtype, q.dtype))
+    if THREADS < 2 or n < THREADS * MIN_THREAD_MATVEC_ROWS:
+        return np.einsum("ij,j->i", c, q, out=out)  # type: ignore[no-any-return]
+    # einsum runs on one thread (GIL released): split the rows over the kernel's threads
+    cuts = [n * t // THREADS for t in range(THREADS + 1)]
+    futures = [
+        _pool().submit(np.einsum, "ij,j->i", c[a:b], q, out=out[a:b])
+        for a, b in itertools.pairwise(cuts[1:])
+    ]
+    np.einsum("ij,j->i", c[: cuts[1]], q, out=out[: cuts[1]])
+    for f in futures:
+        f.result()
+    return out
 
 
 def row_dots(c: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """Squared L2 norm of each row of 2-D ``c`` (one pass, one thread)."""
-    if _VECDOT is not None:
-        return _VECDOT(c, c, out=out)  # type: ignore[no-any-return]
+    """Squared L2 norm of each row of 2-D ``c`` (one pass; aligned or not)."""
     return np.einsum("ij,ij->i", c, c, out=out)  # type: ignore[no-any-return]
-
-
-_VECDOT = getattr(np, "vecdot", None)
 
 
 def _merge_candidates(
@@ -205,6 +223,23 @@ def _merge_candidates(
     indices[touched] = new_i
 
 
+def _merge_pending(
+    values: np.ndarray,
+    indices: np.ndarray,
+    pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
+) -> None:
+    """Merge the candidates of several tiles (each in row-major order, tiles in column order)."""
+    if len(pending) == 1:
+        rows, cand_v, cand_i = pending[0]
+    else:
+        rows = np.concatenate([p[0] for p in pending])
+        order = np.argsort(rows, kind="stable")  # by query; within one, tiles stay in order
+        rows = rows[order]
+        cand_v = np.concatenate([p[1] for p in pending])[order]
+        cand_i = np.concatenate([p[2] for p in pending])[order]
+    _merge_candidates(values, indices, rows, cand_v, cand_i)
+
+
 def _block_rows(
     q: np.ndarray,
     c: np.ndarray,
@@ -215,19 +250,30 @@ def _block_rows(
     out_i: np.ndarray,
     matmul: MatmulT,
     scale: np.ndarray | None = None,
+    bound: np.ndarray | None = None,
 ) -> None:
-    """:func:`block_top_k` for the queries ``q``, written into ``out_v``/``out_i``."""
+    """:func:`block_top_k` for the queries ``q``, written into ``out_v``/``out_i``; ``bound``
+    (higher is better, one per query) starts the threshold: see :func:`block_top_k`."""
     nq, nb = q.shape[0], c.shape[0]
-    first = min(nb, max(TILE_COLS, k))  # the first tile holds at least k columns
+    # tiles widen with k: every merge re-sorts the k kept per query, so a large k (a funnel's
+    # shortlist) wants few, wide tiles; the first tile holds at least k columns
+    tile_cols = max(TILE_COLS, TILE_COLS_PER_K * k, k)
+    first = min(nb, tile_cols)
     # one scores buffer and one mask buffer, reused by every tile (fresh pages are slow to fault in)
     size = min(nq, TILE_ROWS) * first
     scores_buf = np.empty(size, dtype=out_v.dtype)
     mask_buf = np.empty(size, dtype=bool)
+    # a block that is not aligned (a view of a data file) cannot go to BLAS: copy tile by tile
+    cbuf = None if c.flags.aligned else np.empty((first, c.shape[1]), dtype=c.dtype)
 
     def tile(qs: np.ndarray, q0: int, c0: int, c1: int) -> np.ndarray:
         width = min(c1, nb) - c0
         s = scores_buf[: qs.shape[0] * width].reshape(qs.shape[0], width)
-        matmul(qs, c[c0 : c0 + width], s)
+        block = c[c0 : c0 + width]
+        if cbuf is not None:
+            block = cbuf[:width]
+            np.copyto(block, c[c0 : c0 + width])
+        matmul(qs, block, s)
         if scale is not None:
             s *= scale[c0 : c0 + width]
         if qq is not None and cc is not None:
@@ -240,17 +286,34 @@ def _block_rows(
 
     for q0 in range(0, nq, TILE_ROWS):
         qs = q[q0 : q0 + TILE_ROWS]
-        values, indices = select_top_k(tile(qs, q0, 0, first), k)
-        values = np.ascontiguousarray(values)
+        if bound is None:
+            values, indices = select_top_k(tile(qs, q0, 0, first), k)
+            values = np.ascontiguousarray(values)
+            start = first
+        else:
+            # k placeholders at the bound: only entries strictly above it are merged in
+            values = np.repeat(bound[q0 : q0 + qs.shape[0], None], k, axis=1).astype(out_v.dtype)
+            indices = np.full(values.shape, PAD_INDEX, dtype=np.int64)
+            start = 0
         threshold = values[:, -1:].copy()
-        for c0 in range(first, nb, TILE_COLS):
-            s = tile(qs, q0, c0, c0 + TILE_COLS)
+        # candidates wait until about k/4 per query have come (a merge re-sorts the k kept per
+        # query): the threshold lags a little, but a large k is merged a few times, not per tile
+        pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        waiting = 0
+        for c0 in range(start, nb, tile_cols):
+            s = tile(qs, q0, c0, c0 + tile_cols)
             # strictly better than the k-th best: a tie loses to the earlier (lower) index
             mask = np.greater(s, threshold, out=mask_buf[: s.size].reshape(s.shape))
             rows, cols = mask_positions(mask)
             if rows.size:
-                _merge_candidates(values, indices, rows, s[rows, cols], cols + c0)
+                pending.append((rows, s[rows, cols], cols + c0))
+                waiting += rows.size
+            if pending and (waiting * 4 >= qs.shape[0] * k or c0 + tile_cols >= nb):
+                _merge_pending(values, indices, pending)
                 threshold = values[:, -1:].copy()
+                pending, waiting = [], 0
+        if bound is not None:
+            values[indices == PAD_INDEX] = -np.inf
         out_v[q0 : q0 + qs.shape[0]] = values
         out_i[q0 : q0 + qs.shape[0]] = indices
 
@@ -267,6 +330,7 @@ def block_top_k(
     metric: str,
     matmul: MatmulT = numpy_matmul_t,
     scale: np.ndarray | None = None,
+    bound: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Best ``k`` rows of ``c`` per row of ``q``: ``(values, indices)``, best first, ties to the
     lower index; ``metric`` is "cosine"/"dot" (inner product, largest first) or "l2" (squared
@@ -274,6 +338,11 @@ def block_top_k(
     ``matmul(a, b, out)`` writes ``a @ b.T`` into ``out`` (the torch backend passes torch's).
     ``scale`` (cosine/dot only): a per-row factor of ``c`` applied to the inner products, e.g. the
     inverse row norms, so that an unnormalised block scores as if normalised.
+    ``bound`` (one per query, in the metric's terms: l2 a distance): the k-th best score found so
+    far in earlier blocks. Rows not strictly better cannot enter the result (ties go to earlier
+    rows), so they may be left out: their slots hold padding, value -inf (l2: +inf) and index
+    ``PAD_INDEX``, which a merge with the k earlier results never keeps. Every tile is then
+    filtered against the bound, with no full selection on the first tile.
 
     A single query is scored in one matrix-vector pass and selected with one partition
     (:func:`select_top_k_1d`). Large problems are split by query rows over two threads: NumPy
@@ -285,8 +354,14 @@ def block_top_k(
     l2 = metric == "l2"
     if scale is not None and l2:
         raise ValueError("scale applies to inner products (cosine, dot), not to l2")
-    if nq == 1:
+    if nq == 1:  # one partition over the block: a bound would not save much
         return _single_top_k(q, c, k, l2, matmul, scale)
+    if bound is not None:
+        bound = np.asarray(bound, dtype=np.result_type(q.dtype, c.dtype)).reshape(-1)
+        if np.isnan(bound).any():
+            bound = None
+        elif l2:
+            bound = -bound  # higher is better inside the kernel
     qq = np.einsum("ij,ij->i", q, q)[:, None] if l2 else None
     cc = np.einsum("ij,ij->i", c, c)[None, :] if l2 else None
     dtype = np.result_type(q.dtype, c.dtype)
@@ -306,13 +381,14 @@ def block_top_k(
                 out_i[p[0] : p[-1] + 1],
                 matmul,
                 scale,
+                None if bound is None else bound[p[0] : p[-1] + 1],
             )
             for p in parts
         ]
         for f in futures:
             f.result()
     else:
-        _block_rows(q, c, k, qq, cc, out_v, out_i, matmul, scale)
+        _block_rows(q, c, k, qq, cc, out_v, out_i, matmul, scale, bound)
     if l2:
         np.negative(out_v, out=out_v)
         out_v += 0.0  # no negative zeros

@@ -79,23 +79,29 @@ def result_frame(
     """The result DataFrame: ``query, rank, row_id, text_id, label, score`` (+ ``columns``)."""
     nq, kk = positions.shape
     flat = positions.reshape(-1)
-    uniq, inv = np.unique(flat, return_inverse=True)
+    if nq == 1:  # the positions of one query are distinct: no de-duplication needed
+        uniq, inv = flat, None
+    else:
+        uniq, inv = np.unique(flat, return_inverse=True)
     try:
         meta = source.take_metadata(uniq, columns)
     except EmbtoolsError:
         raise
     except Exception as err:  # an unknown column name
         raise InvalidArgumentError(f"cannot read the metadata columns {columns!r}: {err}") from None
-    if len(uniq):
+    if inv is not None and len(uniq):
         meta = meta[inv.reshape(-1)]
     extra = [c for c in (columns or []) if c not in ("row_id", "text_id", "label")]
     base = [c for c in ("row_id", "text_id", "label") if c in meta.columns]
-    frame = meta.with_columns(
-        pl.Series("query", np.repeat(np.arange(nq, dtype=np.int64), kk)),
-        pl.Series("rank", np.tile(np.arange(kk, dtype=np.int64), nq)),
-        pl.Series("score", scores.reshape(-1).astype(np.float32, copy=False), dtype=pl.Float32),
+    return pl.DataFrame(
+        [
+            pl.Series("query", np.repeat(np.arange(nq, dtype=np.int64), kk)),
+            pl.Series("rank", np.tile(np.arange(kk, dtype=np.int64), nq)),
+            *(meta.get_column(c) for c in base),
+            pl.Series("score", scores.reshape(-1).astype(np.float32, copy=False), dtype=pl.Float32),
+            *(meta.get_column(c) for c in extra),
+        ]
     )
-    return frame.select("query", "rank", *base, "score", *extra)
 
 
 def search_store(

@@ -85,7 +85,12 @@ class VectorSource(Protocol):
     def select(self, where: Any) -> np.ndarray: ...
 
     def iter_vectors(
-        self, dim: int, positions: np.ndarray | None = None, batch_rows: int | None = None
+        self,
+        dim: int,
+        positions: np.ndarray | None = None,
+        batch_rows: int | None = None,
+        *,
+        views: bool = False,
     ) -> Iterator[tuple[np.ndarray, np.ndarray]]: ...
 
     def take_metadata(self, positions: np.ndarray, columns: list[str] | None = None) -> Any: ...
@@ -112,7 +117,12 @@ class ArraySource:
         raise InvalidArgumentError("an ArraySource has no metadata to filter on")
 
     def iter_vectors(
-        self, dim: int, positions: np.ndarray | None = None, batch_rows: int | None = None
+        self,
+        dim: int,
+        positions: np.ndarray | None = None,
+        batch_rows: int | None = None,
+        *,
+        views: bool = False,
     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         rows = batch_rows or 65_536
         if positions is None:
@@ -365,7 +375,10 @@ def _batches(
 ) -> Iterator[tuple[np.ndarray, Any]]:
     """(positions, backend block ready to score) in ascending position order; ``scaled`` blocks
     are left unnormalised for cosine (scored with inverse norms)."""
-    raw = _split(source.iter_vectors(dim, positions=positions, batch_rows=plan.rows), plan.rows)
+    # views: a batch ending at a row group's end comes short rather than copied with the next
+    raw = _split(
+        source.iter_vectors(dim, positions=positions, batch_rows=plan.rows, views=True), plan.rows
+    )
     if not plan.prefetch:
         normalize = metric == "cosine" and not scaled
         for pos, vec in raw:
@@ -463,6 +476,7 @@ def _one_pass(
     largest = metric != "l2"
     seen = 0
     scaled = norms is not None
+    bounded = bool(getattr(backend, "supports_bound", False))
     for pos, block in _batches(source, backend, dim, positions, plan, metric, scaled):
         n = len(pos)
         if n == 0:
@@ -473,17 +487,20 @@ def _one_pass(
                 f"the vector source yielded position {int(pos[0])} where {expected} was expected"
             )
         kb = min(k, n)
+        kw: dict[str, Any] = {}
         if norms is not None:
-            scale = norms.of_batch(pos, block)
-            if scale is None:  # norms out of float32's safe range: normalise this block instead
+            kw["scale"] = norms.of_batch(pos, block)
+            if kw["scale"] is None:  # norms out of float32's safe range: normalise the block
                 block = backend.normalize(block)
-            kw: dict[str, Any] = {"scale": scale}
-        else:
-            kw = {}
         for c, qc in enumerate(qs):
+            prev = best[c]
+            if bounded and prev is not None and prev[0].shape[1] == k:
+                # the k-th best so far: later rows must beat it (padding comes back otherwise)
+                kw["bound"] = prev[0][:, -1]
+            else:
+                kw.pop("bound", None)
             values, local = backend.block_top_k(qc, block, kb, metric, **kw)
             glob = local + seen
-            prev = best[c]
             best[c] = (values, glob) if prev is None else backend.merge_top_k(
                 *prev, values, glob, k, largest=largest
             )

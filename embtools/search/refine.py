@@ -33,7 +33,9 @@ __all__ = ["exact_top_k", "overfetch", "rerank"]
 
 #: Gathered candidate vectors re-ranked in one go are kept under this many bytes (and the cap).
 RERANK_CHUNK_BYTES = 64 * 1024**2
-_RERANK_BYTES_PER_VALUE = 4 + 4 + 8 + 8  # loaded, normalised, gathered float64, products
+_RERANK_BYTES_PER_VALUE = 4 + 4 + 8 + 8  # the guard of exact_top_k: generous per (candidate, dim)
+#: float64 products are formed this many bytes at a time, so that they stay in the CPU cache
+SUB_BLOCK_BYTES = 1024**2
 
 
 def overfetch(k: int) -> int:
@@ -90,11 +92,14 @@ def rerank(
         q = q / np.where(qn == 0, 1.0, qn)
     avail = budget.available_bytes
     limit = RERANK_CHUNK_BYTES if avail is None else min(RERANK_CHUNK_BYTES, avail)
-    # per query: its m scores and sort keys; per (query, candidate) in a column block: the vectors
-    per_col = dim * _RERANK_BYTES_PER_VALUE
-    group = max(1, min(nq, limit // (m * 24 + min(m, 32) * per_col)))
-    width = max(1, min(m, (limit - group * m * 24) // (group * per_col)))
-    nbytes = group * m * 24 + group * width * per_col
+    # fixed: one cache-sized block of float64 products (and its float32 gather); per query: its m
+    # scores and sort keys; per (query, candidate) in a column block: at most one gathered float32
+    # row and its float64 norm
+    sub = max(dim * 12, min(SUB_BLOCK_BYTES, limit // 4))
+    per_col = dim * 4 + 8
+    group = max(1, min(nq, (limit - sub) // (m * 24 + min(m, 32) * per_col)))
+    width = max(1, min(m, (limit - sub - group * m * 24) // (group * per_col)))
+    nbytes = sub + group * m * 24 + group * width * per_col
     out_s = np.empty((nq, keep), np.float32)
     out_p = np.empty((nq, keep), np.int64)
     with budget.holding(f"rerank/{id(candidates)}", nbytes, "re-ranking candidates",
@@ -104,7 +109,9 @@ def rerank(
             cand = np.sort(candidates[a:b], axis=1)
             scores = np.empty(cand.shape, np.float64)
             for c in range(0, m, width):
-                scores[:, c : c + width] = _score(source, q[a:b], dim, cand[:, c : c + width], metric)
+                scores[:, c : c + width] = _score(
+                    source, q[a:b], dim, cand[:, c : c + width], metric, sub
+                )
             key = scores if metric == "l2" else -scores
             order = np.argsort(key, axis=1, kind="stable")[:, :keep]
             out_s[a:b] = np.take_along_axis(scores, order, axis=1)
@@ -113,11 +120,24 @@ def rerank(
 
 
 def _score(
-    source: VectorSource, q: np.ndarray, dim: int, cand: np.ndarray, metric: str
+    source: VectorSource,
+    q: np.ndarray,
+    dim: int,
+    cand: np.ndarray,
+    metric: str,
+    sub_bytes: int = SUB_BLOCK_BYTES,
 ) -> np.ndarray:
     """float64 scores ``(g, w)`` of queries ``q`` (float64, normalised for cosine) against their
-    candidate positions ``cand``."""
+    candidate positions ``cand``.
+
+    Each (query, row) score is the sum, along the last axis of a C-contiguous float64 array, of
+    the elementwise products (or squared differences): NumPy's pairwise sum over ``dim`` values,
+    the same bits for a pair whatever the block shape (a BLAS call may round differently for
+    different shapes), so exact duplicates tie exactly. Row norms are computed the same way once
+    per distinct row. The products are formed a few queries at a time (``sub_bytes``).
+    """
     uniq, inv = np.unique(cand, return_inverse=True)
+    inv = inv.reshape(cand.shape)
     vecs = np.empty((len(uniq), dim), np.float32)
     filled = 0
     for pos, v in source.iter_vectors(dim, positions=uniq, batch_rows=max(len(uniq), 1)):
@@ -125,14 +145,29 @@ def _score(
         filled += len(pos)
     if filled != len(uniq):
         raise RuntimeError(f"the vector source yielded {filled} of {len(uniq)} rows")
-    g = vecs[inv.reshape(cand.shape)].astype(np.float64)  # (group, width, dim)
-    # elementwise products summed along the last axis: the same bits for a (query, row) pair
-    # whatever the block shape (a BLAS call may round differently for different shapes)
-    if metric == "l2":
-        diff = g - q[:, None, :]
-        return np.sum(diff * diff, axis=-1)
-    scores = np.sum(g * q[:, None, :], axis=-1)
+    g_rows, w = cand.shape
+    out = np.empty((g_rows, w), np.float64)
+    step = max(1, sub_bytes // (w * dim * 12))  # queries per block of products
+    rows = max(1, sub_bytes // (dim * 8))
     if metric == "cosine":
-        norms = np.sqrt(np.sum(g * g, axis=-1))
-        scores = np.clip(scores / np.where(norms == 0, 1.0, norms), -1.0, 1.0)
-    return scores
+        norms = np.empty(len(uniq), np.float64)
+        for r in range(0, len(uniq), rows):
+            v64 = vecs[r : r + rows].astype(np.float64)
+            np.multiply(v64, v64, out=v64)
+            np.sqrt(np.sum(v64, axis=-1), out=norms[r : r + rows])
+        norms[norms == 0] = 1.0
+    buf = np.empty(min(step, g_rows) * w * dim, np.float64)
+    for a in range(0, g_rows, step):
+        b = min(a + step, g_rows)
+        g = buf[: (b - a) * w * dim].reshape(b - a, w, dim)
+        g[...] = vecs[inv[a:b]]
+        if metric == "l2":
+            np.subtract(g, q[a:b, None, :], out=g)
+            np.multiply(g, g, out=g)
+        else:
+            np.multiply(g, q[a:b, None, :], out=g)
+        np.sum(g, axis=-1, out=out[a:b])
+    if metric == "cosine":
+        out /= norms[inv]
+        np.clip(out, -1.0, 1.0, out=out)
+    return out

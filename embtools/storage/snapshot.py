@@ -22,6 +22,8 @@ Examples
 from __future__ import annotations
 
 import os
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
@@ -37,7 +39,11 @@ from embtools.storage.manifest import Manifest
 from embtools.storage.schema import LABEL, ROW_ID, TEXT_ID, emb_column
 from embtools.storage.source import Chunk, ChunkedSource
 
-__all__ = ["Snapshot", "metadata_frame"]
+__all__ = ["META_CACHE_BYTES", "Snapshot", "metadata_frame"]
+
+#: decoded metadata row groups kept per snapshot for take_metadata (search results)
+META_CACHE_BYTES = 64 * 1024**2
+_BASE = (ROW_ID, TEXT_ID, LABEL)
 
 
 def metadata_frame(table: pa.Table) -> pl.DataFrame:
@@ -66,6 +72,11 @@ class Snapshot(ChunkedSource):
         starts = np.cumsum([0] + [f.num_rows for f in manifest.files])
         self._file_starts = starts
         self._open: dict[int, MappedParquetFile] = {}
+        # metadata reads (take_metadata): open footers, and decoded row groups, least recent first
+        self._meta_files: dict[int, pq.ParquetFile] = {}
+        self._meta_groups: OrderedDict[tuple[int, int, tuple[str, ...]], pa.Table] = OrderedDict()
+        self._meta_bytes = 0
+        self._meta_lock = threading.Lock()
 
     # -- files ---------------------------------------------------------------------------------
     def files(self) -> list[str]:
@@ -87,10 +98,16 @@ class Snapshot(ChunkedSource):
         return f
 
     def close(self) -> None:
-        """Close the open data files."""
+        """Close the open data files and drop the cached metadata."""
         for f in self._open.values():
             f.close()
         self._open.clear()
+        with self._meta_lock:
+            for pf in self._meta_files.values():
+                pf.close()
+            self._meta_files.clear()
+            self._meta_groups.clear()
+            self._meta_bytes = 0
 
     # -- VectorSource ----------------------------------------------------------------------------
     def metadata(self) -> pl.LazyFrame:
@@ -159,23 +176,52 @@ class Snapshot(ChunkedSource):
         return out
 
     def _read_rows(self, i: int, local: np.ndarray, schema: pa.Schema) -> pa.Table:
-        """Rows ``local`` (sorted) of file ``i``, reading only their row groups."""
+        """Rows ``local`` (sorted) of file ``i``, reading only their row groups (cached)."""
         entry = self.manifest.files[i]
         rg_starts = np.cumsum([0, *entry.row_groups])
         rg_idx = np.searchsorted(rg_starts, local, side="right") - 1
         groups = np.unique(rg_idx)
-        path = os.path.join(self.root, entry.path)
-        try:
-            pf = pq.ParquetFile(path, pre_buffer=False)
-            present = [n for n in schema.names if n in pf.schema_arrow.names]
-            # on this thread (see take_metadata): a few small columns, nothing to parallelise
-            table = pf.read_row_groups([int(g) for g in groups], columns=present, use_threads=False)
-        except (OSError, pa.ArrowException) as exc:
-            raise CorruptStoreError(f"{path}: cannot read metadata ({exc})") from exc
-        base = {int(g): int(off) for g, off in zip(groups, np.cumsum([0] + [entry.row_groups[g] for g in groups[:-1]]), strict=True)}
-        idx = np.array([base[int(g)] + int(r - rg_starts[g]) for g, r in zip(rg_idx, local, strict=True)],
-                       dtype=np.int64)
-        table = table.take(pa.array(idx))
+        names = tuple(schema.names)
+        tables = [self._row_group(i, int(g), names) for g in groups]
+        table = tables[0] if len(tables) == 1 else pa.concat_tables(tables)
+        # row r of group g sits at (rows of the groups before g among those read) + (r - start of g)
+        sizes = np.array([entry.row_groups[g] for g in groups], dtype=np.int64)
+        offsets = np.cumsum(sizes) - sizes
+        idx = offsets[np.searchsorted(groups, rg_idx)] + (local - rg_starts[rg_idx])
+        table = table.take(pa.array(idx, type=pa.int64()))
         cols = [table.column(n) if n in table.column_names else pa.nulls(len(idx), schema.field(n).type)
                 for n in schema.names]
         return pa.Table.from_arrays([c.cast(f.type) for c, f in zip(cols, schema, strict=True)], schema=schema)
+
+    def _row_group(self, i: int, rg: int, names: tuple[str, ...]) -> pa.Table:
+        """Columns ``names`` (those the file has) of row group ``rg`` of file ``i``. The base
+        columns (row_id, text_id, label: every search result's) are decoded once and kept in a
+        small per-snapshot cache (at most META_CACHE_BYTES, least recently used dropped)."""
+        key = (i, rg, names)
+        with self._meta_lock:
+            table = self._meta_groups.get(key)
+            if table is not None:
+                self._meta_groups.move_to_end(key)
+                return table
+            pf = self._meta_files.get(i)
+        path = os.path.join(self.root, self.manifest.files[i].path)
+        try:
+            if pf is None:
+                pf = pq.ParquetFile(path, pre_buffer=False)
+            present = [n for n in names if n in pf.schema_arrow.names]
+            # on this thread (see take_metadata): a few small columns, nothing to parallelise
+            table = pf.read_row_group(rg, columns=present, use_threads=False)
+        except (OSError, pa.ArrowException) as exc:
+            raise CorruptStoreError(f"{path}: cannot read metadata ({exc})") from exc
+        nbytes = int(table.nbytes)
+        with self._meta_lock:
+            if i not in self._meta_files:
+                self._meta_files[i] = pf
+            cache = names == _BASE and nbytes <= META_CACHE_BYTES
+            if cache and key not in self._meta_groups:
+                self._meta_groups[key] = table
+                self._meta_bytes += nbytes
+                while self._meta_bytes > META_CACHE_BYTES:
+                    _, old = self._meta_groups.popitem(last=False)
+                    self._meta_bytes -= int(old.nbytes)
+        return table

@@ -118,14 +118,15 @@ class ChunkedSource:
             return 65_536
         return min(self.budget.rows_per_batch(dim * 4), MAX_DEFAULT_BATCH_ROWS)
 
-    def iter_vectors(self, dim: int, positions: Any = None, batch_rows: int | None = None
-                     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def iter_vectors(self, dim: int, positions: Any = None, batch_rows: int | None = None,
+                     *, views: bool = False) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Yield ``(positions, (n, dim) float32)`` batches in ascending position order.
 
         A batch that lies in one chunk as a contiguous run is a (read-only) view; otherwise it is a
         fresh array. Batches hold ``batch_rows`` rows except the last, and except that a batch of
         more than ``VIEW_BATCH_BYTES`` never copies a contiguous run: it ends at its chunk's end
-        (a view) and a long run inside a selection comes as its own view.
+        (a view) and a long run inside a selection comes as its own view. ``views``: smaller
+        batches do the same for a run of at least a quarter batch that ends at a chunk's end.
 
         Memory: the mapped pages of a view are given back when the next batch is asked for (the
         array stays valid; read again, it faults its pages back in), rows copied into a batch as
@@ -140,7 +141,7 @@ class ChunkedSource:
             raise InvalidArgumentError(f"batch_rows must be an int >= 1, got {batch_rows!r}")
         batch_rows = int(batch_rows)
         pos = None if positions is None else self._check_positions(positions)
-        return self._iter(stored, dim, pos, batch_rows)
+        return self._iter(stored, dim, pos, batch_rows, views)
 
     def _check_positions(self, positions: Any) -> np.ndarray:
         pos = np.asarray(positions)
@@ -154,8 +155,8 @@ class ChunkedSource:
                 pos = np.unique(pos)
         return pos
 
-    def _iter(self, stored: int, dim: int, pos: np.ndarray | None, batch_rows: int
-              ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def _iter(self, stored: int, dim: int, pos: np.ndarray | None, batch_rows: int,
+              views: bool = False) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         # Memory: a view's mapped pages are given back (release_rows) when the consumer asks for
         # the next batch, and rows copied into a batch buffer right after the copy (in steps, so
         # that a sparse selection does not fault in a whole chunk first). Above VIEW_BATCH_BYTES a
@@ -165,7 +166,7 @@ class ChunkedSource:
         if big:
             min_view = min(-(-batch_rows // 4), max(1, VIEW_BATCH_BYTES // (dim * 4)))
         else:
-            min_view = batch_rows
+            min_view = -(-batch_rows // 4) if views else batch_rows
         step = max(1, GATHER_STEP_BYTES // max(stored * 4, mmap.PAGESIZE))
         buf: np.ndarray | None = None
         buf_pos: np.ndarray | None = None
