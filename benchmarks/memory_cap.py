@@ -5,13 +5,15 @@ reuses ``--store`` if it already holds one). A fresh subprocess then opens it wi
 ``max_memory_gb=--cap``, iterates every batch of ``iter_batches`` touching every value, and reports
 its peak resident memory (``VmHWM``, reset through ``/proc/self/clear_refs`` after the imports) minus
 its resident memory just before opening the store. Another fresh subprocess does the same for one
-exact ``search`` of ``--queries`` random queries (k=10), which streams the store under the cap too.
-Goal: at most the cap plus 100 MB for both.
+exact ``search`` of ``--queries`` random queries (k=10), which streams the store under the cap too,
+and with ``--where`` a third iterates the batches of that filter (rows gathered, not views).
+Goal: at most the cap plus 100 MB for each.
 
 Examples
 --------
     python benchmarks/memory_cap.py                     # 2 GB store, 0.25 GB cap
     python benchmarks/memory_cap.py --gb 0.4 --cap 0.05
+    python benchmarks/memory_cap.py --where "row_id % 2 = 0"
 """
 
 from __future__ import annotations
@@ -61,8 +63,8 @@ def build(path: str, gb: float, dim: int) -> dict[str, float]:
     return {"rows": rows, "build_s": time.perf_counter() - t0, "checksum": checksum}
 
 
-def measure(path: str, cap_gb: float, dim: int) -> dict[str, float]:
-    """Stream every batch of the store under ``cap_gb``; call in a fresh process."""
+def measure(path: str, cap_gb: float, dim: int, where: str | None = None) -> dict[str, float]:
+    """Stream every batch (of ``where``'s rows) of the store under ``cap_gb``; a fresh process."""
     import numpy as np
 
     import embtools as et
@@ -78,7 +80,7 @@ def measure(path: str, cap_gb: float, dim: int) -> dict[str, float]:
     rows = 0
     checksum = 0.0
     batches = 0
-    for _meta, batch in store.iter_batches(dim):
+    for _meta, batch in store.iter_batches(dim, where=where):
         a = np.asarray(batch)
         checksum += float(a.sum(dtype=np.float64))  # touches every value
         rows += len(a)
@@ -123,12 +125,14 @@ def _subprocess(*args: str) -> dict[str, float]:
     return dict(json.loads(out.stdout.strip().splitlines()[-1]))
 
 
-def run(store: str, gb: float, cap: float, dim: int, queries: int = 10) -> dict[str, float]:
+def run(store: str, gb: float, cap: float, dim: int, queries: int = 10,
+        where: str | None = None) -> dict[str, float]:
     """Build (if needed) and measure, each in its own subprocess; the measurement as a dict.
 
     When the store is built here, the result also has ``built_rows`` and ``built_checksum``.
     With ``queries`` > 0 it also has the search measurement: ``search_peak_minus_before``,
-    ``search_seconds`` and ``search_results``.
+    ``search_seconds`` and ``search_results``; with ``where``, ``where_peak_minus_before``,
+    ``where_rows`` and ``where_checksum``.
     """
     built: dict[str, float] = {}
     if not (os.path.isdir(store) and os.listdir(store)):
@@ -140,6 +144,10 @@ def run(store: str, gb: float, cap: float, dim: int, queries: int = 10) -> dict[
         s = _subprocess("_search", store, str(cap), str(dim), str(queries))
         r["search_peak_minus_before"] = s["peak_minus_before"]
         r["search_seconds"], r["search_results"] = s["seconds"], s["results"]
+    if where:
+        w = _subprocess("_measure", store, str(cap), str(dim), where)
+        r["where_peak_minus_before"] = w["peak_minus_before"]
+        r["where_rows"], r["where_checksum"] = w["rows"], w["checksum"]
     return r
 
 
@@ -149,9 +157,11 @@ def main(argv: list[str] | None = None) -> None:
     if argv and argv[0] == "_search":
         print(json.dumps(measure_search(argv[1], float(argv[2]), int(argv[3]), int(argv[4]))))
         return
-    if argv and argv[0] in ("_build", "_measure"):
-        fn = build if argv[0] == "_build" else measure
-        print(json.dumps(fn(argv[1], float(argv[2]), int(argv[3]))))
+    if argv and argv[0] == "_measure":
+        print(json.dumps(measure(argv[1], float(argv[2]), int(argv[3]), *argv[4:5])))
+        return
+    if argv and argv[0] == "_build":
+        print(json.dumps(build(argv[1], float(argv[2]), int(argv[3]))))
         return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gb", type=float, default=2.0, help="store size to build (GB)")
@@ -159,11 +169,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dim", type=int, default=384)
     ap.add_argument("--store", default=None, help="store directory (kept; reused if present)")
     ap.add_argument("--queries", type=int, default=10, help="queries of the search run (0: none)")
+    ap.add_argument("--where", default=None, help="also stream the rows of this SQL filter")
     args = ap.parse_args(argv)
     tmp = None if args.store else tempfile.mkdtemp(prefix="embtools-memcap-")
     store = args.store or os.path.join(tmp or "", "store")
     try:
-        r = run(store, args.gb, args.cap, args.dim, args.queries)
+        r = run(store, args.gb, args.cap, args.dim, args.queries, args.where)
     finally:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -177,6 +188,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.queries > 0:
         peak = r["search_peak_minus_before"]
         print(f"search of {args.queries} queries (k=10) in {r['search_seconds']:.2f} s: "
+              f"peak RSS - RSS before opening: {peak / MB:.1f} MiB; "
+              f"goal <= {goal / MB:.1f} MiB: {'OK' if peak <= goal else 'EXCEEDED'}")
+    if args.where:
+        peak = r["where_peak_minus_before"]
+        print(f"iter_batches(where={args.where!r}): {r['where_rows']:,} rows; "
               f"peak RSS - RSS before opening: {peak / MB:.1f} MiB; "
               f"goal <= {goal / MB:.1f} MiB: {'OK' if peak <= goal else 'EXCEEDED'}")
 

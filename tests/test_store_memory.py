@@ -109,3 +109,41 @@ def test_finished_row_groups_are_released_once(tmp_path, monkeypatch):
     got = np.concatenate([np.array(b) for _, b in store.iter_batches(8, batch_rows=40)])
     assert np.array_equal(got, x)
     assert len(released) == len(set(released)) == groups
+
+
+def test_big_batches_are_views_given_back_as_the_reader_moves_on(tmp_path, monkeypatch):
+    # 20,000 rows of 1 KiB in row groups of at most 4 MiB; batches of 6,000 rows (6 MB) are above
+    # VIEW_BATCH_BYTES: they end at row group ends rather than copy, and each view's rows are
+    # given back (release_rows) before the next batch is made.
+    x = _x(20_000, 256)
+    et.EmbeddingStore(tmp_path / "s", max_memory_gb=16 / 1024).add(x)
+    store = et.EmbeddingStore(tmp_path / "s", backend="numpy")
+    groups = [g for f in store.files() for g in pq.ParquetFile(f).metadata.to_dict()["row_groups"]]
+    sizes = [g["num_rows"] for g in groups]
+    assert len(sizes) > 3 and max(sizes) < 6000
+    released: list[tuple[int, int]] = []
+    orig = MappedParquetFile.release_rows
+
+    def spy(self, column, row_group, start=None, stop=None):
+        if start is not None:  # not the whole-chunk release at the end of a row group
+            released.append((start, stop))
+        return orig(self, column, row_group, start, stop)
+
+    monkeypatch.setattr(MappedParquetFile, "release_rows", spy)
+    got, lengths = [], []
+    for i, (_pos, block) in enumerate(store.source.iter_vectors(256, batch_rows=6000)):
+        assert not block.flags.owndata and len(block) <= 6000  # a view of the mapped file
+        assert len(released) == i  # the batches before this one were given back
+        got.append(np.array(block))
+        lengths.append(len(block))
+    assert np.array_equal(np.concatenate(got), x)
+    assert sum(lengths) == 20_000 and len(released) == len(lengths)
+    # rows gathered from a selection come in half batches (a copy lives on in the consumer's
+    # hands while the next is filled), with the same values
+    sel = np.arange(0, 20_000, 2)
+    blocks = list(store.source.iter_vectors(256, positions=sel, batch_rows=6000))
+    assert max(len(b) for _, b in blocks) <= 3000
+    assert np.array_equal(np.concatenate([b for _, b in blocks]), x[sel])
+    # small batches keep their exact size across row groups (copies are cheap there)
+    small = [len(b) for _, b in store.source.iter_vectors(256, batch_rows=1000)]
+    assert small[:-1] == [1000] * (len(small) - 1)

@@ -125,7 +125,8 @@ class ChunkedSource:
         A batch that lies in one chunk as a contiguous run is a (read-only) view; otherwise it is a
         fresh array. Batches hold ``batch_rows`` rows except the last, and except that a batch of
         more than ``VIEW_BATCH_BYTES`` never copies a contiguous run: it ends at its chunk's end
-        (a view) and a long run inside a selection comes as its own view. ``views``: smaller
+        (a view), a long run inside a selection comes as its own view, and rows gathered from a
+        selection come in batches of ``batch_rows // 2`` rows. ``views``: smaller
         batches do the same for a run of at least a quarter batch that ends at a chunk's end.
 
         Memory: the mapped pages of a view are given back when the next batch is asked for (the
@@ -168,6 +169,9 @@ class ChunkedSource:
         else:
             min_view = -(-batch_rows // 4) if views else batch_rows
         step = max(1, GATHER_STEP_BYTES // max(stored * 4, mmap.PAGESIZE))
+        # A copied batch stays alive in the consumer's hands while the next one is filled (and
+        # cannot be given back like a view's pages): above VIEW_BATCH_BYTES it holds half a batch.
+        copy_rows = max(1, batch_rows // 2) if big else batch_rows
         buf: np.ndarray | None = None
         buf_pos: np.ndarray | None = None
         fill = 0
@@ -206,10 +210,10 @@ class ChunkedSource:
                     release_rows(stored, a, b)
                     i += view_rows
                     continue
-                take = min(batch_rows - fill, local.size - i)
+                take = min(copy_rows - fill, local.size - i)
                 if buf is None:
-                    buf = np.empty((batch_rows, dim), dtype=np.float32)
-                    buf_pos = np.empty(batch_rows, dtype=np.int64)
+                    buf = np.empty((copy_rows, dim), dtype=np.float32)
+                    buf_pos = np.empty(copy_rows, dtype=np.int64)
                 assert buf_pos is not None
                 for s in range(0, take, step):
                     sel = local[i + s:i + min(s + step, take)]
@@ -220,7 +224,7 @@ class ChunkedSource:
                 buf_pos[fill:fill + take] = local[i:i + take] + chunk.start
                 fill += take
                 i += take
-                if fill == batch_rows:
+                if fill == copy_rows:
                     yield buf_pos, buf
                     buf, buf_pos, fill = None, None, 0
             del arr
