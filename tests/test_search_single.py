@@ -4,6 +4,8 @@ the batched (normalise-every-block) path."""
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import polars as pl
 import pytest
@@ -279,40 +281,46 @@ def test_rerank_scores_are_shape_independent(monkeypatch, metric):
         np.testing.assert_array_equal(got, ref)
 
 
-# ---------------------------------------------------------------------------- bounds, merges
+# ---------------------------------------------------------------------------- running top-k
 @pytest.mark.parametrize("metric", METRICS)
-def test_kernel_bound_from_earlier_blocks(monkeypatch, metric):
-    """Blocks scored with the k-th best of the earlier blocks as a bound (rows not better come
-    back as padding) merge to exactly the unbounded result; small tiles force pending merges."""
+@pytest.mark.parametrize("nq", [1, 13])
+def test_kernel_running_top_k_over_blocks(monkeypatch, metric, nq):
+    """Blocks merged into the running top-k by the kernel (only rows beating its k-th best are
+    looked at) give exactly the one-block result; small tiles force pending merges; blocks
+    shorter than k and a running list shorter than k go through the plain merge."""
     monkeypatch.setattr(numpy_kernel, "TILE_COLS", 32)
     monkeypatch.setattr(numpy_kernel, "TILE_COLS_PER_K", 1)
     monkeypatch.setattr(numpy_kernel, "TILE_ROWS", 8)
     rng = np.random.default_rng()
     b = et.get_backend("numpy")
     c = rng.integers(-2, 3, size=(2000, 5)).astype(np.float32)  # exact scores, many ties
-    q = rng.integers(-2, 3, size=(13, 5)).astype(np.float32)
-    largest = metric != "l2"
+    q = rng.integers(-2, 3, size=(nq, 5)).astype(np.float32)
     for k in (1, 7, 40):
         want = b.block_top_k(q, c, k, metric)
-        best = None
-        for a in range(0, 2000, 450):
-            blk = c[a : a + 450]
-            kw = {} if best is None else {"bound": best[0][:, -1]}
-            v, i = b.block_top_k(q, blk, min(k, len(blk)), metric, **kw)
-            pad = i == numpy_kernel.PAD_INDEX
-            assert np.all(v[pad] == (-np.inf if largest else np.inf))
-            if best is not None:  # every real row beats the bound strictly
-                beat = v > best[0][:, -1:] if largest else v < best[0][:, -1:]
-                assert np.all(beat | pad)
-            best = (v, i + a) if best is None else b.merge_top_k(*best, v, i + a, k, largest=largest)
-        np.testing.assert_array_equal(best[1], want[1])
-        np.testing.assert_array_equal(best[0], want[0])
+        for cuts in ([0, 450, 900, 1350, 1800, 2000], [0, 3, 20, 1000, 1990, 2000]):
+            best = None
+            for a, e in itertools.pairwise(cuts):
+                if best is None:
+                    best = b.block_top_k(q, c[a:e], k, metric, offset=a)
+                else:
+                    best = b.block_top_k(q, c[a:e], k, metric, running=best, offset=a)
+            np.testing.assert_array_equal(best[1], want[1])
+            np.testing.assert_array_equal(best[0], want[0])
     with pytest.raises(et.errors.DimensionMismatchError):
-        b.block_top_k(q, c, 3, metric, bound=np.zeros(2, np.float32))
+        b.block_top_k(q, c, 3, metric, running=(np.zeros((nq + 1, 3)), np.zeros((nq + 1, 3))))
+
+
+def test_merge_sorted_nan_last_ties_by_index():
+    va = np.array([[3.0, 1.0, np.nan]]), np.array([[5, 2, 9]])
+    vb = np.array([[3.0, 1.0, 0.0]]), np.array([[4, 8, 1]])
+    v, i = numpy_kernel.merge_sorted(*va, *vb, 5)
+    assert i.tolist() == [[4, 5, 2, 8, 1]] and v[0, 0] == 3.0
+    v, i = numpy_kernel.merge_sorted(*va, *vb, 6, largest=False)
+    assert i.tolist() == [[1, 2, 8, 4, 5, 9]]
 
 
 def test_engine_many_blocks_large_k_exact(tmp_path):
-    """A funnel-sized shortlist over many batches (bounds and pending merges in the engine)."""
+    """A funnel-sized shortlist over many batches (running merges in the kernel)."""
     rng = np.random.default_rng()
     n, d = 3000, 8
     x = rng.integers(-3, 4, size=(n, d)).astype(np.float32)

@@ -88,9 +88,9 @@ class Backend(ABC):
     #: whether ``block_top_k`` takes ``scale=`` (per-row factors of the block for cosine/dot);
     #: the search engine then scores few queries against unnormalised blocks
     supports_scale: bool = False
-    #: whether ``block_top_k`` takes ``bound=`` (per query, the k-th best score of earlier blocks;
-    #: rows not strictly better may come back as padding: value -inf (l2 +inf), huge index)
-    supports_bound: bool = False
+    #: whether ``block_top_k`` takes ``running=(values, indices)`` and ``offset=``: it then merges
+    #: the block into the running top-k of the earlier blocks itself (global indices)
+    supports_running: bool = False
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(device={self.device!r})"

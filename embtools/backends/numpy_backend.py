@@ -121,20 +121,23 @@ class NumpyBackend(Backend):
     def _select(self, s: Any, k: int, bound: Any) -> tuple[np.ndarray, np.ndarray]:
         return kernel.select_top_k(np.asarray(s), k)
 
-    #: ``block_top_k`` takes ``scale=`` (per-row factors of the block, cosine/dot) and ``bound=``
+    #: ``block_top_k`` takes ``scale=`` (per-row factors of the block, cosine/dot) and
+    #: ``running=``/``offset=`` (merges the block into the running top-k itself)
     supports_scale = True
-    supports_bound = True
+    supports_running = True
 
     def block_top_k(
         self, queries: Any, block: Any, k: int, metric: str = "cosine", *,
-        scale: np.ndarray | None = None, bound: np.ndarray | None = None,
+        scale: np.ndarray | None = None,
+        running: tuple[np.ndarray, np.ndarray] | None = None, offset: int = 0,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Best ``k`` of one block per query, scored and selected tile by tile (fused).
 
         ``scale`` (cosine/dot): multiplies each block row's scores, e.g. by its inverse norm so
         that cosine runs on an unnormalised block (the queries still come normalised).
-        ``bound`` (per query, the k-th best score of earlier blocks): rows not strictly better
-        may come back as padding (value -inf, l2 +inf; index ``numpy_kernel.PAD_INDEX``).
+        ``offset`` is added to the returned indices. ``running`` (the sorted best ``k`` of the
+        earlier blocks, global indices below ``offset``): the result is the best ``k`` of those
+        and this block, and only rows better than the running k-th best are looked at.
         """
         k = check_k(k)
         metric = check_metric(metric)
@@ -148,6 +151,8 @@ class NumpyBackend(Backend):
                 f"block_top_k: dimensions differ ({q.shape[1]} != {c.shape[1]})"
             )
         if c.shape[0] == 0:
+            if running is not None:
+                return np.asarray(running[0]), np.asarray(running[1], dtype=np.int64)
             return np.zeros((q.shape[0], 0), q.dtype), np.zeros((q.shape[0], 0), np.int64)
         if scale is not None:
             scale = np.asarray(scale).reshape(-1)
@@ -155,10 +160,11 @@ class NumpyBackend(Backend):
                 raise DimensionMismatchError(
                     f"block_top_k: {scale.shape[0]} scale factors for a block of {c.shape[0]} rows"
                 )
-        if bound is not None:
-            bound = np.asarray(bound).reshape(-1)
-            if bound.shape[0] != q.shape[0]:
+        if running is not None:
+            rv, ri = np.asarray(running[0]), np.asarray(running[1], dtype=np.int64)
+            if rv.ndim != 2 or rv.shape != ri.shape or rv.shape[0] != q.shape[0]:
                 raise DimensionMismatchError(
-                    f"block_top_k: {bound.shape[0]} bounds for {q.shape[0]} queries"
+                    f"block_top_k: running lists of shape {rv.shape} for {q.shape[0]} queries"
                 )
-        return kernel.block_top_k(q, c, k, metric, scale=scale, bound=bound)
+            running = (rv, ri)
+        return kernel.block_top_k(q, c, k, metric, scale=scale, running=running, offset=offset)

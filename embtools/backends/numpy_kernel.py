@@ -25,11 +25,11 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 __all__ = [
-    "PAD_INDEX",
     "block_top_k",
     "kth_bound",
     "mask_positions",
     "matvec",
+    "merge_sorted",
     "numpy_matmul_t",
     "row_dots",
     "select_top_k",
@@ -44,8 +44,6 @@ TILE_COLS = 4096
 TILE_COLS_PER_K = 64
 #: queries per tile
 TILE_ROWS = 1024
-#: the index of a padding slot (see ``bound`` in :func:`block_top_k`): above any row position
-PAD_INDEX = 2**62
 #: threads that split the queries of a large block (NumPy selection is single-threaded)
 THREADS = min(2, os.cpu_count() or 1)
 #: fewest queries per thread
@@ -250,10 +248,11 @@ def _block_rows(
     out_i: np.ndarray,
     matmul: MatmulT,
     scale: np.ndarray | None = None,
-    bound: np.ndarray | None = None,
+    running: tuple[np.ndarray, np.ndarray] | None = None,
+    offset: int = 0,
 ) -> None:
-    """:func:`block_top_k` for the queries ``q``, written into ``out_v``/``out_i``; ``bound``
-    (higher is better, one per query) starts the threshold: see :func:`block_top_k`."""
+    """:func:`block_top_k` for the queries ``q``, written into ``out_v``/``out_i`` (indices
+    + ``offset``); ``running`` (higher is better) is merged in: see :func:`block_top_k`."""
     nq, nb = q.shape[0], c.shape[0]
     # tiles widen with k: every merge re-sorts the k kept per query, so a large k (a funnel's
     # shortlist) wants few, wide tiles; the first tile holds at least k columns
@@ -286,14 +285,16 @@ def _block_rows(
 
     for q0 in range(0, nq, TILE_ROWS):
         qs = q[q0 : q0 + TILE_ROWS]
-        if bound is None:
+        if running is None:
             values, indices = select_top_k(tile(qs, q0, 0, first), k)
             values = np.ascontiguousarray(values)
+            indices += offset
             start = first
         else:
-            # k placeholders at the bound: only entries strictly above it are merged in
-            values = np.repeat(bound[q0 : q0 + qs.shape[0], None], k, axis=1).astype(out_v.dtype)
-            indices = np.full(values.shape, PAD_INDEX, dtype=np.int64)
+            # the k best of the earlier blocks (indices below offset): only entries strictly
+            # above their k-th best are merged in, no full selection on a first tile
+            values = running[0][q0 : q0 + qs.shape[0]].astype(out_v.dtype, copy=True)
+            indices = running[1][q0 : q0 + qs.shape[0]].astype(np.int64, copy=True)
             start = 0
         threshold = values[:, -1:].copy()
         # candidates wait until about k/4 per query have come (a merge re-sorts the k kept per
@@ -306,14 +307,12 @@ def _block_rows(
             mask = np.greater(s, threshold, out=mask_buf[: s.size].reshape(s.shape))
             rows, cols = mask_positions(mask)
             if rows.size:
-                pending.append((rows, s[rows, cols], cols + c0))
+                pending.append((rows, s[rows, cols], cols + (c0 + offset)))
                 waiting += rows.size
             if pending and (waiting * 4 >= qs.shape[0] * k or c0 + tile_cols >= nb):
                 _merge_pending(values, indices, pending)
                 threshold = values[:, -1:].copy()
                 pending, waiting = [], 0
-        if bound is not None:
-            values[indices == PAD_INDEX] = -np.inf
         out_v[q0 : q0 + qs.shape[0]] = values
         out_i[q0 : q0 + qs.shape[0]] = indices
 
@@ -330,7 +329,8 @@ def block_top_k(
     metric: str,
     matmul: MatmulT = numpy_matmul_t,
     scale: np.ndarray | None = None,
-    bound: np.ndarray | None = None,
+    running: tuple[np.ndarray, np.ndarray] | None = None,
+    offset: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Best ``k`` rows of ``c`` per row of ``q``: ``(values, indices)``, best first, ties to the
     lower index; ``metric`` is "cosine"/"dot" (inner product, largest first) or "l2" (squared
@@ -338,11 +338,11 @@ def block_top_k(
     ``matmul(a, b, out)`` writes ``a @ b.T`` into ``out`` (the torch backend passes torch's).
     ``scale`` (cosine/dot only): a per-row factor of ``c`` applied to the inner products, e.g. the
     inverse row norms, so that an unnormalised block scores as if normalised.
-    ``bound`` (one per query, in the metric's terms: l2 a distance): the k-th best score found so
-    far in earlier blocks. Rows not strictly better cannot enter the result (ties go to earlier
-    rows), so they may be left out: their slots hold padding, value -inf (l2: +inf) and index
-    ``PAD_INDEX``, which a merge with the k earlier results never keeps. Every tile is then
-    filtered against the bound, with no full selection on the first tile.
+    ``offset`` is added to the returned indices (the block's first global position).
+    ``running``: ``(values, indices)``, the best ``k`` of the earlier blocks per query (sorted,
+    indices below ``offset``; l2 values are distances): the result is then the best ``k`` of
+    those and this block together. Only entries strictly better than the running k-th best are
+    looked at (ties go to the earlier rows), so every tile is one comparison, no full selection.
 
     A single query is scored in one matrix-vector pass and selected with one partition
     (:func:`select_top_k_1d`). Large problems are split by query rows over two threads: NumPy
@@ -350,18 +350,24 @@ def block_top_k(
     other's matrix product.
     """
     nq, nb = q.shape[0], c.shape[0]
-    k = min(k, nb)
     l2 = metric == "l2"
     if scale is not None and l2:
         raise ValueError("scale applies to inner products (cosine, dot), not to l2")
-    if nq == 1:  # one partition over the block: a bound would not save much
-        return _single_top_k(q, c, k, l2, matmul, scale)
-    if bound is not None:
-        bound = np.asarray(bound, dtype=np.result_type(q.dtype, c.dtype)).reshape(-1)
-        if np.isnan(bound).any():
-            bound = None
-        elif l2:
-            bound = -bound  # higher is better inside the kernel
+    if running is not None and (
+        running[0].shape != (nq, k) or running[1].shape != (nq, k) or np.isnan(running[0]).any()
+    ):  # a short running list (a first block under k rows) or NaN: score, then merge
+        v, i = block_top_k(q, c, k, metric, matmul, scale, None, offset)
+        return merge_sorted(running[0], running[1], v, i, k, largest=not l2)
+    if nq == 1:
+        v, i = _single_top_k(q, c, min(k, nb), l2, matmul, scale)
+        i += offset
+        if running is None:
+            return v, i
+        return merge_sorted(running[0], running[1], v, i, k, largest=not l2)
+    if running is None:
+        k = min(k, nb)
+    elif l2:
+        running = (-running[0], running[1])  # higher is better inside the kernel
     qq = np.einsum("ij,ij->i", q, q)[:, None] if l2 else None
     cc = np.einsum("ij,ij->i", c, c)[None, :] if l2 else None
     dtype = np.result_type(q.dtype, c.dtype)
@@ -381,18 +387,37 @@ def block_top_k(
                 out_i[p[0] : p[-1] + 1],
                 matmul,
                 scale,
-                None if bound is None else bound[p[0] : p[-1] + 1],
+                None if running is None else (running[0][p[0] : p[-1] + 1], running[1][p[0] : p[-1] + 1]),
+                offset,
             )
             for p in parts
         ]
         for f in futures:
             f.result()
     else:
-        _block_rows(q, c, k, qq, cc, out_v, out_i, matmul, scale, bound)
+        _block_rows(q, c, k, qq, cc, out_v, out_i, matmul, scale, running, offset)
     if l2:
         np.negative(out_v, out=out_v)
         out_v += 0.0  # no negative zeros
     return out_v, out_i
+
+
+def merge_sorted(
+    values_a: np.ndarray,
+    indices_a: np.ndarray,
+    values_b: np.ndarray,
+    indices_b: np.ndarray,
+    k: int,
+    largest: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The best ``k`` per row of two top-k lists (2-D, global indices): value order (descending
+    when ``largest``), ties by lower index, NaN last."""
+    values = np.concatenate([values_a, values_b], axis=1)
+    indices = np.concatenate([indices_a, indices_b], axis=1).astype(np.int64, copy=False)
+    key = -values if largest else values
+    key = np.where(np.isnan(key), np.inf, key)
+    order = np.lexsort((indices, key), axis=-1)[:, :k]
+    return np.take_along_axis(values, order, 1), np.take_along_axis(indices, order, 1)
 
 
 def _single_top_k(

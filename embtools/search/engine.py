@@ -476,7 +476,7 @@ def _one_pass(
     largest = metric != "l2"
     seen = 0
     scaled = norms is not None
-    bounded = bool(getattr(backend, "supports_bound", False))
+    running = bool(getattr(backend, "supports_running", False))
     for pos, block in _batches(source, backend, dim, positions, plan, metric, scaled):
         n = len(pos)
         if n == 0:
@@ -494,11 +494,11 @@ def _one_pass(
                 block = backend.normalize(block)
         for c, qc in enumerate(qs):
             prev = best[c]
-            if bounded and prev is not None and prev[0].shape[1] == k:
-                # the k-th best so far: later rows must beat it (padding comes back otherwise)
-                kw["bound"] = prev[0][:, -1]
-            else:
-                kw.pop("bound", None)
+            if running and prev is not None:
+                # the backend merges the block into the running top-k: later blocks only look
+                # at rows that beat the k-th best so far
+                best[c] = backend.block_top_k(qc, block, k, metric, running=prev, offset=seen, **kw)
+                continue
             values, local = backend.block_top_k(qc, block, kb, metric, **kw)
             glob = local + seen
             best[c] = (values, glob) if prev is None else backend.merge_top_k(
