@@ -398,3 +398,22 @@ def test_take_metadata_cached_row_groups(tmp_path, monkeypatch):
     assert res["year"].to_list() == [i % 50 for i in res["row_id"].to_list()]
     src.close()
     assert not src._meta_groups and not src._meta_files
+
+
+def test_plan_for_tiled_kernel_counts_tiles_not_scores_per_row():
+    """The NumPy kernel holds a few tiles of scores, not one score per (query, row) of a batch:
+    larger batches without a cap, and the tiles counted (up to one tile) under a cap."""
+    from embtools.search.engine import MAX_TILED_BATCH_ROWS, plan_search
+
+    free = plan_search(MemoryBudget(None), 1000, 64, 400, 10**6, "cosine", tiled=True)
+    old = plan_search(MemoryBudget(None), 1000, 64, 400, 10**6, "cosine")
+    assert free.rows == MAX_TILED_BATCH_ROWS > old.rows
+    for cap_mb in (0.05, 0.5, 5, 50, 500):
+        cap = cap_mb / 1024
+        for nq, k in [(1, 10), (10, 10), (1000, 400), (3000, 18)]:
+            p = plan_search(MemoryBudget(cap), nq, 64, k, 10**6, "cosine", tiled=True)
+            assert p.rows >= 1 and p.nbytes <= cap * 1024**3, (cap_mb, nq, k, p)
+            width = numpy_kernel.tile_cols(k, max(1, p.chunk // numpy_kernel.THREADS))
+            tiles = min(p.rows, width) * numpy_kernel.tile_bytes(p.chunk, k, 64) // (
+                numpy_kernel.tile_cols(k, p.chunk))
+            assert p.nbytes >= tiles

@@ -34,14 +34,18 @@ __all__ = [
     "row_dots",
     "select_top_k",
     "select_top_k_1d",
+    "tile_bytes",
+    "tile_cols",
 ]
 
 MatmulT = Callable[[np.ndarray, np.ndarray, np.ndarray], None]
 
 #: columns of the corpus scored per tile (the scores of one tile, nq x TILE_COLS, stay in cache)
 TILE_COLS = 4096
-#: ... and at least this many columns per wanted result (k)
+#: ... and up to this many columns per wanted result (k): a large k wants few, wide tiles
 TILE_COLS_PER_K = 64
+#: ... as long as a tile's scores and mask stay under this many bytes (per thread)
+TILE_BYTES = 32 * 1024**2
 #: queries per tile
 TILE_ROWS = 1024
 #: threads that split the queries of a large block (NumPy selection is single-threaded)
@@ -256,8 +260,8 @@ def _block_rows(
     nq, nb = q.shape[0], c.shape[0]
     # tiles widen with k: every merge re-sorts the k kept per query, so a large k (a funnel's
     # shortlist) wants few, wide tiles; the first tile holds at least k columns
-    tile_cols = max(TILE_COLS, TILE_COLS_PER_K * k, k)
-    first = min(nb, tile_cols)
+    width = tile_cols(k, nq)
+    first = min(nb, width)
     # one scores buffer and one mask buffer, reused by every tile (fresh pages are slow to fault in)
     size = min(nq, TILE_ROWS) * first
     scores_buf = np.empty(size, dtype=out_v.dtype)
@@ -301,20 +305,35 @@ def _block_rows(
         # query): the threshold lags a little, but a large k is merged a few times, not per tile
         pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         waiting = 0
-        for c0 in range(start, nb, tile_cols):
-            s = tile(qs, q0, c0, c0 + tile_cols)
+        for c0 in range(start, nb, width):
+            s = tile(qs, q0, c0, c0 + width)
             # strictly better than the k-th best: a tie loses to the earlier (lower) index
             mask = np.greater(s, threshold, out=mask_buf[: s.size].reshape(s.shape))
             rows, cols = mask_positions(mask)
             if rows.size:
                 pending.append((rows, s[rows, cols], cols + (c0 + offset)))
                 waiting += rows.size
-            if pending and (waiting * 4 >= qs.shape[0] * k or c0 + tile_cols >= nb):
+            if pending and (waiting * 4 >= qs.shape[0] * k or c0 + width >= nb):
                 _merge_pending(values, indices, pending)
                 threshold = values[:, -1:].copy()
                 pending, waiting = [], 0
         out_v[q0 : q0 + qs.shape[0]] = values
         out_i[q0 : q0 + qs.shape[0]] = indices
+
+
+def tile_cols(k: int, nq: int) -> int:
+    """Columns (block rows) per tile of :func:`block_top_k` for ``k`` results and ``nq``
+    queries: wide for a large k (fewer merges), within TILE_BYTES of scores and mask."""
+    wide = min(TILE_COLS_PER_K * k, TILE_BYTES // (5 * max(1, min(nq, TILE_ROWS))))
+    return max(TILE_COLS, wide, k)
+
+
+def tile_bytes(nq: int, k: int, dim: int) -> int:
+    """Upper bound of :func:`block_top_k`'s workspace for ``nq`` queries, whatever the block
+    size: per thread a tile of scores and its mask, and a tile of rows for unaligned blocks
+    (a block shorter than a tile needs that fraction of it)."""
+    cols = tile_cols(k, nq)
+    return THREADS * (min(nq, TILE_ROWS) * cols * 5 + cols * dim * 4)
 
 
 def numpy_matmul_t(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> None:

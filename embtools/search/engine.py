@@ -42,7 +42,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from embtools.backends.numpy_kernel import row_dots
+from embtools.backends.numpy_kernel import THREADS as TILE_THREADS
+from embtools.backends.numpy_kernel import row_dots, tile_bytes, tile_cols
 from embtools.errors import (
     DimensionMismatchError,
     InvalidArgumentError,
@@ -74,6 +75,8 @@ MAX_QUERY_CHUNK = 2048
 MIN_BATCH_ROWS = 1024
 #: From this many queries on, dot/l2 batches are prefetched (copied) by a reader thread.
 PREFETCH_MIN_QUERIES = 16
+#: Largest batch without a cap when the backend scores tile by tile (NumPy).
+MAX_TILED_BATCH_ROWS = 262_144
 
 
 class VectorSource(Protocol):
@@ -229,11 +232,15 @@ def plan_search(
     batch_rows: int | None = None,
     scaled: bool = False,
     extra_bytes: int = 0,
+    tiled: bool = False,
 ) -> SearchPlan:
     """Size the batches of a search of ``nq`` queries over ``n_rows`` rows of ``dim`` floats.
 
     ``scaled``: cosine on unnormalised blocks with per-row inverse norms (no prepared copy, no
     reader thread). ``extra_bytes`` (e.g. cached norms read by the search) count in ``nbytes``.
+    ``tiled``: the backend scores a block tile by tile (the NumPy kernel), so its score
+    workspace is a fixed few tiles rather than a score per (query, row) of the batch, and
+    batches may be larger (fewer merges into the running top-k).
 
     Examples
     --------
@@ -250,7 +257,25 @@ def plan_search(
 
     def per_row(chunk: int) -> int:
         # + scores (float32) and selection workspace (+ the inverse norms of the batch)
-        return dim * 4 * copies + chunk * 12 + (4 if scaled else 0)
+        scores = 8 if tiled else chunk * 12
+        return dim * 4 * copies + scores + (4 if scaled else 0)
+
+    # tiled: the kernel's tile buffers grow with the batch up to one tile of ``cols`` rows (the
+    # widest tile: of the smallest share of the queries that a thread gets)
+    def cols_of(chunk: int) -> int:
+        return tile_cols(k, max(1, chunk // TILE_THREADS)) if tiled else 0
+
+    def tile_row(chunk: int) -> int:
+        if not tiled:
+            return 0
+        return tile_bytes(chunk, k, dim) // tile_cols(k, chunk)
+
+    def fit(room: int, chunk: int) -> int:
+        """Most rows whose bytes fit ``room``."""
+        a, b, cols = per_row(chunk), tile_row(chunk), cols_of(chunk)
+        if room >= cols * (a + b):
+            return cols + (room - cols * (a + b)) // a
+        return room // (a + b)
 
     n_rows = max(n_rows, 1)
     avail = budget.available_bytes
@@ -261,16 +286,16 @@ def plan_search(
     chunk = min(group, MAX_QUERY_CHUNK)
     if avail is None:
         rows = DEFAULT_WORKSPACE_BYTES // per_row(chunk)
-        rows = max(MIN_BATCH_ROWS, min(rows, 65_536))
+        rows = max(MIN_BATCH_ROWS, min(rows, MAX_TILED_BATCH_ROWS if tiled else 65_536))
     else:
         want = min(n_rows, MIN_BATCH_ROWS)
-        rows = (avail - fixed(group)) // per_row(chunk)
+        rows = fit(avail - fixed(group), chunk)
         while rows < want and chunk > 1:
             chunk = (chunk + 1) // 2
-            rows = (avail - fixed(group)) // per_row(chunk)
+            rows = fit(avail - fixed(group), chunk)
         if rows < 1:
             budget.check(
-                fixed(group) + per_row(chunk),
+                fixed(group) + per_row(chunk) + tile_row(chunk),
                 f"a search of {dim}-dimensional vectors",
                 "raise max_memory_gb",
             )
@@ -278,7 +303,8 @@ def plan_search(
     if batch_rows is not None:
         rows = min(rows, check_k(batch_rows, "batch_rows"))
     rows = int(min(rows, n_rows))
-    return SearchPlan(group, chunk, rows, prefetch, fixed(group) + rows * per_row(chunk))
+    nbytes = fixed(group) + rows * per_row(chunk) + min(rows, cols_of(chunk)) * tile_row(chunk)
+    return SearchPlan(group, chunk, rows, prefetch, nbytes)
 
 
 # ---------------------------------------------------------------------------------- reading
@@ -435,7 +461,8 @@ def stream_top_k(
     )
     norms = _RowNorms.for_search(source, dim, budget, positions is None) if scaled else None
     extra = 0 if norms is None else norms.nbytes
-    plan = plan_search(budget, nq, dim, kk, n_sel, metric, batch_rows, scaled, extra)
+    tiled = bool(getattr(backend, "supports_running", False))
+    plan = plan_search(budget, nq, dim, kk, n_sel, metric, batch_rows, scaled, extra, tiled)
     key = f"search/{id(queries)}"
     out_s: list[np.ndarray] = []
     out_i: list[np.ndarray] = []
