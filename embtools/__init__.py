@@ -28,6 +28,7 @@ _LAZY: dict[str, str] = {
     "EmbeddingStore": "embtools.store",
     "similarity_join": "embtools.search",
     "embed_texts": "embtools.embed",
+    "embed_queries": "embtools.embed",
 }
 
 __all__ = [
@@ -38,6 +39,7 @@ __all__ = [
     "compute_config_hash",
     "compute_param_hash",
     "convert",
+    "embed_queries",
     "embed_texts",
     "errors",
     "get_backend",
@@ -48,7 +50,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from embtools import errors
     from embtools.backends import Backend, available_backends, convert, get_backend
     from embtools.config import compute_config_hash, compute_param_hash
-    from embtools.embed import embed_texts
+    from embtools.embed import embed_queries, embed_texts
     from embtools.search import similarity_join
     from embtools.store import EmbeddingStore
 
