@@ -481,7 +481,7 @@ def test_numpy_kernel_tiles_and_threads(monkeypatch, rng, metric, threads):
     monkeypatch.setattr(numpy_kernel, "TILE_COLS_PER_K", 1)
     monkeypatch.setattr(numpy_kernel, "TILE_ROWS", 8)
     monkeypatch.setattr(numpy_kernel, "MIN_THREAD_ROWS", 4)
-    monkeypatch.setattr(numpy_kernel, "THREADS", threads)
+    monkeypatch.setattr(numpy_kernel, "QUERY_THREADS", threads)
     b = get_backend("numpy")
     q = rng.integers(-2, 3, size=(21, 6)).astype(np.float32)  # integer scores: exact ties
     c = rng.integers(-2, 3, size=(203, 6)).astype(np.float32)
@@ -638,3 +638,20 @@ def test_no_pickle_in_backends():
     for path in src.glob("*.py"):
         text = path.read_text()
         assert "import pickle" not in text and "allow_pickle=True" not in text, path
+
+
+@pytest.mark.parametrize("scale_of_odd_rows", [0.0, 1e-30, 1e30, 3.0])
+def test_numpy_top_k_cosine_neighbors_raw_blocks(rng, scale_of_odd_rows):
+    """The fused path (raw float32 blocks scaled by inverse norms, running merges across blocks)
+    matches the float64 reference, including zero rows (cosine 0) and norms whose squares leave
+    float32's range (those blocks are normalised instead), with duplicate rows as exact ties."""
+    b = get_backend("numpy")
+    c = rng.standard_normal((1000, 12)).astype(np.float32)
+    c[::97] = (c[::97] * np.float32(scale_of_odd_rows)).astype(np.float32)
+    c[500:510] = c[3]  # exact ties across blocks
+    q = np.concatenate([rng.standard_normal((6, 12)), c[[3, 500]].astype(np.float64)]).astype(np.float32)
+    idx, sims = b.top_k_cosine_neighbors(q, c, 15, batch_size=128)
+    ref = ref_cosine(q.astype(np.float64), c.astype(np.float64))
+    assert not np.isnan(sims).any()
+    assert_top_k(ref, sims.astype(np.float64), idx, 15)
+    assert idx[6].tolist()[:11] == [3, *range(500, 510)]   # the tied copies in index order

@@ -413,7 +413,7 @@ def test_plan_for_tiled_kernel_counts_tiles_not_scores_per_row():
         for nq, k in [(1, 10), (10, 10), (1000, 400), (3000, 18)]:
             p = plan_search(MemoryBudget(cap), nq, 64, k, 10**6, "cosine", tiled=True)
             assert p.rows >= 1 and p.nbytes <= cap * 1024**3, (cap_mb, nq, k, p)
-            width = numpy_kernel.tile_cols(k, max(1, p.chunk // numpy_kernel.THREADS))
+            width = numpy_kernel.tile_cols(k, max(1, p.chunk // numpy_kernel.QUERY_THREADS))
             tiles = min(p.rows, width) * numpy_kernel.tile_bytes(p.chunk, k, 64) // (
                 numpy_kernel.tile_cols(k, p.chunk))
             assert p.nbytes >= tiles

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from embtools.backends.numpy_kernel import inverse_norms
 from embtools.errors import (
     DimensionMismatchError,
     InvalidArgumentError,
@@ -552,8 +553,17 @@ class Backend(ABC):
         qn = self.normalize(q2)
         best: tuple[Any, Any] | None = None
         scratch: dict[str, Any] = {}
+        # fused kernels score raw float32 blocks scaled by inverse row norms (no normalised copy)
+        # and merge each block into the running top-k themselves
+        fused = self.supports_scale and self.supports_running and self.dtype_name(c.dtype) == "float32"
         for start in range(0, n, rows):
-            blk = self._normalize_block(c[start : start + rows], scratch)
+            raw = c[start : start + rows]
+            scale = inverse_norms(raw) if fused else None
+            if scale is not None:
+                fused_top_k: Any = self.block_top_k  # a fused kernel's signature (numpy backend)
+                best = fused_top_k(qn, raw, k, "cosine", scale=scale, running=best, offset=start)
+                continue
+            blk = self._normalize_block(raw, scratch)
             values, local = self.block_top_k(qn, blk, k, "cosine")
             glob = local + start
             best = (values, glob) if best is None else self.merge_top_k(*best, values, glob, k)

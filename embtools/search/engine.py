@@ -42,8 +42,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from embtools.backends.numpy_kernel import THREADS as TILE_THREADS
-from embtools.backends.numpy_kernel import row_dots, tile_bytes, tile_cols
+from embtools.backends.numpy_kernel import QUERY_THREADS as TILE_THREADS
+from embtools.backends.numpy_kernel import inverse_norms, tile_bytes, tile_cols
 from embtools.errors import (
     DimensionMismatchError,
     InvalidArgumentError,
@@ -543,8 +543,6 @@ def _one_pass(
 
 
 # ---------------------------------------------------------------------------------- row norms
-#: smallest and largest squared row norm whose inverse norm scales float32 scores safely
-_SAFE_SQ = (2.0**-100, 2.0**100)
 #: inverse norms kept per source: WeakKeyDictionary[source, {dim: float32 (num_rows,)}]
 _NORM_CACHE: weakref.WeakKeyDictionary[Any, dict[int, np.ndarray]] = weakref.WeakKeyDictionary()
 _NORM_LOCK = threading.Lock()
@@ -552,21 +550,6 @@ _NORM_LOCK = threading.Lock()
 _NORM_DIMS = 4
 #: a norm cache is built only when it takes at most this fraction of the memory cap left
 _NORM_CAP_FRACTION = 16
-
-
-def inverse_norms(block: np.ndarray) -> np.ndarray | None:
-    """float32 ``1 / ||row||`` of a 2-D block (0 for zero rows); None when a row's squared norm is
-    outside float32's safe range (tiny or overflowing), where the block must be normalised."""
-    with np.errstate(over="ignore", invalid="ignore"):
-        sq = np.asarray(row_dots(np.asarray(block)), dtype=np.float32)
-    lo, hi = _SAFE_SQ
-    nonzero = sq != 0
-    if not bool(np.all((sq >= lo) & (sq <= hi) | ~nonzero)):
-        return None
-    if not bool(nonzero.all()) and bool(np.any(block[~nonzero])):
-        return None  # a row of tiny values whose squares underflow to 0
-    inv = np.sqrt(sq, out=sq)
-    return np.divide(1.0, inv, out=inv, where=nonzero)
 
 
 class _RowNorms:
