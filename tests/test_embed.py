@@ -179,6 +179,12 @@ def test_embed_queries_use_the_recorded_model(tmp_path, reference):
     assert embed_queries(store, ["square root"]).shape == (1, 384)
     hits = store.search(embed_queries(store, ["square root of a number"]), k=1)
     assert hits["text_id"].to_list() == ["a"]
+    # texts given to search are embedded the same way
+    assert store.search("square root of a number", k=1)["text_id"].to_list() == ["a"]
+    texts = ["square root", "parse json"]
+    by_text = store.search(texts, k=4, dimension=64)
+    by_vector = store.search(embed_queries(store, texts, dimension=64), k=4, dimension=64)
+    assert by_text.equals(by_vector)
 
 
 def test_stores_without_a_model_refuse_texts():
@@ -186,5 +192,7 @@ def test_stores_without_a_model_refuse_texts():
     store.add({3: np.eye(3, dtype=np.float32)}, text_ids=["a", "b", "c"])
     with pytest.raises(ModelMismatchError, match="no embedding model"):
         embed_queries(store, ["q"])
+    with pytest.raises(ModelMismatchError, match="no embedding model"):
+        store.search("q", k=1)
     with pytest.raises(ModelMismatchError, match="not embedded from texts"):
         add_texts(store, ["q"], text_ids=["d"])

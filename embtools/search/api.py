@@ -119,7 +119,9 @@ def search_store(
 ) -> Any:
     """Exact top-``k`` rows of ``store`` for each query, as a polars DataFrame.
 
-    ``queries`` is an ``(n, d)`` or ``(d,)`` array of any backend, or another store: then this is
+    ``queries`` is an ``(n, d)`` or ``(d,)`` array of any backend, a text or a list of texts
+    (embedded with the model the store records, see :func:`embtools.embed.embed_queries`), or
+    another store: then this is
     :func:`~embtools.search.join.similarity_join` (``out=`` a directory to write the results to and
     get its path back; without ``out`` the join's rows come back as a DataFrame). Metrics: ``cosine``
     (zero vectors score 0), ``dot``, ``l2`` (squared Euclidean, smallest first). ``where`` (polars
@@ -158,6 +160,12 @@ def search_store(
     metric = check_metric(metric)
     cols = _columns(columns)
     source = store.source
+    if isinstance(queries, str) or (
+        isinstance(queries, (list, tuple)) and queries and all(isinstance(t, str) for t in queries)
+    ):
+        from embtools.embed import embed_queries  # texts: embedded with the store's recorded model
+
+        queries = embed_queries(store, queries, dimension)
     q, _ = prepare_queries(queries)
     dim = search_dimension(source, dimension, q.shape[1])
     positions = select_positions(source, where)
