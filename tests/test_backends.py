@@ -197,10 +197,13 @@ class BackendTests:
         np.testing.assert_allclose(out, ref_normalize(x, axis), atol=1e-6)
         assert np.isfinite(out).all()
 
-    def test_normalize_huge_and_bad_values(self, backend: Backend, rng):
-        x = (rng.standard_normal((3, 8)) * 1e30).astype(np.float32)  # squares overflow float32
+    @pytest.mark.parametrize("scale", [1e30, 1e-22, 1e-30])
+    def test_normalize_huge_and_bad_values(self, backend: Backend, rng, scale):
+        # squares that overflow float32 (1e30), lose precision (1e-22) or underflow to 0 (1e-30)
+        x = (rng.standard_normal((3, 8)) * scale).astype(np.float32)
+        x[0] = 0.0
         out = f64(backend, backend.normalize(backend.from_numpy(x)))
-        np.testing.assert_allclose(out, ref_normalize(x), atol=1e-6)
+        np.testing.assert_allclose(out, ref_normalize(x.astype(np.float64)), atol=1e-6)
         x[1, 2] = np.nan
         with pytest.raises(InvalidEmbeddingsError):
             backend.normalize(backend.from_numpy(x))

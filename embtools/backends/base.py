@@ -265,8 +265,9 @@ class Backend(ABC):
         xp = self.xp
         x = self._float(x)
         norm = xp.sqrt(xp.sum(x * x, axis=axis, keepdims=True))
-        if not bool(xp.all(xp.isfinite(norm))):
-            # overflow of the squares (or NaN/inf in the data): scale by the largest magnitude first
+        if not bool(xp.all(xp.isfinite(norm))) or bool(xp.any(norm < 2.0**-50)):
+            # squares that overflow, or that underflow or lose precision (tiny vectors; zero
+            # vectors land here too), or NaN/inf in the data: scale by the largest magnitude first
             if not bool(xp.all(xp.isfinite(x))):
                 raise InvalidEmbeddingsError("cannot normalize: the array contains NaN or inf")
             scale = xp.max(xp.abs(x), axis=axis, keepdims=True)

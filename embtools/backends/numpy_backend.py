@@ -96,10 +96,8 @@ class NumpyBackend(Backend):
         x = self._float(x)
         if x.ndim == 2 and axis in (-1, 1) and x.size:
             # fast path: one pass for the norms, one for the scaling
-            with np.errstate(over="ignore", invalid="ignore"):
-                norm = np.sqrt(np.einsum("ij,ij->i", x, x))
-            if np.isfinite(norm).all():
-                inv = np.divide(1, norm, out=np.zeros_like(norm), where=norm > 0)
+            inv = kernel.inverse_norms(x)  # None: squares leave the safe range
+            if inv is not None:
                 out = None
                 if scratch is not None:  # reuse one buffer per streaming loop
                     buf = scratch.get("normalize")
@@ -107,7 +105,7 @@ class NumpyBackend(Backend):
                         buf = scratch["normalize"] = np.empty(x.size, dtype=x.dtype)
                     out = buf[: x.size].reshape(x.shape)
                 return np.multiply(x, inv[:, None], out=out)  # type: ignore[no-any-return]
-        # overflowing squares are handled by the rescaling path in Backend.normalize
+        # tiny or overflowing squares are handled by the rescaling path in Backend.normalize
         with np.errstate(over="ignore", invalid="ignore"):
             return super().normalize(x, axis)  # type: ignore[no-any-return]
 

@@ -209,10 +209,11 @@ _SAFE_SQ = (2.0**-100, 2.0**100)
 
 
 def inverse_norms(block: np.ndarray) -> np.ndarray | None:
-    """float32 ``1 / ||row||`` of a 2-D block (0 for zero rows); None when a row's squared norm is
-    outside float32's safe range (tiny or overflowing), where the block must be normalised."""
-    with np.errstate(over="ignore", invalid="ignore"):
-        sq = np.asarray(row_dots(np.asarray(block)), dtype=np.float32)
+    """``1 / ||row||`` of a 2-D float block in its dtype (0 for zero rows); None when a row's
+    squared norm is outside the safe range (tiny squares lose precision or underflow, large ones
+    overflow), where the block must be normalised by rescaling first."""
+    with np.errstate(over="ignore", invalid="ignore", under="ignore"):
+        sq = np.asarray(row_dots(np.asarray(block)))
     lo, hi = _SAFE_SQ
     nonzero = sq != 0
     if not bool(np.all((sq >= lo) & (sq <= hi) | ~nonzero)):

@@ -177,8 +177,9 @@ class TorchBackend(Backend):
         x = self._float(x)
         if x.numel():
             norm = torch.linalg.vector_norm(x, dim=axis, keepdim=True)  # one pass
-            if bool(torch.isfinite(norm).all()):
-                return x / torch.where(norm > 0, norm, torch.ones_like(norm))
+            if bool(((norm >= 2.0**-50) & torch.isfinite(norm)).all()):
+                return x / norm
+        # zero or tiny vectors, overflowing squares, NaN/inf: the rescaling path
         return super().normalize(x, axis)  # type: ignore[no-any-return]
 
     def take_along_axis(self, x: Any, indices: Any, axis: int = -1) -> torch.Tensor:
