@@ -189,6 +189,17 @@ class Backend(ABC):
             a, b = self.xp.astype(a, f32), self.xp.astype(b, f32)
         return a, b
 
+    def _block_pair(self, queries: Any, block: Any) -> tuple[Any, Any]:
+        """:meth:`_pair` of a fused ``block_top_k``'s 2-D queries and block of one dimension."""
+        q, c = self._pair(queries, block)
+        if q.ndim != 2 or c.ndim != 2:
+            raise InvalidArgumentError("block_top_k takes 2-D queries and a 2-D block")
+        if q.shape[1] != c.shape[1]:
+            raise DimensionMismatchError(
+                f"block_top_k: dimensions differ ({q.shape[1]} != {c.shape[1]})"
+            )
+        return q, c
+
     # ------------------------------------------------------------------ the seed's operations
     def create_array(self, data: Any, dtype: Any = None) -> Any:
         """A new array from lists, NumPy or any backend's array; float32 unless ``dtype`` is given.

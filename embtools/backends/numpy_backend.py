@@ -141,13 +141,7 @@ class NumpyBackend(Backend):
         metric = check_metric(metric)
         if scale is not None and metric == "l2":
             raise InvalidArgumentError("block_top_k: scale applies to cosine and dot, not l2")
-        q, c = self._pair(queries, block)
-        if q.ndim != 2 or c.ndim != 2:
-            raise InvalidArgumentError("block_top_k takes 2-D queries and a 2-D block")
-        if q.shape[1] != c.shape[1]:
-            raise DimensionMismatchError(
-                f"block_top_k: dimensions differ ({q.shape[1]} != {c.shape[1]})"
-            )
+        q, c = self._block_pair(queries, block)
         if c.shape[0] == 0:
             if running is not None:
                 return np.asarray(running[0]), np.asarray(running[1], dtype=np.int64)

@@ -23,7 +23,7 @@ import torch
 
 from embtools.backends import numpy_kernel as kernel
 from embtools.backends.base import Backend, check_k, check_metric
-from embtools.errors import DeviceUnavailableError, DimensionMismatchError, InvalidArgumentError
+from embtools.errors import DeviceUnavailableError, InvalidArgumentError
 
 __all__ = ["TorchBackend", "available_devices", "tensor_to_numpy"]
 
@@ -200,13 +200,7 @@ class TorchBackend(Backend):
             return super().block_top_k(queries, block, k, metric)  # type: ignore[no-any-return]
         k = check_k(k)
         metric = check_metric(metric)
-        q, c = self._pair(queries, block)
-        if q.ndim != 2 or c.ndim != 2:
-            raise InvalidArgumentError("block_top_k takes 2-D queries and a 2-D block")
-        if q.shape[1] != c.shape[1]:
-            raise DimensionMismatchError(
-                f"block_top_k: dimensions differ ({q.shape[1]} != {c.shape[1]})"
-            )
+        q, c = self._block_pair(queries, block)
         if c.shape[0] == 0:
             return q[:, :0].clone(), torch.zeros((q.shape[0], 0), dtype=torch.int64)
         values, indices = kernel.block_top_k(

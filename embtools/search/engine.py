@@ -202,11 +202,11 @@ def prepare_queries(queries: Any, dim: int | None = None) -> tuple[np.ndarray, b
 
 
 def normalize_rows(x: np.ndarray) -> np.ndarray:
-    """A new float32 array with the rows of ``x`` L2-normalised (zero rows stay zero)."""
-    x = np.asarray(x, dtype=np.float32)
-    norms = np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float32))
-    norms[norms == 0] = 1.0
-    return np.divide(x, norms[:, None], dtype=np.float32)
+    """A new float32 array with the rows of ``x`` L2-normalised (zero rows stay zero; tiny rows
+    are rescaled first): the NumPy backend's normalize."""
+    from embtools.backends import get_backend
+
+    return get_backend("numpy").normalize(np.asarray(x, dtype=np.float32))  # type: ignore[no-any-return]
 
 
 # ---------------------------------------------------------------------------------- planning
