@@ -56,9 +56,40 @@ def exact_top_k(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-``k``: the streaming engine's top ``overfetch(k)`` re-ranked in float64.
 
-    When one query's candidate scores would not fit the re-ranking workspace (a huge ``k``), the
-    engine's float32 order is returned as it is (ties by position among equal float32 scores).
+    Large batches of cosine/dot queries on CPUs with bfloat16 matrix units are screened in
+    bfloat16 first (:mod:`embtools.search.screen`); the queries the screen cannot certify take
+    the float32 path. When one query's candidate scores would not fit the re-ranking workspace
+    (a huge ``k``), the engine's float32 order is returned as it is (ties by position among equal
+    float32 scores).
     """
+    from embtools.search.screen import screen_enabled, screened_top_k  # screen imports rerank
+
+    n_sel = source.num_rows if positions is None else len(positions)
+    if screen_enabled(backend, len(queries), k, metric, n_sel):
+        scores, found, ok = screened_top_k(
+            source, budget, queries, dim, k, metric, positions, batch_rows
+        )
+        if not ok.all():
+            rest = np.flatnonzero(~ok)
+            scores[rest], found[rest] = _float32_top_k(
+                source, backend, budget, queries[rest], dim, k, metric, positions, batch_rows
+            )
+        return scores, found
+    return _float32_top_k(source, backend, budget, queries, dim, k, metric, positions, batch_rows)
+
+
+def _float32_top_k(
+    source: VectorSource,
+    backend: Any,
+    budget: MemoryBudget,
+    queries: np.ndarray,
+    dim: int,
+    k: int,
+    metric: str,
+    positions: np.ndarray | None = None,
+    batch_rows: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The float32 engine's top ``overfetch(k)`` re-ranked in float64."""
     m = overfetch(k)
     avail = budget.available_bytes
     limit = RERANK_CHUNK_BYTES if avail is None else min(RERANK_CHUNK_BYTES, avail)

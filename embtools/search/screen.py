@@ -1,0 +1,304 @@
+"""Exact search screened by a bfloat16 product: fast on CPUs with bfloat16 matrix units (AMX).
+
+A large batch of queries is scored against the corpus in bfloat16 (torch's oneDNN matmul, several
+times faster than a float32 ``sgemm`` on Intel AMX), which keeps the best ``width`` rows per query.
+Every bfloat16 score ``a`` is within a proven bound of the true score ``s``:
+
+* the rounding of the inputs: ``|q.x - q~.x~| <= ||q~|| ||x - x~|| + ||q - q~|| ||x||``, with the
+  rounding errors ``x - x~`` and ``q - q~`` measured (their largest row norm), not assumed;
+* the float32 accumulation of the ``d`` exact products: ``gamma(2d) ||q~|| ||x~||``;
+* the rounding of the result to bfloat16: half a unit in the last place of ``a``.
+
+So ``s`` lies in ``[L(a), U(a)]``. The ``k`` best rows all score at least ``L(a_k)`` (``a_k``: the
+k-th best screened score), so only rows with ``U(a) >= L(a_k)`` can be in the exact top-k. When the
+worst row kept, ``a_width``, has ``U(a_width) < L(a_k)``, every such row was kept (the query is
+*certified*) and re-ranking the kept rows in float64 (:func:`~embtools.search.refine.rerank`)
+gives exactly the float64 brute force's answer. Queries that are not certified (more than
+``width`` rows within the bound of the k-th best: planted duplicates, a flat neighbourhood) are
+searched again with the float32 engine. The result is exact either way; the screen only makes it
+faster.
+
+Used by :func:`~embtools.search.refine.exact_top_k` for cosine and dot searches of at least
+``SCREEN_MIN_QUERIES`` queries on the NumPy backend or torch on CPU, when torch is installed and the
+CPU has AMX (``EMBTOOLS_BF16_SCREEN=on`` forces it, ``off`` disables it).
+
+Examples
+--------
+>>> import numpy as np
+>>> from embtools.memory import MemoryBudget
+>>> from embtools.search.engine import ArraySource
+>>> x = np.random.default_rng(0).standard_normal((1000, 32)).astype(np.float32)
+>>> s, p, ok = screened_top_k(ArraySource(x), MemoryBudget(None), x[:3], 32, 5, "cosine")
+>>> p[:, 0].tolist(), bool(ok.all())
+([0, 1, 2], True)
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import math
+import os
+from typing import Any
+
+import numpy as np
+
+from embtools.backends.numpy_kernel import inverse_norms, row_dots
+from embtools.memory import MemoryBudget
+from embtools.search.engine import VectorSource, normalize_rows
+from embtools.search.refine import rerank
+
+__all__ = ["SCREEN_MIN_QUERIES", "screen_enabled", "screen_width", "screened_top_k"]
+
+#: Fewer queries than this are memory-bound: the float32 engine is as fast.
+SCREEN_MIN_QUERIES = 64
+#: Largest k screened (the screen keeps ``screen_width(k)`` rows per query).
+SCREEN_MAX_K = 256
+#: Queries scored against one batch in one bfloat16 matmul.
+SCREEN_QUERY_GROUP = 4096
+#: Without a memory cap, aim for a bfloat16 score matrix of about this many bytes.
+SCREEN_SCORE_BYTES = 64 * 1024**2
+#: Score columns pooled into one group (by their maximum) before the selection.
+POOL = 16
+#: Smallest selection screened (smaller corpora are searched in float32).
+SCREEN_MIN_ROWS = 4096
+_U = 2.0**-8  # unit roundoff of bfloat16 (8 significant bits)
+
+
+def screen_width(k: int) -> int:
+    """Rows kept per query by the screen for a top-``k``: room for the rows within the bound."""
+    return max(64, 2 * k + 32)
+
+
+@functools.lru_cache(maxsize=1)
+def _fast_bfloat16() -> bool:
+    """Whether torch is installed and this CPU multiplies bfloat16 matrices in hardware (AMX)."""
+    if importlib.util.find_spec("torch") is None:
+        return False
+    import torch
+
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(probe is not None and probe())
+
+
+def screen_enabled(backend: Any, nq: int, k: int, metric: str, rows: int) -> bool:
+    """Whether :func:`exact_top_k` screens a search of ``nq`` queries over ``rows`` rows in
+    bfloat16 (see the module docstring)."""
+    mode = os.environ.get("EMBTOOLS_BF16_SCREEN", "auto").strip().lower()
+    if mode in ("0", "off", "false", "no"):
+        return False
+    if metric not in ("cosine", "dot") or k > SCREEN_MAX_K:
+        return False
+    if nq < SCREEN_MIN_QUERIES or rows < SCREEN_MIN_ROWS:
+        return False
+    name = getattr(backend, "name", "")
+    if not (name == "numpy" or (name == "torch" and str(backend.device) == "cpu")):
+        return False
+    if mode in ("1", "on", "true", "yes"):
+        return importlib.util.find_spec("torch") is not None
+    return _fast_bfloat16()
+
+
+def screened_top_k(
+    source: VectorSource,
+    budget: MemoryBudget,
+    queries: np.ndarray,
+    dim: int,
+    k: int,
+    metric: str,
+    positions: np.ndarray | None = None,
+    batch_rows: int | None = None,
+    width: int | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Screen ``queries`` (float32 ``(nq, dim)``) in bfloat16 and re-rank the certified ones.
+
+    Returns ``(scores, positions, certified)``: for certified queries (``certified[i]``) the exact
+    top-``min(k, rows)`` in float64 order (ties by lower position); the other rows of ``scores``
+    and ``positions`` are undefined and must be searched again.
+    """
+    n_sel = source.num_rows if positions is None else len(positions)
+    kk = min(k, n_sel)
+    width = min(n_sel, max(kk, width or screen_width(kk)))
+    nq = len(queries)
+    scores = np.zeros((nq, kk), np.float32)
+    found = np.zeros((nq, kk), np.int64)
+    certified = np.zeros(nq, bool)
+    for g in range(0, nq, SCREEN_QUERY_GROUP):
+        q = queries[g : g + SCREEN_QUERY_GROUP, :dim]
+        ordinals, ok = _screen_pass(source, budget, q, dim, kk, width, metric, positions, batch_rows)
+        if not ok.any():
+            continue
+        cand = ordinals[ok]
+        if positions is not None:
+            cand = np.asarray(positions, dtype=np.int64)[cand]
+        s, p = rerank(source, budget, q[ok], dim, cand, kk, metric)
+        rows = np.flatnonzero(ok) + g
+        scores[rows], found[rows], certified[rows] = s, p, True
+    return scores, found, certified
+
+
+def _screen_pass(
+    source: VectorSource,
+    budget: MemoryBudget,
+    queries: np.ndarray,
+    dim: int,
+    k: int,
+    width: int,
+    metric: str,
+    positions: np.ndarray | None,
+    batch_rows: int | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """One bfloat16 pass: ``(ordinals (nq, m) of each query's candidates, certified (nq,))``.
+
+    Each batch's scores are pooled: column ``j`` of the pooled matrix is the largest score of
+    the batch columns ``j, j + w, j + 2w, ...`` (``POOL`` of them). The ``width`` best groups of a
+    batch are expanded and merged into the running best ``width`` rows; every row of a group left
+    out scores at most that batch's ``width``-th group maximum (the query's *floor*)."""
+    import torch
+
+    nq = len(queries)
+    qb, qb_norm, dq_norm = _round_queries(queries, metric)
+    rows, nbytes = _plan(budget, nq, dim, width, batch_rows)
+    neg_inf = float("-inf")
+    best_v = torch.empty((nq, 0), dtype=torch.bfloat16)
+    best_i = torch.empty((nq, 0), dtype=torch.int64)
+    floor = torch.full((nq,), neg_inf, dtype=torch.float32)
+    spread = torch.arange(POOL, dtype=torch.int64)
+    seen = 0
+    max_x = 0.0
+    with budget.holding(f"screen/{id(queries)}", nbytes, "the bfloat16 screen", "raise max_memory_gb"):
+        rounded = torch.empty((rows, dim), dtype=torch.bfloat16)
+        scratch = torch.empty((rows, dim), dtype=torch.float32)
+        flat = torch.empty(nq * rows, dtype=torch.bfloat16)
+        pooled_flat = torch.empty(nq * (rows // POOL), dtype=torch.bfloat16)
+        for _pos, vec in source.iter_vectors(dim, positions=positions, batch_rows=rows, views=True):
+            for start in range(0, len(vec), rows):
+                x = vec[start : start + rows]
+                n = len(x)
+                padded = -(-n // POOL) * POOL
+                xb = rounded[:padded]
+                max_x = max(max_x, _prepare(x, metric, xb[:n], scratch))
+                xb[n:].zero_()
+                a = flat[: nq * padded].view(nq, padded)
+                torch.mm(qb, xb.T, out=a)
+                a[:, n:] = neg_inf
+                w = padded // POOL
+                pooled = pooled_flat[: nq * w].view(nq, w)
+                pooled.copy_(a[:, :w])
+                for j in range(1, POOL):
+                    torch.maximum(pooled, a[:, j * w : (j + 1) * w], out=pooled)
+                groups = min(width, w)
+                gv, gi = torch.topk(pooled, groups, dim=1)
+                if groups < w:  # rows of the other groups score at most gv[:, -1]
+                    torch.maximum(floor, gv[:, -1].float(), out=floor)
+                cols = (gi[:, :, None] + w * spread).view(nq, groups * POOL)
+                v = torch.cat([best_v, torch.gather(a, 1, cols)], dim=1)
+                i = torch.cat([best_i, cols + seen], dim=1)
+                if v.shape[1] > width:
+                    v, j_best = torch.topk(v, width, dim=1)
+                    i = torch.gather(i, 1, j_best)
+                    torch.maximum(floor, v[:, -1].float(), out=floor)  # rows dropped here
+                best_v, best_i = v, i
+                seen += n
+    if seen != (source.num_rows if positions is None else len(positions)):
+        raise RuntimeError(f"the vector source yielded {seen} rows, expected more")
+    vals = best_v.float().numpy().astype(np.float64)
+    order = np.argsort(-vals, axis=1, kind="stable")
+    vals = np.take_along_axis(vals, order, axis=1)
+    ords = np.take_along_axis(best_i.numpy(), order, axis=1)
+
+    bound = error_bound(qb_norm, dq_norm, max_x, dim)[:, None]
+    lower_k = vals[:, k - 1 : k] - bound - half_ulp(vals[:, k - 1 : k])
+    upper = vals + bound + half_ulp(vals)
+    fl = floor.numpy().astype(np.float64)[:, None]
+    upper_floor = fl + bound + half_ulp(fl)
+    ok = upper_floor[:, 0] < lower_k[:, 0]
+    need = upper >= lower_k
+    m = max(k, int(need[ok].sum(axis=1).max())) if ok.any() else k
+    return ords[:, :m], ok
+
+
+def _round_queries(queries: np.ndarray, metric: str) -> tuple[Any, np.ndarray, np.ndarray]:
+    """The queries (normalised for cosine) in bfloat16, the norms of the rounded queries and the
+    norms of their rounding errors (float64)."""
+    import torch
+
+    q32 = normalize_rows(queries) if metric == "cosine" else np.ascontiguousarray(queries)
+    qt = torch.from_numpy(q32).double()
+    qb = torch.from_numpy(q32).bfloat16()
+    qb_norm = torch.linalg.vector_norm(qb.double(), dim=1).numpy()
+    dq_norm = torch.linalg.vector_norm(qt - qb.double(), dim=1).numpy()
+    return qb, qb_norm, dq_norm
+
+
+def error_bound(qb_norm: np.ndarray, dq_norm: np.ndarray, max_x: float, dim: int) -> np.ndarray:
+    """Per query, a bound on ``|s - a|`` before the result is rounded to bfloat16 (add
+    :func:`half_ulp` of ``a``): ``s`` the exact score (of the normalised vectors for cosine), ``a``
+    the bfloat16 product of the rounded vectors, over rows of norm at most ``max_x``.
+
+    Rows: ``|x - x~| <= u |x|`` elementwise, plus 2e-6 relative for their float32 normalisation;
+    queries: their measured rounding error; the float32 accumulation of ``2 dim`` terms; underflow.
+
+    Examples
+    --------
+    >>> float(error_bound(np.array([1.0]), np.array([0.0]), 1.0, 384)[0]) < 2 ** -8 * 1.02
+    True
+    """
+    gamma = 2 * dim * 2.0**-24 / (1 - 2 * dim * 2.0**-24)
+    bound = qb_norm * max_x * (_U + 2e-6 + gamma * (1 + _U)) + dq_norm * max_x
+    return np.asarray(bound * (1 + 1e-6) + 2.0**-120, dtype=np.float64)
+
+
+def _prepare(vec: np.ndarray, metric: str, out: Any, scratch: Any) -> float:
+    """Round a batch to bfloat16 into ``out`` (rows normalised for cosine: multiplied and rounded
+    in one pass); returns the largest row norm before rounding."""
+    import torch
+
+    x = np.ascontiguousarray(vec, dtype=np.float32)
+    if metric == "cosine":
+        inv = inverse_norms(x)
+        if inv is None:
+            x = normalize_rows(x)
+        else:  # multiplied in float32 (two quick passes beat one mixed-type pass)
+            normed = scratch[: len(x)]
+            torch.mul(torch.from_numpy(x), torch.from_numpy(inv)[:, None], out=normed)
+            out.copy_(normed)
+            return 1.0
+        out.copy_(torch.from_numpy(x))
+        return 1.0
+    out.copy_(torch.from_numpy(x))
+    return math.sqrt(float(np.max(row_dots(x)))) * (1 + 1e-5) if len(x) else 0.0
+
+
+def half_ulp(a: np.ndarray) -> np.ndarray:
+    """Half a bfloat16 unit in the last place at each value (float64): the most that rounding a
+    result to that value can have changed it.
+
+    Examples
+    --------
+    >>> half_ulp(np.array([0.75, 1.0, -3.0])).tolist() == [2.0**-9, 2.0**-8, 2.0**-7]
+    True
+    """
+    _, exp = np.frexp(a)  # a = m * 2**exp with 0.5 <= |m| < 1
+    return np.where(a == 0, 2.0**-126, np.ldexp(1.0, exp - 1 - 8))
+
+
+def _plan(
+    budget: MemoryBudget, nq: int, dim: int, width: int, batch_rows: int | None
+) -> tuple[int, int]:
+    """Rows per batch (a multiple of ``POOL``) and the bytes the pass holds: the bfloat16 rows
+    and scores, the pooled scores, a normalised float32 copy of the rows, the expanded groups and
+    the running best rows."""
+    per_row = dim * 6 + nq * 2 + nq * 2 // POOL + 8
+    fixed = nq * dim * 18 + nq * width * POOL * 26 + nq * width * 60
+    avail = budget.available_bytes
+    if avail is None:
+        rows = max(POOL, SCREEN_SCORE_BYTES // (nq * 2))
+    else:
+        rows = (avail - fixed) // per_row
+        if rows < POOL:
+            budget.check(fixed + per_row * POOL, "the bfloat16 screen", "raise max_memory_gb")
+    if batch_rows is not None:
+        rows = min(rows, batch_rows)
+    rows = max(POOL, rows // POOL * POOL)
+    return int(rows), int(fixed + rows * per_row)

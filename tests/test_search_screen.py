@@ -1,0 +1,149 @@
+"""The bfloat16 screen of large query batches (embtools.search.screen): its error bound holds on
+real bfloat16 products, certified queries get the float64 brute force's exact answer, queries it
+cannot certify fall back to the float32 path, and store.search gives the same results with the
+screen on and off."""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+from test_search_support import brute_force, check_top_k, make_store, planted_corpus
+
+from embtools.backends import get_backend
+from embtools.errors import MemoryLimitError
+from embtools.memory import MemoryBudget
+from embtools.search import screen
+from embtools.search.engine import ArraySource
+from embtools.search.refine import exact_top_k
+
+
+def _queries_near(rng: np.random.Generator, corpus: np.ndarray, nq: int, noise: float) -> np.ndarray:
+    q = corpus[rng.choice(len(corpus), nq, replace=False)].astype(np.float32)
+    return q + noise * rng.standard_normal(q.shape).astype(np.float32)
+
+
+def _varied_norms(rng: np.random.Generator, x: np.ndarray) -> np.ndarray:
+    """Rows scaled over several orders of magnitude (and a few tiny ones: cosine must rescale)."""
+    x = x * np.exp(rng.uniform(-3, 3, size=(len(x), 1))).astype(np.float32)
+    x[rng.choice(len(x), 5, replace=False)] *= np.float32(1e-30)
+    return x
+
+
+@pytest.mark.parametrize("metric", ["cosine", "dot"])
+def test_error_bound_holds_for_every_score(metric):
+    """|exact - bfloat16| <= error_bound + half_ulp for every (query, row) of a real product."""
+    rng = np.random.default_rng()
+    d = int(rng.choice([7, 48, 384]))
+    x = rng.standard_normal((3000, d)).astype(np.float32)
+    if metric == "dot":
+        x *= np.exp(rng.uniform(-2, 2, size=(len(x), 1))).astype(np.float32)
+    q = rng.standard_normal((70, d)).astype(np.float32) * np.float32(rng.uniform(0.1, 10))
+    qb, qb_norm, dq_norm = screen._round_queries(q, metric)
+    xb = torch.empty((len(x), d), dtype=torch.bfloat16)
+    scratch = torch.empty((len(x), d), dtype=torch.float32)
+    max_x = screen._prepare(x, metric, xb, scratch)
+    a = (qb @ xb.T).float().numpy().astype(np.float64)
+    exact = brute_force(x, q, metric)
+    bound = screen.error_bound(qb_norm, dq_norm, max_x, d)[:, None] + screen.half_ulp(a)
+    err = np.abs(exact - a)
+    assert (err <= bound).all(), float((err - bound).max())
+    # the bound is a proof, not slack: the worst error uses a good part of it
+    assert err.max() > 0.05 * bound.max()
+
+
+@pytest.mark.parametrize("metric", ["cosine", "dot"])
+@pytest.mark.parametrize("filtered", [False, True])
+@pytest.mark.parametrize("cap_gb", [None, 0.004])
+def test_certified_queries_equal_float64_brute_force(metric, filtered, cap_gb):
+    rng = np.random.default_rng()
+    corpus = planted_corpus(rng, 9000, 32)
+    if metric == "dot" or rng.random() < 0.5:
+        corpus = _varied_norms(rng, corpus)
+    queries = _queries_near(rng, corpus, 90, 0.3)
+    positions = np.sort(rng.choice(len(corpus), 6000, replace=False)) if filtered else None
+    k = int(rng.choice([1, 10, 25]))
+    budget = MemoryBudget(cap_gb)
+    s, p, ok = screen.screened_top_k(
+        ArraySource(corpus), budget, queries, 32, k, metric, positions=positions
+    )
+    assert budget.held_bytes == 0
+    assert ok.mean() > 0.5, ok.mean()
+    s64 = brute_force(corpus, queries, metric, positions)
+    tol = 1e-6 * max(1.0, float(np.nanmax(np.abs(s64))))  # float32 scores of large dot products
+    check_top_k(s64[ok], s[ok], p[ok], k, metric, tol=tol)
+
+
+@pytest.mark.parametrize("metric", ["cosine", "dot"])
+def test_uncertified_queries_fall_back_and_stay_exact(monkeypatch, metric):
+    """More exact copies of a row than the screen keeps: its queries cannot be certified, and
+    exact_top_k answers them with the float32 path (copies in position order)."""
+    rng = np.random.default_rng()
+    corpus = rng.standard_normal((8000, 24)).astype(np.float32)
+    copies = rng.choice(len(corpus), 300, replace=False)
+    corpus[copies] = 3 * corpus[copies[0]]  # the longest rows: they win under dot too
+    queries = np.concatenate(
+        [np.repeat(corpus[copies[:1]], 10, axis=0), _queries_near(rng, corpus, 60, 0.5)]
+    )
+    _, _, ok = screen.screened_top_k(ArraySource(corpus), MemoryBudget(None), queries, 24, 5, metric)
+    assert not ok[:10].any() and ok[10:].mean() > 0.5
+    monkeypatch.setenv("EMBTOOLS_BF16_SCREEN", "on")
+    backend = get_backend("numpy")
+    assert screen.screen_enabled(backend, len(queries), 5, metric, len(corpus))
+    s, p = exact_top_k(ArraySource(corpus), backend, MemoryBudget(None), queries, 24, 5, metric)
+    np.testing.assert_array_equal(p[:10], np.repeat(np.sort(copies)[None, :5], 10, axis=0))
+    s64 = brute_force(corpus, queries, metric)
+    check_top_k(s64, s, p, 5, metric, tol=1e-6 * max(1.0, float(np.abs(s64).max())))
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+@pytest.mark.parametrize("metric", ["cosine", "dot", "l2"])
+def test_store_search_same_with_screen_on_and_off(tmp_path, monkeypatch, backend, metric):
+    rng = np.random.default_rng()
+    corpus = planted_corpus(rng, 9000, 40)
+    group = np.arange(len(corpus)) % 3
+    store = make_store(tmp_path / "s", corpus, backend=backend, metadata={"group": group})
+    queries = _queries_near(rng, corpus, 100, 0.2)
+    where = pl.col("group") != 0
+    certified: list[float] = []
+    real = screen.screened_top_k
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        certified.append(float(out[2].mean()))
+        return out
+
+    monkeypatch.setattr(screen, "screened_top_k", spy)
+    monkeypatch.setenv("EMBTOOLS_BF16_SCREEN", "on")
+    on = store.search(queries, 10, metric=metric, where=where)
+    assert certified == [] if metric == "l2" else certified[0] > 0.5, certified
+    monkeypatch.setenv("EMBTOOLS_BF16_SCREEN", "off")
+    off = store.search(queries, 10, metric=metric, where=where)
+    assert on["row_id"].to_list() == off["row_id"].to_list()
+    np.testing.assert_allclose(on["score"].to_numpy(), off["score"].to_numpy(), rtol=0, atol=1e-6)
+
+
+def test_screen_enabled_conditions(monkeypatch):
+    numpy_backend = get_backend("numpy")
+    monkeypatch.setenv("EMBTOOLS_BF16_SCREEN", "on")
+    assert screen.screen_enabled(numpy_backend, 1000, 10, "cosine", 100_000)
+    assert screen.screen_enabled(get_backend("torch", device="cpu"), 1000, 10, "dot", 100_000)
+    assert not screen.screen_enabled(numpy_backend, 1000, 10, "l2", 100_000)
+    assert not screen.screen_enabled(numpy_backend, screen.SCREEN_MIN_QUERIES - 1, 10, "cosine", 10**6)
+    assert not screen.screen_enabled(numpy_backend, 1000, 10, "cosine", screen.SCREEN_MIN_ROWS - 1)
+    assert not screen.screen_enabled(numpy_backend, 1000, screen.SCREEN_MAX_K + 1, "cosine", 10**6)
+    monkeypatch.setenv("EMBTOOLS_BF16_SCREEN", "off")
+    assert not screen.screen_enabled(numpy_backend, 1000, 10, "cosine", 100_000)
+    monkeypatch.setenv("EMBTOOLS_BF16_SCREEN", "auto")
+    expected = bool(torch.cpu._is_amx_tile_supported())
+    assert screen.screen_enabled(numpy_backend, 1000, 10, "cosine", 100_000) is expected
+
+
+def test_screen_refuses_a_cap_too_small():
+    rng = np.random.default_rng(0)
+    corpus = rng.standard_normal((5000, 64)).astype(np.float32)
+    with pytest.raises(MemoryLimitError):
+        screen.screened_top_k(
+            ArraySource(corpus), MemoryBudget(0.0001), corpus[:100], 64, 10, "cosine"
+        )
