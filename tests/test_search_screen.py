@@ -31,12 +31,16 @@ def _varied_norms(rng: np.random.Generator, x: np.ndarray) -> np.ndarray:
     return x
 
 
-@pytest.mark.parametrize("metric", ["cosine", "dot"])
+@pytest.mark.parametrize("metric", ["cosine", "cosine-unit-rows", "dot"])
 def test_error_bound_holds_for_every_score(metric):
-    """|exact - bfloat16| <= error_bound + half_ulp for every (query, row) of a real product."""
+    """|exact - bfloat16| <= error_bound + half_ulp for every (query, row) of a real product
+    (unit rows: used as they are, without the normalising multiply)."""
     rng = np.random.default_rng()
     d = int(rng.choice([7, 48, 384]))
     x = rng.standard_normal((3000, d)).astype(np.float32)
+    if metric == "cosine-unit-rows":
+        metric = "cosine"
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
     if metric == "dot":
         x *= np.exp(rng.uniform(-2, 2, size=(len(x), 1))).astype(np.float32)
     q = rng.standard_normal((70, d)).astype(np.float32) * np.float32(rng.uniform(0.1, 10))
@@ -61,6 +65,9 @@ def test_certified_queries_equal_float64_brute_force(metric, filtered, cap_gb):
     corpus = planted_corpus(rng, 9000, 32)
     if metric == "dot" or rng.random() < 0.5:
         corpus = _varied_norms(rng, corpus)
+    elif rng.random() < 0.5:  # unit rows (and the zero row): no normalising multiply
+        norms = np.linalg.norm(corpus, axis=1, keepdims=True)
+        corpus /= np.where(norms == 0, 1, norms)
     queries = _queries_near(rng, corpus, 90, 0.3)
     positions = np.sort(rng.choice(len(corpus), 6000, replace=False)) if filtered else None
     k = int(rng.choice([1, 10, 25]))

@@ -39,6 +39,7 @@ import functools
 import importlib.util
 import math
 import os
+import warnings
 from typing import Any
 
 import numpy as np
@@ -58,6 +59,8 @@ SCREEN_MAX_K = 256
 SCREEN_QUERY_GROUP = 4096
 #: Without a memory cap, aim for a bfloat16 score matrix of about this many bytes.
 SCREEN_SCORE_BYTES = 64 * 1024**2
+#: Certified queries are re-ranked in groups whose candidate counts round up to the same multiple.
+RERANK_STEP = 16
 #: Score columns pooled into one group (by their maximum) before the selection.
 POOL = 16
 #: Smallest selection screened (smaller corpora are searched in float32).
@@ -125,15 +128,18 @@ def screened_top_k(
     certified = np.zeros(nq, bool)
     for g in range(0, nq, SCREEN_QUERY_GROUP):
         q = queries[g : g + SCREEN_QUERY_GROUP, :dim]
-        ordinals, ok = _screen_pass(source, budget, q, dim, kk, width, metric, positions, batch_rows)
-        if not ok.any():
-            continue
-        cand = ordinals[ok]
+        ordinals, need, ok = _screen_pass(
+            source, budget, q, dim, kk, width, metric, positions, batch_rows
+        )
         if positions is not None:
-            cand = np.asarray(positions, dtype=np.int64)[cand]
-        s, p = rerank(source, budget, q[ok], dim, cand, kk, metric)
-        rows = np.flatnonzero(ok) + g
-        scores[rows], found[rows], certified[rows] = s, p, True
+            ordinals = np.asarray(positions, dtype=np.int64)[ordinals]
+        # re-rank queries with about as many candidates together (the best ``m`` of each)
+        sizes = np.maximum(-(-need // RERANK_STEP) * RERANK_STEP, kk)
+        for m in np.unique(sizes[ok]):
+            sel = np.flatnonzero(ok & (sizes == m))
+            m = int(min(m, ordinals.shape[1]))
+            s, p = rerank(source, budget, q[sel], dim, ordinals[sel, :m], kk, metric)
+            scores[sel + g], found[sel + g], certified[sel + g] = s, p, True
     return scores, found, certified
 
 
@@ -148,7 +154,9 @@ def _screen_pass(
     positions: np.ndarray | None,
     batch_rows: int | None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """One bfloat16 pass: ``(ordinals (nq, m) of each query's candidates, certified (nq,))``.
+    """One bfloat16 pass: ``(ordinals, need, certified)``: per query the ``width`` best rows
+    (ordinals into the selection, best first), how many of them may be in the exact top-k, and
+    whether those are all the rows that may be.
 
     Each batch's scores are pooled: column ``j`` of the pooled matrix is the largest score of
     the batch columns ``j, j + w, j + 2w, ...`` (``POOL`` of them). The ``width`` best groups of a
@@ -213,9 +221,8 @@ def _screen_pass(
     fl = floor.numpy().astype(np.float64)[:, None]
     upper_floor = fl + bound + half_ulp(fl)
     ok = upper_floor[:, 0] < lower_k[:, 0]
-    need = upper >= lower_k
-    m = max(k, int(need[ok].sum(axis=1).max())) if ok.any() else k
-    return ords[:, :m], ok
+    need = (upper >= lower_k).sum(axis=1)  # a prefix: the values are sorted
+    return ords, need, ok
 
 
 def _round_queries(queries: np.ndarray, metric: str) -> tuple[Any, np.ndarray, np.ndarray]:
@@ -236,7 +243,8 @@ def error_bound(qb_norm: np.ndarray, dq_norm: np.ndarray, max_x: float, dim: int
     :func:`half_ulp` of ``a``): ``s`` the exact score (of the normalised vectors for cosine), ``a``
     the bfloat16 product of the rounded vectors, over rows of norm at most ``max_x``.
 
-    Rows: ``|x - x~| <= u |x|`` elementwise, plus 2e-6 relative for their float32 normalisation;
+    Rows: ``|x - x~| <= u |x|`` elementwise, plus 2e-6 relative for their float32 normalisation
+    (rows within 1e-6 of unit norm are used as they are);
     queries: their measured rounding error; the float32 accumulation of ``2 dim`` terms; underflow.
 
     Examples
@@ -259,15 +267,25 @@ def _prepare(vec: np.ndarray, metric: str, out: Any, scratch: Any) -> float:
         inv = inverse_norms(x)
         if inv is None:
             x = normalize_rows(x)
-        else:  # multiplied in float32 (two quick passes beat one mixed-type pass)
+        elif float(np.max(np.abs(inv - 1), initial=0)) > 1e-6:  # not unit rows already
+            # multiplied in float32 (two quick passes beat one mixed-type pass)
             normed = scratch[: len(x)]
-            torch.mul(torch.from_numpy(x), torch.from_numpy(inv)[:, None], out=normed)
+            torch.mul(_tensor(x), torch.from_numpy(inv)[:, None], out=normed)
             out.copy_(normed)
             return 1.0
-        out.copy_(torch.from_numpy(x))
+        out.copy_(_tensor(x))
         return 1.0
-    out.copy_(torch.from_numpy(x))
+    out.copy_(_tensor(x))
     return math.sqrt(float(np.max(row_dots(x)))) * (1 + 1e-5) if len(x) else 0.0
+
+
+def _tensor(x: np.ndarray) -> Any:
+    """A torch view of ``x``, read-only arrays (memory maps) included: it is only read."""
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(x)
 
 
 def half_ulp(a: np.ndarray) -> np.ndarray:
