@@ -69,10 +69,13 @@ def exact_top_k(
         scores, found, ok = screened_top_k(
             source, budget, queries, dim, k, metric, positions, batch_rows
         )
-        if not ok.all():
+        if not ok.all():  # a few queries: the NumPy kernel is the fastest on CPU data
+            from embtools.backends import get_backend
+
             rest = np.flatnonzero(~ok)
             scores[rest], found[rest] = _float32_top_k(
-                source, backend, budget, queries[rest], dim, k, metric, positions, batch_rows
+                source, get_backend("numpy"), budget, queries[rest], dim, k, metric, positions,
+                batch_rows,
             )
         return scores, found
     return _float32_top_k(source, backend, budget, queries, dim, k, metric, positions, batch_rows)
