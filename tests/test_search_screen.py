@@ -154,3 +154,53 @@ def test_screen_refuses_a_cap_too_small():
         screen.screened_top_k(
             ArraySource(corpus), MemoryBudget(0.0001), corpus[:100], 64, 10, "cosine"
         )
+
+
+@pytest.mark.parametrize("filtered", [False, True])
+def test_screened_shortlist_keeps_the_best_rows(filtered):
+    """The funnel's first stage: the n best rows by bfloat16 score. Every row clearly above the
+    exact n-th best score is kept and nothing clearly below it; n covering the selection keeps
+    every row."""
+    rng = np.random.default_rng()
+    corpus = planted_corpus(rng, 8000, 16)
+    queries = _queries_near(rng, corpus, 70, 0.3)
+    positions = np.sort(rng.choice(len(corpus), 5000, replace=False)) if filtered else None
+    n = int(rng.choice([50, 300]))
+    found = screen.screened_shortlist(
+        ArraySource(corpus), MemoryBudget(None), queries, 16, n, "cosine", positions
+    )
+    assert found.shape == (len(queries), n)
+    s64 = brute_force(corpus, queries, "cosine", positions)
+    for qi, row in enumerate(s64):
+        assert len(set(found[qi].tolist())) == n and not np.isnan(row[found[qi]]).any()
+        nth = np.sort(row[~np.isnan(row)])[::-1][n - 1]
+        assert (row[found[qi]] >= nth - 0.02).all()
+        clearly = np.flatnonzero(row > nth + 0.02)
+        assert np.isin(clearly, found[qi]).all()
+    every = screen.screened_shortlist(
+        ArraySource(corpus), MemoryBudget(None), queries, 16, 9000, "cosine", positions
+    )
+    expected = np.arange(len(corpus)) if positions is None else positions
+    assert (np.sort(every, axis=1) == expected).all()
+
+
+def test_funnel_picks_its_shortlist_with_the_screen(tmp_path, monkeypatch):
+    from embtools.search import recall_at_k
+
+    rng = np.random.default_rng()
+    d = 64
+    x = rng.standard_normal((6000, d)).astype(np.float32) * np.exp(-np.arange(d) / 10)
+    x = x.astype(np.float32)
+    store = make_store(tmp_path / "s", {16: x[:, :16], d: x})
+    queries = _queries_near(rng, x, 80, 0.05)
+    calls: list[int] = []
+    real = screen.screened_shortlist
+    monkeypatch.setattr(screen, "screened_shortlist", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    monkeypatch.setenv("EMBTOOLS_BF16_SCREEN", "on")
+    fast = store.search(queries, 10, funnel=[(16, 300)])
+    assert calls == [1]
+    monkeypatch.setenv("EMBTOOLS_BF16_SCREEN", "off")
+    exact = store.search(queries, 10)
+    float32_funnel = store.search(queries, 10, funnel=[(16, 300)])
+    assert recall_at_k(fast, exact, 10) >= recall_at_k(float32_funnel, exact, 10) - 0.01
+    assert recall_at_k(fast, exact, 10) > 0.9

@@ -68,9 +68,16 @@ def funnel_top_k(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Funnel search: exact top-``stages[0][1]`` on the ``stages[0][0]`` prefix over the selection,
     then :func:`rerank` through the later stages and the full ``dim`` to ``k``."""
+    from embtools.search.screen import SHORTLIST_MAX, screen_enabled, screened_shortlist
+
     d0, n0 = stages[0]
     q0 = np.ascontiguousarray(queries[:, :d0])
-    _, cand = stream_top_k(source, backend, budget, q0, d0, n0, metric, positions, batch_rows)
+    n_sel = source.num_rows if positions is None else len(positions)
+    if n0 <= SHORTLIST_MAX and screen_enabled(backend, len(q0), 1, metric, n_sel):
+        # bfloat16 scores pick the shortlist (the later stages re-rank it in float64)
+        cand = screened_shortlist(source, budget, q0, d0, n0, metric, positions, batch_rows)
+    else:
+        _, cand = stream_top_k(source, backend, budget, q0, d0, n0, metric, positions, batch_rows)
     for d, n in stages[1:]:
         _, cand = rerank(source, budget, queries, d, cand, n, metric)
     return rerank(source, budget, queries, dim, cand, k, metric)

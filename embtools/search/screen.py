@@ -49,7 +49,13 @@ from embtools.memory import MemoryBudget
 from embtools.search.engine import VectorSource, normalize_rows
 from embtools.search.refine import rerank
 
-__all__ = ["SCREEN_MIN_QUERIES", "screen_enabled", "screen_width", "screened_top_k"]
+__all__ = [
+    "SCREEN_MIN_QUERIES",
+    "screen_enabled",
+    "screen_width",
+    "screened_shortlist",
+    "screened_top_k",
+]
 
 #: Fewer queries than this are memory-bound: the float32 engine is as fast.
 SCREEN_MIN_QUERIES = 64
@@ -61,6 +67,11 @@ SCREEN_QUERY_GROUP = 4096
 SCREEN_SCORE_BYTES = 64 * 1024**2
 #: Certified queries are re-ranked in groups whose candidate counts round up to the same multiple.
 RERANK_STEP = 16
+#: A shortlist of ``n`` rows pools at most this many / ``n`` columns per group (expanded rows per
+#: query and batch stay under it).
+SHORTLIST_EXPANDED = 2048
+#: Longest funnel shortlist picked by the screen (longer ones by the float32 engine).
+SHORTLIST_MAX = 2048
 #: Score columns pooled into one group (by their maximum) before the selection.
 POOL = 16
 #: Smallest selection screened (smaller corpora are searched in float32).
@@ -143,6 +154,31 @@ def screened_top_k(
     return scores, found, certified
 
 
+def screened_shortlist(
+    source: VectorSource,
+    budget: MemoryBudget,
+    queries: np.ndarray,
+    dim: int,
+    n: int,
+    metric: str,
+    positions: np.ndarray | None = None,
+    batch_rows: int | None = None,
+) -> np.ndarray:
+    """Positions ``(nq, min(n, rows))`` of each query's ``n`` best rows by bfloat16 score, best
+    first: the first stage of a Matryoshka funnel, which is approximate by design (every row when
+    ``n`` covers the selection)."""
+    n_sel = source.num_rows if positions is None else len(positions)
+    n = min(n, n_sel)
+    pool = max(1, min(POOL, SHORTLIST_EXPANDED // n))
+    out = []
+    for g in range(0, len(queries), SCREEN_QUERY_GROUP):
+        q = queries[g : g + SCREEN_QUERY_GROUP, :dim]
+        ords, _, _ = _screen_pass(source, budget, q, dim, n, n, metric, positions, batch_rows, pool)
+        out.append(ords[:, :n])
+    found = np.concatenate(out, axis=0)
+    return found if positions is None else np.asarray(positions, dtype=np.int64)[found]
+
+
 def _screen_pass(
     source: VectorSource,
     budget: MemoryBudget,
@@ -153,53 +189,54 @@ def _screen_pass(
     metric: str,
     positions: np.ndarray | None,
     batch_rows: int | None,
-) -> tuple[np.ndarray, np.ndarray]:
+    pool: int = POOL,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One bfloat16 pass: ``(ordinals, need, certified)``: per query the ``width`` best rows
     (ordinals into the selection, best first), how many of them may be in the exact top-k, and
     whether those are all the rows that may be.
 
     Each batch's scores are pooled: column ``j`` of the pooled matrix is the largest score of
-    the batch columns ``j, j + w, j + 2w, ...`` (``POOL`` of them). The ``width`` best groups of a
+    the batch columns ``j, j + w, j + 2w, ...`` (``pool`` of them). The ``width`` best groups of a
     batch are expanded and merged into the running best ``width`` rows; every row of a group left
     out scores at most that batch's ``width``-th group maximum (the query's *floor*)."""
     import torch
 
     nq = len(queries)
     qb, qb_norm, dq_norm = _round_queries(queries, metric)
-    rows, nbytes = _plan(budget, nq, dim, width, batch_rows)
+    rows, nbytes = _plan(budget, nq, dim, width, batch_rows, pool)
     neg_inf = float("-inf")
     best_v = torch.empty((nq, 0), dtype=torch.bfloat16)
     best_i = torch.empty((nq, 0), dtype=torch.int64)
     floor = torch.full((nq,), neg_inf, dtype=torch.float32)
-    spread = torch.arange(POOL, dtype=torch.int64)
+    spread = torch.arange(pool, dtype=torch.int64)
     seen = 0
     max_x = 0.0
     with budget.holding(f"screen/{id(queries)}", nbytes, "the bfloat16 screen", "raise max_memory_gb"):
         rounded = torch.empty((rows, dim), dtype=torch.bfloat16)
         scratch = torch.empty((rows, dim), dtype=torch.float32)
         flat = torch.empty(nq * rows, dtype=torch.bfloat16)
-        pooled_flat = torch.empty(nq * (rows // POOL), dtype=torch.bfloat16)
+        pooled_flat = torch.empty(nq * (rows // pool), dtype=torch.bfloat16)
         for _pos, vec in source.iter_vectors(dim, positions=positions, batch_rows=rows, views=True):
             for start in range(0, len(vec), rows):
                 x = vec[start : start + rows]
                 n = len(x)
-                padded = -(-n // POOL) * POOL
+                padded = -(-n // pool) * pool
                 xb = rounded[:padded]
                 max_x = max(max_x, _prepare(x, metric, xb[:n], scratch))
                 xb[n:].zero_()
                 a = flat[: nq * padded].view(nq, padded)
                 torch.mm(qb, xb.T, out=a)
                 a[:, n:] = neg_inf
-                w = padded // POOL
+                w = padded // pool
                 pooled = pooled_flat[: nq * w].view(nq, w)
                 pooled.copy_(a[:, :w])
-                for j in range(1, POOL):
+                for j in range(1, pool):
                     torch.maximum(pooled, a[:, j * w : (j + 1) * w], out=pooled)
                 groups = min(width, w)
                 gv, gi = torch.topk(pooled, groups, dim=1)
                 if groups < w:  # rows of the other groups score at most gv[:, -1]
                     torch.maximum(floor, gv[:, -1].float(), out=floor)
-                cols = (gi[:, :, None] + w * spread).view(nq, groups * POOL)
+                cols = (gi[:, :, None] + w * spread).view(nq, groups * pool)
                 v = torch.cat([best_v, torch.gather(a, 1, cols)], dim=1)
                 i = torch.cat([best_i, cols + seen], dim=1)
                 if v.shape[1] > width:
@@ -302,21 +339,21 @@ def half_ulp(a: np.ndarray) -> np.ndarray:
 
 
 def _plan(
-    budget: MemoryBudget, nq: int, dim: int, width: int, batch_rows: int | None
+    budget: MemoryBudget, nq: int, dim: int, width: int, batch_rows: int | None, pool: int
 ) -> tuple[int, int]:
-    """Rows per batch (a multiple of ``POOL``) and the bytes the pass holds: the bfloat16 rows
+    """Rows per batch (a multiple of ``pool``) and the bytes the pass holds: the bfloat16 rows
     and scores, the pooled scores, a normalised float32 copy of the rows, the expanded groups and
     the running best rows."""
-    per_row = dim * 6 + nq * 2 + nq * 2 // POOL + 8
-    fixed = nq * dim * 18 + nq * width * POOL * 26 + nq * width * 60
+    per_row = dim * 6 + nq * 2 + nq * 2 // pool + 8
+    fixed = nq * dim * 18 + nq * width * pool * 26 + nq * width * 60
     avail = budget.available_bytes
     if avail is None:
-        rows = max(POOL, SCREEN_SCORE_BYTES // (nq * 2))
+        rows = max(pool, SCREEN_SCORE_BYTES // (nq * 2))
     else:
         rows = (avail - fixed) // per_row
-        if rows < POOL:
-            budget.check(fixed + per_row * POOL, "the bfloat16 screen", "raise max_memory_gb")
+        if rows < pool:
+            budget.check(fixed + per_row * pool, "the bfloat16 screen", "raise max_memory_gb")
     if batch_rows is not None:
         rows = min(rows, batch_rows)
-    rows = max(POOL, rows // POOL * POOL)
+    rows = max(pool, rows // pool * pool)
     return int(rows), int(fixed + rows * per_row)
