@@ -204,3 +204,23 @@ def test_funnel_picks_its_shortlist_with_the_screen(tmp_path, monkeypatch):
     float32_funnel = store.search(queries, 10, funnel=[(16, 300)])
     assert recall_at_k(fast, exact, 10) >= recall_at_k(float32_funnel, exact, 10) - 0.01
     assert recall_at_k(fast, exact, 10) > 0.9
+
+
+def test_dot_scores_that_overflow_bfloat16_are_not_certified(monkeypatch):
+    """Rows near float32's largest values overflow the bfloat16 product (inf): those queries are
+    not certified and take the float32 path, so the answer is the one without the screen."""
+    rng = np.random.default_rng()
+    corpus = rng.standard_normal((6000, 32)).astype(np.float32)
+    big = rng.choice(len(corpus), 20, replace=False)
+    corpus[big] = np.abs(corpus[big]) * np.float32(3e37)  # positive dot products overflow
+    queries = np.abs(rng.standard_normal((70, 32))).astype(np.float32)
+    _, _, ok = screen.screened_top_k(ArraySource(corpus), MemoryBudget(None), queries, 32, 5, "dot")
+    assert not ok.any()
+    args = (ArraySource(corpus), get_backend("numpy"), MemoryBudget(None), queries, 32, 5, "dot")
+    with np.errstate(over="ignore", invalid="ignore"):
+        monkeypatch.setenv("EMBTOOLS_BF16_SCREEN", "on")
+        on = exact_top_k(*args)
+        monkeypatch.setenv("EMBTOOLS_BF16_SCREEN", "off")
+        off = exact_top_k(*args)
+    np.testing.assert_array_equal(on[1], off[1])
+    assert set(on[1].ravel().tolist()) <= set(big.tolist())

@@ -2,21 +2,25 @@
 
 A large batch of queries is scored against the corpus in bfloat16 (torch's oneDNN matmul, several
 times faster than a float32 ``sgemm`` on Intel AMX), which keeps the best ``width`` rows per query.
-Every bfloat16 score ``a`` is within a proven bound of the true score ``s``:
+Every bfloat16 score ``a`` is within a proven bound of the true score ``s``
+(:func:`error_bound` + :func:`half_ulp`):
 
-* the rounding of the inputs: ``|q.x - q~.x~| <= ||q~|| ||x - x~|| + ||q - q~|| ||x||``, with the
-  rounding errors ``x - x~`` and ``q - q~`` measured (their largest row norm), not assumed;
-* the float32 accumulation of the ``d`` exact products: ``gamma(2d) ||q~|| ||x~||``;
+* the rounding of the inputs: ``|q.x - q~.x~| <= ||q~|| ||x - x~|| + ||q - q~|| ||x||``, with
+  ``||x - x~|| <= u ||x||`` for the rows and the queries' rounding errors measured;
+* the float32 accumulation of the exact products: ``gamma(2d) ||q~|| ||x~||``;
 * the rounding of the result to bfloat16: half a unit in the last place of ``a``.
 
-So ``s`` lies in ``[L(a), U(a)]``. The ``k`` best rows all score at least ``L(a_k)`` (``a_k``: the
-k-th best screened score), so only rows with ``U(a) >= L(a_k)`` can be in the exact top-k. When the
-worst row kept, ``a_width``, has ``U(a_width) < L(a_k)``, every such row was kept (the query is
-*certified*) and re-ranking the kept rows in float64 (:func:`~embtools.search.refine.rerank`)
-gives exactly the float64 brute force's answer. Queries that are not certified (more than
-``width`` rows within the bound of the k-th best: planted duplicates, a flat neighbourhood) are
-searched again with the float32 engine. The result is exact either way; the screen only makes it
-faster.
+So ``s`` lies in ``[L(a), U(a)]``, and the ``k`` best rows all score at least ``L(a_k)`` (``a_k``:
+the k-th best screened score). To keep the selection cheap, each batch's score columns are pooled
+in groups by their maximum and only the best groups are expanded; every row not kept scores at most
+the query's *floor* (a group maximum or a row dropped from the running best). When
+``U(floor) < L(a_k)``, no row outside those kept can be in the exact top-k (the query is
+*certified*) and re-ranking the kept rows with ``U(a) >= L(a_k)`` in float64
+(:func:`~embtools.search.refine.rerank`) gives exactly the float64 brute force's answer. Queries that
+are not certified (more than ``width`` rows within the bound of the k-th best: many duplicates, a
+flat neighbourhood) are searched again with the float32 engine. The result is exact either way;
+the screen only makes it faster. :func:`screened_shortlist` is the same pass without the
+certificate: the first stage of a Matryoshka funnel, which is approximate by design.
 
 Used by :func:`~embtools.search.refine.exact_top_k` for cosine and dot searches of at least
 ``SCREEN_MIN_QUERIES`` queries on the NumPy backend or torch on CPU, when torch is installed and the
@@ -146,9 +150,10 @@ def screened_top_k(
             ordinals = np.asarray(positions, dtype=np.int64)[ordinals]
         # re-rank queries with about as many candidates together (the best ``m`` of each)
         sizes = np.maximum(-(-need // RERANK_STEP) * RERANK_STEP, kk)
+        real = (ordinals >= 0).sum(axis=1)  # padding (-1) sorts last, after every candidate
         for m in np.unique(sizes[ok]):
             sel = np.flatnonzero(ok & (sizes == m))
-            m = int(min(m, ordinals.shape[1]))
+            m = int(min(m, real[sel].min()))
             s, p = rerank(source, budget, q[sel], dim, ordinals[sel, :m], kk, metric)
             scores[sel + g], found[sel + g], certified[sel + g] = s, p, True
     return scores, found, certified
@@ -174,6 +179,8 @@ def screened_shortlist(
     for g in range(0, len(queries), SCREEN_QUERY_GROUP):
         q = queries[g : g + SCREEN_QUERY_GROUP, :dim]
         ords, _, _ = _screen_pass(source, budget, q, dim, n, n, metric, positions, batch_rows, pool)
+        if (ords[:, :n] < 0).any():
+            raise RuntimeError("the screen kept fewer rows than the selection holds")
         out.append(ords[:, :n])
     found = np.concatenate(out, axis=0)
     return found if positions is None else np.asarray(positions, dtype=np.int64)[found]
@@ -238,7 +245,8 @@ def _screen_pass(
                     torch.maximum(floor, gv[:, -1].float(), out=floor)
                 cols = (gi[:, :, None] + w * spread).view(nq, groups * pool)
                 v = torch.cat([best_v, torch.gather(a, 1, cols)], dim=1)
-                i = torch.cat([best_i, cols + seen], dim=1)
+                ordinal = cols + seen if padded == n else torch.where(cols < n, cols + seen, -1)
+                i = torch.cat([best_i, ordinal], dim=1)  # -1: a padding column (-inf)
                 if v.shape[1] > width:
                     v, j_best = torch.topk(v, width, dim=1)
                     i = torch.gather(i, 1, j_best)
@@ -252,12 +260,22 @@ def _screen_pass(
     vals = np.take_along_axis(vals, order, axis=1)
     ords = np.take_along_axis(best_i.numpy(), order, axis=1)
 
-    bound = error_bound(qb_norm, dq_norm, max_x, dim)[:, None]
+    with np.errstate(over="ignore", invalid="ignore"):  # inf scores (dot overflow): not certified
+        return _certify(vals, ords, floor.numpy(), error_bound(qb_norm, dq_norm, max_x, dim), k)
+
+
+def _certify(
+    vals: np.ndarray, ords: np.ndarray, floor: np.ndarray, bound: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(ords, need, certified)`` from the kept bfloat16 scores (sorted, float64), the floors and
+    the per-query error bounds (see the module docstring)."""
+    bound = bound[:, None]
     lower_k = vals[:, k - 1 : k] - bound - half_ulp(vals[:, k - 1 : k])
     upper = vals + bound + half_ulp(vals)
-    fl = floor.numpy().astype(np.float64)[:, None]
+    fl = floor.astype(np.float64)[:, None]
     upper_floor = fl + bound + half_ulp(fl)
     ok = upper_floor[:, 0] < lower_k[:, 0]
+    ok &= np.isfinite(vals[:, :k]).all(axis=1) & np.isfinite(bound[:, 0])  # no overflow (dot)
     need = (upper >= lower_k).sum(axis=1)  # a prefix: the values are sorted
     return ords, need, ok
 
