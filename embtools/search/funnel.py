@@ -66,8 +66,9 @@ def funnel_top_k(
     positions: np.ndarray | None = None,
     batch_rows: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Funnel search: exact top-``stages[0][1]`` on the ``stages[0][0]`` prefix over the selection,
-    then :func:`rerank` through the later stages and the full ``dim`` to ``k``."""
+    """Funnel search: the top-``stages[0][1]`` on the ``stages[0][0]`` prefix over the selection
+    (float32, or bfloat16 scores for large batches when the screen is on), then :func:`rerank`
+    through the later stages and the full ``dim`` to ``k``."""
     from embtools.search.screen import SHORTLIST_MAX, screen_enabled, screened_shortlist
 
     d0, n0 = stages[0]
