@@ -210,7 +210,8 @@ def _screen_pass(
 
     nq = len(queries)
     qb, qb_norm, dq_norm = _round_queries(queries, metric)
-    rows, nbytes = _plan(budget, nq, dim, width, batch_rows, pool)
+    n_sel = source.num_rows if positions is None else len(positions)
+    rows, nbytes = _plan(budget, nq, dim, width, batch_rows, pool, n_sel)
     neg_inf = float("-inf")
     best_v = torch.empty((nq, 0), dtype=torch.bfloat16)
     best_i = torch.empty((nq, 0), dtype=torch.int64)
@@ -253,8 +254,8 @@ def _screen_pass(
                     torch.maximum(floor, v[:, -1].float(), out=floor)  # rows dropped here
                 best_v, best_i = v, i
                 seen += n
-    if seen != (source.num_rows if positions is None else len(positions)):
-        raise RuntimeError(f"the vector source yielded {seen} rows, expected more")
+    if seen != n_sel:
+        raise RuntimeError(f"the vector source yielded {seen} rows, expected {n_sel}")
     vals = best_v.float().numpy().astype(np.float64)
     order = np.argsort(-vals, axis=1, kind="stable")
     vals = np.take_along_axis(vals, order, axis=1)
@@ -313,8 +314,8 @@ def error_bound(qb_norm: np.ndarray, dq_norm: np.ndarray, max_x: float, dim: int
 
 
 def _prepare(vec: np.ndarray, metric: str, out: Any, scratch: Any) -> float:
-    """Round a batch to bfloat16 into ``out`` (rows normalised for cosine: multiplied and rounded
-    in one pass); returns the largest row norm before rounding."""
+    """Round a batch to bfloat16 into ``out`` (rows normalised for cosine, in ``scratch``);
+    returns the largest row norm before rounding."""
     import torch
 
     x = np.ascontiguousarray(vec, dtype=np.float32)
@@ -357,20 +358,27 @@ def half_ulp(a: np.ndarray) -> np.ndarray:
 
 
 def _plan(
-    budget: MemoryBudget, nq: int, dim: int, width: int, batch_rows: int | None, pool: int
+    budget: MemoryBudget,
+    nq: int,
+    dim: int,
+    width: int,
+    batch_rows: int | None,
+    pool: int,
+    n_rows: int,
 ) -> tuple[int, int]:
-    """Rows per batch (a multiple of ``pool``) and the bytes the pass holds: the bfloat16 rows
-    and scores, the pooled scores, a normalised float32 copy of the rows, the expanded groups and
-    the running best rows."""
+    """Rows per batch (a multiple of ``pool``, at most the ``n_rows`` searched) and the bytes the
+    pass holds: the bfloat16 rows and scores, the pooled scores, a normalised float32 copy of the
+    rows, the expanded groups and the running best rows. Score matrices of about
+    ``SCREEN_SCORE_BYTES``, smaller when the memory cap says so."""
     per_row = dim * 6 + nq * 2 + nq * 2 // pool + 8
     fixed = nq * dim * 18 + nq * width * pool * 26 + nq * width * 60
+    rows = max(pool, SCREEN_SCORE_BYTES // (nq * 2))
     avail = budget.available_bytes
-    if avail is None:
-        rows = max(pool, SCREEN_SCORE_BYTES // (nq * 2))
-    else:
-        rows = (avail - fixed) // per_row
-        if rows < pool:
+    if avail is not None:
+        if (avail - fixed) // per_row < pool:
             budget.check(fixed + per_row * pool, "the bfloat16 screen", "raise max_memory_gb")
+        rows = min(rows, (avail - fixed) // per_row)
+    rows = min(rows, -(-n_rows // pool) * pool)
     if batch_rows is not None:
         rows = min(rows, batch_rows)
     rows = max(pool, rows // pool * pool)
