@@ -241,17 +241,17 @@ def _screen_pass(
                 for j in range(1, pool):
                     torch.maximum(pooled, a[:, j * w : (j + 1) * w], out=pooled)
                 groups = min(width, w)
-                gv, gi = torch.topk(pooled, groups, dim=1)
-                if groups < w:  # rows of the other groups score at most gv[:, -1]
-                    torch.maximum(floor, gv[:, -1].float(), out=floor)
+                gv, gi = torch.topk(pooled, groups, dim=1, sorted=False)
+                if groups < w:  # rows of the other groups score at most the least kept maximum
+                    torch.maximum(floor, gv.amin(dim=1).float(), out=floor)
                 cols = (gi[:, :, None] + w * spread).view(nq, groups * pool)
                 v = torch.cat([best_v, torch.gather(a, 1, cols)], dim=1)
                 ordinal = cols + seen if padded == n else torch.where(cols < n, cols + seen, -1)
                 i = torch.cat([best_i, ordinal], dim=1)  # -1: a padding column (-inf)
                 if v.shape[1] > width:
-                    v, j_best = torch.topk(v, width, dim=1)
+                    v, j_best = torch.topk(v, width, dim=1, sorted=False)  # sorted at the end
                     i = torch.gather(i, 1, j_best)
-                    torch.maximum(floor, v[:, -1].float(), out=floor)  # rows dropped here
+                    torch.maximum(floor, v.amin(dim=1).float(), out=floor)  # rows dropped here
                 best_v, best_i = v, i
                 seen += n
     if seen != n_sel:
