@@ -143,7 +143,7 @@ def test_screen_enabled_conditions(monkeypatch):
     monkeypatch.setenv("EMBTOOLS_BF16_SCREEN", "off")
     assert not screen.screen_enabled(numpy_backend, 1000, 10, "cosine", 100_000)
     monkeypatch.setenv("EMBTOOLS_BF16_SCREEN", "auto")
-    expected = bool(torch.cpu._is_amx_tile_supported())
+    expected = bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
     assert screen.screen_enabled(numpy_backend, 1000, 10, "cosine", 100_000) is expected
 
 
