@@ -224,3 +224,44 @@ def test_dot_scores_that_overflow_bfloat16_are_not_certified(monkeypatch):
         off = exact_top_k(*args)
     np.testing.assert_array_equal(on[1], off[1])
     assert set(on[1].ravel().tolist()) <= set(big.tolist())
+
+
+@pytest.mark.parametrize("order", ["random", "improving"])
+def test_probe_of_a_few_groups_settles_or_opens_queries(monkeypatch, order):
+    """Many small batches: once a query holds its ``width`` rows, a batch first expands only a
+    few groups. In random order most queries are settled by that probe; when every batch beats
+    the last ("improving": rows sorted by their score for the queries), the probe cannot settle
+    them and they expand all their groups. Either way certified queries get the float64 brute
+    force's answer and the shortlist holds the best rows."""
+    rng = np.random.default_rng()
+    d = 24
+    direction = rng.standard_normal(d).astype(np.float32)
+    corpus = rng.standard_normal((20_000, d)).astype(np.float32) + 0.5 * direction
+    queries = direction + 0.2 * rng.standard_normal((80, d)).astype(np.float32)
+    if order == "improving":
+        corpus = corpus[np.argsort(brute_force(corpus, queries[:1], "cosine")[0], kind="stable")]
+    calls: list[tuple[bool, int]] = []  # (a subset of the queries, how many)
+    real = screen._Batch.merge
+
+    def spy(self, best_v, best_i, groups, width, floor, rows=None):
+        calls.append((rows is not None, len(best_v) if rows is None else len(rows)))
+        return real(self, best_v, best_i, groups, width, floor, rows)
+
+    monkeypatch.setattr(screen._Batch, "merge", spy)
+    source = ArraySource(corpus)
+    s, p, ok = screen.screened_top_k(source, MemoryBudget(None), queries, d, 10, "cosine", batch_rows=512)
+    opened = sum(m for subset, m in calls if subset)  # (query, batch) pairs expanded in full
+    batches = -(-len(corpus) // 512)
+    if order == "random":
+        assert opened < 0.05 * len(queries) * batches, opened
+    else:
+        assert opened > 0.25 * len(queries) * batches, opened
+    assert ok.mean() > 0.5
+    s64 = brute_force(corpus, queries, "cosine")
+    check_top_k(s64[ok], s[ok], p[ok], 10, "cosine", tol=1e-6)
+    n = 200
+    found = screen.screened_shortlist(source, MemoryBudget(None), queries, d, n, "cosine", batch_rows=512)
+    for qi, row in enumerate(s64):
+        nth = np.sort(row)[::-1][n - 1]
+        assert np.isin(np.flatnonzero(row > nth + 0.02), found[qi]).all()
+        assert (row[found[qi]] >= nth - 0.02).all()

@@ -41,6 +41,7 @@ Examples
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.util
 import math
@@ -80,6 +81,9 @@ SHORTLIST_EXPANDED = 2048
 SHORTLIST_MAX = 2048
 #: Score columns pooled into one group (by their maximum) before the selection.
 POOL = 16
+#: Groups of a batch probed first, beyond twice the rows expected to enter, once a query holds
+#: ``width`` rows: when the least of them is below its ``width``-th best row, no other can enter.
+PROBE_GROUPS = 16
 #: Smallest selection screened (smaller corpora are searched in float32).
 SCREEN_MIN_ROWS = 4096
 _U = 2.0**-8  # unit roundoff of bfloat16 (8 significant bits)
@@ -209,7 +213,10 @@ def _screen_pass(
     Each batch's scores are pooled: column ``j`` of the pooled matrix is the largest score of
     the batch columns ``j, j + w, j + 2w, ...`` (``pool`` of them). The ``width`` best groups of a
     batch are expanded and merged into the running best ``width`` rows; every row of a group left
-    out scores at most that batch's ``width``-th group maximum (the query's *floor*)."""
+    out scores at most that batch's ``width``-th group maximum (the query's *floor*). Once a query
+    holds ``width`` rows, only its ``PROBE_GROUPS`` best groups are expanded first: when the least
+    of them is below its ``width``-th best row, no other row of the batch can enter; the queries for
+    which it is not expand all ``width`` groups."""
     import torch
 
     nq = len(queries)
@@ -244,19 +251,21 @@ def _screen_pass(
                 pooled.copy_(a[:, :w])
                 for j in range(1, pool):
                     torch.maximum(pooled, a[:, j * w : (j + 1) * w], out=pooled)
+                batch = _Batch(a, pooled, spread, seen, n)
                 groups = min(width, w)
-                gv, gi = torch.topk(pooled, groups, dim=1, sorted=False)
-                if groups < w:  # rows of the other groups score at most the least kept maximum
-                    torch.maximum(floor, gv.amin(dim=1).float(), out=floor)
-                cols = (gi[:, :, None] + w * spread).view(nq, groups * pool)
-                v = torch.cat([best_v, torch.gather(a, 1, cols)], dim=1)
-                ordinal = cols + seen if padded == n else torch.where(cols < n, cols + seen, -1)
-                i = torch.cat([best_i, ordinal], dim=1)  # -1: a padding column (-inf)
-                if v.shape[1] > width:
-                    v, j_best = torch.topk(v, width, dim=1, sorted=False)  # sorted at the end
-                    i = torch.gather(i, 1, j_best)
-                    torch.maximum(floor, v.amin(dim=1).float(), out=floor)  # rows dropped here
-                best_v, best_i = v, i
+                # about width * n / (seen + n) rows of this batch enter: probe twice that
+                probe = min(groups, PROBE_GROUPS + -(-2 * width * n // max(seen, 1)))
+                if probe < groups and best_v.shape[1] == width:
+                    # most queries are settled by the probe: no other group of theirs can enter
+                    old_v, old_i, old_floor = best_v, best_i, floor.clone()
+                    best_v, best_i, least = batch.merge(best_v, best_i, probe, width, floor)
+                    open_ = torch.nonzero(least >= old_v.amin(dim=1)).view(-1)
+                    if len(open_):  # the others expand every group they need
+                        floor[open_] = old_floor[open_]
+                        v, i, _ = batch.merge(old_v[open_], old_i[open_], groups, width, floor, open_)
+                        best_v[open_], best_i[open_] = v, i
+                else:
+                    best_v, best_i, _ = batch.merge(best_v, best_i, groups, width, floor)
                 seen += n
     if seen != n_sel:
         raise RuntimeError(f"the vector source yielded {seen} rows, expected {n_sel}")
@@ -267,6 +276,55 @@ def _screen_pass(
 
     with np.errstate(over="ignore", invalid="ignore"):  # inf scores (dot overflow): not certified
         return _certify(vals, ords, floor.numpy(), error_bound(qb_norm, dq_norm, max_x, dim), k)
+
+
+@dataclasses.dataclass
+class _Batch:
+    """One batch's bfloat16 scores ``a`` (queries x padded rows, padding ``-inf``), their pooled
+    group maxima (column ``j``: the largest of columns ``j, j + w, ...``), the columns ``spread``
+    of a group (``0 .. pool - 1``), the ordinal of its first row and its ``n`` real rows."""
+
+    a: Any
+    pooled: Any
+    spread: Any
+    seen: int
+    n: int
+
+    def merge(
+        self, best_v: Any, best_i: Any, groups: int, width: int, floor: Any, rows: Any = None
+    ) -> tuple[Any, Any, Any]:
+        """Expand the ``groups`` best groups of each query (of the queries ``rows``, when given),
+        merge them into the running best ``width`` rows and raise ``floor`` (``floor[rows]``) to
+        a bound on every row left out. Returns the new best values and ordinals and the least
+        expanded group maximum."""
+        import torch
+
+        a, pool = self.a, len(self.spread)
+        pooled = self.pooled if rows is None else self.pooled[rows]
+        nq, w = pooled.shape
+        gv, gi = torch.topk(pooled, groups, dim=1, sorted=False)
+        least = gv.amin(dim=1)
+        bound = [least.float()] if groups < w else []  # rows of the other groups score at most this
+        cols = (gi[:, :, None] + w * self.spread).view(nq, groups * pool)
+        if rows is None:
+            expanded = torch.gather(a, 1, cols)
+        else:  # ``a`` is contiguous: flat offsets of the queries' rows
+            expanded = torch.take(a, cols + rows[:, None] * a.shape[1])
+        v = torch.cat([best_v, expanded], dim=1)
+        ordinal = cols + self.seen
+        if pool * w > self.n:
+            ordinal = torch.where(cols < self.n, ordinal, -1)
+        i = torch.cat([best_i, ordinal], dim=1)  # -1: a padding column (-inf)
+        if v.shape[1] > width:
+            v, j_best = torch.topk(v, width, dim=1, sorted=False)  # sorted at the end
+            i = torch.gather(i, 1, j_best)
+            bound.append(v.amin(dim=1).float())  # rows dropped here
+        for b in bound:
+            if rows is None:
+                torch.maximum(floor, b, out=floor)
+            else:
+                floor[rows] = torch.maximum(floor[rows], b)
+        return v, i, least
 
 
 def _certify(
@@ -305,7 +363,8 @@ def error_bound(qb_norm: np.ndarray, dq_norm: np.ndarray, max_x: float, dim: int
 
     Rows: ``|x - x~| <= u |x|`` elementwise, plus 2e-6 relative for their float32 normalisation
     (rows within 1e-6 of unit norm are used as they are);
-    queries: their measured rounding error; the float32 accumulation of ``2 dim`` terms; underflow.
+    queries: their measured rounding error; the float32 accumulation of ``2 dim`` terms; subnormal
+    inputs and partial sums flushed to zero.
 
     Examples
     --------
@@ -314,7 +373,10 @@ def error_bound(qb_norm: np.ndarray, dq_norm: np.ndarray, max_x: float, dim: int
     """
     gamma = 2 * dim * 2.0**-24 / (1 - 2 * dim * 2.0**-24)
     bound = qb_norm * max_x * (_U + 2e-6 + gamma * (1 + _U)) + dq_norm * max_x
-    return np.asarray(bound * (1 + 1e-6) + 2.0**-120, dtype=np.float64)
+    # subnormal inputs and partial sums may be flushed to zero (DAZ/FTZ in AMX and AVX-512 BF16)
+    tiny = 2.0**-126
+    underflow = math.sqrt(dim) * tiny * (qb_norm + max_x) + 2 * dim * tiny
+    return np.asarray((bound + underflow) * (1 + 1e-6), dtype=np.float64)
 
 
 def _prepare(vec: np.ndarray, metric: str, out: Any, scratch: Any) -> float:
