@@ -265,3 +265,19 @@ def test_probe_of_a_few_groups_settles_or_opens_queries(monkeypatch, order):
         nth = np.sort(row)[::-1][n - 1]
         assert np.isin(np.flatnonzero(row > nth + 0.02), found[qi]).all()
         assert (row[found[qi]] >= nth - 0.02).all()
+
+
+def test_queries_screened_in_several_groups(monkeypatch):
+    """More queries than one group: each group streams the corpus on its own and the answers
+    land on the right query rows (certified ones equal the brute force, shortlists hold the best)."""
+    monkeypatch.setattr(screen, "SCREEN_QUERY_GROUP", 32)
+    rng = np.random.default_rng()
+    corpus = planted_corpus(rng, 6000, 16)
+    queries = _queries_near(rng, corpus, 90, 0.2)  # groups of 32, 32 and 26
+    s, p, ok = screen.screened_top_k(ArraySource(corpus), MemoryBudget(None), queries, 16, 5, "dot")
+    assert ok.mean() > 0.5 and ok[64:].any()
+    s64 = brute_force(corpus, queries, "dot")
+    check_top_k(s64[ok], s[ok], p[ok], 5, "dot", tol=1e-5)
+    found = screen.screened_shortlist(ArraySource(corpus), MemoryBudget(None), queries, 16, 50, "dot")
+    best = np.argsort(-s64, axis=1, kind="stable")[:, 0]
+    assert (found == best[:, None]).any(axis=1).all()  # each query's own shortlist
