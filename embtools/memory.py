@@ -6,9 +6,9 @@ the total past ``max_memory_gb``. Batch readers ask it how many rows fit.
 
 Examples
 --------
->>> budget = MemoryBudget(max_memory_gb=0.001)          # 1 MB
+>>> budget = MemoryBudget(max_memory_gb=0.001)          # 0.001 GiB, about 1 MiB
 >>> budget.rows_per_batch(bytes_per_row=384 * 4)
-651
+699
 >>> budget.hold("cache/384", 500_000)
 >>> budget.held_bytes
 500000

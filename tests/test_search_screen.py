@@ -147,6 +147,32 @@ def test_screen_enabled_conditions(monkeypatch):
     assert screen.screen_enabled(numpy_backend, 1000, 10, "cosine", 100_000) is expected
 
 
+def test_screen_off_where_bfloat16_products_do_not_sum_in_float32(monkeypatch):
+    """A torch whose bfloat16 matmul summed in bfloat16 would break the error bound: the probe
+    product catches it and every search takes the float32 path."""
+    assert screen._accumulates_in_float32()  # the installed torch sums in float32
+    monkeypatch.setenv("EMBTOOLS_BF16_SCREEN", "on")
+    backend = get_backend("numpy")
+    assert screen.screen_enabled(backend, 1000, 10, "cosine", 100_000)
+    real_mm = torch.mm
+
+    def bfloat16_sums(a, b, out=None):  # what a bfloat16 accumulator would return
+        result = torch.zeros((a.shape[0], b.shape[1]), dtype=torch.bfloat16)
+        for j in range(a.shape[1]):
+            result += a[:, j : j + 1] * b[j : j + 1, :]
+        return result if out is None else out.copy_(result)
+
+    screen._accumulates_in_float32.cache_clear()
+    monkeypatch.setattr(torch, "mm", bfloat16_sums)
+    try:
+        assert not screen._accumulates_in_float32()
+        assert not screen.screen_enabled(backend, 1000, 10, "cosine", 100_000)
+    finally:
+        monkeypatch.setattr(torch, "mm", real_mm)
+        screen._accumulates_in_float32.cache_clear()
+    assert screen.screen_enabled(backend, 1000, 10, "cosine", 100_000)
+
+
 def test_screen_refuses_a_cap_too_small():
     rng = np.random.default_rng(0)
     corpus = rng.standard_normal((5000, 64)).astype(np.float32)

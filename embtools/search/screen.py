@@ -109,6 +109,24 @@ def _fast_bfloat16() -> bool:
     return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
 
 
+@functools.lru_cache(maxsize=1)
+def _accumulates_in_float32() -> bool:
+    """Whether torch's bfloat16 ``mm`` (as the screen calls it) sums in float32, as the error
+    bound assumes: 4,096 ones sum to 4,096 in float32, but stall at 256 in bfloat16.
+
+    Examples
+    --------
+    >>> _accumulates_in_float32()
+    True
+    """
+    import torch
+
+    ones = torch.ones((8, 4096), dtype=torch.bfloat16)
+    out = torch.empty((8, 8), dtype=torch.bfloat16)
+    torch.mm(ones, ones.T, out=out)
+    return bool((out == 4096).all())
+
+
 def screen_enabled(backend: Any, nq: int, k: int, metric: str, rows: int) -> bool:
     """Whether :func:`exact_top_k` screens a search of ``nq`` queries over ``rows`` rows in
     bfloat16 (see the module docstring)."""
@@ -123,8 +141,10 @@ def screen_enabled(backend: Any, nq: int, k: int, metric: str, rows: int) -> boo
     if not (name == "numpy" or (name == "torch" and str(backend.device) == "cpu")):
         return False
     if mode in ("1", "on", "true", "yes"):
-        return importlib.util.find_spec("torch") is not None
-    return _fast_bfloat16()
+        fast = importlib.util.find_spec("torch") is not None
+    else:
+        fast = _fast_bfloat16()
+    return fast and _accumulates_in_float32()  # else the bound would not hold: float32 path
 
 
 def screened_top_k(
