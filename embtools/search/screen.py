@@ -236,9 +236,9 @@ def _screen_pass(
     the batch columns ``j, j + w, j + 2w, ...`` (``pool`` of them). The ``width`` best groups of a
     batch are expanded and merged into the running best ``width`` rows; every row of a group left
     out scores at most that batch's ``width``-th group maximum (the query's *floor*). Once a query
-    holds ``width`` rows, only its ``PROBE_GROUPS`` best groups are expanded first: when the least
-    of them is below its ``width``-th best row, no other row of the batch can enter; the queries for
-    which it is not expand all ``width`` groups."""
+    holds ``width`` rows, only a few of its best groups are expanded first (``PROBE_GROUPS`` plus
+    twice the rows expected to enter): when the least of them is below its ``width``-th best row,
+    no other row of the batch can enter; the queries for which it is not expand all ``width``."""
     import torch
 
     nq = len(queries)
