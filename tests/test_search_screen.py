@@ -269,9 +269,9 @@ def test_probe_of_a_few_groups_settles_or_opens_queries(monkeypatch, order):
     calls: list[tuple[bool, int]] = []  # (a subset of the queries, how many)
     real = screen._Batch.merge
 
-    def spy(self, best_v, best_i, groups, width, floor, rows=None):
+    def spy(self, best_v, best_i, groups, width, rows=None):
         calls.append((rows is not None, len(best_v) if rows is None else len(rows)))
-        return real(self, best_v, best_i, groups, width, floor, rows)
+        return real(self, best_v, best_i, groups, width, rows)
 
     monkeypatch.setattr(screen._Batch, "merge", spy)
     source = ArraySource(corpus)

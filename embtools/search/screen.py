@@ -279,15 +279,15 @@ def _screen_pass(
                 probe = min(groups, PROBE_GROUPS + -(-2 * width * n // max(seen, 1)))
                 if probe < groups and best_v.shape[1] == width:
                     # most queries are settled by the probe: no other group of theirs can enter
-                    old_v, old_i, old_floor = best_v, best_i, floor.clone()
-                    best_v, best_i, least = batch.merge(best_v, best_i, probe, width, floor)
-                    open_ = torch.nonzero(least >= old_v.amin(dim=1)).view(-1)
+                    v, i, least, lift = batch.merge(best_v, best_i, probe, width)
+                    open_ = torch.nonzero(least >= best_v.amin(dim=1)).view(-1)
                     if len(open_):  # the others expand every group they need
-                        floor[open_] = old_floor[open_]
-                        v, i, _ = batch.merge(old_v[open_], old_i[open_], groups, width, floor, open_)
-                        best_v[open_], best_i[open_] = v, i
+                        merged = batch.merge(best_v[open_], best_i[open_], groups, width, open_)
+                        v[open_], i[open_], lift[open_] = merged[0], merged[1], merged[3]
                 else:
-                    best_v, best_i, _ = batch.merge(best_v, best_i, groups, width, floor)
+                    v, i, _, lift = batch.merge(best_v, best_i, groups, width)
+                best_v, best_i = v, i
+                torch.maximum(floor, lift, out=floor)
                 seen += n
     if seen != n_sel:
         raise RuntimeError(f"the vector source yielded {seen} rows, expected {n_sel}")
@@ -313,12 +313,12 @@ class _Batch:
     n: int
 
     def merge(
-        self, best_v: Any, best_i: Any, groups: int, width: int, floor: Any, rows: Any = None
-    ) -> tuple[Any, Any, Any]:
-        """Expand the ``groups`` best groups of each query (of the queries ``rows``, when given),
-        merge them into the running best ``width`` rows and raise ``floor`` (``floor[rows]``) to
-        a bound on every row left out. Returns the new best values and ordinals and the least
-        expanded group maximum."""
+        self, best_v: Any, best_i: Any, groups: int, width: int, rows: Any = None
+    ) -> tuple[Any, Any, Any, Any]:
+        """Expand the ``groups`` best groups of each query (of the queries ``rows``, when given)
+        and merge them into the running best ``width`` rows. Returns the new best values and
+        ordinals, the least expanded group maximum and a bound on every row left out (float32,
+        ``-inf`` when none is)."""
         import torch
 
         a, pool = self.a, len(self.spread)
@@ -326,7 +326,9 @@ class _Batch:
         nq, w = pooled.shape
         gv, gi = torch.topk(pooled, groups, dim=1, sorted=False)
         least = gv.amin(dim=1)
-        bound = [least.float()] if groups < w else []  # rows of the other groups score at most this
+        lift = torch.full((nq,), float("-inf"), dtype=torch.float32)
+        if groups < w:  # rows of the other groups score at most the least expanded maximum
+            lift = least.float()
         cols = (gi[:, :, None] + w * self.spread).view(nq, groups * pool)
         if rows is None:
             expanded = torch.gather(a, 1, cols)
@@ -340,13 +342,8 @@ class _Batch:
         if v.shape[1] > width:
             v, j_best = torch.topk(v, width, dim=1, sorted=False)  # sorted at the end
             i = torch.gather(i, 1, j_best)
-            bound.append(v.amin(dim=1).float())  # rows dropped here
-        for b in bound:
-            if rows is None:
-                torch.maximum(floor, b, out=floor)
-            else:
-                floor[rows] = torch.maximum(floor[rows], b)
-        return v, i, least
+            lift = torch.maximum(lift, v.amin(dim=1).float())  # rows dropped here
+        return v, i, least, lift
 
 
 def _certify(
