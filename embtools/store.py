@@ -27,11 +27,10 @@ True
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -42,6 +41,9 @@ from embtools.errors import (
     StoreNotFoundError,
 )
 from embtools.memory import GB, MemoryBudget
+
+if TYPE_CHECKING:
+    from embtools.storage.state import StoreState
 
 __all__ = ["DEFAULT_TARGET_FILE_BYTES", "EmbeddingStore"]
 
@@ -95,37 +97,9 @@ class EmbeddingStore:
             raise InvalidArgumentError(f"version must be an int, got {version!r}")
         self.path: str | None = None if path is None else os.path.abspath(os.fspath(path))
         self.read_only = version is not None
-        if self.path is None:
-            if version is not None:
-                raise InvalidArgumentError("version= needs a store path")
-            from embtools.storage.memory_writer import MemoryState
+        from embtools.storage.state import open_state
 
-            self._mem: Any = MemoryState(self.budget)
-            self._snap: Any = None
-        else:
-            self._mem = None
-            self._snap = self._open(self.path, version)
-
-    # -- opening --------------------------------------------------------------------------------
-    def _open(self, root: str, version: int | None) -> Any:
-        from embtools.storage import manifest as mf
-        from embtools.storage.snapshot import Snapshot
-
-        if not mf.is_store(root):
-            exists = os.path.exists(root)
-            if exists and not os.path.isdir(root):
-                raise StoreNotFoundError(f"{root!r} is a file, not an embtools store directory")
-            if exists and os.listdir(root):
-                raise StoreNotFoundError(
-                    f"{root!r} is a non-empty directory that is not an embtools store (no _versions/)")
-            if version is not None:
-                raise StoreNotFoundError(f"no store at {root!r}, so no version {version}")
-            os.makedirs(os.path.join(root, mf.DATA_DIR), exist_ok=True)
-            with contextlib.suppress(FileExistsError):
-                os.makedirs(os.path.join(root, mf.VERSIONS_DIR))
-            if mf.latest_version(root) is None:
-                mf.commit(root, lambda latest: latest or mf.empty_manifest("create"))
-        return Snapshot(root, mf.read_manifest(root, version), self.budget)
+        self._state: StoreState = open_state(self.path, version, self.budget, self.target_file_bytes)
 
     @classmethod
     def load_from_disk(cls, directory: str | os.PathLike[str], backend: str | None = None,
@@ -141,31 +115,21 @@ class EmbeddingStore:
 
     def refresh(self) -> int:
         """Move a writable store to the latest committed version; returns it."""
-        if self._mem is not None or self.read_only:
-            return self.version
-        assert self.path is not None
-        self._snap.close()
-        self._snap = self._open(self.path, None)
-        return self.version
+        return self._state.refresh()
 
     # -- state ----------------------------------------------------------------------------------
     @property
     def source(self) -> Any:
         """The VectorSource of the open version (Snapshot or in-memory source)."""
-        return self._mem.source if self._mem is not None else self._snap
+        return self._state.source
 
     @property
     def version(self) -> int:
-        return int(self._mem.version if self._mem is not None else self._snap.version)
+        return int(self._state.version)
 
     def versions(self) -> list[int]:
         """Committed versions (in-memory: 0..version)."""
-        if self._mem is not None:
-            return list(range(self._mem.version + 1))
-        from embtools.storage.manifest import list_versions
-
-        assert self.path is not None
-        return list_versions(self.path)
+        return self._state.versions()
 
     @property
     def dimensions(self) -> list[int]:
@@ -185,19 +149,16 @@ class EmbeddingStore:
     @property
     def properties(self) -> dict[str, Any]:
         """Store-level JSON properties (e.g. the embedding model)."""
-        props = self._mem.properties if self._mem is not None else self._snap.manifest.properties
-        return json.loads(json.dumps(props))
+        return json.loads(json.dumps(self._state.properties))
 
     @property
     def config_hash(self) -> str:
         """Config hash of the store settings (dimensions, schema, properties)."""
-        if self._mem is not None:
-            return str(self._mem.config_hash())
-        return str(self._snap.manifest.config_hash)
+        return str(self._state.config_hash)
 
     def files(self) -> list[str]:
         """Absolute paths of the committed data files of the open version ([] in memory)."""
-        return [] if self._mem is not None else self._snap.files()
+        return self._state.files()
 
     def __repr__(self) -> str:
         where = "memory" if self.path is None else repr(self.path)
@@ -236,21 +197,7 @@ class EmbeddingStore:
         src = self.source
         batch = prepare_batch(embeddings, text_ids, labels, metadata, dimension=dimension,
                               stored_dims=src.dimensions, schema=src.schema, num_rows=src.num_rows)
-        if self._mem is not None:
-            return int(self._mem.add(batch, props))
-        from embtools.storage.writer import append
-
-        assert self.path is not None
-        manifest = append(self.path, self._snap.manifest, batch, props, self.budget,
-                          self.target_file_bytes)
-        self._set_snapshot(manifest)
-        return self.version
-
-    def _set_snapshot(self, manifest: Any) -> None:
-        from embtools.storage.snapshot import Snapshot
-
-        self._snap.close()
-        self._snap = Snapshot(self.path or "", manifest, self.budget)
+        return int(self._state.add(batch, props))
 
     def delete(self, where: Any) -> int:
         """Delete the rows matching ``where`` (polars expression or SQL string); returns the version.
@@ -264,13 +211,7 @@ class EmbeddingStore:
         positions = self.source.select(where)
         if positions.size == 0:
             return self.version
-        if self._mem is not None:
-            return int(self._mem.delete(positions))
-        from embtools.storage.writer import delete_rows
-
-        assert self.path is not None
-        self._set_snapshot(delete_rows(self.path, self._snap, positions))
-        return self.version
+        return int(self._state.delete(positions))
 
     def compact(self, target_file_bytes: int | None = None) -> int:
         """Merge consecutive small data files into files of about ``target_file_bytes``.
@@ -283,16 +224,7 @@ class EmbeddingStore:
                 isinstance(target_file_bytes, bool) or not isinstance(target_file_bytes, int)
                 or target_file_bytes < 1):
             raise InvalidArgumentError(f"target_file_bytes must be an int >= 1, got {target_file_bytes!r}")
-        if self._mem is not None:
-            return self.version
-        from embtools.storage.writer import compact_files
-
-        assert self.path is not None
-        manifest = compact_files(self.path, self._snap.manifest,
-                                 target_file_bytes or self.target_file_bytes, self.budget)
-        if manifest is not None:
-            self._set_snapshot(manifest)
-        return self.version
+        return int(self._state.compact(target_file_bytes or self.target_file_bytes))
 
     def vacuum(self, retain_versions: int = 1, older_than: Any = None,
                grace_seconds: float = 3600.0) -> dict[str, list[Any]]:
@@ -303,28 +235,23 @@ class EmbeddingStore:
         commits). Readers of removed versions can no longer read them.
         """
         self._writable()
-        from embtools.storage.manifest import check_vacuum_args, vacuum
+        from embtools.storage.manifest import check_vacuum_args
 
         check_vacuum_args(retain_versions, older_than, grace_seconds)
-        if self._mem is not None:
-            return {"versions": [], "files": []}
-
-        assert self.path is not None
-        return vacuum(self.path, retain_versions, older_than, grace_seconds)
+        return self._state.vacuum(retain_versions, older_than, grace_seconds)
 
     def save_to_disk(self, directory: str | os.PathLike[str]) -> int:
         """Write the open version as a store at ``directory`` (a new version there); returns it."""
-        from embtools.storage.writer import save_source
-
         target = os.path.abspath(os.fspath(directory))
-        if self.path is not None and os.path.samefile(self.path, target) if (
-                self.path is not None and os.path.exists(target)) else False:
+        if self.path is not None and os.path.exists(target) and os.path.samefile(self.path, target):
             raise InvalidArgumentError("save_to_disk: target is this store's own directory")
-        dst = EmbeddingStore(target, backend=self.backend.name, device=self.backend.device)
-        assert dst.path is not None
-        manifest = save_source(dst.path, dst._snap.manifest, self.source, self.properties,
-                               self.budget, self.target_file_bytes)
-        return int(manifest.version)
+        from embtools.storage.state import DirectoryState
+
+        dst = DirectoryState(target, None, self.budget, self.target_file_bytes)
+        try:
+            return dst.save_source(self.source, self.properties)
+        finally:
+            dst.close()
 
     # -- reads ----------------------------------------------------------------------------------
     def metadata(self) -> Any:
@@ -339,8 +266,9 @@ class EmbeddingStore:
         src = self.source
         stored = src.resolve(dimension)
         dim = int(dimension)
-        if self._mem is not None and where is None and stored == dim:
-            return self.backend.from_numpy(self._mem.arrays[dim])
+        held = self._state.held_array(dim) if where is None and stored == dim else None
+        if held is not None:  # in memory: already counted by the budget, handed out read-only
+            return self.backend.from_numpy(held)
         positions = None if where is None else src.select(where)
         n = src.num_rows if positions is None else int(positions.size)
         nbytes = n * dim * 4
@@ -410,7 +338,7 @@ class EmbeddingStore:
         cap = self.budget.cap_bytes
         return {
             "dimensions": dims,
-            "in_memory": self._mem is not None,
+            "in_memory": self.path is None,
             "held": held,
             "held_bytes": total,
             "stored_bytes": sum(v["bytes"] for v in dims.values()),
@@ -447,8 +375,7 @@ class EmbeddingStore:
 
     def close(self) -> None:
         """Close open data files."""
-        if self._snap is not None:
-            self._snap.close()
+        self._state.close()
 
     def __enter__(self) -> EmbeddingStore:
         return self

@@ -13,9 +13,9 @@ import time
 import numpy as np
 import polars as pl
 import pytest
-from _store_writer import batch_data, batch_ids, go, spawn, store_state, wait_ready
 
 import embtools as et
+from tests._store_writer import batch_data, batch_ids, go, spawn, store_state, wait_ready
 
 DIM = 16
 ROWS = 80

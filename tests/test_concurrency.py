@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
-from _store_writer import batch_data, batch_ids, go, spawn, wait_ready
 
 import embtools as et
+from tests._store_writer import batch_data, batch_ids, go, spawn, wait_ready
 
 WORKERS, BATCHES, ROWS, DIM = 4, 20, 10, 8
 

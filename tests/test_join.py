@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
-from test_search_support import brute_force, check_top_k, make_store, planted_corpus
 
 from embtools.errors import InvalidArgumentError
 from embtools.search import search_store, similarity_join
 from embtools.search.join import JOB_FILE, PROGRESS_FILE
+from tests.helpers import brute_force, check_top_k, make_store, planted_corpus
 
 
 def _read(out: Path) -> pl.DataFrame:

@@ -5,14 +5,6 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 import pytest
-from test_search_support import (
-    available,
-    brute_force,
-    check_frame,
-    check_top_k,
-    make_store,
-    planted_corpus,
-)
 
 import embtools as et
 from embtools.errors import (
@@ -24,6 +16,14 @@ from embtools.errors import (
 from embtools.memory import MemoryBudget
 from embtools.search import compute_similarity, search_store
 from embtools.search.engine import ArraySource, plan_search, stream_top_k
+from tests.helpers import (
+    available,
+    brute_force,
+    check_frame,
+    check_top_k,
+    make_store,
+    planted_corpus,
+)
 
 BACKENDS = available()
 METRICS = ["cosine", "dot", "l2"]

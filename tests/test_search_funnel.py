@@ -6,10 +6,10 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 import pytest
-from test_search_support import available, brute_force, check_top_k, make_store
 
 from embtools.errors import InvalidArgumentError
 from embtools.search import recall_at_k, search_store
+from tests.helpers import available, brute_force, check_top_k, make_store
 
 
 def matryoshka(rng: np.random.Generator, n: int, d: int) -> np.ndarray:

@@ -9,7 +9,6 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
-from test_search_support import brute_force, check_top_k, make_store, planted_corpus
 
 from embtools.backends import get_backend
 from embtools.errors import MemoryLimitError
@@ -17,6 +16,7 @@ from embtools.memory import MemoryBudget
 from embtools.search import screen
 from embtools.search.engine import ArraySource
 from embtools.search.refine import exact_top_k
+from tests.helpers import brute_force, check_top_k, make_store, planted_corpus
 
 
 def _queries_near(rng: np.random.Generator, corpus: np.ndarray, nq: int, noise: float) -> np.ndarray:

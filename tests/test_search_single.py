@@ -9,13 +9,13 @@ import itertools
 import numpy as np
 import polars as pl
 import pytest
-from test_search_support import brute_force, check_top_k, make_store, planted_corpus
 
 import embtools as et
 from embtools.backends import numpy_kernel
 from embtools.memory import MemoryBudget
 from embtools.search import engine
 from embtools.search.engine import ArraySource, stream_top_k
+from tests.helpers import brute_force, check_top_k, make_store, planted_corpus
 
 METRICS = ["cosine", "dot", "l2"]
 

@@ -1,6 +1,7 @@
-"""MemoryState: the writable state of an in-memory store (``EmbeddingStore(path=None)``).
+"""MemoryState: the state of an in-memory store (``EmbeddingStore(path=None)``), a
+:class:`~embtools.storage.state.StoreState`.
 
-Versions are an in-memory counter. Every embedding byte is held in the store's
+Versions are an in-memory counter (only the open one is kept). Every embedding byte is held in the store's
 :class:`~embtools.memory.MemoryBudget` under ``store/emb_<d>``, so an add past ``max_memory_gb``
 raises :class:`~embtools.errors.MemoryLimitError` (the seed's memory limit) and changes nothing.
 
@@ -48,6 +49,9 @@ def first_duplicate(existing: pa.Array | pa.ChunkedArray, ids: pa.Array) -> str 
 class MemoryState:
     """Rows held in memory: a metadata table, one float32 array per dimension, properties."""
 
+    path: str | None = None
+    read_only = False
+
     def __init__(self, budget: MemoryBudget) -> None:
         self.budget = budget
         self.version = 0
@@ -63,8 +67,34 @@ class MemoryState:
             self._source = MemorySource(self.meta, self.arrays, self.budget)
         return self._source
 
+    @property
     def config_hash(self) -> str:
         return config_hash(sorted(self.arrays), self.meta.schema, self.properties)
+
+    def versions(self) -> list[int]:
+        """0..version (the counter's history; only the open version holds rows)."""
+        return list(range(self.version + 1))
+
+    def files(self) -> list[str]:
+        return []
+
+    def held_array(self, dim: int) -> np.ndarray | None:
+        return self.arrays.get(dim)
+
+    def compact(self, target_file_bytes: int) -> int:
+        """Nothing to merge in memory: the open version."""
+        return self.version
+
+    def vacuum(self, retain_versions: int, older_than: Any, grace_seconds: float
+               ) -> dict[str, list[Any]]:
+        """No old versions or files are kept in memory: nothing removed."""
+        return {"versions": [], "files": []}
+
+    def refresh(self) -> int:
+        return self.version
+
+    def close(self) -> None:
+        """Nothing to close."""
 
     def add(self, batch: Batch, properties: dict[str, Any]) -> int:
         n = batch.num_rows

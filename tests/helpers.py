@@ -1,4 +1,4 @@
-"""Shared helpers for the search tests: data generators, stores, and the float64 brute force.
+"""Shared helpers of the tests (data generators, stores, the float64 brute force; see conftest.py).
 
 ``check_top_k`` is the differential oracle: it accepts a result only if it is the exact top-k of a
 NumPy float64 brute force (up to scores within ``tol`` of each other, whose order float32 cannot
