@@ -274,13 +274,10 @@ class EmbeddingStore:
         nbytes = n * dim * 4
         key = f"get_embeddings/{id(self)}"
         self.budget.check(nbytes, f"get_embeddings({dim}) of {n} rows", _HINT)
-        out = np.empty((n, dim), dtype=np.float32)
+        from embtools.storage.source import gather_rows
+
         with self.budget.holding(key, nbytes, f"get_embeddings({dim})", _HINT):
-            pos = 0
-            rows = max(1, min(max(n, 1), 65_536))
-            for _, block in src.iter_vectors(dim, positions, batch_rows=rows):
-                out[pos:pos + len(block)] = block
-                pos += len(block)
+            out = gather_rows(src, dim, positions)
         return self.backend.from_numpy(out)
 
     def iter_batches(self, dimension: int, where: Any = None, batch_rows: int | None = None

@@ -23,7 +23,8 @@ Examples
 >>> import numpy as np
 >>> from embtools.backends import get_backend
 >>> from embtools.memory import MemoryBudget
->>> from embtools.search.engine import ArraySource, stream_top_k
+>>> from embtools.search.engine import stream_top_k
+>>> from embtools.storage.memory_source import ArraySource
 >>> corpus = np.array([[1, 0], [0, 1], [1, 1]], dtype=np.float32)
 >>> scores, pos = stream_top_k(ArraySource(corpus), get_backend("numpy"), MemoryBudget(None),
 ...                            np.array([[1, 0.1]], dtype=np.float32), 2, k=2, metric="dot")
@@ -38,7 +39,7 @@ import threading
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
@@ -51,6 +52,8 @@ from embtools.errors import (
     MemoryLimitError,
 )
 from embtools.memory import MemoryBudget
+from embtools.storage.memory_source import ArraySource
+from embtools.storage.source import VectorSource
 
 __all__ = [
     "METRICS",
@@ -77,68 +80,6 @@ MIN_BATCH_ROWS = 1024
 PREFETCH_MIN_QUERIES = 16
 #: Largest batch without a cap when the backend scores tile by tile (NumPy).
 MAX_TILED_BATCH_ROWS = 262_144
-
-
-class VectorSource(Protocol):
-    """What the engine reads (see docs/internals.md): implemented by the store's snapshot."""
-
-    num_rows: int
-    dimensions: list[int]
-
-    def select(self, where: Any) -> np.ndarray: ...
-
-    def iter_vectors(
-        self,
-        dim: int,
-        positions: np.ndarray | None = None,
-        batch_rows: int | None = None,
-        *,
-        views: bool = False,
-    ) -> Iterator[tuple[np.ndarray, np.ndarray]]: ...
-
-    def take_metadata(self, positions: np.ndarray, columns: list[str] | None = None) -> Any: ...
-
-
-class ArraySource:
-    """A minimal :class:`VectorSource` over one in-memory NumPy array (no metadata, no filters).
-
-    Used by :func:`compute_similarity`-style calls on plain arrays and by tests.
-
-    Examples
-    --------
-    >>> src = ArraySource(np.ones((5, 4), dtype=np.float32))
-    >>> [p.tolist() for p, _ in src.iter_vectors(4, batch_rows=2)]
-    [[0, 1], [2, 3], [4]]
-    """
-
-    def __init__(self, vectors: np.ndarray) -> None:
-        self.vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-        self.num_rows = int(self.vectors.shape[0])
-        self.dimensions = [int(self.vectors.shape[1])]
-
-    def select(self, where: Any) -> np.ndarray:
-        raise InvalidArgumentError("an ArraySource has no metadata to filter on")
-
-    def iter_vectors(
-        self,
-        dim: int,
-        positions: np.ndarray | None = None,
-        batch_rows: int | None = None,
-        *,
-        views: bool = False,
-    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        rows = batch_rows or 65_536
-        if positions is None:
-            for start in range(0, self.num_rows, rows):
-                stop = min(start + rows, self.num_rows)
-                yield np.arange(start, stop, dtype=np.int64), self.vectors[start:stop, :dim]
-        else:
-            for start in range(0, len(positions), rows):
-                pos = np.asarray(positions[start : start + rows], dtype=np.int64)
-                yield pos, self.vectors[pos, :dim]
-
-    def take_metadata(self, positions: np.ndarray, columns: list[str] | None = None) -> Any:
-        raise InvalidArgumentError("an ArraySource has no metadata")
 
 
 # ---------------------------------------------------------------------------------- validation

@@ -21,8 +21,9 @@ import numpy as np
 
 from embtools.errors import InvalidArgumentError
 from embtools.memory import MemoryBudget
-from embtools.search.engine import VectorSource, check_k, stream_top_k
+from embtools.search.engine import check_k, stream_top_k
 from embtools.search.refine import rerank
+from embtools.storage.source import VectorSource
 
 __all__ = ["funnel_top_k", "parse_funnel", "recall_at_k"]
 

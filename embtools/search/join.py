@@ -41,6 +41,7 @@ from embtools.search.api import is_store
 from embtools.search.engine import check_k, check_metric
 from embtools.search.filters import select_positions, where_key
 from embtools.search.refine import exact_top_k
+from embtools.storage.source import gather_rows
 
 __all__ = ["JOB_FILE", "PROGRESS_FILE", "similarity_join"]
 
@@ -286,13 +287,7 @@ def _join_chunk(
     budget = right.budget
     key = f"join/left/{id(pos)}"
     with budget.holding(key, len(pos) * dim * 4, "a chunk of join queries", "raise max_memory_gb or lower chunk_rows"):
-        queries = np.empty((len(pos), dim), np.float32)
-        filled = 0
-        for p, v in left.source.iter_vectors(dim, positions=pos, batch_rows=max(len(pos), 1)):
-            queries[filled : filled + len(p)] = v
-            filled += len(p)
-        if filled != len(pos):
-            raise RuntimeError(f"the left source yielded {filled} of {len(pos)} rows")
+        queries = gather_rows(left.source, dim, pos)
         kk = k + 1 if exclude_self else k
         scores, found = exact_top_k(
             right.source, right.backend, budget, queries, dim, kk, metric, right_pos, batch_rows

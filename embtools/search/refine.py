@@ -12,7 +12,7 @@ Examples
 >>> import numpy as np
 >>> from embtools.backends import get_backend
 >>> from embtools.memory import MemoryBudget
->>> from embtools.search.engine import ArraySource
+>>> from embtools.storage.memory_source import ArraySource
 >>> x = np.array([[1, 0], [0, 1], [1, 0]], np.float32)
 >>> s, p = exact_top_k(ArraySource(x), get_backend("numpy"), MemoryBudget(None),
 ...                    np.array([[1, 0]], np.float32), 2, 2, "cosine")
@@ -27,7 +27,8 @@ from typing import Any
 import numpy as np
 
 from embtools.memory import MemoryBudget
-from embtools.search.engine import VectorSource, stream_top_k
+from embtools.search.engine import stream_top_k
+from embtools.storage.source import VectorSource, gather_rows
 
 __all__ = ["exact_top_k", "overfetch", "rerank"]
 
@@ -172,13 +173,7 @@ def _score(
     """
     uniq, inv = np.unique(cand, return_inverse=True)
     inv = inv.reshape(cand.shape)
-    vecs = np.empty((len(uniq), dim), np.float32)
-    filled = 0
-    for pos, v in source.iter_vectors(dim, positions=uniq, batch_rows=max(len(uniq), 1)):
-        vecs[filled : filled + len(pos)] = v
-        filled += len(pos)
-    if filled != len(uniq):
-        raise RuntimeError(f"the vector source yielded {filled} of {len(uniq)} rows")
+    vecs = gather_rows(source, dim, uniq)
     g_rows, w = cand.shape
     out = np.empty((g_rows, w), np.float64)
     step = max(1, sub_bytes // (w * dim * 12))  # queries per block of products

@@ -32,7 +32,7 @@ Examples
 --------
 >>> import numpy as np
 >>> from embtools.memory import MemoryBudget
->>> from embtools.search.engine import ArraySource
+>>> from embtools.storage.memory_source import ArraySource
 >>> x = np.random.default_rng(0).standard_normal((1000, 32)).astype(np.float32)
 >>> s, p, ok = screened_top_k(ArraySource(x), MemoryBudget(None), x[:3], 32, 5, "cosine")
 >>> p[:, 0].tolist(), bool(ok.all())
@@ -53,8 +53,9 @@ import numpy as np
 
 from embtools.backends.numpy_kernel import inverse_norms, row_dots
 from embtools.memory import MemoryBudget
-from embtools.search.engine import VectorSource, normalize_rows
+from embtools.search.engine import normalize_rows
 from embtools.search.refine import rerank
+from embtools.storage.source import VectorSource
 
 __all__ = [
     "SCREEN_MIN_QUERIES",

@@ -1,7 +1,9 @@
-"""MemorySource: the in-memory store's data (``EmbeddingStore(path=None)``), a VectorSource.
+"""In-memory VectorSources: the in-memory store's data (:class:`MemorySource`) and one bare array
+(:class:`ArraySource`).
 
-Holds the metadata as one pyarrow table (row_id, text_id, label, user columns) and one C-contiguous
-float32 NumPy array per stored dimension, rows in ascending row id.
+A MemorySource (``EmbeddingStore(path=None)``) holds the metadata as one pyarrow table (row_id,
+text_id, label, user columns) and one C-contiguous float32 NumPy array per stored dimension, rows
+in ascending row id.
 
 Examples
 --------
@@ -29,15 +31,11 @@ from embtools.storage.schema import LABEL, ROW_ID, TEXT_ID
 from embtools.storage.snapshot import metadata_frame
 from embtools.storage.source import Chunk, ChunkedSource
 
-__all__ = ["MemorySource"]
+__all__ = ["ArraySource", "MemorySource"]
 
 
 class MemorySource(ChunkedSource):
     """In-memory rows: ``meta`` (pyarrow table) and ``arrays`` (dim -> (n, dim) float32)."""
-
-    #: its rows never change (a new version is a new object): the search engine may cache derived
-    #: data (row norms) per object
-    frozen = True
 
     def __init__(self, meta: pa.Table, arrays: dict[int, np.ndarray],
                  budget: MemoryBudget | None = None) -> None:
@@ -68,3 +66,44 @@ class MemorySource(ChunkedSource):
         if pos.size and (pos.min() < 0 or pos.max() >= self.num_rows):
             raise InvalidArgumentError(f"positions out of range 0..{self.num_rows - 1}")
         return metadata_frame(self.meta.select(names).take(pa.array(pos)))
+
+
+class ArraySource(ChunkedSource):
+    """A :class:`~embtools.storage.source.VectorSource` over one 2-D array, without metadata.
+
+    Its one stored dimension is the array's width (prefixes served); positions are row numbers.
+    It has no metadata, so no filters (``select(None)`` only) and no ``take_metadata``. It is not
+    ``frozen``: the caller may change the array.
+
+    Examples
+    --------
+    >>> src = ArraySource(np.ones((5, 4), dtype=np.float32))
+    >>> [p.tolist() for p, _ in src.iter_vectors(4, batch_rows=2)]
+    [[0, 1], [2, 3], [4]]
+    """
+
+    frozen = False
+
+    def __init__(self, vectors: Any) -> None:
+        x = np.ascontiguousarray(vectors, dtype=np.float32)
+        if x.ndim != 2 or x.shape[1] < 1:
+            raise InvalidArgumentError(f"an ArraySource needs a 2-D array, got shape {x.shape}")
+        self.vectors = x
+        self.num_rows = int(x.shape[0])
+        self.dimensions = [int(x.shape[1])]
+
+    def select(self, where: Any) -> np.ndarray:
+        if where is not None:
+            raise InvalidArgumentError("an ArraySource has no metadata to filter on")
+        return np.arange(self.num_rows, dtype=np.int64)
+
+    def metadata(self) -> pl.LazyFrame:
+        raise InvalidArgumentError("an ArraySource has no metadata")
+
+    def chunks(self) -> list[Chunk]:
+        if self.num_rows == 0:
+            return []
+        return [Chunk(0, self.num_rows, lambda d: self.vectors, lambda d: None)]
+
+    def take_metadata(self, positions: Any, columns: Sequence[str] | None = None) -> pl.DataFrame:
+        raise InvalidArgumentError("an ArraySource has no metadata")

@@ -56,10 +56,6 @@ def metadata_frame(table: pa.Table) -> pl.DataFrame:
 class Snapshot(ChunkedSource):
     """The committed version ``manifest`` of the store at ``root``."""
 
-    #: its rows never change (a new version is a new object): the search engine may cache derived
-    #: data (row norms) per object
-    frozen = True
-
     def __init__(self, root: str | os.PathLike[str], manifest: Manifest,
                  budget: MemoryBudget | None = None) -> None:
         self.root = os.fspath(root)

@@ -1,9 +1,15 @@
-"""The shared read logic of a VectorSource (see docs/internals.md): filters, batching, prefixes.
+"""The vector-source contract (:class:`VectorSource`) and its shared read logic.
 
-A source is a sequence of *chunks* (a data file's row group, or an in-memory array) in ascending
-position order. :class:`ChunkedSource` implements ``select``, ``iter_vectors`` and the dimension
-rules once; :class:`~embtools.storage.snapshot.Snapshot` (a committed version on disk) and
-:class:`~embtools.storage.memory_source.MemorySource` (the in-memory store) provide the chunks.
+A :class:`VectorSource` is what search reads: rows at positions ``0..num_rows-1``, their vectors
+in each stored dimension (and its prefixes) in ascending position order, their metadata. The
+implementations, all checked by ``tests/test_sources.py``: the
+:class:`~embtools.storage.snapshot.Snapshot` (a committed version on disk), the
+:class:`~embtools.storage.memory_source.MemorySource` (the in-memory store) and the
+:class:`~embtools.storage.memory_source.ArraySource` (one bare array).
+
+They are sequences of *chunks* (a data file's row group, or an in-memory array) in ascending
+position order: :class:`ChunkedSource` implements ``select``, ``iter_vectors`` and the dimension
+rules once, and :func:`gather_rows` copies selected rows into one array.
 
 Examples
 --------
@@ -17,7 +23,7 @@ from __future__ import annotations
 import mmap
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import polars as pl
@@ -25,7 +31,14 @@ import polars as pl
 from embtools.errors import DimensionMismatchError, FilterError, InvalidArgumentError
 from embtools.memory import MemoryBudget
 
-__all__ = ["Chunk", "ChunkedSource", "compile_where", "resolve_dimension"]
+__all__ = [
+    "Chunk",
+    "ChunkedSource",
+    "VectorSource",
+    "compile_where",
+    "gather_rows",
+    "resolve_dimension",
+]
 
 _POS = "__embtools_pos"
 MAX_DEFAULT_BATCH_ROWS = 262_144
@@ -34,6 +47,62 @@ MAX_DEFAULT_BATCH_ROWS = 262_144
 VIEW_BATCH_BYTES = 4 * 1024**2
 #: Rows copied into a batch per step (then released) are about this many bytes of mapped pages.
 GATHER_STEP_BYTES = 8 * 1024**2
+
+
+@runtime_checkable
+class VectorSource(Protocol):
+    """What search reads (see docs/internals.md): the rows of one immutable version.
+
+    ``iter_vectors(dim, positions, batch_rows, views=)`` yields ``(positions, (n, dim) float32)``
+    batches in ascending position order, for a stored dimension or a prefix of one (the smallest
+    stored dimension above it); ``positions`` (any order, repeats ignored) selects rows. Batches
+    may be read-only views, valid until the consumer lets go of them. ``frozen``: the rows never
+    change, so derived data (row norms) may be cached per source object.
+    """
+
+    num_rows: int
+    dimensions: list[int]
+    frozen: bool
+
+    def select(self, where: Any) -> np.ndarray:
+        """int64 positions of the rows matching ``where`` (all for None), ascending."""
+
+    def iter_vectors(
+        self,
+        dim: int,
+        positions: np.ndarray | None = None,
+        batch_rows: int | None = None,
+        *,
+        views: bool = False,
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """``(positions, vectors)`` batches in ascending position order."""
+
+    def take_metadata(self, positions: Any, columns: Sequence[str] | None = None) -> pl.DataFrame:
+        """row_id, text_id, label (+ ``columns``) of ``positions``, in the order given."""
+
+
+def gather_rows(source: VectorSource, dim: int, positions: Any = None,
+                out: np.ndarray | None = None) -> np.ndarray:
+    """The vectors of ``positions`` (ascending and distinct; all rows for None) as one
+    ``(n, dim)`` float32 array, filled batch by batch (into ``out`` when given).
+
+    Examples
+    --------
+    >>> from embtools.storage.memory_source import ArraySource
+    >>> gather_rows(ArraySource(np.arange(8, dtype=np.float32).reshape(4, 2)), 1, [1, 3]).tolist()
+    [[2.0], [6.0]]
+    """
+    n = int(source.num_rows) if positions is None else len(positions)
+    if out is None:
+        out = np.empty((n, int(dim)), dtype=np.float32)
+    filled = 0
+    for pos, block in source.iter_vectors(dim, positions, batch_rows=max(min(n, 65_536), 1)):
+        out[filled:filled + len(pos)] = block
+        filled += len(pos)
+    if filled != n:
+        raise InvalidArgumentError(
+            f"the source yielded {filled} of {n} rows: positions must be ascending and distinct")
+    return out
 
 
 def compile_where(where: Any) -> pl.Expr:
@@ -86,6 +155,8 @@ class ChunkedSource:
     num_rows: int
     dimensions: list[int]
     budget: MemoryBudget | None = None
+    #: see :class:`VectorSource`; the store's sources are immutable versions
+    frozen: bool = True
 
     def metadata(self) -> pl.LazyFrame:  # pragma: no cover - abstract
         raise NotImplementedError
