@@ -478,7 +478,7 @@ TestBackends = BackendTests  # collected by pytest under the usual Test* name
 @pytest.mark.parametrize("threads", [1, 2])
 def test_numpy_kernel_tiles_and_threads(monkeypatch, rng, metric, threads):
     """Small tiles force many tiles per block, candidate merges and the two-thread split."""
-    from embtools.backends import numpy_kernel
+    from embtools.kernels import numpy_tiles as numpy_kernel
 
     monkeypatch.setattr(numpy_kernel, "TILE_COLS", 16)
     monkeypatch.setattr(numpy_kernel, "TILE_COLS_PER_K", 1)
@@ -503,7 +503,7 @@ def test_numpy_kernel_tiles_and_threads(monkeypatch, rng, metric, threads):
 
 def test_numpy_kernel_heavy_tie_rows(rng):
     """A row where every score ties takes the sparse (lexsort) path; results stay exact."""
-    from embtools.backends import numpy_kernel
+    from embtools.kernels import numpy_tiles as numpy_kernel
 
     s = rng.standard_normal((4, 5000)).astype(np.float32)
     s[1] = 0.25

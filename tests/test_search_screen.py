@@ -12,6 +12,7 @@ import torch
 
 from embtools.backends import get_backend
 from embtools.errors import MemoryLimitError
+from embtools.kernels import torch_screen
 from embtools.memory import MemoryBudget
 from embtools.search import screen
 from embtools.search.engine import ArraySource
@@ -44,10 +45,11 @@ def test_error_bound_holds_for_every_score(metric):
     if metric == "dot":
         x *= np.exp(rng.uniform(-2, 2, size=(len(x), 1))).astype(np.float32)
     q = rng.standard_normal((70, d)).astype(np.float32) * np.float32(rng.uniform(0.1, 10))
-    qb, qb_norm, dq_norm = screen._round_queries(q, metric)
+    q32 = screen.normalize_rows(q) if metric == "cosine" else q
+    qb, qb_norm, dq_norm = torch_screen.round_queries(q32)
     xb = torch.empty((len(x), d), dtype=torch.bfloat16)
     scratch = torch.empty((len(x), d), dtype=torch.float32)
-    max_x = screen._prepare(x, metric, xb, scratch)
+    max_x = torch_screen.prepare_batch(x, metric, xb, scratch, screen.normalize_rows)
     a = (qb @ xb.T).float().numpy().astype(np.float64)
     exact = brute_force(x, q, metric)
     bound = screen.error_bound(qb_norm, dq_norm, max_x, d)[:, None] + screen.half_ulp(a)
@@ -150,7 +152,7 @@ def test_screen_enabled_conditions(monkeypatch):
 def test_screen_off_where_bfloat16_products_do_not_sum_in_float32(monkeypatch):
     """A torch whose bfloat16 matmul summed in bfloat16 would break the error bound: the probe
     product catches it and every search takes the float32 path."""
-    assert screen._accumulates_in_float32()  # the installed torch sums in float32
+    assert torch_screen.accumulates_in_float32()  # the installed torch sums in float32
     monkeypatch.setenv("EMBTOOLS_BF16_SCREEN", "on")
     backend = get_backend("numpy")
     assert screen.screen_enabled(backend, 1000, 10, "cosine", 100_000)
@@ -162,14 +164,14 @@ def test_screen_off_where_bfloat16_products_do_not_sum_in_float32(monkeypatch):
             result += a[:, j : j + 1] * b[j : j + 1, :]
         return result if out is None else out.copy_(result)
 
-    screen._accumulates_in_float32.cache_clear()
+    torch_screen.accumulates_in_float32.cache_clear()
     monkeypatch.setattr(torch, "mm", bfloat16_sums)
     try:
-        assert not screen._accumulates_in_float32()
+        assert not torch_screen.accumulates_in_float32()
         assert not screen.screen_enabled(backend, 1000, 10, "cosine", 100_000)
     finally:
         monkeypatch.setattr(torch, "mm", real_mm)
-        screen._accumulates_in_float32.cache_clear()
+        torch_screen.accumulates_in_float32.cache_clear()
     assert screen.screen_enabled(backend, 1000, 10, "cosine", 100_000)
 
 
@@ -267,13 +269,13 @@ def test_probe_of_a_few_groups_settles_or_opens_queries(monkeypatch, order):
     if order == "improving":
         corpus = corpus[np.argsort(brute_force(corpus, queries[:1], "cosine")[0], kind="stable")]
     calls: list[tuple[bool, int]] = []  # (a subset of the queries, how many)
-    real = screen._Batch.merge
+    real = torch_screen._Batch.merge
 
     def spy(self, best_v, best_i, groups, width, rows=None):
         calls.append((rows is not None, len(best_v) if rows is None else len(rows)))
         return real(self, best_v, best_i, groups, width, rows)
 
-    monkeypatch.setattr(screen._Batch, "merge", spy)
+    monkeypatch.setattr(torch_screen._Batch, "merge", spy)
     source = ArraySource(corpus)
     s, p, ok = screen.screened_top_k(source, MemoryBudget(None), queries, d, 10, "cosine", batch_rows=512)
     opened = sum(m for subset, m in calls if subset)  # (query, batch) pairs expanded in full

@@ -11,7 +11,7 @@ import polars as pl
 import pytest
 
 import embtools as et
-from embtools.backends import numpy_kernel
+from embtools.kernels import numpy_tiles as numpy_kernel
 from embtools.memory import MemoryBudget
 from embtools.search import engine
 from embtools.search.engine import ArraySource, stream_top_k
@@ -76,15 +76,15 @@ def test_kernel_scale_is_an_unnormalised_cosine(nq):
     scale = rng.integers(1, 4, size=3000).astype(np.float32)  # exact products: exact ties
     ref = (q.astype(np.float64) @ c.astype(np.float64).T) * scale
     b = et.get_backend("numpy")
-    v, i = b.block_top_k(q, c, 30, "dot", scale=scale)
+    v, i = b.block_top_k_scaled(q, c, 30, "dot", scale)
     for j in range(nq):
         ev, ei = _ref_top_k(ref[j], 30)
         np.testing.assert_array_equal(i[j], ei)
         np.testing.assert_array_equal(v[j], ev)
     with pytest.raises(et.errors.InvalidArgumentError):
-        b.block_top_k(q, c, 3, "l2", scale=scale)
+        b.block_top_k_scaled(q, c, 3, "l2", scale)
     with pytest.raises(et.errors.DimensionMismatchError):
-        b.block_top_k(q, c, 3, "dot", scale=scale[:-1])
+        b.block_top_k_scaled(q, c, 3, "dot", scale[:-1])
 
 
 def _unaligned(x: np.ndarray) -> np.ndarray:
@@ -300,14 +300,11 @@ def test_kernel_running_top_k_over_blocks(monkeypatch, metric, nq):
         for cuts in ([0, 450, 900, 1350, 1800, 2000], [0, 3, 20, 1000, 1990, 2000]):
             best = None
             for a, e in itertools.pairwise(cuts):
-                if best is None:
-                    best = b.block_top_k(q, c[a:e], k, metric, offset=a)
-                else:
-                    best = b.block_top_k(q, c[a:e], k, metric, running=best, offset=a)
+                best = b.block_top_k_running(q, c[a:e], k, metric, best, a)
             np.testing.assert_array_equal(best[1], want[1])
             np.testing.assert_array_equal(best[0], want[0])
     with pytest.raises(et.errors.DimensionMismatchError):
-        b.block_top_k(q, c, 3, metric, running=(np.zeros((nq + 1, 3)), np.zeros((nq + 1, 3))))
+        b.block_top_k_running(q, c, 3, metric, (np.zeros((nq + 1, 3)), np.zeros((nq + 1, 3))), 0)
 
 
 def test_merge_sorted_nan_last_ties_by_index():

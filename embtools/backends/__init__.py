@@ -17,12 +17,25 @@ from __future__ import annotations
 
 import threading
 
+from embtools.backends.abilities import (
+    SupportsAsyncUpload,
+    SupportsRunningTopK,
+    SupportsScaledScores,
+)
 from embtools.backends.base import Backend
 from embtools.backends.convert import convert
 from embtools.backends.detect import BACKEND_NAMES, available_backends, choose_backend, gather_facts
 from embtools.errors import BackendUnavailableError, InvalidArgumentError
 
-__all__ = ["Backend", "available_backends", "convert", "get_backend"]
+__all__ = [
+    "Backend",
+    "SupportsAsyncUpload",
+    "SupportsRunningTopK",
+    "SupportsScaledScores",
+    "available_backends",
+    "convert",
+    "get_backend",
+]
 
 _CACHE: dict[tuple[str, str | None], Backend] = {}
 _LOCK = threading.Lock()
@@ -37,9 +50,9 @@ def _create(name: str, device: str | None) -> Backend:
         if name == "torch":
             import torch  # noqa: F401
 
-            from embtools.backends.torch_backend import TorchBackend
+            from embtools.backends.torch_backend import make_torch_backend
 
-            return TorchBackend(device)
+            return make_torch_backend(device)
         import mlx.core  # noqa: F401
 
         from embtools.backends.mlx_backend import MLXBackend

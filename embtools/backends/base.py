@@ -26,12 +26,13 @@ from typing import Any
 
 import numpy as np
 
-from embtools.backends.numpy_kernel import inverse_norms
+from embtools.backends.abilities import SupportsRunningTopK, SupportsScaledScores
 from embtools.errors import (
     DimensionMismatchError,
     InvalidArgumentError,
     InvalidEmbeddingsError,
 )
+from embtools.kernels.numpy_tiles import inverse_norms
 
 __all__ = ["DEFAULT_BLOCK_ROWS", "METRICS", "Backend"]
 
@@ -86,12 +87,6 @@ class Backend(ABC):
     device: str = "cpu"
     #: the array namespace the shared maths runs on
     xp: Any = None
-    #: whether ``block_top_k`` takes ``scale=`` (per-row factors of the block for cosine/dot);
-    #: the search engine then scores few queries against unnormalised blocks
-    supports_scale: bool = False
-    #: whether ``block_top_k`` takes ``running=(values, indices)`` and ``offset=``: it then merges
-    #: the block into the running top-k of the earlier blocks itself (global indices)
-    supports_running: bool = False
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(device={self.device!r})"
@@ -567,13 +562,17 @@ class Backend(ABC):
         scratch: dict[str, Any] = {}
         # fused kernels score raw float32 blocks scaled by inverse row norms (no normalised copy)
         # and merge each block into the running top-k themselves
-        fused = self.supports_scale and self.supports_running and self.dtype_name(c.dtype) == "float32"
+        fused = (
+            isinstance(self, SupportsScaledScores)
+            and isinstance(self, SupportsRunningTopK)
+            and self.dtype_name(c.dtype) == "float32"
+        )
         for start in range(0, n, rows):
             raw = c[start : start + rows]
             scale = inverse_norms(raw) if fused else None
             if scale is not None:
-                fused_top_k: Any = self.block_top_k  # a fused kernel's signature (numpy backend)
-                best = fused_top_k(qn, raw, k, "cosine", scale=scale, running=best, offset=start)
+                assert isinstance(self, SupportsRunningTopK)
+                best = self.block_top_k_running(qn, raw, k, "cosine", best, start, scale)
                 continue
             blk = self._normalize_block(raw, scratch)
             values, local = self.block_top_k(qn, blk, k, "cosine")

@@ -25,11 +25,12 @@ import numpy as np
 from embtools.backends.base import Backend, check_k
 from embtools.backends.numpy_backend import NumpyBackend
 from embtools.errors import DeviceUnavailableError, InvalidArgumentError
+from embtools.kernels import numpy_tiles
 
 __all__ = ["MLXBackend", "available_devices", "mlx_to_numpy"]
 
+#: merges run on the host through the NumPy backend's public merge_top_k
 _HOST = NumpyBackend()
-
 
 def available_devices() -> list[str]:
     """``["cpu"]`` plus ``"gpu"`` when MLX has a GPU here."""
@@ -138,10 +139,10 @@ class MLXBackend(Backend):
 
     # selection runs on the host (MLX has no nonzero); the results come back as MLX arrays
     def _kth_value(self, scores: Any, k: int) -> Any:
-        return mx.array(_HOST._kth_value(mlx_to_numpy(scores), k))
+        return mx.array(numpy_tiles.kth_value(mlx_to_numpy(scores), k))
 
     def _select(self, s: Any, k: int, bound: Any) -> tuple[Any, Any]:
-        values, indices = _HOST._select(mlx_to_numpy(s), k, _HOST._block_bound)
+        values, indices = numpy_tiles.select_top_k(mlx_to_numpy(s), k)
         return mx.array(values), mx.array(indices)
 
     def merge_top_k(

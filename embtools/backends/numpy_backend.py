@@ -16,15 +16,19 @@ from typing import Any
 import array_api_compat.numpy as xnp
 import numpy as np
 
-from embtools.backends import numpy_kernel as kernel
 from embtools.backends.base import Backend, check_k, check_metric
 from embtools.errors import DeviceUnavailableError, DimensionMismatchError, InvalidArgumentError
+from embtools.kernels import numpy_tiles as kernel
 
 __all__ = ["NumpyBackend"]
 
 
 class NumpyBackend(Backend):
     """NumPy arrays on the CPU; from_numpy/to_numpy are the identity (no copy).
+
+    Its top-k is the fused tile kernel (:mod:`embtools.kernels.numpy_tiles`), which also scores
+    scaled blocks and merges into a running top-k (:class:`SupportsScaledScores`,
+    :class:`SupportsRunningTopK`).
 
     Examples
     --------
@@ -113,30 +117,51 @@ class NumpyBackend(Backend):
         return np.take_along_axis(np.asarray(x), np.asarray(indices), axis=axis)
 
     def _kth_value(self, scores: Any, k: int) -> np.ndarray:
-        n = scores.shape[1]
-        return np.partition(scores, n - k, axis=1)[:, n - k]
+        return kernel.kth_value(scores, k)
 
     def _select(self, s: Any, k: int, bound: Any) -> tuple[np.ndarray, np.ndarray]:
         return kernel.select_top_k(np.asarray(s), k)
 
-    #: ``block_top_k`` takes ``scale=`` (per-row factors of the block, cosine/dot) and
-    #: ``running=``/``offset=`` (merges the block into the running top-k itself)
-    supports_scale = True
-    supports_running = True
-
     def block_top_k(
-        self, queries: Any, block: Any, k: int, metric: str = "cosine", *,
-        scale: np.ndarray | None = None,
-        running: tuple[np.ndarray, np.ndarray] | None = None, offset: int = 0,
+        self, queries: Any, block: Any, k: int, metric: str = "cosine"
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Best ``k`` of one block per query, scored and selected tile by tile (fused).
+        """Best ``k`` of one block per query, scored and selected tile by tile (fused)."""
+        return self._fused(queries, block, k, metric, None, None, 0)
 
-        ``scale`` (cosine/dot): multiplies each block row's scores, e.g. by its inverse norm so
-        that cosine runs on an unnormalised block (the queries still come normalised).
-        ``offset`` is added to the returned indices. ``running`` (the sorted best ``k`` of the
-        earlier blocks, global indices below ``offset``): the result is the best ``k`` of those
-        and this block, and only rows better than the running k-th best are looked at.
-        """
+    def block_top_k_scaled(
+        self, queries: Any, block: Any, k: int, metric: str, scale: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`block_top_k` with each block row's scores multiplied by ``scale`` (cosine/dot),
+        e.g. by its inverse norm so that cosine runs on an unnormalised block (the queries still
+        come normalised)."""
+        return self._fused(queries, block, k, metric, scale, None, 0)
+
+    def block_top_k_running(
+        self,
+        queries: Any,
+        block: Any,
+        k: int,
+        metric: str,
+        running: tuple[np.ndarray, np.ndarray] | None,
+        offset: int,
+        scale: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The best ``k`` of ``running`` (the sorted best ``k`` of the earlier blocks, global
+        indices below ``offset``) and this block (indices offset by ``offset``); only rows better
+        than the running k-th best are looked at. ``scale`` as in :meth:`block_top_k_scaled`."""
+        return self._fused(queries, block, k, metric, scale, running, offset)
+
+    def _fused(
+        self,
+        queries: Any,
+        block: Any,
+        k: int,
+        metric: str,
+        scale: np.ndarray | None,
+        running: tuple[np.ndarray, np.ndarray] | None,
+        offset: int,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The checks, then the fused tile kernel."""
         k = check_k(k)
         metric = check_metric(metric)
         if scale is not None and metric == "l2":

@@ -21,11 +21,11 @@ import array_api_compat.torch as xtorch
 import numpy as np
 import torch
 
-from embtools.backends import numpy_kernel as kernel
 from embtools.backends.base import Backend, check_k, check_metric
 from embtools.errors import DeviceUnavailableError, InvalidArgumentError
+from embtools.kernels import numpy_tiles as kernel
 
-__all__ = ["TorchBackend", "available_devices", "tensor_to_numpy"]
+__all__ = ["CudaTorchBackend", "TorchBackend", "available_devices", "make_torch_backend", "tensor_to_numpy"]
 
 
 def available_devices() -> list[str]:
@@ -230,6 +230,29 @@ class TorchBackend(Backend):
             values[bad] = bad_v
             indices[bad] = bad_i
         return values, indices
+
+
+class CudaTorchBackend(TorchBackend):
+    """torch tensors on a CUDA device; batches are staged to it asynchronously through pinned
+    memory (:class:`~embtools.backends.abilities.SupportsAsyncUpload`)."""
+
+    def async_uploader(self) -> Any:
+        """A pinned-memory uploader on its own CUDA stream (:mod:`embtools.kernels.torch_cuda`)."""
+        from embtools.kernels.torch_cuda import PinnedUploader
+
+        return PinnedUploader(self.device)
+
+
+def make_torch_backend(device: str | None = None) -> TorchBackend:
+    """The torch backend for ``device``: a :class:`CudaTorchBackend` on CUDA devices.
+
+    Examples
+    --------
+    >>> type(make_torch_backend("cpu")).__name__
+    'TorchBackend'
+    """
+    d = resolve_device(device)
+    return CudaTorchBackend(d) if d.startswith("cuda") else TorchBackend(d)
 
 
 def _torch_mm(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> None:

@@ -9,10 +9,11 @@ already streamed (an *ordinal* into the selection), so ties go to the lower ordi
 lower position and the lower ``row_id``.
 
 A reader thread prepares the next batch (reads it from the memory map, normalises it for cosine or
-copies it, and on CUDA starts its host-to-device copy) while the device scores the current one.
+copies it, and on a backend that :class:`~embtools.backends.abilities.SupportsAsyncUpload`
+(CUDA) starts its host-to-device copy) while the device scores the current one.
 
-Few queries (fewer than ``PREFETCH_MIN_QUERIES``) on a backend whose ``block_top_k`` takes
-``scale=`` (NumPy) are scored straight from the source's arrays with no thread and no copy: for
+Few queries (fewer than ``PREFETCH_MIN_QUERIES``) on a backend that
+:class:`~embtools.backends.abilities.SupportsScaledScores` (NumPy) are scored straight from the source's arrays with no thread and no copy: for
 cosine the block stays unnormalised and each row's score is multiplied by its inverse norm. The
 inverse norms of an immutable source (``source.frozen``: a committed snapshot, an in-memory
 store's version) are computed during the first full pass and kept per ``(source, dimension)``,
@@ -43,14 +44,19 @@ from typing import Any
 
 import numpy as np
 
-from embtools.backends.numpy_kernel import QUERY_THREADS as TILE_THREADS
-from embtools.backends.numpy_kernel import inverse_norms, tile_bytes, tile_cols
+from embtools.backends.abilities import (
+    SupportsAsyncUpload,
+    SupportsRunningTopK,
+    SupportsScaledScores,
+)
 from embtools.errors import (
     DimensionMismatchError,
     InvalidArgumentError,
     InvalidEmbeddingsError,
     MemoryLimitError,
 )
+from embtools.kernels.numpy_tiles import QUERY_THREADS as TILE_THREADS
+from embtools.kernels.numpy_tiles import inverse_norms, tile_bytes, tile_cols
 from embtools.memory import MemoryBudget
 from embtools.storage.memory_source import ArraySource
 from embtools.storage.source import VectorSource
@@ -310,27 +316,6 @@ def _prefetched(
             close()
 
 
-def _device_copier(backend: Any) -> Callable[[np.ndarray], Any] | None:
-    """On CUDA, a function that starts an asynchronous pinned host-to-device copy on a side
-    stream (run in the reader thread); None elsewhere (``from_numpy`` is then done in place)."""
-    if backend.name != "torch" or not str(backend.device).startswith("cuda"):
-        return None
-    import torch
-
-    device = torch.device(backend.device)
-    stream = torch.cuda.Stream(device=device)
-
-    def copy(x: np.ndarray) -> Any:
-        pinned = torch.from_numpy(x).pin_memory()
-        with torch.cuda.stream(stream):
-            t = pinned.to(device, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record(stream)
-        return (t, event, pinned)
-
-    return copy
-
-
 def _batches(
     source: VectorSource,
     backend: Any,
@@ -353,21 +338,15 @@ def _batches(
             yield pos, backend.normalize(block) if normalize else block
         return
 
-    to_device = _device_copier(backend)
+    # on CUDA the reader thread also starts the batch's host-to-device copy
+    uploader = backend.async_uploader() if isinstance(backend, SupportsAsyncUpload) else None
 
     def prepare(vec: np.ndarray) -> Any:
         x = normalize_rows(vec) if metric == "cosine" else np.array(vec, dtype=np.float32)
-        return x if to_device is None else to_device(x)
+        return x if uploader is None else uploader.start(x)
 
     for pos, x in _prefetched(raw, prepare):
-        if to_device is None:
-            yield pos, backend.from_numpy(x)
-        else:
-            import torch
-
-            t, event, _pinned = x
-            torch.cuda.current_stream(t.device).wait_event(event)
-            yield pos, t
+        yield pos, backend.from_numpy(x) if uploader is None else uploader.finish(x)
 
 
 # ---------------------------------------------------------------------------------- the engine
@@ -398,11 +377,11 @@ def stream_top_k(
     scaled = (
         metric == "cosine"
         and nq < PREFETCH_MIN_QUERIES
-        and bool(getattr(backend, "supports_scale", False))
+        and isinstance(backend, SupportsScaledScores)
     )
     norms = _RowNorms.for_search(source, dim, budget, positions is None) if scaled else None
     extra = 0 if norms is None else norms.nbytes
-    tiled = bool(getattr(backend, "supports_running", False))
+    tiled = isinstance(backend, SupportsRunningTopK)
     plan = plan_search(budget, nq, dim, kk, n_sel, metric, batch_rows, scaled, extra, tiled)
     key = f"search/{id(queries)}"
     out_s: list[np.ndarray] = []
@@ -433,8 +412,8 @@ def _one_pass(
 ) -> tuple[np.ndarray, np.ndarray]:
     """One pass over the corpus for a group of queries; returns ordinals into the selection.
 
-    ``norms`` (cosine on a backend with ``supports_scale``): score unnormalised blocks, each row
-    multiplied by its inverse norm."""
+    ``norms`` (cosine on a backend that :class:`SupportsScaledScores`): score unnormalised
+    blocks, each row multiplied by its inverse norm."""
     q = backend.from_numpy(queries)
     if metric == "cosine":
         q = backend.normalize(q)
@@ -444,7 +423,7 @@ def _one_pass(
     largest = metric != "l2"
     seen = 0
     scaled = norms is not None
-    running = bool(getattr(backend, "supports_running", False))
+    running = backend if isinstance(backend, SupportsRunningTopK) else None
     for pos, block in _batches(source, backend, dim, positions, plan, metric, scaled):
         n = len(pos)
         if n == 0:
@@ -455,19 +434,22 @@ def _one_pass(
                 f"the vector source yielded position {int(pos[0])} where {expected} was expected"
             )
         kb = min(k, n)
-        kw: dict[str, Any] = {}
+        scale = None
         if norms is not None:
-            kw["scale"] = norms.of_batch(pos, block)
-            if kw["scale"] is None:  # norms out of float32's safe range: normalise the block
+            scale = norms.of_batch(pos, block)
+            if scale is None:  # norms out of float32's safe range: normalise the block
                 block = backend.normalize(block)
         for c, qc in enumerate(qs):
             prev = best[c]
-            if running and prev is not None:
+            if running is not None and prev is not None:
                 # the backend merges the block into the running top-k: later blocks only look
                 # at rows that beat the k-th best so far
-                best[c] = backend.block_top_k(qc, block, k, metric, running=prev, offset=seen, **kw)
+                best[c] = running.block_top_k_running(qc, block, k, metric, prev, seen, scale)
                 continue
-            values, local = backend.block_top_k(qc, block, kb, metric, **kw)
+            if scale is not None:
+                values, local = backend.block_top_k_scaled(qc, block, kb, metric, scale)
+            else:
+                values, local = backend.block_top_k(qc, block, kb, metric)
             glob = local + seen
             best[c] = (values, glob) if prev is None else backend.merge_top_k(
                 *prev, values, glob, k, largest=largest

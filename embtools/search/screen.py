@@ -41,17 +41,14 @@ Examples
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import importlib.util
 import math
 import os
-import warnings
+from types import ModuleType
 from typing import Any
 
 import numpy as np
 
-from embtools.backends.numpy_kernel import inverse_norms, row_dots
 from embtools.memory import MemoryBudget
 from embtools.search.engine import normalize_rows
 from embtools.search.refine import rerank
@@ -84,9 +81,6 @@ SHORTLIST_EXPANDED = 2048
 SHORTLIST_MAX = 2048
 #: Score columns pooled into one group (by their maximum) before the selection.
 POOL = 16
-#: Groups of a batch probed first, beyond twice the rows expected to enter, once a query holds
-#: ``width`` rows: when the least of them is below its ``width``-th best row, no other can enter.
-PROBE_GROUPS = 16
 #: Smallest selection screened (smaller corpora are searched in float32).
 SCREEN_MIN_ROWS = 4096
 _U = 2.0**-8  # unit roundoff of bfloat16 (8 significant bits)
@@ -97,35 +91,13 @@ def screen_width(k: int) -> int:
     return max(64, 2 * k + 32)
 
 
-@functools.lru_cache(maxsize=1)
-def _fast_bfloat16() -> bool:
-    """Whether torch is installed and this CPU multiplies bfloat16 in hardware: AMX tiles (Intel
-    Sapphire Rapids and later) or AVX-512 BF16 dot products (AMD Zen 4 and later, Intel Cooper
-    Lake), where oneDNN's bfloat16 matmul is at least twice as fast as a float32 ``sgemm``."""
+def _kernel() -> ModuleType | None:
+    """The torch screen kernel (:mod:`embtools.kernels.torch_screen`), or None without torch."""
     if importlib.util.find_spec("torch") is None:
-        return False
-    import torch
+        return None
+    from embtools.kernels import torch_screen
 
-    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
-    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
-
-
-@functools.lru_cache(maxsize=1)
-def _accumulates_in_float32() -> bool:
-    """Whether torch's bfloat16 ``mm`` (as the screen calls it) sums in float32, as the error
-    bound assumes: 4,096 ones sum to 4,096 in float32, but stall at 256 in bfloat16.
-
-    Examples
-    --------
-    >>> _accumulates_in_float32()
-    True
-    """
-    import torch
-
-    ones = torch.ones((8, 4096), dtype=torch.bfloat16)
-    out = torch.empty((8, 8), dtype=torch.bfloat16)
-    torch.mm(ones, ones.T, out=out)
-    return bool((out == 4096).all())
+    return torch_screen
 
 
 def screen_enabled(backend: Any, nq: int, k: int, metric: str, rows: int) -> bool:
@@ -141,11 +113,11 @@ def screen_enabled(backend: Any, nq: int, k: int, metric: str, rows: int) -> boo
     name = getattr(backend, "name", "")
     if not (name == "numpy" or (name == "torch" and str(backend.device) == "cpu")):
         return False
-    if mode in ("1", "on", "true", "yes"):
-        fast = importlib.util.find_spec("torch") is not None
-    else:
-        fast = _fast_bfloat16()
-    return fast and _accumulates_in_float32()  # else the bound would not hold: float32 path
+    kernel = _kernel()
+    if kernel is None:
+        return False
+    fast = mode in ("1", "on", "true", "yes") or kernel.fast_bfloat16()
+    return fast and kernel.accumulates_in_float32()  # else the bound would not hold: float32 path
 
 
 def screened_top_k(
@@ -231,120 +203,24 @@ def _screen_pass(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One bfloat16 pass: ``(ordinals, need, certified)``: per query the ``width`` best rows
     (ordinals into the selection, best first), how many of them may be in the exact top-k, and
-    whether those are all the rows that may be.
+    whether those are all the rows that may be. The torch work (bfloat16 products, pooled group
+    maxima, the probe and the running best rows) is
+    :func:`embtools.kernels.torch_screen.screen_pass`; the certificate is worked out here."""
+    from embtools.kernels import torch_screen
 
-    Each batch's scores are pooled: column ``j`` of the pooled matrix is the largest score of
-    the batch columns ``j, j + w, j + 2w, ...`` (``pool`` of them). The ``width`` best groups of a
-    batch are expanded and merged into the running best ``width`` rows; every row of a group left
-    out scores at most that batch's ``width``-th group maximum (the query's *floor*). Once a query
-    holds ``width`` rows, only a few of its best groups are expanded first (``PROBE_GROUPS`` plus
-    twice the rows expected to enter): when the least of them is below its ``width``-th best row,
-    no other row of the batch can enter; the queries for which it is not expand all ``width``."""
-    import torch
-
-    nq = len(queries)
-    qb, qb_norm, dq_norm = _round_queries(queries, metric)
+    q32 = normalize_rows(queries) if metric == "cosine" else np.ascontiguousarray(queries)
+    qb, qb_norm, dq_norm = torch_screen.round_queries(q32)
     n_sel = source.num_rows if positions is None else len(positions)
-    rows, nbytes = _plan(budget, nq, dim, width, batch_rows, pool, n_sel)
-    neg_inf = float("-inf")
-    best_v = torch.empty((nq, 0), dtype=torch.bfloat16)
-    best_i = torch.empty((nq, 0), dtype=torch.int64)
-    floor = torch.full((nq,), neg_inf, dtype=torch.float32)
-    spread = torch.arange(pool, dtype=torch.int64)
-    seen = 0
-    max_x = 0.0
+    rows, nbytes = _plan(budget, len(queries), dim, width, batch_rows, pool, n_sel)
     with budget.holding(f"screen/{id(queries)}", nbytes, "the bfloat16 screen", "raise max_memory_gb"):
-        rounded = torch.empty((rows, dim), dtype=torch.bfloat16)
-        scratch = torch.empty((rows, dim), dtype=torch.float32)
-        flat = torch.empty(nq * rows, dtype=torch.bfloat16)
-        pooled_flat = torch.empty(nq * (rows // pool), dtype=torch.bfloat16)
-        for _pos, vec in source.iter_vectors(dim, positions=positions, batch_rows=rows, views=True):
-            for start in range(0, len(vec), rows):
-                x = vec[start : start + rows]
-                n = len(x)
-                padded = -(-n // pool) * pool
-                xb = rounded[:padded]
-                max_x = max(max_x, _prepare(x, metric, xb[:n], scratch))
-                xb[n:].zero_()
-                a = flat[: nq * padded].view(nq, padded)
-                torch.mm(qb, xb.T, out=a)
-                a[:, n:] = neg_inf
-                w = padded // pool
-                pooled = pooled_flat[: nq * w].view(nq, w)
-                pooled.copy_(a[:, :w])
-                for j in range(1, pool):
-                    torch.maximum(pooled, a[:, j * w : (j + 1) * w], out=pooled)
-                batch = _Batch(a, pooled, spread, seen, n)
-                groups = min(width, w)
-                # about width * n / (seen + n) rows of this batch enter: probe twice that
-                probe = min(groups, PROBE_GROUPS + -(-2 * width * n // max(seen, 1)))
-                if probe < groups and best_v.shape[1] == width:
-                    # most queries are settled by the probe: no other group of theirs can enter
-                    v, i, least, lift = batch.merge(best_v, best_i, probe, width)
-                    open_ = torch.nonzero(least >= best_v.amin(dim=1)).view(-1)
-                    if len(open_):  # the others expand every group they need
-                        merged = batch.merge(best_v[open_], best_i[open_], groups, width, open_)
-                        v[open_], i[open_], lift[open_] = merged[0], merged[1], merged[3]
-                else:
-                    v, i, _, lift = batch.merge(best_v, best_i, groups, width)
-                best_v, best_i = v, i
-                torch.maximum(floor, lift, out=floor)
-                seen += n
+        batches = source.iter_vectors(dim, positions=positions, batch_rows=rows, views=True)
+        vals, ords, floor, max_x, seen = torch_screen.screen_pass(
+            (vec for _pos, vec in batches), qb, rows, dim, width, pool, metric, normalize_rows
+        )
     if seen != n_sel:
         raise RuntimeError(f"the vector source yielded {seen} rows, expected {n_sel}")
-    vals = best_v.float().numpy().astype(np.float64)
-    order = np.argsort(-vals, axis=1, kind="stable")
-    vals = np.take_along_axis(vals, order, axis=1)
-    ords = np.take_along_axis(best_i.numpy(), order, axis=1)
-
     with np.errstate(over="ignore", invalid="ignore"):  # inf scores (dot overflow): not certified
-        return _certify(vals, ords, floor.numpy(), error_bound(qb_norm, dq_norm, max_x, dim), k)
-
-
-@dataclasses.dataclass
-class _Batch:
-    """One batch's bfloat16 scores ``a`` (queries x padded rows, padding ``-inf``), their pooled
-    group maxima (column ``j``: the largest of columns ``j, j + w, ...``), the columns ``spread``
-    of a group (``0 .. pool - 1``), the ordinal of its first row and its ``n`` real rows."""
-
-    a: Any
-    pooled: Any
-    spread: Any
-    seen: int
-    n: int
-
-    def merge(
-        self, best_v: Any, best_i: Any, groups: int, width: int, rows: Any = None
-    ) -> tuple[Any, Any, Any, Any]:
-        """Expand the ``groups`` best groups of each query (of the queries ``rows``, when given)
-        and merge them into the running best ``width`` rows. Returns the new best values and
-        ordinals, the least expanded group maximum and a bound on every row left out (float32,
-        ``-inf`` when none is)."""
-        import torch
-
-        a, pool = self.a, len(self.spread)
-        pooled = self.pooled if rows is None else self.pooled[rows]
-        nq, w = pooled.shape
-        gv, gi = torch.topk(pooled, groups, dim=1, sorted=False)
-        least = gv.amin(dim=1)
-        lift = torch.full((nq,), float("-inf"), dtype=torch.float32)
-        if groups < w:  # rows of the other groups score at most the least expanded maximum
-            lift = least.float()
-        cols = (gi[:, :, None] + w * self.spread).view(nq, groups * pool)
-        if rows is None:
-            expanded = torch.gather(a, 1, cols)
-        else:  # ``a`` is contiguous: flat offsets of the queries' rows
-            expanded = torch.take(a, cols + rows[:, None] * a.shape[1])
-        v = torch.cat([best_v, expanded], dim=1)
-        ordinal = cols + self.seen
-        if pool * w > self.n:
-            ordinal = torch.where(cols < self.n, ordinal, -1)
-        i = torch.cat([best_i, ordinal], dim=1)  # -1: a padding column (-inf)
-        if v.shape[1] > width:
-            v, j_best = torch.topk(v, width, dim=1, sorted=False)  # sorted at the end
-            i = torch.gather(i, 1, j_best)
-            lift = torch.maximum(lift, v.amin(dim=1).float())  # rows dropped here
-        return v, i, least, lift
+        return _certify(vals, ords, floor, error_bound(qb_norm, dq_norm, max_x, dim), k)
 
 
 def _certify(
@@ -361,19 +237,6 @@ def _certify(
     ok &= np.isfinite(vals[:, :k]).all(axis=1) & np.isfinite(bound[:, 0])  # no overflow (dot)
     need = (upper >= lower_k).sum(axis=1)  # a prefix: the values are sorted
     return ords, need, ok
-
-
-def _round_queries(queries: np.ndarray, metric: str) -> tuple[Any, np.ndarray, np.ndarray]:
-    """The queries (normalised for cosine) in bfloat16, the norms of the rounded queries and the
-    norms of their rounding errors (float64)."""
-    import torch
-
-    q32 = normalize_rows(queries) if metric == "cosine" else np.ascontiguousarray(queries)
-    qt = torch.from_numpy(q32).double()
-    qb = torch.from_numpy(q32).bfloat16()
-    qb_norm = torch.linalg.vector_norm(qb.double(), dim=1).numpy()
-    dq_norm = torch.linalg.vector_norm(qt - qb.double(), dim=1).numpy()
-    return qb, qb_norm, dq_norm
 
 
 def error_bound(qb_norm: np.ndarray, dq_norm: np.ndarray, max_x: float, dim: int) -> np.ndarray:
@@ -397,37 +260,6 @@ def error_bound(qb_norm: np.ndarray, dq_norm: np.ndarray, max_x: float, dim: int
     tiny = 2.0**-126
     underflow = math.sqrt(dim) * tiny * (qb_norm + max_x) + 2 * dim * tiny
     return np.asarray((bound + underflow) * (1 + 1e-6), dtype=np.float64)
-
-
-def _prepare(vec: np.ndarray, metric: str, out: Any, scratch: Any) -> float:
-    """Round a batch to bfloat16 into ``out`` (rows normalised for cosine, in ``scratch``);
-    returns the largest row norm before rounding."""
-    import torch
-
-    x = np.ascontiguousarray(vec, dtype=np.float32)
-    if metric == "cosine":
-        inv = inverse_norms(x)
-        if inv is None:
-            x = normalize_rows(x)
-        elif float(np.max(np.abs(inv - 1), initial=0)) > 1e-6:  # not unit rows already
-            # multiplied in float32 (two quick passes beat one mixed-type pass)
-            normed = scratch[: len(x)]
-            torch.mul(_tensor(x), torch.from_numpy(inv)[:, None], out=normed)
-            out.copy_(normed)
-            return 1.0
-        out.copy_(_tensor(x))
-        return 1.0
-    out.copy_(_tensor(x))
-    return math.sqrt(float(np.max(row_dots(x)))) * (1 + 1e-5) if len(x) else 0.0
-
-
-def _tensor(x: np.ndarray) -> Any:
-    """A torch view of ``x``, read-only arrays (memory maps) included: it is only read."""
-    import torch
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.from_numpy(x)
 
 
 def half_ulp(a: np.ndarray) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""NumPy top-k selection kernels: exact, ties to the lower index, fast on large score blocks.
+"""The NumPy tile kernels: exact top-k selection, ties to the lower index, fast on large blocks.
 
 `select_top_k` picks the best k of each row of a score matrix from the entries that reach a lower
 bound of the row's k-th best. `block_top_k` fuses scoring and selection: it scores the corpus block
@@ -28,6 +28,7 @@ __all__ = [
     "block_top_k",
     "inverse_norms",
     "kth_bound",
+    "kth_value",
     "mask_positions",
     "matvec",
     "merge_sorted",
@@ -106,6 +107,18 @@ def _sorted_fallback(s: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     key = np.where(np.isnan(s), -np.inf, s)
     order = np.argsort(-key, axis=1, kind="stable")[:, :k]
     return np.take_along_axis(s, order, axis=1), order.astype(np.int64)
+
+
+def kth_value(s: np.ndarray, k: int) -> np.ndarray:
+    """Per row of 2-D ``s``, its k-th largest value (``1 <= k <= columns``).
+
+    Examples
+    --------
+    >>> kth_value(np.array([[0.5, 0.9, 0.1]]), 2).tolist()
+    [0.5]
+    """
+    n = s.shape[1]
+    return np.partition(s, n - k, axis=1)[:, n - k]
 
 
 def kth_bound(s: np.ndarray, k: int) -> np.ndarray:
