@@ -188,8 +188,17 @@ def _check_texts(texts: str | Sequence[str]) -> list[str]:
 
 
 def _normalize(x: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return (x / np.where(norms > 0, norms, 1.0)).astype(np.float32, copy=False)
+    """Rows L2-normalised as float32 by the NumPy backend's ``normalize``: tiny rows are rescaled
+    before their squares underflow, zero rows stay zero.
+
+    Examples
+    --------
+    >>> _normalize(np.array([[3e-30, 4e-30], [0.0, 0.0]])).tolist()
+    [[0.6000000238418579, 0.800000011920929], [0.0, 0.0]]
+    """
+    from embtools.backends import get_backend
+
+    return np.asarray(get_backend("numpy").normalize(x), dtype=np.float32)
 
 
 def _raw_embeddings(

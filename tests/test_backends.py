@@ -18,7 +18,15 @@ import numpy as np
 import pytest
 
 import embtools
-from embtools.backends import Backend, available_backends, convert, get_backend
+from embtools.backends import (
+    Backend,
+    SupportsAsyncUpload,
+    SupportsRunningTopK,
+    SupportsScaledScores,
+    available_backends,
+    convert,
+    get_backend,
+)
 from embtools.backends.detect import Facts, choose_backend
 from embtools.errors import (
     BackendUnavailableError,
@@ -463,6 +471,72 @@ class BackendTests:
         with pytest.raises(InvalidArgumentError):
             backend.load(pickle_npz)
 
+    def test_block_top_k_has_one_signature(self, backend: Backend):
+        import inspect
+
+        def params(fn: Any) -> list[tuple[str, Any, Any]]:
+            return [(p.name, p.kind, p.default) for p in inspect.signature(fn).parameters.values()]
+
+        assert params(type(backend).block_top_k) == params(Backend.block_top_k)
+        assert not hasattr(backend, "supports_scale") and not hasattr(backend, "supports_running")
+
+    @pytest.mark.parametrize("metric", ["cosine", "dot", "l2"])
+    def test_running_top_k_ability(self, backend: Backend, rng, metric):
+        """A backend that SupportsRunningTopK merges block after block into the same top-k as
+        the float64 reference over the whole corpus (exact ties across the cuts included)."""
+        if not isinstance(backend, SupportsRunningTopK):
+            assert not hasattr(backend, "block_top_k_running")
+            return
+        q = rng.integers(-2, 3, size=(4, 8)).astype(np.float32)
+        c = rng.integers(-2, 3, size=(700, 8)).astype(np.float32)  # exact scores, many ties
+        if metric == "cosine":
+            q = ref_normalize(q).astype(np.float32)
+            c = ref_normalize(c).astype(np.float32)
+        q64, c64 = q.astype(np.float64), c.astype(np.float64)
+        ref = ((q64[:, None] - c64[None]) ** 2).sum(-1) if metric == "l2" else q64 @ c64.T
+        best = None
+        for a, e in [(0, 3), (3, 250), (250, 251), (251, 700)]:
+            best = backend.block_top_k_running(
+                backend.from_numpy(q), backend.from_numpy(c[a:e]), 9, metric, best, a
+            )
+        assert best is not None
+        assert_top_k(ref, f64(backend, best[0]), backend.to_numpy(best[1]), 9, metric != "l2")
+        if metric != "cosine":  # exact float32 scores: the very order of the reference, ties too
+            want = ref_top_k(ref, 9, metric != "l2")[1]
+            np.testing.assert_array_equal(backend.to_numpy(best[1]), want)
+
+    @pytest.mark.parametrize("metric", ["cosine", "dot"])
+    def test_scaled_scores_ability(self, backend: Backend, rng, metric):
+        """A backend that SupportsScaledScores scores raw rows times their factors: with inverse
+        norms, cosine on an unnormalised block equals the reference cosine."""
+        if not isinstance(backend, SupportsScaledScores):
+            assert not hasattr(backend, "block_top_k_scaled")
+            return
+        q = ref_normalize(rng.standard_normal((3, 8))).astype(np.float32)
+        c = (rng.standard_normal((300, 8)) * rng.uniform(0.1, 10, (300, 1))).astype(np.float32)
+        c64 = c.astype(np.float64)
+        scale = (1 / np.linalg.norm(c64, axis=1)).astype(np.float32)
+        ref = q.astype(np.float64) @ (c64 * scale[:, None].astype(np.float64)).T
+        values, indices = backend.block_top_k_scaled(
+            backend.from_numpy(q), backend.from_numpy(c), 7, metric, scale
+        )
+        assert_top_k(ref, f64(backend, values), backend.to_numpy(indices), 7)
+        with pytest.raises(InvalidArgumentError):
+            backend.block_top_k_scaled(q, c, 7, "l2", scale)
+
+    def test_async_upload_ability(self, backend: Backend, rng):
+        """CUDA torch backends stage batches through pinned memory; no other backend claims to."""
+        assert isinstance(backend, SupportsAsyncUpload) == backend.device.startswith("cuda")
+        if not isinstance(backend, SupportsAsyncUpload):
+            return
+        uploader = backend.async_uploader()
+        xs = [rng.standard_normal((50, 6)).astype(np.float32) for _ in range(3)]
+        handles = [uploader.start(x) for x in xs]
+        for x, h in zip(xs, handles, strict=True):
+            out = uploader.finish(h)
+            assert backend.is_array(out) and str(out.device) == backend.device
+            np.testing.assert_array_equal(backend.to_numpy(out), x)
+
 
 @pytest.fixture
 def backend(request) -> Backend:
@@ -586,10 +660,10 @@ def test_get_backend_auto_returns_a_working_backend(rng):
 
 @pytest.mark.parametrize("name", ["torch", "mlx"])
 def test_missing_framework_names_the_extra(monkeypatch, name):
-    import embtools.backends as eb
+    from embtools.backends import registry
 
     monkeypatch.setitem(sys.modules, "torch" if name == "torch" else "mlx.core", None)
-    monkeypatch.setattr(eb, "_CACHE", {})
+    monkeypatch.setattr(registry, "_CACHE", {})
     with pytest.raises(BackendUnavailableError, match=rf'pip install "embtools\[{name}\]"'):
         get_backend(name)
     with pytest.raises(ImportError):  # also the standard exception
@@ -637,8 +711,8 @@ def test_import_embtools_and_numpy_backend_import_no_frameworks():
 
 
 def test_no_pickle_in_backends():
-    src = Path(embtools.__file__).parent / "backends"
-    for path in src.glob("*.py"):
+    root = Path(embtools.__file__).parent
+    for path in [*(root / "backends").glob("*.py"), *(root / "kernels").glob("*.py")]:
         text = path.read_text()
         assert "import pickle" not in text and "allow_pickle=True" not in text, path
 
@@ -658,3 +732,59 @@ def test_numpy_top_k_cosine_neighbors_raw_blocks(rng, scale_of_odd_rows):
     assert not np.isnan(sims).any()
     assert_top_k(ref, sims.astype(np.float64), idx, 15)
     assert idx[6].tolist()[:11] == [3, *range(500, 510)]   # the tied copies in index order
+
+
+# -------------------------------------------------------------------- one framework detection
+def test_framework_of_names_each_library_without_importing_it():
+    import polars as pl
+    import torch
+
+    from embtools.backends.frameworks import framework_of, is_foreign_array, to_numpy
+
+    assert framework_of(np.zeros(2)) == "numpy"
+    assert framework_of(torch.zeros(2)) == "torch"
+    assert framework_of(pl.Series([1.0])) == "polars"
+    assert framework_of(pl.DataFrame({"a": [1]})) == "polars"
+    for other in ([1.0], (1.0,), "x", 3.0, np.float32(1.0), None):
+        assert framework_of(other) is None
+    assert is_foreign_array(torch.zeros(2)) and not is_foreign_array(np.zeros(2))
+    assert not is_foreign_array([1.0])
+    t = torch.arange(4, dtype=torch.bfloat16)
+    assert to_numpy(t).dtype == np.float32 and to_numpy(t).tolist() == [0.0, 1.0, 2.0, 3.0]
+    with pytest.raises(InvalidArgumentError):
+        to_numpy([[1.0], [1.0, 2.0]])
+    if "mlx" in available_backends():
+        import mlx.core as mx
+
+        assert framework_of(mx.zeros(2)) == "mlx" and is_foreign_array(mx.zeros(2))
+        assert to_numpy(mx.array([1.5], dtype=mx.bfloat16)).tolist() == [1.5]
+
+
+def test_framework_detection_is_written_once():
+    """Only backends/frameworks.py tells libraries apart by a type's module name."""
+    root = Path(embtools.__file__).parent
+    found = [
+        str(p.relative_to(root))
+        for p in root.rglob("*.py")
+        if ".__module__.split(" in p.read_text() and p.name != "frameworks.py"
+    ]
+    assert not found, found
+
+
+# -------------------------------------------------------------------- embed uses the backend
+@pytest.mark.parametrize("scale", [1e-30, 1e-22, 1.0, 1e30])
+def test_embed_normalisation_is_the_backends(rng, scale):
+    """Model outputs are normalised by the NumPy backend: rows whose squares underflow (1e-30 in
+    float32) or overflow come out unit-length like the float64 reference, zero rows stay zero."""
+    from embtools.embed import _normalize
+
+    x = (rng.standard_normal((5, 16)) * scale).astype(np.float32)
+    x[1] = 0.0
+    out = _normalize(x)
+    assert out.dtype == np.float32
+    np.testing.assert_allclose(out, ref_normalize(x.astype(np.float64)), atol=1e-6)
+    assert np.abs(np.linalg.norm(out[[0, 2, 3, 4]].astype(np.float64), axis=1) - 1).max() < 1e-6
+    assert not out[1].any()
+    unit = rng.standard_normal((3, 8))
+    wide = unit * 1e-300  # float64 model outputs far below float32's range
+    np.testing.assert_allclose(_normalize(wide), ref_normalize(unit), atol=1e-6)

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from embtools.backends.abilities import SupportsRunningTopK, SupportsScaledScores
+from embtools.backends.frameworks import is_foreign_array, to_numpy
 from embtools.errors import (
     DimensionMismatchError,
     InvalidArgumentError,
@@ -160,11 +161,7 @@ class Backend(ABC):
         """``x`` as this backend's array: own arrays as they are, NumPy zero-copy, others converted."""
         if self.is_array(x):
             return x
-        if isinstance(x, np.ndarray):
-            return self.from_numpy(x)
-        from embtools.backends.convert import convert
-
-        return convert(x, self.name, self.device)
+        return self.from_numpy(x if isinstance(x, np.ndarray) else to_numpy(x))
 
     def _float(self, x: Any) -> Any:
         """``x`` as a float array for computing: float64 stays, everything else becomes float32."""
@@ -207,13 +204,8 @@ class Backend(ABC):
         """
         target = self.resolve_dtype("float32" if dtype is None else dtype)
         if not isinstance(data, np.ndarray) and not self.is_array(data):
-            if hasattr(data, "__dlpack__") or type(data).__module__.split(".")[0] in (
-                "torch",
-                "mlx",
-            ):
-                from embtools.backends.convert import convert
-
-                data = convert(data, "numpy")
+            if is_foreign_array(data):
+                data = to_numpy(data)
             else:
                 try:
                     data = np.asarray(data)

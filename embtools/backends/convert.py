@@ -12,44 +12,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
-
-from embtools.errors import InvalidArgumentError
+from embtools.backends.frameworks import framework_of, to_numpy
+from embtools.backends.registry import get_backend
 
 __all__ = ["convert", "framework_of"]
-
-
-def framework_of(x: Any) -> str | None:
-    """``"numpy"``, ``"torch"`` or ``"mlx"`` for an array of that framework, else None.
-
-    Looks at the type's module only, so it never imports a framework.
-    """
-    if isinstance(x, np.ndarray):
-        return "numpy"
-    top = type(x).__module__.split(".")[0]
-    return top if top in ("torch", "mlx") else None
-
-
-def _to_numpy(x: Any) -> np.ndarray:
-    """Any supported array as NumPy: zero-copy for NumPy and CPU torch tensors, else a copy."""
-    source = framework_of(x)
-    if source == "numpy":
-        return x  # type: ignore[no-any-return]
-    if source == "torch":
-        from embtools.backends.torch_backend import tensor_to_numpy
-
-        return tensor_to_numpy(x)
-    if source == "mlx":
-        from embtools.backends.mlx_backend import mlx_to_numpy
-
-        return mlx_to_numpy(x)
-    try:
-        a = np.asarray(x)
-    except ValueError as err:
-        raise InvalidArgumentError(f"cannot convert {type(x).__name__}: {err}") from None
-    if a.dtype == object:
-        raise InvalidArgumentError(f"cannot convert {type(x).__name__} to a numeric array")
-    return a
 
 
 def convert(array: Any, backend_name: str, device: str | None = None) -> Any:
@@ -69,8 +35,6 @@ def convert(array: Any, backend_name: str, device: str | None = None) -> Any:
     >>> convert(a, "numpy") is a
     True
     """
-    from embtools.backends import get_backend
-
     target = get_backend(backend_name, device)
     source = framework_of(array)
     if source == target.name:
@@ -80,4 +44,4 @@ def convert(array: Any, backend_name: str, device: str | None = None) -> Any:
             return array.to(target.device) if str(array.device) != target.device else array
         if source == "mlx":
             return array  # MLX arrays live in unified memory; the device is chosen per operation
-    return target.from_numpy(_to_numpy(array))
+    return target.from_numpy(to_numpy(array))

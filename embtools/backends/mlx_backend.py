@@ -23,6 +23,7 @@ import mlx.core as mx
 import numpy as np
 
 from embtools.backends.base import Backend, check_k
+from embtools.backends.frameworks import mlx_to_numpy
 from embtools.backends.numpy_backend import NumpyBackend
 from embtools.errors import DeviceUnavailableError, InvalidArgumentError
 from embtools.kernels import numpy_tiles
@@ -35,13 +36,6 @@ _HOST = NumpyBackend()
 def available_devices() -> list[str]:
     """``["cpu"]`` plus ``"gpu"`` when MLX has a GPU here."""
     return ["cpu", "gpu"] if mx.is_available(mx.gpu) else ["cpu"]
-
-
-def mlx_to_numpy(x: Any) -> np.ndarray:
-    """An MLX array as a new NumPy array (bfloat16 becomes float32)."""
-    if x.dtype == mx.bfloat16:
-        x = x.astype(mx.float32)
-    return np.array(x, copy=True)
 
 
 def _on_device(fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from embtools.backends.base import Backend, check_k, check_metric
+from embtools.backends.frameworks import tensor_to_numpy
 from embtools.errors import DeviceUnavailableError, InvalidArgumentError
 from embtools.kernels import numpy_tiles as kernel
 
@@ -57,16 +58,6 @@ def resolve_device(device: str | None) -> str:
             f"torch device {device!r} is not available here; available devices: {', '.join(present)}"
         )
     return d
-
-
-def tensor_to_numpy(x: torch.Tensor) -> np.ndarray:
-    """A tensor as NumPy: shares memory for CPU tensors; copies from GPUs and for bfloat16."""
-    x = x.detach()
-    if x.dtype == torch.bfloat16:
-        x = x.to(torch.float32)
-    if x.device.type != "cpu":
-        x = x.cpu()
-    return x.numpy()
 
 
 class TorchBackend(Backend):

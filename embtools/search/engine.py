@@ -49,6 +49,7 @@ from embtools.backends.abilities import (
     SupportsRunningTopK,
     SupportsScaledScores,
 )
+from embtools.backends.frameworks import is_foreign_array, to_numpy
 from embtools.errors import (
     DimensionMismatchError,
     InvalidArgumentError,
@@ -119,10 +120,8 @@ def prepare_queries(queries: Any, dim: int | None = None) -> tuple[np.ndarray, b
     """
     if isinstance(queries, np.ndarray):
         arr = queries
-    elif type(queries).__module__.split(".")[0] in ("torch", "mlx") or hasattr(queries, "__dlpack__"):
-        from embtools.backends import convert
-
-        arr = np.asarray(convert(queries, "numpy"))
+    elif is_foreign_array(queries):
+        arr = np.asarray(to_numpy(queries))
     else:
         try:
             arr = np.asarray(queries)

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from embtools.backends.frameworks import framework_of, to_numpy
 from embtools.errors import (
     DimensionMismatchError,
     DuplicateTextIdError,
@@ -111,13 +112,11 @@ def as_embedding_matrix(x: Any, what: str = "embeddings") -> np.ndarray:
     """
     if isinstance(x, (pa.ChunkedArray, pa.Array)):
         return _from_arrow(x, what)
-    module = type(x).__module__.split(".")[0]
+    module = framework_of(x)
     if module == "polars":
         return _from_arrow(x.to_arrow(), what)
     if module in ("torch", "mlx"):
-        from embtools.backends import convert
-
-        x = convert(x, "numpy")
+        x = to_numpy(x)
     elif isinstance(x, (list, tuple)):
         x = _from_nested(x, what)
     if not isinstance(x, np.ndarray):
@@ -243,7 +242,7 @@ def _embeddings(embeddings: Any, dimension: int | None) -> dict[int, np.ndarray]
 
 def _column(values: Any, what: str) -> pa.Array:
     """A 1-D column (list, NumPy, pyarrow, polars) as a pyarrow Array."""
-    module = type(values).__module__.split(".")[0]
+    module = framework_of(values)
     try:
         if module == "polars":
             arr = values.to_arrow()
@@ -310,7 +309,7 @@ def _labels(labels: Any, n: int, stored: pa.DataType, can_retype: bool) -> pa.Ar
 def _metadata_table(metadata: Any, n: int) -> pa.Table:
     if metadata is None:
         return pa.table({})
-    module = type(metadata).__module__.split(".")[0]
+    module = framework_of(metadata)
     if module == "polars" and hasattr(metadata, "to_arrow") and hasattr(metadata, "columns"):
         metadata = metadata.to_arrow()
     if isinstance(metadata, pa.RecordBatch):
