@@ -710,6 +710,31 @@ def test_import_embtools_and_numpy_backend_import_no_frameworks():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_numpy_store_search_never_imports_torch():
+    """A NumPy-backend store's float32 search (few queries: no screen) runs on the NumPy kernels
+    only; torch and mlx stay unimported (the kernels that need them are imported where used)."""
+    code = (
+        "import sys, numpy as np, embtools as et\n"
+        "x = np.random.default_rng(0).standard_normal((3000, 16)).astype(np.float32)\n"
+        "st = et.EmbeddingStore(None, backend='numpy', max_memory_gb=0.01)\n"
+        "st.add(x)\n"
+        "x64, n = x.astype(np.float64), np.linalg.norm(x.astype(np.float64), axis=1)\n"
+        "ref = {'cosine': (x64[:5] @ x64.T) / n[:5, None] / n[None], 'dot': x64[:5] @ x64.T,\n"
+        "       'l2': -((x64[:5, None] - x64[None]) ** 2).sum(-1)}\n"
+        "for metric, s in ref.items():\n"
+        "    res = st.search(x[:5], k=3, metric=metric)\n"
+        "    got = res.sort('query', 'rank')['row_id'].to_numpy().reshape(5, 3)\n"
+        "    assert (got == np.argsort(-s, axis=1, kind='stable')[:, :3]).all(), metric\n"
+        "bad = [m for m in ('torch', 'mlx', 'mlx.core', 'embtools.kernels.torch_screen') "
+        "if m in sys.modules]\n"
+        "print(bad); sys.exit(1 if bad else 0)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def test_no_pickle_in_backends():
     root = Path(embtools.__file__).parent
     for path in [*(root / "backends").glob("*.py"), *(root / "kernels").glob("*.py")]:
