@@ -83,7 +83,8 @@ def existing_text_id(root: str, files: Sequence[FileEntry], ids: pa.Array) -> st
         return None
     paths = [os.path.join(root, f.path) for f in files]
     wanted = pl.Series("ids", ids.to_pylist(), dtype=pl.String)
-    hits = (pl.scan_parquet(paths, glob=False).select(TEXT_ID)
+    # files may differ in their metadata columns (a later add brought a new one): read text_id only
+    hits = (pl.scan_parquet(paths, glob=False, schema={TEXT_ID: pl.String}, extra_columns="ignore")
             .filter(pl.col(TEXT_ID).is_in(wanted.implode())).head(1).collect())
     return None if hits.height == 0 else str(hits[TEXT_ID][0])
 
