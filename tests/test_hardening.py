@@ -67,3 +67,84 @@ def test_new_metadata_column_does_not_block_later_appends(tmp_path):
     assert meta["text_id"].to_list() == list("bcdefhijkl")
     assert meta["source"].to_list() == [None] * 3 + ["w", "x", "z"] + [None] * 4
     assert np.array_equal(store.get_embeddings(8), x[[1, 2, 3, 4, 5, 7, 8, 9, 10, 11]])
+
+
+# ------------------------------------------------------------------------- 1: safe where strings
+@pytest.fixture()
+def small_store(tmp_path):
+    x = _rows(40, 8, 1)
+    rng = np.random.default_rng(2)
+    labels = rng.choice(["news", "paper", "Code"], 40).tolist()
+    years = rng.integers(2000, 2024, 40).tolist()
+    note = [None if i % 5 == 0 else f"n_{i}%" for i in range(40)]
+    store = et.EmbeddingStore(tmp_path / "s", backend="numpy")
+    store.add(x, text_ids=[f"t{i}" for i in range(40)], labels=labels,
+              metadata={"year": years, "note": note})
+    return store, x, np.array(labels), np.array(years), note
+
+
+def test_where_grammar_matches_numpy(small_store):
+    store, x, labels, years, note = small_store
+    has_note = np.array([n is not None for n in note])
+    cases = {
+        "label = 'news' AND year >= 2010": (labels == "news") & (years >= 2010),
+        "NOT (label <> 'paper') OR year < 2003": (labels == "paper") | (years < 2003),
+        "year BETWEEN 2005 AND 2010": (years >= 2005) & (years <= 2010),
+        "year NOT BETWEEN 2005 AND 2010": (years < 2005) | (years > 2010),
+        "label IN ('news', 'Code') AND year % 2 = 0": np.isin(labels, ["news", "Code"]) & (years % 2 == 0),
+        "label NOT IN ('news')": labels != "news",
+        "lower(label) = 'code'": labels == "Code",
+        "label ILIKE 'c%'": labels == "Code",
+        "label LIKE 'pa_er'": labels == "paper",
+        "note LIKE 'n\\_1%'": np.array([n is not None and n.startswith("n_1") for n in note]),
+        "note IS NULL": ~has_note,
+        "note IS NOT NULL AND length(note) = 4": np.array([n is not None and len(n) == 4 for n in note]),
+        "(year - 2000) * 2 + 1 > 30 AND -year < -2010": ((years - 2000) * 2 + 1 > 30) & (years > 2010),
+        "\"year\" = 2003 OR row_id IN (1, 2, 3)": (years == 2003) | np.isin(np.arange(40), [1, 2, 3]),
+        "label || '!' = 'news!'": labels == "news",
+        "TRUE": np.ones(40, dtype=bool),
+    }
+    for where, mask in cases.items():
+        assert store.source.select(where).tolist() == np.flatnonzero(mask).tolist(), where
+    q = _rows(3, 8, 9)
+    res = store.search(q, k=4, where="label = 'news' AND year >= 2010")
+    rows = np.flatnonzero(cases["label = 'news' AND year >= 2010"])
+    assert res["row_id"].to_list() == sum(_cosine_top(x, q, 4, rows), [])
+
+
+def test_where_cannot_read_files_or_leak_them(small_store, tmp_path):
+    store, *_ = small_store
+    secret = tmp_path / "secret.csv"
+    secret.write_text("x\nTOPSECRET-LINE\n")
+    hostile = [
+        f"text_id = (SELECT x FROM read_csv('{secret}') LIMIT 1)",
+        f"text_id IN (SELECT * FROM read_csv('{secret}'))",
+        f"read_csv('{secret}') IS NOT NULL",
+        f"text_id = 'a' UNION SELECT x FROM read_parquet('{secret}')",
+        "year = 1; DROP TABLE t",
+        "year = pg_read_file('/etc/passwd')",
+        "(" * 10_000 + "year = 1" + ")" * 10_000,
+        "NOT " * 10_000 + "year = 1",
+        " OR ".join(["year = 1"] * 2_000),
+        "no_such_column = 1",
+        "year = = 1",
+        "",
+    ]
+    for where in hostile:
+        with pytest.raises(et.errors.FilterError) as info:
+            store.source.select(where)
+        assert "TOPSECRET" not in str(info.value) and len(str(info.value)) < 1_000, where
+    with pytest.raises(et.errors.FilterError, match="unknown column"):
+        store.search(_rows(1, 8), k=2, where=pl.col("secret_col") == 1)
+    with pytest.raises(et.errors.FilterError, match="unknown column"):
+        store.delete(pl.col("year").is_in([1]) | (pl.col("nope") > 0))
+    assert store.num_rows == 40  # nothing was deleted
+    # the CLI: one clean line, no data from the file, no object repr
+    np.save(tmp_path / "q.npy", _rows(1, 8))
+    for where in (hostile[0], "nope > 1", "year = = 1"):
+        for cmd in (["search", str(store.path), "--queries", str(tmp_path / "q.npy")],
+                    ["delete", str(store.path)]):
+            result = CliRunner().invoke(cli, [*cmd, "--where", where])
+            assert result.exit_code == 1, (cmd, result.output)
+            assert "TOPSECRET" not in result.output and "<Expr" not in result.output
+            assert "Traceback" not in result.output and len(result.stderr.strip().splitlines()) == 1

@@ -84,12 +84,9 @@ def info(store: str, version: int | None, as_json: bool) -> None:
 )
 def delete(store: str, where: str) -> None:
     """Delete the rows matching --where (a new version; vacuum reclaims the space)."""
-    from embtools.search.filters import to_expression
-
     s = open_store(store, backend="numpy")
-    expr = to_expression(where)
     before = s.num_rows
-    version = s.delete(expr)
+    version = s.delete(where)
     after = open_store(store, backend="numpy").num_rows
     click.echo(f"deleted {before - after:,} rows ({after:,} left); version {version}")
 

@@ -105,19 +105,22 @@ def gather_rows(source: VectorSource, dim: int, positions: Any = None,
     return out
 
 
-def compile_where(where: Any) -> pl.Expr:
-    """A polars expression or a SQL predicate string as a polars expression (FilterError otherwise)."""
-    if isinstance(where, pl.Expr):
-        return where
-    if isinstance(where, str):
-        if not where.strip():
-            raise FilterError("empty where string")
-        try:
-            return pl.sql_expr(where)
-        except Exception as exc:  # polars raises several kinds for bad SQL
-            raise FilterError(f"cannot parse where={where!r}: {exc}") from None
-    raise FilterError(
-        f"where must be a polars expression or a SQL predicate string, got {type(where).__name__}")
+def compile_where(where: Any, columns: Sequence[str] | None = None) -> pl.Expr:
+    """A polars expression or a SQL predicate string as a polars expression over ``columns``
+    (see :func:`embtools.search.filters.to_expression`; FilterError otherwise)."""
+    from embtools.search.filters import to_expression
+
+    if where is None:
+        raise FilterError("where is None here; pass a polars expression or a SQL predicate string")
+    expr = to_expression(where, columns)
+    assert expr is not None
+    return expr
+
+
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception's message on one short line."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def resolve_dimension(dim: Any, stored: Sequence[int]) -> int:
@@ -172,11 +175,14 @@ class ChunkedSource:
         """int64 positions of the rows matching ``where`` (all rows for None), ascending."""
         if where is None:
             return np.arange(self.num_rows, dtype=np.int64)
-        expr = compile_where(where)
+        from embtools.search.filters import describe
+
+        frame = self.metadata()
+        expr = compile_where(where, frame.collect_schema().names())
         try:
-            out = (self.metadata().with_row_index(_POS).filter(expr).select(_POS).collect())
-        except Exception as exc:  # polars: ColumnNotFoundError, InvalidOperationError, SQL errors...
-            raise FilterError(f"cannot apply where={where!r}: {exc}") from None
+            out = frame.with_row_index(_POS).filter(expr).select(_POS).collect()
+        except Exception as exc:  # polars: InvalidOperationError (a type mismatch), ...
+            raise FilterError(f"cannot apply where={describe(where)}: {one_line(exc)}") from None
         return out.get_column(_POS).to_numpy().astype(np.int64, copy=False)
 
     def resolve(self, dim: int) -> int:
