@@ -18,14 +18,14 @@ def _rows(n: int, d: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((n, d)).astype(np.float32)
 
 
-def _cosine_top(x: np.ndarray, q: np.ndarray, k: int, rows: np.ndarray) -> list[list[int]]:
+def _cosine_top(x: np.ndarray, q: np.ndarray, k: int, rows: np.ndarray) -> np.ndarray:
     """Row positions of the cosine top-k over ``rows`` by float64 brute force (ties to the lower)."""
     c = x[rows].astype(np.float64)
     c /= np.linalg.norm(c, axis=1, keepdims=True)
     qn = q.astype(np.float64) / np.linalg.norm(q, axis=1, keepdims=True)
     s = qn @ c.T
     order = np.lexsort((np.broadcast_to(rows, s.shape), -s), axis=1)[:, :k]
-    return rows[order].tolist()
+    return rows[order]
 
 
 # ------------------------------------------------------------------- 4: metadata columns per file
@@ -53,7 +53,7 @@ def test_new_metadata_column_does_not_block_later_appends(tmp_path):
     # filters and searches over a column some files lack: those rows are null (never match)
     assert np.array_equal(store.get_embeddings(8, where="source IN ('x', 'z')"), x[[5, 7]])
     res = store.search(x[:2], k=3, where=pl.col("year") > 2, columns=["source"])
-    top = np.array(_cosine_top(x, x[:2], 3, np.arange(2, 12))).ravel()
+    top = _cosine_top(x, x[:2], 3, np.arange(2, 12)).ravel()
     assert res["text_id"].to_list() == meta["text_id"].gather(top).to_list()
     assert res["source"].to_list() == meta["source"].gather(top).to_list()
     # joins, delete and compact keep working and keep the nulls
@@ -109,7 +109,7 @@ def test_where_grammar_matches_numpy(small_store):
     q = _rows(3, 8, 9)
     res = store.search(q, k=4, where="label = 'news' AND year >= 2010")
     rows = np.flatnonzero(cases["label = 'news' AND year >= 2010"])
-    assert res["row_id"].to_list() == sum(_cosine_top(x, q, 4, rows), [])
+    assert res["row_id"].to_list() == _cosine_top(x, q, 4, rows).ravel().tolist()
 
 
 def test_where_cannot_read_files_or_leak_them(small_store, tmp_path):
