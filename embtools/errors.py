@@ -33,6 +33,8 @@ __all__ = [
     "ModelUnavailableError",
     "ReadOnlyStoreError",
     "SchemaMismatchError",
+    "SnapshotExpiredError",
+    "StorageFullError",
     "StoreNotFoundError",
 ]
 
@@ -103,3 +105,11 @@ class ModelMismatchError(EmbtoolsError, ValueError):
 
 class ModelUnavailableError(EmbtoolsError, RuntimeError):
     """An embedding model that cannot be loaded (not installed, or not reachable offline)."""
+
+
+class SnapshotExpiredError(CorruptStoreError):
+    """The version a handle reads was removed by ``vacuum`` (its files are gone); re-open the store."""
+
+
+class StorageFullError(EmbtoolsError, OSError):
+    """The disk (or quota) filled up during a write; nothing was committed and the store is unchanged."""

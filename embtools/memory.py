@@ -17,12 +17,15 @@ Examples
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import numpy as np
+
 from embtools.errors import InvalidArgumentError, MemoryLimitError
 
-__all__ = ["GB", "MemoryBudget", "format_bytes"]
+__all__ = ["GB", "MemoryBudget", "check_max_memory_gb", "format_bytes"]
 
 GB = 1024**3
 
@@ -37,20 +40,31 @@ def format_bytes(nbytes: float) -> str:
     raise AssertionError("unreachable")
 
 
+def check_max_memory_gb(max_memory_gb: object) -> None:
+    """InvalidArgumentError unless ``max_memory_gb`` is None (no cap) or a finite number > 0.
+
+    ``inf`` is refused rather than read as "no cap": pass None for that.
+    """
+    if max_memory_gb is None:
+        return
+    if isinstance(max_memory_gb, bool) or not isinstance(max_memory_gb, (int, float, np.integer,
+                                                                         np.floating)):
+        raise InvalidArgumentError(f"max_memory_gb must be a number, got {max_memory_gb!r}")
+    if not math.isfinite(float(max_memory_gb)) or not max_memory_gb > 0:
+        raise InvalidArgumentError(
+            f"max_memory_gb must be a finite number > 0 (None for no cap), got {max_memory_gb!r}")
+
+
 class MemoryBudget:
     """A cap on embedding bytes held at once, with a ledger of what is held.
 
-    ``max_memory_gb=None`` means no cap (everything fits).
+    ``max_memory_gb=None`` means no cap (everything fits); otherwise a finite number > 0.
     """
 
     def __init__(self, max_memory_gb: float | None) -> None:
-        if max_memory_gb is not None:
-            if not isinstance(max_memory_gb, (int, float)) or isinstance(max_memory_gb, bool):
-                raise InvalidArgumentError(f"max_memory_gb must be a number, got {max_memory_gb!r}")
-            if not max_memory_gb > 0:
-                raise InvalidArgumentError(f"max_memory_gb must be > 0, got {max_memory_gb!r}")
+        check_max_memory_gb(max_memory_gb)
         self.max_memory_gb = max_memory_gb
-        self.cap_bytes: int | None = None if max_memory_gb is None else int(max_memory_gb * GB)
+        self.cap_bytes: int | None = None if max_memory_gb is None else int(float(max_memory_gb) * GB)
         self._held: dict[str, int] = {}
 
     @property

@@ -50,7 +50,6 @@ __all__ = ["DEFAULT_TARGET_FILE_BYTES", "EmbeddingStore"]
 DEFAULT_TARGET_FILE_BYTES = 256 * 1024**2
 """Target size of a data file written by add() and compact()."""
 
-_BACKEND_NAMES = ("numpy", "torch", "mlx")
 _HINT = "use store.iter_batches(...) or store.search(...), which stream under the cap"
 
 
@@ -79,11 +78,11 @@ class EmbeddingStore:
     def __init__(self, path: str | os.PathLike[str] | None = None, backend: str | None = None,
                  max_memory_gb: float | None = None, device: str | None = None, *,
                  version: int | None = None, target_file_bytes: int | None = None) -> None:
-        if (isinstance(path, str) and path in _BACKEND_NAMES and backend is None
-                and not os.path.exists(path)):
-            # the seed's EmbeddingStore("numpy", ...) positional form
-            path, backend = None, path
         from embtools.backends import get_backend
+        from embtools.store_args import seed_form, store_path
+
+        path, backend = seed_form(path, backend)  # the seed's EmbeddingStore("numpy", ...)
+        abspath = store_path(path)
 
         self.budget = MemoryBudget(max_memory_gb)
         self.backend = get_backend(backend, device)
@@ -95,7 +94,7 @@ class EmbeddingStore:
         self.target_file_bytes = target_file_bytes or DEFAULT_TARGET_FILE_BYTES
         if version is not None and (isinstance(version, bool) or not isinstance(version, int)):
             raise InvalidArgumentError(f"version must be an int, got {version!r}")
-        self.path: str | None = None if path is None else os.path.abspath(os.fspath(path))
+        self.path: str | None = abspath
         self.read_only = version is not None
         from embtools.storage.state import open_state
 

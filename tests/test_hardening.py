@@ -4,6 +4,10 @@ and the reader's memory within a large row group. Results are checked against Nu
 
 from __future__ import annotations
 
+import errno
+import os
+import warnings
+
 import numpy as np
 import polars as pl
 import pytest
@@ -11,7 +15,16 @@ from click.testing import CliRunner
 
 import embtools as et
 from embtools.cli import cli
-from embtools.errors import DuplicateTextIdError
+from embtools.errors import (
+    DuplicateTextIdError,
+    FilterError,
+    InvalidArgumentError,
+    InvalidEmbeddingsError,
+    SnapshotExpiredError,
+    StorageFullError,
+)
+from embtools.storage import manifest as mf
+from embtools.storage import writer
 
 
 def _rows(n: int, d: int, seed: int = 0) -> np.ndarray:
@@ -131,12 +144,12 @@ def test_where_cannot_read_files_or_leak_them(small_store, tmp_path):
         "",
     ]
     for where in hostile:
-        with pytest.raises(et.errors.FilterError) as info:
+        with pytest.raises(FilterError) as info:
             store.source.select(where)
         assert "TOPSECRET" not in str(info.value) and len(str(info.value)) < 1_000, where
-    with pytest.raises(et.errors.FilterError, match="unknown column"):
+    with pytest.raises(FilterError, match="unknown column"):
         store.search(_rows(1, 8), k=2, where=pl.col("secret_col") == 1)
-    with pytest.raises(et.errors.FilterError, match="unknown column"):
+    with pytest.raises(FilterError, match="unknown column"):
         store.delete(pl.col("year").is_in([1]) | (pl.col("nope") > 0))
     assert store.num_rows == 40  # nothing was deleted
     # the CLI: one clean line, no data from the file, no object repr
@@ -148,3 +161,186 @@ def test_where_cannot_read_files_or_leak_them(small_store, tmp_path):
             assert result.exit_code == 1, (cmd, result.output)
             assert "TOPSECRET" not in result.output and "<Expr" not in result.output
             assert "Traceback" not in result.output and len(result.stderr.strip().splitlines()) == 1
+
+
+# --------------------------------------------------------------------------- 8: maintenance races
+def _listing(root) -> tuple[list[str], list[str]]:
+    return sorted(os.listdir(os.path.join(root, "data"))), sorted(os.listdir(os.path.join(root, "_versions")))
+
+
+def test_open_retries_when_vacuum_removes_the_newest_version_it_found(tmp_path, monkeypatch):
+    store = et.EmbeddingStore(tmp_path / "s", backend="numpy")
+    x = _rows(6, 4)
+    for i in range(3):
+        store.add(x[2 * i:2 * i + 2])
+    root = store.path
+    # the race: an opener lists versions up to 3, then a writer commits 4 and vacuum removes 0..3
+    stale = mf.list_versions(root)
+    store.add(_rows(1, 4, 5))
+    store.vacuum(retain_versions=1, grace_seconds=0)
+    real = mf.list_versions
+    calls = iter([stale])
+    monkeypatch.setattr(mf, "list_versions", lambda r: next(calls, None) or real(r))
+    opened = et.EmbeddingStore(root, backend="numpy")  # "has no version 3" before
+    assert opened.version == 4 and opened.num_rows == 7
+    assert np.array_equal(opened.get_embeddings(4)[:6], x)
+
+
+def test_vacuums_tolerate_files_removed_by_a_racing_process(tmp_path, monkeypatch):
+    store = et.EmbeddingStore(tmp_path / "s", backend="numpy")
+    x = _rows(8, 4)
+    for i in range(4):
+        store.add(x[2 * i:2 * i + 2])
+    store.compact()
+    root = store.path
+    tmp = os.path.join(root, "_versions", ".tmp-abc.json")  # a writer's temporary manifest
+    open(tmp, "w").close()
+    real = os.path.getmtime
+    seen: set[str] = set()
+
+    def racing_getmtime(path):  # another vacuum (or the writer) removes each file just before
+        if path not in seen:
+            seen.add(path)
+            if os.path.basename(path) != f"{store.version:020d}.json":
+                os.unlink(path)
+        return real(path)
+
+    monkeypatch.setattr(os.path, "getmtime", racing_getmtime)
+    store.vacuum(retain_versions=1, grace_seconds=0)  # raw FileNotFoundError before
+    monkeypatch.undo()
+    data, versions = _listing(root)
+    assert versions == [f"{store.version:020d}.json"] and len(data) == 1
+    assert np.array_equal(et.EmbeddingStore(root, backend="numpy").get_embeddings(4), x)
+
+
+def test_long_lived_handle_rebases_and_expired_reader_gets_a_typed_error(tmp_path):
+    path = tmp_path / "s"
+    x = _rows(9, 4)
+    a = et.EmbeddingStore(path, backend="numpy")
+    a.add(x[:2], text_ids=["a0", "a1"])
+    reader = et.EmbeddingStore(path, backend="numpy")
+    b = et.EmbeddingStore(path, backend="numpy")
+    b.add(x[2:4], text_ids=["b0", "b1"])
+    b.add(x[4:6], text_ids=["b2", "b3"])
+    b.compact()
+    b.vacuum(retain_versions=1, grace_seconds=0)
+    with pytest.raises(DuplicateTextIdError):
+        a.add(x[6:7], text_ids=["b1"])  # checked against the latest version, not a's gone files
+    assert a.add(x[6:9], text_ids=["c0", "c1", "c2"]) == b.version + 1  # raw FileNotFoundError before
+    assert np.array_equal(a.get_embeddings(4), x)
+    assert a.metadata().collect()["text_id"].to_list() == ["a0", "a1", "b0", "b1", "b2", "b3", "c0", "c1", "c2"]
+    # the reader's version 1 and its file were vacuumed away: one typed error that says so
+    for read in (lambda: reader.get_embeddings(4), lambda: reader.search(x[:1], k=1),
+                 lambda: reader.search(x[:1], k=1, where="text_id = 'a0'"),
+                 lambda: reader.source.take_metadata([0])):
+        with pytest.raises(SnapshotExpiredError, match="removed by vacuum"):
+            read()
+    assert reader.refresh() == a.version and reader.num_rows == 9
+
+
+def test_failed_commits_leave_nothing_behind(tmp_path, monkeypatch):
+    store = et.EmbeddingStore(tmp_path / "s", backend="numpy", target_file_bytes=200)
+    x = _rows(10, 4)
+    store.add(x[:4], text_ids=[f"t{i}" for i in range(4)], metadata={"year": [1, 2, 3, 4]})
+    before = _listing(store.path)
+    version = store.version
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    # the disk fills while the manifest is written, then while the third data file is written
+    monkeypatch.setattr(mf.json, "dump", full)
+    with pytest.raises(StorageFullError, match="store is unchanged"):
+        store.add(x[4:], text_ids=[f"t{i}" for i in range(4, 10)])
+    monkeypatch.undo()
+    real_write = writer.write_data_file
+    calls = []
+
+    def fills_up(path, table, **kwargs):
+        calls.append(path)
+        if len(calls) >= 3:
+            with open(path, "wb") as fh:
+                fh.write(b"PAR1 partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(path, table, **kwargs)
+
+    monkeypatch.setattr(writer, "write_data_file", fills_up)
+    with pytest.raises(StorageFullError):
+        store.add(x[4:], text_ids=[f"t{i}" for i in range(4, 10)])
+    with pytest.raises(StorageFullError):
+        store.compact(target_file_bytes=10**9)
+    monkeypatch.undo()
+    assert len(calls) >= 3
+    assert _listing(store.path) == before and store.version == version
+    # a commit that loses to a concurrent writer's duplicate id removes its files too
+    other = et.EmbeddingStore(store.path, backend="numpy")
+    real_finish = writer._finish_data
+
+    def concurrent(root):
+        real_finish(root)
+        monkeypatch.setattr(writer, "_finish_data", real_finish)
+        other.add(x[9:10], text_ids=["dup"])
+
+    monkeypatch.setattr(writer, "_finish_data", concurrent)
+    with pytest.raises(DuplicateTextIdError, match="concurrent"):
+        store.add(x[4:9], text_ids=["u0", "u1", "u2", "u3", "dup"])
+    monkeypatch.undo()
+    store.refresh()
+    assert sorted(os.listdir(os.path.join(store.path, "data"))) == sorted(
+        os.path.basename(f) for f in store.files())
+    assert store.metadata().collect()["text_id"].to_list() == ["t0", "t1", "t2", "t3", "dup"]
+    assert np.array_equal(store.get_embeddings(4), x[[0, 1, 2, 3, 9]])
+
+
+# ---------------------------------------------------------------------------------- 9: bad inputs
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support")
+def test_bad_inputs_give_typed_errors_and_write_nothing(tmp_path):
+    torch = pytest.importorskip("torch")
+
+    store = et.EmbeddingStore(tmp_path / "s", backend="numpy")
+    x = _rows(3, 4)
+    store.add(x, text_ids=["a", "b", "c"], metadata={"score": [1.0, 2.0, 3.0], "rank": [1, 2, 3]})
+    before = _listing(store.path)
+    for grace in (float("nan"), -1.0, float("inf")):
+        with pytest.raises(InvalidArgumentError, match="grace_seconds"):
+            store.vacuum(grace_seconds=grace)
+    with pytest.raises(InvalidArgumentError, match="older_than"):
+        store.vacuum(older_than=float("nan"))
+    for cap in (float("inf"), float("nan"), 0, -1.0):
+        with pytest.raises(InvalidArgumentError, match="max_memory_gb"):
+            et.EmbeddingStore(tmp_path / "s", max_memory_gb=cap)
+    bad_ids = [("text_ids", dict(text_ids=["d", "\ud800", "f"])),
+               ("labels", dict(text_ids=["d", "e", "f"], labels=["x", "y", "\udc00"])),
+               ("metadata", dict(text_ids=["d", "e", "f"], metadata={"m": ["\ud83d", "y", "z"]}))]
+    for what, kwargs in bad_ids:
+        with pytest.raises(InvalidArgumentError, match=f"{what}.*not valid Unicode"):
+            store.add(_rows(3, 4, 1), **kwargs)
+    with pytest.raises(FilterError, match="Unicode"):
+        store.source.select("text_id = '\ud800'")
+    for sparse in (torch.from_numpy(x).to_sparse(), torch.from_numpy(x).to_sparse_csr()):
+        with pytest.raises(InvalidEmbeddingsError, match="sparse"):
+            store.add(sparse, text_ids=["d", "e", "f"])
+        with pytest.raises(InvalidEmbeddingsError, match="sparse"):
+            store.search(sparse, k=1)
+    for bad in ("a\0b", os.fsencode(str(tmp_path)) + b"/x\0", 3.5):
+        with pytest.raises(InvalidArgumentError):
+            et.EmbeddingStore(bad)
+    with pytest.raises(InvalidArgumentError, match="clash"):
+        store.search(x[:1], k=2, columns=["score"])
+    res = store.search(x[:1], k=2)
+    assert res.columns == ["query", "rank", "row_id", "text_id", "label", "score"]
+    assert res["score"].dtype == pl.Float32 and res["row_id"].to_list()[0] == 0
+    assert _listing(store.path) == before and store.num_rows == 3
+
+
+def test_seed_positional_backend_form_warns(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.warns(UserWarning, match="in-memory store"):
+        store = et.EmbeddingStore("numpy", max_memory_gb=0.01)
+    assert store.path is None and store.backend.name == "numpy"
+    os.mkdir("numpy")  # a directory of that name exists: it is the store path, silently
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        on_disk = et.EmbeddingStore("numpy")
+        assert on_disk.path == str(tmp_path / "numpy") and os.path.isdir(tmp_path / "numpy" / "_versions")
+        assert et.EmbeddingStore(backend="numpy").path is None

@@ -70,6 +70,11 @@ def _columns(columns: Any) -> list[str] | None:
         return [columns]
     if not isinstance(columns, Sequence) or not all(isinstance(c, str) for c in columns):
         raise InvalidArgumentError(f"columns must be a list of column names, got {columns!r}")
+    clash = [c for c in columns if c in ("query", "rank", "score")]
+    if clash:  # the result frame has these columns already
+        raise InvalidArgumentError(
+            f"columns {clash} clash with the result columns query, rank, score; read them with "
+            "store.metadata() and join on row_id")
     return list(columns)
 
 

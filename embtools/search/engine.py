@@ -118,6 +118,9 @@ def prepare_queries(queries: Any, dim: int | None = None) -> tuple[np.ndarray, b
     >>> q.shape, one
     ((1, 2), True)
     """
+    from embtools.storage.ingest import reject_sparse
+
+    reject_sparse(queries, "queries")
     if isinstance(queries, np.ndarray):
         arr = queries
     elif is_foreign_array(queries):

@@ -375,4 +375,8 @@ def parse_predicate(text: str, columns: Sequence[str] | None = None) -> pl.Expr:
         raise FilterError(f"where must be a string here, got {type(text).__name__}")
     if len(text) > MAX_LENGTH:
         raise FilterError(f"where is longer than {MAX_LENGTH:,} characters")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise FilterError("where is not valid Unicode (a lone surrogate?)") from None
     return _Parser(text, columns).parse()

@@ -48,7 +48,7 @@ from embtools.storage.schema import (
     normalize_type,
 )
 
-__all__ = ["Batch", "as_embedding_matrix", "prepare_batch"]
+__all__ = ["Batch", "as_embedding_matrix", "prepare_batch", "reject_sparse"]
 
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 _CHECK_BYTES = 16 * 1024**2
@@ -115,6 +115,7 @@ def as_embedding_matrix(x: Any, what: str = "embeddings") -> np.ndarray:
     module = framework_of(x)
     if module == "polars":
         return _from_arrow(x.to_arrow(), what)
+    reject_sparse(x, what)
     if module in ("torch", "mlx"):
         x = to_numpy(x)
     elif isinstance(x, (list, tuple)):
@@ -135,6 +136,16 @@ def as_embedding_matrix(x: Any, what: str = "embeddings") -> np.ndarray:
     if x.shape[0] == 0 or x.shape[1] == 0:
         raise InvalidEmbeddingsError(f"{what}: empty array of shape {x.shape}")
     return x
+
+
+def reject_sparse(x: Any, what: str) -> None:
+    """InvalidEmbeddingsError for a sparse array (torch sparse COO/CSR/..., scipy.sparse)."""
+    layout = str(getattr(x, "layout", ""))
+    if (layout.startswith("torch.sparse") or getattr(x, "is_sparse", False) is True
+            or type(x).__module__.split(".")[0] == "scipy"):
+        raise InvalidEmbeddingsError(
+            f"{what}: a sparse array ({type(x).__name__}, layout {layout or 'sparse'}); embeddings are "
+            "dense: pass x.to_dense() (torch) or x.toarray() (scipy)")
 
 
 def _from_nested(rows: Sequence[Any], what: str) -> np.ndarray:
@@ -260,12 +271,34 @@ def _column(values: Any, what: str) -> pa.Array:
             arr = pa.array(list(values))
     except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
         raise SchemaMismatchError(f"{what}: values of mixed or unsupported types ({exc})") from None
+    except UnicodeEncodeError:
+        raise InvalidArgumentError(f"{what}: row {_bad_string_row(values)} is a string that is not "
+                                   "valid Unicode (a lone surrogate?); it cannot be stored") from None
     if isinstance(arr, pa.ChunkedArray):
         arr = arr.combine_chunks()
     t = normalize_type(arr.type)
     if t != arr.type:
         arr = arr.cast(t)
     return arr
+
+
+def _bad_string_row(values: Any) -> int | str:
+    """The first row of ``values`` holding a string UTF-8 cannot encode ('?' when not found)."""
+    try:
+        for i, v in enumerate(values):
+            if isinstance(v, str) and not _encodable(v):
+                return i
+    except TypeError:
+        pass
+    return "?"
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _text_ids(text_ids: Any, n: int) -> pa.Array | None:
@@ -326,6 +359,9 @@ def _metadata_table(metadata: Any, n: int) -> pa.Table:
     for name, values in items:
         if not isinstance(name, str) or not name:
             raise SchemaMismatchError(f"metadata column name {name!r} is not a non-empty string")
+        if not name.isprintable() or not _encodable(name):
+            raise SchemaMismatchError(
+                f"metadata column name {name!r} has control characters or invalid Unicode")
         if is_reserved(name):
             raise SchemaMismatchError(
                 f"metadata column {name!r} uses a reserved name (row_id, text_id, label, emb_*); "

@@ -32,6 +32,7 @@ import contextlib
 import datetime as _dt
 import fcntl
 import json
+import math
 import os
 import re
 import signal
@@ -43,7 +44,12 @@ from typing import Any
 
 import pyarrow as pa
 
-from embtools.errors import CorruptStoreError, InvalidArgumentError, StoreNotFoundError
+from embtools.errors import (
+    CorruptStoreError,
+    InvalidArgumentError,
+    SnapshotExpiredError,
+    StoreNotFoundError,
+)
 from embtools.storage.schema import base_schema, schema_from_json, schema_to_json
 
 __all__ = [
@@ -63,6 +69,7 @@ __all__ = [
     "is_store",
     "latest_version",
     "list_versions",
+    "missing_file_error",
     "new_data_path",
     "read_manifest",
     "reserve_row_ids",
@@ -212,9 +219,18 @@ def read_manifest(root: str | os.PathLike[str], version: int | None = None) -> M
     CorruptStoreError when it cannot be parsed.
     """
     if version is None:
-        version = latest_version(root)
-        if version is None:
-            raise StoreNotFoundError(f"{os.fspath(root)!r} has no committed version")
+        # vacuum may remove the version found newest before it is read, once a writer has
+        # committed a newer one: read the newest again
+        for _ in range(_MAX_COMMIT_ATTEMPTS):
+            latest = latest_version(root)
+            if latest is None:
+                raise StoreNotFoundError(f"{os.fspath(root)!r} has no committed version")
+            try:
+                return read_manifest(root, latest)
+            except StoreNotFoundError:
+                if latest_version(root) == latest:
+                    raise
+        raise CorruptStoreError(f"{os.fspath(root)}: versions keep vanishing while read")
     path = _version_path(root, version)
     try:
         with open(path, encoding="utf-8") as fh:
@@ -230,6 +246,17 @@ def read_manifest(root: str | os.PathLike[str], version: int | None = None) -> M
     if manifest.version != version:
         raise CorruptStoreError(f"{path}: manifest says version {manifest.version}")
     return manifest
+
+
+def missing_file_error(root: str | os.PathLike[str], version: int, path: str) -> CorruptStoreError:
+    """The error for a data file of ``version`` that is gone: SnapshotExpiredError when vacuum
+    removed the version itself (a handle outlived it), else CorruptStoreError."""
+    if not os.path.exists(_version_path(root, version)):
+        return SnapshotExpiredError(
+            f"version {version} of the store {os.fspath(root)!r} was removed by vacuum while this "
+            f"handle read it, and its data files with it ({os.path.basename(path)} is gone); re-open "
+            "the store (or call refresh()) to read the latest version")
+    return CorruptStoreError(f"{path}: listed by version {version} but missing")
 
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:
@@ -295,27 +322,57 @@ def commit(root: str | os.PathLike[str], rebase: Callable[[Manifest | None], Man
     vdir = _versions_dir(root)
     os.makedirs(vdir, exist_ok=True)
     for _ in range(_MAX_COMMIT_ATTEMPTS):
-        latest_n = latest_version(root)
-        latest = None if latest_n is None else read_manifest(root, latest_n)
+        latest = None if latest_version(root) is None else read_manifest(root)
+        latest_n = None if latest is None else latest.version
         new_version = 0 if latest_n is None else latest_n + 1
         manifest = replace(rebase(latest), version=new_version, parent=latest_n, created=_now())
         tmp = os.path.join(vdir, f".tmp-{uuid.uuid4().hex}.json")
-        with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump(manifest.to_json(), fh, indent=1)
-            fh.flush()
-            os.fsync(fh.fileno())
-        crash_point("after_manifest_tmp")
         try:
+            with open(tmp, "w", encoding="utf-8") as fh:
+                json.dump(manifest.to_json(), fh, indent=1)
+                fh.flush()
+                os.fsync(fh.fileno())
+            crash_point("after_manifest_tmp")
             os.link(tmp, _version_path(root, new_version))
         except FileExistsError:
             continue
-        finally:
-            with contextlib.suppress(FileNotFoundError):
+        finally:  # the temporary manifest goes whatever happened (a full disk, a lost race)
+            with contextlib.suppress(OSError):
                 os.unlink(tmp)
         crash_point("before_dir_fsync")
-        fsync_dir(vdir)
+        # Published: from here on the version exists, so nothing may report it as not committed
+        # (the caller would remove its files). The directory fsync is best effort.
+        with contextlib.suppress(OSError):
+            fsync_dir(vdir)
         return manifest
     raise CorruptStoreError(f"{root}: could not commit after {_MAX_COMMIT_ATTEMPTS} attempts")
+
+
+def _seconds(value: Any) -> bool:
+    """Whether ``value`` is a finite, non-negative number of seconds (not a bool)."""
+    return (not isinstance(value, bool) and isinstance(value, (int, float))
+            and math.isfinite(value) and value >= 0)
+
+
+def _mtime(path: str) -> float | None:
+    """``path``'s modification time, or None when it is gone (removed by a racing process)."""
+    try:
+        return os.path.getmtime(path)
+    except FileNotFoundError:
+        return None
+
+
+def _referenced_files(root: str, versions: set[int]) -> set[str]:
+    """The data files (normalised relative paths) the manifests of ``versions`` list; a version a
+    concurrent vacuum removed meanwhile lists none."""
+    out: set[str] = set()
+    for v in sorted(versions):
+        try:
+            files = read_manifest(root, v).files
+        except StoreNotFoundError:
+            continue
+        out.update(os.path.normpath(f.path) for f in files)
+    return out
 
 
 def check_vacuum_args(retain_versions: Any, older_than: Any, grace_seconds: Any) -> float | None:
@@ -324,11 +381,11 @@ def check_vacuum_args(retain_versions: Any, older_than: Any, grace_seconds: Any)
         raise InvalidArgumentError(f"retain_versions must be an int >= 1, got {retain_versions!r}")
     if isinstance(older_than, _dt.timedelta):
         older_than = older_than.total_seconds()
-    if older_than is not None and (isinstance(older_than, bool) or not isinstance(older_than, (int, float))
-                                   or older_than < 0):
-        raise InvalidArgumentError(f"older_than must be >= 0 seconds, got {older_than!r}")
-    if isinstance(grace_seconds, bool) or not isinstance(grace_seconds, (int, float)) or grace_seconds < 0:
-        raise InvalidArgumentError(f"grace_seconds must be >= 0, got {grace_seconds!r}")
+    if older_than is not None and not _seconds(older_than):
+        raise InvalidArgumentError(f"older_than must be a finite number of seconds >= 0, got {older_than!r}")
+    if not _seconds(grace_seconds):
+        # nan compared as "not younger than nan" and acted as 0: a writer's uncommitted files went
+        raise InvalidArgumentError(f"grace_seconds must be a finite number >= 0, got {grace_seconds!r}")
     return None if older_than is None else float(older_than)
 
 
@@ -352,18 +409,20 @@ def vacuum(root: str | os.PathLike[str], retain_versions: int = 1,
     for v in versions:
         if v in keep:
             continue
-        path = _version_path(root, v)
-        if older_than is not None and now - os.path.getmtime(path) < older_than:
+        mtime = _mtime(_version_path(root, v))
+        if mtime is None:  # a concurrent vacuum removed it
+            continue
+        if older_than is not None and now - mtime < older_than:
             keep.add(v)
             continue
         removed_versions.append(v)
-    referenced: set[str] = set()
-    for v in sorted(keep):
-        referenced.update(os.path.normpath(f.path) for f in read_manifest(root, v).files)
+    referenced = _referenced_files(root, keep)
     # Manifests first: a removed version must never point at a removed file.
     for v in removed_versions:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(_version_path(root, v))
+    # versions committed meanwhile keep their files too (a compact's inputs, an old writer's files)
+    referenced |= _referenced_files(root, {v for v in list_versions(root) if v > max(versions, default=-1)})
     removed_files: list[str] = []
     data_dir = os.path.join(root, DATA_DIR)
     for name in sorted(os.listdir(data_dir)) if os.path.isdir(data_dir) else []:
@@ -371,7 +430,8 @@ def vacuum(root: str | os.PathLike[str], retain_versions: int = 1,
         path = os.path.join(root, rel)
         if rel in referenced or not os.path.isfile(path):
             continue
-        if now - os.path.getmtime(path) < grace_seconds:
+        mtime = _mtime(path)
+        if mtime is None or now - mtime < grace_seconds:
             continue
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
@@ -379,7 +439,8 @@ def vacuum(root: str | os.PathLike[str], retain_versions: int = 1,
     vdir = _versions_dir(root)
     for name in os.listdir(vdir):
         path = os.path.join(vdir, name)
-        if name.startswith(".tmp-") and now - os.path.getmtime(path) >= grace_seconds:
+        mtime = _mtime(path) if name.startswith(".tmp-") else None
+        if mtime is not None and now - mtime >= grace_seconds:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
     fsync_dir(vdir)

@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 from embtools.errors import CorruptStoreError, InvalidArgumentError
 from embtools.memory import MemoryBudget
 from embtools.storage.datafile import MappedParquetFile
-from embtools.storage.manifest import Manifest
+from embtools.storage.manifest import Manifest, missing_file_error
 from embtools.storage.schema import LABEL, ROW_ID, TEXT_ID, emb_column
 from embtools.storage.source import Chunk, ChunkedSource
 
@@ -86,8 +86,7 @@ class Snapshot(ChunkedSource):
             try:
                 f = MappedParquetFile(path)
             except FileNotFoundError:
-                raise CorruptStoreError(
-                    f"{path}: listed by version {self.version} but missing (vacuumed?)") from None
+                raise missing_file_error(self.root, self.version, path) from None
             if f.row_group_rows != self.manifest.files[i].row_groups:
                 raise CorruptStoreError(f"{path}: row groups {f.row_group_rows} do not match the manifest")
             self._open[i] = f
@@ -113,6 +112,13 @@ class Snapshot(ChunkedSource):
             return empty.lazy()
         return pl.scan_parquet(self.files(), schema=empty.schema, missing_columns="insert",
                                extra_columns="ignore", glob=False)
+
+    def read_error(self, exc: BaseException) -> Exception | None:
+        """The typed error for a failed metadata scan when one of the files is gone."""
+        for path in self.files():
+            if not os.path.exists(path):
+                return missing_file_error(self.root, self.version, path)
+        return None
 
     def chunks(self) -> list[Chunk]:
         out: list[Chunk] = []
@@ -207,6 +213,8 @@ class Snapshot(ChunkedSource):
             present = [n for n in names if n in pf.schema_arrow.names]
             # on this thread (see take_metadata): a few small columns, nothing to parallelise
             table = pf.read_row_group(rg, columns=present, use_threads=False)
+        except FileNotFoundError:
+            raise missing_file_error(self.root, self.version, path) from None
         except (OSError, pa.ArrowException) as exc:
             raise CorruptStoreError(f"{path}: cannot read metadata ({exc})") from exc
         nbytes = int(table.nbytes)

@@ -170,6 +170,10 @@ class ChunkedSource:
     def take_metadata(self, positions: Any, columns: Sequence[str] | None = None) -> pl.DataFrame:
         raise NotImplementedError  # pragma: no cover - abstract
 
+    def read_error(self, exc: BaseException) -> Exception | None:
+        """The error to raise instead of ``exc`` from a failed metadata scan (None: a FilterError)."""
+        return None
+
     # -- shared ----------------------------------------------------------------------------------
     def select(self, where: Any) -> np.ndarray:
         """int64 positions of the rows matching ``where`` (all rows for None), ascending."""
@@ -182,7 +186,8 @@ class ChunkedSource:
         try:
             out = frame.with_row_index(_POS).filter(expr).select(_POS).collect()
         except Exception as exc:  # polars: InvalidOperationError (a type mismatch), ...
-            raise FilterError(f"cannot apply where={describe(where)}: {one_line(exc)}") from None
+            raise self.read_error(exc) or FilterError(
+                f"cannot apply where={describe(where)}: {one_line(exc)}") from None
         return out.get_column(_POS).to_numpy().astype(np.int64, copy=False)
 
     def resolve(self, dim: int) -> int:

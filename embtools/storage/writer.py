@@ -6,8 +6,11 @@ Every operation writes its data files first (fsynced, under ``data/``), then com
 - append rebases onto whatever was committed meanwhile (its files join the latest file list; its
   text ids are re-checked against the files added since its base version);
 - delete and compact need all their input files in the latest version; when another writer removed
-  one (a concurrent delete or compact), they raise :class:`~embtools.errors.CommitConflictError` and
-  leave only unreferenced files behind; re-open the store and retry.
+  one (a concurrent delete or compact), they raise :class:`~embtools.errors.CommitConflictError`;
+  re-open the store and retry.
+
+An operation that fails before its commit (a conflict, a duplicate id, a full disk: then
+:class:`~embtools.errors.StorageFullError`) removes the data files it wrote; the store is unchanged.
 
 Examples
 --------
@@ -19,6 +22,8 @@ Examples
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 from collections.abc import Sequence
 from dataclasses import replace
@@ -29,7 +34,13 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from embtools.errors import CommitConflictError, CorruptStoreError, DuplicateTextIdError
+from embtools.errors import (
+    CommitConflictError,
+    CorruptStoreError,
+    DuplicateTextIdError,
+    EmbtoolsError,
+    StorageFullError,
+)
 from embtools.memory import MemoryBudget
 from embtools.storage.datafile import write_data_file
 from embtools.storage.ingest import Batch
@@ -41,12 +52,16 @@ from embtools.storage.manifest import (
     config_hash,
     crash_point,
     fsync_dir,
+    latest_version,
     new_data_path,
+    read_manifest,
     reserve_row_ids,
 )
 from embtools.storage.schema import LABEL, ROW_ID, TEXT_ID, emb_column, embedding_type
 
 __all__ = ["append", "compact_files", "delete_rows", "rows_per_file", "save_source"]
+
+_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 def rows_per_file(bytes_per_row: int, target_bytes: int, cap_free: int | None) -> int:
@@ -64,8 +79,43 @@ def _row_group_rows(rows: int, bytes_per_row: int, budget: MemoryBudget) -> int 
     return max(1, min(rows, budget.cap_bytes // (4 * max(1, bytes_per_row))))
 
 
-def _write(root: str, table: pa.Table, row_group_rows: int | None = None) -> FileEntry:
+class _Write:
+    """The data files one operation writes: removed again, and ENOSPC/EDQUOT turned into
+    StorageFullError, when the operation fails before its commit publishes them.
+
+    A failed commit thus leaves nothing behind (besides a gap in the row ids); a SIGKILL may still
+    leave unreferenced files, which vacuum removes after its grace period.
+    """
+
+    def __init__(self, root: str, version: int) -> None:
+        self.root = root
+        self.version = version
+        self.paths: list[str] = []
+
+    def __enter__(self) -> _Write:
+        return self
+
+    def __exit__(self, kind: Any, exc: BaseException | None, tb: Any) -> None:
+        if exc is None:
+            return
+        for path in self.paths:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        if isinstance(exc, OSError) and exc.errno in _FULL and not isinstance(exc, EmbtoolsError):
+            raise StorageFullError(
+                f"{self.root}: no space left on the device ({exc.strerror}); nothing was committed "
+                f"and the store is unchanged (version {self.version})") from exc
+
+    def file(self, table: pa.Table, row_group_rows: int | None = None) -> FileEntry:
+        """Write ``table`` as a new data file (see :func:`_write`)."""
+        return _write(self.root, table, row_group_rows, self.paths)
+
+
+def _write(root: str, table: pa.Table, row_group_rows: int | None = None,
+           written: list[str] | None = None) -> FileEntry:
     rel, path = new_data_path(root)
+    if written is not None:
+        written.append(path)
     nbytes = write_data_file(path, table, row_group_rows=row_group_rows)
     md = pq.read_metadata(path)
     row_ids = table.column(ROW_ID).to_numpy()
@@ -113,42 +163,66 @@ def _finish_data(root: str) -> None:
 
 def append(root: str, base: Manifest, batch: Batch, properties: dict[str, Any],
            budget: MemoryBudget, target_bytes: int) -> Manifest:
-    """Write ``batch`` as new data files and commit them on top of the latest version."""
+    """Write ``batch`` as new data files and commit them on top of the latest version.
+
+    Text ids are checked against the latest version, not only ``base``: another process may have
+    compacted the store and vacuumed ``base``'s files away (a long-lived handle then rebases).
+    """
     n = batch.num_rows
-    start = reserve_row_ids(root, n)
-    ids = batch.all_text_ids(start)
-    dup = existing_text_id(root, base.files, ids)
-    if dup is not None:
-        raise DuplicateTextIdError(f"text id {dup!r} is already in the store")
-    bytes_per_row = sum(batch.dimensions) * 4 + 64
-    rows = rows_per_file(bytes_per_row, target_bytes, budget.available_bytes)
-    rg = _row_group_rows(rows, bytes_per_row, budget)
-    entries = []
-    for s in range(0, n, rows):
-        e = min(n, s + rows)
-        entries.append(_write(root, batch.table(s, e, start + s, text_ids=ids), rg))
-    _finish_data(root)
-    dims = batch.dimensions
-    known = {f.path for f in base.files}
+    with _Write(root, base.version) as w:
+        start = reserve_row_ids(root, n)
+        ids = batch.all_text_ids(start)
+        current = _check_new_ids(root, base, ids)
+        bytes_per_row = sum(batch.dimensions) * 4 + 64
+        rows = rows_per_file(bytes_per_row, target_bytes, budget.available_bytes)
+        rg = _row_group_rows(rows, bytes_per_row, budget)
+        entries = []
+        for s in range(0, n, rows):
+            e = min(n, s + rows)
+            entries.append(w.file(batch.table(s, e, start + s, text_ids=ids), rg))
+        _finish_data(root)
+        dims = batch.dimensions
+        known = {f.path for f in current.files}
 
-    def rebase(latest: Manifest | None) -> Manifest:
-        if latest is None:
-            raise CorruptStoreError(f"{root}: the store has no committed version")
-        if latest.version != base.version:
-            added = [f for f in latest.files if f.path not in known]
-            dup = existing_text_id(root, added, ids)
-            if dup is not None:
-                raise DuplicateTextIdError(f"text id {dup!r} was added by a concurrent writer")
-            if latest.num_rows and sorted(latest.dimensions) != dims:
-                raise CommitConflictError(
-                    f"a concurrent writer stored dimensions {latest.dimensions}, this add has {dims}")
-        schema = _merge_schema(latest, batch.schema)
-        props = {**latest.properties, **properties}
-        return replace(latest, operation="add", files=_sorted([*latest.files, *entries]),
-                       dimensions=dims, schema=schema, properties=props,
-                       config_hash=config_hash(dims, schema, props))
+        def rebase(latest: Manifest | None) -> Manifest:
+            if latest is None:
+                raise CorruptStoreError(f"{root}: the store has no committed version")
+            if latest.version != current.version:
+                added = [f for f in latest.files if f.path not in known]
+                dup = existing_text_id(root, added, ids)
+                if dup is not None:
+                    raise DuplicateTextIdError(f"text id {dup!r} was added by a concurrent writer")
+                if latest.num_rows and sorted(latest.dimensions) != dims:
+                    raise CommitConflictError(
+                        f"a concurrent writer stored dimensions {latest.dimensions}, this add has {dims}")
+            schema = _merge_schema(latest, batch.schema)
+            props = {**latest.properties, **properties}
+            return replace(latest, operation="add", files=_sorted([*latest.files, *entries]),
+                           dimensions=dims, schema=schema, properties=props,
+                           config_hash=config_hash(dims, schema, props))
 
-    return commit(root, rebase)
+        return commit(root, rebase)
+
+
+def _check_new_ids(root: str, base: Manifest, ids: pa.Array, attempts: int = 5) -> Manifest:
+    """The latest manifest, after checking that none of ``ids`` is in it (DuplicateTextIdError).
+
+    When its files vanish while they are read (a compact and vacuum elsewhere), the check runs
+    again on the newer version.
+    """
+    for attempt in range(attempts):
+        current = base if latest_version(root) == base.version else read_manifest(root)
+        try:
+            dup = existing_text_id(root, current.files, ids)
+        except Exception as exc:  # a file vanished (FileNotFoundError, polars' errors) or is damaged
+            if attempt + 1 < attempts and latest_version(root) != current.version:
+                continue
+            raise CorruptStoreError(f"{root}: cannot read the text ids of version "
+                                    f"{current.version} ({' '.join(str(exc).split())[:300]})") from None
+        if dup is not None:
+            raise DuplicateTextIdError(f"text id {dup!r} is already in the store")
+        return current
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def _needs_inputs(root: str, inputs: set[str], operation: str, new: list[FileEntry]
@@ -182,16 +256,17 @@ def delete_rows(root: str, snapshot: Any, positions: np.ndarray) -> Manifest:
     file_idx = np.searchsorted(starts, positions, side="right") - 1
     inputs: set[str] = set()
     new: list[FileEntry] = []
-    for i in np.unique(file_idx):
-        entry = base.files[int(i)]
-        keep = np.ones(entry.num_rows, dtype=bool)
-        keep[positions[file_idx == i] - starts[i]] = False
-        if keep.any():
-            table = _read(root, entry).filter(pa.array(keep))
-            new.append(_write(root, table, entry.row_groups[0] if entry.row_groups else None))
-        inputs.add(entry.path)
-    _finish_data(root)
-    return commit(root, _needs_inputs(root, inputs, "delete", new))
+    with _Write(root, base.version) as w:
+        for i in np.unique(file_idx):
+            entry = base.files[int(i)]
+            keep = np.ones(entry.num_rows, dtype=bool)
+            keep[positions[file_idx == i] - starts[i]] = False
+            if keep.any():
+                table = _read(root, entry).filter(pa.array(keep))
+                new.append(w.file(table, entry.row_groups[0] if entry.row_groups else None))
+            inputs.add(entry.path)
+        _finish_data(root)
+        return commit(root, _needs_inputs(root, inputs, "delete", new))
 
 
 def compact_files(root: str, base: Manifest, target_bytes: int, budget: MemoryBudget
@@ -214,13 +289,14 @@ def compact_files(root: str, base: Manifest, target_bytes: int, budget: MemoryBu
     inputs: set[str] = set()
     new: list[FileEntry] = []
     bytes_per_row = sum(base.dimensions) * 4 + 64
-    for group in merges:
-        table = pa.concat_tables([_read(root, f) for f in group], promote_options="default")
-        new.append(_write(root, table, _row_group_rows(table.num_rows, bytes_per_row, budget)))
-        inputs.update(f.path for f in group)
-        del table
-    _finish_data(root)
-    return commit(root, _needs_inputs(root, inputs, "compact", new))
+    with _Write(root, base.version) as w:
+        for group in merges:
+            table = pa.concat_tables([_read(root, f) for f in group], promote_options="default")
+            new.append(w.file(table, _row_group_rows(table.num_rows, bytes_per_row, budget)))
+            inputs.update(f.path for f in group)
+            del table
+        _finish_data(root)
+        return commit(root, _needs_inputs(root, inputs, "compact", new))
 
 
 def save_source(root: str, base: Manifest, source: Any, properties: dict[str, Any],
@@ -229,11 +305,21 @@ def save_source(root: str, base: Manifest, source: Any, properties: dict[str, An
 
     The new version holds exactly the source's rows (row ids kept), replacing what ``root`` held.
     """
+    with _Write(root, base.version) as w:
+        manifest = _save(root, source, properties, budget, target_bytes, w)
+    # make sure the row-id counter is past the saved rows (after the commit: a failure here must
+    # not remove the files the commit published)
+    reserve_row_ids(root, 0)
+    return manifest
+
+
+def _save(root: str, source: Any, properties: dict[str, Any], budget: MemoryBudget,
+          target_bytes: int, w: _Write) -> Manifest:
     entries: list[FileEntry] = []
     dims = sorted(source.dimensions)
     if hasattr(source, "manifest"):
         for f in source.manifest.files:
-            entries.append(_write(root, _read(source.root, f), f.row_groups[0]))
+            entries.append(w.file(_read(source.root, f), f.row_groups[0]))
     elif source.num_rows:
         bytes_per_row = sum(dims) * 4 + 64
         rows = rows_per_file(bytes_per_row, target_bytes, None)
@@ -245,7 +331,7 @@ def save_source(root: str, base: Manifest, source: Any, properties: dict[str, An
                 table = table.append_column(
                     pa.field(emb_column(d), embedding_type(d), nullable=False),
                     pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), type=embedding_type(d)))
-            entries.append(_write(root, table, _row_group_rows(e - s, bytes_per_row, budget)))
+            entries.append(w.file(table, _row_group_rows(e - s, bytes_per_row, budget)))
     if entries:
         reserve_row_ids(root, 0)
         _finish_data(root)
@@ -259,7 +345,4 @@ def save_source(root: str, base: Manifest, source: Any, properties: dict[str, An
                        schema=schema, properties=dict(properties),
                        config_hash=config_hash(dims, schema, properties))
 
-    manifest = commit(root, rebase)
-    # make sure the row-id counter is past the saved rows
-    reserve_row_ids(root, 0)
-    return manifest
+    return commit(root, rebase)
