@@ -344,3 +344,47 @@ def test_seed_positional_backend_form_warns(tmp_path, monkeypatch):
         on_disk = et.EmbeddingStore("numpy")
         assert on_disk.path == str(tmp_path / "numpy") and os.path.isdir(tmp_path / "numpy" / "_versions")
         assert et.EmbeddingStore(backend="numpy").path is None
+
+
+# ------------------------------------------------------------------------------------ 10: the CLI
+def _one_line_error(result, match: str) -> None:
+    assert result.exit_code == 1, (result.exit_code, result.output)
+    assert "Traceback" not in result.output and "Aborted" not in result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and match in lines[0], result.stderr
+
+
+def test_cli_user_errors_are_one_line_and_output_is_escaped(tmp_path):
+    run = CliRunner().invoke
+    x = _rows(3, 4)
+    ids = ["plain", "red\x1b[31mX\x1b[0m", "rtl\u202eevil"]
+    labels = ["[bold]markup[/bold]", "bell\x07", "ok"]
+    store = et.EmbeddingStore(tmp_path / "s", backend="numpy")
+    store.add(x, text_ids=ids, labels=labels)
+    path = str(tmp_path / "s")
+    q = tmp_path / "q.npy"
+    np.save(q, x[:1])
+    _one_line_error(run(cli, ["search", path, "--queries", str(q), "--max-memory-gb", "inf"]),
+                    "finite")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9 query\n".encode("latin-1"))
+    _one_line_error(run(cli, ["search", path, "--queries", str(tmp_path / "latin1.txt")]), "UTF-8")
+    (tmp_path / "empty.npy").write_bytes(b"")
+    _one_line_error(run(cli, ["search", path, "--queries", str(tmp_path / "empty.npy")]), ".npy")
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    _one_line_error(run(cli, ["hash", str(deep)]), "nested too deeply")
+    _one_line_error(run(cli, ["search", path, "--queries", str(q), "--where", "label = = 1"]), "where")
+    assert run(cli, ["search", path, "--queries", str(q), "--format", "nope"]).exit_code == 2
+    # table: escape sequences and rich markup from the store are shown escaped, not acted on
+    table = run(cli, ["search", path, "--queries", str(q), "-k", "3", "--format", "table"])
+    assert table.exit_code == 0, table.output
+    assert "\x1b" not in table.stdout and "\u202e" not in table.stdout and "\x07" not in table.stdout
+    assert "\\x1b[31mX" in table.stdout and "\\u202eevil" in table.stdout
+    assert "[bold]markup[/bold]" in table.stdout
+    # csv: the data exactly as stored
+    csv = run(cli, ["search", path, "--queries", str(q), "-k", "3", "--format", "csv"])
+    assert csv.exit_code == 0, csv.output
+    frame = pl.read_csv(csv.stdout_bytes)
+    expected = _cosine_top(x, x[:1], 3, np.arange(3)).ravel()
+    assert frame["text_id"].to_list() == [ids[i] for i in expected]
+    assert frame["label"].to_list() == [labels[i] for i in expected]

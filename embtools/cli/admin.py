@@ -16,7 +16,7 @@ from typing import Any
 
 import click
 
-from embtools.cli.common import open_store, out_console
+from embtools.cli.common import open_store, out_console, table_cell
 from embtools.errors import InvalidArgumentError
 
 __all__ = ["COMMANDS", "load_config_file", "store_summary"]
@@ -64,16 +64,18 @@ def info(store: str, version: int | None, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(summary, indent=2, default=str))
         return
-    table = Table(title=f"embtools store {store}", show_header=False)
-    table.add_row("version", f"{summary['version']} (of {len(summary['versions'])} versions)")
-    table.add_row("rows", f"{summary['rows']:,}")
-    table.add_row("dimensions", ", ".join(map(str, summary["dimensions"])) or "-")
-    table.add_row("files", f"{summary['files']} ({format_bytes(summary['bytes'])})")
-    table.add_row("schema", ", ".join(f"{k}: {v}" for k, v in summary["schema"].items()))
-    table.add_row(
-        "embedding model", str(summary["embedding_model"] or "- (vectors added directly)")
-    )
-    table.add_row("config hash", summary["config_hash"])
+    table = Table(title=table_cell(f"embtools store {store}"), show_header=False)
+    rows = [
+        ("version", f"{summary['version']} (of {len(summary['versions'])} versions)"),
+        ("rows", f"{summary['rows']:,}"),
+        ("dimensions", ", ".join(map(str, summary["dimensions"])) or "-"),
+        ("files", f"{summary['files']} ({format_bytes(summary['bytes'])})"),
+        ("schema", ", ".join(f"{k}: {v}" for k, v in summary["schema"].items())),
+        ("embedding model", str(summary["embedding_model"] or "- (vectors added directly)")),
+        ("config hash", summary["config_hash"]),
+    ]
+    for name, value in rows:  # names and properties come from the store: escaped, never markup
+        table.add_row(name, table_cell(value))
     out_console().print(table)
 
 
@@ -117,6 +119,15 @@ def vacuum(store: str) -> None:
 def load_config_file(path: Path) -> Any:
     """Parse a JSON or TOML configuration file (TOML needs Python 3.11+ or ``tomli``)."""
     suffix = path.suffix.lower()
+    try:
+        return _load_config(path, suffix)
+    except UnicodeDecodeError as err:
+        raise InvalidArgumentError(f"{path} is not UTF-8 text (byte {err.start})") from None
+    except RecursionError:
+        raise InvalidArgumentError(f"{path} is nested too deeply") from None
+
+
+def _load_config(path: Path, suffix: str) -> Any:
     if suffix == ".json":
         try:
             return json.loads(path.read_text(encoding="utf-8"))
@@ -149,6 +160,8 @@ def hash_command(config: Path) -> None:
         value = compute_config_hash(load_config_file(config))
     except TypeError as err:
         raise InvalidArgumentError(str(err)) from None
+    except RecursionError:
+        raise InvalidArgumentError(f"{config} is nested too deeply to hash") from None
     click.echo(value)
 
 

@@ -20,14 +20,15 @@ import click
 
 from embtools import __version__
 from embtools.cli import admin, ingest, query
+from embtools.cli.common import printable
 from embtools.errors import EmbtoolsError
 
 __all__ = ["EmbtoolsGroup", "cli", "main", "one_line"]
 
 
 def one_line(err: BaseException) -> str:
-    """The error's message on one line (newlines collapsed)."""
-    text = " ".join(str(err).split())
+    """The error's message on one line (newlines collapsed, terminal controls escaped)."""
+    text = printable(" ".join(str(err).split()))
     return text or type(err).__name__
 
 

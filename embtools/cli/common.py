@@ -6,11 +6,14 @@ Examples
 [64, 128, 384]
 >>> parse_funnel_option("64:400,128:100")
 [(64, 400), (128, 100)]
+>>> print(printable("id\\x1b[31m\\u202e"))
+id\\x1b[31m\\u202e
 """
 
 from __future__ import annotations
 
 import os
+import unicodedata
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +27,36 @@ __all__ = [
     "out_console",
     "parse_funnel_option",
     "parse_int_list",
+    "printable",
     "split_names",
+    "table_cell",
 ]
+
+#: characters that reorder or hide text on a terminal (bidi controls, line separators)
+_INVISIBLE = frozenset("\u061c\u200e\u200f\u2028\u2029\u202a\u202b\u202c\u202d\u202e"
+                       "\u2066\u2067\u2068\u2069\ufeff")
+
+
+def printable(text: str) -> str:
+    """``text`` with terminal control characters (ESC, other C0/C1 controls, bidi overrides)
+    written as escapes such as ``\\x1b``, so stored data cannot drive the terminal."""
+    if text.isprintable():
+        return text
+    out = []
+    for ch in text:
+        if ch in _INVISIBLE or unicodedata.category(ch) in ("Cc", "Cs", "Zl", "Zp"):
+            code = ord(ch)
+            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def table_cell(value: Any) -> Any:
+    """A value for a rich table cell: printable text, never read as rich markup."""
+    from rich.text import Text
+
+    return Text(printable(f"{value:.4f}" if isinstance(value, float) else str(value)))
 
 
 def out_console() -> Any:
@@ -103,8 +134,9 @@ def open_store(
     if device is not None:
         kwargs["device"] = device
     if max_memory_gb is not None:
-        if max_memory_gb <= 0:
-            raise InvalidArgumentError(f"--max-memory-gb must be > 0, got {max_memory_gb}")
+        if not 0 < max_memory_gb < float("inf"):
+            raise InvalidArgumentError(
+                f"--max-memory-gb must be a finite number > 0 (leave it out for no cap), got {max_memory_gb}")
         kwargs["max_memory_gb"] = max_memory_gb
     if version is not None:
         kwargs["version"] = version

@@ -16,7 +16,13 @@ from typing import Any
 import click
 import numpy as np
 
-from embtools.cli.common import err_console, open_store, out_console, parse_funnel_option
+from embtools.cli.common import (
+    err_console,
+    open_store,
+    out_console,
+    parse_funnel_option,
+    table_cell,
+)
 from embtools.errors import InvalidArgumentError
 
 __all__ = ["COMMANDS", "read_queries_file", "write_results"]
@@ -27,10 +33,18 @@ def read_queries_file(path: Path) -> list[str] | np.ndarray:
     if path.suffix.lower() == ".npy":
         try:
             arr = np.load(path, allow_pickle=False)
-        except ValueError as err:
-            raise InvalidArgumentError(f"{path} is not a numeric .npy array: {err}") from None
+        except (ValueError, EOFError) as err:  # EOFError: an empty or truncated file
+            raise InvalidArgumentError(
+                f"{path} is not a numeric .npy array: {err or 'the file is empty or truncated'}"
+            ) from None
         return np.atleast_2d(arr)
-    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    try:
+        lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    except UnicodeDecodeError as err:
+        raise InvalidArgumentError(
+            f"{path} is not UTF-8 text (byte {err.start}); give one query per line in UTF-8, or "
+            "a .npy array of vectors"
+        ) from None
     texts = [line for line in lines if line]
     if not texts:
         raise InvalidArgumentError(f"{path} holds no queries (one query per line)")
@@ -49,10 +63,11 @@ def write_results(df: Any, out: Path | None, fmt: str) -> None:
             df.write_parquet(out)
         err_console().print(f"wrote {df.height:,} rows to {out}")
         return
+    # color=True: click would otherwise strip escape sequences from the data when not on a tty
     if fmt == "json":
-        click.echo(df.write_json())
+        click.echo(df.write_json(), color=True)
     elif fmt == "csv":
-        click.echo(df.write_csv(), nl=False)
+        click.echo(df.write_csv(), nl=False, color=True)
     else:
         _print_table(df)
 
@@ -66,8 +81,8 @@ def _print_table(df: Any) -> None:
         table.add_column(
             name, overflow="fold", max_width=70 if name in {"text", "query_text"} else None
         )
-    for row in df.select(shown).iter_rows():
-        table.add_row(*[f"{v:.4f}" if isinstance(v, float) else str(v) for v in row])
+    for row in df.select(shown).iter_rows():  # stored ids and labels: escaped, never markup
+        table.add_row(*[table_cell(v) for v in row])
     out_console().print(table)
 
 

@@ -28,7 +28,7 @@ Examples
 >>> parse_predicate("year = (SELECT 1)", df.columns)
 Traceback (most recent call last):
 ...
-embtools.errors.FilterError: where may not contain SELECT: a where is a predicate over the store's columns (at position 8 of 'year = (SELECT 1)')
+embtools.errors.FilterError: where 'year = (SELECT 1)': where may not contain SELECT: a where is a predicate over the store's columns (at position 8)
 """
 
 from __future__ import annotations
@@ -133,7 +133,7 @@ class _Parser:
         if at is None:
             at = self.toks[self.i][2] if self.i < len(self.toks) else len(self.text)
         text = self.text if len(self.text) <= 120 else self.text[:120] + "..."
-        return FilterError(f"{what} (at position {at} of {text!r})")
+        return FilterError(f"where {text!r}: {what} (at position {at})")
 
     def peek(self, offset: int = 0) -> tuple[str, str, int] | None:
         j = self.i + offset
