@@ -388,3 +388,66 @@ def test_cli_user_errors_are_one_line_and_output_is_escaped(tmp_path):
     expected = _cosine_top(x, x[:1], 3, np.arange(3)).ravel()
     assert frame["text_id"].to_list() == [ids[i] for i in expected]
     assert frame["label"].to_list() == [labels[i] for i in expected]
+
+
+# ------------------------------------------------------------------- 11: memory within a row group
+_RSS_SCRIPT = r"""
+import sys, threading, time, numpy as np, embtools as et
+
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1]) * 1024
+
+path, out = sys.argv[1], sys.argv[2]
+q = np.random.default_rng(1).standard_normal((63, 384)).astype(np.float32)
+store = et.EmbeddingStore(path, backend="numpy", max_memory_gb=1 / 1024)   # a 1 MiB cap
+for where in (None, "even"):
+    first = store.search(q, k=10, where=where)   # imports and caches: not what is measured
+    store.close()
+    store = et.EmbeddingStore(path, backend="numpy", max_memory_gb=1 / 1024)
+    base = status("VmRSS")
+    peak = [base]
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:   # resets VmHWM
+            fh.write("5")
+        thread = None
+    except OSError:                                      # no permission: sample VmRSS instead
+        done = threading.Event()
+        def sample():
+            while not done.is_set():
+                peak[0] = max(peak[0], status("VmRSS"))
+                time.sleep(0.0005)
+        thread = threading.Thread(target=sample, daemon=True)
+        thread.start()
+    res = store.search(q, k=10, where=where)
+    if thread is None:
+        peak[0] = status("VmHWM")
+    else:
+        done.set()
+        thread.join()
+    assert res.equals(first)
+    np.save(f"{out}-{where}.npy", res["row_id"].to_numpy().reshape(63, 10))
+    print(where, peak[0] - base)
+"""
+
+
+def test_search_memory_tracks_the_cap_inside_one_large_row_group(tmp_path):
+    import subprocess
+    import sys
+
+    x = _rows(16_000, 384, 3)       # 23.4 MiB of vectors, written as a single row group
+    store = et.EmbeddingStore(tmp_path / "s", backend="numpy")
+    store.add(x, metadata={"even": (np.arange(16_000) % 3 == 0).tolist()})
+    assert store.source.manifest.files[0].row_groups == [16_000]
+    store.close()
+    out = str(tmp_path / "rows")
+    proc = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, str(tmp_path / "s"), out],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    grew = dict(line.split() for line in proc.stdout.strip().splitlines())
+    q = np.random.default_rng(1).standard_normal((63, 384)).astype(np.float32)
+    for where, rows in (("None", np.arange(16_000)), ("even", np.arange(0, 16_000, 3))):
+        # before: the refine's scattered reads faulted in (and kept) about the whole row group
+        assert int(grew[where]) < 12 * 1024**2, f"where={where}: RSS grew {int(grew[where]) / 1024**2:.1f} MiB"
+        assert np.load(f"{out}-{where}.npy").tolist() == _cosine_top(x, q, 10, rows).tolist()

@@ -45,8 +45,12 @@ MAX_DEFAULT_BATCH_ROWS = 262_144
 #: Batches above this many bytes end at their chunk's end (a view) rather than copy a contiguous
 #: run together with the next chunk's rows; smaller ones keep exactly ``batch_rows`` rows.
 VIEW_BATCH_BYTES = 4 * 1024**2
-#: Rows copied into a batch per step (then released) are about this many bytes of mapped pages.
+#: Rows copied into a batch per step (then released) are about this many bytes of mapped pages
+#: (less under a small memory cap: see :func:`gather_span_bytes`).
 GATHER_STEP_BYTES = 8 * 1024**2
+#: A read fault on a mapped file maps the cached pages around it too (Linux "fault-around", 64 KiB
+#: by default): releases reach this far (twice over) below the rows just read, so those pages go too.
+FAULT_AROUND_BYTES = 64 * 1024
 
 
 @runtime_checkable
@@ -251,6 +255,10 @@ class ChunkedSource:
         else:
             min_view = -(-batch_rows // 4) if views else batch_rows
         step = max(1, GATHER_STEP_BYTES // max(stored * 4, mmap.PAGESIZE))
+        # rows of a selection copied per step span at most this many rows of the chunk, so the
+        # pages faulted in (with their fault-around neighbours) stay within a fraction of the cap
+        span = max(1, gather_span_bytes(self.budget) // (stored * 4))
+        margin = -(-2 * FAULT_AROUND_BYTES // (stored * 4))
         # A copied batch stays alive in the consumer's hands while the next one is filled (and
         # cannot be given back like a view's pages): above VIEW_BATCH_BYTES it holds half a batch.
         copy_rows = max(1, batch_rows // 2) if big else batch_rows
@@ -289,7 +297,7 @@ class ChunkedSource:
                     a = int(local[i])
                     b = a + view_rows
                     yield local[i:i + view_rows] + chunk.start, (arr[a:b, :dim] if dim != stored else arr[a:b])
-                    release_rows(stored, a, b)
+                    release_rows(stored, max(0, a - margin), b)
                     i += view_rows
                     continue
                 take = min(copy_rows - fill, local.size - i)
@@ -297,12 +305,15 @@ class ChunkedSource:
                     buf = np.empty((copy_rows, dim), dtype=np.float32)
                     buf_pos = np.empty(copy_rows, dtype=np.int64)
                 assert buf_pos is not None
-                for s in range(0, take, step):
+                s = 0
+                while s < take:
                     sel = local[i + s:i + min(s + step, take)]
+                    sel = sel[:max(1, int(np.searchsorted(sel, sel[0] + span)))]
                     a, b = int(sel[0]), int(sel[-1]) + 1
                     out = buf[fill + s:fill + s + sel.size]
                     out[:] = arr[a:b, :dim] if b - a == sel.size else arr[sel, :dim]
-                    release_rows(stored, a, b)
+                    release_rows(stored, max(0, a - margin), b)
+                    s += sel.size
                 buf_pos[fill:fill + take] = local[i:i + take] + chunk.start
                 fill += take
                 i += take
@@ -314,6 +325,14 @@ class ChunkedSource:
         if fill:
             assert buf is not None and buf_pos is not None
             yield buf_pos[:fill], buf[:fill]
+
+
+def gather_span_bytes(budget: MemoryBudget | None) -> int:
+    """Bytes of a chunk one gather step may touch: GATHER_STEP_BYTES, or an eighth of the memory
+    cap when that is less (at least 256 KiB)."""
+    if budget is None or budget.cap_bytes is None:
+        return GATHER_STEP_BYTES
+    return max(256 * 1024, min(GATHER_STEP_BYTES, budget.cap_bytes // 8))
 
 
 def _no_release(dim: int, start: int, stop: int) -> None:
