@@ -213,6 +213,37 @@ def test_vacuums_tolerate_files_removed_by_a_racing_process(tmp_path, monkeypatc
     assert np.array_equal(et.EmbeddingStore(root, backend="numpy").get_embeddings(4), x)
 
 
+def test_commit_never_lands_below_versions_that_vacuum_left(tmp_path, monkeypatch):
+    """A writer reads version N; others commit N+1 and N+2 and vacuum removes N and N+1: the
+    writer's link of N+1 then succeeds, under N+2 (its rows were lost before: an add that returned
+    a version no later version contained)."""
+    path = tmp_path / "s"
+    x = _rows(8, 4)
+    slow = et.EmbeddingStore(path, backend="numpy")
+    slow.add(x[:2], text_ids=["a", "b"])
+    other = et.EmbeddingStore(path, backend="numpy")
+    real = writer._merge_schema
+    raced = []
+
+    def racing_merge(latest, schema):  # runs inside the slow writer's rebase, after it read N
+        if not raced:
+            raced.append(latest.version)
+            monkeypatch.setattr(writer, "_merge_schema", real)
+            other.add(x[2:4], text_ids=["c", "d"])
+            other.add(x[4:6], text_ids=["e", "f"])
+            other.vacuum(retain_versions=1)
+        return real(latest, schema)
+
+    monkeypatch.setattr(writer, "_merge_schema", racing_merge)
+    version = slow.add(x[6:8], text_ids=["g", "h"])
+    assert raced == [1] and version == 4 and mf.list_versions(path) == [3, 4]
+    fresh = et.EmbeddingStore(path, backend="numpy")
+    assert fresh.version == 4
+    # g and h reserved their row ids (2, 3) before the others' adds: row order is row-id order
+    assert fresh.metadata().collect()["text_id"].to_list() == list("abghcdef")
+    assert np.array_equal(fresh.get_embeddings(4), x[[0, 1, 6, 7, 2, 3, 4, 5]])
+
+
 def test_long_lived_handle_rebases_and_expired_reader_gets_a_typed_error(tmp_path):
     path = tmp_path / "s"
     x = _rows(9, 4)

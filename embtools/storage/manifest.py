@@ -10,7 +10,9 @@ Commit (after Delta Lake's and Lance's local-filesystem protocols): data files a
 first; the manifest goes to a temporary file in ``_versions`` and is fsynced; it is then published with
 ``os.link(tmp, "<N+1>.json")``, which fails with ``FileExistsError`` when another writer already
 committed N+1, so two writers can never both commit a version; finally the ``_versions`` directory is
-fsynced. A loser re-reads the latest version and asks its ``rebase`` callback for a new manifest
+fsynced. Since vacuum removes old versions, N+1 may also be free again because it was committed and
+vacuumed while this writer worked: a commit that finds a newer version above its own withdraws it
+and commits again on top (otherwise the newest version would not contain it). A loser re-reads the latest version and asks its ``rebase`` callback for a new manifest
 (appends rebase onto any version; deletes and compactions raise
 :class:`~embtools.errors.CommitConflictError` when their input files are gone). A crash at any point
 leaves at worst unreferenced files, which :func:`vacuum` removes.
@@ -339,6 +341,13 @@ def commit(root: str | os.PathLike[str], rebase: Callable[[Manifest | None], Man
         finally:  # the temporary manifest goes whatever happened (a full disk, a lost race)
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
+        if any(v > new_version for v in list_versions(root)):
+            # Buried: other writers committed new_version and more after this one read the
+            # latest, and vacuum removed new_version again, so the link re-used its number below
+            # the newest version, where no reader looks. Withdraw it and commit on top instead.
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(_version_path(root, new_version))
+            continue
         crash_point("before_dir_fsync")
         # Published: from here on the version exists, so nothing may report it as not committed
         # (the caller would remove its files). The directory fsync is best effort.
