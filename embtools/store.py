@@ -79,7 +79,7 @@ class EmbeddingStore:
                  max_memory_gb: float | None = None, device: str | None = None, *,
                  version: int | None = None, target_file_bytes: int | None = None) -> None:
         from embtools.backends import get_backend
-        from embtools.store_args import seed_form, store_path
+        from embtools.storage.store_args import seed_form, store_path
 
         path, backend = seed_form(path, backend)  # the seed's EmbeddingStore("numpy", ...)
         abspath = store_path(path)

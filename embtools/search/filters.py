@@ -1,6 +1,6 @@
 """Filters: a ``where`` (polars expression or SQL predicate string) to the row positions it selects.
 
-A SQL string is parsed by :mod:`embtools.search.predicate` (a predicate over the store's own columns:
+A SQL string is parsed by :mod:`embtools.storage.predicate` (a predicate over the store's own columns:
 no SQL engine, tables, files or subqueries); a polars expression may name only the store's columns.
 Filters are applied *before* scoring: the source's metadata scan picks the matching positions
 (``source.select``, predicate pushed into Parquet), and the engine reads only those rows. A search
@@ -18,58 +18,14 @@ True
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import polars as pl
 
 from embtools.errors import EmbtoolsError, FilterError
-from embtools.search.predicate import parse_predicate
+from embtools.storage.predicate import check_expression_columns, describe, to_expression
 
 __all__ = ["check_expression_columns", "describe", "select_positions", "to_expression", "where_key"]
-
-
-def to_expression(where: Any, columns: Sequence[str] | None = None) -> pl.Expr | None:
-    """``where`` as a polars expression: None stays None, SQL strings go through the safe parser
-    (:func:`embtools.search.predicate.parse_predicate`; no SQL engine ever sees them).
-
-    ``columns``: the store's column names; a SQL string or polars expression naming any other
-    column is a FilterError (None: not checked). Raises FilterError for a string that is not a
-    predicate, or anything that is neither a string nor a polars expression.
-    """
-    if where is None:
-        return None
-    if isinstance(where, pl.Expr):
-        if columns is not None:
-            check_expression_columns(where, columns)
-        return where
-    if isinstance(where, str):
-        if not where.strip():
-            raise FilterError("where is an empty string; pass None to search every row")
-        return parse_predicate(where, columns)
-    raise FilterError(
-        f"where must be a polars expression (pl.col('label') == 'x') or a SQL predicate string "
-        f"(\"label = 'x'\"), got {type(where).__name__}"
-    )
-
-
-def check_expression_columns(expr: pl.Expr, columns: Sequence[str]) -> None:
-    """FilterError when the polars expression ``expr`` reads a column not in ``columns``."""
-    try:
-        roots = expr.meta.root_names()
-    except Exception as err:  # polars refuses to list them for some expressions
-        raise FilterError(f"cannot inspect the filter {describe(expr)}: {type(err).__name__}") from None
-    unknown = [name for name in roots if name not in columns]
-    if unknown:
-        raise FilterError(f"the filter {describe(expr)} names unknown column(s) {unknown}; "
-                          f"the store's columns: {list(columns)}")
-
-
-def describe(where: Any, limit: int = 200) -> str:
-    """A short, printable description of ``where`` for messages (never an object repr)."""
-    text = repr(where) if isinstance(where, str) else str(where)
-    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def select_positions(source: Any, where: Any) -> np.ndarray | None:

@@ -30,6 +30,7 @@ import polars as pl
 
 from embtools.errors import DimensionMismatchError, FilterError, InvalidArgumentError
 from embtools.memory import MemoryBudget
+from embtools.storage.predicate import describe, to_expression
 
 __all__ = [
     "Chunk",
@@ -111,9 +112,7 @@ def gather_rows(source: VectorSource, dim: int, positions: Any = None,
 
 def compile_where(where: Any, columns: Sequence[str] | None = None) -> pl.Expr:
     """A polars expression or a SQL predicate string as a polars expression over ``columns``
-    (see :func:`embtools.search.filters.to_expression`; FilterError otherwise)."""
-    from embtools.search.filters import to_expression
-
+    (see :func:`embtools.storage.predicate.to_expression`; FilterError otherwise)."""
     if where is None:
         raise FilterError("where is None here; pass a polars expression or a SQL predicate string")
     expr = to_expression(where, columns)
@@ -183,8 +182,6 @@ class ChunkedSource:
         """int64 positions of the rows matching ``where`` (all rows for None), ascending."""
         if where is None:
             return np.arange(self.num_rows, dtype=np.int64)
-        from embtools.search.filters import describe
-
         frame = self.metadata()
         expr = compile_where(where, frame.collect_schema().names())
         try:

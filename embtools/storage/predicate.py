@@ -41,7 +41,16 @@ import polars as pl
 
 from embtools.errors import FilterError
 
-__all__ = ["FUNCTIONS", "MAX_DEPTH", "MAX_LENGTH", "MAX_OPERATORS", "parse_predicate"]
+__all__ = [
+    "FUNCTIONS",
+    "MAX_DEPTH",
+    "MAX_LENGTH",
+    "MAX_OPERATORS",
+    "check_expression_columns",
+    "describe",
+    "parse_predicate",
+    "to_expression",
+]
 
 #: nesting (parentheses, NOT, unary minus) deeper than this is refused (no RecursionError)
 MAX_DEPTH = 64
@@ -380,3 +389,45 @@ def parse_predicate(text: str, columns: Sequence[str] | None = None) -> pl.Expr:
     except UnicodeEncodeError:
         raise FilterError("where is not valid Unicode (a lone surrogate?)") from None
     return _Parser(text, columns).parse()
+
+
+def to_expression(where: Any, columns: Sequence[str] | None = None) -> pl.Expr | None:
+    """``where`` as a polars expression: None stays None, SQL strings go through the safe parser
+    (:func:`parse_predicate`; no SQL engine ever sees them).
+
+    ``columns``: the store's column names; a SQL string or polars expression naming any other
+    column is a FilterError (None: not checked). Raises FilterError for a string that is not a
+    predicate, or anything that is neither a string nor a polars expression.
+    """
+    if where is None:
+        return None
+    if isinstance(where, pl.Expr):
+        if columns is not None:
+            check_expression_columns(where, columns)
+        return where
+    if isinstance(where, str):
+        if not where.strip():
+            raise FilterError("where is an empty string; pass None to search every row")
+        return parse_predicate(where, columns)
+    raise FilterError(
+        f"where must be a polars expression (pl.col('label') == 'x') or a SQL predicate string "
+        f"(\"label = 'x'\"), got {type(where).__name__}"
+    )
+
+
+def check_expression_columns(expr: pl.Expr, columns: Sequence[str]) -> None:
+    """FilterError when the polars expression ``expr`` reads a column not in ``columns``."""
+    try:
+        roots = expr.meta.root_names()
+    except Exception as err:  # polars refuses to list them for some expressions
+        raise FilterError(f"cannot inspect the filter {describe(expr)}: {type(err).__name__}") from None
+    unknown = [name for name in roots if name not in columns]
+    if unknown:
+        raise FilterError(f"the filter {describe(expr)} names unknown column(s) {unknown}; "
+                          f"the store's columns: {list(columns)}")
+
+
+def describe(where: Any, limit: int = 200) -> str:
+    """A short, printable description of ``where`` for messages (never an object repr)."""
+    text = repr(where) if isinstance(where, str) else str(where)
+    return text if len(text) <= limit else text[:limit] + "..."
