@@ -141,8 +141,8 @@ def as_embedding_matrix(x: Any, what: str = "embeddings") -> np.ndarray:
 def reject_sparse(x: Any, what: str) -> None:
     """InvalidEmbeddingsError for a sparse array (torch sparse COO/CSR/..., scipy.sparse)."""
     layout = str(getattr(x, "layout", ""))
-    if (layout.startswith("torch.sparse") or getattr(x, "is_sparse", False) is True
-            or type(x).__module__.split(".")[0] == "scipy"):
+    scipy_like = hasattr(x, "nnz") and callable(getattr(x, "toarray", None))
+    if layout.startswith("torch.sparse") or getattr(x, "is_sparse", False) is True or scipy_like:
         raise InvalidEmbeddingsError(
             f"{what}: a sparse array ({type(x).__name__}, layout {layout or 'sparse'}); embeddings are "
             "dense: pass x.to_dense() (torch) or x.toarray() (scipy)")
