@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -43,6 +43,8 @@ from embtools.errors import (
 from embtools.memory import GB, MemoryBudget
 
 if TYPE_CHECKING:
+    import polars as pl
+
     from embtools.storage.state import StoreState
 
 __all__ = ["DEFAULT_TARGET_FILE_BYTES", "EmbeddingStore"]
@@ -349,11 +351,44 @@ class EmbeddingStore:
         return self.budget.held_bytes / GB
 
     # -- delegates ------------------------------------------------------------------------------
-    def search(self, queries: Any, k: int = 10, **kwargs: Any) -> Any:
-        """Exact top-k search (see :func:`embtools.search.search_store`)."""
+    def search(self, queries: Any, k: int = 10, *, dimension: int | None = None,
+               metric: str = "cosine", where: Any = None, columns: Sequence[str] | None = None,
+               funnel: Sequence[tuple[int, int]] | None = None, batch_rows: int | None = None,
+               screen: str | None = None) -> pl.DataFrame:
+        """Exact top-``k`` rows for each query, as a polars DataFrame ``query, rank, row_id,
+        text_id, label, score`` (+ ``columns``); see :func:`embtools.search.search_store`.
+
+        ``queries``: an array (``(n, d)`` or ``(d,)``, any backend), a text or texts (embedded
+        with the store's model), or another store (each of its rows a query). ``where`` filters
+        the rows searched; ``funnel`` runs the Matryoshka funnel; ``batch_rows`` caps the rows per
+        batch; ``screen`` ("auto", "on", "off") allows, forces or forbids the bfloat16 screen.
+        Any search that can stream under ``max_memory_gb`` does; otherwise MemoryLimitError names
+        the smallest cap that works (see :meth:`explain`).
+        """
         from embtools.search import search_store
 
-        return search_store(self, queries, k, **kwargs)
+        return search_store(self, queries, k, dimension=dimension, metric=metric, where=where,
+                            columns=columns, funnel=funnel, batch_rows=batch_rows, screen=screen)
+
+    def explain(self, queries: Any, k: int = 10, *, dimension: int | None = None,
+                metric: str = "cosine", where: Any = None,
+                funnel: Sequence[tuple[int, int]] | None = None, batch_rows: int | None = None,
+                screen: str | None = None) -> str:
+        """The plan ``search`` would run with these arguments, as text: path, batch rows, bytes
+        per batch, passes over the rows, whether torch is used, the smallest cap that works.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> store = EmbeddingStore(backend="numpy", max_memory_gb=0.01)
+        >>> _ = store.add_embeddings(np.eye(8, dtype=np.float32), dimension=8)
+        >>> store.explain(np.eye(8, dtype=np.float32)[:2], k=3).splitlines()[1]
+        'path: float32 stream, then a float64 re-rank of 8 candidates per query'
+        """
+        from embtools.search.api import explain_search
+
+        return explain_search(self, queries, k, dimension=dimension, metric=metric, where=where,
+                              funnel=funnel, batch_rows=batch_rows, screen=screen)
 
     def compute_similarity(self, query: Any, dimension: int, top_k: int | None = None) -> Any:
         """The seed's ``(similarities, indices)`` search (see :func:`embtools.search.compute_similarity`)."""

@@ -93,8 +93,10 @@ def test_search_with_a_store_as_queries_is_a_join(tmp_path):
     frame = search_store(right, left, 4)
     scores, found = _as_matrix(frame, 30)
     check_top_k(brute_force(b, a, "cosine"), scores, found, 4, "cosine")
-    path = search_store(right, left, 4, out=tmp_path / "o")
+    path = similarity_join(left, right, 4, out=tmp_path / "o")
     assert _read(path).sort("left_row_id", "rank").equals(frame.sort("left_row_id", "rank"))
+    with pytest.raises(TypeError):  # one return type: the Parquet output is similarity_join's
+        search_store(right, left, 4, out=tmp_path / "o2")
 
 
 def test_other_arguments_on_the_same_out_are_refused(tmp_path):

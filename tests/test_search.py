@@ -15,7 +15,7 @@ from embtools.errors import (
 )
 from embtools.memory import MemoryBudget
 from embtools.search import compute_similarity, search_store
-from embtools.search.engine import ArraySource, plan_search, stream_top_k
+from embtools.search.engine import ArraySource, size_stream, stream_top_k
 from tests.helpers import (
     available,
     brute_force,
@@ -86,7 +86,8 @@ def test_corpus_many_times_the_cap_streams_in_many_batches(tmp_path):
     n, d = 2000, 32
     x = rng.standard_normal((n, d)).astype(np.float32)
     cap = _cap(n, d, 8)
-    plan = plan_search(MemoryBudget(cap), 5, d, 10, n, "cosine")
+    plan = size_stream(MemoryBudget(cap).available_bytes, 5, d, 10, n, "cosine")
+    assert plan is not None
     assert plan.rows * 8 <= n and plan.nbytes <= cap * 1024**3
     store = make_store(tmp_path / "s", x, max_memory_gb=cap)
     q = rng.standard_normal((5, d)).astype(np.float32)

@@ -11,10 +11,13 @@ import polars as pl
 import pytest
 
 import embtools as et
+from embtools.backends import get_backend
 from embtools.kernels import numpy_tiles as numpy_kernel
 from embtools.memory import MemoryBudget
 from embtools.search import engine
-from embtools.search.engine import ArraySource, stream_top_k
+from embtools.search.engine import stream_top_k
+from embtools.search.request import SearchContext, SearchRequest
+from embtools.storage.memory_source import ArraySource
 from tests.helpers import brute_force, check_top_k, make_store, planted_corpus
 
 METRICS = ["cosine", "dot", "l2"]
@@ -273,7 +276,9 @@ def test_rerank_scores_are_shape_independent(monkeypatch, metric):
         if chunk is not None:
             monkeypatch.setattr(refine, "RERANK_CHUNK_BYTES", chunk)
             monkeypatch.setattr(refine, "SUB_BLOCK_BYTES", sub)
-        s, p = refine.rerank(src, MemoryBudget(None), q, d, cand, m, metric)
+        req = SearchRequest.build(src, q, m, metric=metric)
+        top = refine.rerank(req, SearchContext(src, get_backend("numpy"), MemoryBudget(None)), cand)
+        s, p = top.scores, top.positions
         np.testing.assert_array_equal(p, np.take_along_axis(np.sort(cand, axis=1), order, axis=1))
         np.testing.assert_array_equal(s, np.take_along_axis(ref, order, axis=1).astype(np.float32))
     for sub in (1, 5000, 10**7):  # the float64 scores themselves, product blocks of any size
@@ -400,16 +405,17 @@ def test_take_metadata_cached_row_groups(tmp_path, monkeypatch):
 def test_plan_for_tiled_kernel_counts_tiles_not_scores_per_row():
     """The NumPy kernel holds a few tiles of scores, not one score per (query, row) of a batch:
     larger batches without a cap, and the tiles counted (up to one tile) under a cap."""
-    from embtools.search.engine import MAX_TILED_BATCH_ROWS, plan_search
+    from embtools.search.engine import MAX_TILED_BATCH_ROWS, size_stream
 
-    free = plan_search(MemoryBudget(None), 1000, 64, 400, 10**6, "cosine", tiled=True)
-    old = plan_search(MemoryBudget(None), 1000, 64, 400, 10**6, "cosine")
+    free = size_stream(None, 1000, 64, 400, 10**6, "cosine", tiled=True)
+    old = size_stream(None, 1000, 64, 400, 10**6, "cosine")
+    assert free is not None and old is not None
     assert free.rows == MAX_TILED_BATCH_ROWS > old.rows
     for cap_mb in (0.05, 0.5, 5, 50, 500):
         cap = cap_mb / 1024
         for nq, k in [(1, 10), (10, 10), (1000, 400), (3000, 18)]:
-            p = plan_search(MemoryBudget(cap), nq, 64, k, 10**6, "cosine", tiled=True)
-            assert p.rows >= 1 and p.nbytes <= cap * 1024**3, (cap_mb, nq, k, p)
+            p = size_stream(MemoryBudget(cap).available_bytes, nq, 64, k, 10**6, "cosine", tiled=True)
+            assert p is not None and p.rows >= 1 and p.nbytes <= cap * 1024**3, (cap_mb, nq, k, p)
             width = numpy_kernel.tile_cols(k, max(1, p.chunk // numpy_kernel.QUERY_THREADS))
             tiles = min(p.rows, width) * numpy_kernel.tile_bytes(p.chunk, k, 64) // (
                 numpy_kernel.tile_cols(k, p.chunk))

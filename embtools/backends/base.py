@@ -44,25 +44,25 @@ METRICS = ("cosine", "dot", "l2")
 _HALF = ("float16", "bfloat16")
 
 
-def check_k(k: Any) -> int:
-    """Return ``k`` as an int, or raise InvalidArgumentError unless it is a positive integer."""
-    if isinstance(k, bool):
-        raise InvalidArgumentError(f"k must be a positive integer, got {k!r}")
+def check_k(k: Any, name: str = "k") -> int:
+    """Return ``k`` as an int, or raise InvalidArgumentError unless it is a positive integer
+    (booleans refused; ``name`` is the argument named in the message)."""
+    if isinstance(k, (bool, np.bool_)):
+        raise InvalidArgumentError(f"{name} must be a positive integer, got {k!r}")
     try:
         k_int = operator.index(k)
     except TypeError:
-        raise InvalidArgumentError(f"k must be a positive integer, got {k!r}") from None
+        raise InvalidArgumentError(f"{name} must be a positive integer, got {k!r}") from None
     if k_int <= 0:
-        raise InvalidArgumentError(f"k must be a positive integer, got {k_int}")
+        raise InvalidArgumentError(f"{name} must be a positive integer, got {k_int}")
     return k_int
 
 
-def check_metric(metric: str) -> str:
+def check_metric(metric: Any) -> str:
     """Return ``metric`` lower-cased, or raise InvalidArgumentError naming the known metrics."""
-    name = str(metric).lower()
-    if name not in METRICS:
+    if not isinstance(metric, str) or metric.lower() not in METRICS:
         raise InvalidArgumentError(f"unknown metric {metric!r}; use one of {', '.join(METRICS)}")
-    return name
+    return metric.lower()
 
 
 class Backend(ABC):

@@ -21,46 +21,27 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from embtools.errors import DimensionMismatchError, EmbtoolsError, InvalidArgumentError
-from embtools.search.engine import check_k, check_metric, prepare_queries
-from embtools.search.filters import select_positions
-from embtools.search.funnel import funnel_top_k, parse_funnel
-from embtools.search.refine import exact_top_k
+from embtools.backends.base import check_k
+from embtools.errors import EmbtoolsError, InvalidArgumentError
+from embtools.search.join import similarity_join
+from embtools.search.plan import plan_search, run_search
+from embtools.search.request import (
+    SearchContext,
+    SearchRequest,
+    TopK,
+    is_store,
+    prepare_queries,
+    search_dimension,
+)
 
-__all__ = ["compute_similarity", "is_store", "result_frame", "search_dimension", "search_store"]
-
-
-def is_store(obj: Any) -> bool:
-    """True for an EmbeddingStore-like object (it has ``source``, ``backend`` and ``budget``)."""
-    return all(hasattr(obj, name) for name in ("source", "backend", "budget"))
-
-
-def search_dimension(source: Any, dimension: Any, query_dim: int | None) -> int:
-    """The dimension to search: ``dimension``, else the queries' own; it must be stored or a prefix
-    of a stored dimension (DimensionMismatchError otherwise)."""
-    stored = [int(d) for d in getattr(source, "dimensions", [])]
-    if dimension is None:
-        if query_dim is None:
-            if not stored:
-                raise DimensionMismatchError("the store holds no embeddings; pass dimension=")
-            return max(stored)
-        dim = query_dim
-    else:
-        if isinstance(dimension, bool) or not isinstance(dimension, (int, np.integer)):
-            raise InvalidArgumentError(f"dimension must be a positive integer, got {dimension!r}")
-        dim = int(dimension)
-        if dim <= 0:
-            raise InvalidArgumentError(f"dimension must be a positive integer, got {dim}")
-        if query_dim is not None and query_dim != dim:
-            raise DimensionMismatchError(
-                f"queries have dimension {query_dim} but dimension={dim} was asked for; "
-                f"slice the queries (Q[:, :{dim}]) for a Matryoshka prefix"
-            )
-    if stored and dim > max(stored):
-        raise DimensionMismatchError(
-            f"dimension {dim} is larger than every stored dimension {sorted(stored)}"
-        )
-    return dim
+__all__ = [
+    "compute_similarity",
+    "explain_search",
+    "is_store",
+    "result_frame",
+    "search_dimension",
+    "search_store",
+]
 
 
 def _columns(columns: Any) -> list[str] | None:
@@ -109,6 +90,30 @@ def result_frame(
     )
 
 
+def _request(
+    store: Any,
+    queries: Any,
+    k: Any,
+    dimension: Any,
+    metric: Any,
+    where: Any,
+    funnel: Any,
+    batch_rows: Any,
+    screen: Any,
+) -> SearchRequest:
+    """The request of a search of ``store`` (texts are embedded with the store's model)."""
+    if isinstance(queries, str) or (
+        isinstance(queries, (list, tuple)) and queries and all(isinstance(t, str) for t in queries)
+    ):
+        from embtools.embed import embed_queries  # texts: embedded with the store's recorded model
+
+        queries = embed_queries(store, queries, dimension)
+    return SearchRequest.build(
+        store.source, queries, k, dimension=dimension, metric=metric, where=where,
+        batch_rows=batch_rows, screen=screen, funnel=funnel,
+    )
+
+
 def search_store(
     store: Any,
     queries: Any,
@@ -120,19 +125,21 @@ def search_store(
     columns: Sequence[str] | None = None,
     funnel: Sequence[tuple[int, int]] | None = None,
     batch_rows: int | None = None,
-    **join_options: Any,
-) -> Any:
+    screen: str | None = None,
+) -> pl.DataFrame:
     """Exact top-``k`` rows of ``store`` for each query, as a polars DataFrame.
 
     ``queries`` is an ``(n, d)`` or ``(d,)`` array of any backend, a text or a list of texts
     (embedded with the model the store records, see :func:`embtools.embed.embed_queries`), or
-    another store: then this is
-    :func:`~embtools.search.join.similarity_join` (``out=`` a directory to write the results to and
-    get its path back; without ``out`` the join's rows come back as a DataFrame). Metrics: ``cosine``
-    (zero vectors score 0), ``dot``, ``l2`` (squared Euclidean, smallest first). ``where`` (polars
-    expression or SQL predicate string) picks the rows before scoring, so each query gets
-    ``min(k, matches)`` rows. ``funnel=[(64, 400), (256, 100)]`` runs the Matryoshka funnel.
-    Ties go to the lower ``row_id``.
+    another store: then every row of that store is a query (the rows of
+    :func:`~embtools.search.join.similarity_join`, which writes them to Parquet instead).
+    Metrics: ``cosine`` (zero vectors score 0), ``dot``, ``l2`` (squared Euclidean, smallest
+    first). ``where`` (polars expression or SQL predicate string) picks the rows before scoring,
+    so each query gets ``min(k, matches)`` rows. ``funnel=[(64, 400), (256, 100)]`` runs the
+    Matryoshka funnel. ``batch_rows`` caps the corpus rows per batch; ``screen`` (``"auto"``,
+    ``"on"``, ``"off"``; default from ``EMBTOOLS_BF16_SCREEN``) allows, forces or forbids the
+    bfloat16 screen. Ties go to the lower ``row_id``. The planner streams any search that fits
+    the memory cap (see :func:`explain_search`).
 
     Examples
     --------
@@ -144,48 +151,48 @@ def search_store(
     ['x', 'z']
     """
     if is_store(queries):
-        from embtools.search.join import similarity_join
-
-        out = join_options.pop("out", None)
         if funnel is not None or columns is not None:
             raise InvalidArgumentError("funnel and columns are not supported when queries is a store")
-        kwargs = dict(dimension=dimension, where=where, metric=metric, batch_rows=batch_rows)
-        if out is not None:
-            return similarity_join(queries, store, k, out=out, **kwargs, **join_options)
         import tempfile
 
         with tempfile.TemporaryDirectory(prefix="embtools-join-") as tmp:
-            path = similarity_join(queries, store, k, out=tmp + "/join", **kwargs, **join_options)
+            path = similarity_join(queries, store, k, out=tmp + "/join", dimension=dimension,
+                                   where=where, metric=metric, batch_rows=batch_rows,
+                                   screen=screen, progress=False)
             return pl.read_parquet(str(path) + "/*.parquet")
-    if join_options:
-        raise InvalidArgumentError(
-            f"unexpected arguments {sorted(join_options)} (they apply when queries is a store)"
-        )
-    k = check_k(k)
-    metric = check_metric(metric)
     cols = _columns(columns)
-    source = store.source
-    if isinstance(queries, str) or (
-        isinstance(queries, (list, tuple)) and queries and all(isinstance(t, str) for t in queries)
-    ):
-        from embtools.embed import embed_queries  # texts: embedded with the store's recorded model
+    req = _request(store, queries, k, dimension, metric, where, funnel, batch_rows, screen)
+    top = run_search(req, SearchContext.of(store))
+    return result_frame(store.source, top.scores, top.positions, cols)
 
-        queries = embed_queries(store, queries, dimension)
-    q, _ = prepare_queries(queries)
-    dim = search_dimension(source, dimension, q.shape[1])
-    positions = select_positions(source, where)
-    stages = None if funnel is None else parse_funnel(funnel, dim, k)
-    if source.num_rows == 0:
-        scores, found = np.zeros((len(q), 0), np.float32), np.zeros((len(q), 0), np.int64)
-    elif stages is None:
-        scores, found = exact_top_k(
-            source, store.backend, store.budget, q, dim, k, metric, positions, batch_rows
-        )
-    else:
-        scores, found = funnel_top_k(
-            source, store.backend, store.budget, q, dim, k, metric, stages, positions, batch_rows
-        )
-    return result_frame(source, scores, found, cols)
+
+def explain_search(
+    store: Any,
+    queries: Any,
+    k: int = 10,
+    *,
+    dimension: int | None = None,
+    metric: str = "cosine",
+    where: Any = None,
+    funnel: Sequence[tuple[int, int]] | None = None,
+    batch_rows: int | None = None,
+    screen: str | None = None,
+) -> str:
+    """The plan :func:`search_store` would run, as text: the path (screen, float32 stream, funnel),
+    query groups and batch rows, bytes per batch, passes over the rows, whether torch is used, and
+    the smallest ``max_memory_gb`` under which this search runs. Raises what the search would
+    raise for bad arguments or a cap below the smallest plan.
+
+    Examples
+    --------
+    >>> import numpy as np, embtools as et
+    >>> store = et.EmbeddingStore(None, backend="numpy")
+    >>> _ = store.add_embeddings(np.eye(4, dtype=np.float32), dimension=4)
+    >>> print(explain_search(store, np.eye(4, dtype=np.float32), k=2).splitlines()[1])
+    path: float32 stream, then a float64 re-rank of 4 candidates per query
+    """
+    req = _request(store, queries, k, dimension, metric, where, funnel, batch_rows, screen)
+    return plan_search(req, SearchContext.of(store)).explain()
 
 
 def compute_similarity(
@@ -209,10 +216,11 @@ def compute_similarity(
     dim = search_dimension(source, dimension, q.shape[1])
     k = source.num_rows if top_k is None else check_k(top_k, "top_k")
     if k == 0:
-        scores, found = np.zeros((len(q), 0), np.float32), np.zeros((len(q), 0), np.int64)
+        top = TopK.empty(len(q))
     else:
-        scores, found = exact_top_k(source, store.backend, store.budget, q, dim, k, "cosine")
-    scores = np.clip(scores, -1.0, 1.0)
+        req = SearchRequest.build(source, q, k, dimension=dim, metric="cosine")
+        top = run_search(req, SearchContext.of(store))
+    scores, found = np.clip(top.scores, -1.0, 1.0), top.positions
     if one:
         scores, found = scores[0], found[0]
     return store.backend.from_numpy(np.ascontiguousarray(scores)), np.ascontiguousarray(found)

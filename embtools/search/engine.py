@@ -13,7 +13,8 @@ copies it, and on a backend that :class:`~embtools.backends.abilities.SupportsAs
 (CUDA) starts its host-to-device copy) while the device scores the current one.
 
 Few queries (fewer than ``PREFETCH_MIN_QUERIES``) on a backend that
-:class:`~embtools.backends.abilities.SupportsScaledScores` (NumPy) are scored straight from the source's arrays with no thread and no copy: for
+:class:`~embtools.backends.abilities.SupportsScaledScores` (NumPy) are scored straight from the
+source's arrays with no thread and no copy: for
 cosine the block stays unnormalised and each row's score is multiplied by its inverse norm. The
 inverse norms of an immutable source (``source.frozen``: a committed snapshot, an in-memory
 store's version) are computed during the first full pass and kept per ``(source, dimension)``,
@@ -31,10 +32,14 @@ Examples
 ...                            np.array([[1, 0.1]], dtype=np.float32), 2, k=2, metric="dot")
 >>> pos.tolist(), scores.astype(float).round(2).tolist()
 ([[2, 0]], [[1.1, 1.0]])
+
+Inside the search layer the stream is sized by :func:`plan_stream` (called by the planner,
+:mod:`embtools.search.plan`) and run by :func:`run_stream` on a request and a context.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import queue
 import threading
 import weakref
@@ -49,33 +54,23 @@ from embtools.backends.abilities import (
     SupportsRunningTopK,
     SupportsScaledScores,
 )
-from embtools.backends.frameworks import is_foreign_array, to_numpy
-from embtools.errors import (
-    DimensionMismatchError,
-    InvalidArgumentError,
-    InvalidEmbeddingsError,
-    MemoryLimitError,
-)
 from embtools.kernels.numpy_tiles import QUERY_THREADS as TILE_THREADS
 from embtools.kernels.numpy_tiles import inverse_norms, tile_bytes, tile_cols
 from embtools.memory import MemoryBudget
+from embtools.search.request import SearchContext, SearchRequest, TopK, cap_error
 from embtools.storage.memory_source import ArraySource
 from embtools.storage.source import VectorSource
 
 __all__ = [
-    "METRICS",
     "ArraySource",
-    "SearchPlan",
+    "StreamSizes",
     "VectorSource",
-    "check_k",
-    "check_metric",
     "normalize_rows",
-    "plan_search",
-    "prepare_queries",
+    "plan_stream",
+    "run_stream",
+    "size_stream",
     "stream_top_k",
 ]
-
-METRICS = ("cosine", "dot", "l2")
 
 #: Without a memory cap, aim for batches whose workspace is about this many bytes.
 DEFAULT_WORKSPACE_BYTES = 256 * 1024**2
@@ -89,67 +84,6 @@ PREFETCH_MIN_QUERIES = 16
 MAX_TILED_BATCH_ROWS = 262_144
 
 
-# ---------------------------------------------------------------------------------- validation
-def check_k(k: Any, name: str = "k") -> int:
-    """``k`` as an int; InvalidArgumentError unless it is a positive integer (bools refused)."""
-    if isinstance(k, (bool, np.bool_)) or not isinstance(k, (int, np.integer)):
-        raise InvalidArgumentError(f"{name} must be a positive integer, got {k!r}")
-    if int(k) <= 0:
-        raise InvalidArgumentError(f"{name} must be a positive integer, got {int(k)}")
-    return int(k)
-
-
-def check_metric(metric: Any) -> str:
-    """The metric name; InvalidArgumentError unless it is cosine, dot or l2."""
-    if not isinstance(metric, str) or metric.lower() not in METRICS:
-        raise InvalidArgumentError(f"unknown metric {metric!r}; use one of {', '.join(METRICS)}")
-    return metric.lower()
-
-
-def prepare_queries(queries: Any, dim: int | None = None) -> tuple[np.ndarray, bool]:
-    """Any backend's query array as C-contiguous float32 NumPy ``(n, d)``, and whether it was 1-D.
-
-    Raises InvalidEmbeddingsError for empty, non-numeric, NaN or inf queries, and
-    DimensionMismatchError when ``dim`` is given and the queries have another dimension.
-
-    Examples
-    --------
-    >>> q, one = prepare_queries([1.0, 2.0])
-    >>> q.shape, one
-    ((1, 2), True)
-    """
-    from embtools.storage.ingest import reject_sparse
-
-    reject_sparse(queries, "queries")
-    if isinstance(queries, np.ndarray):
-        arr = queries
-    elif is_foreign_array(queries):
-        arr = np.asarray(to_numpy(queries))
-    else:
-        try:
-            arr = np.asarray(queries)
-        except ValueError as err:
-            raise InvalidEmbeddingsError(f"queries are not a regular array: {err}") from None
-    if arr.dtype == object or not (
-        np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)
-    ):
-        raise InvalidEmbeddingsError(f"queries must be a numeric array, got dtype {arr.dtype}")
-    if arr.ndim not in (1, 2):
-        raise InvalidEmbeddingsError(f"queries must be 1-D or 2-D, got shape {arr.shape}")
-    one = arr.ndim == 1
-    q = np.ascontiguousarray(arr.reshape(1, -1) if one else arr, dtype=np.float32)
-    if q.shape[0] == 0 or q.shape[1] == 0:
-        raise InvalidEmbeddingsError(f"queries are empty (shape {arr.shape})")
-    if not np.isfinite(q).all():
-        raise InvalidEmbeddingsError("queries contain NaN or inf values")
-    if dim is not None and q.shape[1] != dim:
-        raise DimensionMismatchError(
-            f"queries have dimension {q.shape[1]} but the search uses dimension {dim}; "
-            f"pass dimension={q.shape[1]} or slice the queries (Q[:, :{dim}])"
-        )
-    return q, one
-
-
 def normalize_rows(x: np.ndarray) -> np.ndarray:
     """A new float32 array with the rows of ``x`` L2-normalised (zero rows stay zero; tiny rows
     are rescaled first): the NumPy backend's normalize."""
@@ -160,19 +94,26 @@ def normalize_rows(x: np.ndarray) -> np.ndarray:
 
 # ---------------------------------------------------------------------------------- planning
 @dataclass(frozen=True)
-class SearchPlan:
-    """How a search is cut up: query groups (one corpus pass each), query chunks per matmul,
-    corpus rows per batch, whether a reader thread prefetches, and the bytes held."""
+class StreamSizes:
+    """How a float32 stream is cut up: query groups (one corpus pass each), query chunks per
+    matmul, corpus rows per batch, whether a reader thread prefetches, the bytes held, whether
+    cosine is scored on unnormalised blocks with inverse norms (``scaled``; ``norms``: ``cached``,
+    ``fill`` a new cache during the pass, or ``batch``: computed per batch), whether the backend
+    keeps a running top-k tile by tile (``tiled``), and the fewest bytes any sizing needs."""
 
     group: int
     chunk: int
     rows: int
     prefetch: bool
     nbytes: int
+    scaled: bool = False
+    norms: str = "batch"
+    tiled: bool = False
+    min_bytes: int = 0
 
 
-def plan_search(
-    budget: MemoryBudget,
+def size_stream(
+    avail: int | None,
     nq: int,
     dim: int,
     k: int,
@@ -182,8 +123,9 @@ def plan_search(
     scaled: bool = False,
     extra_bytes: int = 0,
     tiled: bool = False,
-) -> SearchPlan:
-    """Size the batches of a search of ``nq`` queries over ``n_rows`` rows of ``dim`` floats.
+) -> StreamSizes | None:
+    """Size a stream of ``nq`` queries over ``n_rows`` rows of ``dim`` floats in ``avail`` bytes
+    (None: no cap); None when not even one query against one row fits.
 
     ``scaled``: cosine on unnormalised blocks with per-row inverse norms (no prepared copy, no
     reader thread). ``extra_bytes`` (e.g. cached norms read by the search) count in ``nbytes``.
@@ -193,8 +135,10 @@ def plan_search(
 
     Examples
     --------
-    >>> p = plan_search(MemoryBudget(0.001), nq=10, dim=64, k=5, n_rows=100_000, metric="cosine")
-    >>> p.rows * (3 * 64 * 4 + 10 * 12) + p.nbytes - p.rows * (3 * 64 * 4 + 10 * 12) <= 0.001 * 1024**3
+    >>> s = size_stream(2**20, nq=10, dim=64, k=5, n_rows=100_000, metric="cosine")
+    >>> s.nbytes <= 2**20, s.min_bytes <= s.nbytes, s.rows
+    (True, True, 1173)
+    >>> size_stream(s.min_bytes - 1, nq=10, dim=64, k=5, n_rows=100_000, metric="cosine") is None
     True
     """
     prefetch = (metric == "cosine" and not scaled) or nq >= PREFETCH_MIN_QUERIES
@@ -226,8 +170,8 @@ def plan_search(
             return cols + (room - cols * (a + b)) // a
         return room // (a + b)
 
+    least = fixed(1) + per_row(1) + tile_row(1)
     n_rows = max(n_rows, 1)
-    avail = budget.available_bytes
     group = nq
     if avail is not None:
         while group > 1 and fixed(group) > avail // 2:
@@ -239,21 +183,58 @@ def plan_search(
     else:
         want = min(n_rows, MIN_BATCH_ROWS)
         rows = fit(avail - fixed(group), chunk)
-        while rows < want and chunk > 1:
-            chunk = (chunk + 1) // 2
-            rows = fit(avail - fixed(group), chunk)
-        if rows < 1:
-            budget.check(
-                fixed(group) + per_row(chunk) + tile_row(chunk),
-                f"a search of {dim}-dimensional vectors",
-                "raise max_memory_gb",
-            )
-            raise MemoryLimitError("the memory cap is too small for one batch of one row")
+        while rows < want and chunk > 1:  # smaller matmuls, while that buys larger batches
+            half = fit(avail - fixed(group), (chunk + 1) // 2)
+            if rows >= 1 and half < rows * 1.1:
+                break
+            chunk, rows = (chunk + 1) // 2, half
+        if rows < 1:  # the smallest sizing: one query against one row at a time
+            group = chunk = 1
+            rows = fit(avail - fixed(1), 1)
+            if rows < 1:
+                return None
     if batch_rows is not None:
-        rows = min(rows, check_k(batch_rows, "batch_rows"))
+        rows = min(rows, batch_rows)
     rows = int(min(rows, n_rows))
     nbytes = fixed(group) + rows * per_row(chunk) + min(rows, cols_of(chunk)) * tile_row(chunk)
-    return SearchPlan(group, chunk, rows, prefetch, nbytes)
+    return StreamSizes(group, chunk, rows, prefetch, nbytes, scaled, tiled=tiled, min_bytes=least)
+
+
+def _abilities(req: SearchRequest, ctx: SearchContext) -> tuple[bool, bool]:
+    """(scaled, tiled): cosine of few queries scored on unnormalised blocks with inverse norms
+    (backends that :class:`SupportsScaledScores`), and a running top-k kept tile by tile."""
+    backend = ctx.backend
+    scaled = (
+        req.metric == "cosine"
+        and req.nq < PREFETCH_MIN_QUERIES
+        and isinstance(backend, SupportsScaledScores)
+    )
+    return scaled, isinstance(backend, SupportsRunningTopK)
+
+
+def plan_stream(req: SearchRequest, ctx: SearchContext, k: int | None = None) -> StreamSizes | None:
+    """Size the float32 stream of ``req`` (its top ``k``, default ``req.kk``) on ``ctx``'s backend
+    under what the budget has left; None when not even the smallest sizing fits (its bytes:
+    :func:`stream_min_bytes`)."""
+    kk = min(req.kk if k is None else k, req.n_sel)
+    scaled, tiled = _abilities(req, ctx)
+    avail = ctx.budget.available_bytes
+    norms = _RowNorms.kind(ctx.source, req.dim, avail, req.positions is None) if scaled else "batch"
+    extra = ctx.source.num_rows * 4 if norms != "batch" else 0
+    args = (req.nq, req.dim, kk, req.n_sel, req.metric, req.batch_rows, scaled)
+    sizes = size_stream(avail, *args, extra, tiled)
+    if sizes is None and extra:  # without the norm cache
+        norms, sizes = "batch", size_stream(avail, *args, 0, tiled)
+    return None if sizes is None else dataclasses.replace(sizes, norms=norms)
+
+
+def stream_min_bytes(req: SearchRequest, ctx: SearchContext, k: int | None = None) -> int:
+    """The fewest bytes the float32 stream of ``req`` needs (one query, one row at a time)."""
+    kk = min(req.kk if k is None else k, req.n_sel)
+    scaled, tiled = _abilities(req, ctx)
+    sizes = size_stream(None, req.nq, req.dim, kk, req.n_sel, req.metric, None, scaled, 0, tiled)
+    assert sizes is not None
+    return sizes.min_bytes
 
 
 # ---------------------------------------------------------------------------------- reading
@@ -323,7 +304,7 @@ def _batches(
     backend: Any,
     dim: int,
     positions: np.ndarray | None,
-    plan: SearchPlan,
+    plan: StreamSizes,
     metric: str,
     scaled: bool = False,
 ) -> Iterator[tuple[np.ndarray, Any]]:
@@ -356,49 +337,50 @@ def stream_top_k(
     source: VectorSource,
     backend: Any,
     budget: MemoryBudget,
-    queries: np.ndarray,
+    queries: Any,
     dim: int,
     k: int,
     metric: str = "cosine",
     positions: np.ndarray | None = None,
     batch_rows: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-k of ``queries`` (validated float32 ``(nq, dim)``) over the source's rows.
-
-    ``positions`` (ascending int64) restricts the search to those rows. Returns NumPy
-    ``(scores float32 (nq, kk), positions int64 (nq, kk))`` with ``kk = min(k, rows searched)``,
-    best first (l2: smallest distance first), ties by lower position.
-    """
-    metric = check_metric(metric)
-    k = check_k(k)
-    nq = int(queries.shape[0])
-    n_sel = source.num_rows if positions is None else len(positions)
-    kk = min(k, n_sel)
-    if kk == 0 or nq == 0:
-        return np.zeros((nq, 0), np.float32), np.zeros((nq, 0), np.int64)
-    scaled = (
-        metric == "cosine"
-        and nq < PREFETCH_MIN_QUERIES
-        and isinstance(backend, SupportsScaledScores)
+    """The float32 engine's top-k of ``queries`` (``(nq, dim)``) over the source's rows (those at
+    ``positions``, ascending, when given), sized under ``budget``: NumPy ``(scores float32,
+    positions int64)``, ``(nq, min(k, rows))``, best first (l2: smallest first), ties by lower
+    position. Exact in float32; :func:`embtools.search.search_store` re-ranks in float64."""
+    req = SearchRequest.build(
+        source, queries, k, dimension=dim, metric=metric, positions=positions, batch_rows=batch_rows
     )
-    norms = _RowNorms.for_search(source, dim, budget, positions is None) if scaled else None
-    extra = 0 if norms is None else norms.nbytes
-    tiled = isinstance(backend, SupportsRunningTopK)
-    plan = plan_search(budget, nq, dim, kk, n_sel, metric, batch_rows, scaled, extra, tiled)
-    key = f"search/{id(queries)}"
+    ctx = SearchContext(source, backend, budget)
+    sizes = plan_stream(req, ctx)
+    if sizes is None:
+        raise cap_error(budget, stream_min_bytes(req, ctx), f"a search of {dim}-dimensional vectors")
+    top = run_stream(req, ctx, sizes)
+    return top.scores, top.positions
+
+
+def run_stream(req: SearchRequest, ctx: SearchContext, sizes: StreamSizes, k: int | None = None) -> TopK:
+    """Run the float32 stream of ``req`` (its top ``k``, default ``req.kk``) as ``sizes`` says."""
+    kk = min(req.kk if k is None else k, req.n_sel)
+    nq = req.nq
+    if kk == 0 or nq == 0:
+        return TopK.empty(nq)
+    norms = None
+    if sizes.scaled:
+        norms = _RowNorms.for_search(ctx.source, req.dim, sizes.norms)
+    key = f"search/{id(req)}"
     out_s: list[np.ndarray] = []
     out_i: list[np.ndarray] = []
-    with budget.holding(key, plan.nbytes, "the search workspace", "raise max_memory_gb"):
-        for g in range(0, nq, plan.group):
+    with ctx.budget.holding(key, sizes.nbytes, "the search workspace", "raise max_memory_gb"):
+        for g in range(0, nq, sizes.group):
             s, i = _one_pass(
-                source, backend, queries[g : g + plan.group], dim, kk, metric, positions, plan, norms
+                ctx.source, ctx.backend, req.queries[g : g + sizes.group], req.dim, kk, req.metric,
+                req.positions, sizes, norms,
             )
             out_s.append(s)
             out_i.append(i)
-    scores = np.concatenate(out_s, axis=0)
     ordinals = np.concatenate(out_i, axis=0)
-    found = ordinals if positions is None else np.asarray(positions, dtype=np.int64)[ordinals]
-    return scores, found
+    return TopK(np.concatenate(out_s, axis=0), req.to_positions(ordinals))
 
 
 def _one_pass(
@@ -409,7 +391,7 @@ def _one_pass(
     k: int,
     metric: str,
     positions: np.ndarray | None,
-    plan: SearchPlan,
+    plan: StreamSizes,
     norms: _RowNorms | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """One pass over the corpus for a group of queries; returns ordinals into the selection.
@@ -488,17 +470,26 @@ class _RowNorms:
         self.filling = None if cached is not None or not fill else np.empty(source.num_rows, np.float32)
         self.complete = True  # every batch so far had safe norms
 
+    @staticmethod
+    def kind(source: Any, dim: int, avail: int | None, full: bool) -> str:
+        """``cached`` (kept norms of an immutable source), ``fill`` (a full pass over an immutable
+        source whose norms fit a small share of the cap left: keep them) or ``batch``."""
+        if not getattr(source, "frozen", False):
+            return "batch"
+        with _NORM_LOCK:
+            if _NORM_CACHE.get(source, {}).get(dim) is not None:
+                return "cached"
+        fits = avail is None or source.num_rows * 4 * _NORM_CAP_FRACTION <= avail
+        return "fill" if fits and full else "batch"
+
     @classmethod
-    def for_search(cls, source: Any, dim: int, budget: MemoryBudget, full: bool) -> _RowNorms:
-        """The norms for a search of ``source`` at ``dim``; ``full``: it reads every row."""
-        frozen = bool(getattr(source, "frozen", False))
+    def for_search(cls, source: Any, dim: int, kind: str) -> _RowNorms:
+        """The norms for a search of ``source`` at ``dim`` as the planner chose (:meth:`kind`)."""
         cached = None
-        if frozen:
+        if kind == "cached":
             with _NORM_LOCK:
                 cached = _NORM_CACHE.get(source, {}).get(dim)
-        avail = budget.available_bytes
-        fits = avail is None or source.num_rows * 4 * _NORM_CAP_FRACTION <= avail
-        return cls(source, dim, cached, frozen and fits and full)
+        return cls(source, dim, cached, kind == "fill")
 
     @property
     def nbytes(self) -> int:

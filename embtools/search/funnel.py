@@ -17,72 +17,32 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
-
-from embtools.errors import InvalidArgumentError
-from embtools.memory import MemoryBudget
-from embtools.search.engine import check_k, stream_top_k
+from embtools.backends.base import check_k
+from embtools.search.engine import StreamSizes, run_stream
 from embtools.search.refine import rerank
-from embtools.storage.source import VectorSource
+from embtools.search.request import SearchContext, SearchRequest, TopK, parse_funnel
+from embtools.search.screen import ScreenSizes, screened_shortlist
 
 __all__ = ["funnel_top_k", "parse_funnel", "recall_at_k"]
 
-def parse_funnel(funnel: Any, full_dim: int, k: int) -> list[tuple[int, int]]:
-    """Validate ``funnel``: a non-empty list of ``(dimension, shortlist)`` pairs with dimensions
-    increasing and below ``full_dim``, shortlists non-increasing and at least ``k``."""
-    try:
-        stages = [(int(d), int(n)) for d, n in funnel]
-    except (TypeError, ValueError):
-        raise InvalidArgumentError(
-            f"funnel must be a list of (dimension, shortlist) pairs, e.g. [(64, 400), (256, 100)], "
-            f"got {funnel!r}"
-        ) from None
-    if not stages:
-        raise InvalidArgumentError("funnel is empty; pass None for an exact search")
-    for i, (d, n) in enumerate(stages):
-        check_k(d, "a funnel dimension")
-        check_k(n, "a funnel shortlist")
-        if d >= full_dim:
-            raise InvalidArgumentError(
-                f"funnel dimension {d} is not below the search dimension {full_dim}"
-            )
-        if n < k:
-            raise InvalidArgumentError(f"funnel shortlist {n} is smaller than k={k}")
-        if i and d <= stages[i - 1][0]:
-            raise InvalidArgumentError(f"funnel dimensions must increase, got {[s[0] for s in stages]}")
-        if i and n > stages[i - 1][1]:
-            raise InvalidArgumentError(f"funnel shortlists must not grow, got {[s[1] for s in stages]}")
-    return stages
-
 
 def funnel_top_k(
-    source: VectorSource,
-    backend: Any,
-    budget: MemoryBudget,
-    queries: np.ndarray,
-    dim: int,
-    k: int,
-    metric: str,
-    stages: list[tuple[int, int]],
-    positions: np.ndarray | None = None,
-    batch_rows: int | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Funnel search: the top-``stages[0][1]`` on the ``stages[0][0]`` prefix over the selection
-    (float32, or bfloat16 scores for large batches when the screen is on), then :func:`rerank`
-    through the later stages and the full ``dim`` to ``k``."""
-    from embtools.search.screen import SHORTLIST_MAX, screen_enabled, screened_shortlist
-
-    d0, n0 = stages[0]
-    q0 = np.ascontiguousarray(queries[:, :d0])
-    n_sel = source.num_rows if positions is None else len(positions)
-    if n0 <= SHORTLIST_MAX and screen_enabled(backend, len(q0), 1, metric, n_sel):
+    req: SearchRequest, ctx: SearchContext, first: StreamSizes | ScreenSizes
+) -> TopK:
+    """Funnel search (``req.funnel``): the top-``n0`` on the ``d0`` prefix over the selection
+    (the float32 stream, or bfloat16 scores when the planner sized the screen for it: ``first``),
+    then :func:`rerank` through the later stages and the full ``req.dim`` to ``req.k``."""
+    assert req.funnel is not None
+    d0, n0 = req.funnel[0]
+    stage = req.at_dim(d0, n0)
+    if isinstance(first, ScreenSizes):
         # bfloat16 scores pick the shortlist (the later stages re-rank it in float64)
-        cand = screened_shortlist(source, budget, q0, d0, n0, metric, positions, batch_rows)
+        cand = screened_shortlist(stage, ctx, n0, first)
     else:
-        _, cand = stream_top_k(source, backend, budget, q0, d0, n0, metric, positions, batch_rows)
-    for d, n in stages[1:]:
-        _, cand = rerank(source, budget, queries, d, cand, n, metric)
-    return rerank(source, budget, queries, dim, cand, k, metric)
+        cand = run_stream(stage, ctx, first, n0).positions
+    for d, n in req.funnel[1:]:
+        cand = rerank(req.replace(dim=d), ctx, cand, n).positions
+    return rerank(req, ctx, cand, req.k)
 
 
 def recall_at_k(result: Any, reference: Any, k: int | None = None) -> float:

@@ -36,11 +36,17 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from embtools.errors import InvalidArgumentError
-from embtools.search.api import is_store
-from embtools.search.engine import check_k, check_metric
+from embtools.backends.base import check_k, check_metric
+from embtools.errors import DimensionMismatchError, InvalidArgumentError
 from embtools.search.filters import select_positions, where_key
-from embtools.search.refine import exact_top_k
+from embtools.search.plan import run_search
+from embtools.search.request import (
+    SearchContext,
+    SearchRequest,
+    check_screen,
+    is_store,
+    search_dimension,
+)
 from embtools.storage.source import gather_rows
 
 __all__ = ["JOB_FILE", "PROGRESS_FILE", "similarity_join"]
@@ -117,14 +123,10 @@ def _same_data(left: Any, right: Any) -> bool:
 
 
 def _join_dimension(left: Any, right: Any, dimension: Any) -> int:
-    from embtools.search.api import search_dimension
-
     lmax = max([int(d) for d in left.source.dimensions] or [0])
     if dimension is None:
         common = [int(d) for d in right.source.dimensions if int(d) <= lmax]
         if not common:
-            from embtools.errors import DimensionMismatchError
-
             raise DimensionMismatchError(
                 f"no dimension is served by both stores (left {left.source.dimensions}, "
                 f"right {right.source.dimensions}); pass dimension="
@@ -207,6 +209,7 @@ def similarity_join(
     chunk_rows: int | None = None,
     progress: bool | None = None,
     overwrite: bool = False,
+    screen: str | None = None,
 ) -> Path:
     """Top-``k`` rows of ``right`` for every row of ``left``, written to the Parquet dataset ``out``.
 
@@ -215,12 +218,17 @@ def similarity_join(
     row's own match is dropped and ``k`` other neighbours are still returned: a k-NN graph or a
     near-duplicate finder. ``progress`` shows a rich progress bar (default: when stderr is a
     terminal). Re-running with the same arguments resumes an interrupted job; other arguments on
-    the same ``out`` raise InvalidArgumentError unless ``overwrite=True``. Returns ``Path(out)``.
+    the same ``out`` raise InvalidArgumentError unless ``overwrite=True``. ``screen`` allows,
+    forces or forbids the bfloat16 screen (see :func:`~embtools.search.search_store`); each chunk
+    is planned under ``right``'s memory cap. Returns ``Path(out)``.
     """
     if not is_store(left) or not is_store(right):
         raise InvalidArgumentError("similarity_join takes two EmbeddingStores (left, right)")
     k = check_k(k)
     metric = check_metric(metric)
+    screen = check_screen(screen)
+    if batch_rows is not None:
+        batch_rows = check_k(batch_rows, "batch_rows")
     if out is None:
         raise InvalidArgumentError("similarity_join needs out= (a directory for the Parquet parts)")
     out_path = Path(out)
@@ -262,7 +270,9 @@ def similarity_join(
                 continue
             lo, hi = c * chunk, min((c + 1) * chunk, n_left)
             pos = np.arange(lo, hi, dtype=np.int64) if left_pos is None else left_pos[lo:hi]
-            table = _join_chunk(left, right, pos, dim, k, metric, right_pos, exclude_self, batch_rows)
+            table = _join_chunk(
+                left, right, pos, dim, k, metric, right_pos, exclude_self, batch_rows, screen
+            )
             _write_part(out_path, c, table)
             completed.append(c)
             _write_json(out_path / PROGRESS_FILE, {"param_hash": job["param_hash"], "completed": completed})
@@ -282,6 +292,7 @@ def _join_chunk(
     right_pos: np.ndarray | None,
     exclude_self: bool,
     batch_rows: int | None,
+    screen: str,
 ) -> pa.Table:
     """Search one chunk of left rows against right; the part file's table."""
     budget = right.budget
@@ -289,9 +300,12 @@ def _join_chunk(
     with budget.holding(key, len(pos) * dim * 4, "a chunk of join queries", "raise max_memory_gb or lower chunk_rows"):
         queries = gather_rows(left.source, dim, pos)
         kk = k + 1 if exclude_self else k
-        scores, found = exact_top_k(
-            right.source, right.backend, budget, queries, dim, kk, metric, right_pos, batch_rows
+        req = SearchRequest.build(
+            right.source, queries, kk, dimension=dim, metric=metric, positions=right_pos,
+            batch_rows=batch_rows, screen=screen,
         )
+        top = run_search(req, SearchContext.of(right))
+        scores, found = top.scores, top.positions
     if exclude_self:
         rows, rank, cols = _drop_self(scores, found, pos, k)
     else:

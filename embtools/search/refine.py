@@ -1,40 +1,39 @@
-"""Exact re-ranking of candidate rows in float64, and the exact search built on it.
+"""Exact re-ranking of candidate rows in float64.
 
 The streaming engine scores in float32 on the backend, where the same vector can score a last bit
-differently depending on where it sits in a matmul tile. :func:`exact_top_k` therefore asks the
-engine for a few more than ``k`` candidates and re-ranks them with :func:`rerank`, which recomputes
-their scores in float64 from the stored float32 vectors and orders them by score, ties by lower
-position. The result is the float64 brute force's (exact duplicates tie exactly and come in row-id
-order), and it is the same on every backend.
+differently depending on where it sits in a matmul tile. The planner (:mod:`embtools.search.plan`)
+therefore asks the engine for a few more than ``k`` candidates (:func:`overfetch`) and re-ranks
+them with :func:`rerank`, which recomputes their scores in float64 from the stored float32 vectors
+and orders them by score, ties by lower position. The result is the float64 brute force's (exact
+duplicates tie exactly and come in row-id order), and it is the same on every backend.
 
 Examples
 --------
 >>> import numpy as np
 >>> from embtools.backends import get_backend
 >>> from embtools.memory import MemoryBudget
+>>> from embtools.search.request import SearchContext, SearchRequest
 >>> from embtools.storage.memory_source import ArraySource
->>> x = np.array([[1, 0], [0, 1], [1, 0]], np.float32)
->>> s, p = exact_top_k(ArraySource(x), get_backend("numpy"), MemoryBudget(None),
-...                    np.array([[1, 0]], np.float32), 2, 2, "cosine")
->>> p.tolist(), s.tolist()
+>>> x = ArraySource(np.array([[1, 0], [0, 1], [1, 0]], np.float32))
+>>> req = SearchRequest.build(x, [[1, 0]], k=2)
+>>> top = rerank(req, SearchContext(x, get_backend("numpy"), MemoryBudget(None)), np.array([[2, 1, 0]]))
+>>> top.positions.tolist(), top.scores.tolist()
 ([[0, 2]], [[1.0, 1.0]])
 """
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
 
 import numpy as np
 
-from embtools.memory import MemoryBudget
-from embtools.search.engine import stream_top_k
+from embtools.search.request import SearchContext, SearchRequest, TopK, cap_error
 from embtools.storage.source import VectorSource, gather_rows
 
-__all__ = ["exact_top_k", "overfetch", "rerank"]
+__all__ = ["RerankSizes", "overfetch", "rerank", "rerank_min_bytes", "size_rerank"]
 
 #: Gathered candidate vectors re-ranked in one go are kept under this many bytes (and the cap).
 RERANK_CHUNK_BYTES = 64 * 1024**2
-_RERANK_BYTES_PER_VALUE = 4 + 4 + 8 + 8  # the guard of exact_top_k: generous per (candidate, dim)
 #: float64 products are formed this many bytes at a time, so that they stay in the CPU cache
 SUB_BLOCK_BYTES = 1024**2
 
@@ -44,114 +43,87 @@ def overfetch(k: int) -> int:
     return k + max(8, k // 4)
 
 
-def exact_top_k(
-    source: VectorSource,
-    backend: Any,
-    budget: MemoryBudget,
-    queries: np.ndarray,
-    dim: int,
-    k: int,
-    metric: str,
-    positions: np.ndarray | None = None,
-    batch_rows: int | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-``k``: the streaming engine's top ``overfetch(k)`` re-ranked in float64.
+@dataclass(frozen=True)
+class RerankSizes:
+    """Queries re-ranked together (``group``), candidate columns gathered at a time (``width``),
+    the bytes of float64 products formed at a time (``sub``) and the bytes held."""
 
-    Large batches of cosine/dot queries on CPUs with bfloat16 matrix units are screened in
-    bfloat16 first (:mod:`embtools.search.screen`); the queries the screen cannot certify take
-    the float32 path. When one query's candidate scores would not fit the re-ranking workspace
-    (a huge ``k``), the engine's float32 order is returned as it is (ties by position among equal
-    float32 scores).
+    group: int
+    width: int
+    sub: int
+    nbytes: int
+
+
+def rerank_min_bytes(m: int, dim: int) -> int:
+    """The fewest bytes re-ranking ``m`` candidates per query at ``dim`` needs: one query, one
+    candidate gathered at a time, one row of float64 products."""
+    return dim * 12 + m * 24 + dim * 4 + 8
+
+
+def size_rerank(avail: int | None, nq: int, m: int, dim: int) -> RerankSizes | None:
+    """Size the re-ranking of ``m`` candidates for each of ``nq`` queries in ``avail`` bytes (None:
+    no cap, at most ``RERANK_CHUNK_BYTES``); None when not even :func:`rerank_min_bytes` fit.
+
+    Fixed: one cache-sized block of float64 products (and its float32 gather); per query: its
+    ``m`` scores and sort keys; per (query, candidate) in a column block: one gathered float32 row
+    and its float64 norm.
+
+    Examples
+    --------
+    >>> size_rerank(None, 10, 18, 64).nbytes <= RERANK_CHUNK_BYTES
+    True
+    >>> size_rerank(rerank_min_bytes(18, 64) - 1, 10, 18, 64) is None
+    True
     """
-    from embtools.search.screen import screen_enabled, screened_top_k  # screen imports rerank
-
-    n_sel = source.num_rows if positions is None else len(positions)
-    if screen_enabled(backend, len(queries), k, metric, n_sel):
-        scores, found, ok = screened_top_k(
-            source, budget, queries, dim, k, metric, positions, batch_rows
-        )
-        if not ok.all():  # a few queries: the NumPy kernel is the fastest on CPU data
-            from embtools.backends import get_backend
-
-            rest = np.flatnonzero(~ok)
-            scores[rest], found[rest] = _float32_top_k(
-                source, get_backend("numpy"), budget, queries[rest], dim, k, metric, positions,
-                batch_rows,
-            )
-        return scores, found
-    return _float32_top_k(source, backend, budget, queries, dim, k, metric, positions, batch_rows)
-
-
-def _float32_top_k(
-    source: VectorSource,
-    backend: Any,
-    budget: MemoryBudget,
-    queries: np.ndarray,
-    dim: int,
-    k: int,
-    metric: str,
-    positions: np.ndarray | None = None,
-    batch_rows: int | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """The float32 engine's top ``overfetch(k)`` re-ranked in float64."""
-    m = overfetch(k)
-    avail = budget.available_bytes
     limit = RERANK_CHUNK_BYTES if avail is None else min(RERANK_CHUNK_BYTES, avail)
-    if m * 24 + dim * _RERANK_BYTES_PER_VALUE > limit:
-        return stream_top_k(source, backend, budget, queries, dim, k, metric, positions, batch_rows)
-    _, cand = stream_top_k(source, backend, budget, queries, dim, m, metric, positions, batch_rows)
-    return rerank(source, budget, queries, dim, cand, k, metric)
+    if limit < rerank_min_bytes(m, dim):
+        return None
+    per_col = dim * 4 + 8
+    sub = max(dim * 12, min(SUB_BLOCK_BYTES, limit // 4, limit - m * 24 - per_col))
+    group = max(1, min(nq, (limit - sub) // (m * 24 + min(m, 32) * per_col)))
+    width = max(1, min(m, (limit - sub - group * m * 24) // (group * per_col)))
+    return RerankSizes(group, width, sub, sub + group * m * 24 + group * width * per_col)
 
 
 def rerank(
-    source: VectorSource,
-    budget: MemoryBudget,
-    queries: np.ndarray,
-    dim: int,
-    candidates: np.ndarray,
-    keep: int,
-    metric: str,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Re-score each query's candidate positions with ``dim`` dimensions and keep the best ``keep``.
+    req: SearchRequest, ctx: SearchContext, candidates: np.ndarray, keep: int | None = None
+) -> TopK:
+    """Re-score each query's candidate positions with ``req.dim`` dimensions and keep the best
+    ``keep`` (default ``req.k``).
 
     ``candidates`` is ``(nq, m)`` int64 (distinct positions per row). Scores are computed in float64
-    from the float32 vectors; ties go to the lower position. Returns ``(scores float32, positions)``.
+    from the float32 vectors; ties go to the lower position.
     """
     nq, m = candidates.shape
-    keep = min(keep, m)
+    keep = min(req.k if keep is None else keep, m)
     if m == 0 or nq == 0:
-        return np.zeros((nq, 0), np.float32), np.zeros((nq, 0), np.int64)
-    q = queries[:, :dim].astype(np.float64)
+        return TopK.empty(nq)
+    dim, metric = req.dim, req.metric
+    q = req.queries[:, :dim].astype(np.float64)
     if metric == "cosine":
         qn = np.linalg.norm(q, axis=1, keepdims=True)
         q = q / np.where(qn == 0, 1.0, qn)
-    avail = budget.available_bytes
-    limit = RERANK_CHUNK_BYTES if avail is None else min(RERANK_CHUNK_BYTES, avail)
-    # fixed: one cache-sized block of float64 products (and its float32 gather); per query: its m
-    # scores and sort keys; per (query, candidate) in a column block: at most one gathered float32
-    # row and its float64 norm
-    sub = max(dim * 12, min(SUB_BLOCK_BYTES, limit // 4))
-    per_col = dim * 4 + 8
-    group = max(1, min(nq, (limit - sub) // (m * 24 + min(m, 32) * per_col)))
-    width = max(1, min(m, (limit - sub - group * m * 24) // (group * per_col)))
-    nbytes = sub + group * m * 24 + group * width * per_col
+    sizes = size_rerank(ctx.budget.available_bytes, nq, m, dim)
+    if sizes is None:
+        raise cap_error(ctx.budget, rerank_min_bytes(m, dim), "re-ranking candidates")
+    group, width = sizes.group, sizes.width
     out_s = np.empty((nq, keep), np.float32)
     out_p = np.empty((nq, keep), np.int64)
-    with budget.holding(f"rerank/{id(candidates)}", nbytes, "re-ranking candidates",
-                        "raise max_memory_gb or use a smaller k or funnel"):
+    with ctx.budget.holding(f"rerank/{id(candidates)}", sizes.nbytes, "re-ranking candidates",
+                            "raise max_memory_gb or use a smaller k or funnel"):
         for a in range(0, nq, group):
             b = min(a + group, nq)
             cand = np.sort(candidates[a:b], axis=1)
             scores = np.empty(cand.shape, np.float64)
             for c in range(0, m, width):
                 scores[:, c : c + width] = _score(
-                    source, q[a:b], dim, cand[:, c : c + width], metric, sub
+                    ctx.source, q[a:b], dim, cand[:, c : c + width], metric, sizes.sub
                 )
             key = scores if metric == "l2" else -scores
             order = np.argsort(key, axis=1, kind="stable")[:, :keep]
             out_s[a:b] = np.take_along_axis(scores, order, axis=1)
             out_p[a:b] = np.take_along_axis(cand, order, axis=1)
-    return out_s, out_p
+    return TopK(out_s, out_p)
 
 
 def _score(

@@ -23,43 +23,48 @@ flat neighbourhood) are searched again with the float32 engine. The result is ex
 the screen only makes it faster. :func:`screened_shortlist` is the same pass without the
 certificate: the first stage of a Matryoshka funnel, which is approximate by design.
 
-Used by :func:`~embtools.search.refine.exact_top_k` for cosine and dot searches of at least
+The planner (:mod:`embtools.search.plan`) uses it for cosine and dot searches of at least
 ``SCREEN_MIN_QUERIES`` queries on the NumPy backend or torch on CPU, when torch is installed and the
-CPU multiplies bfloat16 in hardware: AMX or AVX-512 BF16 (``EMBTOOLS_BF16_SCREEN=on`` forces it,
-``off`` disables it).
+CPU multiplies bfloat16 in hardware: AMX or AVX-512 BF16 (the request's ``screen="on"`` forces it,
+``"off"`` forbids it), and only when :func:`size_screen` fits it under the memory cap (in query
+groups of at least ``SCREEN_MIN_QUERIES``); otherwise the search takes the float32 path.
 
 Examples
 --------
 >>> import numpy as np
+>>> from embtools.backends import get_backend
 >>> from embtools.memory import MemoryBudget
+>>> from embtools.search.request import SearchContext, SearchRequest
 >>> from embtools.storage.memory_source import ArraySource
->>> x = np.random.default_rng(0).standard_normal((1000, 32)).astype(np.float32)
->>> s, p, ok = screened_top_k(ArraySource(x), MemoryBudget(None), x[:3], 32, 5, "cosine")
->>> p[:, 0].tolist(), bool(ok.all())
+>>> x = ArraySource(np.random.default_rng(0).standard_normal((1000, 32)).astype(np.float32))
+>>> ctx = SearchContext(x, get_backend("numpy"), MemoryBudget(None))
+>>> top, ok = screened_top_k(SearchRequest.build(x, x.vectors[:3], k=5), ctx)
+>>> top.positions[:, 0].tolist(), bool(ok.all())
 ([0, 1, 2], True)
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import math
-import os
 from types import ModuleType
 from typing import Any
 
 import numpy as np
 
-from embtools.memory import MemoryBudget
 from embtools.search.engine import normalize_rows
 from embtools.search.refine import rerank
-from embtools.storage.source import VectorSource
+from embtools.search.request import SearchContext, SearchRequest, TopK, cap_error
 
 __all__ = [
     "SCREEN_MIN_QUERIES",
+    "ScreenSizes",
     "screen_enabled",
     "screen_width",
     "screened_shortlist",
     "screened_top_k",
+    "size_screen",
 ]
 
 #: Fewer queries than this are memory-bound: the float32 engine is as fast.
@@ -83,6 +88,12 @@ SHORTLIST_MAX = 2048
 POOL = 16
 #: Smallest selection screened (smaller corpora are searched in float32).
 SCREEN_MIN_ROWS = 4096
+#: Smallest batch the screen is sized down to under a memory cap (before it steps aside for the
+#: float32 stream): smaller batches expand most of their pooled groups and lose the screen's gain.
+SCREEN_MIN_BATCH_ROWS = 32768
+#: Smallest query group the screen is sized down to under a memory cap (for the same reason: the
+#: bfloat16 product pays off on large query groups).
+SCREEN_MIN_GROUP = 256
 _U = 2.0**-8  # unit roundoff of bfloat16 (8 significant bits)
 
 
@@ -100,11 +111,11 @@ def _kernel() -> ModuleType | None:
     return torch_screen
 
 
-def screen_enabled(backend: Any, nq: int, k: int, metric: str, rows: int) -> bool:
-    """Whether :func:`exact_top_k` screens a search of ``nq`` queries over ``rows`` rows in
-    bfloat16 (see the module docstring)."""
-    mode = os.environ.get("EMBTOOLS_BF16_SCREEN", "auto").strip().lower()
-    if mode in ("0", "off", "false", "no"):
+def screen_enabled(backend: Any, nq: int, k: int, metric: str, rows: int, mode: str = "auto") -> bool:
+    """Whether a search of ``nq`` queries over ``rows`` rows may be screened in bfloat16 (see the
+    module docstring): ``mode`` is the request's ``screen`` option; ``"on"`` skips the hardware
+    check (not the float32-accumulation check, on which the bound rests)."""
+    if mode == "off":
         return False
     if metric not in ("cosine", "dot") or k > SCREEN_MAX_K:
         return False
@@ -116,109 +127,192 @@ def screen_enabled(backend: Any, nq: int, k: int, metric: str, rows: int) -> boo
     kernel = _kernel()
     if kernel is None:
         return False
-    fast = mode in ("1", "on", "true", "yes") or kernel.fast_bfloat16()
+    fast = mode == "on" or kernel.fast_bfloat16()
     return fast and kernel.accumulates_in_float32()  # else the bound would not hold: float32 path
 
 
-def screened_top_k(
-    source: VectorSource,
-    budget: MemoryBudget,
-    queries: np.ndarray,
-    dim: int,
-    k: int,
-    metric: str,
-    positions: np.ndarray | None = None,
-    batch_rows: int | None = None,
-    width: int | None = None,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Screen ``queries`` (float32 ``(nq, dim)``) in bfloat16 and re-rank the certified ones.
+@dataclasses.dataclass(frozen=True)
+class ScreenSizes:
+    """How a screen pass is cut up: queries screened together (``group``: one corpus pass each),
+    rows per batch (a multiple of ``pool``), rows kept per query (``width``) and the bytes held."""
 
-    Returns ``(scores, positions, certified)``: for certified queries (``certified[i]``) the exact
-    top-``min(k, rows)`` in float64 order (ties by lower position); the other rows of ``scores``
-    and ``positions`` are undefined and must be searched again.
+    group: int
+    rows: int
+    width: int
+    pool: int
+    nbytes: int
+
+    @staticmethod
+    def fixed_bytes(group: int, dim: int, width: int, pool: int) -> int:
+        """Bytes of a pass that do not grow with the batch: the rounded queries and their norms,
+        the expanded groups and the running best rows."""
+        return group * dim * 18 + group * width * pool * 26 + group * width * 60
+
+    @staticmethod
+    def row_bytes(group: int, dim: int, pool: int) -> int:
+        """Bytes per batch row: the bfloat16 row and its normalised float32 copy, its scores and
+        pooled scores."""
+        return dim * 6 + group * 2 + group * 2 // pool + 8
+
+
+def size_screen(
+    avail: int | None,
+    nq: int,
+    dim: int,
+    width: int,
+    n_rows: int,
+    batch_rows: int | None = None,
+    pool: int = POOL,
+    min_group: int = SCREEN_MIN_GROUP,
+) -> ScreenSizes | None:
+    """Size the screen of ``nq`` queries over ``n_rows`` rows keeping ``width`` per query, in
+    ``avail`` bytes (None: no cap): query groups of at most ``SCREEN_QUERY_GROUP`` (fewer when the
+    cap says so, balanced), batches with a bfloat16 score matrix of about ``SCREEN_SCORE_BYTES``
+    (smaller under a cap, down to ``SCREEN_MIN_BATCH_ROWS``). None when groups of
+    ``min(min_group, nq)`` queries do not fit.
+
+    Examples
+    --------
+    >>> size_screen(None, 3000, 128, 64, 10**6).group     # three balanced groups
+    1000
+    >>> s = size_screen(80 * 2**20, 600, 128, 64, 50_000)  # two groups under an 80 MiB cap
+    >>> s.group, s.rows, s.nbytes <= 80 * 2**20
+    (300, 50000, True)
+    >>> size_screen(4 * 2**20, 200, 128, 64, 20_000) is None
+    True
     """
-    n_sel = source.num_rows if positions is None else len(positions)
-    kk = min(k, n_sel)
-    width = min(n_sel, max(kk, width or screen_width(kk)))
-    nq = len(queries)
+    padded = max(pool, -(-n_rows // pool) * pool)
+    want = min(padded, SCREEN_MIN_BATCH_ROWS)
+    fixed, per_row = ScreenSizes.fixed_bytes, ScreenSizes.row_bytes
+
+    def cost(g: int, rows: int) -> int:
+        return fixed(g, dim, width, pool) + rows * per_row(g, dim, pool)
+
+    group = min(nq, SCREEN_QUERY_GROUP)
+    if avail is not None:
+        per_query = cost(1, want) - cost(0, want) + want  # an upper bound of one query's bytes
+        group = min(group, max(0, (avail - cost(0, want)) // per_query))
+        while group < nq and cost(group + 1, want) <= avail and group < SCREEN_QUERY_GROUP:
+            group += 1
+        while group > 0 and cost(group, want) > avail:
+            group -= 1
+        if group < min(min_group, nq):
+            return None
+    passes = -(-nq // group)
+    group = -(-nq // passes)  # balanced groups, no larger than what fits
+    rows = max(pool, SCREEN_SCORE_BYTES // (group * 2))
+    if avail is not None:
+        rows = min(rows, (avail - fixed(group, dim, width, pool)) // per_row(group, dim, pool))
+    rows = min(rows, padded)
+    if batch_rows is not None:
+        rows = min(rows, batch_rows)
+    rows = max(pool, rows // pool * pool)
+    return ScreenSizes(group, int(rows), width, pool, int(cost(group, rows)))
+
+
+def screen_min_bytes(
+    nq: int, dim: int, width: int, n_rows: int, pool: int = POOL, min_group: int = SCREEN_MIN_GROUP
+) -> int:
+    """The fewest bytes :func:`size_screen` accepts for groups of ``min(min_group, nq)``."""
+    g = min(min_group, nq)
+    want = min(max(pool, -(-n_rows // pool) * pool), SCREEN_MIN_BATCH_ROWS)
+    return ScreenSizes.fixed_bytes(g, dim, width, pool) + want * ScreenSizes.row_bytes(g, dim, pool)
+
+
+def _sizes(
+    req: SearchRequest, ctx: SearchContext, width: int, pool: int, sizes: ScreenSizes | None
+) -> ScreenSizes:
+    if sizes is not None:
+        return sizes
+    avail = ctx.budget.available_bytes
+    found = size_screen(avail, req.nq, req.dim, width, req.n_sel, req.batch_rows, pool, 1)
+    if found is None:
+        need = screen_min_bytes(1, req.dim, width, req.n_sel, pool, 1)
+        raise cap_error(ctx.budget, need, "the bfloat16 screen")
+    return found
+
+
+def screened_top_k(
+    req: SearchRequest, ctx: SearchContext, sizes: ScreenSizes | None = None
+) -> tuple[TopK, np.ndarray]:
+    """Screen ``req``'s queries in bfloat16 and re-rank the certified ones.
+
+    Returns ``(top, certified)``: for certified queries (``certified[i]``) the exact
+    top-``min(k, rows)`` in float64 order (ties by lower position); the other rows of ``top`` are
+    undefined and must be searched again. ``sizes`` (from the planner; sized from the budget when
+    None) gives the query groups and batches.
+    """
+    kk = req.kk
+    width = min(req.n_sel, max(kk, screen_width(kk)))
+    sizes = _sizes(req, ctx, width, POOL, sizes)
+    nq = req.nq
     scores = np.zeros((nq, kk), np.float32)
     found = np.zeros((nq, kk), np.int64)
     certified = np.zeros(nq, bool)
-    for g in range(0, nq, SCREEN_QUERY_GROUP):
-        q = queries[g : g + SCREEN_QUERY_GROUP, :dim]
-        ordinals, need, ok = _screen_pass(
-            source, budget, q, dim, kk, width, metric, positions, batch_rows
-        )
-        if positions is not None:
-            ordinals = np.asarray(positions, dtype=np.int64)[ordinals]
+    for g in range(0, nq, sizes.group):
+        q = req.queries[g : g + sizes.group, : req.dim]
+        ordinals, need, ok = _screen_pass(req, ctx, q, kk, sizes)
+        ordinals = req.to_positions(ordinals)
         # re-rank queries with about as many candidates together (the best ``m`` of each)
-        sizes = np.maximum(-(-need // RERANK_STEP) * RERANK_STEP, kk)
+        need_m = np.maximum(-(-need // RERANK_STEP) * RERANK_STEP, kk)
         real = (ordinals >= 0).sum(axis=1)  # padding (-1) sorts last, after every candidate
-        for m in np.unique(sizes[ok]):
-            sel = np.flatnonzero(ok & (sizes == m))
+        for m in np.unique(need_m[ok]):
+            sel = np.flatnonzero(ok & (need_m == m))
             m = int(min(m, real[sel].min()))
-            s, p = rerank(source, budget, q[sel], dim, ordinals[sel, :m], kk, metric)
-            scores[sel + g], found[sel + g], certified[sel + g] = s, p, True
-    return scores, found, certified
+            top = rerank(req.subset(sel + g), ctx, ordinals[sel, :m], kk)
+            scores[sel + g], found[sel + g], certified[sel + g] = top.scores, top.positions, True
+    return TopK(scores, found), certified
+
+
+def shortlist_sizes(avail: int | None, req: SearchRequest, n: int) -> ScreenSizes | None:
+    """:func:`size_screen` for a funnel shortlist of ``n`` rows per query."""
+    n = min(n, req.n_sel)
+    pool = max(1, min(POOL, SHORTLIST_EXPANDED // max(n, 1)))
+    return size_screen(avail, req.nq, req.dim, n, req.n_sel, req.batch_rows, pool)
 
 
 def screened_shortlist(
-    source: VectorSource,
-    budget: MemoryBudget,
-    queries: np.ndarray,
-    dim: int,
-    n: int,
-    metric: str,
-    positions: np.ndarray | None = None,
-    batch_rows: int | None = None,
+    req: SearchRequest, ctx: SearchContext, n: int, sizes: ScreenSizes | None = None
 ) -> np.ndarray:
-    """Positions ``(nq, min(n, rows))`` of each query's ``n`` best rows by bfloat16 score, best
-    first: the first stage of a Matryoshka funnel, which is approximate by design (every row when
-    ``n`` covers the selection)."""
-    n_sel = source.num_rows if positions is None else len(positions)
-    n = min(n, n_sel)
+    """Positions ``(nq, min(n, rows))`` of each query's ``n`` best rows by bfloat16 score at
+    ``req.dim``, best first: the first stage of a Matryoshka funnel, which is approximate by
+    design (every row when ``n`` covers the selection)."""
+    n = min(n, req.n_sel)
     pool = max(1, min(POOL, SHORTLIST_EXPANDED // n))
+    sizes = _sizes(req, ctx, n, pool, sizes)
     out = []
-    for g in range(0, len(queries), SCREEN_QUERY_GROUP):
-        q = queries[g : g + SCREEN_QUERY_GROUP, :dim]
-        ords, _, _ = _screen_pass(source, budget, q, dim, n, n, metric, positions, batch_rows, pool)
+    for g in range(0, req.nq, sizes.group):
+        q = req.queries[g : g + sizes.group, : req.dim]
+        ords, _, _ = _screen_pass(req, ctx, q, n, sizes)
         if (ords[:, :n] < 0).any():
             raise RuntimeError("the screen kept fewer rows than the selection holds")
         out.append(ords[:, :n])
-    found = np.concatenate(out, axis=0)
-    return found if positions is None else np.asarray(positions, dtype=np.int64)[found]
+    return req.to_positions(np.concatenate(out, axis=0))
 
 
 def _screen_pass(
-    source: VectorSource,
-    budget: MemoryBudget,
-    queries: np.ndarray,
-    dim: int,
-    k: int,
-    width: int,
-    metric: str,
-    positions: np.ndarray | None,
-    batch_rows: int | None,
-    pool: int = POOL,
+    req: SearchRequest, ctx: SearchContext, queries: np.ndarray, k: int, sizes: ScreenSizes
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One bfloat16 pass: ``(ordinals, need, certified)``: per query the ``width`` best rows
-    (ordinals into the selection, best first), how many of them may be in the exact top-k, and
-    whether those are all the rows that may be. The torch work (bfloat16 products, pooled group
-    maxima, the probe and the running best rows) is
+    """One bfloat16 pass of ``queries`` (a group of ``req``'s): ``(ordinals, need, certified)``:
+    per query the ``sizes.width`` best rows (ordinals into the selection, best first), how many of
+    them may be in the exact top-``k``, and whether those are all the rows that may be. The torch
+    work (bfloat16 products, pooled group maxima, the probe and the running best rows) is
     :func:`embtools.kernels.torch_screen.screen_pass`; the certificate is worked out here."""
     from embtools.kernels import torch_screen
 
+    dim, metric = req.dim, req.metric
     q32 = normalize_rows(queries) if metric == "cosine" else np.ascontiguousarray(queries)
     qb, qb_norm, dq_norm = torch_screen.round_queries(q32)
-    n_sel = source.num_rows if positions is None else len(positions)
-    rows, nbytes = _plan(budget, len(queries), dim, width, batch_rows, pool, n_sel)
-    with budget.holding(f"screen/{id(queries)}", nbytes, "the bfloat16 screen", "raise max_memory_gb"):
-        batches = source.iter_vectors(dim, positions=positions, batch_rows=rows, views=True)
+    budget = ctx.budget
+    with budget.holding(f"screen/{id(queries)}", sizes.nbytes, "the bfloat16 screen", "raise max_memory_gb"):
+        batches = ctx.source.iter_vectors(dim, positions=req.positions, batch_rows=sizes.rows,
+                                          views=True)
         vals, ords, floor, max_x, seen = torch_screen.screen_pass(
-            (vec for _pos, vec in batches), qb, rows, dim, width, pool, metric, normalize_rows
+            (vec for _pos, vec in batches), qb, sizes.rows, dim, sizes.width, sizes.pool, metric,
+            normalize_rows,
         )
-    if seen != n_sel:
-        raise RuntimeError(f"the vector source yielded {seen} rows, expected {n_sel}")
+    if seen != req.n_sel:
+        raise RuntimeError(f"the vector source yielded {seen} rows, expected {req.n_sel}")
     with np.errstate(over="ignore", invalid="ignore"):  # inf scores (dot overflow): not certified
         return _certify(vals, ords, floor, error_bound(qb_norm, dq_norm, max_x, dim), k)
 
@@ -273,31 +367,3 @@ def half_ulp(a: np.ndarray) -> np.ndarray:
     """
     _, exp = np.frexp(a)  # a = m * 2**exp with 0.5 <= |m| < 1
     return np.where(a == 0, 2.0**-126, np.ldexp(1.0, exp - 1 - 8))
-
-
-def _plan(
-    budget: MemoryBudget,
-    nq: int,
-    dim: int,
-    width: int,
-    batch_rows: int | None,
-    pool: int,
-    n_rows: int,
-) -> tuple[int, int]:
-    """Rows per batch (a multiple of ``pool``, at most the ``n_rows`` searched) and the bytes the
-    pass holds: the bfloat16 rows and scores, the pooled scores, a normalised float32 copy of the
-    rows, the expanded groups and the running best rows. Score matrices of about
-    ``SCREEN_SCORE_BYTES``, smaller when the memory cap says so."""
-    per_row = dim * 6 + nq * 2 + nq * 2 // pool + 8
-    fixed = nq * dim * 18 + nq * width * pool * 26 + nq * width * 60
-    rows = max(pool, SCREEN_SCORE_BYTES // (nq * 2))
-    avail = budget.available_bytes
-    if avail is not None:
-        if (avail - fixed) // per_row < pool:
-            budget.check(fixed + per_row * pool, "the bfloat16 screen", "raise max_memory_gb")
-        rows = min(rows, (avail - fixed) // per_row)
-    rows = min(rows, -(-n_rows // pool) * pool)
-    if batch_rows is not None:
-        rows = min(rows, batch_rows)
-    rows = max(pool, rows // pool * pool)
-    return int(rows), int(fixed + rows * per_row)
