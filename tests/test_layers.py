@@ -46,11 +46,6 @@ LAYERS = {
 #: imports known to close a cycle or cross a layer, each with who removes it. Keep this short:
 #: an edge listed here that no longer exists fails the test, so the list only shrinks.
 ALLOWED: dict[tuple[str, str], str] = {
-    # search/: the planner engineer (issue 10, item 1) removes these cycles
-    ("embtools.search.api", "embtools.search.join"): "planner: search/api <-> search/join",
-    ("embtools.search.join", "embtools.search.api"): "planner: search/api <-> search/join",
-    ("embtools.search.refine", "embtools.search.screen"): "planner: refine <-> screen",
-    ("embtools.search.screen", "embtools.search.refine"): "planner: refine <-> screen",
 }
 
 #: (importer prefix, imported prefix) pairs forbidden whatever the layers say

@@ -61,6 +61,7 @@ from embtools.search.screen import (
     ScreenSizes,
     screen_enabled,
     screen_min_bytes,
+    screen_possible,
     screen_width,
     screened_top_k,
     shortlist_sizes,
@@ -216,26 +217,31 @@ def plan_search(req: SearchRequest, ctx: SearchContext) -> SearchPlan:
     base.update(min_bytes=least, min_cap_gb=min_cap)
     cands = m if reranked else 0
 
-    if screen_enabled(ctx.backend, req.nq, kk, req.metric, req.n_sel, req.screen):
+    if screen_possible(ctx.backend, req.nq, kk, req.metric, req.n_sel, req.screen):
+        # sized first: a screen that does not fit the cap never imports torch
         width = min(req.n_sel, max(kk, screen_width(kk)))
         sizes = size_screen(avail, req.nq, req.dim, width, req.n_sel, req.batch_rows)
         fb_ctx = _fallback_ctx(ctx)
         fallback = plan_stream(req, fb_ctx, m)
         rr = size_rerank(avail, req.nq, width, req.dim)
-        if sizes is not None and fallback is not None and rr is not None:
+        if sizes is None or fallback is None or rr is None:
+            need = screen_min_bytes(req.nq, req.dim, width, req.n_sel)
+            notes.append(
+                f"the bfloat16 screen needs {format_bytes(need)} (groups of at least "
+                f"{min(req.nq, SCREEN_MIN_GROUP)} queries, batches of "
+                f"{min(req.n_sel, SCREEN_MIN_BATCH_ROWS):,} rows), over the "
+                f"{format_bytes(avail or 0)} left: float32 stream"
+            )
+        elif screen_enabled(ctx.backend, req.nq, kk, req.metric, req.n_sel, req.screen):
             return SearchPlan("screen", **base, stream=fallback, screen=sizes,
                               fallback=fb_ctx.backend.name, candidates=cands,
                               rerank=size_rerank(avail, req.nq, m, req.dim), notes=tuple(notes))
-        need = screen_min_bytes(req.nq, req.dim, width, req.n_sel)
-        notes.append(
-            f"the bfloat16 screen needs {format_bytes(need)} (groups of at least "
-            f"{min(req.nq, SCREEN_MIN_GROUP)} queries, batches of "
-            f"{min(req.n_sel, SCREEN_MIN_BATCH_ROWS):,} rows), over the {format_bytes(avail or 0)} "
-            "left: float32 stream"
-        )
+        elif req.screen == "on":
+            notes.append("screen='on' but torch's bfloat16 product is unavailable or does not "
+                         "sum in float32 here: float32 stream")
     elif req.screen == "on":
         notes.append("screen='on' but this search cannot be screened (metric, k, backend, "
-                     "query or row count, or no bfloat16 hardware)")
+                     "query or row count)")
     stream = plan_stream(req, ctx, m)
     rr = size_rerank(avail, req.nq, m, req.dim) if reranked else None
     if stream is None or (reranked and rr is None):
@@ -263,12 +269,13 @@ def _plan_funnel(
     common: dict[str, Any] = dict(
         candidates=widths[-1], rerank=size_rerank(avail, req.nq, widths[-1], req.dim)
     )
-    if n0 <= SHORTLIST_MAX and screen_enabled(ctx.backend, req.nq, 1, req.metric, req.n_sel,
-                                              req.screen):
+    possible = screen_possible(ctx.backend, req.nq, 1, req.metric, req.n_sel, req.screen)
+    if n0 <= SHORTLIST_MAX and possible:
         sizes = shortlist_sizes(avail, stage, n0)
-        if sizes is not None:
+        if sizes is None:
+            notes.append("the bfloat16 shortlist does not fit the cap: float32 stream")
+        elif screen_enabled(ctx.backend, req.nq, 1, req.metric, req.n_sel, req.screen):
             return SearchPlan("funnel", **base, screen=sizes, **common, notes=tuple(notes))
-        notes.append("the bfloat16 shortlist does not fit the cap: float32 stream")
     stream = plan_stream(stage, ctx, n0)
     if stream is None:
         raise cap_error(ctx.budget, least, _what(req))

@@ -61,6 +61,7 @@ __all__ = [
     "SCREEN_MIN_QUERIES",
     "ScreenSizes",
     "screen_enabled",
+    "screen_possible",
     "screen_width",
     "screened_shortlist",
     "screened_top_k",
@@ -111,18 +112,22 @@ def _kernel() -> ModuleType | None:
     return torch_screen
 
 
-def screen_enabled(backend: Any, nq: int, k: int, metric: str, rows: int, mode: str = "auto") -> bool:
-    """Whether a search of ``nq`` queries over ``rows`` rows may be screened in bfloat16 (see the
-    module docstring): ``mode`` is the request's ``screen`` option; ``"on"`` skips the hardware
-    check (not the float32-accumulation check, on which the bound rests)."""
-    if mode == "off":
-        return False
-    if metric not in ("cosine", "dot") or k > SCREEN_MAX_K:
+def screen_possible(backend: Any, nq: int, k: int, metric: str, rows: int, mode: str = "auto") -> bool:
+    """The cheap half of :func:`screen_enabled` (no torch import): the ``screen`` option, metric,
+    ``k``, query and row counts and backend allow the screen."""
+    if mode == "off" or metric not in ("cosine", "dot") or k > SCREEN_MAX_K:
         return False
     if nq < SCREEN_MIN_QUERIES or rows < SCREEN_MIN_ROWS:
         return False
     name = getattr(backend, "name", "")
-    if not (name == "numpy" or (name == "torch" and str(backend.device) == "cpu")):
+    return name == "numpy" or (name == "torch" and str(backend.device) == "cpu")
+
+
+def screen_enabled(backend: Any, nq: int, k: int, metric: str, rows: int, mode: str = "auto") -> bool:
+    """Whether a search of ``nq`` queries over ``rows`` rows may be screened in bfloat16 (see the
+    module docstring): ``mode`` is the request's ``screen`` option; ``"on"`` skips the hardware
+    check (not the float32-accumulation check, on which the bound rests). Imports torch."""
+    if not screen_possible(backend, nq, k, metric, rows, mode):
         return False
     kernel = _kernel()
     if kernel is None:
