@@ -321,6 +321,20 @@ class EmbeddingStore:
         x = self.get_embeddings(int(target_dim))
         return self.backend.normalize(x) if normalize else x
 
+    def verify(self) -> Any:
+        """Check every data file of the open version, every page's CRC-32 included.
+
+        Returns a :class:`~embtools.storage.verify.VerifyReport`: ``ok``, ``files_checked`` and
+        ``damaged`` (``(path, reason)`` pairs). Reads every byte of the store; the in-memory store
+        has no files to check.
+        """
+        from embtools.storage.verify import VerifyReport, verify_store
+
+        if self._mem is not None:
+            return VerifyReport(self.version, 0, [])
+        assert self.path is not None
+        return verify_store(self.path, self._snap.manifest)
+
     # -- memory ---------------------------------------------------------------------------------
     def get_memory_info(self) -> dict[str, Any]:
         """Embedding bytes per dimension (stored and held in memory), what is held, and the cap."""

@@ -21,6 +21,7 @@ import click
 from embtools import __version__
 from embtools.cli import admin, ingest, query
 from embtools.cli.common import printable
+from embtools.cli import verify as verify_command
 from embtools.errors import EmbtoolsError
 
 __all__ = ["EmbtoolsGroup", "cli", "main", "one_line"]
@@ -67,7 +68,7 @@ def cli() -> None:
     """
 
 
-for _command in (*admin.COMMANDS, *ingest.COMMANDS, *query.COMMANDS):
+for _command in (*admin.COMMANDS, *ingest.COMMANDS, *query.COMMANDS, *verify_command.COMMANDS):
     cli.add_command(_command)
 
 

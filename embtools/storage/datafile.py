@@ -24,6 +24,7 @@ import contextlib
 import mmap
 import os
 import re
+import stat
 from types import TracebackType
 
 import numpy as np
@@ -32,7 +33,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from embtools.errors import CorruptStoreError, InvalidArgumentError, InvalidEmbeddingsError
-from embtools.storage.pages import ENCODING_IDS, LayoutError, plain_value_spans
+from embtools.storage.footer import parse_footer
+from embtools.storage.pages import LayoutError, plain_value_spans
 
 __all__ = [
     "EMBEDDING_COLUMN",
@@ -174,39 +176,36 @@ class MappedParquetFile:
     def __init__(self, path: str | os.PathLike[str], *, verify_checksums: bool = False) -> None:
         self.path = os.fspath(path)
         self.verify_checksums = verify_checksums
-        try:
-            self._pf = pq.ParquetFile(self.path, page_checksum_verification=verify_checksums)
-            meta = self._pf.metadata
-            self.num_rows: int = int(meta.num_rows)
-            self.row_group_rows: list[int] = [
-                int(meta.row_group(i).num_rows) for i in range(meta.num_row_groups)
-            ]
-            self._arrow_schema = self._pf.schema_arrow
-            self._leaves: dict[str, list[int]] = {}
-            for i in range(meta.num_columns):
-                top = self._pf.schema.column(i).path.split(".")[0]
-                self._leaves.setdefault(top, []).append(i)
-        except FileNotFoundError:
-            raise
-        except (OSError, pa.ArrowException, ValueError, KeyError) as exc:
-            raise CorruptStoreError(f"{self.path}: not a readable Parquet file ({exc})") from exc
-        if sum(self.row_group_rows) != self.num_rows or any(r < 0 for r in self.row_group_rows):
-            raise CorruptStoreError(f"{self.path}: row group sizes do not add up to num_rows")
         self._plans: dict[tuple[str, int], list[tuple[int, int]] | None] = {}
         self._mm: mmap.mmap | None = None
         self._closed = False
-        with open(self.path, "rb") as fh:
-            size = os.fstat(fh.fileno()).st_size
-            if size < 12:
-                raise CorruptStoreError(f"{self.path}: {size} bytes is too short for Parquet")
-            self._mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
-        self.size = size
-        mm = self._mm
-        footer_len = int.from_bytes(mm[size - 8:size - 4], "little")
-        if mm[:4] != b"PAR1" or mm[size - 4:] != b"PAR1" or footer_len > size - 12:
+        # non-blocking: a FIFO in place of the file must not hang the open
+        fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise CorruptStoreError(f"{self.path}: not a regular file")
+            if st.st_size < 12:
+                raise CorruptStoreError(f"{self.path}: {st.st_size} bytes is too short for Parquet")
+            self._mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+        finally:
+            os.close(fd)
+        self.size = st.st_size
+        try:
+            # checked before pyarrow reads it: pyarrow aborts the process on some damaged footers
+            self._footer = parse_footer(self._mm)
+            self._pf = pq.ParquetFile(self.path, page_checksum_verification=verify_checksums)
+            self._arrow_schema = self._pf.schema_arrow
+            self._leaves: dict[str, list[int]] = {}
+            for i in range(self._pf.metadata.num_columns):
+                top = self._pf.schema.column(i).path.split(".")[0]
+                self._leaves.setdefault(top, []).append(i)
+        except (OSError, pa.ArrowException, ValueError, KeyError) as exc:
             self.close()
-            raise CorruptStoreError(f"{self.path}: bad Parquet magic or footer length")
-        self._data_end = size - 8 - footer_len
+            raise CorruptStoreError(f"{self.path}: not a readable Parquet file ({exc})") from None
+        self.num_rows: int = self._footer.num_rows
+        self.row_group_rows: list[int] = [rows for rows, _ in self._footer.row_groups]
+        self._data_end = self._footer.data_end
 
     # -- public -------------------------------------------------------------------------------
     def embedding(self, column: str, row_group: int) -> np.ndarray:
@@ -376,16 +375,12 @@ class MappedParquetFile:
         if desc.physical_type != "FLOAT" or (desc.max_repetition_level,
                                              desc.max_definition_level) != (1, 1):
             return None
-        try:
-            cc = self._pf.metadata.row_group(row_group).column(leaf)
-            codec, has_dict = cc.compression, cc.has_dictionary_page
-            start, length, num_values = cc.data_page_offset, cc.total_compressed_size, cc.num_values
-            names = cc.encodings
-        except (OSError, pa.ArrowException, ValueError) as exc:
-            raise CorruptStoreError(f"{where}: bad column chunk metadata ({exc})") from exc
-        if codec != "UNCOMPRESSED" or has_dict or not set(names) <= set(ENCODING_IDS):
+        # the footer as embtools decoded and checked it (pyarrow's ``compression`` aborts on a
+        # damaged codec id)
+        cc = self._footer.row_groups[row_group][1][leaf]
+        if cc.codec != 0 or cc.has_dictionary:
             return None
-        encodings = frozenset(ENCODING_IDS[e] for e in names)
+        start, length, num_values, encodings = cc.start, cc.length, cc.num_values, cc.encodings
         if num_values != rows * dim:
             raise CorruptStoreError(f"{where}: {num_values} values, expected {rows} x {dim}")
         if rows == 0:

@@ -57,6 +57,7 @@ from embtools.storage.schema import base_schema, schema_from_json, schema_to_jso
 __all__ = [
     "CRASH_ENV",
     "DATA_DIR",
+    "DATA_FILE",
     "FORMAT",
     "ROWIDS_FILE",
     "VERSIONS_DIR",
@@ -85,6 +86,9 @@ ROWIDS_FILE = "_rowids"
 CRASH_ENV = "EMBTOOLS_CRASH_AT"
 _VERSION_FILE = re.compile(r"^([0-9]{20})\.json$")
 _MAX_COMMIT_ATTEMPTS = 1000
+_MAX_COUNT = 2**62
+DATA_FILE = re.compile(r"^data/[0-9a-f]{32}\.parquet$")
+"""Manifest paths of data files (what :func:`new_data_path` makes); nothing else is ever opened."""
 
 
 def crash_point(name: str) -> None:
@@ -100,7 +104,8 @@ def crash_point(name: str) -> None:
 
 @dataclass(frozen=True)
 class FileEntry:
-    """One committed data file: path relative to the store, rows, row-id range, size, row groups."""
+    """One committed data file: path relative to the store, rows, row-id range, size, row groups,
+    and the CRC-32 of its footer (``footer_crc``; None in files committed before it was recorded)."""
 
     path: str
     num_rows: int
@@ -108,17 +113,66 @@ class FileEntry:
     row_id_max: int
     bytes: int
     row_groups: list[int]
+    footer_crc: int | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out = {
             "path": self.path, "num_rows": self.num_rows, "row_id_min": self.row_id_min,
             "row_id_max": self.row_id_max, "bytes": self.bytes, "row_groups": list(self.row_groups),
         }
+        if self.footer_crc is not None:
+            out["footer_crc"] = self.footer_crc
+        return out
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> FileEntry:
-        return cls(str(d["path"]), int(d["num_rows"]), int(d["row_id_min"]), int(d["row_id_max"]),
-                   int(d["bytes"]), [int(r) for r in d["row_groups"]])
+        """Parse and check one manifest file entry (ValueError, TypeError or KeyError when bad)."""
+        if not isinstance(d, dict):
+            raise TypeError(f"a file entry is a {type(d).__name__}, not an object")
+        path = d["path"]
+        if not isinstance(path, str) or not DATA_FILE.match(path):
+            raise ValueError(f"file path {path!r} is not data/<32 hex digits>.parquet")
+        groups = d["row_groups"]
+        if not isinstance(groups, list):
+            raise TypeError("row_groups is not a list")
+        crc = d.get("footer_crc")
+        entry = cls(path, _count(d["num_rows"], "num_rows"), _count(d["row_id_min"], "row_id_min"),
+                    _count(d["row_id_max"], "row_id_max"), _count(d["bytes"], "bytes"),
+                    [_count(r, "row group size") for r in groups],
+                    None if crc is None else _count(crc, "footer_crc", 2**32 - 1))
+        if sum(entry.row_groups) != entry.num_rows:
+            raise ValueError(f"{path}: row groups {entry.row_groups} do not add up to {entry.num_rows} rows")
+        if entry.num_rows and entry.row_id_max - entry.row_id_min + 1 < entry.num_rows:
+            raise ValueError(f"{path}: {entry.num_rows} rows cannot have ids "
+                             f"{entry.row_id_min}..{entry.row_id_max}")
+        if entry.bytes < 12:
+            raise ValueError(f"{path}: {entry.bytes} bytes is too short for Parquet")
+        return entry
+
+
+def _count(v: Any, what: str, hi: int = _MAX_COUNT) -> int:
+    """A JSON integer in ``0..hi`` (not a bool or float)."""
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise TypeError(f"{what} is {v!r}, not an integer")
+    if not 0 <= v <= hi:
+        raise ValueError(f"{what} {v} is out of range")
+    return v
+
+
+def _check_files(files: list[FileEntry]) -> None:
+    """Files in row-id order, distinct, with disjoint row-id ranges."""
+    seen: set[str] = set()
+    prev: FileEntry | None = None
+    for f in files:
+        if f.path in seen:
+            raise ValueError(f"{f.path} is listed twice")
+        seen.add(f.path)
+        if not f.num_rows:
+            continue
+        if prev is not None and f.row_id_min <= prev.row_id_max:
+            raise ValueError(f"{f.path}: row ids {f.row_id_min}..{f.row_id_max} overlap "
+                             f"{prev.path}'s or are out of order")
+        prev = f
 
 
 @dataclass(frozen=True)
@@ -150,14 +204,26 @@ class Manifest:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Manifest:
+        """Parse and check a manifest (ValueError, TypeError or KeyError when it is malformed)."""
+        if not isinstance(d, dict):
+            raise TypeError(f"the manifest is a JSON {type(d).__name__}, not an object")
         if d.get("format") != FORMAT:
             raise ValueError(f"unknown format {d.get('format')!r}")
+        files, dims, props = d["files"], d["dimensions"], d.get("properties") or {}
+        if not isinstance(files, list) or not isinstance(dims, list) or not isinstance(props, dict):
+            raise TypeError("files and dimensions must be lists, properties an object")
+        entries = [FileEntry.from_json(f) for f in files]
+        _check_files(entries)
+        dimensions = [_count(x, "dimension") for x in dims]
+        if len(set(dimensions)) != len(dimensions) or 0 in dimensions:
+            raise ValueError(f"bad dimensions {dimensions}")
+        parent = d["parent"]
         return cls(
-            version=int(d["version"]), parent=None if d["parent"] is None else int(d["parent"]),
+            version=_count(d["version"], "version"),
+            parent=None if parent is None else _count(parent, "parent"),
             created=str(d["created"]), operation=str(d["operation"]),
-            files=[FileEntry.from_json(f) for f in d["files"]],
-            dimensions=[int(x) for x in d["dimensions"]], schema=schema_from_json(d["schema"]),
-            config_hash=str(d["config_hash"]), properties=dict(d.get("properties") or {}),
+            files=entries, dimensions=dimensions, schema=schema_from_json(d["schema"]),
+            config_hash=str(d["config_hash"]), properties=dict(props),
         )
 
     def settings_hash(self) -> str:
@@ -243,8 +309,9 @@ def read_manifest(root: str | os.PathLike[str], version: int | None = None) -> M
         raise StoreNotFoundError(
             f"store {os.fspath(root)!r} has no version {version}; versions: {have}"
         ) from None
-    except (ValueError, KeyError, TypeError, OSError, pa.ArrowException) as exc:
-        raise CorruptStoreError(f"{path}: unreadable manifest ({exc})") from exc
+    except (ValueError, KeyError, TypeError, AttributeError, OSError, RecursionError,
+            pa.ArrowException) as exc:
+        raise CorruptStoreError(f"{path}: unreadable manifest ({type(exc).__name__}: {exc})") from None
     if manifest.version != version:
         raise CorruptStoreError(f"{path}: manifest says version {manifest.version}")
     return manifest

@@ -35,7 +35,6 @@ Examples
 from __future__ import annotations
 
 import mmap
-import zlib
 
 import numpy as np
 
@@ -49,6 +48,7 @@ from embtools.storage.thrift import (
     ThriftError,
     parse_page_header,
 )
+from embtools.storage.verify import crc32
 
 __all__ = ["ENCODING_IDS", "LayoutError", "plain_value_spans"]
 
@@ -177,7 +177,7 @@ def plain_value_spans(buf: Buffer, start: int, length: int, *, rows: int, dim: i
             )
         if verify_crc and h.crc is not None:
             with memoryview(buf) as mv:
-                crc = zlib.crc32(mv[body:body_end])
+                crc = crc32(mv[body:body_end])
             if crc != h.crc & 0xFFFFFFFF:
                 raise LayoutError(f"page at byte {pos}: CRC-32 mismatch")
         if h.type == PAGE_INDEX:

@@ -34,10 +34,11 @@ import pyarrow.parquet as pq
 
 from embtools.errors import CorruptStoreError, InvalidArgumentError
 from embtools.memory import MemoryBudget
-from embtools.storage.datafile import MappedParquetFile
+from embtools.storage.datafile import EMBEDDING_COLUMN, MappedParquetFile
 from embtools.storage.manifest import Manifest, missing_file_error
 from embtools.storage.schema import LABEL, ROW_ID, TEXT_ID, emb_column
 from embtools.storage.source import Chunk, ChunkedSource
+from embtools.storage.verify import CheckedFile
 
 __all__ = ["META_CACHE_BYTES", "Snapshot", "metadata_frame"]
 
@@ -73,21 +74,40 @@ class Snapshot(ChunkedSource):
         self._meta_groups: OrderedDict[tuple[int, int, tuple[str, ...]], pa.Table] = OrderedDict()
         self._meta_bytes = 0
         self._meta_lock = threading.Lock()
+        self._verified: set[tuple[Any, ...]] = set()
 
     # -- files ---------------------------------------------------------------------------------
     def files(self) -> list[str]:
-        """Absolute paths of the committed data files, in position order."""
+        """Absolute paths of the committed data files, in position order (each checked: a regular
+        file in the data folder whose footer matches the manifest, else CorruptStoreError)."""
+        for i in range(len(self.manifest.files)):
+            self._verify(i, (), ())
         return [os.path.join(self.root, f.path) for f in self.manifest.files]
+
+    def _verify(self, i: int, columns: Sequence[str] | None, row_groups: Sequence[int] | None) -> None:
+        """Check file ``i``'s path and footer, and the page CRCs of ``columns`` in ``row_groups``
+        (None: all), once per snapshot (and once per process: see embtools.storage.verify)."""
+        key = (i, None if columns is None else tuple(columns),
+               None if row_groups is None else tuple(row_groups))
+        if key in self._verified:
+            return
+        with CheckedFile(self.root, self.manifest.files[i]) as f:
+            if columns is None:
+                columns = [c for c in f.footer.columns if not EMBEDDING_COLUMN.match(c)]
+            f.check(columns, row_groups)
+        self._verified.add(key)
 
     def _file(self, i: int) -> MappedParquetFile:
         f = self._open.get(i)
         if f is None:
+            self._verify(i, (), ())
             path = os.path.join(self.root, self.manifest.files[i].path)
             try:
                 f = MappedParquetFile(path)
             except FileNotFoundError:
                 raise missing_file_error(self.root, self.version, path) from None
             if f.row_group_rows != self.manifest.files[i].row_groups:
+                f.close()
                 raise CorruptStoreError(f"{path}: row groups {f.row_group_rows} do not match the manifest")
             self._open[i] = f
         return f
@@ -110,8 +130,12 @@ class Snapshot(ChunkedSource):
         empty = metadata_frame(self.schema.empty_table())
         if not self.manifest.files:
             return empty.lazy()
+        for i in range(len(self.manifest.files)):
+            self._verify(i, None, None)  # the pages of every metadata column
+        # row-group statistics may skip row groups only when the footers were checked by CRC
+        trusted = all(f.footer_crc is not None for f in self.manifest.files)
         return pl.scan_parquet(self.files(), schema=empty.schema, missing_columns="insert",
-                               extra_columns="ignore", glob=False)
+                               extra_columns="ignore", glob=False, use_statistics=trusted)
 
     def read_error(self, exc: BaseException) -> Exception | None:
         """The typed error for a failed metadata scan when one of the files is gone."""
@@ -132,6 +156,7 @@ class Snapshot(ChunkedSource):
 
     def _loader(self, i: int, rg: int) -> Any:
         def load(dim: int) -> np.ndarray:
+            self._verify(i, (emb_column(dim),), (rg,))
             return self._file(i).embedding(emb_column(dim), rg)
         return load
 
@@ -207,6 +232,7 @@ class Snapshot(ChunkedSource):
                 return table
             pf = self._meta_files.get(i)
         path = os.path.join(self.root, self.manifest.files[i].path)
+        self._verify(i, names, (rg,))
         try:
             if pf is None:
                 pf = pq.ParquetFile(path, pre_buffer=False)

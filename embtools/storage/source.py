@@ -28,7 +28,12 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import polars as pl
 
-from embtools.errors import DimensionMismatchError, FilterError, InvalidArgumentError
+from embtools.errors import (
+    CorruptStoreError,
+    DimensionMismatchError,
+    FilterError,
+    InvalidArgumentError,
+)
 from embtools.memory import MemoryBudget
 from embtools.storage.predicate import describe, to_expression
 
@@ -182,10 +187,13 @@ class ChunkedSource:
         """int64 positions of the rows matching ``where`` (all rows for None), ascending."""
         if where is None:
             return np.arange(self.num_rows, dtype=np.int64)
-        frame = self.metadata()
+        frame = self.metadata()  # checks the files (CorruptStoreError) before polars reads them
         expr = compile_where(where, frame.collect_schema().names())
         try:
             out = frame.with_row_index(_POS).filter(expr).select(_POS).collect()
+        except pl.exceptions.PanicException as exc:  # a BaseException: damaged bytes polars trips on
+            raise self.read_error(exc) or CorruptStoreError(
+                f"cannot read the store's metadata ({one_line(exc)})") from None
         except Exception as exc:  # polars: InvalidOperationError (a type mismatch), ...
             raise self.read_error(exc) or FilterError(
                 f"cannot apply where={describe(where)}: {one_line(exc)}") from None

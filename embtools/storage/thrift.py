@@ -1,7 +1,9 @@
-"""Decoding of Parquet page headers (Thrift compact protocol), just what the fast reader needs.
+"""Decoding of Parquet page headers and footers (Thrift compact protocol).
 
-Only ``PageHeader`` and the headers nested in it are decoded; every other field is skipped by its
-type, so headers written by newer writers still parse. The decoder never reads past the buffer it is
+:func:`parse_page_header` decodes ``PageHeader`` and the headers nested in it; every other field is
+skipped by its type, so headers written by newer writers still parse. :func:`decode_struct` decodes
+any struct (the footer's ``FileMetaData``) into ``{field_id: value}`` dicts, lists, ints, floats and
+bytes, for :mod:`embtools.storage.footer` to check before pyarrow sees it. The decoder never reads past the buffer it is
 given, caps varints at 10 bytes and nesting at 32 levels, and raises :class:`ThriftError` (a
 ``ValueError``) on anything malformed; callers turn that into ``CorruptStoreError`` naming the file.
 
@@ -15,6 +17,7 @@ Examples
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 
 __all__ = [
@@ -27,6 +30,7 @@ __all__ = [
     "DataPageHeaderV2",
     "PageHeader",
     "ThriftError",
+    "decode_struct",
     "parse_page_header",
 ]
 
@@ -187,6 +191,55 @@ class _Reader:
         if size > self.end - self.pos:
             raise ThriftError(f"container of {size} elements cannot fit in the header bytes")
 
+    def value(self, ftype: int, depth: int) -> object:
+        """Decode one value of compact type ``ftype`` (a struct as ``{field_id: value}``)."""
+        if depth > _MAX_DEPTH:
+            raise ThriftError("nesting too deep")
+        if ftype in (_TRUE, _FALSE):
+            return ftype == _TRUE
+        if ftype == _BYTE:
+            self.skip_bytes(1)
+            return self.buf[self.pos - 1]
+        if ftype in (_I16, _I32, _I64):
+            return self.zigzag()
+        if ftype == _DOUBLE:
+            self.skip_bytes(8)
+            return struct.unpack("<d", bytes(self.buf[self.pos - 8:self.pos]))[0]
+        if ftype == _BINARY:
+            n = self.varint()
+            self.skip_bytes(n)
+            return bytes(self.buf[self.pos - n:self.pos])
+        if ftype in (_LIST, _SET):
+            head = self.byte()
+            size = head >> 4
+            etype = head & 0x0F
+            if size == 15:
+                size = self.varint()
+            self._check_count(size)
+            if etype in (_TRUE, _FALSE):  # booleans inside containers take one byte each
+                out = []
+                for _ in range(size):
+                    out.append(self.byte() == _TRUE)
+                return out
+            return [self.value(etype, depth + 1) for _ in range(size)]
+        if ftype == _MAP:
+            size = self.varint()
+            if not size:
+                return []
+            self._check_count(size)
+            kv = self.byte()
+            return [(self.value(kv >> 4, depth + 1), self.value(kv & 0x0F, depth + 1))
+                    for _ in range(size)]
+        if ftype == _STRUCT:
+            fields: dict[int, object] = {}
+            last = 0
+            while True:
+                t, last = self.field(last)
+                if t == _STOP:
+                    return fields
+                fields[last] = self.value(t, depth + 1)
+        raise ThriftError(f"unknown compact type {ftype}")
+
     def struct_i32s(self, wanted: dict[int, str], bools: dict[int, str]) -> dict[str, int]:
         """Read a struct, keeping i32 fields in ``wanted`` and bool fields in ``bools``."""
         out: dict[str, int] = {}
@@ -215,6 +268,23 @@ def _require(fields: dict[str, int], names: dict[int, str], what: str) -> None:
     missing = [n for n in names.values() if n not in fields]
     if missing:
         raise ThriftError(f"{what} lacks required field(s) {', '.join(missing)}")
+
+
+def decode_struct(buf: bytes | bytearray | memoryview) -> tuple[dict[int, object], int]:
+    """Decode the struct at the start of ``buf``: ``({field_id: value}, bytes used)``.
+
+    Booleans become ``bool``, integers ``int``, binary and strings ``bytes``, lists lists, maps lists
+    of pairs and structs dicts. Raises :class:`ThriftError` on malformed or truncated bytes.
+
+    Examples
+    --------
+    >>> decode_struct(bytes([0x15, 0x06, 0x18, 0x02, 0x61, 0x62, 0x00]))
+    ({1: 3, 2: b'ab'}, 7)
+    """
+    r = _Reader(buf)
+    out = r.value(_STRUCT, 0)
+    assert isinstance(out, dict)
+    return out, r.pos
 
 
 def parse_page_header(buf: bytes | bytearray | memoryview) -> PageHeader:

@@ -58,6 +58,7 @@ from embtools.storage.manifest import (
     reserve_row_ids,
 )
 from embtools.storage.schema import LABEL, ROW_ID, TEXT_ID, emb_column, embedding_type
+from embtools.storage.verify import check_file, footer_crc
 
 __all__ = ["append", "compact_files", "delete_rows", "rows_per_file", "save_source"]
 
@@ -120,7 +121,8 @@ def _write(root: str, table: pa.Table, row_group_rows: int | None = None,
     md = pq.read_metadata(path)
     row_ids = table.column(ROW_ID).to_numpy()
     return FileEntry(rel, table.num_rows, int(row_ids.min()), int(row_ids.max()), int(nbytes),
-                     [int(md.row_group(i).num_rows) for i in range(md.num_row_groups)])
+                     [int(md.row_group(i).num_rows) for i in range(md.num_row_groups)],
+                     footer_crc(path))
 
 
 def _sorted(files: Sequence[FileEntry]) -> list[FileEntry]:
@@ -131,11 +133,16 @@ def existing_text_id(root: str, files: Sequence[FileEntry], ids: pa.Array) -> st
     """The first of ``ids`` already present in ``files``, or None."""
     if not files or len(ids) == 0:
         return None
+    for f in files:  # path, footer and text_id pages checked before polars reads them
+        check_file(root, f, [TEXT_ID])
     paths = [os.path.join(root, f.path) for f in files]
     wanted = pl.Series("ids", ids.to_pylist(), dtype=pl.String)
     # files may differ in their metadata columns (a later add brought a new one): read text_id only
-    hits = (pl.scan_parquet(paths, glob=False, schema={TEXT_ID: pl.String}, extra_columns="ignore")
-            .filter(pl.col(TEXT_ID).is_in(wanted.implode())).head(1).collect())
+    try:
+        hits = (pl.scan_parquet(paths, glob=False, schema={TEXT_ID: pl.String}, extra_columns="ignore")
+                .filter(pl.col(TEXT_ID).is_in(wanted.implode())).head(1).collect())
+    except (pl.exceptions.PanicException, pl.exceptions.PolarsError, OSError) as exc:
+        raise CorruptStoreError(f"{root}: cannot read the stored text ids ({exc})") from None
     return None if hits.height == 0 else str(hits[TEXT_ID][0])
 
 
@@ -243,6 +250,7 @@ def _needs_inputs(root: str, inputs: set[str], operation: str, new: list[FileEnt
 
 def _read(root: str, entry: FileEntry) -> pa.Table:
     path = os.path.join(root, entry.path)
+    check_file(root, entry, full=True)  # every page's CRC, always, before its rows are rewritten
     try:
         return pq.read_table(path)
     except (OSError, pa.ArrowException) as exc:
