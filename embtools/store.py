@@ -271,6 +271,7 @@ class EmbeddingStore:
         if held is not None:  # in memory: already counted by the budget, handed out read-only
             return self.backend.from_numpy(held)
         positions = None if where is None else src.select(where)
+        src.check_files()  # the row count is the files' (not only the manifest's) before allocating
         n = src.num_rows if positions is None else int(positions.size)
         nbytes = n * dim * 4
         key = f"get_embeddings/{id(self)}"

@@ -63,7 +63,8 @@ class Snapshot(ChunkedSource):
         self.manifest = manifest
         self.budget = budget
         self.version = manifest.version
-        self.num_rows = manifest.num_rows
+        self._num_rows = manifest.num_rows
+        self._files_checked = False
         self.dimensions = sorted(manifest.dimensions)
         self.schema = manifest.schema
         starts = np.cumsum([0] + [f.num_rows for f in manifest.files])
@@ -76,13 +77,27 @@ class Snapshot(ChunkedSource):
         self._meta_lock = threading.Lock()
         self._verified: set[tuple[Any, ...]] = set()
 
+    @property
+    def num_rows(self) -> int:  # type: ignore[override]
+        """Rows of this version; the first use checks every file's footer against the manifest
+        (a count that the files do not hold is CorruptStoreError, never an allocation)."""
+        if not self._files_checked:
+            self.check_files()
+        return self._num_rows
+
     # -- files ---------------------------------------------------------------------------------
     def files(self) -> list[str]:
         """Absolute paths of the committed data files, in position order (each checked: a regular
         file in the data folder whose footer matches the manifest, else CorruptStoreError)."""
-        for i in range(len(self.manifest.files)):
-            self._verify(i, (), ())
+        self.check_files()
         return [os.path.join(self.root, f.path) for f in self.manifest.files]
+
+    def check_files(self) -> None:
+        """Check every file's path and footer against the manifest (rows, row groups, size)."""
+        if not self._files_checked:
+            for i in range(len(self.manifest.files)):
+                self._verify(i, (), ())
+            self._files_checked = True
 
     def _verify(self, i: int, columns: Sequence[str] | None, row_groups: Sequence[int] | None) -> None:
         """Check file ``i``'s path and footer, and the page CRCs of ``columns`` in ``row_groups``
@@ -145,6 +160,7 @@ class Snapshot(ChunkedSource):
         return None
 
     def chunks(self) -> list[Chunk]:
+        self.check_files()  # row-group sizes are the files', not only the manifest's
         out: list[Chunk] = []
         for i, entry in enumerate(self.manifest.files):
             start = int(self._file_starts[i])

@@ -182,6 +182,10 @@ class ChunkedSource:
         """The error to raise instead of ``exc`` from a failed metadata scan (None: a FilterError)."""
         return None
 
+    def check_files(self) -> None:
+        """Raise CorruptStoreError unless every file behind ``num_rows`` is there and agrees with it
+        (a no-op for a source without files); call before allocating ``num_rows`` rows."""
+
     # -- shared ----------------------------------------------------------------------------------
     def select(self, where: Any) -> np.ndarray:
         """int64 positions of the rows matching ``where`` (all rows for None), ascending."""

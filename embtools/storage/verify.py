@@ -165,6 +165,7 @@ class CheckedFile:
                     while len(_cache) > _CACHE_FILES:
                         _cache.popitem(last=False)
             self._state = state
+            self._match_entry(state.footer)  # every time: the cache is per file, not per entry
         except BaseException:
             self.close()
             raise
@@ -197,12 +198,17 @@ class CheckedFile:
             raise self._corrupt(f"bad footer: {exc}") from None
         except OSError as exc:
             raise self._corrupt(f"cannot read ({exc.strerror})") from None
+        return footer
+
+    def _match_entry(self, footer: Footer) -> None:
+        entry = self.entry
+        if footer.size != entry.bytes:
+            raise self._corrupt(f"{footer.size} bytes, the manifest says {entry.bytes}")
         if footer.num_rows != entry.num_rows:
             raise self._corrupt(f"{footer.num_rows} rows, the manifest says {entry.num_rows}")
         if [rows for rows, _ in footer.row_groups] != list(entry.row_groups):
             raise self._corrupt("row groups do not match the manifest")
         self._check_row_ids(footer)
-        return footer
 
     def _check_row_ids(self, footer: Footer) -> None:
         lo = hi = None
