@@ -105,7 +105,8 @@ def crash_point(name: str) -> None:
 @dataclass(frozen=True)
 class FileEntry:
     """One committed data file: path relative to the store, rows, row-id range, size, row groups,
-    and the CRC-32 of its footer (``footer_crc``; None in files committed before it was recorded)."""
+    and the CRC-32s of its footer and of each column chunk (``footer_crc``, ``chunk_crcs``, in row
+    group then column order; None in files committed before they were recorded)."""
 
     path: str
     num_rows: int
@@ -114,6 +115,7 @@ class FileEntry:
     bytes: int
     row_groups: list[int]
     footer_crc: int | None = None
+    chunk_crcs: list[int] | None = None
 
     def to_json(self) -> dict[str, Any]:
         out = {
@@ -122,6 +124,8 @@ class FileEntry:
         }
         if self.footer_crc is not None:
             out["footer_crc"] = self.footer_crc
+        if self.chunk_crcs is not None:
+            out["chunk_crcs"] = list(self.chunk_crcs)
         return out
 
     @classmethod
@@ -135,11 +139,14 @@ class FileEntry:
         groups = d["row_groups"]
         if not isinstance(groups, list):
             raise TypeError("row_groups is not a list")
-        crc = d.get("footer_crc")
+        crc, chunks = d.get("footer_crc"), d.get("chunk_crcs")
+        if chunks is not None and not isinstance(chunks, list):
+            raise TypeError("chunk_crcs is not a list")
         entry = cls(path, _count(d["num_rows"], "num_rows"), _count(d["row_id_min"], "row_id_min"),
                     _count(d["row_id_max"], "row_id_max"), _count(d["bytes"], "bytes"),
                     [_count(r, "row group size") for r in groups],
-                    None if crc is None else _count(crc, "footer_crc", 2**32 - 1))
+                    None if crc is None else _count(crc, "footer_crc", 2**32 - 1),
+                    None if chunks is None else [_count(c, "chunk_crcs", 2**32 - 1) for c in chunks])
         if sum(entry.row_groups) != entry.num_rows:
             raise ValueError(f"{path}: row groups {entry.row_groups} do not add up to {entry.num_rows} rows")
         if entry.num_rows and entry.row_id_max - entry.row_id_min + 1 < entry.num_rows:

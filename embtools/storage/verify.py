@@ -8,8 +8,10 @@ Every data file a manifest lists is checked before any byte of it reaches pyarro
 - its size equals the manifest's ``bytes``; its footer, CRC-32 included when the manifest records
   one (``footer_crc``), decodes and is consistent (:func:`~embtools.storage.footer.parse_footer`);
   its row count, row groups and ``row_id`` range match the manifest;
-- the pages of each column chunk, before the chunk is first read in this process, match the CRC-32
-  the writer stored in their headers (``write_page_checksum``); their counts add up to the footer's.
+- each column chunk, before it is first read in this process, matches the CRC-32 the manifest
+  records for it (``chunk_crcs``: page headers included), or, in files committed without those,
+  each page matches the CRC-32 the writer stored in its header (``write_page_checksum``); the page
+  headers agree with the footer (encodings, counts, sizes).
 
 Results are cached per process by ``(path, device, inode, size, mtime)``, so each part of a file is
 checked once; :func:`check_file` with ``full=True`` (used before ``compact``/``delete`` rewrite a
@@ -42,7 +44,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from embtools.errors import CorruptStoreError
-from embtools.storage.footer import ChunkInfo, Footer, FooterError, decode_footer
+from embtools.storage.footer import ChunkInfo, Footer, FooterError, decode_footer, parse_footer
 from embtools.storage.manifest import DATA_FILE
 from embtools.storage.thrift import (
     PAGE_DATA,
@@ -59,7 +61,7 @@ __all__ = [
     "check_file",
     "check_path",
     "crc32",
-    "footer_crc",
+    "file_checksums",
     "verify_store",
 ]
 
@@ -127,16 +129,17 @@ def _pread(fd: int, n: int, offset: int) -> bytes:
     return data
 
 
-def footer_crc(path: str | os.PathLike[str]) -> int:
-    """CRC-32 of a data file's footer with its length and magic (what a manifest records)."""
+def file_checksums(path: str | os.PathLike[str]) -> tuple[int, list[int]]:
+    """``(footer_crc, chunk_crcs)`` of a data file, as a manifest records them: the CRC-32 of the
+    footer with its length and magic, and of each column chunk (page headers included), in row
+    group then column order."""
     with open(path, "rb") as fh:
-        size = os.fstat(fh.fileno()).st_size
-        fh.seek(max(0, size - 8))
-        tail = fh.read(8)
-        n = int.from_bytes(tail[:4], "little") if len(tail) == 8 else 0
-        start = max(0, size - 8 - n)
-        fh.seek(start)
-        return crc32(fh.read(size - start))
+        raw = fh.read()
+    footer = parse_footer(raw)
+    with memoryview(raw) as mv:
+        chunks = [crc32(mv[c.start:c.start + c.length])
+                  for _, cs in footer.row_groups for c in cs]
+        return crc32(mv[footer.data_end:]), chunks
 
 
 class CheckedFile:
@@ -202,6 +205,11 @@ class CheckedFile:
 
     def _match_entry(self, footer: Footer) -> None:
         entry = self.entry
+        sizes = [len(chunks) for _, chunks in footer.row_groups]
+        self._first_chunk = [sum(sizes[:g]) for g in range(len(sizes))]
+        if entry.chunk_crcs is not None and len(entry.chunk_crcs) != sum(sizes):
+            raise self._corrupt(f"{sum(sizes)} column chunks, the manifest has "
+                                f"{len(entry.chunk_crcs)} checksums")
         if footer.size != entry.bytes:
             raise self._corrupt(f"{footer.size} bytes, the manifest says {entry.bytes}")
         if footer.num_rows != entry.num_rows:
@@ -228,17 +236,34 @@ class CheckedFile:
         """CRC-check the pages of the chunks of ``columns`` (top-level names) in ``row_groups``."""
         wanted = None if columns is None else set(columns)
         groups = self.footer.row_groups
+        crcs = self.entry.chunk_crcs
         for g in range(len(groups)) if row_groups is None else row_groups:
             for j, chunk in enumerate(groups[g][1]):
                 if wanted is not None and chunk.name not in wanted:
                     continue
                 if not full and (g, j) in self._state.checked:
                     continue
-                self._check_chunk(chunk, f"row group {g} column {'.'.join(chunk.path)}")
+                expected = None if crcs is None else crcs[self._first_chunk[g] + j]
+                self._check_chunk(chunk, f"row group {g} column {'.'.join(chunk.path)}", expected)
                 with _lock:
                     self._state.checked.add((g, j))
 
-    def _check_chunk(self, chunk: ChunkInfo, where: str) -> None:
+    def _crc_range(self, buf: bytearray, lo: int, hi: int) -> int:
+        """CRC-32 of file bytes ``[lo, hi)``, read in steps into ``buf``."""
+        assert self._fd is not None
+        crc = 0
+        while lo < hi:
+            n = min(len(buf), hi - lo)
+            view = memoryview(buf)[:n]
+            if os.preadv(self._fd, [view], lo) != n:
+                raise FooterError(f"short read at byte {lo}")
+            crc = crc32(view, crc)
+            lo += n
+        return crc
+
+    def _check_chunk(self, chunk: ChunkInfo, where: str, expected: int | None) -> None:
+        """Check one chunk: its CRC-32 as the manifest records it (headers included) when it does,
+        else each page's CRC-32; and the page headers against the footer."""
         assert self._fd is not None
         fd = self._fd
         pos, end = chunk.start, chunk.start + chunk.length
@@ -246,6 +271,8 @@ class CheckedFile:
         first = True
         buf = bytearray(min(_STEP, max(chunk.length, 1)))
         try:
+            if expected is not None and self._crc_range(buf, pos, end) != expected:
+                raise FooterError("CRC-32 mismatch (damaged values or page headers)")
             while pos < end:
                 raw = os.pread(fd, min(_HEADER_WINDOW, end - pos), pos)
                 try:
@@ -257,24 +284,24 @@ class CheckedFile:
                     raise FooterError(f"page at byte {pos} runs past its chunk")
                 if h.crc is None:
                     raise FooterError(f"page at byte {pos} has no CRC-32")
-                crc = 0
-                p = body
-                while p < body_end:
-                    n = min(len(buf), body_end - p)
-                    view = memoryview(buf)[:n]
-                    if os.preadv(fd, [view], p) != n:
-                        raise FooterError(f"short read at byte {p}")
-                    crc = crc32(view, crc)
-                    p += n
-                if crc != h.crc & 0xFFFFFFFF:
+                if expected is None and self._crc_range(buf, body, body_end) != h.crc & 0xFFFFFFFF:
                     raise FooterError(f"page at byte {pos}: CRC-32 mismatch (damaged values)")
                 if h.type == PAGE_DICTIONARY:
                     if not (first and chunk.has_dictionary):
                         raise FooterError(f"unexpected dictionary page at byte {pos}")
                 elif h.type == PAGE_DATA and h.data_page_header is not None:
-                    values += h.data_page_header.num_values
+                    v1 = h.data_page_header
+                    self._encodings(chunk, pos, v1.encoding, v1.definition_level_encoding,
+                                    v1.repetition_level_encoding)
+                    values += v1.num_values
                 elif h.type == PAGE_DATA_V2 and h.data_page_header_v2 is not None:
-                    values += h.data_page_header_v2.num_values
+                    v2 = h.data_page_header_v2
+                    self._encodings(chunk, pos, v2.encoding)
+                    if v2.num_nulls > v2.num_values or (
+                            v2.repetition_levels_byte_length + v2.definition_levels_byte_length
+                            > h.compressed_page_size):
+                        raise FooterError(f"page at byte {pos}: counts or level lengths do not fit")
+                    values += v2.num_values
                 else:
                     raise FooterError(f"page at byte {pos} has type {h.type}")
                 first = False
@@ -287,6 +314,12 @@ class CheckedFile:
             raise self._corrupt(f"{where}: cannot read ({exc.strerror})") from None
         if values != chunk.num_values:
             raise self._corrupt(f"{where}: pages hold {values} values, the footer says {chunk.num_values}")
+
+    @staticmethod
+    def _encodings(chunk: ChunkInfo, pos: int, *used: int) -> None:
+        if not set(used) <= chunk.encodings:
+            raise FooterError(f"page at byte {pos} uses encoding(s) {sorted(set(used) - chunk.encodings)} "
+                              "that the footer does not list")
 
     def close(self) -> None:
         if self._fd is not None:

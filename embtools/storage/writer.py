@@ -58,7 +58,7 @@ from embtools.storage.manifest import (
     reserve_row_ids,
 )
 from embtools.storage.schema import LABEL, ROW_ID, TEXT_ID, emb_column, embedding_type
-from embtools.storage.verify import check_file, footer_crc
+from embtools.storage.verify import check_file, file_checksums
 
 __all__ = ["append", "compact_files", "delete_rows", "rows_per_file", "save_source"]
 
@@ -122,7 +122,7 @@ def _write(root: str, table: pa.Table, row_group_rows: int | None = None,
     row_ids = table.column(ROW_ID).to_numpy()
     return FileEntry(rel, table.num_rows, int(row_ids.min()), int(row_ids.max()), int(nbytes),
                      [int(md.row_group(i).num_rows) for i in range(md.num_row_groups)],
-                     footer_crc(path))
+                     *file_checksums(path))
 
 
 def _sorted(files: Sequence[FileEntry]) -> list[FileEntry]:
