@@ -331,10 +331,10 @@ class EmbeddingStore:
         """
         from embtools.storage.verify import VerifyReport, verify_store
 
-        if self._mem is not None:
+        src = self.source
+        if not hasattr(src, "manifest"):  # the in-memory store
             return VerifyReport(self.version, 0, [])
-        assert self.path is not None
-        return verify_store(self.path, self._snap.manifest)
+        return verify_store(src.root, src.manifest)
 
     # -- memory ---------------------------------------------------------------------------------
     def get_memory_info(self) -> dict[str, Any]:
