@@ -350,3 +350,20 @@ def test_where_errors_stay_filter_errors(made) -> None:
     s = et.EmbeddingStore(root, backend="numpy")
     with pytest.raises(FilterError):
         s.get_embeddings(D, where=pl.col("nope") > 1)
+
+
+def test_legacy_entries_without_checksums_use_the_page_crcs(made) -> None:
+    """Entries committed before the manifest recorded checksums: reads are exact, row-group
+    statistics are not trusted, and each page is checked against the CRC-32 in its header."""
+    root, x = made
+    _edit(root, lambda m: {**m, "files": [{k: v for k, v in f.items()
+                                           if k not in ("footer_crc", "chunk_crcs")}
+                                          for f in m["files"]]})
+    s = et.EmbeddingStore(root, backend="numpy")
+    assert s.verify().ok
+    np.testing.assert_array_equal(s.get_embeddings(D, where="year >= 2075"), x[75:])
+    f = _first_file(root)
+    c = _chunk(f, f"emb_{D}")
+    _flip(f, c.start + c.length - 5)
+    _all_corrupt(root, f.name, skip=("metadata", "files"))
+    assert "page at byte" in et.EmbeddingStore(root, backend="numpy").verify().damaged[0][1]
