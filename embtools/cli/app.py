@@ -20,8 +20,8 @@ import click
 
 from embtools import __version__
 from embtools.cli import admin, ingest, query
-from embtools.cli.common import printable
 from embtools.cli import verify as verify_command
+from embtools.cli.common import printable
 from embtools.errors import EmbtoolsError
 
 __all__ = ["EmbtoolsGroup", "cli", "main", "one_line"]

@@ -106,7 +106,14 @@ class Snapshot(ChunkedSource):
                None if row_groups is None else tuple(row_groups))
         if key in self._verified:
             return
-        with CheckedFile(self.root, self.manifest.files[i]) as f:
+        try:
+            f = CheckedFile(self.root, self.manifest.files[i])
+        except CorruptStoreError:
+            path = os.path.join(self.root, self.manifest.files[i].path)
+            if not os.path.lexists(path):  # gone: SnapshotExpiredError when vacuum removed the version
+                raise missing_file_error(self.root, self.version, path) from None
+            raise
+        with f:
             if columns is None:
                 columns = [c for c in f.footer.columns if not EMBEDDING_COLUMN.match(c)]
             f.check(columns, row_groups)
@@ -154,7 +161,8 @@ class Snapshot(ChunkedSource):
 
     def read_error(self, exc: BaseException) -> Exception | None:
         """The typed error for a failed metadata scan when one of the files is gone."""
-        for path in self.files():
+        for f in self.manifest.files:
+            path = os.path.join(self.root, f.path)
             if not os.path.exists(path):
                 return missing_file_error(self.root, self.version, path)
         return None
