@@ -80,9 +80,12 @@ class Snapshot(ChunkedSource):
     @property
     def num_rows(self) -> int:  # type: ignore[override]
         """Rows of this version; the first use checks every file's footer against the manifest
-        (a count that the files do not hold is CorruptStoreError, never an allocation)."""
+        (a count that the files do not hold is CorruptStoreError, never an allocation). Files that
+        are gone are left to the reads (a handle whose version was vacuumed can still add)."""
         if not self._files_checked:
-            self.check_files()
+            for i, f in enumerate(self.manifest.files):
+                if os.path.lexists(os.path.join(self.root, f.path)):
+                    self._verify(i, (), ())
         return self._num_rows
 
     # -- files ---------------------------------------------------------------------------------
