@@ -29,7 +29,7 @@ from embtools.search.plan import plan_search, run_search
 from embtools.search.request import SearchContext, SearchRequest
 from tests.helpers import brute_force, make_store, planted_corpus
 
-N, D, K = 6200, 16, 10
+N, D, K = 4500, 16, 10
 QUERY_COUNTS = (1, 64, 200, 2000)
 #: a run is quick enough for the sweep when it takes at most this many batches in all
 QUICK_BATCHES = 64
