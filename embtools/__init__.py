@@ -29,11 +29,22 @@ _LAZY: dict[str, str] = {
     "similarity_join": "embtools.search",
     "embed_texts": "embtools.embed",
     "embed_queries": "embtools.embed",
+    "NumpyBackend": "embtools.backends.numpy_backend",
+    "TorchBackend": "embtools.backends.torch_backend",
+    "MLXBackend": "embtools.backends.mlx_backend",
 }
 
+# the seed's flags: whether the framework is installed (found without importing it)
+_FLAGS: dict[str, str] = {"TORCH_AVAILABLE": "torch", "MLX_AVAILABLE": "mlx"}
+
 __all__ = [
+    "MLX_AVAILABLE",
+    "TORCH_AVAILABLE",
     "Backend",
     "EmbeddingStore",
+    "MLXBackend",
+    "NumpyBackend",
+    "TorchBackend",
     "__version__",
     "available_backends",
     "compute_config_hash",
@@ -49,6 +60,9 @@ __all__ = [
 if TYPE_CHECKING:  # pragma: no cover
     from embtools import errors
     from embtools.backends import Backend, available_backends, convert, get_backend
+    from embtools.backends.mlx_backend import MLXBackend
+    from embtools.backends.numpy_backend import NumpyBackend
+    from embtools.backends.torch_backend import TorchBackend
     from embtools.config import compute_config_hash, compute_param_hash
     from embtools.embed import embed_queries, embed_texts
     from embtools.search import similarity_join
@@ -58,12 +72,26 @@ if TYPE_CHECKING:  # pragma: no cover
 def __getattr__(name: str) -> Any:
     if name == "errors":
         return importlib.import_module("embtools.errors")
+    if name in _FLAGS:
+        flag = _found(_FLAGS[name])
+        globals()[name] = flag
+        return flag
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'embtools' has no attribute {name!r}")
     value = getattr(importlib.import_module(module), name)
     globals()[name] = value
     return value
+
+
+def _found(module: str) -> bool:
+    """Whether the top-level ``module`` is installed (its spec is found; nothing is imported)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def __dir__() -> list[str]:

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -37,6 +37,8 @@ import numpy as np
 from embtools.errors import (
     DimensionMismatchError,
     InvalidArgumentError,
+    LengthMismatchError,
+    MemoryLimitError,
     ReadOnlyStoreError,
     StoreNotFoundError,
 )
@@ -53,6 +55,20 @@ DEFAULT_TARGET_FILE_BYTES = 256 * 1024**2
 """Target size of a data file written by add() and compact()."""
 
 _HINT = "use store.iter_batches(...) or store.search(...), which stream under the cap"
+
+
+class _ClassOrInstance:
+    """A method that is a classmethod on the class and a plain method on an instance (the seed
+    called ``store.load_from_disk(dir)`` on an instance; embtools opens stores from the class)."""
+
+    def __init__(self, on_class: str, on_instance: str) -> None:
+        self.on_class, self.on_instance = on_class, on_instance
+
+    def __get__(self, obj: EmbeddingStore | None, owner: type[EmbeddingStore]
+                ) -> Callable[..., EmbeddingStore]:
+        if obj is None:
+            return getattr(owner, self.on_class)  # type: ignore[no-any-return]
+        return getattr(obj, self.on_instance)  # type: ignore[no-any-return]
 
 
 class EmbeddingStore:
@@ -103,16 +119,72 @@ class EmbeddingStore:
         self._state: StoreState = open_state(self.path, version, self.budget, self.target_file_bytes)
 
     @classmethod
-    def load_from_disk(cls, directory: str | os.PathLike[str], backend: str | None = None,
-                       device: str | None = None, max_memory_gb: float | None = None,
-                       version: int | None = None) -> EmbeddingStore:
-        """Open the store at ``directory`` (StoreNotFoundError when it is not one)."""
+    def _open_from_disk(cls, directory: str | os.PathLike[str], backend: str | None = None,
+                        device: str | None = None, max_memory_gb: float | None = None,
+                        version: int | None = None) -> EmbeddingStore:
+        """``EmbeddingStore.load_from_disk(directory)``: open the store at ``directory``, or load a
+        directory the seed's ``save_to_disk`` wrote into a new in-memory store.
+
+        StoreNotFoundError when ``directory`` is neither; CorruptStoreError for damaged seed files.
+        """
+        from embtools.storage import seed_format
         from embtools.storage.manifest import is_store
 
-        if not is_store(directory):
-            raise StoreNotFoundError(f"{os.fspath(directory)!r} is not an embtools store")
-        return cls(directory, backend=backend, max_memory_gb=max_memory_gb, device=device,
-                   version=version)
+        if is_store(directory):
+            return cls(directory, backend=backend, max_memory_gb=max_memory_gb, device=device,
+                       version=version)
+        if not seed_format.is_seed_directory(directory):
+            raise StoreNotFoundError(
+                f"{os.fspath(directory)!r} is neither an embtools store nor a directory written by "
+                "embedding_tools' save_to_disk")
+        if version is not None:
+            raise InvalidArgumentError("version= needs an embtools store; a seed directory has none")
+        store = cls(None, backend=backend, max_memory_gb=max_memory_gb, device=device)
+        seed = seed_format.read_seed(directory)
+        if seed.arrays:
+            store.add(seed.arrays, text_ids=seed.text_ids, labels=seed.labels)
+        return store
+
+    #: ``EmbeddingStore.load_from_disk(dir, backend=..., max_memory_gb=..., version=...)`` opens the
+    #: store at ``dir`` (or loads a seed directory into memory); ``store.load_from_disk(dir)``, the
+    #: seed's form, replaces this store's rows with those of ``dir`` and returns the store.
+    load_from_disk = _ClassOrInstance("_open_from_disk", "_load_rows_from")
+
+    def _load_rows_from(self, directory: str | os.PathLike[str]) -> EmbeddingStore:
+        """The instance form of :attr:`load_from_disk`: this store's rows become ``directory``'s
+        (a new version; nothing changes when ``directory`` cannot be read or does not fit)."""
+        self._writable()
+        other = EmbeddingStore._open_from_disk(directory, backend="numpy",
+                                               max_memory_gb=self.max_memory_gb)
+        try:
+            if self.path is not None:
+                other.save_to_disk(self.path)
+                self.refresh()
+                return self
+            from embtools.storage.ingest import prepare_batch
+            from embtools.storage.schema import base_schema
+
+            src = other.source
+            meta = src.metadata().collect()
+            arrays = {d: np.asarray(other.get_embeddings(d)) for d in src.dimensions}
+            user = meta.drop(["row_id", "text_id", "label"])
+            batch = None
+            if arrays and src.num_rows:
+                batch = prepare_batch(arrays, meta["text_id"], meta["label"],
+                                      user if user.width else None, stored_dims=[],
+                                      schema=base_schema(), num_rows=0)
+                need = src.num_rows * sum(arrays) * 4
+                cap = self.budget.cap_bytes
+                if cap is not None and need > cap:
+                    raise MemoryLimitError(
+                        f"load_from_disk: {need / GB:.3f} GB of embeddings do not fit "
+                        f"max_memory_gb={self.max_memory_gb}")
+            self._state.clear()
+            if batch is not None:
+                self._state.add(batch, other.properties)
+            return self
+        finally:
+            other.close()
 
     def refresh(self) -> int:
         """Move a writable store to the latest committed version; returns it."""
@@ -163,8 +235,10 @@ class EmbeddingStore:
 
     def __repr__(self) -> str:
         where = "memory" if self.path is None else repr(self.path)
+        cap = "no cap" if self.max_memory_gb is None else f"{self.max_memory_gb:g} GB cap"
         return (f"EmbeddingStore({where}, version={self.version}, rows={self.num_rows}, "
-                f"dims={self.dimensions}, backend={self.backend.name!r})")
+                f"dims={self.dimensions}, backend={self.backend.name!r}, "
+                f"memory={self.budget.held_bytes / GB:.4f} GB held, {cap})")
 
     # -- writes ---------------------------------------------------------------------------------
     def _writable(self) -> None:
@@ -186,8 +260,80 @@ class EmbeddingStore:
 
     def add_embeddings(self, embeddings: Any, dimension: int, text_ids: Any = None,
                        labels: Any = None, metadata: Any = None) -> int:
-        """The seed's form of :meth:`add` for one dimension; returns the new version."""
+        """The seed's form of :meth:`add` for one dimension; returns the new version.
+
+        As in the seed, a dimension the store does not hold yet, given for exactly the stored rows
+        (same count; ``text_ids`` and ``labels`` omitted or equal to the stored ones, in order; no
+        metadata), is attached to those rows (see :meth:`add_dimension`).
+        """
+        src = self.source
+        if (src.num_rows and metadata is None and not isinstance(embeddings, Mapping)
+                and isinstance(dimension, (int, np.integer)) and not isinstance(dimension, bool)
+                and dimension >= 1 and int(dimension) not in src.dimensions):
+            return self._attach(dimension, embeddings, text_ids, labels)
         return self._add(embeddings, text_ids, labels, metadata, dimension, None)
+
+    def add_dimension(self, dimension: int, embeddings: Any, text_ids: Any = None) -> int:
+        """Attach a dimension the store does not hold yet to its rows; returns the new version.
+
+        ``embeddings`` has one row per stored row, in row order; ``text_ids``, when given, must be
+        the stored ids in the same order. On disk every data file is rewritten copy-on-write with
+        the new ``emb_<dimension>`` column and the new version is committed atomically. Anything
+        ambiguous (another row count, other ids, a stored dimension, an empty store) raises before
+        anything is written.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> store = EmbeddingStore(backend="numpy")
+        >>> store.add_embeddings(np.ones((3, 8), np.float32), dimension=8, text_ids=["a", "b", "c"])
+        1
+        >>> store.add_dimension(2, np.zeros((3, 2), np.float32), text_ids=["a", "b", "c"])
+        2
+        >>> store.get_available_dimensions()
+        [2, 8]
+        """
+        return self._attach(dimension, embeddings, text_ids, None)
+
+    def _attach(self, dimension: Any, embeddings: Any, text_ids: Any, labels: Any) -> int:
+        self._writable()
+        from embtools.storage.ingest import as_embedding_matrix, check_finite
+
+        if isinstance(dimension, bool) or not isinstance(dimension, (int, np.integer)) or dimension < 1:
+            raise InvalidArgumentError(f"dimension must be an int >= 1, got {dimension!r}")
+        dim = int(dimension)
+        src = self.source
+        if dim in src.dimensions:
+            raise DimensionMismatchError(f"dimension {dim} is already stored")
+        n = src.num_rows
+        if n == 0:
+            raise InvalidArgumentError(
+                f"the store has no rows to attach dimension {dim} to; use add_embeddings")
+        arr = as_embedding_matrix(embeddings)
+        if arr.shape[1] != dim:
+            raise DimensionMismatchError(f"embeddings have {arr.shape[1]} columns but dimension={dim}")
+        if arr.shape[0] != n:
+            raise LengthMismatchError(
+                f"dimension {dim} is not stored yet: it can only be attached to the {n} stored rows "
+                f"(one row each, in row order), got {arr.shape[0]} rows; to add new rows, give every "
+                f"stored dimension {src.dimensions}")
+        if text_ids is not None and _as_list(text_ids) != self.get_text_ids():
+            raise InvalidArgumentError(
+                f"dimension {dim} is not stored yet: its text_ids must be the stored ones in the "
+                "same order (new texts need every stored dimension)")
+        if labels is not None and _as_list(labels) != self.get_labels():
+            raise InvalidArgumentError(
+                f"dimension {dim} is not stored yet: its labels must be the stored ones")
+        check_finite(arr, "embeddings")
+        return int(self._state.add_dimension(dim, np.ascontiguousarray(arr, dtype=np.float32)))
+
+    def clear(self) -> int:
+        """Remove every row, dimension and metadata column (the seed's ``clear()``); the new version.
+
+        On disk the old versions stay readable until vacuumed.
+        """
+        self._writable()
+        return int(self._state.clear())
 
     def _add(self, embeddings: Any, text_ids: Any, labels: Any, metadata: Any,
              dimension: int | None, properties: Mapping[str, Any] | None) -> int:
@@ -259,6 +405,14 @@ class EmbeddingStore:
         """polars LazyFrame of row_id, text_id, label and the metadata columns, in row order."""
         return self.source.metadata()
 
+    def get_text_ids(self) -> list[str]:
+        """The text ids in row order (the seed's accessor)."""
+        return [str(t) for t in self.source.metadata().select("text_id").collect()["text_id"]]
+
+    def get_labels(self) -> list[Any]:
+        """The labels in row order, None where a row has none (the seed's accessor)."""
+        return list(self.source.metadata().select("label").collect()["label"].to_list())
+
     def get_embeddings(self, dimension: int, where: Any = None) -> Any:
         """All (or the ``where``-selected) rows of ``dimension`` as one backend array, in row order.
 
@@ -311,15 +465,46 @@ class EmbeddingStore:
                                                if c not in ("row_id", "text_id", "label")])
                 yield meta, self.backend.from_numpy(block)
 
-    def slice_to_dimension(self, source_dim: int, target_dim: int, normalize: bool = True) -> Any:
-        """The first ``target_dim`` values of dimension ``source_dim`` (re-normalised by default)."""
+    def slice_to_dimension(self, source_dim: int, target_dim: int, normalize: bool = False) -> Any:
+        """The first ``target_dim`` values of every row of ``source_dim`` (the seed's raw prefix).
+
+        As in the seed, the prefix is kept as a stored dimension when the store does not hold
+        ``target_dim`` yet (in memory: held; on disk: a new version with an ``emb_<target_dim>``
+        column), so ``get_available_dimensions()`` lists it afterwards; a read-only snapshot only
+        returns it. ``normalize=True`` returns the prefix re-normalised to unit length (what is
+        kept is always the raw prefix).
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> store = EmbeddingStore(backend="numpy")
+        >>> store.add_embeddings(np.array([[3.0, 4.0, 12.0]], np.float32), dimension=3)
+        1
+        >>> store.slice_to_dimension(3, 2).tolist(), store.get_available_dimensions()
+        ([[3.0, 4.0]], [2, 3])
+        >>> [round(float(v), 2) for v in store.slice_to_dimension(3, 2, normalize=True)[0]]
+        [0.6, 0.8]
+        """
         src = self.source
-        src.resolve(source_dim)
+        stored = src.resolve(source_dim)
         if isinstance(target_dim, bool) or not isinstance(target_dim, (int, np.integer)) or not (
                 1 <= target_dim <= source_dim):
             raise DimensionMismatchError(
                 f"target_dim must be between 1 and source_dim={source_dim}, got {target_dim!r}")
-        x = self.get_embeddings(int(target_dim))
+        target = int(target_dim)
+        n = src.num_rows
+        nbytes = n * target * 4
+        self.budget.check(nbytes, f"slice_to_dimension({source_dim}, {target}) of {n} rows", _HINT)
+        out = np.empty((n, target), dtype=np.float32)
+        with self.budget.holding(f"slice_to_dimension/{id(self)}", nbytes,
+                                 f"slice_to_dimension({target})", _HINT):
+            pos = 0
+            for _, block in src.iter_vectors(stored, batch_rows=src.default_batch_rows(stored)):
+                out[pos:pos + len(block)] = block[:, :target]
+                pos += len(block)
+        if target not in src.dimensions and not self.read_only and n:
+            self._state.add_dimension(target, out)
+        x = self.backend.from_numpy(out)
         return self.backend.normalize(x) if normalize else x
 
     def verify(self) -> Any:
@@ -344,12 +529,17 @@ class EmbeddingStore:
         dims: dict[int, dict[str, Any]] = {}
         for d in src.dimensions:
             held_d = sum(v for k, v in held.items() if k == f"store/emb_{d}")
-            dims[d] = {"rows": src.num_rows, "shape": (src.num_rows, d),
+            dims[d] = {"rows": src.num_rows, "shape": (src.num_rows, d), "dtype": "float32",
                        "bytes": src.num_rows * d * 4, "held_bytes": held_d,
-                       "memory_mb": held_d / 1024**2}
+                       "memory_bytes": held_d, "memory_mb": held_d / 1024**2}
         total = self.budget.held_bytes
         cap = self.budget.cap_bytes
         return {
+            # the seed's keys: bytes held (in memory: every embedding), the cap, the fraction used
+            "total_bytes": total,
+            "total_gb": total / GB,
+            "max_gb": self.max_memory_gb,
+            "utilization": None if cap is None else total / cap,
             "dimensions": dims,
             "in_memory": self.path is None,
             "held": held,
@@ -361,9 +551,9 @@ class EmbeddingStore:
             "usage_percent": None if cap is None else 100.0 * total / cap,
         }
 
-    def get_total_memory_usage(self) -> float:
-        """Embedding memory held now, in GB (the in-memory store's arrays, batches in flight)."""
-        return self.budget.held_bytes / GB
+    def get_total_memory_usage(self) -> int:
+        """Embedding bytes held now (the in-memory store's arrays, batches in flight), as in the seed."""
+        return int(self.budget.held_bytes)
 
     # -- delegates ------------------------------------------------------------------------------
     def search(self, queries: Any, k: int = 10, *, dimension: int | None = None,
@@ -428,6 +618,19 @@ class EmbeddingStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _as_list(values: Any) -> list[Any]:
+    """A column given by the caller (list, NumPy, polars, pyarrow) as a list of Python values."""
+    if hasattr(values, "to_pylist"):
+        return list(values.to_pylist())
+    if hasattr(values, "to_list"):
+        return list(values.to_list())
+    if isinstance(values, np.ndarray):
+        return list(values.tolist())
+    if isinstance(values, (str, bytes)):
+        return [values]
+    return list(values)
 
 
 def _check_properties(properties: Mapping[str, Any] | None) -> dict[str, Any]:

@@ -90,7 +90,8 @@ def matryoshka() -> None:
     store.add({256: full, 64: full[:, :64]}, text_ids=[f"t{i}" for i in range(200)])
     print(f"stored dimensions: {store.dimensions}")
     for target in (32, 64, 128):
-        sliced = store.slice_to_dimension(256, target)  # first `target` values, unit length
+        # first `target` values, re-normalised to unit length (the default is the raw prefix)
+        sliced = store.slice_to_dimension(256, target, normalize=True)
         norms = np.linalg.norm(store.backend.to_numpy(sliced), axis=1)
         print(f"slice_to_dimension(256, {target}) -> shape {store.backend.get_shape(sliced)}, "
               f"norms in [{norms.min():.4f}, {norms.max():.4f}]")

@@ -525,7 +525,9 @@ class Backend(ABC):
 
         Streams the corpus in blocks of ``batch_size`` rows (default 16384) through
         :meth:`block_top_k` and :meth:`merge_top_k`: the same kernel the search engine uses.
-        A 1-D query gives 1-D results. Ties go to the lower corpus index.
+        As in the seed, a 1-D query is one row (results of shape ``(1, k)``) and a ``k`` above the
+        number of corpus rows raises InvalidArgumentError (a ValueError). Ties go to the lower
+        corpus index.
 
         Examples
         --------
@@ -533,7 +535,7 @@ class Backend(ABC):
         >>> b = get_backend("numpy")
         >>> idx, sim = b.top_k_cosine_neighbors([1.0, 0.0], [[0.0, 1.0], [1.0, 0.1], [1.0, 0.0]], k=2)
         >>> idx.tolist()
-        [2, 1]
+        [[2, 1]]
         """
         k = check_k(k)
         q = self._float(queries)
@@ -548,6 +550,8 @@ class Backend(ABC):
         n = int(c.shape[0])
         if n == 0:
             raise InvalidArgumentError("the corpus is empty")
+        if k > n:
+            raise InvalidArgumentError(f"k={k} exceeds the corpus size ({n} rows)")
         rows = DEFAULT_BLOCK_ROWS if batch_size is None else check_k(batch_size)
         qn = self.normalize(q2)
         best: tuple[Any, Any] | None = None
@@ -573,8 +577,6 @@ class Backend(ABC):
         assert best is not None
         sims, idx = best
         sims = self.xp.clip(sims, -1.0, 1.0)
-        if q.ndim == 1:
-            return idx[0], sims[0]
         return idx, sims
 
 

@@ -53,7 +53,8 @@ def get_backend(name: str | None = None, device: str | None = None) -> Backend:
     Devices: numpy "cpu"; torch "cpu", "cuda", "cuda:N", "mps"; mlx "cpu", "gpu". ``device=None``
     picks the best one present. Backends are cached per (name, device).
 
-    Raises InvalidArgumentError for an unknown name, BackendUnavailableError when the framework is
+    Raises InvalidArgumentError (a ValueError whose message starts with "Unknown backend", as the
+    seed's did) for an unknown name, BackendUnavailableError when the framework is
     not installed (the message says which extra to install) and DeviceUnavailableError for a device
     that is not present (the message lists those that are).
 
@@ -70,7 +71,7 @@ def get_backend(name: str | None = None, device: str | None = None) -> Backend:
             name = _backend_for_device(device, auto_name)
     if not isinstance(name, str) or name.lower() not in BACKEND_NAMES:
         raise InvalidArgumentError(
-            f"unknown backend {name!r}; use one of {', '.join(BACKEND_NAMES)}"
+            f"Unknown backend {name!r}; use one of {', '.join(BACKEND_NAMES)}"
         )
     key = (name.lower(), None if device is None else str(device).lower())
     with _LOCK:

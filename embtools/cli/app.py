@@ -19,7 +19,7 @@ from typing import Any
 import click
 
 from embtools import __version__
-from embtools.cli import admin, ingest, query
+from embtools.cli import admin, ingest, query, seed
 from embtools.cli import verify as verify_command
 from embtools.cli.common import printable
 from embtools.errors import EmbtoolsError
@@ -68,7 +68,8 @@ def cli() -> None:
     """
 
 
-for _command in (*admin.COMMANDS, *ingest.COMMANDS, *query.COMMANDS, *verify_command.COMMANDS):
+for _command in (*admin.COMMANDS, *ingest.COMMANDS, *query.COMMANDS, *verify_command.COMMANDS,
+                 *seed.COMMANDS):
     cli.add_command(_command)
 
 

@@ -121,6 +121,20 @@ class MemoryState:
         self.version += 1
         return self.version
 
+    def add_dimension(self, dim: int, embeddings: np.ndarray) -> int:
+        """Attach dimension ``dim`` (one row per stored row) as a new held array."""
+        new = np.array(embeddings, dtype=np.float32, order="C")  # a copy the caller cannot change
+        self.budget.check(int(new.nbytes), f"adding dimension {dim} to {len(new)} rows", _HINT)
+        self._replace(self.meta, {**self.arrays, dim: new})
+        self.version += 1
+        return self.version
+
+    def clear(self) -> int:
+        """Drop every row, dimension and metadata column (properties kept)."""
+        self._replace(base_schema().empty_table(), {})
+        self.version += 1
+        return self.version
+
     def delete(self, positions: np.ndarray) -> int:
         keep = np.ones(self.meta.num_rows, dtype=bool)
         keep[positions] = False

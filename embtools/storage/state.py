@@ -35,6 +35,7 @@ import numpy as np
 from embtools.errors import InvalidArgumentError, StoreNotFoundError
 from embtools.memory import MemoryBudget
 from embtools.storage import manifest as mf
+from embtools.storage.columns import add_dimension_files, clear_files
 from embtools.storage.ingest import Batch
 from embtools.storage.memory_writer import MemoryState
 from embtools.storage.snapshot import Snapshot
@@ -86,6 +87,12 @@ class StoreState(Protocol):
 
     def compact(self, target_file_bytes: int) -> int:
         """Merge small data files; the new version, or the open one when nothing merges."""
+
+    def add_dimension(self, dim: int, embeddings: np.ndarray) -> int:
+        """Attach dimension ``dim`` (float32, one row per stored row, in row order); the new version."""
+
+    def clear(self) -> int:
+        """Remove every row, dimension and metadata column; the new version."""
 
     def vacuum(self, retain_versions: int, older_than: Any, grace_seconds: float
                ) -> dict[str, list[Any]]:
@@ -186,6 +193,12 @@ class DirectoryState:
     def compact(self, target_file_bytes: int) -> int:
         manifest = compact_files(self.root, self._snap.manifest, target_file_bytes, self.budget)
         return self.version if manifest is None else self._open(manifest)
+
+    def add_dimension(self, dim: int, embeddings: np.ndarray) -> int:
+        return self._open(add_dimension_files(self.root, self._snap.manifest, dim, embeddings))
+
+    def clear(self) -> int:
+        return self._open(clear_files(self.root, self._snap.manifest))
 
     def vacuum(self, retain_versions: int, older_than: Any, grace_seconds: float
                ) -> dict[str, list[Any]]:
