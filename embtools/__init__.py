@@ -34,12 +34,16 @@ _LAZY: dict[str, str] = {
     "MLXBackend": "embtools.backends.mlx_backend",
 }
 
+# the seed's names for embtools objects
+_ALIASES: dict[str, tuple[str, str]] = {"AbstractBackend": ("embtools.backends", "Backend")}
+
 # the seed's flags: whether the framework is installed (found without importing it)
 _FLAGS: dict[str, str] = {"TORCH_AVAILABLE": "torch", "MLX_AVAILABLE": "mlx"}
 
 __all__ = [
     "MLX_AVAILABLE",
     "TORCH_AVAILABLE",
+    "AbstractBackend",
     "Backend",
     "EmbeddingStore",
     "MLXBackend",
@@ -60,6 +64,7 @@ __all__ = [
 if TYPE_CHECKING:  # pragma: no cover
     from embtools import errors
     from embtools.backends import Backend, available_backends, convert, get_backend
+    from embtools.backends import Backend as AbstractBackend
     from embtools.backends.mlx_backend import MLXBackend
     from embtools.backends.numpy_backend import NumpyBackend
     from embtools.backends.torch_backend import TorchBackend
@@ -72,6 +77,11 @@ if TYPE_CHECKING:  # pragma: no cover
 def __getattr__(name: str) -> Any:
     if name == "errors":
         return importlib.import_module("embtools.errors")
+    if name in _ALIASES:
+        module_name, attr = _ALIASES[name]
+        value = getattr(importlib.import_module(module_name), attr)
+        globals()[name] = value
+        return value
     if name in _FLAGS:
         flag = _found(_FLAGS[name])
         globals()[name] = flag

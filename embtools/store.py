@@ -96,6 +96,13 @@ class EmbeddingStore:
     def __init__(self, path: str | os.PathLike[str] | None = None, backend: str | None = None,
                  max_memory_gb: float | None = None, device: str | None = None, *,
                  version: int | None = None, target_file_bytes: int | None = None) -> None:
+        if (path in ("numpy", "torch", "mlx") and isinstance(backend, (int, float))
+                and not isinstance(backend, bool) and device is None
+                and (max_memory_gb is None or isinstance(max_memory_gb, str))):
+            # the seed's positional EmbeddingStore(backend, max_memory_gb, device): seed_form below
+            # reads the backend name
+            seed_cap: Any = backend
+            backend, max_memory_gb, device = None, seed_cap, max_memory_gb  # type: ignore[assignment]
         from embtools.backends import get_backend
         from embtools.storage.store_args import seed_form, store_path
 
@@ -523,7 +530,12 @@ class EmbeddingStore:
 
     # -- memory ---------------------------------------------------------------------------------
     def get_memory_info(self) -> dict[str, Any]:
-        """Embedding bytes per dimension (stored and held in memory), what is held, and the cap."""
+        """Embedding bytes per dimension (stored and held in memory), what is held, and the cap.
+
+        The seed's keys: ``total_bytes`` and ``total_gb`` (held now; in memory, every embedding),
+        ``max_gb``, ``utilization`` (held / cap, 0..1; None without a cap), and per dimension
+        ``shape``, ``dtype``, ``memory_bytes`` and ``memory_mb``.
+        """
         src = self.source
         held = self.budget.held()
         dims: dict[int, dict[str, Any]] = {}

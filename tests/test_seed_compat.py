@@ -177,13 +177,20 @@ def test_example_5_cross_backend_conversion(name, rng):
 
 
 # ------------------------------------------------------------------ issue 11, point by point
+def test_seed_positional_store_arguments():
+    store = EmbeddingStore("numpy", 0.25)  # the seed's EmbeddingStore(backend, max_memory_gb)
+    assert store.path is None and store.backend.name == "numpy" and store.max_memory_gb == 0.25
+    store = EmbeddingStore("numpy", 0.5, "cpu")
+    assert store.backend.device == "cpu" and store.budget.cap_bytes == int(0.5 * 1024**3)
+
+
 def test_point_1_backend_classes_and_flags_exported():
     from embtools import MLX_AVAILABLE, TORCH_AVAILABLE, MLXBackend, NumpyBackend, TorchBackend
 
     assert TORCH_AVAILABLE is (importlib.util.find_spec("torch") is not None)
     assert MLX_AVAILABLE is (importlib.util.find_spec("mlx") is not None)
     for cls in (NumpyBackend, TorchBackend, MLXBackend):
-        assert issubclass(cls, embtools.Backend)
+        assert issubclass(cls, embtools.Backend) and issubclass(cls, embtools.AbstractBackend)
     b = NumpyBackend()
     np.testing.assert_allclose(b.to_numpy(b.normalize(b.create_array([[3.0, 4.0]]))), [[0.6, 0.8]])
     if TORCH_AVAILABLE:
@@ -192,7 +199,7 @@ def test_point_1_backend_classes_and_flags_exported():
     code = ("import sys, embtools; embtools.TORCH_AVAILABLE; embtools.MLX_AVAILABLE; "
             "print([m for m in ('torch', 'mlx.core', 'polars') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={**os.environ, "PYTHONPATH": os.getcwd()})
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     assert out.stdout.strip() == "[]"
 
 
@@ -395,6 +402,13 @@ def test_point_8_seed_directory_opens_and_imports(tmp_path, rng):
     np.testing.assert_array_equal(np.stack(frame["emb_32"].to_numpy()), e32.astype(np.float32))
     again = CliRunner().invoke(cli, ["import-seed", str(seed), str(tmp_path / "store")])
     assert again.exit_code == 1 and "already holds 25 rows" in again.output
+    # the seed's instance form on a store directory: a new version holding the seed's rows
+    disk = EmbeddingStore(tmp_path / "disk", backend="numpy")
+    disk.add_embeddings(e64[:2, :8], dimension=8)
+    v = disk.version
+    disk.load_from_disk(seed)
+    assert disk.version > v and disk.dimensions == [32, 64] and disk.get_text_ids() == ids
+    np.testing.assert_array_equal(disk.get_embeddings(64), e64)
     # a seed directory without text ids or labels
     bare = _seed_dir(tmp_path / "bare", {8: e64[:, :8]})
     assert EmbeddingStore.load_from_disk(bare, backend="numpy").num_rows == 25
@@ -446,3 +460,10 @@ def test_point_8_damaged_seed_files_are_corrupt_store_errors(tmp_path, damage):
     result = CliRunner().invoke(cli, ["import-seed", str(seed), str(tmp_path / "store")])
     assert result.exit_code == 1 and "Error:" in result.output
     assert not (tmp_path / "store").exists()  # nothing written
+
+
+def test_readme_has_the_migration_section():
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    section = text.split("## Coming from embedding_tools", 1)[1].split("\n## ", 1)[0]
+    for needle in ("from embtools import", "import-seed", "differs on purpose", "add_dimension"):
+        assert needle in section
