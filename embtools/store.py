@@ -277,7 +277,7 @@ class EmbeddingStore:
         if (src.num_rows and metadata is None and not isinstance(embeddings, Mapping)
                 and isinstance(dimension, (int, np.integer)) and not isinstance(dimension, bool)
                 and dimension >= 1 and int(dimension) not in src.dimensions):
-            return self._attach(dimension, embeddings, text_ids, labels)
+            return self._attach(dimension, embeddings, text_ids, labels, DimensionMismatchError)
         return self._add(embeddings, text_ids, labels, metadata, dimension, None)
 
     def add_dimension(self, dimension: int, embeddings: Any, text_ids: Any = None) -> int:
@@ -300,9 +300,12 @@ class EmbeddingStore:
         >>> store.get_available_dimensions()
         [2, 8]
         """
-        return self._attach(dimension, embeddings, text_ids, None)
+        return self._attach(dimension, embeddings, text_ids, None, LengthMismatchError)
 
-    def _attach(self, dimension: Any, embeddings: Any, text_ids: Any, labels: Any) -> int:
+    def _attach(self, dimension: Any, embeddings: Any, text_ids: Any, labels: Any,
+                count_error: type[ValueError]) -> int:
+        """:meth:`add_dimension`; a row count other than the store's raises ``count_error``
+        (add_embeddings: DimensionMismatchError, as for any add that lacks a stored dimension)."""
         self._writable()
         from embtools.storage.ingest import as_embedding_matrix, check_finite
 
@@ -320,7 +323,7 @@ class EmbeddingStore:
         if arr.shape[1] != dim:
             raise DimensionMismatchError(f"embeddings have {arr.shape[1]} columns but dimension={dim}")
         if arr.shape[0] != n:
-            raise LengthMismatchError(
+            raise count_error(
                 f"dimension {dim} is not stored yet: it can only be attached to the {n} stored rows "
                 f"(one row each, in row order), got {arr.shape[0]} rows; to add new rows, give every "
                 f"stored dimension {src.dimensions}")

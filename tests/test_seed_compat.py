@@ -283,7 +283,7 @@ def test_point_5_add_dimension_explicit_and_ambiguous_calls_change_nothing(store
     y_nan = y.copy()
     y_nan[3, 1] = np.nan
     bad = [
-        (LengthMismatchError, lambda: store.add_embeddings(y[:19], dimension=4, text_ids=ids[:19])),
+        (DimensionMismatchError, lambda: store.add_embeddings(y[:19], dimension=4, text_ids=ids[:19])),
         (LengthMismatchError, lambda: store.add_dimension(4, np.vstack([y, y[:1]]))),
         (InvalidArgumentError, lambda: store.add_embeddings(y, dimension=4, text_ids=ids[::-1])),
         (InvalidArgumentError, lambda: store.add_embeddings(y, dimension=4,
