@@ -176,9 +176,11 @@ def test_example_5_cross_backend_conversion(name, rng):
 
 # ------------------------------------------------------------------ issue 11, point by point
 def test_seed_positional_store_arguments():
-    store = EmbeddingStore("numpy", 0.25)  # the seed's EmbeddingStore(backend, max_memory_gb)
+    with pytest.warns(UserWarning, match="in-memory"):  # the seed's EmbeddingStore(backend, max_memory_gb)
+        store = EmbeddingStore("numpy", 0.25)
     assert store.path is None and store.backend.name == "numpy" and store.max_memory_gb == 0.25
-    store = EmbeddingStore("numpy", 0.5, "cpu")
+    with pytest.warns(UserWarning, match="in-memory"):
+        store = EmbeddingStore("numpy", 0.5, "cpu")
     assert store.backend.device == "cpu" and store.budget.cap_bytes == int(0.5 * 1024**3)
 
 
