@@ -253,6 +253,8 @@ def test_point_5_second_dimension_for_the_same_texts(store_kind, new_store, rng)
     if store_kind == "memory":
         return
     assert len(store.files()) > 1
+    report = store.verify()  # the rewritten files carry their checksums like any other
+    assert report.ok and report.files_checked == len(store.files())
     again = EmbeddingStore(store.path, backend="numpy")
     np.testing.assert_array_equal(again.get_embeddings(32)[:n], e32)
     assert EmbeddingStore(store.path, version=v1, backend="numpy").dimensions == [64]
