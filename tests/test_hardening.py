@@ -125,6 +125,56 @@ def test_where_grammar_matches_numpy(small_store):
     assert res["row_id"].to_list() == _cosine_top(x, q, 4, rows).ravel().tolist()
 
 
+_FRAME = pl.DataFrame({
+    "year": [2001, 2005, None, 2010, 2020, 1999, 2005, 2015],
+    "label": ["news", "paper", "Code", None, "news", "a_b", "50%", "paper"],
+    "score": [0.5, -1.25, 3.0, 0.0, None, 2.5, -0.5, 1.0],
+})
+
+
+def _predicates():
+    from hypothesis import strategies as st
+
+    num = st.sampled_from(["year", "score", "1", "2005", "-3", "2.5", "(year - 2000)", "score * 2",
+                           "year + score", "abs(score)", "NULL", "(2003 - year) % 4", "score % -2",
+                           "year / 4", "-score / 3"])
+    text = st.sampled_from(["label", "'news'", "'paper'", "lower(label)", "upper(label)", "NULL",
+                            "label || 'x'"])
+    op = st.sampled_from(["=", "<>", "!=", "<", "<=", ">", ">="])
+    atom = st.one_of(
+        st.tuples(num, op, num).map(" ".join),
+        st.tuples(text, op, text).map(" ".join),
+        st.tuples(st.sampled_from(["year", "score", "label"]), st.sampled_from(["IS NULL", "IS NOT NULL"])).map(" ".join),
+        st.tuples(st.sampled_from(["year", "year + 1"]), st.sampled_from(["IN (2005, 2010)", "NOT IN (1999)", "BETWEEN 2000 AND 2010", "NOT BETWEEN 2004 AND 2016"])).map(" ".join),
+        st.tuples(st.sampled_from(["label IN ('news', 'a_b')", "label NOT IN ('paper')"])).map(" ".join),
+        # (a backslash escapes % and _ here, as in PostgreSQL; polars' SQL has no escape)
+        st.sampled_from(["label LIKE 'p%'", "label LIKE '%e%'", "label NOT LIKE 'n___'",
+                         "label LIKE 'a_b'", "label ILIKE 'CODE'", "label LIKE '50%'", "TRUE", "FALSE"]),
+    )
+    return st.recursive(atom, lambda inner: st.one_of(
+        st.tuples(inner, st.sampled_from(["AND", "OR"]), inner).map(lambda t: f"({t[0]} {t[1]} {t[2]})"),
+        inner.map(lambda p: f"NOT ({p})"),
+    ), max_leaves=6)
+
+
+def test_where_parser_agrees_with_polars_sql_on_its_grammar():
+    """The parser's predicates select what polars' own SQL would (run here on a frame in memory,
+    never on a store), for random predicates of comparisons, arithmetic, IN, BETWEEN, IS NULL,
+    LIKE, functions, AND, OR and NOT."""
+    from hypothesis import given, settings
+
+    from embtools.storage.predicate import parse_predicate
+
+    @settings(max_examples=300, deadline=None)
+    @given(_predicates())
+    def check(where):
+        ours = _FRAME.with_row_index("i").filter(parse_predicate(where, _FRAME.columns))["i"].to_list()
+        theirs = _FRAME.with_row_index("i").filter(pl.sql_expr(where))["i"].to_list()
+        assert ours == theirs, where
+
+    check()
+
+
 def test_where_cannot_read_files_or_leak_them(small_store, tmp_path):
     store, *_ = small_store
     secret = tmp_path / "secret.csv"

@@ -10,7 +10,8 @@ contain:
 - ``x [NOT] IN (literal, ...)``, ``x [NOT] BETWEEN a AND b``, ``x IS [NOT] NULL``,
   ``x [NOT] LIKE 'pattern'`` / ``ILIKE`` (``%`` any run, ``_`` one character, ``\\%`` and
   ``\\_`` themselves);
-- arithmetic ``+ - * / %``, string concatenation ``||``;
+- arithmetic ``+ - * / %`` (``/`` is true division, ``%`` has the sign of its left side), string
+  concatenation ``||``;
 - the functions ``lower``, ``upper``, ``length``, ``trim``, ``abs``, ``round``, ``floor``, ``ceil``,
   ``coalesce``.
 
@@ -80,7 +81,8 @@ _COMPARE: dict[str, Callable[[pl.Expr, pl.Expr], pl.Expr]] = {
 }
 _ARITH: dict[str, Callable[[pl.Expr, pl.Expr], pl.Expr]] = {
     "+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b,
-    "/": lambda a, b: a / b, "%": lambda a, b: a % b,
+    "/": lambda a, b: a / b,
+    "%": lambda a, b: (a.abs() % b.abs()) * a.sign(),  # SQL's remainder: the sign of a
     "||": lambda a, b: a.cast(pl.String) + b.cast(pl.String),
 }
 
