@@ -3,6 +3,8 @@
 Rows come with precomputed vectors (``--vector-column``) or texts embedded with ``--model``
 (``--text-column``). Rows are committed in chunks (``--commit-rows``); rows whose text id is already
 in the store are skipped, so re-running after an interruption finishes the job with every row once.
+An unfinished ingest is recorded as a resumable job (:class:`embtools.jobs.Job`) in
+``<store>/_jobs/ingest-<hash>/``: the chunks committed so far are not read again.
 
 Examples
 --------
@@ -12,6 +14,7 @@ Examples
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 from typing import Any
@@ -25,8 +28,12 @@ from embtools.errors import (
     InvalidArgumentError,
     InvalidEmbeddingsError,
 )
+from embtools.jobs import progress as job_progress
 
-__all__ = ["COMMANDS", "prefixes", "read_table_file", "vectors_from_column"]
+__all__ = ["COMMANDS", "JOBS_DIR", "prefixes", "read_table_file", "vectors_from_column"]
+
+#: Folder of a store that holds the records of unfinished ingest jobs (removed when they finish).
+JOBS_DIR = "_jobs"
 
 _FORMATS = {
     ".parquet": "parquet",
@@ -105,35 +112,29 @@ def _existing_ids(store: Any) -> set[str]:
     return set(ids.to_list())
 
 
-def _progress(total: int) -> Any:
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        ProgressColumn,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-    from rich.text import Text
+def _job_params(file: Path, options: dict[str, Any]) -> dict[str, Any]:
+    """What identifies an ingest job: the input file (path, size, mtime) and the options."""
+    st = file.stat()
+    return {"kind": "ingest", "file": str(file.resolve()), "size": st.st_size,
+            "mtime_ns": st.st_mtime_ns, **options}
 
-    console = err_console()
 
-    class RateColumn(ProgressColumn):
-        def render(self, task: Any) -> Text:
-            speed = task.finished_speed or task.speed
-            return Text("-- rows/s" if speed is None else f"{speed:,.0f} rows/s")
+def _open_job(store: Any, params: dict[str, Any]) -> Any:
+    """The resumable job record of this ingest: ``<store>/_jobs/ingest-<param hash>/``."""
+    from embtools.config import compute_param_hash
+    from embtools.jobs import Job
 
-    return Progress(
-        TextColumn("[bold]ingest"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        RateColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=console,
-        disable=not console.is_terminal,
-    )
+    folder = Path(store.path) / JOBS_DIR / f"ingest-{compute_param_hash(**params)}"
+    return Job(folder, params, part_files=False)
+
+
+def _close_job(job: Any) -> None:
+    """Remove a finished job's record (and ``_jobs/`` when it is left empty)."""
+    import shutil
+
+    shutil.rmtree(job.path, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        job.path.parent.rmdir()
 
 
 @click.command()
@@ -245,21 +246,32 @@ def ingest(
             vectors_from_column(df[vector_column].head(1)), dim_list
         )  # type and --dims, up front
     target = open_store(store, create=True, backend="numpy")
+    options = {"format": fmt, "id_column": id_column, "label_column": label_column,
+               "text_column": text_column, "vector_column": vector_column,
+               "metadata_columns": meta_cols, "model": model, "dims": dim_list,
+               "commit_rows": commit_rows, "store_text": store_text}
+    job = _open_job(target, _job_params(file, options))
     existing = _existing_ids(target)
     keep = ~ids.is_in(list(existing)) if existing else pl.Series([True] * len(df))
-    todo = df.filter(keep)
-    todo_ids = ids.filter(keep)
-    skipped = len(df) - len(todo)
+    n_todo = int(keep.sum())
+    skipped = len(df) - n_todo
     console = err_console()
+    if job.done:
+        console.print(f"resuming: {len(job.done):,} chunks of {file.name} were committed before")
     if skipped:
         console.print(f"skipping {skipped:,} rows whose text id is already in {store}")
     start = time.perf_counter()
     version = target.version
-    with _progress(len(todo)) as bar:
-        task = bar.add_task("ingest", total=len(todo))
-        for lo in range(0, len(todo), commit_rows):
-            chunk = todo.slice(lo, commit_rows)
-            chunk_ids = todo_ids.slice(lo, commit_rows).to_list()
+    # chunks of --commit-rows input rows; a chunk is recorded in the job once it is committed
+    # (rows of a chunk committed but not recorded are skipped by their text ids)
+    with job_progress(n_todo, "ingest", unit="rows") as advance:
+        for part in job.todo(-(-len(df) // commit_rows)):
+            lo = part * commit_rows
+            rows = keep.slice(lo, commit_rows)
+            chunk = df.slice(lo, commit_rows).filter(rows)
+            chunk_ids = ids.slice(lo, commit_rows).filter(rows).to_list()
+            if not chunk_ids:  # committed before: nothing to do or to record
+                continue
             labels = chunk[label_column].cast(pl.String).to_list() if label_column else None
             metadata = {c: chunk[c].to_list() for c in meta_cols if c != text_column}
             if text_column is not None:
@@ -277,7 +289,7 @@ def ingest(
                     batch_size=batch_size,
                     device=device,
                     cache_dir=cache_dir,
-                    progress=lambda n: bar.advance(task, n),
+                    progress=advance,
                 )
             else:
                 vectors = vectors_from_column(chunk[vector_column])
@@ -287,11 +299,13 @@ def ingest(
                     labels=labels,
                     metadata=metadata or None,
                 )
-                bar.advance(task, len(chunk))
+                advance(len(chunk))
+            job.record(part)
+    _close_job(job)
     elapsed = time.perf_counter() - start
-    rate = len(todo) / elapsed if elapsed > 0 else float("inf")
+    rate = n_todo / elapsed if elapsed > 0 else float("inf")
     click.echo(
-        f"ingested {len(todo):,} rows ({skipped:,} already present) in {elapsed:.1f} s "
+        f"ingested {n_todo:,} rows ({skipped:,} already present) in {elapsed:.1f} s "
         f"({rate:,.0f} rows/s); {store} is at version {version}"
     )
 

@@ -6,7 +6,7 @@ of ``chunk_rows``; each chunk is searched exactly against ``right`` with the str
 right_text_id, rank, score, left_row_id, right_row_id``. A part file is written to a temporary name,
 fsynced and renamed, then recorded in ``dir/_progress.json`` (replaced atomically), so a job that is
 killed can be re-run with the same arguments and recomputes only the chunks that were not recorded.
-``dir/_job.json`` holds the parameter hash that a re-run must match.
+``dir/_job.json`` holds the parameter hash that a re-run must match (see :class:`embtools.jobs.Job`).
 
 Read the result with ``pl.scan_parquet(f"{dir}/*.parquet")``.
 
@@ -23,12 +23,8 @@ Examples
 
 from __future__ import annotations
 
-import json
 import os
-import re
-import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +34,8 @@ import pyarrow.parquet as pq
 
 from embtools.backends.base import check_k, check_metric
 from embtools.errors import DimensionMismatchError, InvalidArgumentError
+from embtools.jobs import JOB_FILE, PROGRESS_FILE, Job
+from embtools.jobs import progress as job_progress
 from embtools.search.filters import select_positions, where_key
 from embtools.search.plan import run_search
 from embtools.search.request import (
@@ -51,44 +49,8 @@ from embtools.storage.source import gather_rows
 
 __all__ = ["JOB_FILE", "PROGRESS_FILE", "similarity_join"]
 
-JOB_FILE = "_job.json"
-PROGRESS_FILE = "_progress.json"
-_PART = re.compile(r"^part-(\d{6,})\.parquet$")
 #: Default number of left rows per chunk (one pass over ``right`` each), before the memory cap.
 DEFAULT_CHUNK_ROWS = 4096
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    """Write JSON atomically: temporary file, fsync, rename, fsync the directory."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-        return data if isinstance(data, dict) else None
-    except (OSError, ValueError):
-        return None
 
 
 def _identity(store: Any) -> dict[str, Any]:
@@ -102,12 +64,6 @@ def _identity(store: Any) -> dict[str, Any]:
     if path is None:  # an in-memory store: only resumable within this process
         ident["object"] = id(store.source)
     return ident
-
-
-def _param_hash(params: dict[str, Any]) -> str:
-    from embtools.config import compute_param_hash
-
-    return compute_param_hash(**params)
 
 
 def _same_data(left: Any, right: Any) -> bool:
@@ -135,52 +91,6 @@ def _join_dimension(left: Any, right: Any, dimension: Any) -> int:
     dim = search_dimension(right.source, dimension, None)
     search_dimension(left.source, dim, None)
     return dim
-
-
-@contextmanager
-def _progress_bar(enabled: bool, total: int, done: int) -> Iterator[Any]:
-    if not enabled:
-        yield None
-        return
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
-
-    with Progress(
-        "[progress.description]{task.description}",
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        console=Console(stderr=True),
-        transient=False,
-    ) as bar:
-        task = bar.add_task("similarity join (chunks)", total=total, completed=done)
-        yield lambda: bar.advance(task)
-
-
-def _prepare_out(out: Path, job: dict[str, Any], overwrite: bool) -> set[int]:
-    """Create or check ``out``; return the chunks already completed by the same job."""
-    out.mkdir(parents=True, exist_ok=True)
-    existing = _read_json(out / JOB_FILE)
-    parts = {int(m.group(1)): p for p in out.iterdir() if (m := _PART.match(p.name))}
-    for p in out.iterdir():
-        if p.name.startswith(".") and p.name.endswith(".tmp"):
-            p.unlink()
-    if existing is not None and existing.get("param_hash") == job["param_hash"] and not overwrite:
-        progress = _read_json(out / PROGRESS_FILE) or {}
-        recorded = {int(c) for c in progress.get("completed", [])}
-        return {c for c in recorded if c in parts}
-    if existing is None and parts and not overwrite:
-        raise InvalidArgumentError(f"{out} holds part files of an unknown job; pass overwrite=True")
-    if existing is not None and not overwrite:
-        raise InvalidArgumentError(
-            f"{out} holds the results of a different similarity join (other arguments or data); "
-            "pass overwrite=True to replace them, or choose another out="
-        )
-    for p in parts.values():
-        p.unlink()
-    (out / PROGRESS_FILE).unlink(missing_ok=True)
-    _write_json(out / JOB_FILE, job)
-    return set()
 
 
 def _drop_self(
@@ -260,25 +170,20 @@ def similarity_join(
         "chunk_rows": chunk,
         "chunks": n_chunks,
     }
-    job["param_hash"] = _param_hash(job)
-    done = _prepare_out(out_path, job, overwrite)
-    show = sys.stderr.isatty() if progress is None else bool(progress)
-    completed = sorted(done)
-    with _progress_bar(show, n_chunks, len(done)) as tick:
-        for c in range(n_chunks):
-            if c in done:
-                continue
+    state = Job(out_path, job, overwrite=overwrite)
+    todo = state.todo(n_chunks)
+    show = None if progress is None else bool(progress)
+    with job_progress(n_chunks, "similarity join (chunks)", enabled=show,
+                      done=n_chunks - len(todo)) as advance:
+        for c in todo:
             lo, hi = c * chunk, min((c + 1) * chunk, n_left)
             pos = np.arange(lo, hi, dtype=np.int64) if left_pos is None else left_pos[lo:hi]
             table = _join_chunk(
                 left, right, pos, dim, k, metric, right_pos, exclude_self, batch_rows, screen
             )
-            _write_part(out_path, c, table)
-            completed.append(c)
-            _write_json(out_path / PROGRESS_FILE, {"param_hash": job["param_hash"], "completed": completed})
-            if tick is not None:
-                tick()
-    _write_json(out_path / JOB_FILE, {**job, "complete": True})
+            state.write_part(c, partial(pq.write_table, table, compression="zstd"))
+            advance(1)
+    state.finish()
     return out_path
 
 
@@ -331,16 +236,4 @@ def _join_chunk(
             "right_row_id": pa.array(np.asarray(r_row, dtype=np.int64)),
         }
     )
-
-
-def _write_part(out: Path, chunk: int, table: pa.Table) -> None:
-    """Write ``part-<chunk>.parquet`` atomically (temporary name, fsync, rename)."""
-    final = out / f"part-{chunk:06d}.parquet"
-    tmp = out / f".{final.name}.tmp"
-    with open(tmp, "wb") as f:
-        pq.write_table(table, f, compression="zstd")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
-    _fsync_dir(out)
 

@@ -33,6 +33,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from embtools.errors import CorruptStoreError, InvalidArgumentError, InvalidEmbeddingsError
+from embtools.storage.durable import fsync_file
 from embtools.storage.footer import parse_footer
 from embtools.storage.pages import LayoutError, plain_value_spans
 
@@ -144,8 +145,7 @@ def write_data_file(path: str | os.PathLike[str], table: pa.Table, *,
             write_page_checksum=True,
             store_schema=True,
         )
-        fh.flush()
-        os.fsync(fh.fileno())
+        fsync_file(fh)
         return fh.tell()
 
 

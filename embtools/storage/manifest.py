@@ -52,6 +52,7 @@ from embtools.errors import (
     SnapshotExpiredError,
     StoreNotFoundError,
 )
+from embtools.storage.durable import fsync_dir, fsync_file
 from embtools.storage.schema import base_schema, schema_from_json, schema_to_json
 
 __all__ = [
@@ -335,15 +336,6 @@ def missing_file_error(root: str | os.PathLike[str], version: int, path: str) ->
     return CorruptStoreError(f"{path}: listed by version {version} but missing")
 
 
-def fsync_dir(path: str | os.PathLike[str]) -> None:
-    """fsync a directory so that entries created in it survive a power loss."""
-    fd = os.open(os.fspath(path), os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def new_data_path(root: str | os.PathLike[str]) -> tuple[str, str]:
     """A fresh ``(relative, absolute)`` path for a data file."""
     rel = f"{DATA_DIR}/{uuid.uuid4().hex}.parquet"
@@ -406,8 +398,7 @@ def commit(root: str | os.PathLike[str], rebase: Callable[[Manifest | None], Man
         try:
             with open(tmp, "w", encoding="utf-8") as fh:
                 json.dump(manifest.to_json(), fh, indent=1)
-                fh.flush()
-                os.fsync(fh.fileno())
+                fsync_file(fh)
             crash_point("after_manifest_tmp")
             os.link(tmp, _version_path(root, new_version))
         except FileExistsError:
