@@ -36,6 +36,7 @@ from embtools.errors import CorruptStoreError, InvalidArgumentError, InvalidEmbe
 from embtools.storage.durable import fsync_file
 from embtools.storage.footer import parse_footer
 from embtools.storage.pages import LayoutError, plain_value_spans
+from embtools.storage.schema import embedding_type
 
 __all__ = [
     "EMBEDDING_COLUMN",
@@ -56,11 +57,6 @@ MAX_PAGE_BYTES = 1024**3
 
 DEFAULT_ROWS_NO_EMBEDDING = 1024 * 1024
 _F32 = np.dtype("<f4")
-
-
-def embedding_type(dim: int) -> pa.FixedSizeListType:
-    """The Arrow type of an ``emb_<dim>`` column: ``fixed_size_list<float32 not null>[dim]``."""
-    return pa.list_(pa.field("element", pa.float32(), nullable=False), dim)
 
 
 def embedding_array(x: np.ndarray) -> pa.FixedSizeListArray:

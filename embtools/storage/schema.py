@@ -66,8 +66,8 @@ def is_reserved(name: str) -> bool:
     return name in RESERVED or name.startswith(EMB_PREFIX)
 
 
-def embedding_type(dim: int) -> pa.DataType:
-    """``fixed_size_list<float32 not null>[dim]``."""
+def embedding_type(dim: int) -> pa.FixedSizeListType:
+    """The Arrow type of an ``emb_<dim>`` column: ``fixed_size_list<float32 not null>[dim]``."""
     return pa.list_(pa.field("element", pa.float32(), nullable=False), int(dim))
 
 
