@@ -86,7 +86,7 @@ def test_damaged_records_never_crash_or_skip_work(tmp_path, damage):
     (out / PROGRESS_FILE).write_bytes(damage)
     assert Job(out, PARAMS, suffix=".txt").todo(6) == list(range(6))  # redo, never skip
     (out / JOB_FILE).write_bytes(damage)
-    with pytest.raises(InvalidArgumentError, match="unknown job|different squares"):
+    with pytest.raises(InvalidArgumentError, match=r"unknown job|different squares"):
         Job(out, PARAMS, suffix=".txt")
     write_json(out / JOB_FILE, job.params)
     for bad in ({"param_hash": job.param_hash, "completed": [0, "1", True, -1]},
