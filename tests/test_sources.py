@@ -15,7 +15,6 @@ import numpy as np
 import polars as pl
 import pytest
 
-import embtools as et
 from embtools.errors import DimensionMismatchError, FilterError, InvalidArgumentError
 from embtools.storage.memory_source import ArraySource, MemorySource
 from embtools.storage.snapshot import Snapshot
@@ -31,7 +30,7 @@ class Case:
     source: Any
     vectors: dict[int, np.ndarray]
     meta: pl.DataFrame | None
-    store: Any = None  # the store that made it (kept open), if any
+    store: Any = None  # the store that made it, if any
 
 
 def _all(source: Any, dim: int, positions: Any = None, batch_rows: int | None = None,
@@ -48,20 +47,17 @@ def _all(source: Any, dim: int, positions: Any = None, batch_rows: int | None = 
 
 
 class SourceTests:
-    """Every VectorSource must pass these; subclasses define ``make(tmp_path, rng)``."""
+    """Every VectorSource must pass these; subclasses define ``make(new_store, rng)``."""
 
     frozen = True
     has_metadata = True
 
-    def make(self, tmp_path, rng) -> Case:  # pragma: no cover - abstract
+    def make(self, new_store, rng) -> Case:  # pragma: no cover - abstract
         raise NotImplementedError
 
     @pytest.fixture
-    def case(self, tmp_path, rng) -> Any:
-        c = self.make(tmp_path, rng)
-        yield c
-        if c.store is not None:
-            c.store.close()
+    def case(self, new_store, rng) -> Case:
+        return self.make(new_store, rng)
 
     def test_shape_and_protocol(self, case):
         src = case.source
@@ -176,8 +172,8 @@ def _store_case(store: Any, rng: np.random.Generator) -> Case:
 
 
 class TestSnapshot(SourceTests):
-    def make(self, tmp_path, rng) -> Case:
-        store = et.EmbeddingStore(tmp_path / "s", backend="numpy", target_file_bytes=2048)
+    def make(self, new_store, rng) -> Case:
+        store = new_store("disk", target_file_bytes=2048)
         case = _store_case(store, rng)
         assert isinstance(case.source, Snapshot) and len(store.files()) > 3
         return case
@@ -190,8 +186,8 @@ class TestSnapshot(SourceTests):
 
 
 class TestMemorySource(SourceTests):
-    def make(self, tmp_path, rng) -> Case:
-        case = _store_case(et.EmbeddingStore(None, backend="numpy"), rng)
+    def make(self, new_store, rng) -> Case:
+        case = _store_case(new_store("memory"), rng)
         assert isinstance(case.source, MemorySource)
         return case
 
@@ -202,7 +198,7 @@ class TestArraySource(SourceTests):
     frozen = False
     has_metadata = False
 
-    def make(self, tmp_path, rng) -> Case:
+    def make(self, new_store, rng) -> Case:
         x = rng.standard_normal((N, 12))  # float64 input: stored as float32
         return Case(ArraySource(x), {12: x.astype(np.float32)}, None)
 
