@@ -1,4 +1,4 @@
-"""Resumable jobs (embtools.jobs) and durable writes (embtools.storage.durable): resume after a
+"""Resumable jobs (embtools.storage.jobs) and durable writes (embtools.storage.durable): resume after a
 crash at any step, parameter checks, damaged records, and the CLI ingest's job record."""
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from click.testing import CliRunner
 import embtools as et
 from embtools.cli import cli
 from embtools.errors import InvalidArgumentError
-from embtools.jobs import JOB_FILE, PROGRESS_FILE, Job, progress, read_json, write_json
 from embtools.storage.durable import write_atomic
+from embtools.storage.jobs import JOB_FILE, PROGRESS_FILE, Job, progress, read_json, write_json
 
 PARAMS = {"kind": "squares", "n": 6}
 

@@ -3,7 +3,7 @@
 Rows come with precomputed vectors (``--vector-column``) or texts embedded with ``--model``
 (``--text-column``). Rows are committed in chunks (``--commit-rows``); rows whose text id is already
 in the store are skipped, so re-running after an interruption finishes the job with every row once.
-An unfinished ingest is recorded as a resumable job (:class:`embtools.jobs.Job`) in
+An unfinished ingest is recorded as a resumable job (:class:`embtools.storage.jobs.Job`) in
 ``<store>/_jobs/ingest-<hash>/``: the chunks committed so far are not read again.
 
 Examples
@@ -28,7 +28,7 @@ from embtools.errors import (
     InvalidArgumentError,
     InvalidEmbeddingsError,
 )
-from embtools.jobs import progress as job_progress
+from embtools.storage.jobs import progress as job_progress
 
 __all__ = ["COMMANDS", "JOBS_DIR", "prefixes", "read_table_file", "vectors_from_column"]
 
@@ -122,7 +122,7 @@ def _job_params(file: Path, options: dict[str, Any]) -> dict[str, Any]:
 def _open_job(store: Any, params: dict[str, Any]) -> Any:
     """The resumable job record of this ingest: ``<store>/_jobs/ingest-<param hash>/``."""
     from embtools.config import compute_param_hash
-    from embtools.jobs import Job
+    from embtools.storage.jobs import Job
 
     folder = Path(store.path) / JOBS_DIR / f"ingest-{compute_param_hash(**params)}"
     return Job(folder, params, part_files=False)

@@ -6,7 +6,7 @@ of ``chunk_rows``; each chunk is searched exactly against ``right`` with the str
 right_text_id, rank, score, left_row_id, right_row_id``. A part file is written to a temporary name,
 fsynced and renamed, then recorded in ``dir/_progress.json`` (replaced atomically), so a job that is
 killed can be re-run with the same arguments and recomputes only the chunks that were not recorded.
-``dir/_job.json`` holds the parameter hash that a re-run must match (see :class:`embtools.jobs.Job`).
+``dir/_job.json`` holds the parameter hash that a re-run must match (see :class:`embtools.storage.jobs.Job`).
 
 Read the result with ``pl.scan_parquet(f"{dir}/*.parquet")``.
 
@@ -34,8 +34,6 @@ import pyarrow.parquet as pq
 
 from embtools.backends.base import check_k, check_metric
 from embtools.errors import DimensionMismatchError, InvalidArgumentError
-from embtools.jobs import JOB_FILE, PROGRESS_FILE, Job
-from embtools.jobs import progress as job_progress
 from embtools.search.filters import select_positions, where_key
 from embtools.search.plan import run_search
 from embtools.search.request import (
@@ -45,6 +43,8 @@ from embtools.search.request import (
     is_store,
     search_dimension,
 )
+from embtools.storage.jobs import JOB_FILE, PROGRESS_FILE, Job
+from embtools.storage.jobs import progress as job_progress
 from embtools.storage.source import gather_rows
 
 __all__ = ["JOB_FILE", "PROGRESS_FILE", "similarity_join"]
