@@ -157,11 +157,19 @@ def test_cli_ingest_resumes_from_its_job_record(tmp_path, monkeypatch, rng):
     monkeypatch.setattr(et.EmbeddingStore, "add", real_add)
     records = list((store / "_jobs").iterdir())
     assert len(records) == 1 and read_json(records[0] / PROGRESS_FILE)["completed"] == [0, 1]
+    # a run with other options dies too: its record is another job's, removed once one finishes
+    calls.clear()
+    monkeypatch.setattr(et.EmbeddingStore, "add", add_then_die)
+    CliRunner().invoke(cli, [*args[:-1], "7"])
+    monkeypatch.setattr(et.EmbeddingStore, "add", real_add)
+    assert len(list((store / "_jobs").iterdir())) == 2
+    assert et.EmbeddingStore(store).num_rows == 28  # 20 rows, then rows 20 and 21-27
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
-    assert "resuming: 2 chunks" in result.output and "(20 already present)" in result.output
+    assert "resuming: 2 chunks" in result.output and "(28 already present)" in result.output
     assert not (store / "_jobs").exists()  # a finished job leaves no record
     final = et.EmbeddingStore(store, backend="numpy")
-    assert final.versions() == list(range(6))  # creation + 5 commits: none repeated
+    # creation, 2 + 2 commits before, then the chunks with rows left: 20-29 (2 rows), 30-39, 40-49
+    assert final.versions() == list(range(8))
     np.testing.assert_array_equal(np.asarray(final.get_embeddings(d)), vecs)
     assert json.loads(json.dumps(final.properties)) == final.properties

@@ -129,10 +129,16 @@ def _open_job(store: Any, params: dict[str, Any]) -> Any:
 
 
 def _close_job(job: Any) -> None:
-    """Remove a finished job's record (and ``_jobs/`` when it is left empty)."""
+    """Remove a finished job's record, and those of earlier ingests of the same file with other
+    options (their rows are in the store now), and ``_jobs/`` when it is left empty."""
     import shutil
 
-    shutil.rmtree(job.path, ignore_errors=True)
+    from embtools.storage.jobs import JOB_FILE, read_json
+
+    for folder in job.path.parent.glob("ingest-*"):
+        record = read_json(folder / JOB_FILE)
+        if folder == job.path or (record is not None and record.get("file") == job.params["file"]):
+            shutil.rmtree(folder, ignore_errors=True)
     with contextlib.suppress(OSError):
         job.path.parent.rmdir()
 
