@@ -113,16 +113,9 @@ def main() -> None:
     _, fi = index.search(queries, k)
     agree = float(np.mean(ours["row_id"].to_numpy().reshape(nq, k) == fi))
     rows.append(("batch", "  ids equal to FAISS (fraction)", agree, ""))
-    screen = os.environ.get("EMBTOOLS_BF16_SCREEN")
-    try:  # the same search without the bfloat16 screen (float32 products only)
-        os.environ["EMBTOOLS_BF16_SCREEN"] = "off"
-        et_f32 = add("batch", "embtools numpy, float32 only (screen off)",
-                     best_of(lambda: mem.search(queries, k), args.repeat), nq)
-    finally:
-        if screen is None:
-            os.environ.pop("EMBTOOLS_BF16_SCREEN")
-        else:
-            os.environ["EMBTOOLS_BF16_SCREEN"] = screen
+    # the same search without the bfloat16 screen (float32 products only), chosen by the request
+    et_f32 = add("batch", "embtools numpy, float32 only (screen off)",
+                 best_of(lambda: mem.search(queries, k, screen="off"), args.repeat), nq)
     et_torch = float("nan")
     if "torch" not in skip:
         tstore = et.EmbeddingStore(None, backend="torch")
