@@ -153,12 +153,7 @@ class _Reader:
         elif ftype == _BINARY:
             self.skip_bytes(self.varint())
         elif ftype in (_LIST, _SET):
-            head = self.byte()
-            size = head >> 4
-            etype = head & 0x0F
-            if size == 15:
-                size = self.varint()
-            self._check_count(size)
+            size, etype = self._list_header()
             for _ in range(size):
                 self._skip_element(etype, depth + 1)
         elif ftype == _MAP:
@@ -186,6 +181,15 @@ class _Reader:
         else:
             self.skip(etype, depth)
 
+    def _list_header(self) -> tuple[int, int]:
+        """``(size, element type)`` of a list or set header (a long size follows as a varint)."""
+        head = self.byte()
+        size = head >> 4
+        if size == 15:
+            size = self.varint()
+        self._check_count(size)
+        return size, head & 0x0F
+
     def _check_count(self, size: int) -> None:
         # Every element takes at least one byte, so a count above the remaining bytes is corrupt.
         if size > self.end - self.pos:
@@ -210,12 +214,7 @@ class _Reader:
             self.skip_bytes(n)
             return bytes(self.buf[self.pos - n:self.pos])
         if ftype in (_LIST, _SET):
-            head = self.byte()
-            size = head >> 4
-            etype = head & 0x0F
-            if size == 15:
-                size = self.varint()
-            self._check_count(size)
+            size, etype = self._list_header()
             if etype in (_TRUE, _FALSE):  # booleans inside containers take one byte each
                 out = []
                 for _ in range(size):
