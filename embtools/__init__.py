@@ -75,8 +75,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 def __getattr__(name: str) -> Any:
-    if name == "errors":
-        return importlib.import_module("embtools.errors")
+    if name in ("errors", "ray"):  # embtools.ray imports ray: only when asked for
+        return importlib.import_module(f"embtools.{name}")
     if name in _ALIASES:
         module_name, attr = _ALIASES[name]
         value = getattr(importlib.import_module(module_name), attr)

@@ -703,7 +703,7 @@ def test_import_embtools_and_numpy_backend_import_no_frameworks():
     code = (
         "import sys, embtools; b = embtools.get_backend('numpy'); "
         "b.top_k_cosine_neighbors([[1.0, 0.0]], [[1.0, 0.0], [0.0, 1.0]], 1); "
-        "bad = [m for m in ('torch', 'mlx', 'mlx.core', 'polars') if m in sys.modules]; "
+        "bad = [m for m in ('torch', 'mlx', 'mlx.core', 'polars', 'ray') if m in sys.modules]; "
         "print(bad); sys.exit(1 if bad else 0)"
     )
     result = subprocess.run(

@@ -64,6 +64,7 @@ __all__ = [
     "VERSIONS_DIR",
     "FileEntry",
     "Manifest",
+    "check_job_id",
     "check_vacuum_args",
     "commit",
     "config_hash",
@@ -158,6 +159,25 @@ class FileEntry:
         return entry
 
 
+JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@+=-]{0,127}$")
+"""A job id: 1-128 letters, digits and ``._:@+=-``, starting with a letter or digit."""
+
+
+def check_job_id(job_id: Any) -> str:
+    """``job_id`` when it is a valid job id (:data:`JOB_ID`), else InvalidArgumentError.
+
+    Examples
+    --------
+    >>> check_job_id("embed-2026-12-02")
+    'embed-2026-12-02'
+    """
+    if not isinstance(job_id, str) or not JOB_ID.match(job_id):
+        raise InvalidArgumentError(
+            f"job id {job_id!r} must be 1-128 letters, digits and ._:@+=- (starting with a letter "
+            "or digit)")
+    return job_id
+
+
 def _count(v: Any, what: str, hi: int = _MAX_COUNT) -> int:
     """A JSON integer in ``0..hi`` (not a bool or float)."""
     if isinstance(v, bool) or not isinstance(v, int):
@@ -196,19 +216,25 @@ class Manifest:
     schema: pa.Schema
     config_hash: str
     properties: dict[str, Any] = field(default_factory=dict)
+    #: ids of the jobs whose rows this version holds (``writer.commit_files(job_id=...)``):
+    #: a retried or re-run job with a recorded id commits nothing
+    jobs: tuple[str, ...] = ()
 
     @property
     def num_rows(self) -> int:
         return sum(f.num_rows for f in self.files)
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out = {
             "format": FORMAT, "version": self.version, "parent": self.parent,
             "created": self.created, "operation": self.operation,
             "files": [f.to_json() for f in self.files], "dimensions": list(self.dimensions),
             "schema": schema_to_json(self.schema), "config_hash": self.config_hash,
             "properties": self.properties,
         }
+        if self.jobs:
+            out["jobs"] = list(self.jobs)
+        return out
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Manifest:
@@ -220,6 +246,9 @@ class Manifest:
         files, dims, props = d["files"], d["dimensions"], d.get("properties") or {}
         if not isinstance(files, list) or not isinstance(dims, list) or not isinstance(props, dict):
             raise TypeError("files and dimensions must be lists, properties an object")
+        jobs = d.get("jobs") or []
+        if not isinstance(jobs, list) or not all(isinstance(j, str) and JOB_ID.match(j) for j in jobs):
+            raise TypeError("jobs must be a list of job ids")
         entries = [FileEntry.from_json(f) for f in files]
         _check_files(entries)
         dimensions = [_count(x, "dimension") for x in dims]
@@ -231,7 +260,7 @@ class Manifest:
             parent=None if parent is None else _count(parent, "parent"),
             created=str(d["created"]), operation=str(d["operation"]),
             files=entries, dimensions=dimensions, schema=schema_from_json(d["schema"]),
-            config_hash=str(d["config_hash"]), properties=dict(props),
+            config_hash=str(d["config_hash"]), properties=dict(props), jobs=tuple(jobs),
         )
 
     def settings_hash(self) -> str:

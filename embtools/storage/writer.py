@@ -9,6 +9,10 @@ Every operation writes its data files first (fsynced, under ``data/``), then com
   one (a concurrent delete or compact), they raise :class:`~embtools.errors.CommitConflictError`;
   re-open the store and retry.
 
+A distributed add splits append in two: :func:`write_files` on the workers (data files, not
+committed) and :func:`commit_files` on the driver (one version, append's validation, a job id that
+makes a retried or re-run job commit nothing).
+
 An operation that fails before its commit (a conflict, a duplicate id, a full disk: then
 :class:`~embtools.errors.StorageFullError`) removes the data files it wrote; the store is unchanged.
 
@@ -32,13 +36,16 @@ from typing import Any
 import numpy as np
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from embtools.errors import (
     CommitConflictError,
     CorruptStoreError,
+    DimensionMismatchError,
     DuplicateTextIdError,
     EmbtoolsError,
+    SchemaMismatchError,
     StorageFullError,
 )
 from embtools.memory import MemoryBudget
@@ -60,7 +67,15 @@ from embtools.storage.manifest import (
 from embtools.storage.schema import LABEL, ROW_ID, TEXT_ID, emb_column, embedding_type
 from embtools.storage.verify import check_file, file_checksums
 
-__all__ = ["append", "compact_files", "delete_rows", "rows_per_file", "save_source"]
+__all__ = [
+    "append",
+    "commit_files",
+    "compact_files",
+    "delete_rows",
+    "rows_per_file",
+    "save_source",
+    "write_files",
+]
 
 _FULL = (errno.ENOSPC, errno.EDQUOT)
 
@@ -168,6 +183,54 @@ def _finish_data(root: str) -> None:
     crash_point("after_data")
 
 
+def _write_rows(w: _Write, batch: Batch, start: int, ids: pa.Array, budget: MemoryBudget,
+                target_bytes: int) -> list[FileEntry]:
+    """Write the rows of ``batch`` (row ids from ``start``) as data files of ``target_bytes``."""
+    n = batch.num_rows
+    bytes_per_row = sum(batch.dimensions) * 4 + 64
+    rows = rows_per_file(bytes_per_row, target_bytes, budget.available_bytes)
+    rg = _row_group_rows(rows, bytes_per_row, budget)
+    entries = []
+    for s in range(0, n, rows):
+        e = min(n, s + rows)
+        entries.append(w.file(batch.table(s, e, start + s, text_ids=ids), rg))
+    return entries
+
+
+class _JobDone(Exception):
+    """Raised by an add's rebase when its job id is already committed (nothing to do)."""
+
+
+def _add_rebase(root: str, current: Manifest, entries: list[FileEntry], ids: pa.Array,
+                dims: list[int], schema: pa.Schema, properties: dict[str, Any],
+                job_id: str | None) -> Any:
+    """The rebase of an add: its files on top of the latest version, after checking the text ids
+    of the files committed since ``current`` and the dimensions."""
+    known = {f.path for f in current.files}
+
+    def rebase(latest: Manifest | None) -> Manifest:
+        if latest is None:
+            raise CorruptStoreError(f"{root}: the store has no committed version")
+        if job_id is not None and job_id in latest.jobs:
+            raise _JobDone(job_id)
+        if latest.version != current.version:
+            added = [f for f in latest.files if f.path not in known]
+            dup = existing_text_id(root, added, ids)
+            if dup is not None:
+                raise DuplicateTextIdError(f"text id {dup!r} was added by a concurrent writer")
+            if latest.num_rows and sorted(latest.dimensions) != dims:
+                raise CommitConflictError(
+                    f"a concurrent writer stored dimensions {latest.dimensions}, this add has {dims}")
+        merged = _merge_schema(latest, schema)
+        props = {**latest.properties, **properties}
+        jobs = latest.jobs if job_id is None else (*latest.jobs, job_id)
+        return replace(latest, operation="add", files=_sorted([*latest.files, *entries]),
+                       dimensions=dims, schema=merged, properties=props, jobs=jobs,
+                       config_hash=config_hash(dims, merged, props))
+
+    return rebase
+
+
 def append(root: str, base: Manifest, batch: Batch, properties: dict[str, Any],
            budget: MemoryBudget, target_bytes: int) -> Manifest:
     """Write ``batch`` as new data files and commit them on top of the latest version.
@@ -175,40 +238,93 @@ def append(root: str, base: Manifest, batch: Batch, properties: dict[str, Any],
     Text ids are checked against the latest version, not only ``base``: another process may have
     compacted the store and vacuumed ``base``'s files away (a long-lived handle then rebases).
     """
-    n = batch.num_rows
     with _Write(root, base.version) as w:
-        start = reserve_row_ids(root, n)
+        start = reserve_row_ids(root, batch.num_rows)
         ids = batch.all_text_ids(start)
         current = _check_new_ids(root, base, ids)
-        bytes_per_row = sum(batch.dimensions) * 4 + 64
-        rows = rows_per_file(bytes_per_row, target_bytes, budget.available_bytes)
-        rg = _row_group_rows(rows, bytes_per_row, budget)
-        entries = []
-        for s in range(0, n, rows):
-            e = min(n, s + rows)
-            entries.append(w.file(batch.table(s, e, start + s, text_ids=ids), rg))
+        entries = _write_rows(w, batch, start, ids, budget, target_bytes)
         _finish_data(root)
-        dims = batch.dimensions
-        known = {f.path for f in current.files}
+        return commit(root, _add_rebase(root, current, entries, ids, batch.dimensions,
+                                        batch.schema, properties, None))
 
-        def rebase(latest: Manifest | None) -> Manifest:
-            if latest is None:
-                raise CorruptStoreError(f"{root}: the store has no committed version")
-            if latest.version != current.version:
-                added = [f for f in latest.files if f.path not in known]
-                dup = existing_text_id(root, added, ids)
-                if dup is not None:
-                    raise DuplicateTextIdError(f"text id {dup!r} was added by a concurrent writer")
-                if latest.num_rows and sorted(latest.dimensions) != dims:
-                    raise CommitConflictError(
-                        f"a concurrent writer stored dimensions {latest.dimensions}, this add has {dims}")
-            schema = _merge_schema(latest, batch.schema)
-            props = {**latest.properties, **properties}
-            return replace(latest, operation="add", files=_sorted([*latest.files, *entries]),
-                           dimensions=dims, schema=schema, properties=props,
-                           config_hash=config_hash(dims, schema, props))
 
-        return commit(root, rebase)
+def write_files(root: str, batch: Batch, budget: MemoryBudget, target_bytes: int
+                ) -> list[FileEntry]:
+    """The write half of a distributed add: ``batch``'s rows as data files, not committed.
+
+    The files are written as :func:`append` writes them (row ids reserved, aligned pages,
+    checksums, fsynced); hand the entries to :func:`commit_files` (on any machine) to publish them.
+    Files that are never committed are removed by ``vacuum`` after its grace period. Text ids are
+    checked against the store by the commit, not here.
+    """
+    with _Write(root, latest_version(root) or 0) as w:
+        start = reserve_row_ids(root, batch.num_rows)
+        entries = _write_rows(w, batch, start, batch.all_text_ids(start), budget, target_bytes)
+        _finish_data(root)
+    return entries
+
+
+def commit_files(root: str, entries: Sequence[FileEntry], dims: Sequence[int],
+                 schema: pa.Schema, properties: dict[str, Any], job_id: str | None = None
+                 ) -> Manifest | None:
+    """The commit half of a distributed add: publish the files of :func:`write_files` calls as
+    one version, with the validation of :func:`append`.
+
+    Each file is checked (footer, text-id pages, its columns against ``dims`` and ``schema``); the
+    text ids must be unique across the files and new to the store (DuplicateTextIdError), the
+    dimensions those stored (DimensionMismatchError). ``job_id`` is recorded in the manifest: when
+    the latest version already records it (a retried or re-run job), nothing is committed and None
+    is returned. On any failure, and when nothing is committed, the files are removed.
+    """
+    entries = list(entries)
+    dims = sorted(int(d) for d in dims)
+    try:
+        latest = read_manifest(root)
+        if job_id is not None and job_id in latest.jobs:
+            raise _JobDone(job_id)
+        if latest.num_rows and sorted(latest.dimensions) != dims:
+            raise DimensionMismatchError(
+                f"the store holds dimensions {sorted(latest.dimensions)}, the written files have {dims}")
+        ids = _written_ids(root, entries, dims, schema)
+        current = _check_new_ids(root, latest, ids)
+        with contextlib.suppress(OSError):
+            _finish_data(root)
+        return commit(root, _add_rebase(root, current, entries, ids, dims, schema,
+                                        dict(properties), job_id))
+    except BaseException as exc:
+        for e in entries:
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(root, e.path))
+        if isinstance(exc, _JobDone):
+            return None
+        raise
+
+
+def _written_ids(root: str, entries: list[FileEntry], dims: list[int], schema: pa.Schema
+                 ) -> pa.Array:
+    """The text ids of the written files, after checking each file and that no id repeats."""
+    want = {emb_column(d) for d in dims}
+    chunks = []
+    for e in entries:
+        check_file(root, e, [TEXT_ID])  # the path, footer and text-id pages
+        names = pq.read_schema(os.path.join(root, e.path)).names
+        got = {n for n in names if n.startswith("emb_")}
+        if got != want or names[:3] != [ROW_ID, TEXT_ID, LABEL]:
+            raise DimensionMismatchError(
+                f"{e.path}: columns {names} do not hold exactly the dimensions {dims}")
+        unknown = [n for n in names if n not in want and n not in schema.names]
+        if unknown:
+            raise SchemaMismatchError(f"{e.path}: columns {unknown} are not in the schema")
+        chunks.append(pq.read_table(os.path.join(root, e.path), columns=[TEXT_ID])[TEXT_ID])
+    ids = pa.chunked_array([c for ch in chunks for c in ch.chunks], pa.string()).combine_chunks()
+    if len(ids) != sum(e.num_rows for e in entries):
+        raise CorruptStoreError(f"{root}: the written files do not hold the rows their entries list")
+    counts = pc.value_counts(ids)
+    repeated = pc.filter(counts.field("values"), pc.greater(counts.field("counts"), 1))
+    if len(repeated):
+        raise DuplicateTextIdError(f"text id {repeated[0].as_py()!r} occurs in more than one row "
+                                   "of the written files")
+    return ids
 
 
 def _check_new_ids(root: str, base: Manifest, ids: pa.Array, attempts: int = 5) -> Manifest:
