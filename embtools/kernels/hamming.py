@@ -1,0 +1,274 @@
+"""Hamming distances and asymmetric scores over packed sign bits, with exact top-k.
+
+- :func:`hamming_distances` / :func:`hamming_top_k`: Hamming distance between packed codes
+  (``uint8 (n, b)``, :func:`embtools.kernels.codes.pack_signs`), equal to FAISS
+  ``IndexBinaryFlat`` (distances and ids; ties go to the lower index as there). A few queries
+  use ``np.bitwise_count`` on 64-bit words (a byte lookup table where NumPy lacks it); batches
+  unpack both sides to +-1 and use a float32 matrix product, exact because every sum is an
+  integer far below 2**24: ``hamming = (bits - q . c) / 2``.
+- :func:`sign_scores` / :func:`sign_top_k`: the *asymmetric* score of float queries against sign
+  codes, ``q . s`` with ``s`` the +-1 vector of the code (a per-byte lookup table of the query's
+  partial sums for a few queries, +-1 unpacking and a matrix product for batches).
+
+Every function works through the codes in tiles, so its temporaries stay a few MiB whatever
+the number of rows.
+
+Examples
+--------
+>>> import numpy as np
+>>> codes = np.array([[0b11110000], [0b11111111], [0b00000000]], dtype=np.uint8)
+>>> hamming_distances(np.array([[0b11110001]], dtype=np.uint8), codes).tolist()
+[[1, 3, 5]]
+>>> d, i = hamming_top_k(np.array([[0b11110001]], dtype=np.uint8), codes, 2)
+>>> d.tolist(), i.tolist()
+([[1, 3]], [[0, 1]])
+>>> q = np.array([[1.0, 0, 0, 0, 0, 0, 0, -2.0]], dtype=np.float32)
+>>> sign_scores(q, codes, 8).tolist()
+[[3.0, -1.0, 1.0]]
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from embtools.kernels.codes import unpack_signs
+from embtools.kernels.numpy_tiles import block_top_k, select_top_k_1d
+
+__all__ = [
+    "HAS_BITWISE_COUNT",
+    "hamming_distances",
+    "hamming_top_k",
+    "merge_smallest",
+    "popcount",
+    "sign_scores",
+    "sign_top_k",
+]
+
+#: NumPy >= 2.0 has a vectorised population count
+HAS_BITWISE_COUNT = hasattr(np, "bitwise_count")
+#: bits set in each byte value (the lookup table where ``np.bitwise_count`` is missing)
+POPCOUNT8 = (
+    np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1).sum(axis=1).astype(np.uint8)
+)
+#: queries from which a product of +-1 matrices beats popcount / lookup tables
+MATMUL_QUERIES = 16
+#: bytes of temporaries per tile
+TILE_BYTES = 8 * 1024**2
+
+
+def popcount(a: np.ndarray) -> np.ndarray:
+    """Bits set in each element of an unsigned integer array (uint8 result).
+
+    Examples
+    --------
+    >>> popcount(np.array([0, 7, 255], dtype=np.uint8)).tolist()
+    [0, 3, 8]
+    """
+    if HAS_BITWISE_COUNT:
+        return np.bitwise_count(a)
+    return POPCOUNT8[a.view(np.uint8)].reshape(*a.shape, a.itemsize).sum(axis=-1, dtype=np.uint8)
+
+
+def _words(codes: np.ndarray) -> np.ndarray:
+    """Codes as 64-bit words when their row length allows it (a view), else as bytes."""
+    c = np.ascontiguousarray(codes, dtype=np.uint8)
+    if c.shape[1] % 8 == 0 and c.shape[1] > 0:
+        return c.view(np.uint64)
+    return c
+
+
+def _check(queries: np.ndarray, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    q = np.asarray(queries, dtype=np.uint8)
+    c = np.asarray(codes, dtype=np.uint8)
+    if q.ndim == 1:
+        q = q[None, :]
+    if q.ndim != 2 or c.ndim != 2 or q.shape[1] != c.shape[1]:
+        raise ValueError(f"codes of shapes {q.shape} and {c.shape} do not match")
+    return q, c
+
+
+def _popcount_row(qw: np.ndarray, cw: np.ndarray, out: np.ndarray) -> None:
+    """Distances of one query (words ``qw``) to every row of ``cw``, written into 1-D ``out``."""
+    tile = max(1, TILE_BYTES // max(1, cw.shape[1] * cw.itemsize))
+    for s in range(0, cw.shape[0], tile):
+        counts = popcount(np.bitwise_xor(cw[s : s + tile], qw))
+        o = out[s : s + tile]
+        o[...] = counts[:, 0]
+        for j in range(1, counts.shape[1]):  # column adds: faster than a sum over a short axis
+            o += counts[:, j]
+
+
+def _matmul_distances(q: np.ndarray, c: np.ndarray, out: np.ndarray) -> None:
+    bits = 8 * q.shape[1]
+    qs = unpack_signs(q, bits)
+    tile = max(1, TILE_BYTES // (4 * bits))
+    for s in range(0, c.shape[0], tile):
+        dots = qs @ unpack_signs(c[s : s + tile], bits).T
+        out[:, s : s + tile] = ((bits - dots) * 0.5).astype(np.int32)
+
+
+def hamming_distances(queries: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    """Hamming distances ``(nq, n)`` int32 between packed query codes and packed row codes.
+
+    Examples
+    --------
+    >>> hamming_distances(np.array([[1, 2]], dtype=np.uint8), np.array([[1, 2], [0, 1]], dtype=np.uint8)).tolist()
+    [[0, 3]]
+    """
+    q, c = _check(queries, codes)
+    out = np.empty((q.shape[0], c.shape[0]), dtype=np.int32)
+    if q.shape[0] >= MATMUL_QUERIES:
+        _matmul_distances(q, c, out)
+    else:
+        qw, cw = _words(q), _words(c)
+        for r in range(q.shape[0]):
+            _popcount_row(qw[r], cw, out[r])
+    return out
+
+
+def _smallest_ints(dist: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` smallest of a 1-D array of small non-negative ints, ties to the lower index."""
+    counts = np.bincount(dist)
+    kth = int(np.searchsorted(np.cumsum(counts), k))  # the k-th smallest value
+    below = np.flatnonzero(dist < kth)
+    ties = np.flatnonzero(dist == kth)[: k - below.size]
+    idx = np.concatenate([below, ties])
+    vals = dist[idx]
+    order = np.lexsort((idx, vals))
+    return vals[order].astype(np.int32), idx[order].astype(np.int64)
+
+
+def merge_smallest(
+    values: np.ndarray, indices: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, the ``k`` smallest of ``values`` (ties to the lower index), sorted.
+
+    Examples
+    --------
+    >>> v, i = merge_smallest(np.array([[3, 1, 1]]), np.array([[0, 9, 4]]), 2)
+    >>> v.tolist(), i.tolist()
+    ([[1, 1]], [[4, 9]])
+    """
+    order = np.lexsort((indices, values), axis=-1)[:, :k]
+    return np.take_along_axis(values, order, axis=1), np.take_along_axis(indices, order, axis=1)
+
+
+def hamming_top_k(queries: np.ndarray, codes: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` nearest rows by Hamming distance: ``(distances int32, indices int64)``, nearest
+    first, ties to the lower index (as FAISS ``IndexBinaryFlat``); k is clipped to the rows.
+
+    A few queries: popcount distances and a counting selection per query; batches: the fused
+    float32 tile kernel of :mod:`embtools.kernels.numpy_tiles` over +-1 vectors (the largest
+    product is the smallest distance, and ties go to the lower index there too).
+
+    Examples
+    --------
+    >>> c = np.array([[0], [3], [1], [1]], dtype=np.uint8)
+    >>> d, i = hamming_top_k(np.array([[1]], dtype=np.uint8), c, 3)
+    >>> d.tolist(), i.tolist()
+    ([[0, 0, 1]], [[2, 3, 0]])
+    """
+    q, c = _check(queries, codes)
+    k = min(int(k), c.shape[0])
+    nq = q.shape[0]
+    out_d = np.zeros((nq, max(k, 0)), dtype=np.int32)
+    out_i = np.zeros((nq, max(k, 0)), dtype=np.int64)
+    if k <= 0:
+        return out_d, out_i
+    if nq < MATMUL_QUERIES:
+        qw, cw = _words(q), _words(c)
+        dist = np.empty(c.shape[0], dtype=np.int32)
+        for r in range(nq):
+            _popcount_row(qw[r], cw, dist)
+            out_d[r], out_i[r] = _smallest_ints(dist, k)
+        return out_d, out_i
+    bits = 8 * q.shape[1]
+    values, indices = _signs_top_k(unpack_signs(q, bits), c, bits, k)
+    return ((bits - values) * 0.5).astype(np.int32), indices
+
+
+def _signs_top_k(q: np.ndarray, c: np.ndarray, dim: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Best ``k`` rows by ``q . signs(c)`` for float32 queries ``q``: the fused tile kernel."""
+    tile = max(k, TILE_BYTES // (4 * dim))
+    running: tuple[np.ndarray, np.ndarray] | None = None
+    for s in range(0, c.shape[0], tile):
+        block = unpack_signs(c[s : s + tile], dim)
+        running = block_top_k(q, block, k, "dot", running=running, offset=s)
+    assert running is not None
+    return running
+
+
+def _query_tables(queries: np.ndarray, nbytes: int) -> np.ndarray:
+    """Per query and code byte, the score of each of the 256 byte values: ``(nq, nbytes, 256)``."""
+    nq, dim = queries.shape
+    padded = np.zeros((nq, nbytes * 8), dtype=np.float32)
+    padded[:, :dim] = queries
+    signs = unpack_signs(np.arange(256, dtype=np.uint8)[:, None], 8)  # (256, 8)
+    return np.einsum("qjb,vb->qjv", padded.reshape(nq, nbytes, 8), signs).astype(np.float32)
+
+
+def sign_scores(queries: np.ndarray, codes: np.ndarray, dim: int) -> np.ndarray:
+    """Asymmetric scores ``(nq, n)`` float32: each float query against the +-1 vectors of the
+    packed sign codes (``dim`` dimensions; padding bits are ignored).
+
+    Examples
+    --------
+    >>> sign_scores(np.array([[0.5, 0.25]], dtype=np.float32), np.array([[128], [64]], dtype=np.uint8), 2).tolist()
+    [[0.25, -0.25]]
+    """
+    q = np.asarray(queries, dtype=np.float32)
+    if q.ndim == 1:
+        q = q[None, :]
+    c = np.asarray(codes, dtype=np.uint8)
+    if q.shape[1] != dim or c.ndim != 2 or c.shape[1] != (dim + 7) // 8:
+        raise ValueError(f"queries {q.shape} and codes {c.shape} do not match dimension {dim}")
+    nq, n = q.shape[0], c.shape[0]
+    out = np.empty((nq, n), dtype=np.float32)
+    if nq >= MATMUL_QUERIES:
+        tile = max(1, TILE_BYTES // (4 * dim))
+        for s in range(0, n, tile):
+            out[:, s : s + tile] = q @ unpack_signs(c[s : s + tile], dim).T
+        return out
+    nbytes = c.shape[1]
+    tables = _query_tables(q, nbytes).reshape(nq, nbytes * 256)
+    offsets = (np.arange(nbytes, dtype=np.intp) * 256)[None, :]
+    tile = max(1, TILE_BYTES // (8 * nbytes))
+    for s in range(0, n, tile):
+        idx = c[s : s + tile].astype(np.intp)
+        idx += offsets
+        for r in range(nq):
+            out[r, s : s + tile] = tables[r].take(idx).sum(axis=1)
+    return out
+
+
+def sign_top_k(
+    queries: np.ndarray, codes: np.ndarray, dim: int, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` best rows by asymmetric sign score: ``(scores float32, indices int64)``, best
+    first, ties to the lower index; k is clipped to the rows.
+
+    Examples
+    --------
+    >>> c = np.array([[128], [64], [192]], dtype=np.uint8)
+    >>> s, i = sign_top_k(np.array([[0.5, 0.25]], dtype=np.float32), c, 2, 2)
+    >>> s.tolist(), i.tolist()
+    ([[0.75, 0.25]], [[2, 0]])
+    """
+    c = np.asarray(codes, dtype=np.uint8)
+    q = np.asarray(queries, dtype=np.float32)
+    if q.ndim == 1:
+        q = q[None, :]
+    k = min(int(k), c.shape[0])
+    nq = q.shape[0]
+    if k <= 0:
+        return np.zeros((nq, 0), dtype=np.float32), np.zeros((nq, 0), dtype=np.int64)
+    if nq >= MATMUL_QUERIES:
+        if q.shape[1] != dim or c.ndim != 2 or c.shape[1] != (dim + 7) // 8:
+            raise ValueError(f"queries {q.shape} and codes {c.shape} do not match dimension {dim}")
+        return _signs_top_k(np.ascontiguousarray(q), c, dim, k)
+    scores = sign_scores(q, c, dim)
+    out_v = np.empty((nq, k), dtype=np.float32)
+    out_i = np.empty((nq, k), dtype=np.int64)
+    for r in range(nq):
+        out_v[r], out_i[r] = select_top_k_1d(scores[r], k)
+    return out_v, out_i

@@ -1,0 +1,153 @@
+"""The quantization kernels against their references: sentence-transformers' ``quantize_embeddings``
+(int8 and ubinary codes) and FAISS ``IndexBinaryFlat`` (Hamming distances and ids)."""
+
+from __future__ import annotations
+
+import warnings
+
+import faiss
+import numpy as np
+import pytest
+
+from embtools.kernels import codes as C
+from embtools.kernels import hamming as H
+
+
+def _quantize_embeddings():  # type: ignore[no-untyped-def]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from sentence_transformers.quantization import quantize_embeddings
+    return quantize_embeddings
+
+
+def _clustered(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
+    centres = rng.standard_normal((8, d)).astype(np.float32)
+    x = centres[rng.integers(0, 8, n)] + 0.5 * rng.standard_normal((n, d)).astype(np.float32)
+    x[rng.integers(n)] = 0.0  # zero row: every sign bit clear
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+@pytest.mark.parametrize("d", [384, 20, 8, 1])
+def test_int8_codes_equal_sentence_transformers(rng: np.random.Generator, d: int) -> None:
+    x = _clustered(rng, 3000, d)
+    ranges = C.int8_ranges(x[rng.choice(3000, 500, replace=False)])  # a sample: some rows clip
+    x[5, 0] = 40.0  # far outside the range
+    x[6, -1] = -40.0
+    ours = C.encode_int8(x, ranges)
+    ref = _quantize_embeddings()(x, precision="int8", ranges=ranges)
+    assert ours.dtype == np.int8 and ours.shape == (3000, d)
+    np.testing.assert_array_equal(ours, ref)
+    # a constant dimension (step 0 -> 1) too
+    flat = np.array([[0.0, 1.0], [0.0, 2.0]], dtype=np.float32)
+    fr = C.int8_ranges(flat)
+    np.testing.assert_array_equal(
+        C.encode_int8(flat, fr), _quantize_embeddings()(flat, precision="int8", ranges=fr)
+    )
+
+
+@pytest.mark.parametrize("d", [384, 20, 3])
+def test_sign_codes_equal_sentence_transformers_ubinary(rng: np.random.Generator, d: int) -> None:
+    x = _clustered(rng, 500, d)
+    x[0, 0] = 0.0  # zero is not > 0
+    ours = C.pack_signs(x)
+    ref = _quantize_embeddings()(x, precision="ubinary")
+    assert ours.dtype == np.uint8 and ours.shape == (500, C.sign_bytes(d))
+    np.testing.assert_array_equal(ours, ref)
+    np.testing.assert_array_equal(C.unpack_signs(ours, d), np.where(x > 0, 1.0, -1.0))
+
+
+def test_int8_radius_bounds_every_unclipped_value(rng: np.random.Generator) -> None:
+    d = 64
+    x = _clustered(rng, 20000, d) * rng.uniform(0.01, 100.0)
+    x[:, 3] += 1000.0  # a far offset: rounding of lo matters
+    ranges = C.int8_ranges(x[:5000])
+    codes = C.encode_int8(x, ranges)
+    err = np.abs(x.astype(np.float64) - C.decode_int8(codes, ranges).astype(np.float64))
+    inner = (codes != -128) & (codes != 127)
+    assert inner.mean() > 0.9
+    radius = C.int8_radius(ranges)
+    assert np.all(err[inner] <= np.broadcast_to(radius, err.shape)[inner])
+    starts, steps = C.int8_steps(ranges)
+    assert np.all(radius < 0.51 * steps + 1e-3 * np.abs(starts) + 1e-30)
+    clipped = (x < ranges[0]) | (x > ranges[1])
+    assert np.all(C.has_end_codes(codes)[clipped.any(axis=1)])
+
+
+def test_int8_rejects_bad_sample() -> None:
+    with pytest.raises(ValueError):
+        C.int8_ranges(np.zeros((0, 4), dtype=np.float32))
+
+
+def _faiss_search(queries: np.ndarray, codes: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    index = faiss.IndexBinaryFlat(codes.shape[1] * 8)
+    index.add(codes)
+    return index.search(queries, k)
+
+
+@pytest.mark.parametrize("nq", [1, 3, 40])
+@pytest.mark.parametrize("nbytes", [48, 2, 5])
+@pytest.mark.parametrize("tiles", ["small", "default"])
+def test_hamming_top_k_equals_faiss(
+    rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch, nq: int, nbytes: int, tiles: str
+) -> None:
+    if tiles == "small":  # many tiles, the last one shorter than k
+        monkeypatch.setattr(H, "TILE_BYTES", 4 * 8 * nbytes * 97)
+    n = 9000
+    codes = rng.integers(0, 256, (n, nbytes), dtype=np.uint8)
+    codes[100:200] = codes[0]  # exact ties
+    queries = rng.integers(0, 256, (nq, nbytes), dtype=np.uint8)
+    queries[0] = codes[0]
+    for k in (1, 10, 150):
+        d_ref, i_ref = _faiss_search(queries, codes, k)
+        d, i = H.hamming_top_k(queries, codes, k)
+        np.testing.assert_array_equal(d, d_ref)
+        np.testing.assert_array_equal(i, i_ref)
+    # the full distance matrix, both ways of computing it
+    full = np.unpackbits(queries[:, None, :] ^ codes[None, :, :], axis=-1).sum(axis=-1)
+    np.testing.assert_array_equal(H.hamming_distances(queries, codes), full)
+    np.testing.assert_array_equal(H.hamming_distances(queries[:1], codes), full[:1])
+
+
+def test_hamming_lookup_table_path(
+    rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    codes = rng.integers(0, 256, (3000, 48), dtype=np.uint8)
+    queries = rng.integers(0, 256, (2, 48), dtype=np.uint8)
+    monkeypatch.setattr(H, "HAS_BITWISE_COUNT", False)
+    d, i = H.hamming_top_k(queries, codes, 20)
+    d_ref, i_ref = _faiss_search(queries, codes, 20)
+    np.testing.assert_array_equal(d, d_ref)
+    np.testing.assert_array_equal(i, i_ref)
+    words = codes.view(np.uint64)
+    np.testing.assert_array_equal(H.popcount(words), np.bitwise_count(words))
+
+
+def test_hamming_k_clipped_and_shapes(rng: np.random.Generator) -> None:
+    codes = rng.integers(0, 256, (5, 6), dtype=np.uint8)
+    d, i = H.hamming_top_k(codes[:1], codes, 50)
+    assert d.shape == (1, 5) and sorted(i[0].tolist()) == list(range(5)) and d[0, 0] == 0
+    d, i = H.hamming_top_k(codes[:1], codes, 0)
+    assert d.shape == (1, 0)
+    with pytest.raises(ValueError):
+        H.hamming_distances(codes[:, :3], codes)
+
+
+@pytest.mark.parametrize("nq", [1, 2, 30])
+@pytest.mark.parametrize("d", [384, 13])
+def test_sign_scores_asymmetric(
+    rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch, nq: int, d: int
+) -> None:
+    monkeypatch.setattr(H, "TILE_BYTES", 4 * d * 300)  # tiles of about 300 rows
+    x = _clustered(rng, 5000, d)
+    q = _clustered(rng, nq, d)
+    codes = C.pack_signs(x)
+    ref = q.astype(np.float64) @ np.where(x > 0, 1.0, -1.0).T
+    got = H.sign_scores(q, codes, d)
+    np.testing.assert_allclose(got, ref, atol=1e-4)
+    k = 25
+    s, i = H.sign_top_k(q, codes, d, k)
+    for r in range(nq):
+        # best first; the k-th best value matches and every returned row reaches it
+        order = np.lexsort((np.arange(5000), -got[r]))[:k]
+        np.testing.assert_array_equal(i[r], order)
+        np.testing.assert_array_equal(s[r], got[r][order])
