@@ -27,8 +27,10 @@ True
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -52,6 +54,7 @@ if TYPE_CHECKING:
 __all__ = ["DEFAULT_TARGET_FILE_BYTES", "EmbeddingStore"]
 
 DEFAULT_TARGET_FILE_BYTES = 256 * 1024**2
+_VIEW_IDS = itertools.count()
 """Target size of a data file written by add() and compact()."""
 
 _HINT = "use store.iter_batches(...) or store.search(...), which stream under the cap"
@@ -440,11 +443,21 @@ class EmbeddingStore:
         nbytes = n * dim * 4
         key = f"get_embeddings/{id(self)}"
         self.budget.check(nbytes, f"get_embeddings({dim}) of {n} rows", _HINT)
+        view = src.mapped_view(dim, positions)
+        if view is not None:  # rows of one aligned row group: the mapped file itself, no copy
+            return self.backend.from_numpy(self._hold_view(view, stored))
         from embtools.storage.source import gather_rows
 
         with self.budget.holding(key, nbytes, f"get_embeddings({dim})", _HINT):
             out = gather_rows(src, dim, positions)
         return self.backend.from_numpy(out)
+
+    def _hold_view(self, view: np.ndarray, stored: int) -> np.ndarray:
+        """Count a mapped view against the cap until it is garbage collected (like a loaded array)."""
+        key = f"mapped/emb_{stored}/{next(_VIEW_IDS)}"
+        self.budget.hold(key, view.shape[0] * view.shape[1] * 4, f"get_embeddings({view.shape[1]})", _HINT)
+        weakref.finalize(view, self.budget.free, key)
+        return view
 
     def iter_batches(self, dimension: int, where: Any = None, batch_rows: int | None = None
                      ) -> Iterator[tuple[Any, Any]]:
@@ -469,8 +482,10 @@ class EmbeddingStore:
 
     def _batches(self, src: Any, dim: int, positions: Any, rows: int) -> Iterator[tuple[Any, Any]]:
         key = f"iter_batches/{id(self)}/{id(positions)}"
+        # a scan of every row: each batch a view of the mapped file (batches end at row groups)
+        views = "always" if positions is None else False
         with self.budget.holding(key, rows * dim * 4, f"iter_batches({dim})"):
-            for pos, block in src.iter_vectors(dim, positions, batch_rows=rows):
+            for pos, block in src.iter_vectors(dim, positions, batch_rows=rows, views=views):
                 meta = src.take_metadata(pos, [c for c in src.schema.names
                                                if c not in ("row_id", "text_id", "label")])
                 yield meta, self.backend.from_numpy(block)
@@ -543,7 +558,8 @@ class EmbeddingStore:
         held = self.budget.held()
         dims: dict[int, dict[str, Any]] = {}
         for d in src.dimensions:
-            held_d = sum(v for k, v in held.items() if k == f"store/emb_{d}")
+            held_d = sum(v for k, v in held.items()
+                         if k == f"store/emb_{d}" or k.startswith(f"mapped/emb_{d}/"))
             dims[d] = {"rows": src.num_rows, "shape": (src.num_rows, d), "dtype": "float32",
                        "bytes": src.num_rows * d * 4, "held_bytes": held_d,
                        "memory_bytes": held_d, "memory_mb": held_d / 1024**2}

@@ -110,14 +110,23 @@ def test_write_layout_and_fsync(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     assert pq.read_table(path).equals(table.cast(pf.schema_arrow))
 
 
-def test_default_row_groups_about_64_mib(tmp_path: Path) -> None:
+def test_default_is_one_row_group_below_the_chunk_limit(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     x = _rng().standard_normal((50_000, 768)).astype(np.float32)  # 146 MiB
     path = tmp_path / "f.parquet"
     write_data_file(path, pa.table({"emb_768": embedding_array(x)}))
     with MappedParquetFile(path) as f:
-        assert f.row_group_rows == [21845, 21845, 6310]
-        assert all(f.zero_copy("emb_768", g) for g in range(3))
+        assert f.row_group_rows == [50_000] and f.aligned("emb_768", 0)
         assert np.array_equal(f.embedding_rows("emb_768"), x)
+    import embtools.storage.datafile as datafile
+
+    monkeypatch.setattr(datafile, "MAX_CHUNK_BYTES", 64 * 1024**2)  # the widest column decides
+    t = pa.table({"emb_768": embedding_array(x[:30_000]), "emb_8": embedding_array(x[:30_000, :8])})
+    write_data_file(path, t)
+    with MappedParquetFile(path) as f:
+        assert f.row_group_rows == [21845, 8155]
+        assert all(f.aligned(c, g) for c in ("emb_768", "emb_8") for g in range(2))
+        assert np.array_equal(f.embedding_rows("emb_768"), x[:30_000])
 
 
 def test_write_rejects_bad_embedding_columns(tmp_path: Path) -> None:

@@ -51,7 +51,7 @@ def _rewrite(root: str, entry: FileEntry, dim: int, rows: np.ndarray) -> FileEnt
             f"{src}: holds {table.num_rows} rows, the manifest says {entry.num_rows}")
     table = table.append_column(emb_column(dim), embedding_array(rows))
     # the writer's own file writing (checks, file entry), so the new file is like any other
-    return write_table(root, table, entry.row_groups[0] if entry.row_groups else None)
+    return write_table(root, table)
 
 
 def add_dimension_files(root: str, base: Manifest, dim: int, embeddings: np.ndarray) -> Manifest:

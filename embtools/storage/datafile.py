@@ -1,9 +1,13 @@
 """The embtools data file: Parquet with raw embedding columns, and a reader that maps them.
 
 A data file is plain Parquet. Embedding columns ``emb_<d>`` are ``fixed_size_list<float32 not
-null>[d]`` (not nullable) written PLAIN, uncompressed, without dictionary or statistics, one data page
-per column chunk; every other column is zstd-compressed with statistics. :class:`MappedParquetFile`
-reads the footer with pyarrow and returns each embedding column chunk as a NumPy array.
+null>[d]`` (not nullable); they and every ``fixed_size_binary`` column (quantized codes) are the
+*fixed-width* columns: written PLAIN, uncompressed, without dictionary or statistics, one data page
+per column chunk, the page's values starting at a 64-byte aligned file offset
+(:mod:`embtools.storage.placement`); every other column is zstd-compressed with statistics. A file
+is one row group unless its widest fixed-width column passes :data:`MAX_CHUNK_BYTES`.
+:class:`MappedParquetFile` maps the file and returns each fixed-width column chunk as an aligned,
+read-only NumPy view of the mapping (``float32 (rows, d)`` or ``uint8 (rows, width)``).
 
 Examples
 --------
@@ -14,8 +18,8 @@ Examples
 >>> write_data_file(path, table) > 0
 True
 >>> with MappedParquetFile(path) as f:
-...     f.num_rows, f.row_group_rows, f.embedding("emb_3", 0)[1].tolist()
-(4, [4], [3.0, 4.0, 5.0])
+...     f.num_rows, f.row_group_rows, f.embedding("emb_3", 0)[1].tolist(), f.aligned("emb_3", 0)
+(4, [4], [3.0, 4.0, 5.0], True)
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ import mmap
 import os
 import re
 import stat
+import tempfile
+from dataclasses import dataclass
 from types import TracebackType
 
 import numpy as np
@@ -36,27 +42,28 @@ from embtools.errors import CorruptStoreError, InvalidArgumentError, InvalidEmbe
 from embtools.storage.durable import fsync_file
 from embtools.storage.footer import parse_footer
 from embtools.storage.pages import LayoutError, plain_value_spans
+from embtools.storage.placement import ALIGNMENT, aligned_copy
 from embtools.storage.schema import embedding_type
 
 __all__ = [
+    "ALIGNMENT",
     "EMBEDDING_COLUMN",
+    "MAX_CHUNK_BYTES",
     "MappedParquetFile",
     "embedding_array",
     "embedding_type",
+    "fixed_width_columns",
     "write_data_file",
 ]
 
 EMBEDDING_COLUMN = re.compile(r"^emb_([1-9][0-9]*)$")
 """Names of embedding columns: ``emb_<d>``."""
 
-TARGET_CHUNK_BYTES = 64 * 1024**2
-"""Default row group size: about this many bytes of the widest embedding column."""
-
-MAX_PAGE_BYTES = 1024**3
-"""Largest data page we ask pyarrow for (Parquet page sizes are int32)."""
+MAX_CHUNK_BYTES = 2**31 - 2**27
+"""Most bytes of one fixed-width column per row group (its one data page: Parquet page sizes are
+int32). A file is one row group below this, so all its rows are one aligned view."""
 
 DEFAULT_ROWS_NO_EMBEDDING = 1024 * 1024
-_F32 = np.dtype("<f4")
 
 
 def embedding_array(x: np.ndarray) -> pa.FixedSizeListArray:
@@ -65,6 +72,26 @@ def embedding_array(x: np.ndarray) -> pa.FixedSizeListArray:
     if x.ndim != 2 or x.shape[1] < 1:
         raise InvalidArgumentError(f"expected a 2-D array with >= 1 column, got shape {x.shape}")
     return pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), type=embedding_type(x.shape[1]))
+
+
+def fixed_width_columns(schema: pa.Schema) -> dict[str, int]:
+    """``{name: bytes per row}`` of the fixed-width columns of ``schema``: fixed-size lists of
+    float32 and fixed-size binaries (what the writer places aligned).
+
+    Examples
+    --------
+    >>> fixed_width_columns(pa.schema([("emb_8", embedding_type(8)), ("emb_8_b1", pa.binary(1)),
+    ...                                ("text_id", pa.string())]))
+    {'emb_8': 32, 'emb_8_b1': 1}
+    """
+    out = {}
+    for field in schema:
+        typ = field.type
+        if pa.types.is_fixed_size_list(typ) and typ.value_type == pa.float32():
+            out[field.name] = 4 * typ.list_size
+        elif pa.types.is_fixed_size_binary(typ):
+            out[field.name] = typ.byte_width
+    return out
 
 
 def _normalise_table(table: pa.Table) -> tuple[pa.Table, list[str]]:
@@ -101,9 +128,13 @@ def write_data_file(path: str | os.PathLike[str], table: pa.Table, *,
                     row_group_rows: int | None = None) -> int:
     """Write ``table`` as an embtools data file at ``path``, fsync it, and return its size in bytes.
 
-    Embedding columns are PLAIN, uncompressed, without dictionary or statistics, one page per
-    column chunk (data page v2); other columns are zstd with statistics. ``row_group_rows`` defaults
-    to about 64 MiB of the widest embedding column per row group.
+    Fixed-width columns (embeddings, fixed-size binaries) are PLAIN, uncompressed, without
+    dictionary or statistics, one page per column chunk (data page v2) whose values start at a
+    64-byte aligned offset; other columns are zstd with statistics. ``row_group_rows`` defaults to
+    all rows in one row group, or as many as keep the widest fixed-width column under
+    :data:`MAX_CHUNK_BYTES`. pyarrow writes the file into an unnamed temporary file beside
+    ``path``; :func:`~embtools.storage.placement.aligned_copy` then copies it to ``path``
+    with the pages placed.
 
     Examples
     --------
@@ -112,59 +143,90 @@ def write_data_file(path: str | os.PathLike[str], table: pa.Table, *,
     >>> write_data_file(os.path.join(tempfile.mkdtemp(), "f.parquet"), t, row_group_rows=2) > 0
     True
     """
-    table, emb = _normalise_table(table)
+    table, _ = _normalise_table(table)
     if row_group_rows is not None and (
         isinstance(row_group_rows, bool) or not isinstance(row_group_rows, int) or row_group_rows < 1
     ):
         raise InvalidArgumentError(f"row_group_rows must be a positive int, got {row_group_rows!r}")
-    widest = max((table.schema.field(n).type.list_size * 4 for n in emb), default=0)
+    fixed = fixed_width_columns(table.schema)
+    widest = max(fixed.values(), default=0)
     if row_group_rows is None:
-        row_group_rows = max(1, TARGET_CHUNK_BYTES // widest) if widest else DEFAULT_ROWS_NO_EMBEDDING
-    rows = max(1, min(row_group_rows, table.num_rows))
-    # One data page per embedding chunk: page size limit above the chunk size, no row limit.
-    page_bytes = int(min(MAX_PAGE_BYTES, rows * widest + (1 << 20)))
-    others = [n for n in table.column_names if n not in emb]
+        row_group_rows = max(1, MAX_CHUNK_BYTES // widest) if widest else DEFAULT_ROWS_NO_EMBEDDING
+    rows = max(1, min(row_group_rows, table.num_rows, max(1, MAX_CHUNK_BYTES // max(widest, 1))))
+    # One data page per fixed-width chunk: page size limit above the chunk size, no row limit.
+    page_bytes = int(min(2**31 - 1, rows * widest + (1 << 20)))
+    others = [n for n in table.column_names if n not in fixed]
     compression: dict[str, str] = {n: "zstd" for n in others}
-    compression.update({n: "none" for n in emb})
-    with open(path, "wb") as fh:
+    compression.update({n: "none" for n in fixed})
+    folder = os.path.dirname(os.path.abspath(path))
+    # unnamed (O_TMPFILE where the system has it): nothing is left behind by a crash
+    with tempfile.TemporaryFile(dir=folder) as tmp:
         pq.write_table(
             table,
-            fh,
+            tmp,
             row_group_size=rows,
             use_dictionary=others,
             compression=compression,
             write_statistics=others,
-            column_encoding={n: "PLAIN" for n in emb} or None,
+            column_encoding={n: "PLAIN" for n in fixed} or None,
             data_page_size=page_bytes,
             max_rows_per_page=rows,
             data_page_version="2.0",
             write_page_checksum=True,
+            write_page_index=False,
             store_schema=True,
         )
-        fsync_file(fh)
-        return fh.tell()
+        tmp.flush()
+        with open(path, "wb") as fh:
+            size = aligned_copy(tmp.fileno(), os.fstat(tmp.fileno()).st_size, fh.fileno(), fixed)
+            fsync_file(fh)
+            return size
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """How a fixed-width column is stored: its Parquet leaf and levels, and a row as NumPy sees it
+    (``width`` items of ``dtype``: ``d`` float32, or ``width`` bytes of a fixed-size binary)."""
+
+    leaf: int
+    dtype: np.dtype
+    width: int
+    values_per_row: int  # Parquet values per row: d for a list, 1 for a binary
+    value_bytes: int  # bytes of one Parquet value
+    max_rep: int
+    max_def: int
+
+    @property
+    def row_bytes(self) -> int:
+        return self.width * self.dtype.itemsize
 
 
 class MappedParquetFile:
-    """A data file opened for reading embedding column chunks.
+    """A data file opened for reading its fixed-width column chunks.
 
-    ``embedding(column, row_group)`` returns a ``(rows, d)`` float32 array: a read-only view of the
+    ``array(column, row_group)`` returns a ``(rows, d)`` float32 array of an embedding column, or a
+    ``(rows, width)`` uint8 array of a fixed-size binary column: a read-only view of the
     memory-mapped file when the chunk has the layout :func:`write_data_file` produces (one PLAIN,
     uncompressed data page, no dictionary, no nulls), otherwise a copy decoded by pyarrow with the
     same values. A chunk of several plain pages is returned as a copy concatenated from the mapped
-    pages. Every inconsistency raises :class:`~embtools.errors.CorruptStoreError` naming the file.
-    ``verify_checksums=True`` checks each mapped page against its CRC-32 (written by
-    :func:`write_data_file`) when the chunk is first planned; it reads every byte, so it is off by
-    default.
+    pages. :meth:`aligned` tells whether the view starts at a 64-byte aligned offset (files written
+    before embtools placed its pages map unaligned). Every inconsistency raises
+    :class:`~embtools.errors.CorruptStoreError` naming the file. ``verify_checksums=True`` checks
+    each mapped page against its CRC-32 (written by :func:`write_data_file`) when the chunk is first
+    planned; it reads every byte, so it is off by default.
 
     Examples
     --------
     >>> import numpy as np, pyarrow as pa, tempfile, os
     >>> p = os.path.join(tempfile.mkdtemp(), "f.parquet")
-    >>> _ = write_data_file(p, pa.table({"emb_2": embedding_array(np.eye(2, dtype=np.float32))}))
+    >>> codes = pa.array([b"\\x01\\x02", b"\\x03\\x04"], pa.binary(2))
+    >>> _ = write_data_file(p, pa.table({"emb_2": embedding_array(np.eye(2, dtype=np.float32)),
+    ...                                  "emb_2_i8": codes}))
     >>> f = MappedParquetFile(p)
-    >>> f.embedding("emb_2", 0).tolist(), f.zero_copy("emb_2", 0)
-    ([[1.0, 0.0], [0.0, 1.0]], True)
+    >>> f.embedding("emb_2", 0).tolist(), f.zero_copy("emb_2", 0), f.aligned("emb_2", 0)
+    ([[1.0, 0.0], [0.0, 1.0]], True, True)
+    >>> f.array("emb_2_i8", 0).tolist(), f.aligned("emb_2_i8", 0)
+    ([[1, 2], [3, 4]], True)
     >>> f.release("emb_2", 0)
     >>> f.close()
     """
@@ -173,6 +235,7 @@ class MappedParquetFile:
         self.path = os.fspath(path)
         self.verify_checksums = verify_checksums
         self._plans: dict[tuple[str, int], list[tuple[int, int]] | None] = {}
+        self._layouts: dict[str, _Layout | None] = {}
         self._mm: mmap.mmap | None = None
         self._closed = False
         # non-blocking: a FIFO in place of the file must not hang the open
@@ -204,56 +267,83 @@ class MappedParquetFile:
         self._data_end = self._footer.data_end
 
     # -- public -------------------------------------------------------------------------------
-    def embedding(self, column: str, row_group: int) -> np.ndarray:
-        """The ``(rows, d)`` float32 values of ``column`` in ``row_group``.
+    def array(self, column: str, row_group: int) -> np.ndarray:
+        """The values of fixed-width ``column`` in ``row_group``: ``(rows, d)`` float32 of an
+        embedding column, ``(rows, width)`` uint8 of a fixed-size binary column.
 
         A read-only view of the mapped file when :meth:`zero_copy` is true, else a new array.
         """
         spans = self._plan(column, row_group)
         if spans is None:
             return self._decode(column, row_group)
-        rows, dim = self.row_group_rows[row_group], self._dim(column)
+        layout = self._layout(column)
+        assert layout is not None
+        rows, dtype = self.row_group_rows[row_group], layout.dtype
         if len(spans) == 1:
-            off, n = spans[0]
-            return np.frombuffer(self._map(), dtype=_F32, count=n, offset=off).reshape(rows, dim)
-        out = np.empty(rows * dim, dtype=np.float32)
+            off, nbytes = spans[0]
+            view = np.frombuffer(self._map(), dtype=dtype, count=nbytes // dtype.itemsize, offset=off)
+            return view.reshape(rows, layout.width)
+        out = np.empty(rows * layout.width, dtype=dtype)
         pos = 0
-        for off, n in spans:
-            out[pos:pos + n] = np.frombuffer(self._map(), dtype=_F32, count=n, offset=off)
+        for off, nbytes in spans:
+            n = nbytes // dtype.itemsize
+            out[pos:pos + n] = np.frombuffer(self._map(), dtype=dtype, count=n, offset=off)
             pos += n
-        return out.reshape(rows, dim)
+        return out.reshape(rows, layout.width)
+
+    def embedding(self, column: str, row_group: int) -> np.ndarray:
+        """The ``(rows, d)`` float32 values of embedding ``column`` (``emb_<d>``) in ``row_group``
+        (see :meth:`array`)."""
+        self._dim(column)
+        return self.array(column, row_group)
 
     def embedding_rows(self, column: str, row_groups: list[int] | None = None) -> np.ndarray:
-        """Several row groups (default: all) as one ``(rows, d)`` array.
+        """Several row groups (default: all) of a fixed-width column as one array.
 
         A view of the mapped file for a single zero-copy row group; otherwise a copy.
         """
         groups = list(range(len(self.row_group_rows))) if row_groups is None else list(row_groups)
         if len(groups) == 1:
-            return self.embedding(column, groups[0])
-        dim = self._dim(column)
+            return self.array(column, groups[0])
         for g in groups:
             self._check(column, g)
-        out = np.empty((sum(self.row_group_rows[g] for g in groups), dim), dtype=np.float32)
-        pos = 0
+        parts = []
         for g in groups:
-            rows = self.row_group_rows[g]
-            out[pos:pos + rows] = self.embedding(column, g)
+            parts.append(np.array(self.array(column, g)))
             self.release(column, g)
-            pos += rows
-        return out
+        if parts:
+            return np.concatenate(parts)
+        layout = self._layout(column)
+        width = self._dim(column) if layout is None else layout.width
+        return np.empty((0, width), dtype=np.float32 if layout is None else layout.dtype)
 
     def zero_copy(self, column: str, row_group: int) -> bool:
-        """Whether :meth:`embedding` returns a view of the mapped file for this chunk."""
+        """Whether :meth:`array` returns a view of the mapped file for this chunk."""
         spans = self._plan(column, row_group)
         return spans is not None and len(spans) == 1
+
+    def aligned(self, column: str, row_group: int) -> bool:
+        """Whether :meth:`array` returns a view whose values start at a 64-byte aligned offset
+        (what :func:`write_data_file` writes; an empty chunk counts as aligned)."""
+        spans = self._plan(column, row_group)
+        if spans == [] and self.row_group_rows[row_group] == 0:
+            return True
+        return spans is not None and len(spans) == 1 and spans[0][0] % ALIGNMENT == 0
+
+    def all_aligned(self) -> bool:
+        """Whether every embedding and fixed-size binary chunk of the file maps aligned
+        (``compact`` rewrites files written before embtools placed its pages)."""
+        names = [n for n, _ in fixed_width_columns(self._arrow_schema).items()
+                 if EMBEDDING_COLUMN.match(n) or pa.types.is_fixed_size_binary(
+                     self._arrow_schema.field(n).type)]
+        return all(self.aligned(n, g) for n in names for g in range(len(self.row_group_rows)))
 
     def prefetch(self, column: str, row_group: int) -> None:
         """Ask the kernel to read this chunk's mapped pages ahead (``MADV_WILLNEED``)."""
         spans = self._plan(column, row_group)
         if spans:
             lo = min(off for off, _ in spans)
-            hi = max(off + 4 * n for off, n in spans)
+            hi = max(off + n for off, n in spans)
             self._madvise("MADV_WILLNEED", lo - lo % mmap.PAGESIZE, hi)
 
     def release(self, column: str, row_group: int, start: int | None = None,
@@ -284,12 +374,13 @@ class MappedParquetFile:
         if not 0 <= a <= b <= rows:
             raise InvalidArgumentError(f"{self.path}: rows {a}:{b} outside 0..{rows}")
         lo = min(off for off, _ in spans)
-        hi = max(off + 4 * n for off, n in spans)
+        hi = max(off + n for off, n in spans)
         if (a, b) != (0, rows):
             if len(spans) != 1:
                 return  # several pages: only the whole chunk is released
-            row_bytes = 4 * self._dim(column)
-            lo, hi = lo + a * row_bytes, lo + b * row_bytes
+            layout = self._layout(column)
+            assert layout is not None
+            lo, hi = lo + a * layout.row_bytes, lo + b * layout.row_bytes
             lo += -lo % mmap.PAGESIZE  # keep the pages shared with neighbouring rows
             hi -= hi % mmap.PAGESIZE
         else:
@@ -330,9 +421,9 @@ class MappedParquetFile:
     def _check(self, column: str, row_group: int) -> None:
         if self._closed:
             raise InvalidArgumentError(f"{self.path}: file is closed")
-        self._dim(column)
         if column not in self._leaves:
             raise InvalidArgumentError(f"{self.path}: no column {column!r}")
+        self._layout(column)
         if isinstance(row_group, bool) or not isinstance(row_group, (int, np.integer)) or not (
             0 <= row_group < len(self.row_group_rows)
         ):
@@ -341,13 +432,43 @@ class MappedParquetFile:
                 f"0..{len(self.row_group_rows) - 1}"
             )
 
+    def _layout(self, column: str) -> _Layout | None:
+        """The mapped layout of ``column`` (cached); None: decode with pyarrow. Raises
+        InvalidArgumentError for a column that is neither ``emb_<d>`` nor a fixed-size binary."""
+        if column not in self._layouts:
+            self._layouts[column] = self._make_layout(column)
+        return self._layouts[column]
+
+    def _make_layout(self, column: str) -> _Layout | None:
+        field = self._arrow_schema.field(column)
+        typ = field.type
+        leaves = self._leaves[column]
+        desc = self._pf.schema.column(leaves[0])
+        levels = (desc.max_repetition_level, desc.max_definition_level)
+        if EMBEDDING_COLUMN.match(column):
+            dim = self._dim(column)
+            if (len(leaves) != 1 or field.nullable or not pa.types.is_fixed_size_list(typ)
+                    or typ.list_size != dim or typ.value_type != pa.float32()
+                    or typ.value_field.nullable or desc.physical_type != "FLOAT" or levels != (1, 1)):
+                return None
+            return _Layout(leaves[0], np.dtype("<f4"), dim, dim, 4, 1, 1)
+        if not pa.types.is_fixed_size_binary(typ):
+            raise InvalidArgumentError(
+                f"{column!r} is not a fixed-width column (emb_<d> or fixed_size_binary)")
+        width = typ.byte_width
+        if (len(leaves) != 1 or desc.physical_type != "FIXED_LEN_BYTE_ARRAY" or desc.length != width
+                or levels not in ((0, 0), (0, 1)) or width < 1):
+            return None
+        return _Layout(leaves[0], np.dtype("u1"), width, 1, width, *levels)
+
     def _madvise(self, option: str, lo: int, hi: int) -> None:
         advice = getattr(mmap, option, None)
         if advice is not None and hi > lo:
             self._map().madvise(advice, lo, hi - lo)
 
     def _plan(self, column: str, row_group: int) -> list[tuple[int, int]] | None:
-        """Value spans of a plain chunk (cached), or ``None`` to decode with pyarrow."""
+        """``(offset, bytes)`` of each page's values of a plain chunk (cached), or ``None`` to
+        decode with pyarrow."""
         self._check(column, row_group)
         key = (column, int(row_group))
         if key not in self._plans:
@@ -355,30 +476,20 @@ class MappedParquetFile:
         return self._plans[key]
 
     def _make_plan(self, column: str, row_group: int) -> list[tuple[int, int]] | None:
-        dim = self._dim(column)
+        layout = self._layout(column)
+        if layout is None:
+            return None
         rows = self.row_group_rows[row_group]
         where = f"{self.path}: column {column!r} row group {row_group}"
-        idx = self._arrow_schema.get_field_index(column)
-        if idx < 0 or len(self._leaves[column]) != 1:
-            return None
-        field = self._arrow_schema.field(idx)
-        typ = field.type
-        if (field.nullable or not pa.types.is_fixed_size_list(typ) or typ.list_size != dim
-                or typ.value_type != pa.float32() or typ.value_field.nullable):
-            return None
-        leaf = self._leaves[column][0]
-        desc = self._pf.schema.column(leaf)
-        if desc.physical_type != "FLOAT" or (desc.max_repetition_level,
-                                             desc.max_definition_level) != (1, 1):
-            return None
         # the footer as embtools decoded and checked it (pyarrow's ``compression`` aborts on a
         # damaged codec id)
-        cc = self._footer.row_groups[row_group][1][leaf]
+        cc = self._footer.row_groups[row_group][1][layout.leaf]
         if cc.codec != 0 or cc.has_dictionary:
             return None
         start, length, num_values, encodings = cc.start, cc.length, cc.num_values, cc.encodings
-        if num_values != rows * dim:
-            raise CorruptStoreError(f"{where}: {num_values} values, expected {rows} x {dim}")
+        per_row = layout.values_per_row
+        if num_values != rows * per_row:
+            raise CorruptStoreError(f"{where}: {num_values} values, expected {rows} x {per_row}")
         if rows == 0:
             return []  # an empty row group (pyarrow writes one for an empty table): no pages
         if start < 4 or length < 0 or start + length > self._data_end:
@@ -387,28 +498,37 @@ class MappedParquetFile:
                 f"[4, {self._data_end})"
             )
         try:
-            return plain_value_spans(self._map(), start, length, rows=rows, dim=dim,
-                                     max_rep=1, max_def=1, verify_crc=self.verify_checksums,
-                                     encodings=encodings)
+            spans = plain_value_spans(self._map(), start, length, rows=rows, dim=per_row,
+                                      max_rep=layout.max_rep, max_def=layout.max_def,
+                                      verify_crc=self.verify_checksums, encodings=encodings,
+                                      value_bytes=layout.value_bytes)
         except LayoutError as exc:
             raise CorruptStoreError(f"{where}: {exc}") from exc
+        return None if spans is None else [(off, n * layout.value_bytes) for off, n in spans]
 
-    def _decode(self, column: str, row_group: int) -> np.ndarray:
-        """pyarrow decode of one chunk, as a fresh C-contiguous (rows, d) float32 array."""
-        dim = self._dim(column)
+    def _read_column(self, column: str, row_group: int) -> pa.ChunkedArray:
         rows = self.row_group_rows[row_group]
         where = f"{self.path}: column {column!r} row group {row_group}"
         try:
-            tab = self._pf.read_row_group(row_group, columns=[column])
-            col = tab.column(0)
+            col = self._pf.read_row_group(row_group, columns=[column]).column(0)
         except KeyError as exc:
             raise InvalidArgumentError(f"{self.path}: no column {column!r}") from exc
         except (OSError, pa.ArrowException, ValueError) as exc:
             raise CorruptStoreError(f"{where}: cannot decode ({exc})") from exc
         if col.null_count:
-            raise CorruptStoreError(f"{where}: {col.null_count} null rows in an embedding column")
+            raise CorruptStoreError(f"{where}: {col.null_count} null rows in a fixed-width column")
         if len(col) != rows:
             raise CorruptStoreError(f"{where}: {len(col)} rows, footer says {rows}")
+        return col
+
+    def _decode(self, column: str, row_group: int) -> np.ndarray:
+        """pyarrow decode of one chunk, as a fresh C-contiguous array."""
+        if not EMBEDDING_COLUMN.match(column):
+            return self._decode_binary(column, row_group)
+        dim = self._dim(column)
+        rows = self.row_group_rows[row_group]
+        where = f"{self.path}: column {column!r} row group {row_group}"
+        col = self._read_column(column, row_group)
         out = np.empty((rows, dim), dtype=np.float32)
         pos = 0
         for chunk in col.chunks:
@@ -428,4 +548,17 @@ class MappedParquetFile:
             vals = flat.cast(pa.float32()).to_numpy(zero_copy_only=False)
             out[pos:pos + len(chunk)] = vals.reshape(len(chunk), dim)
             pos += len(chunk)
+        return out
+
+    def _decode_binary(self, column: str, row_group: int) -> np.ndarray:
+        width = self._arrow_schema.field(column).type.byte_width
+        col = self._read_column(column, row_group)
+        out = np.empty((self.row_group_rows[row_group], width), dtype=np.uint8)
+        pos = 0
+        for chunk in col.chunks:
+            data = chunk.buffers()[1]
+            n = len(chunk)
+            out[pos:pos + n] = np.frombuffer(data, np.uint8, n * width, chunk.offset * width
+                                             ).reshape(n, width)
+            pos += n
         return out

@@ -1,17 +1,19 @@
-"""Locating the raw float values of a PLAIN, uncompressed Parquet column chunk.
+"""Locating the raw values of a PLAIN, uncompressed Parquet column chunk of fixed-width values.
 
 :func:`plain_value_spans` walks the page headers of one column chunk of a required
-``fixed_size_list<float32 not null>`` column and returns where each data page's values lie in the
-file. It returns ``None`` when the chunk is valid Parquet but not the plain layout (dictionary or
+``fixed_size_list<float32 not null>`` column (or of a ``fixed_size_binary`` column without nulls)
+and returns where each data page's values lie in the file. It returns ``None`` when the chunk is valid Parquet but not the plain layout (dictionary or
 index pages, another encoding), and raises :class:`LayoutError` when the chunk contradicts itself
 (sizes that do not add up, a header that does not parse, counts that disagree with the footer,
 definition levels that are not all 1). Repetition levels are not read: rows are cut every ``dim``
 values, as the fixed-size type says.
 
-Only columns with max repetition level 1 and max definition level 1 (a required list of required
-floats) are handled; for them the value bytes of a page with no nulls are exactly 4 x num_values:
+Handled: max repetition and definition levels (1, 1) (a required list of required floats; rows
+are ``dim`` values), (0, 0) (a required fixed-size binary) and (0, 1) (a nullable one without
+nulls; rows are one value); the value bytes of a page are exactly ``value_bytes`` x num_values:
 
-- data page v1: ``[4-byte len][rep levels][4-byte len][def levels][values]``
+- data page v1: ``[4-byte len][rep levels][4-byte len][def levels][values]`` (a level block only
+  where its max level is above 0)
 - data page v2: ``[rep levels][def levels][values]`` with the level lengths in the header.
 
 Examples
@@ -54,6 +56,7 @@ __all__ = ["ENCODING_IDS", "LayoutError", "plain_value_spans"]
 
 FLOAT_BYTES = 4
 RLE = 3
+_LEVELS = ((1, 1), (0, 0), (0, 1))
 ENCODING_IDS = {
     "PLAIN": 0, "PLAIN_DICTIONARY": 2, "RLE": 3, "BIT_PACKED": 4, "DELTA_BINARY_PACKED": 5,
     "DELTA_LENGTH_BYTE_ARRAY": 6, "DELTA_BYTE_ARRAY": 7, "RLE_DICTIONARY": 8,
@@ -147,8 +150,10 @@ def _check_encodings(allowed: frozenset[int] | None, pos: int, *used: int) -> No
 def plain_value_spans(buf: Buffer, start: int, length: int, *, rows: int, dim: int,
                       max_rep: int, max_def: int,
                       verify_crc: bool = False,
-                      encodings: frozenset[int] | None = None) -> list[tuple[int, int]] | None:
-    """``[(byte_offset, n_values), ...]`` of the float values of each data page of a chunk.
+                      encodings: frozenset[int] | None = None,
+                      value_bytes: int = FLOAT_BYTES) -> list[tuple[int, int]] | None:
+    """``[(byte_offset, n_values), ...]`` of the values of each data page of a chunk (``dim``
+    values a row, ``value_bytes`` bytes each: 4 for floats, the width of a fixed-size binary).
 
     ``buf`` is the whole file (an ``mmap`` or bytes), the chunk is ``buf[start:start + length]``,
     which the caller has checked lies inside the file. Returns ``None`` if the chunk is not
@@ -160,7 +165,7 @@ def plain_value_spans(buf: Buffer, start: int, length: int, *, rows: int, dim: i
     """
     if start < 0 or length < 0 or start + length > len(buf):
         raise LayoutError(f"chunk [{start}, {start + length}) lies outside the file")
-    if (max_rep, max_def) != (1, 1):
+    if (max_rep, max_def) not in _LEVELS or value_bytes < 1:
         return None
     end = start + length
     pos = start
@@ -199,9 +204,12 @@ def plain_value_spans(buf: Buffer, start: int, length: int, *, rows: int, dim: i
             if v1.definition_level_encoding != RLE or v1.repetition_level_encoding != RLE:
                 return None  # deprecated BIT_PACKED levels have no length prefix
             n = v1.num_values
-            _, p = _level_block(buf, body, body_end, "repetition levels")
-            def_start, p = _level_block(buf, p, body_end, "definition levels")
-            _check_all_ones(buf, def_start, p, n)
+            p = body
+            if max_rep:
+                _, p = _level_block(buf, p, body_end, "repetition levels")
+            if max_def:
+                def_start, p = _level_block(buf, p, body_end, "definition levels")
+                _check_all_ones(buf, def_start, p, n)
             if n % dim:
                 raise LayoutError(f"data page at byte {pos}: {n} values is not a multiple of {dim}")
             page_rows = n // dim
@@ -219,15 +227,20 @@ def plain_value_spans(buf: Buffer, start: int, length: int, *, rows: int, dim: i
                 raise LayoutError(
                     f"data page at byte {pos}: {n} values for {v2.num_rows} rows of {dim}"
                 )
+            if (v2.repetition_levels_byte_length and not max_rep) or (
+                    v2.definition_levels_byte_length and not max_def):
+                raise LayoutError(f"data page at byte {pos}: levels in a column without them")
             def_start = body + v2.repetition_levels_byte_length
             p = def_start + v2.definition_levels_byte_length
             if p > body_end:
                 raise LayoutError(f"data page at byte {pos}: levels run past the page")
-            _check_all_ones(buf, def_start, p, n)
+            if max_def:
+                _check_all_ones(buf, def_start, p, n)
             page_rows = v2.num_rows
-        if body_end - p != n * FLOAT_BYTES:
+        if body_end - p != n * value_bytes:
             raise LayoutError(
-                f"data page at byte {pos}: {body_end - p} value bytes for {n} float values"
+                f"data page at byte {pos}: {body_end - p} value bytes for {n} values of "
+                f"{value_bytes} bytes"
             )
         spans.append((p, n))
         total += n

@@ -21,8 +21,10 @@ Examples
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
@@ -45,6 +47,12 @@ __all__ = ["META_CACHE_BYTES", "Snapshot", "metadata_frame"]
 #: decoded metadata row groups kept per snapshot for take_metadata (search results)
 META_CACHE_BYTES = 64 * 1024**2
 _BASE = (ROW_ID, TEXT_ID, LABEL)
+
+
+def _release_quietly(f: MappedParquetFile, column: str, rg: int, start: int, stop: int) -> None:
+    """Give back the mapped pages of a collected view (nothing to do once the file is closed)."""
+    with contextlib.suppress(Exception):
+        f.release_rows(column, rg, start, stop)
 
 
 def metadata_frame(table: pa.Table) -> pl.DataFrame:
@@ -181,10 +189,50 @@ class Snapshot(ChunkedSource):
                 start += rows
         return out
 
+    def load_column(self, i: int, rg: int, column: str) -> np.ndarray:
+        """Fixed-width ``column`` (``emb_<d>`` or a fixed-size binary) of row group ``rg`` of file
+        ``i``, its pages checked first: an aligned read-only view of the mapped file for files
+        embtools wrote (see :meth:`MappedParquetFile.array`)."""
+        self._verify(i, (column,), (rg,))
+        return self._file(i).array(column, rg)
+
+    def mapped_view(self, dim: int, positions: Any = None) -> np.ndarray | None:
+        """The rows at ``positions`` (ascending, distinct; None: all) as one read-only view of a
+        mapped data file, when they are one contiguous run of one aligned row group (a view of
+        the ``dim`` first values of a larger stored dimension is strided); else None. The view's
+        mapped pages are given back when it is garbage collected."""
+        stored = self.resolve(dim)
+        if positions is None:
+            a, b = 0, self.num_rows
+        else:
+            pos = np.asarray(positions)
+            if pos.ndim != 1 or not pos.size or pos.dtype.kind not in "iu":
+                return None
+            a, b = int(pos[0]), int(pos[-1]) + 1
+            if b - a != pos.size or a < 0 or b > self.num_rows or (pos.size > 1 and (np.diff(pos) != 1).any()):
+                return None
+        if b <= a:
+            return None
+        i = int(np.searchsorted(self._file_starts, a, side="right")) - 1
+        ends = int(self._file_starts[i]) + np.cumsum(self.manifest.files[i].row_groups)
+        rg = int(np.searchsorted(ends, a, side="right"))
+        if rg >= len(ends) or b > ends[rg]:
+            return None  # the rows span row groups or files
+        start = int(ends[rg]) - self.manifest.files[i].row_groups[rg]
+        col = emb_column(stored)
+        arr = self.load_column(i, rg, col)
+        f = self._file(i)
+        if not f.aligned(col, rg):
+            return None  # a file written before embtools placed its pages: the copying path
+        view = arr[a - start:b - start]
+        if dim != stored:
+            view = view[:, :dim]
+        weakref.finalize(view, _release_quietly, f, col, rg, a - start, b - start)
+        return view
+
     def _loader(self, i: int, rg: int) -> Any:
         def load(dim: int) -> np.ndarray:
-            self._verify(i, (emb_column(dim),), (rg,))
-            return self._file(i).embedding(emb_column(dim), rg)
+            return self.load_column(i, rg, emb_column(dim))
         return load
 
     def _releaser(self, i: int, rg: int) -> Any:

@@ -213,8 +213,14 @@ class ChunkedSource:
             return 65_536
         return min(self.budget.rows_per_batch(dim * 4), MAX_DEFAULT_BATCH_ROWS)
 
+    def mapped_view(self, dim: int, positions: Any = None) -> np.ndarray | None:
+        """The rows at ``positions`` (ascending and distinct; None: all) as one read-only view of
+        a mapped data file when they are one contiguous run of one aligned chunk; else None (and
+        for sources without mapped files). The caller counts the view against the memory cap."""
+        return None
+
     def iter_vectors(self, dim: int, positions: Any = None, batch_rows: int | None = None,
-                     *, views: bool = False) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+                     *, views: bool | str = False) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Yield ``(positions, (n, dim) float32)`` batches in ascending position order.
 
         A batch that lies in one chunk as a contiguous run is a (read-only) view; otherwise it is a
@@ -222,7 +228,9 @@ class ChunkedSource:
         more than ``VIEW_BATCH_BYTES`` never copies a contiguous run: it ends at its chunk's end
         (a view), a long run inside a selection comes as its own view, and rows gathered from a
         selection come in batches of ``batch_rows // 2`` rows. ``views``: smaller
-        batches do the same for a run of at least a quarter batch that ends at a chunk's end.
+        batches do the same for a run of at least a quarter batch that ends at a chunk's end;
+        ``views="always"``: every contiguous run ending at a chunk's end comes as a view, however
+        short (a scan of all rows is then views only: ``iter_batches``).
 
         Memory: the mapped pages of a view are given back when the next batch is asked for (the
         array stays valid; read again, it faults its pages back in), rows copied into a batch as
@@ -236,6 +244,8 @@ class ChunkedSource:
         if isinstance(batch_rows, bool) or not isinstance(batch_rows, (int, np.integer)) or batch_rows < 1:
             raise InvalidArgumentError(f"batch_rows must be an int >= 1, got {batch_rows!r}")
         batch_rows = int(batch_rows)
+        if views not in (True, False, "always"):
+            raise InvalidArgumentError(f"views must be True, False or 'always', got {views!r}")
         pos = None if positions is None else self._check_positions(positions)
         return self._iter(stored, dim, pos, batch_rows, views)
 
@@ -252,14 +262,16 @@ class ChunkedSource:
         return pos
 
     def _iter(self, stored: int, dim: int, pos: np.ndarray | None, batch_rows: int,
-              views: bool = False) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+              views: bool | str = False) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         # Memory: a view's mapped pages are given back (release_rows) when the consumer asks for
         # the next batch, and rows copied into a batch buffer right after the copy (in steps, so
         # that a sparse selection does not fault in a whole chunk first). Above VIEW_BATCH_BYTES a
         # contiguous run is never copied together with the next chunk's rows (that would hold a
         # full-size copy besides the view the consumer still has): the batch ends at the chunk.
         big = batch_rows * dim * 4 > VIEW_BATCH_BYTES
-        if big:
+        if views == "always":
+            min_view = 1
+        elif big:
             min_view = min(-(-batch_rows // 4), max(1, VIEW_BATCH_BYTES // (dim * 4)))
         else:
             min_view = -(-batch_rows // 4) if views else batch_rows

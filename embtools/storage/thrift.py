@@ -18,10 +18,12 @@ Examples
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 
 __all__ = [
     "ENCODING_PLAIN",
+    "PAD_FIELD_ID",
     "PAGE_DATA",
     "PAGE_DATA_V2",
     "PAGE_DICTIONARY",
@@ -31,7 +33,9 @@ __all__ = [
     "PageHeader",
     "ThriftError",
     "decode_struct",
+    "pad_field",
     "parse_page_header",
+    "rewrite_ints",
 ]
 
 PAGE_DATA = 0
@@ -44,6 +48,13 @@ ENCODING_PLAIN = 0
 _STOP, _TRUE, _FALSE, _BYTE, _I16, _I32, _I64, _DOUBLE, _BINARY, _LIST, _SET, _MAP, _STRUCT = range(13)
 _MAX_DEPTH = 32
 _I32_MIN, _I32_MAX = -(2**31), 2**31 - 1
+_INT_RANGE = {_I16: (-(2**15), 2**15 - 1), _I32: (_I32_MIN, _I32_MAX), _I64: (-(2**63), 2**63 - 1)}
+
+PAD_FIELD_ID = 32_767
+"""Field id of the padding that :func:`pad_field` appends to a page header (binary, unknown to every
+Parquet reader, so skipped: the Thrift rule for fields a reader does not know)."""
+PAD_MIN = 5
+"""Fewest bytes :func:`pad_field` can add (a field header of 4 bytes and a 1-byte length)."""
 
 
 class ThriftError(ValueError):
@@ -255,6 +266,115 @@ class _Reader:
                 raise ThriftError(f"field {last} has unexpected type {t}")
             else:
                 self.skip(t, 1)
+
+
+def _varint_bytes(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def _zigzag_bytes(v: int) -> bytes:
+    return _varint_bytes((v << 1) ^ (v >> 63) if v < 0 else v << 1)
+
+
+def pad_field(nbytes: int) -> bytes:
+    """A binary field of id :data:`PAD_FIELD_ID` that takes exactly ``nbytes`` bytes
+    (:data:`PAD_MIN` to 131), to insert before a struct's STOP byte.
+
+    Examples
+    --------
+    >>> raw = bytes([0x15, 0x06, 0x15, 0x10, 0x15, 0x10])       # a page header without its STOP
+    >>> h = parse_page_header(raw + pad_field(9) + b"\\x00")
+    >>> h.compressed_page_size, h.header_size
+    (8, 16)
+    """
+    if not PAD_MIN <= nbytes <= PAD_MIN + 126:
+        raise ValueError(f"a pad field takes {PAD_MIN} to {PAD_MIN + 126} bytes, not {nbytes}")
+    head = bytes([_BINARY]) + _zigzag_bytes(PAD_FIELD_ID)  # long form: type, then the i16 id
+    n = nbytes - len(head) - 1
+    return head + _varint_bytes(n) + bytes(n)
+
+
+class _Rewriter(_Reader):
+    """Copies a struct byte for byte, passing each integer through a function (see rewrite_ints)."""
+
+    def __init__(self, buf: bytes | bytearray | memoryview,
+                 fn: Callable[[tuple[int, ...], int], int]) -> None:
+        super().__init__(buf)
+        self.fn = fn
+        self.out = bytearray()
+
+    def copy_from(self, start: int) -> None:
+        self.out += self.buf[start:self.pos]
+
+    def struct(self, path: tuple[int, ...]) -> None:
+        if len(path) > 2 * _MAX_DEPTH:
+            raise ThriftError("nesting too deep")
+        last = 0
+        while True:
+            start = self.pos
+            t, last = self.field(last)
+            self.copy_from(start)
+            if t == _STOP:
+                return
+            self.item(t, (*path, last))
+
+    def item(self, t: int, path: tuple[int, ...]) -> None:
+        start = self.pos
+        if t in _INT_RANGE:
+            v = self.zigzag()
+            new = self.fn(path, v)
+            if new == v:
+                self.copy_from(start)
+                return
+            lo, hi = _INT_RANGE[t]
+            if not lo <= new <= hi:
+                raise ThriftError(f"value {new} does not fit the field's type")
+            self.out += _zigzag_bytes(new)
+        elif t == _STRUCT:
+            self.struct(path)
+        elif t in (_LIST, _SET):
+            size, etype = self._list_header()
+            self.copy_from(start)
+            for i in range(size):
+                if etype in (_TRUE, _FALSE):
+                    s = self.pos
+                    self.skip_bytes(1)
+                    self.copy_from(s)
+                else:
+                    self.item(etype, (*path, i))
+        else:
+            self.skip(t, 1)
+            self.copy_from(start)
+
+
+def rewrite_ints(buf: bytes | bytearray | memoryview,
+                 fn: Callable[[tuple[int, ...], int], int]) -> tuple[bytes, int]:
+    """Copy the struct at the start of ``buf`` with each integer ``v`` replaced by ``fn(path, v)``:
+    ``(new bytes, bytes of buf used)``.
+
+    ``path`` holds the field ids from the outer struct down, with the index of each list element
+    in between (``(4, 0, 1, 2, 3, 9)``: field 9 of field 3 of element 2 of list field 1 of element
+    0 of list field 4). Everything else (maps included) is copied unchanged; an unchanged integer
+    keeps its bytes. Raises :class:`ThriftError` on malformed bytes or a value outside its type.
+
+    Examples
+    --------
+    >>> raw = bytes([0x15, 0x06, 0x18, 0x02, 0x61, 0x62, 0x00])  # {1: 3, 2: b"ab"}
+    >>> new, used = rewrite_ints(raw, lambda path, v: v + 100 if path == (1,) else v)
+    >>> decode_struct(new)[0], used
+    ({1: 103, 2: b'ab'}, 7)
+    """
+    r = _Rewriter(buf, fn)
+    r.struct(())
+    return bytes(r.out), r.pos
 
 
 _DATA_V1 = {1: "num_values", 2: "encoding", 3: "definition_level_encoding",

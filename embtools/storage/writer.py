@@ -49,7 +49,7 @@ from embtools.errors import (
     StorageFullError,
 )
 from embtools.memory import MemoryBudget
-from embtools.storage.datafile import write_data_file
+from embtools.storage.datafile import MappedParquetFile, write_data_file
 from embtools.storage.ingest import Batch
 from embtools.storage.manifest import (
     DATA_DIR,
@@ -86,13 +86,6 @@ def rows_per_file(bytes_per_row: int, target_bytes: int, cap_free: int | None) -
     if cap_free is not None:
         rows = min(rows, max(1, cap_free // (2 * max(1, bytes_per_row))))
     return int(rows)
-
-
-def _row_group_rows(rows: int, bytes_per_row: int, budget: MemoryBudget) -> int | None:
-    """Row groups small enough that one decoded chunk fits a quarter of the cap."""
-    if budget.cap_bytes is None:
-        return None
-    return max(1, min(rows, budget.cap_bytes // (4 * max(1, bytes_per_row))))
 
 
 class _Write:
@@ -189,11 +182,10 @@ def _write_rows(w: _Write, batch: Batch, start: int, ids: pa.Array, budget: Memo
     n = batch.num_rows
     bytes_per_row = sum(batch.dimensions) * 4 + 64
     rows = rows_per_file(bytes_per_row, target_bytes, budget.available_bytes)
-    rg = _row_group_rows(rows, bytes_per_row, budget)
     entries = []
     for s in range(0, n, rows):
         e = min(n, s + rows)
-        entries.append(w.file(batch.table(s, e, start + s, text_ids=ids), rg))
+        entries.append(w.file(batch.table(s, e, start + s, text_ids=ids)))
     return entries
 
 
@@ -387,15 +379,24 @@ def delete_rows(root: str, snapshot: Any, positions: np.ndarray) -> Manifest:
             keep[positions[file_idx == i] - starts[i]] = False
             if keep.any():
                 table = _read(root, entry).filter(pa.array(keep))
-                new.append(w.file(table, entry.row_groups[0] if entry.row_groups else None))
+                new.append(w.file(table))
             inputs.add(entry.path)
         _finish_data(root)
         return commit(root, _needs_inputs(root, inputs, "delete", new))
 
 
+def _aligned(root: str, entry: FileEntry) -> bool:
+    """Whether every fixed-width chunk of the file maps aligned (files written before embtools
+    placed its pages do not: compact rewrites them)."""
+    check_file(root, entry, ())  # path and footer, before the footer is parsed again
+    with MappedParquetFile(os.path.join(root, entry.path)) as f:
+        return f.all_aligned()
+
+
 def compact_files(root: str, base: Manifest, target_bytes: int, budget: MemoryBudget
                   ) -> Manifest | None:
-    """Merge runs of consecutive files smaller than ``target_bytes``; None when nothing merges."""
+    """Merge runs of consecutive files smaller than ``target_bytes``, and rewrite the files whose
+    pages are not aligned (see :func:`_aligned`); None when there is nothing to do."""
     groups: list[list[FileEntry]] = []
     current: list[FileEntry] = []
     size = 0
@@ -407,16 +408,15 @@ def compact_files(root: str, base: Manifest, target_bytes: int, budget: MemoryBu
         size += f.bytes
     if current:
         groups.append(current)
-    merges = [g for g in groups if len(g) > 1]
+    merges = [g for g in groups if len(g) > 1 or not _aligned(root, g[0])]
     if not merges:
         return None
     inputs: set[str] = set()
     new: list[FileEntry] = []
-    bytes_per_row = sum(base.dimensions) * 4 + 64
     with _Write(root, base.version) as w:
         for group in merges:
             table = pa.concat_tables([_read(root, f) for f in group], promote_options="default")
-            new.append(w.file(table, _row_group_rows(table.num_rows, bytes_per_row, budget)))
+            new.append(w.file(table))
             inputs.update(f.path for f in group)
             del table
         _finish_data(root)
@@ -443,7 +443,7 @@ def _save(root: str, source: Any, properties: dict[str, Any], budget: MemoryBudg
     dims = sorted(source.dimensions)
     if hasattr(source, "manifest"):
         for f in source.manifest.files:
-            entries.append(w.file(_read(source.root, f), f.row_groups[0]))
+            entries.append(w.file(_read(source.root, f)))
     elif source.num_rows:
         bytes_per_row = sum(dims) * 4 + 64
         rows = rows_per_file(bytes_per_row, target_bytes, None)
@@ -455,7 +455,7 @@ def _save(root: str, source: Any, properties: dict[str, Any], budget: MemoryBudg
                 table = table.append_column(
                     pa.field(emb_column(d), embedding_type(d), nullable=False),
                     pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), type=embedding_type(d)))
-            entries.append(w.file(table, _row_group_rows(e - s, bytes_per_row, budget)))
+            entries.append(w.file(table))
     if entries:
         reserve_row_ids(root, 0)
         _finish_data(root)
