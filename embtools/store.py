@@ -374,10 +374,11 @@ class EmbeddingStore:
         return int(self._state.delete(positions))
 
     def compact(self, target_file_bytes: int | None = None) -> int:
-        """Merge consecutive small data files into files of about ``target_file_bytes``.
+        """Merge consecutive small data files into files of about ``target_file_bytes``, and
+        rewrite files written before embtools placed its pages aligned (they are read by copying).
 
         Row ids and row order are kept. Returns the new version, or the current one when there is
-        nothing to merge (in memory there never is).
+        nothing to do (in memory there never is).
         """
         self._writable()
         if target_file_bytes is not None and (
