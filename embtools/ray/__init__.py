@@ -10,6 +10,9 @@
 
 from __future__ import annotations
 
+from embtools.ray.embed import embed_to_store
+from embtools.ray.join import similarity_join
+from embtools.ray.read import read_store
 from embtools.ray.sink import StoreDatasink
 
-__all__ = ["StoreDatasink"]
+__all__ = ["StoreDatasink", "embed_to_store", "read_store", "similarity_join"]

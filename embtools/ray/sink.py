@@ -240,10 +240,17 @@ class StoreDatasink(Datasink[dict[str, Any]]):
             for e in entries:
                 _remove(os.path.join(self.root, e.path))
             raise
-        manifest = commit_files(self.root, entries, list(next(iter(dims))), schema,
-                                self.properties, self.job_id)
+        stored = list(next(iter(dims)))
+        manifest = commit_files(self.root, entries, stored, schema,
+                                self.commit_properties(stored), self.job_id)
         self.committed = manifest is not None
         self.version = (manifest or read_manifest(self.root)).version
+
+
+    def commit_properties(self, dims: list[int]) -> dict[str, Any]:
+        """The properties merged into the store by the commit (``properties``; a subclass may
+        add what depends on the dimensions written)."""
+        return dict(self.properties)
 
 
 def _merge(a: pa.Schema, b: pa.Schema) -> pa.Schema:
