@@ -587,12 +587,71 @@ class EmbeddingStore:
         """Embedding bytes held now (the in-memory store's arrays, batches in flight), as in the seed."""
         return int(self.budget.held_bytes)
 
+    # -- indexes --------------------------------------------------------------------------------
+    def create_index(self, dimension: int = 384, partitions: int | None = None, codes: Any = "float",
+                     sample_rows: int | None = None, metric: str = "cosine", *,
+                     progress: bool | None = None) -> int:
+        """Build an IVF index of ``dimension`` for ``metric`` and commit it; the new version.
+
+        Spherical k-means (plain k-means for ``l2``) on a sample of ``sample_rows`` rows (default
+        64 per partition, at least 100,000) finds ``partitions`` centroids (default about
+        ``4 * sqrt(rows)``) on the store's backend; every row's probe ``codes`` (``"float"``: the
+        float32 vector; an int: that Matryoshka prefix) are written in partition order as Parquet
+        under ``_index/``. Searches of this dimension and metric then use the index (see
+        :meth:`search`); rows added later are searched exactly until :meth:`optimize_index`.
+        Runs under ``max_memory_gb``; ``progress`` shows a bar (default: on a terminal).
+
+        Examples
+        --------
+        >>> import numpy as np, tempfile
+        >>> store = EmbeddingStore(tempfile.mkdtemp() + "/s", backend="numpy")
+        >>> x = np.random.default_rng(1).standard_normal((300, 8)).astype(np.float32)
+        >>> _ = store.add(x)
+        >>> store.create_index(dimension=8, partitions=4, codes="float")
+        2
+        >>> store.search(x[5], k=1, nprobe=4)["row_id"].to_list()
+        [5]
+        """
+        from embtools.index import create_index
+
+        return create_index(self, dimension, partitions, codes, sample_rows, metric, progress=progress)
+
+    def optimize_index(self, dimension: int | None = None, metric: str | None = None, *,
+                       retrain_share: float = 0.2, progress: bool | None = None) -> int:
+        """Index the rows added since the index was built (assigned to its centroids), or build
+        it again when rows outside it or deleted since pass ``retrain_share`` of the store; the
+        new version (the open one when the index is up to date)."""
+        from embtools.index import optimize_index
+
+        return optimize_index(self, dimension, metric, retrain_share=retrain_share, progress=progress)
+
+    def drop_index(self, dimension: int | None = None, metric: str | None = None) -> int:
+        """Remove the index of ``dimension`` and ``metric`` (None: all) as a new version."""
+        from embtools.index import drop_index
+
+        return drop_index(self, dimension, metric)
+
+    def indexes(self) -> list[dict[str, Any]]:
+        """The indexes of the open version and how much of it they cover (a dict each)."""
+        from embtools.index import index_info
+
+        return index_info(self)
+
+    def find_index(self, dimension: int, metric: str) -> Any:
+        """The index a search of ``dimension`` and ``metric`` uses in the open version, or None."""
+        if self.path is None or not self.source.manifest.indexes:
+            return None
+        from embtools.index import find_index
+
+        return find_index(self, dimension, metric)
+
     # -- delegates ------------------------------------------------------------------------------
     def search(self, queries: Any, k: int = 10, *, dimension: int | None = None,
                metric: str = "cosine", where: Any = None, columns: Sequence[str] | None = None,
                funnel: Sequence[tuple[int, int]] | None = None, batch_rows: int | None = None,
-               screen: str | None = None) -> pl.DataFrame:
-        """Exact top-``k`` rows for each query, as a polars DataFrame ``query, rank, row_id,
+               screen: str | None = None, nprobe: int | None = None, refine: int | None = None,
+               exact: bool = False) -> pl.DataFrame:
+        """Top-``k`` rows for each query, as a polars DataFrame ``query, rank, row_id,
         text_id, label, score`` (+ ``columns``); see :func:`embtools.search.search_store`.
 
         ``queries``: an array (``(n, d)`` or ``(d,)``, any backend), a text or texts (embedded
@@ -601,11 +660,18 @@ class EmbeddingStore:
         batch; ``screen`` ("auto", "on", "off") allows, forces or forbids the bfloat16 screen.
         Any search that can stream under ``max_memory_gb`` does; otherwise MemoryLimitError names
         the smallest cap that works (see :meth:`explain`).
+
+        Without an index the search is exact. With an index of this dimension and metric (see
+        :meth:`create_index`) it probes the ``nprobe`` nearest partitions of each query (default
+        about ``sqrt(partitions)``), shortlists ``k * refine`` rows by the index codes and
+        re-ranks them with exact scores; rows added after the index are searched exactly and
+        merged, deleted rows never come back. ``exact=True`` searches every row.
         """
         from embtools.search import search_store
 
         return search_store(self, queries, k, dimension=dimension, metric=metric, where=where,
-                            columns=columns, funnel=funnel, batch_rows=batch_rows, screen=screen)
+                            columns=columns, funnel=funnel, batch_rows=batch_rows, screen=screen,
+                            nprobe=nprobe, refine=refine, exact=exact)
 
     def explain(self, queries: Any, k: int = 10, *, dimension: int | None = None,
                 metric: str = "cosine", where: Any = None,

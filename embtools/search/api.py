@@ -100,6 +100,9 @@ def _request(
     funnel: Any,
     batch_rows: Any,
     screen: Any,
+    nprobe: Any = None,
+    refine: Any = None,
+    exact: Any = False,
 ) -> SearchRequest:
     """The request of a search of ``store`` (texts are embedded with the store's model)."""
     if isinstance(queries, str) or (
@@ -110,7 +113,8 @@ def _request(
         queries = embed_queries(store, queries, dimension)
     return SearchRequest.build(
         store.source, queries, k, dimension=dimension, metric=metric, where=where,
-        batch_rows=batch_rows, screen=screen, funnel=funnel,
+        batch_rows=batch_rows, screen=screen, funnel=funnel, nprobe=nprobe, refine=refine,
+        exact=exact,
     )
 
 
@@ -126,8 +130,12 @@ def search_store(
     funnel: Sequence[tuple[int, int]] | None = None,
     batch_rows: int | None = None,
     screen: str | None = None,
+    nprobe: int | None = None,
+    refine: int | None = None,
+    exact: bool = False,
 ) -> pl.DataFrame:
-    """Exact top-``k`` rows of ``store`` for each query, as a polars DataFrame.
+    """Top-``k`` rows of ``store`` for each query, as a polars DataFrame (exact, unless an
+    index serves the search: then ``nprobe`` and ``refine`` tune it and ``exact=True`` forbids it).
 
     ``queries`` is an ``(n, d)`` or ``(d,)`` array of any backend, a text or a list of texts
     (embedded with the model the store records, see :func:`embtools.embed.embed_queries`), or
@@ -161,7 +169,8 @@ def search_store(
                                    screen=screen, progress=False)
             return pl.read_parquet(str(path) + "/*.parquet")
     cols = _columns(columns)
-    req = _request(store, queries, k, dimension, metric, where, funnel, batch_rows, screen)
+    req = _request(store, queries, k, dimension, metric, where, funnel, batch_rows, screen,
+                   nprobe, refine, exact)
     top = run_search(req, SearchContext.of(store))
     return result_frame(store.source, top.scores, top.positions, cols)
 

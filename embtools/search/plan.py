@@ -42,9 +42,11 @@ from typing import Any
 
 import numpy as np
 
+from embtools.errors import InvalidArgumentError, MemoryLimitError
 from embtools.memory import GB, format_bytes
 from embtools.search.engine import StreamSizes, plan_stream, run_stream, stream_min_bytes
 from embtools.search.funnel import funnel_top_k
+from embtools.search.ivf import IndexSizes, describe, index_top_k, merge_top_k, size_index
 from embtools.search.refine import (
     RERANK_CHUNK_BYTES,
     RerankSizes,
@@ -102,6 +104,8 @@ class SearchPlan:
     rerank: RerankSizes | None = None
     funnel: tuple[tuple[int, int], ...] | None = None
     notes: tuple[str, ...] = ()
+    index: IndexSizes | None = None
+    probe: Any = None
 
     @property
     def torch(self) -> bool:
@@ -111,7 +115,7 @@ class SearchPlan:
     @property
     def passes(self) -> int:
         """Passes over the selected rows (the screen's uncertified queries may add one)."""
-        if self.path == "empty":
+        if self.path in ("empty", "index"):
             return 0
         sizes = self.screen if self.screen is not None else self.stream
         assert sizes is not None
@@ -145,6 +149,8 @@ class SearchPlan:
                 + (", read ahead by a thread" if s.prefetch else "")
                 + (f", cosine by inverse row norms ({s.norms})" if s.scaled else "")
             )
+        if self.index is not None:
+            lines.append(describe(self.probe, self.index))
         if self.candidates:
             r = self.rerank
             size = "" if r is None else f", {r.group} queries at a time, {format_bytes(r.nbytes)}"
@@ -165,6 +171,9 @@ class SearchPlan:
     def _path_text(self) -> str:
         if self.path == "empty":
             return "nothing to search"
+        if self.path == "index":
+            return ("IVF index shortlist, then a float64 re-rank of the shortlisted rows; rows "
+                    "outside the index searched exactly and merged")
         tail = (f", then a float64 re-rank of {self.candidates} candidates per query"
                 if self.candidates else " (the float32 order: re-ranking would not fit)")
         if self.path == "screen":
@@ -204,6 +213,15 @@ def plan_search(req: SearchRequest, ctx: SearchContext) -> SearchPlan:
     if kk == 0:
         return SearchPlan("empty", **base, min_bytes=0, min_cap_gb=smallest_cap_gb(budget, 0))
     notes: list[str] = []
+    probe = _find_probe(req, ctx, notes)
+    if probe is not None:
+        sizes_i = size_index(req, probe, avail)
+        if sizes_i is not None:
+            least_i = probe.workspace_bytes(1, sizes_i.nprobe, sizes_i.width)
+            return SearchPlan("index", **base, min_bytes=least_i,
+                              min_cap_gb=smallest_cap_gb(budget, least_i), index=sizes_i,
+                              probe=probe, candidates=sizes_i.width, notes=tuple(notes))
+        notes.append(f"the index search ({probe.name}) does not fit the cap: exact search")
     if req.funnel is not None:
         return _plan_funnel(req, ctx, base, notes)
     m = min(overfetch(kk), req.n_sel)
@@ -250,6 +268,31 @@ def plan_search(req: SearchRequest, ctx: SearchContext) -> SearchPlan:
                       notes=tuple(notes))
 
 
+def _find_probe(req: SearchRequest, ctx: SearchContext, notes: list[str]) -> Any:
+    """The index that may serve ``req``, or None (``exact``, a funnel, a filter, no index)."""
+    asked = req.nprobe is not None or req.refine is not None
+    if req.exact:
+        if asked:
+            raise InvalidArgumentError("exact=True searches every row: nprobe and refine do not apply")
+        return None
+    if req.funnel is not None or req.positions is not None:
+        if asked:
+            notes.append("an index search takes no where= filter or funnel: exact search")
+        return None
+    try:
+        probe = None if ctx.find_index is None else ctx.find_index(req.dim, req.metric)
+    except MemoryLimitError:
+        if asked:
+            raise
+        notes.append("the index does not fit the memory cap: exact search")
+        return None
+    if probe is None and asked:
+        raise InvalidArgumentError(
+            f"nprobe/refine need an index of dimension {req.dim} for metric {req.metric!r}; build "
+            f"one with store.create_index(dimension={req.dim}, metric={req.metric!r})")
+    return probe
+
+
 def _plan_funnel(
     req: SearchRequest, ctx: SearchContext, base: dict[str, Any], notes: list[str]
 ) -> SearchPlan:
@@ -294,6 +337,17 @@ def run_search(req: SearchRequest, ctx: SearchContext, plan: SearchPlan | None =
         plan = plan_search(req, ctx)
     if plan.path == "empty":
         return TopK.empty(req.nq)
+    if plan.path == "index":
+        assert plan.index is not None
+        top = index_top_k(req, ctx, plan.probe, plan.index)
+        rest = plan.probe.uncovered
+        if len(rest):  # rows added after the index: searched exactly, then merged
+            sub = req.replace(positions=rest, n_sel=len(rest), exact=True, nprobe=None, refine=None)
+            other = run_search(sub, ctx)
+            s, p = merge_top_k(top.scores, top.positions, other.scores, other.positions, req.kk,
+                               req.largest)
+            top = TopK(s, p)
+        return top
     if plan.path == "funnel":
         first = plan.screen if plan.screen is not None else plan.stream
         assert first is not None

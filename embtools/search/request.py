@@ -232,6 +232,9 @@ class SearchRequest:
     batch_rows: int | None = None
     screen: str = "auto"
     funnel: tuple[tuple[int, int], ...] | None = None
+    nprobe: int | None = None
+    refine: int | None = None
+    exact: bool = False
 
     @classmethod
     def build(
@@ -247,10 +250,20 @@ class SearchRequest:
         batch_rows: Any = None,
         screen: Any = None,
         funnel: Any = None,
+        nprobe: Any = None,
+        refine: Any = None,
+        exact: Any = False,
     ) -> SearchRequest:
         """Check every argument (typed errors from :mod:`embtools.errors`) and resolve ``where``
-        to positions (or take ``positions`` already resolved)."""
+        to positions (or take ``positions`` already resolved). ``nprobe`` and ``refine`` (ints
+        >= 1) tune an index search, ``exact=True`` forbids it."""
         k = check_k(k)
+        if nprobe is not None:
+            nprobe = check_k(nprobe, "nprobe")
+        if refine is not None:
+            refine = check_k(refine, "refine")
+        if not isinstance(exact, (bool, np.bool_)):
+            raise InvalidArgumentError(f"exact must be True or False, got {exact!r}")
         metric = check_metric(metric)
         if batch_rows is not None:
             batch_rows = check_k(batch_rows, "batch_rows")
@@ -264,7 +277,8 @@ class SearchRequest:
         stages = None if funnel is None else tuple(parse_funnel(funnel, dim, k))
         n_sel = int(source.num_rows if positions is None else len(positions))
         pos = None if positions is None else _read_only(np.asarray(positions, dtype=np.int64))
-        return cls(_read_only(q), dim, k, metric, pos, n_sel, batch_rows, screen, stages)
+        return cls(_read_only(q), dim, k, metric, pos, n_sel, batch_rows, screen, stages,
+                   nprobe, refine, bool(exact))
 
     @property
     def nq(self) -> int:
@@ -307,11 +321,13 @@ class SearchContext:
     source: Any
     backend: Any
     budget: MemoryBudget
+    #: ``find_index(dim, metric)``: the store's index probe for the open version, or None
+    find_index: Any = None
 
     @classmethod
     def of(cls, store: Any) -> SearchContext:
         """The context of an EmbeddingStore(-like object)."""
-        return cls(store.source, store.backend, store.budget)
+        return cls(store.source, store.backend, store.budget, getattr(store, "find_index", None))
 
 
 @dataclass(frozen=True)

@@ -90,7 +90,7 @@ def clear_files(root: str, base: Manifest) -> Manifest:
     def rebase(latest: Manifest | None) -> Manifest:
         if latest is None:
             raise CorruptStoreError(f"{root}: the store has no committed version")
-        return replace(latest, operation="clear", files=[], dimensions=[], schema=schema,
+        return replace(latest, operation="clear", files=[], dimensions=[], schema=schema, indexes=[],
                        config_hash=config_hash([], schema, latest.properties))
 
     return commit(root, rebase)

@@ -60,9 +60,12 @@ __all__ = [
     "DATA_DIR",
     "DATA_FILE",
     "FORMAT",
+    "INDEX_DIR",
+    "INDEX_FILE",
     "ROWIDS_FILE",
     "VERSIONS_DIR",
     "FileEntry",
+    "IndexEntry",
     "Manifest",
     "check_job_id",
     "check_vacuum_args",
@@ -91,6 +94,9 @@ _MAX_COMMIT_ATTEMPTS = 1000
 _MAX_COUNT = 2**62
 DATA_FILE = re.compile(r"^data/[0-9a-f]{32}\.parquet$")
 """Manifest paths of data files (what :func:`new_data_path` makes); nothing else is ever opened."""
+INDEX_DIR = "_index"
+INDEX_FILE = re.compile(r"^_index/[a-z0-9][a-z0-9_-]{0,63}/[0-9a-f]{32}\.parquet$")
+"""Manifest paths of index files: ``_index/<index name>/<32 hex>.parquet``."""
 
 
 def crash_point(name: str) -> None:
@@ -204,6 +210,52 @@ def _check_files(files: list[FileEntry]) -> None:
 
 
 @dataclass(frozen=True)
+class IndexEntry:
+    """One index recorded in a manifest (see :mod:`embtools.index`): its ``name``, the
+    ``dimension`` and ``metric`` it serves, its ``files`` (``_index/<name>/...``, their sizes in
+    ``file_bytes``), the data ``covers`` (the data files whose rows it holds, as they were when
+    it was built or last optimised) and ``info``: JSON details the index package owns (codes,
+    partitions, rows...)."""
+
+    name: str
+    dimension: int
+    metric: str
+    files: list[str]
+    file_bytes: list[int]
+    covers: list[str]
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "dimension": self.dimension, "metric": self.metric,
+                "files": list(self.files), "file_bytes": list(self.file_bytes),
+                "covers": list(self.covers), "info": self.info}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> IndexEntry:
+        """Parse and check one index record (ValueError, TypeError or KeyError when bad)."""
+        if not isinstance(d, dict):
+            raise TypeError(f"an index entry is a {type(d).__name__}, not an object")
+        name, metric, files, sizes, covers, info = (d["name"], d["metric"], d["files"],
+                                                    d["file_bytes"], d["covers"], d.get("info", {}))
+        if not isinstance(name, str) or not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,63}", name):
+            raise ValueError(f"bad index name {name!r}")
+        if metric not in ("cosine", "dot", "l2"):
+            raise ValueError(f"index {name}: unknown metric {metric!r}")
+        if not all(isinstance(x, list) for x in (files, sizes, covers)) or not isinstance(info, dict):
+            raise TypeError(f"index {name}: files, file_bytes and covers must be lists, info an object")
+        for f in files:
+            if not isinstance(f, str) or not INDEX_FILE.match(f) or not f.startswith(f"{INDEX_DIR}/{name}/"):
+                raise ValueError(f"index {name}: file path {f!r} is not {INDEX_DIR}/{name}/<32 hex>.parquet")
+        for f in covers:
+            if not isinstance(f, str) or not DATA_FILE.match(f):
+                raise ValueError(f"index {name}: covered file {f!r} is not a data file path")
+        if len(sizes) != len(files):
+            raise ValueError(f"index {name}: {len(files)} files but {len(sizes)} sizes")
+        return cls(name, _count(d["dimension"], "index dimension"), metric, list(files),
+                   [_count(b, "index file bytes") for b in sizes], list(covers), dict(info))
+
+
+@dataclass(frozen=True)
 class Manifest:
     """One committed version: its files (sorted by row id), dimensions, schema and properties."""
 
@@ -219,6 +271,7 @@ class Manifest:
     #: ids of the jobs whose rows this version holds (``writer.commit_files(job_id=...)``):
     #: a retried or re-run job with a recorded id commits nothing
     jobs: tuple[str, ...] = ()
+    indexes: list[IndexEntry] = field(default_factory=list)
 
     @property
     def num_rows(self) -> int:
@@ -231,6 +284,7 @@ class Manifest:
             "files": [f.to_json() for f in self.files], "dimensions": list(self.dimensions),
             "schema": schema_to_json(self.schema), "config_hash": self.config_hash,
             "properties": self.properties,
+            **({"indexes": [i.to_json() for i in self.indexes]} if self.indexes else {}),
         }
         if self.jobs:
             out["jobs"] = list(self.jobs)
@@ -254,6 +308,12 @@ class Manifest:
         dimensions = [_count(x, "dimension") for x in dims]
         if len(set(dimensions)) != len(dimensions) or 0 in dimensions:
             raise ValueError(f"bad dimensions {dimensions}")
+        raw_indexes = d.get("indexes", [])
+        if not isinstance(raw_indexes, list):
+            raise TypeError("indexes must be a list")
+        indexes = [IndexEntry.from_json(i) for i in raw_indexes]
+        if len({i.name for i in indexes}) != len(indexes):
+            raise ValueError("an index name is listed twice")
         parent = d["parent"]
         return cls(
             version=_count(d["version"], "version"),
@@ -261,6 +321,7 @@ class Manifest:
             created=str(d["created"]), operation=str(d["operation"]),
             files=entries, dimensions=dimensions, schema=schema_from_json(d["schema"]),
             config_hash=str(d["config_hash"]), properties=dict(props), jobs=tuple(jobs),
+            indexes=indexes,
         )
 
     def settings_hash(self) -> str:
@@ -466,15 +527,30 @@ def _mtime(path: str) -> float | None:
 
 
 def _referenced_files(root: str, versions: set[int]) -> set[str]:
-    """The data files (normalised relative paths) the manifests of ``versions`` list; a version a
-    concurrent vacuum removed meanwhile lists none."""
+    """The data and index files (normalised relative paths) the manifests of ``versions`` list; a
+    version a concurrent vacuum removed meanwhile lists none."""
     out: set[str] = set()
     for v in sorted(versions):
         try:
-            files = read_manifest(root, v).files
+            m = read_manifest(root, v)
         except StoreNotFoundError:
             continue
-        out.update(os.path.normpath(f.path) for f in files)
+        out.update(os.path.normpath(f.path) for f in m.files)
+        out.update(os.path.normpath(p) for i in m.indexes for p in i.files)
+    return out
+
+
+def _stored_files(root: str) -> list[str]:
+    """Relative paths of the files under ``data/`` and ``_index/<name>/`` (what vacuum may remove)."""
+    out = []
+    data_dir = os.path.join(root, DATA_DIR)
+    for name in sorted(os.listdir(data_dir)) if os.path.isdir(data_dir) else []:
+        out.append(f"{DATA_DIR}/{name}")
+    index_dir = os.path.join(root, INDEX_DIR)
+    for sub in sorted(os.listdir(index_dir)) if os.path.isdir(index_dir) else []:
+        folder = os.path.join(index_dir, sub)
+        if os.path.isdir(folder) and not os.path.islink(folder):
+            out.extend(f"{INDEX_DIR}/{sub}/{name}" for name in sorted(os.listdir(folder)))
     return out
 
 
@@ -528,8 +604,8 @@ def vacuum(root: str | os.PathLike[str], retain_versions: int = 1,
     referenced |= _referenced_files(root, {v for v in list_versions(root) if v > max(versions, default=-1)})
     removed_files: list[str] = []
     data_dir = os.path.join(root, DATA_DIR)
-    for name in sorted(os.listdir(data_dir)) if os.path.isdir(data_dir) else []:
-        rel = os.path.normpath(f"{DATA_DIR}/{name}")
+    for stored in _stored_files(root):
+        rel = os.path.normpath(stored)
         path = os.path.join(root, rel)
         if rel in referenced or not os.path.isfile(path):
             continue

@@ -465,7 +465,7 @@ def _save(root: str, source: Any, properties: dict[str, Any], budget: MemoryBudg
     def rebase(latest: Manifest | None) -> Manifest:
         if latest is None:
             raise CorruptStoreError(f"{root}: the store has no committed version")
-        return replace(latest, operation="save", files=_sorted(entries), dimensions=dims,
+        return replace(latest, operation="save", files=_sorted(entries), dimensions=dims, indexes=[],
                        schema=schema, properties=dict(properties),
                        config_hash=config_hash(dims, schema, properties))
 

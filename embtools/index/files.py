@@ -1,0 +1,160 @@
+"""The files of an IVF index: centroids and codes, plain Parquet under ``_index/<name>/``.
+
+An index is recorded in the manifest (:class:`~embtools.storage.manifest.IndexEntry`): ``files[0]``
+is the centroids file (``partition`` int32, ``emb_<d>`` float32 centroid), ``files[1:]`` the codes
+files. A codes file holds whole partitions, rows sorted by ``(partition, row_id)``: ``row_id``
+int64, ``partition`` int32 and the probe codes, ``emb_<m>`` float32 (``codes="float"``: the
+search dimension; an int: a stored Matryoshka prefix), unit length for cosine. Each file is one
+row group written by the store's data-file writer (:func:`~embtools.storage.datafile.write_data_file`,
+PLAIN, uncompressed, page-aligned as data files are), so a partition is one contiguous slice of a
+zero-copy mapped view. Its partition offsets are in the file's key-value metadata
+(``embtools.partitions``: first partition, offsets) and are checked against the ``partition``
+column when the file is opened; anything inconsistent is CorruptStoreError.
+
+Examples
+--------
+>>> import numpy as np, tempfile, os
+>>> root = tempfile.mkdtemp()
+>>> os.makedirs(os.path.join(root, "_index", "i"))
+>>> rel, size = write_codes(root, "i", np.array([5, 3, 9]), np.array([0, 2, 2], np.int32),
+...                         np.eye(3, dtype=np.float32))
+>>> f = CodesFile(os.path.join(root, rel), size, partitions=3)
+>>> f.row_ids.tolist(), f.starts.tolist(), f.codes.shape
+([5, 3, 9], [0, 1, 1, 3], (3, 3))
+>>> f.close()
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from embtools.errors import CorruptStoreError
+from embtools.storage.datafile import MappedParquetFile, embedding_array, write_data_file
+from embtools.storage.manifest import INDEX_DIR
+
+__all__ = ["CodesFile", "read_centroids", "write_centroids", "write_codes"]
+
+_META_KEY = b"embtools.partitions"
+
+
+def _new_path(root: str, name: str) -> tuple[str, str]:
+    rel = f"{INDEX_DIR}/{name}/{uuid.uuid4().hex}.parquet"
+    return rel, os.path.join(root, rel)
+
+
+def write_centroids(root: str, name: str, centroids: np.ndarray) -> tuple[str, int]:
+    """Write the centroids file; ``(relative path, bytes)``."""
+    rel, path = _new_path(root, name)
+    p = len(centroids)
+    table = pa.table({"partition": pa.array(np.arange(p, dtype=np.int32)),
+                      f"emb_{centroids.shape[1]}": embedding_array(centroids)})
+    return rel, write_data_file(path, table, row_group_rows=max(1, p))
+
+
+def write_codes(root: str, name: str, row_ids: np.ndarray, parts: np.ndarray,
+                codes: np.ndarray) -> tuple[str, int]:
+    """Write one codes file (rows already sorted by partition, then row id); ``(path, bytes)``."""
+    rel, path = _new_path(root, name)
+    parts = np.asarray(parts, np.int32)
+    first = int(parts[0]) if len(parts) else 0
+    last = int(parts[-1]) if len(parts) else -1
+    offsets = np.searchsorted(parts, np.arange(first, last + 2)).tolist()
+    meta = {_META_KEY: json.dumps({"first": first, "offsets": offsets}).encode()}
+    table = pa.table({"row_id": pa.array(np.asarray(row_ids, np.int64)), "partition": pa.array(parts),
+                      f"emb_{codes.shape[1]}": embedding_array(codes)})
+    table = table.replace_schema_metadata(meta)
+    return rel, write_data_file(path, table, row_group_rows=max(1, len(parts)))
+
+
+def _open(path: str, size: int) -> MappedParquetFile:
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        raise CorruptStoreError(f"{path}: index file listed by the manifest is missing") from None
+    if not os.path.isfile(path) or os.path.islink(path) or st.st_size != size:
+        raise CorruptStoreError(f"{path}: index file is not a regular file of {size} bytes")
+    f = MappedParquetFile(path)
+    if len(f.row_group_rows) != 1:
+        f.close()
+        raise CorruptStoreError(f"{path}: an index file has one row group, found {len(f.row_group_rows)}")
+    return f
+
+
+def _column(path: str, name: str, dtype: type) -> np.ndarray:
+    try:
+        col = pq.read_table(path, columns=[name]).column(0)
+        return np.asarray(col.to_numpy(), dtype=dtype)
+    except (OSError, pa.ArrowException, KeyError, ValueError) as exc:
+        raise CorruptStoreError(f"{path}: cannot read the index column {name!r} ({exc})") from None
+
+
+def read_centroids(path: str, size: int, dim: int, partitions: int) -> np.ndarray:
+    """The ``(partitions, dim)`` float32 centroids (a copy), checked against the manifest."""
+    f = _open(path, size)
+    try:
+        c = np.array(f.embedding(f"emb_{dim}", 0), dtype=np.float32)
+    except (KeyError, ValueError) as exc:
+        raise CorruptStoreError(f"{path}: no centroid column emb_{dim} ({exc})") from None
+    finally:
+        f.close()
+    if c.shape != (partitions, dim) or not np.isfinite(c).all():
+        raise CorruptStoreError(f"{path}: centroids of shape {c.shape}, expected ({partitions}, {dim})")
+    return c
+
+
+class CodesFile:
+    """One opened codes file: ``row_ids`` (int64), ``starts`` (``partitions + 1`` row offsets of
+    each partition in this file) and ``codes`` (a read-only ``(rows, m)`` mapped view)."""
+
+    def __init__(self, path: str, size: int, partitions: int, code_dim: int | None = None) -> None:
+        self.path = path
+        self._f = _open(path, size)
+        try:
+            self._load(partitions, code_dim)
+        except BaseException:
+            self._f.close()
+            raise
+
+    def _load(self, partitions: int, code_dim: int | None) -> None:
+        path = self.path
+        names = [n for n in self._f._arrow_schema.names if n.startswith("emb_")]
+        if len(names) != 1 or (code_dim is not None and names[0] != f"emb_{code_dim}"):
+            raise CorruptStoreError(f"{path}: expected one codes column emb_{code_dim}, found {names}")
+        self.column = names[0]
+        self.row_ids = _column(path, "row_id", np.int64)
+        parts = _column(path, "partition", np.int32)
+        n = len(parts)
+        if n != len(self.row_ids) or n != self._f.num_rows:
+            raise CorruptStoreError(f"{path}: index columns of different lengths")
+        if n and (parts[0] < 0 or parts[-1] >= partitions or (np.diff(parts) < 0).any()):
+            raise CorruptStoreError(f"{path}: partitions are not sorted in 0..{partitions - 1}")
+        self.starts = np.searchsorted(parts, np.arange(partitions + 1)).astype(np.int64)
+        raw = (self._f._arrow_schema.metadata or {}).get(_META_KEY)
+        try:
+            meta = json.loads(raw) if raw is not None else {}
+            first, offsets = int(meta["first"]), [int(o) for o in meta["offsets"]]
+        except (TypeError, ValueError, KeyError):
+            raise CorruptStoreError(f"{path}: missing or unreadable partition offsets") from None
+        if n and offsets != self.starts[first:first + len(offsets)].tolist():
+            raise CorruptStoreError(f"{path}: partition offsets disagree with the partition column")
+        self.codes = self._f.embedding(self.column, 0)
+        if self.codes.shape[0] != n:
+            raise CorruptStoreError(f"{path}: {self.codes.shape[0]} codes for {n} rows")
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of codes in this file."""
+        return int(self.codes.nbytes)
+
+    def release(self) -> None:
+        """Give back the mapped pages of the codes (they are read again on the next probe)."""
+        self._f.release(self.column, 0)
+
+    def close(self) -> None:
+        self._f.close()

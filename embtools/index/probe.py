@@ -1,0 +1,200 @@
+"""An IVF index opened for one committed version: probing partitions and shortlisting rows.
+
+:class:`IvfIndex` reads the index's centroids and the row ids of its codes files, and maps each
+indexed row id to its position in the version it serves (row ids are stable across deletes and
+compaction): rows deleted since the build map to -1 and are never returned, and rows of the
+version that the index does not hold (added after it) are listed in ``uncovered`` for the exact
+search. It implements :class:`embtools.search.ivf.IndexProbe`.
+
+:meth:`IvfIndex.shortlist` scores each query against the centroids, takes its ``nprobe`` nearest
+partitions (more when those hold fewer than ``k`` live rows), and groups the (query, partition)
+pairs by partition, so each partition's codes (a zero-copy slice of a mapped codes file) are read
+once per query group and scored against all the queries that probe it with one matrix product.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import numpy as np
+
+from embtools.index.files import CodesFile, read_centroids
+from embtools.index.kmeans import normalize_rows
+from embtools.memory import MemoryBudget
+from embtools.storage.manifest import IndexEntry
+
+__all__ = ["IvfIndex", "default_nprobe"]
+
+
+def default_nprobe(partitions: int) -> int:
+    """Partitions probed by default: about ``sqrt(partitions)``, at least 8 (all when fewer)."""
+    return int(min(partitions, max(8, round(math.sqrt(partitions)))))
+
+
+class IvfIndex:
+    """The index ``entry`` of ``snapshot`` (a :class:`~embtools.storage.snapshot.Snapshot`)."""
+
+    def __init__(self, snapshot: Any, entry: IndexEntry, budget: MemoryBudget,
+                 row_ids: np.ndarray) -> None:
+        root = snapshot.root
+        info = entry.info
+        self.entry = entry
+        self.name = entry.name
+        self.dimension = entry.dimension
+        self.metric = entry.metric
+        self.partitions = int(info["partitions"])
+        self.code_dim = int(info["code_dim"])
+        self.codes = str(info.get("codes", "float"))
+        self.default_refine = 1 if self.code_dim >= self.dimension else 10
+        self.budget = budget
+        self.centroids = read_centroids(os.path.join(root, entry.files[0]), entry.file_bytes[0],
+                                        self.dimension, self.partitions)
+        self._c_sq = np.einsum("ij,ij->i", self.centroids, self.centroids)
+        self.files: list[CodesFile] = []
+        try:
+            for rel, size in zip(entry.files[1:], entry.file_bytes[1:], strict=True):
+                self.files.append(CodesFile(os.path.join(root, rel), size, self.partitions, self.code_dim))
+        except BaseException:
+            self.close()
+            raise
+        n = len(row_ids)
+        covered = np.zeros(n, bool)
+        self.positions: list[np.ndarray] = []
+        self.live_counts = np.zeros(self.partitions, np.int64)
+        self.total_counts = np.zeros(self.partitions, np.int64)
+        self._sq: list[np.ndarray | None] = []
+        for f in self.files:
+            pos = np.searchsorted(row_ids, f.row_ids)
+            pos = np.minimum(pos, max(n - 1, 0))
+            ok = (row_ids[pos] == f.row_ids) if n else np.zeros(len(pos), bool)
+            covered[pos[ok]] = True
+            self.positions.append(np.where(ok, pos, -1))
+            sizes = np.diff(f.starts)
+            self.total_counts += sizes
+            part_of_row = np.repeat(np.arange(self.partitions), sizes)
+            self.live_counts += np.bincount(part_of_row[ok], minlength=self.partitions)
+            self._sq.append(np.einsum("ij,ij->i", f.codes, f.codes) if self.metric == "l2" else None)
+        self.uncovered = np.flatnonzero(~covered).astype(np.int64)
+        self.uncovered.setflags(write=False)
+        self.live_rows = int(covered.sum())
+        self._largest = np.cumsum(np.sort(self.total_counts)[::-1])
+        self._code_bytes = sum(f.nbytes for f in self.files)
+        self._touched = 0
+
+    # -- sizes ------------------------------------------------------------------------------------
+    def default_nprobe(self) -> int:
+        return default_nprobe(self.partitions)
+
+    def resident_bytes(self) -> int:
+        """Bytes this object keeps (centroids, positions, row ids, norms)."""
+        return int(self.centroids.nbytes + sum(p.nbytes * 2 for p in self.positions)
+                   + self.uncovered.nbytes + sum(0 if s is None else s.nbytes for s in self._sq))
+
+    def _rows_bound(self, nprobe: int) -> int:
+        """The most rows ``nprobe`` partitions can hold."""
+        if not len(self._largest):
+            return 0
+        return int(self._largest[min(nprobe, len(self._largest)) - 1])
+
+    def workspace_bytes(self, nq: int, nprobe: int, width: int) -> int:
+        rows = self._rows_bound(nprobe)
+        codes = min(self._code_bytes, nq * rows * self.code_dim * 4)
+        return int(nq * (self.partitions * 8 + rows * 20 + width * 24) + codes)
+
+    # -- probing ----------------------------------------------------------------------------------
+    def _queries(self, queries: np.ndarray, dim: int) -> np.ndarray:
+        q = np.ascontiguousarray(queries[:, :dim], dtype=np.float32)
+        return normalize_rows(q) if self.metric == "cosine" else q
+
+    def probes(self, queries: np.ndarray, kk: int, nprobe: int) -> list[np.ndarray]:
+        """The partitions each query probes: its ``nprobe`` nearest centroids, and more until they
+        hold ``kk`` live rows (or every live row)."""
+        q = self._queries(queries, self.dimension)
+        scores = q @ self.centroids.T
+        if self.metric == "l2":
+            scores = 2 * scores - self._c_sq[None, :]
+        p = self.partitions
+        need = min(kk, self.live_rows)
+        if nprobe >= p:
+            top = np.broadcast_to(np.arange(p), (len(q), p))
+        else:
+            top = np.argpartition(-scores, nprobe - 1, axis=1)[:, :nprobe]
+        out = []
+        for i in range(len(q)):
+            mine = top[i]
+            if self.live_counts[mine].sum() < need:
+                order = np.argsort(-scores[i], kind="stable")
+                reach = np.searchsorted(np.cumsum(self.live_counts[order]), need) + 1
+                mine = order[:max(nprobe, int(reach))]
+            out.append(np.asarray(mine))
+        return out
+
+    def shortlist(self, queries: np.ndarray, kk: int, nprobe: int, width: int) -> np.ndarray:
+        nq = len(queries)
+        probes = self.probes(queries, kk, nprobe)
+        cq = self._queries(queries, self.code_dim)
+        qi = np.repeat(np.arange(nq), [len(x) for x in probes])
+        pi = np.concatenate(probes) if probes else np.zeros(0, np.int64)
+        totals = np.bincount(qi, weights=self.total_counts[pi], minlength=nq).astype(np.int64)
+        cols = int(totals.max()) if nq else 0
+        fill = -np.inf
+        buf_s = np.full((nq, max(cols, 1)), fill, np.float32)
+        buf_p = np.full((nq, max(cols, 1)), -1, np.int64)
+        cur = np.zeros(nq, np.int64)
+        order = np.argsort(pi, kind="stable")
+        qi, pi = qi[order], pi[order]
+        cuts = np.flatnonzero(np.r_[True, pi[1:] != pi[:-1]]) if len(pi) else np.zeros(0, np.int64)
+        bounds = np.r_[cuts, len(pi)]
+        l2 = self.metric == "l2"
+        for j in range(len(cuts)):
+            part = int(pi[bounds[j]])
+            qs = qi[bounds[j]:bounds[j + 1]]
+            sub = cq[qs]
+            for fi, f in enumerate(self.files):
+                s, e = int(f.starts[part]), int(f.starts[part + 1])
+                if s == e:
+                    continue
+                scores = f.codes[s:e] @ sub.T  # (rows, queries probing this partition)
+                if l2:
+                    sq = self._sq[fi]
+                    assert sq is not None
+                    scores = 2 * scores - sq[s:e, None]
+                pos = self.positions[fi][s:e]
+                dead = pos < 0
+                if dead.any():
+                    scores[dead] = fill
+                rows = e - s
+                at = cur[qs][:, None] + np.arange(rows)[None, :]
+                buf_s[qs[:, None], at] = scores.T
+                buf_p[qs[:, None], at] = pos[None, :]
+                cur[qs] += rows
+                self._touched += rows * self.code_dim * 4
+        self._release_if_needed()
+        w = min(width, buf_s.shape[1])
+        if buf_s.shape[1] > w:
+            pick = np.argpartition(-buf_s, w - 1, axis=1)[:, :w]
+        else:
+            pick = np.broadcast_to(np.arange(w), (nq, w))
+        s_pick = np.take_along_axis(buf_s, pick, axis=1)
+        p_pick = np.take_along_axis(buf_p, pick, axis=1)
+        best = np.argsort(-s_pick, axis=1, kind="stable")
+        out = np.take_along_axis(p_pick, best, axis=1)
+        out[np.take_along_axis(s_pick, best, axis=1) == fill] = -1
+        if w < width:
+            out = np.concatenate([out, np.full((nq, width - w), -1, np.int64)], axis=1)
+        return out
+
+    def _release_if_needed(self) -> None:
+        """Give back mapped code pages once the probes touched a quarter of the cap's room."""
+        avail = self.budget.available_bytes
+        if avail is not None and self._touched > avail // 4:
+            for f in self.files:
+                f.release()
+            self._touched = 0
+
+    def close(self) -> None:
+        for f in self.files:
+            f.close()
+        self.files = []

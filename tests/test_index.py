@@ -1,0 +1,235 @@
+"""IVF index: recall against the float64 brute force, identity at full probe, consistency with
+appends, deletes, compaction and snapshots, the memory cap, every backend, bad input, damage."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import polars as pl
+import pytest
+
+import embtools as et
+from embtools.errors import CorruptStoreError, InvalidArgumentError, MemoryLimitError
+
+DIM = 32
+
+
+def clustered(n: int, dim: int = DIM, centers: int = 40, seed: int = 0, noise: float = 0.35):
+    rng = np.random.default_rng(seed)
+    c = rng.standard_normal((centers, dim))
+    x = c[rng.integers(0, centers, n)] + noise * rng.standard_normal((n, dim))
+    q = c[rng.integers(0, centers, 64)] + noise * rng.standard_normal((64, dim))
+    return x.astype(np.float32), q.astype(np.float32)
+
+
+def brute(x: np.ndarray, q: np.ndarray, k: int, metric: str = "cosine", alive=None) -> np.ndarray:
+    """Row positions of the float64 brute-force top-k (ties by lower position)."""
+    x64, q64 = x.astype(np.float64), q.astype(np.float64)
+    if metric == "cosine":
+        x64 = x64 / np.linalg.norm(x64, axis=1, keepdims=True)
+        q64 = q64 / np.linalg.norm(q64, axis=1, keepdims=True)
+    key = ((q64[:, None, :] - x64[None, :, :]) ** 2).sum(-1) if metric == "l2" else -(q64 @ x64.T)
+    if alive is not None:
+        key[:, ~alive] = np.inf
+    return np.lexsort((np.broadcast_to(np.arange(len(x)), key.shape), key), axis=1)[:, :k]
+
+
+def ids(frame: pl.DataFrame, nq: int) -> np.ndarray:
+    return frame["row_id"].to_numpy().reshape(nq, -1)
+
+
+def recall(found: np.ndarray, truth: np.ndarray) -> float:
+    return float(np.mean([len(set(a) & set(b)) / len(b) for a, b in zip(found, truth, strict=True)]))
+
+
+@pytest.fixture
+def indexed(tmp_path):
+    x, q = clustered(3000)
+    store = et.EmbeddingStore(tmp_path / "s", backend="numpy")
+    store.add(x, text_ids=[f"t{i}" for i in range(len(x))])
+    store.create_index(dimension=DIM, partitions=40, codes="float")
+    return store, x, q
+
+
+def test_recall_against_brute_force_on_clustered_data(indexed):
+    store, x, q = indexed
+    truth = brute(x, q, 10)
+    found = ids(store.search(q, k=10, nprobe=6), len(q))
+    assert recall(found, truth) >= 0.95
+    # more probes never hurt, and the shortlist scores are the exact ones
+    found_all = store.search(q, k=10, nprobe=20)
+    assert recall(ids(found_all, len(q)), truth) >= recall(found, truth)
+    exact = store.search(q, k=10, exact=True)
+    same = found_all.join(exact, on=["query", "row_id"], suffix="_exact")
+    assert np.allclose(same["score"], same["score_exact"])
+
+
+@pytest.mark.parametrize("metric", ["cosine", "dot", "l2"])
+def test_full_probe_equals_exact_search(tmp_path, metric):
+    x, q = clustered(1500, seed=3)
+    store = et.EmbeddingStore(tmp_path / "s", backend="numpy")
+    store.add(x)
+    store.create_index(dimension=DIM, partitions=16, codes="float", metric=metric)
+    for k in (1, 10, 37):
+        got = store.search(q, k=k, nprobe=16, metric=metric)
+        want = store.search(q, k=k, metric=metric, exact=True)
+        assert got.equals(want)
+        assert np.array_equal(ids(got, len(q)), brute(x, q, k, metric))
+    one = store.search(q[0], k=5, nprobe=16, metric=metric)  # a single 1-D query
+    assert one["row_id"].to_list() == brute(x, q[:1], 5, metric)[0].tolist()
+
+
+def test_matryoshka_codes_shortlist_then_exact_rerank(tmp_path):
+    x, q = clustered(2000, seed=5)
+    store = et.EmbeddingStore(tmp_path / "s", backend="numpy")
+    store.add({DIM: x, 8: x[:, :8]})
+    store.create_index(dimension=DIM, partitions=20, codes=8)
+    info = store.indexes()[0]
+    assert (info["codes"], info["code_dim"]) == ("8", 8)
+    got = store.search(q, k=5, nprobe=20, refine=400)  # every row shortlisted: exact
+    assert got.equals(store.search(q, k=5, exact=True))
+    assert recall(ids(store.search(q, k=5, nprobe=20, refine=20), len(q)), brute(x, q, 5)) >= 0.9
+
+
+def test_appended_rows_are_searched_exactly_and_merged(indexed):
+    store, x, q = indexed
+    rng = np.random.default_rng(9)
+    extra = (x[rng.integers(0, len(x), 300)] + 0.01 * rng.standard_normal((300, DIM))).astype(np.float32)
+    store.add(extra)
+    assert store.indexes()[0]["unindexed_rows"] == 300
+    every = np.concatenate([x, extra])
+    # each new row finds itself first, through the exact part of the search
+    hits = store.search(extra[:50], k=1, nprobe=1)["row_id"].to_numpy()
+    assert np.array_equal(hits, np.arange(len(x), len(x) + 50))
+    truth = brute(every, q, 10)
+    assert recall(ids(store.search(q, k=10, nprobe=6), len(q)), truth) >= 0.95
+    assert store.search(q, k=10, nprobe=40).equals(store.search(q, k=10, exact=True))
+    # optimize_index: a delta assigns them to the existing centroids
+    store.optimize_index()
+    info = store.indexes()[0]
+    assert info["unindexed_rows"] == 0 and info["indexed_rows"] == len(every)
+    assert store.search(q, k=10, nprobe=40).equals(store.search(q, k=10, exact=True))
+    hits = store.search(extra[50:80], k=1, nprobe=2)["row_id"].to_numpy()
+    assert np.array_equal(hits, np.arange(len(x) + 50, len(x) + 80))
+
+
+def test_optimize_retrains_past_the_share(indexed):
+    store, _x, _q = indexed
+    store.add(clustered(1500, seed=11)[0])
+    before = store.indexes()[0]
+    store.optimize_index(retrain_share=0.2)
+    after = store.indexes()[0]
+    assert after["built_version"] > before["built_version"] and after["unindexed_rows"] == 0
+    assert store.optimize_index() == store.version  # nothing to do
+
+
+def test_deleted_rows_are_never_returned(indexed):
+    store, x, q = indexed
+    top = ids(store.search(q, k=5, nprobe=40), len(q))
+    gone = np.unique(top[:, :2])
+    store.delete(pl.col("row_id").is_in(gone.tolist()))
+    alive = ~np.isin(np.arange(len(x)), gone)
+    got = store.search(q, k=5, nprobe=40)
+    assert not np.isin(got["row_id"].to_numpy(), gone).any()
+    assert np.array_equal(ids(got, len(q)), brute(x, q, 5, alive=alive))
+    assert store.indexes()[0]["deleted_rows"] == len(gone)
+    store.compact(target_file_bytes=1 << 40)  # row ids kept: the index still covers every row
+    assert store.indexes()[0]["unindexed_rows"] == 0
+    assert np.array_equal(ids(store.search(q, k=5, nprobe=40), len(q)), brute(x, q, 5, alive=alive))
+
+
+def test_snapshots_keep_their_index_and_vacuum_keeps_what_they_need(indexed, tmp_path):
+    store, _x, q = indexed
+    v_index = store.version
+    before = store.search(q, k=10, nprobe=3)
+    store.drop_index()
+    assert store.indexes() == []
+    with pytest.raises(InvalidArgumentError, match="create_index"):
+        store.search(q, k=10, nprobe=3)
+    old = et.EmbeddingStore(store.path, backend="numpy", version=v_index)
+    assert old.search(q, k=10, nprobe=3).equals(before)
+    files = sorted(os.listdir(os.path.join(store.path, "_index", f"emb_{DIM}_cosine")))
+    store.vacuum(retain_versions=2, grace_seconds=0)  # keeps v_index: its index files stay
+    assert sorted(os.listdir(os.path.join(store.path, "_index", f"emb_{DIM}_cosine"))) == files
+    assert old.search(q, k=10, nprobe=3).equals(before)
+    old.close()
+    store.vacuum(retain_versions=1, grace_seconds=0)
+    assert os.listdir(os.path.join(store.path, "_index", f"emb_{DIM}_cosine")) == []
+
+
+@pytest.mark.parametrize("backend", et.available_backends())
+def test_every_backend_builds_and_searches(tmp_path, backend):
+    x, q = clustered(400, seed=7)
+    store = et.EmbeddingStore(tmp_path / backend, backend=backend)
+    store.add(x)
+    store.create_index(dimension=DIM, partitions=8, codes="float")
+    got = store.search(q[:8], k=5, nprobe=8)
+    assert np.array_equal(ids(got, 8), brute(x, q[:8], 5))
+    assert recall(ids(store.search(q[:8], k=5, nprobe=2), 8), brute(x, q[:8], 5)) >= 0.8
+
+
+def test_memory_cap_during_build_and_search(tmp_path):
+    x, q = clustered(4000, dim=128, seed=2)
+    cap_gb = x.nbytes / 4 / 1024**3  # a quarter of the float data
+    store = et.EmbeddingStore(tmp_path / "s", backend="numpy", max_memory_gb=cap_gb)
+    store.add(x)
+    seen: list[int] = []
+    hold = store.budget.hold
+
+    def spy(key, nbytes, *a, **kw):
+        hold(key, nbytes, *a, **kw)
+        seen.append(store.budget.held_bytes)
+
+    store.budget.hold = spy  # type: ignore[method-assign]
+    store.create_index(dimension=128, partitions=30, codes="float")
+    assert store.indexes()[0]["partitions"] == 30
+    got = store.search(q, k=10, nprobe=30)
+    assert np.array_equal(ids(got, len(q)), brute(x, q, 10))
+    assert seen and max(seen) <= store.budget.cap_bytes
+    assert store.budget.held_bytes == 0
+    tiny = et.EmbeddingStore(tmp_path / "t", backend="numpy", max_memory_gb=2e-6)
+    tiny.add(x[:200])
+    with pytest.raises(MemoryLimitError):
+        tiny.create_index(dimension=128, partitions=100, codes="float")
+    assert tiny.indexes() == [] and tiny.version == 1
+
+
+def test_bad_arguments_raise_before_anything_is_written(indexed, tmp_path):
+    store, _x, q = indexed
+    version = store.version
+    for kwargs in ({"dimension": 64}, {"dimension": DIM, "codes": "pq"}, {"dimension": DIM, "codes": 0},
+                   {"dimension": DIM, "partitions": 0}, {"dimension": DIM, "metric": "hamming"},
+                   {"dimension": DIM, "sample_rows": -1}):
+        with pytest.raises((InvalidArgumentError, et.errors.DimensionMismatchError)):
+            store.create_index(**kwargs)
+    for kwargs in ({"nprobe": 0}, {"refine": 0}, {"exact": "yes"}, {"nprobe": 3, "exact": True}):
+        with pytest.raises(InvalidArgumentError):
+            store.search(q, k=3, **kwargs)
+    assert store.version == version
+    with pytest.raises(InvalidArgumentError):
+        et.EmbeddingStore(backend="numpy").create_index(dimension=DIM)
+    empty = et.EmbeddingStore(tmp_path / "empty", backend="numpy")
+    with pytest.raises((InvalidArgumentError, et.errors.DimensionMismatchError)):
+        empty.create_index(dimension=DIM)
+
+
+def test_where_filter_and_funnel_fall_back_to_exact(indexed):
+    store, _x, q = indexed
+    got = store.search(q, k=5, where=pl.col("row_id") < 500)
+    assert (got["row_id"] < 500).all()
+    assert "IVF index" not in store.explain(q, k=5, where=pl.col("row_id") < 500)
+    assert store.search(q, k=5, where=pl.col("row_id") < 500, nprobe=2).equals(got)
+    assert "IVF index" in store.explain(q, k=5)
+
+
+def test_damaged_index_file_is_corrupt_store_error(indexed):
+    store, _x, q = indexed
+    entry = store.source.manifest.indexes[0]
+    path = os.path.join(store.path, entry.files[-1])
+    with open(path, "r+b") as fh:
+        fh.truncate(os.path.getsize(path) - 7)
+    fresh = et.EmbeddingStore(store.path, backend="numpy")
+    with pytest.raises(CorruptStoreError):
+        fresh.search(q, k=3)
+    assert fresh.search(q, k=3, exact=True).height == 3 * len(q)
