@@ -62,7 +62,7 @@ def test_build_killed_at_each_commit_point(base, point, outcome):
 
 @pytest.mark.parametrize(("point", "outcome"), POINTS)
 def test_optimize_killed_at_each_commit_point(base, point, outcome):
-    root, x, q, exact = base
+    root, x, _q, _exact = base
     path = root / f"opt-{point}"
     shutil.copytree(root / "base", path)
     store = et.EmbeddingStore(path, backend="numpy")

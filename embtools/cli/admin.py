@@ -45,7 +45,18 @@ def store_summary(store: Any, path: str) -> dict[str, Any]:
         "properties": props,
         "embedding_model": (props.get("embedding_model") or {}).get("name"),
         "config_hash": str(store.config_hash),
+        "indexes": store.indexes(),
     }
+
+
+def _index_line(info: dict[str, Any]) -> str:
+    """One index as ``embtools info`` shows it: partitions, codes, and the rows it covers."""
+    held, outside = info["indexed_rows"], info["unindexed_rows"]
+    if held is None:
+        return f"{info['partitions']} partitions, codes {info['codes']} (does not fit the memory cap)"
+    share = held / max(1, held + outside)
+    return (f"{info['partitions']} partitions, codes {info['codes']}; covers {held:,} rows "
+            f"({share:.0%}), {outside:,} added since are searched exactly")
 
 
 @click.command()
@@ -73,6 +84,7 @@ def info(store: str, version: int | None, as_json: bool) -> None:
         ("schema", ", ".join(f"{k}: {v}" for k, v in summary["schema"].items())),
         ("embedding model", str(summary["embedding_model"] or "- (vectors added directly)")),
         ("config hash", summary["config_hash"]),
+        *((f"index {i['name']}", _index_line(i)) for i in summary["indexes"]),
     ]
     for name, value in rows:  # names and properties come from the store: escaped, never markup
         table.add_row(name, table_cell(value))

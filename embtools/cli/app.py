@@ -20,6 +20,7 @@ import click
 
 from embtools import __version__
 from embtools.cli import admin, ingest, query, seed
+from embtools.cli import index as index_command
 from embtools.cli import verify as verify_command
 from embtools.cli.common import printable
 from embtools.errors import EmbtoolsError
@@ -69,7 +70,7 @@ def cli() -> None:
 
 
 for _command in (*admin.COMMANDS, *ingest.COMMANDS, *query.COMMANDS, *verify_command.COMMANDS,
-                 *seed.COMMANDS):
+                 *seed.COMMANDS, *index_command.COMMANDS):
     cli.add_command(_command)
 
 

@@ -115,6 +115,10 @@ def _metadata_columns(store: Any) -> list[str]:
 @click.option(
     "--funnel", default=None, help="Matryoshka funnel DIM:SHORTLIST pairs, e.g. 64:400,128:100."
 )
+@click.option("--nprobe", type=int, default=None,
+              help="Partitions probed per query when the store has an index (default: about sqrt).")
+@click.option("--refine", type=int, default=None, help="Index shortlist: k * REFINE rows re-ranked exactly.")
+@click.option("--exact", is_flag=True, help="Search every row even when an index serves the search.")
 @click.option(
     "--backend", default=None, help="Compute backend: numpy, torch or mlx (default: auto)."
 )
@@ -145,13 +149,17 @@ def search(
     metric: str,
     where: str | None,
     funnel: str | None,
+    nprobe: int | None,
+    refine: int | None,
+    exact: bool,
     backend: str | None,
     device: str | None,
     max_memory_gb: float | None,
     out: Path | None,
     fmt: str,
 ) -> None:
-    """Exact top-k search of STORE for text queries (embedded with the store's model) or vectors."""
+    """Top-k search of STORE for text queries (embedded with the store's model) or vectors: exact,
+    or through the store's IVF index when it has one (see `embtools index`; --exact to skip it)."""
     import polars as pl
 
     from embtools.embed import embed_queries
@@ -183,6 +191,9 @@ def search(
         where=where,
         funnel=stages,
         columns=columns or None,
+        nprobe=nprobe,
+        refine=refine,
+        exact=exact,
     )
     done = time.perf_counter()
     if texts is not None:
@@ -230,6 +241,8 @@ def search(
     "--backend", default=None, help="Compute backend: numpy, torch or mlx (default: auto)."
 )
 @click.option("--device", default=None, help="Device for the backend.")
+@click.option("--nprobe", type=int, default=None,
+              help="Approximate join through RIGHT's IVF index, probing NPROBE partitions per row.")
 def join(
     left: str,
     right: str,
@@ -243,8 +256,10 @@ def join(
     max_memory_gb: float | None,
     backend: str | None,
     device: str | None,
+    nprobe: int | None,
 ) -> None:
-    """Top-k rows of RIGHT for every row of LEFT, written as Parquet under --out (resumable)."""
+    """Top-k rows of RIGHT for every row of LEFT, written as Parquet under --out (resumable);
+    exact, or approximate through RIGHT's index with --nprobe."""
     import polars as pl
 
     from embtools.search import similarity_join
@@ -270,6 +285,7 @@ def join(
         metric=metric,
         overwrite=overwrite,
         progress=sys.stderr.isatty(),
+        nprobe=nprobe,
     )
     elapsed = time.perf_counter() - start
     rows = pl.scan_parquet(str(Path(path) / "*.parquet")).select(pl.len()).collect().item()

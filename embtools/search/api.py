@@ -166,7 +166,7 @@ def search_store(
         with tempfile.TemporaryDirectory(prefix="embtools-join-") as tmp:
             path = similarity_join(queries, store, k, out=tmp + "/join", dimension=dimension,
                                    where=where, metric=metric, batch_rows=batch_rows,
-                                   screen=screen, progress=False)
+                                   screen=screen, progress=False, nprobe=nprobe, refine=refine)
             return pl.read_parquet(str(path) + "/*.parquet")
     cols = _columns(columns)
     req = _request(store, queries, k, dimension, metric, where, funnel, batch_rows, screen,

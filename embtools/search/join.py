@@ -120,6 +120,8 @@ def similarity_join(
     progress: bool | None = None,
     overwrite: bool = False,
     screen: str | None = None,
+    nprobe: int | None = None,
+    refine: int | None = None,
 ) -> Path:
     """Top-``k`` rows of ``right`` for every row of ``left``, written to the Parquet dataset ``out``.
 
@@ -130,7 +132,9 @@ def similarity_join(
     terminal). Re-running with the same arguments resumes an interrupted job; other arguments on
     the same ``out`` raise InvalidArgumentError unless ``overwrite=True``. ``screen`` allows,
     forces or forbids the bfloat16 screen (see :func:`~embtools.search.search_store`); each chunk
-    is planned under ``right``'s memory cap. Returns ``Path(out)``.
+    is planned under ``right``'s memory cap. ``nprobe`` (and ``refine``) search through ``right``'s
+    IVF index (see :meth:`~embtools.store.EmbeddingStore.create_index`): an approximate k-NN
+    graph, much faster than the exact join on large stores. Returns ``Path(out)``.
     """
     if not is_store(left) or not is_store(right):
         raise InvalidArgumentError("similarity_join takes two EmbeddingStores (left, right)")
@@ -139,6 +143,10 @@ def similarity_join(
     screen = check_screen(screen)
     if batch_rows is not None:
         batch_rows = check_k(batch_rows, "batch_rows")
+    if nprobe is not None:
+        nprobe = check_k(nprobe, "nprobe")
+    if refine is not None:
+        refine = check_k(refine, "refine")
     if out is None:
         raise InvalidArgumentError("similarity_join needs out= (a directory for the Parquet parts)")
     out_path = Path(out)
@@ -169,6 +177,7 @@ def similarity_join(
         "exclude_self": bool(exclude_self),
         "chunk_rows": chunk,
         "chunks": n_chunks,
+        **({} if nprobe is None and refine is None else {"nprobe": nprobe, "refine": refine}),
     }
     state = Job(out_path, job, overwrite=overwrite)
     todo = state.todo(n_chunks)
@@ -179,7 +188,8 @@ def similarity_join(
             lo, hi = c * chunk, min((c + 1) * chunk, n_left)
             pos = np.arange(lo, hi, dtype=np.int64) if left_pos is None else left_pos[lo:hi]
             table = _join_chunk(
-                left, right, pos, dim, k, metric, right_pos, exclude_self, batch_rows, screen
+                left, right, pos, dim, k, metric, right_pos, exclude_self, batch_rows, screen,
+                nprobe, refine,
             )
             state.write_part(c, partial(pq.write_table, table, compression="zstd"))
             advance(1)
@@ -198,6 +208,8 @@ def _join_chunk(
     exclude_self: bool,
     batch_rows: int | None,
     screen: str,
+    nprobe: int | None = None,
+    refine: int | None = None,
 ) -> pa.Table:
     """Search one chunk of left rows against right; the part file's table."""
     budget = right.budget
@@ -207,7 +219,8 @@ def _join_chunk(
         kk = k + 1 if exclude_self else k
         req = SearchRequest.build(
             right.source, queries, kk, dimension=dim, metric=metric, positions=right_pos,
-            batch_rows=batch_rows, screen=screen,
+            batch_rows=batch_rows, screen=screen, nprobe=nprobe, refine=refine,
+            exact=nprobe is None and refine is None,
         )
         top = run_search(req, SearchContext.of(right))
         scores, found = top.scores, top.positions
