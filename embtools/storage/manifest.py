@@ -278,7 +278,7 @@ class Manifest:
         return sum(f.num_rows for f in self.files)
 
     def to_json(self) -> dict[str, Any]:
-        out = {
+        out: dict[str, Any] = {
             "format": FORMAT, "version": self.version, "parent": self.parent,
             "created": self.created, "operation": self.operation,
             "files": [f.to_json() for f in self.files], "dimensions": list(self.dimensions),
