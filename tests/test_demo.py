@@ -112,6 +112,11 @@ def test_demo_end_to_end_with_minilm(tmp_path: Path) -> None:
     assert "same results as uncapped: True" in flat
     assert re.search(r"total\s+[0-9.]+ s", out)
 
+    # 7. the IVF index: recall against the exact search
+    ivf = re.search(r"probing \d+ partitions each: recall@10 ([0-9.]+) against the exact search", flat)
+    assert ivf is not None, out
+    assert float(ivf.group(1)) >= 0.85
+
     # a second run on the same directory reuses the store and skips the embedding
     _, again, _ = _demo(tmp_path, "--dir", str(store_dir))
     assert "added 0 rows (all rows were already there)" in again
@@ -126,3 +131,4 @@ def test_demo_random_fallback(tmp_path: Path) -> None:
     assert re.search(r"recall@10 [0-9.]+", flat)
     assert "nearest-neighbour pairs" in flat
     assert "same results as uncapped: True" in flat
+    assert re.search(r"7\. IVF index.*partitions each: recall@10 [0-9.]+", flat)

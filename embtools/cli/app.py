@@ -96,7 +96,7 @@ def demo(directory: str | None, no_model: bool, limit: int | None, device: str |
 
     Embeds the corpus with the offline all-MiniLM-L6-v2 (when `embtools[embed]` is installed),
     stores dims 64/128/384, then runs text queries, a filtered search, a Matryoshka funnel, a polars
-    metadata query, a near-duplicate self-join and a search under a tiny memory cap.
+    metadata query, a near-duplicate self-join, a search under a tiny memory cap and an IVF index.
     """
     from embtools.demo import run_demo
 
