@@ -233,3 +233,13 @@ def test_damaged_index_file_is_corrupt_store_error(indexed):
     with pytest.raises(CorruptStoreError):
         fresh.search(q, k=3)
     assert fresh.search(q, k=3, exact=True).height == 3 * len(q)
+
+
+def test_thousands_of_queries_and_one(indexed):
+    store, x, _ = indexed
+    rng = np.random.default_rng(12)
+    q = (x[rng.integers(0, len(x), 2500)] + 0.05 * rng.standard_normal((2500, DIM))).astype(np.float32)
+    got = store.search(q, k=3, nprobe=40)  # every partition: the exact answer, threads and all
+    assert np.array_equal(ids(got, len(q)), brute(x, q, 3))
+    assert recall(ids(store.search(q, k=3, nprobe=4), len(q)), brute(x, q, 3)) >= 0.95
+    assert store.search(q[7], k=3, nprobe=40)["row_id"].to_list() == brute(x, q[7:8], 3)[0].tolist()

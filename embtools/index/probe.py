@@ -14,6 +14,8 @@ once per query group and scored against all the queries that probe it with one m
 
 from __future__ import annotations
 
+import functools
+import itertools
 import math
 import os
 from typing import Any
@@ -26,6 +28,31 @@ from embtools.memory import MemoryBudget
 from embtools.storage.manifest import IndexEntry
 
 __all__ = ["IvfIndex", "default_nprobe"]
+
+#: Threads scoring partitions of a batch (each runs single-threaded BLAS on small products).
+_THREADS = max(1, min(4, os.cpu_count() or 1))
+
+
+@functools.lru_cache(maxsize=1)
+def _controller() -> Any:
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController()
+
+
+def _one_blas_thread() -> Any:
+    """A context in which BLAS runs one thread (threadpoolctl; the library scan is done once)."""
+    return _controller().limit(limits=1, user_api="blas")
+
+
+def _split(cum_work: np.ndarray, parts: int) -> list[tuple[int, int]]:
+    """``parts`` consecutive ranges of items with about equal work (``cum_work``: cumulative)."""
+    n = len(cum_work)
+    if parts <= 1 or n == 0:
+        return [(0, n)]
+    cuts = np.searchsorted(cum_work, cum_work[-1] * np.arange(1, parts) / parts)
+    edges = [0, *sorted({int(c) for c in cuts if 0 < c < n}), n]
+    return [(a, b) for a, b in itertools.pairwise(edges) if b > a]
 
 
 def default_nprobe(partitions: int) -> int:
@@ -132,45 +159,45 @@ class IvfIndex:
         return out
 
     def shortlist(self, queries: np.ndarray, kk: int, nprobe: int, width: int) -> np.ndarray:
+        with _one_blas_thread():  # small products: BLAS threads only cost (a lot on a busy machine)
+            return self._shortlist(queries, kk, nprobe, width)
+
+    def _shortlist(self, queries: np.ndarray, kk: int, nprobe: int, width: int) -> np.ndarray:
         nq = len(queries)
         probes = self.probes(queries, kk, nprobe)
         cq = self._queries(queries, self.code_dim)
         qi = np.repeat(np.arange(nq), [len(x) for x in probes])
-        pi = np.concatenate(probes) if probes else np.zeros(0, np.int64)
-        totals = np.bincount(qi, weights=self.total_counts[pi], minlength=nq).astype(np.int64)
-        cols = int(totals.max()) if nq else 0
-        fill = -np.inf
-        buf_s = np.full((nq, max(cols, 1)), fill, np.float32)
+        pi = np.concatenate(probes).astype(np.int64) if probes else np.zeros(0, np.int64)
+        size = self.total_counts[pi]
+        # each (query, partition) pair's columns in its query's row of the buffers
+        ends = np.cumsum(size)
+        first = np.r_[0, np.cumsum([len(x) for x in probes])][:-1]
+        base = ends - size - np.repeat(ends[first] - size[first], [len(x) for x in probes])
+        cols = int(np.bincount(qi, weights=size, minlength=nq).max()) if nq else 0
+        buf_s = np.full((nq, max(cols, 1)), -np.inf, np.float32)
         buf_p = np.full((nq, max(cols, 1)), -1, np.int64)
-        cur = np.zeros(nq, np.int64)
         order = np.argsort(pi, kind="stable")
-        qi, pi = qi[order], pi[order]
+        qi, pi, base = qi[order], pi[order], base[order]
         cuts = np.flatnonzero(np.r_[True, pi[1:] != pi[:-1]]) if len(pi) else np.zeros(0, np.int64)
         bounds = np.r_[cuts, len(pi)]
-        l2 = self.metric == "l2"
-        for j in range(len(cuts)):
-            part = int(pi[bounds[j]])
-            qs = qi[bounds[j]:bounds[j + 1]]
-            sub = cq[qs]
-            for fi, f in enumerate(self.files):
-                s, e = int(f.starts[part]), int(f.starts[part + 1])
-                if s == e:
-                    continue
-                scores = f.codes[s:e] @ sub.T  # (rows, queries probing this partition)
-                if l2:
-                    sq = self._sq[fi]
-                    assert sq is not None
-                    scores = 2 * scores - sq[s:e, None]
-                pos = self.positions[fi][s:e]
-                dead = pos < 0
-                if dead.any():
-                    scores[dead] = fill
-                rows = e - s
-                at = cur[qs][:, None] + np.arange(rows)[None, :]
-                buf_s[qs[:, None], at] = scores.T
-                buf_p[qs[:, None], at] = pos[None, :]
-                cur[qs] += rows
-                self._touched += rows * self.code_dim * 4
+        work = (np.diff(bounds) * self.total_counts[pi[cuts]]) if len(cuts) else np.zeros(0)
+        halves = _split(np.cumsum(work), _THREADS if nq > 1 and len(cuts) > 16 else 1)
+
+        def run(lo: int, hi: int) -> None:
+            for j in range(lo, hi):
+                part = int(pi[bounds[j]])
+                qs = qi[bounds[j]:bounds[j + 1]]
+                at0 = base[bounds[j]:bounds[j + 1]]
+                self._score_partition(part, cq[qs], qs, at0, buf_s, buf_p)
+
+        if len(halves) == 1:
+            run(0, len(cuts))
+        else:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(len(halves)) as pool:
+                list(pool.map(lambda ab: run(*ab), halves))
+        self._touched += int(size.sum()) * self.code_dim * 4
         self._release_if_needed()
         w = min(width, buf_s.shape[1])
         if buf_s.shape[1] > w:
@@ -181,10 +208,33 @@ class IvfIndex:
         p_pick = np.take_along_axis(buf_p, pick, axis=1)
         best = np.argsort(-s_pick, axis=1, kind="stable")
         out = np.take_along_axis(p_pick, best, axis=1)
-        out[np.take_along_axis(s_pick, best, axis=1) == fill] = -1
+        out[np.take_along_axis(s_pick, best, axis=1) == -np.inf] = -1
         if w < width:
             out = np.concatenate([out, np.full((nq, width - w), -1, np.int64)], axis=1)
         return out
+
+    def _score_partition(self, part: int, sub: np.ndarray, qs: np.ndarray, at0: np.ndarray,
+                         buf_s: np.ndarray, buf_p: np.ndarray) -> None:
+        """Score partition ``part``'s rows (in every codes file) against the queries ``qs``
+        (codes queries ``sub``) into their buffers, from column ``at0`` of each query on."""
+        at = at0
+        for fi, f in enumerate(self.files):
+            s, e = int(f.starts[part]), int(f.starts[part + 1])
+            if s == e:
+                continue
+            scores = f.codes[s:e] @ sub.T  # (rows, queries probing this partition)
+            if self.metric == "l2":
+                sq = self._sq[fi]
+                assert sq is not None
+                scores = 2 * scores - sq[s:e, None]
+            pos = self.positions[fi][s:e]
+            dead = pos < 0
+            if dead.any():
+                scores[dead] = -np.inf
+            cols = at[:, None] + np.arange(e - s)[None, :]
+            buf_s[qs[:, None], cols] = scores.T
+            buf_p[qs[:, None], cols] = pos[None, :]
+            at = at + (e - s)
 
     def _release_if_needed(self) -> None:
         """Give back mapped code pages once the probes touched a quarter of the cap's room."""
