@@ -216,3 +216,46 @@ def test_killed_join_task_is_retried_and_a_failed_job_resumes(cluster, tmp_path,
     out = similarity_join(store, store, 4, out=tmp_path / "b", chunk_rows=50)
     assert _rows(out).equals(want)
     assert read_manifest(store.path).version == 1  # the join never writes to the store
+
+
+def test_cli_ingest_and_join_with_ray_match_the_local_commands(cluster, tmp_path, rng):
+    from click.testing import CliRunner
+
+    from embtools.cli import cli
+
+    x = rng.standard_normal((120, 12)).astype(np.float32)
+    file = tmp_path / "v.parquet"
+    pl.DataFrame({"id": [f"v{i}" for i in range(120)], "lab": [i % 3 for i in range(120)],
+                  "year": list(range(120)), "vec": x.tolist()}).write_parquet(file)
+
+    def run(*args):
+        result = CliRunner().invoke(cli, [str(a) for a in args])
+        assert result.exit_code == 0, result.output + repr(result.exception)
+        return result.output
+
+    common = ["--vector-column", "vec", "--id-column", "id", "--label-column", "lab",
+              "--metadata-columns", "year", "--dims", "4,12"]
+    run("ingest", tmp_path / "local", file, *common)
+    out = run("ingest", tmp_path / "ray", file, *common, "--ray")
+    assert "ingested 120 rows with Ray" in out
+    assert "ingested 0 rows" in run("ingest", tmp_path / "ray", file, *common, "--ray")
+    local, dist = et.EmbeddingStore(tmp_path / "local"), et.EmbeddingStore(tmp_path / "ray")
+    assert dist.versions() == [0, 1]
+    a = local.metadata().collect().drop("row_id").sort("text_id")
+    b = dist.metadata().collect().drop("row_id").sort("text_id")
+    assert a.equals(b)
+    for d in (4, 12):
+        np.testing.assert_array_equal(
+            np.asarray(local.get_embeddings(d))[np.argsort(local.get_text_ids())],
+            np.asarray(dist.get_embeddings(d))[np.argsort(dist.get_text_ids())])
+    run("join", tmp_path / "local", tmp_path / "local", "--out", tmp_path / "j1", "-k", "3",
+        "--exclude-self")
+    out = run("join", tmp_path / "ray", tmp_path / "ray", "--out", tmp_path / "j2", "-k", "3",
+              "--exclude-self", "--ray")
+    assert "wrote 360 pairs" in out and "(Ray tasks)" in out
+    cols = ["left_text_id", "right_text_id", "rank", "score"]
+    assert (pl.read_parquet(f"{tmp_path / 'j2'}/*.parquet").select(cols).sort(cols[:3])
+            .equals(pl.read_parquet(f"{tmp_path / 'j1'}/*.parquet").select(cols).sort(cols[:3])))
+    result = CliRunner().invoke(cli, ["ingest", str(tmp_path / "x"), str(file), "--vector-column",
+                                      "vec", "--ray"])
+    assert result.exit_code != 0 and "--id-column" in result.output

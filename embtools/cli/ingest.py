@@ -22,6 +22,7 @@ from typing import Any
 import click
 import numpy as np
 
+from embtools.cli.cluster import ray_option
 from embtools.cli.common import err_console, open_store, parse_int_list, split_names
 from embtools.errors import (
     DuplicateTextIdError,
@@ -201,6 +202,7 @@ def _close_job(job: Any) -> None:
     default=None,
     help="Embedding cache directory (default: $EMBTOOLS_CACHE_DIR or ~/.cache/embtools).",
 )
+@ray_option
 def ingest(
     store: str,
     file: Path,
@@ -217,12 +219,14 @@ def ingest(
     commit_rows: int,
     store_text: bool,
     cache_dir: str | None,
+    ray_address: str | None,
 ) -> None:
     """Add the rows of FILE (Parquet, CSV or JSONL) to STORE, creating it if needed.
 
     Give either --vector-column (precomputed vectors) or --text-column (texts embedded with
     --model). Rows whose id is already in the store are skipped, so re-running an interrupted
-    ingest finishes it.
+    ingest finishes it. With --ray the file is read and embedded by a Ray job (an actor pool
+    loading the model once per actor) and committed as one version; it needs --id-column.
     """
     import polars as pl
 
@@ -234,6 +238,13 @@ def ingest(
         raise click.UsageError("--model applies to --text-column, not to --vector-column")
     dim_list = parse_int_list(dims, "--dims")
     meta_cols = split_names(metadata_columns)
+    options = {"format": fmt, "id_column": id_column, "label_column": label_column,
+               "text_column": text_column, "vector_column": vector_column,
+               "metadata_columns": meta_cols, "model": model, "dims": dim_list,
+               "commit_rows": commit_rows, "store_text": store_text}
+    if ray_address is not None:
+        _ray_ingest(store, file, options, batch_size, device, ray_address)
+        return
     df = read_table_file(file, fmt)
     named = [c for c in (id_column, label_column, text_column, vector_column) if c] + meta_cols
     _check_columns(df, named, file)
@@ -252,10 +263,6 @@ def ingest(
             vectors_from_column(df[vector_column].head(1)), dim_list
         )  # type and --dims, up front
     target = open_store(store, create=True, backend="numpy")
-    options = {"format": fmt, "id_column": id_column, "label_column": label_column,
-               "text_column": text_column, "vector_column": vector_column,
-               "metadata_columns": meta_cols, "model": model, "dims": dim_list,
-               "commit_rows": commit_rows, "store_text": store_text}
     job = _open_job(target, _job_params(file, options))
     existing = _existing_ids(target)
     keep = ~ids.is_in(list(existing)) if existing else pl.Series([True] * len(df))
@@ -314,6 +321,81 @@ def ingest(
         f"ingested {n_todo:,} rows ({skipped:,} already present) in {elapsed:.1f} s "
         f"({rate:,.0f} rows/s); {store} is at version {version}"
     )
+
+
+def _read_dataset(file: Path, fmt: str) -> Any:
+    """FILE as a Ray dataset (its path must be readable by the cluster's workers)."""
+    import ray.data
+
+    kind = _FORMATS.get(file.suffix.lower()) if fmt == "auto" else fmt
+    if kind is None:
+        raise InvalidArgumentError(
+            f"cannot tell the format of {file} from its suffix; pass --format parquet|csv|jsonl")
+    path = str(file.resolve())
+    if kind == "parquet":
+        return ray.data.read_parquet(path)
+    if kind == "csv":
+        return ray.data.read_csv(path)
+    return ray.data.read_json(path, lines=True)
+
+
+def _as_strings(table: Any, column: str) -> Any:
+    """Labels and ids as strings, as the local ingest stores them."""
+    import pyarrow as pa
+
+    i = table.column_names.index(column)
+    return table.set_column(i, column, table.column(column).cast(pa.string()))
+
+
+def _ray_ingest(store: str, file: Path, options: dict[str, Any], batch_size: int,
+                device: str | None, address: str) -> None:
+    """``embtools ingest --ray``: one Ray job, one version (a re-run commits nothing)."""
+    from embtools.cli.cluster import connect
+    from embtools.config import compute_param_hash
+
+    id_column = options["id_column"]
+    if id_column is None:
+        raise click.UsageError("--ray needs --id-column (rows of a distributed read have no "
+                               "stable row numbers to use as ids)")
+    target = open_store(store, create=True, backend="numpy")
+    before = target.num_rows
+    connect(address)
+    from embtools.ray import embed_to_store, vectors_to_store
+
+    ds = _read_dataset(file, options["format"])
+    _check_columns_ray(ds, [c for c in (id_column, options["label_column"],
+                                        options["text_column"], options["vector_column"]) if c]
+                       + options["metadata_columns"], file)
+    for column in (id_column, options["label_column"]):
+        if column is not None:
+            ds = ds.map_batches(_as_strings, fn_args=(column,), batch_format="pyarrow")
+    job_id = f"ingest-{compute_param_hash(**_job_params(file, options))}"
+    start = time.perf_counter()
+    text_column = options["text_column"]
+    meta = [c for c in options["metadata_columns"] if c != text_column]
+    if text_column is not None:
+        version = embed_to_store(
+            ds, target, text_column=text_column, id_column=id_column,
+            label_column=options["label_column"], metadata_columns=meta,
+            model=options["model"], dims=options["dims"], batch_size=batch_size, device=device,
+            store_text=options["store_text"], job_id=job_id)
+    else:
+        version = vectors_to_store(
+            ds, target, vector_column=options["vector_column"], id_column=id_column,
+            label_column=options["label_column"], metadata_columns=meta, dims=options["dims"],
+            job_id=job_id)
+    elapsed = time.perf_counter() - start
+    added = target.num_rows - before
+    click.echo(f"ingested {added:,} rows with Ray in {elapsed:.1f} s "
+               f"({added / elapsed if elapsed > 0 else 0:,.0f} rows/s); {store} is at version {version}")
+
+
+def _check_columns_ray(ds: Any, names: list[str], file: Path) -> None:
+    have = ds.columns()
+    for name in names:
+        if name not in have:
+            raise InvalidArgumentError(
+                f"column {name!r} is not in {file.name} (its columns: {', '.join(have)})")
 
 
 COMMANDS = [ingest]

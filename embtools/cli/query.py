@@ -16,6 +16,7 @@ from typing import Any
 import click
 import numpy as np
 
+from embtools.cli.cluster import ray_option
 from embtools.cli.common import (
     err_console,
     open_store,
@@ -243,6 +244,7 @@ def search(
 @click.option("--device", default=None, help="Device for the backend.")
 @click.option("--nprobe", type=int, default=None,
               help="Approximate join through RIGHT's IVF index, probing NPROBE partitions per row.")
+@ray_option
 def join(
     left: str,
     right: str,
@@ -257,15 +259,23 @@ def join(
     backend: str | None,
     device: str | None,
     nprobe: int | None,
+    ray_address: str | None,
 ) -> None:
     """Top-k rows of RIGHT for every row of LEFT, written as Parquet under --out (resumable);
-    exact, or approximate through RIGHT's index with --nprobe."""
+    exact, or approximate through RIGHT's index with --nprobe.
+
+    With --ray, each chunk of LEFT rows is a Ray task under --max-memory-gb (default 1 GB).
+    """
     import polars as pl
 
     from embtools.search import similarity_join
 
     if k <= 0:
         raise InvalidArgumentError(f"--k must be a positive integer, got {k}")
+    if ray_address is not None:
+        _ray_join(left, right, k, out, exclude_self, dim, metric, where, overwrite,
+                  max_memory_gb, ray_address)
+        return
     lstore = open_store(left, backend=backend, device=device, max_memory_gb=max_memory_gb)
     same = Path(right).resolve() == Path(left).resolve()
     rstore = (
@@ -290,6 +300,29 @@ def join(
     elapsed = time.perf_counter() - start
     rows = pl.scan_parquet(str(Path(path) / "*.parquet")).select(pl.len()).collect().item()
     click.echo(f"wrote {rows:,} pairs for {lstore.num_rows:,} rows to {path} in {elapsed:.1f} s")
+
+
+def _ray_join(left: str, right: str, k: int, out: Path, exclude_self: bool, dim: int | None,
+              metric: str, where: str | None, overwrite: bool, max_memory_gb: float | None,
+              address: str) -> None:
+    """``embtools join --ray``: :func:`embtools.ray.similarity_join` on the cluster."""
+    import polars as pl
+
+    from embtools.cli.cluster import connect
+
+    lstore = open_store(left, max_memory_gb=max_memory_gb)
+    rstore = open_store(right, max_memory_gb=max_memory_gb)
+    connect(address)
+    from embtools.ray import similarity_join as ray_join
+
+    start = time.perf_counter()
+    path = ray_join(lstore, rstore, k, out=out, dimension=dim, where=where,
+                    exclude_self=exclude_self, metric=metric, overwrite=overwrite,
+                    max_memory_gb=max_memory_gb, progress=sys.stderr.isatty())
+    elapsed = time.perf_counter() - start
+    rows = pl.scan_parquet(str(Path(path) / "*.parquet")).select(pl.len()).collect().item()
+    click.echo(f"wrote {rows:,} pairs for {lstore.num_rows:,} rows to {path} in {elapsed:.1f} s "
+               "(Ray tasks)")
 
 
 COMMANDS = [search, join]

@@ -37,7 +37,10 @@ from embtools.ray.faults import crash_point
 from embtools.ray.sink import StoreDatasink, store_root
 from embtools.storage.schema import LABEL, TEXT_ID, emb_column
 
-__all__ = ["LIGHT_CPUS", "Embedder", "embed_to_store", "pool_defaults"]
+__all__ = ["LIGHT_CPUS", "Embedder", "embed_to_store", "pool_defaults", "vectors_to_store"]
+
+#: The metadata column of the texts with ``store_text=True`` (as ``embtools ingest`` names it).
+TEXT_METADATA = "text"
 
 #: CPUs reserved by the light tasks around the actor pool (skipping stored ids, writing files):
 #: with the pool holding all CPUs but one, a write task of a whole CPU could wait for ever
@@ -78,7 +81,7 @@ class Embedder:
     def __init__(self, spec: Any, dims: list[int] | None, normalize: bool, batch_size: int,
                  device: str | None, threads: int | None, text_column: str,
                  id_column: str | None, label_column: str | None,
-                 metadata_columns: Sequence[str]) -> None:
+                 metadata_columns: Sequence[str], store_text: bool = False) -> None:
         if spec.source != "hub":  # a packaged or local model never needs the network
             os.environ.setdefault("HF_HUB_OFFLINE", "1")
         if threads:
@@ -92,6 +95,7 @@ class Embedder:
         self.batch_size, self.device = batch_size, device
         self.text_column, self.id_column, self.label_column = text_column, id_column, label_column
         self.metadata_columns = list(metadata_columns)
+        self.store_text = store_text
 
     def __call__(self, table: pa.Table) -> pa.Table:
         from ray.data.extensions import ArrowTensorArray
@@ -113,6 +117,8 @@ class Embedder:
             cols[LABEL] = table.column(self.label_column)
         for name in self.metadata_columns:
             cols[name] = table.column(name)
+        if self.store_text:
+            cols[TEXT_METADATA] = texts
         for d in sorted(by_dim):
             cols[emb_column(d)] = ArrowTensorArray.from_numpy(np.ascontiguousarray(by_dim[d]))
         return pa.table(cols)
@@ -128,6 +134,76 @@ def _skip_stored(table: pa.Table, stored: Any, id_column: str) -> pa.Table:
         stored = ray.get(stored)
     ids = table.column(id_column).cast(pa.string())
     return table.filter(pc.invert(pc.is_in(ids, value_set=stored)))
+
+
+def _new_rows(ds: Any, target: Any, id_column: str | None) -> Any:
+    """``ds`` without the rows whose id ``target`` holds (the ids go to the tasks once)."""
+    if id_column is None or not target.num_rows:
+        return ds
+    import ray
+
+    stored = pa.array(target.get_text_ids(), pa.string())
+    return ds.map_batches(_skip_stored, fn_args=(ray.put(stored), id_column),
+                          batch_format="pyarrow", num_cpus=LIGHT_CPUS)
+
+
+def _vector_columns(table: pa.Table, vector_column: str, dims: list[int] | None, id_column: str,
+                    label_column: str | None, metadata_columns: list[str]) -> pa.Table:
+    """A block of precomputed vectors as store columns: ``emb_<d>`` prefixes of the vectors."""
+    from ray.data.extensions import ArrowTensorArray
+
+    from embtools.ray.sink import block_matrix
+
+    x = np.asarray(block_matrix(table.column(vector_column), vector_column), dtype=np.float32)
+    wanted = dims or [x.shape[1]]
+    if max(wanted) > x.shape[1]:
+        raise InvalidArgumentError(f"dims {max(wanted)} is larger than the vectors' dimension {x.shape[1]}")
+    cols: dict[str, Any] = {TEXT_ID: table.column(id_column)}
+    if label_column is not None:
+        cols[LABEL] = table.column(label_column)
+    for name in metadata_columns:
+        cols[name] = table.column(name)
+    for d in sorted(set(wanted)):
+        cols[emb_column(d)] = ArrowTensorArray.from_numpy(np.ascontiguousarray(x[:, :d]))
+    return pa.table(cols)
+
+
+def vectors_to_store(dataset: Any, store: Any, *, vector_column: str, id_column: str = "id",
+                     label_column: str | None = None, metadata_columns: Sequence[str] = (),
+                     dims: Sequence[int] | None = None, job_id: str | None = None) -> int:
+    """Store precomputed vectors (``vector_column``, lists of floats; ``dims``: the Matryoshka
+    prefixes kept, default the full width) as one new version; returns it. Rows whose id is
+    stored are skipped; ``job_id`` as for :func:`embed_to_store`.
+    """
+    from embtools.storage.manifest import check_job_id, read_manifest
+    from embtools.store import EmbeddingStore
+
+    root = store_root(store)
+    if job_id is not None:
+        check_job_id(job_id)
+        if job_id in read_manifest(root).jobs:
+            return read_manifest(root).version
+    names = dataset.columns()
+    wanted_cols = [vector_column, id_column, label_column, *metadata_columns]
+    missing = [c for c in wanted_cols if c is not None and c not in names]
+    if missing:
+        raise InvalidArgumentError(f"columns {missing} are not in the dataset (its columns: {names})")
+    target = EmbeddingStore(root, backend="numpy")
+    try:
+        ds = _new_rows(dataset.select_columns([c for c in wanted_cols if c is not None]),
+                       target, id_column)
+    finally:
+        target.close()
+    ds = ds.map_batches(_vector_columns, fn_args=(vector_column, None if dims is None else list(dims),
+                                                  id_column, label_column, list(metadata_columns)),
+                        batch_format="pyarrow", num_cpus=LIGHT_CPUS)
+    sink = StoreDatasink(root, label_column=LABEL if label_column is not None else None,
+                         metadata_columns=list(metadata_columns), job_id=job_id)
+    ds.write_datasink(sink, ray_remote_args={"num_cpus": LIGHT_CPUS})
+    assert sink.version is not None
+    if isinstance(store, EmbeddingStore) and not store.read_only:
+        store.refresh()
+    return sink.version
 
 
 class _ModelSink(StoreDatasink):
@@ -153,7 +229,7 @@ def embed_to_store(dataset: Any, store: Any, *, text_column: str = "text",
                    num_gpus: float | None = None, num_cpus: float | None = None,
                    actors: int | None = None, threads: int | None = None,
                    device: str | None = None, normalize: bool | None = None,
-                   job_id: str | None = None) -> int:
+                   store_text: bool = False, job_id: str | None = None) -> int:
     """Embed ``dataset[text_column]`` into ``store`` as one new version; returns the version.
 
     ``id_column`` holds the text ids (None: ``row-<row_id>``), ``label_column`` the labels,
@@ -161,8 +237,9 @@ def embed_to_store(dataset: Any, store: Any, *, text_column: str = "text",
     :func:`embtools.embed.add_texts` (the recorded model when the store has one; another one
     raises ModelMismatchError before anything runs). ``batch_size`` rows per model call and
     per Ray batch; ``actors`` the pool size, ``num_cpus``/``num_gpus`` per actor, ``threads``
-    torch threads per CPU actor (defaults: :func:`pool_defaults`). Rows whose id is stored are
-    skipped; with ``job_id`` a job already committed runs nothing and commits nothing.
+    torch threads per CPU actor (defaults: :func:`pool_defaults`). ``store_text`` keeps the
+    texts as a ``text`` metadata column. Rows whose id is stored are skipped; with ``job_id`` a
+    job already committed runs nothing and commits nothing.
     """
     from embtools.embed import _resolve_for_store
     from embtools.storage.manifest import check_job_id, read_manifest
@@ -183,13 +260,8 @@ def embed_to_store(dataset: Any, store: Any, *, text_column: str = "text",
         spec, wanted, norm, record = _resolve_for_store(target, model, dims, normalize)
         if job_id is not None and job_id in read_manifest(root).jobs:
             return target.version
-        ds = dataset.select_columns([c for c in wanted_cols if c is not None])
-        if id_column is not None and target.num_rows:
-            import ray
-
-            stored = pa.array(target.get_text_ids(), pa.string())
-            ds = ds.map_batches(_skip_stored, fn_args=(ray.put(stored), id_column),
-                                batch_format="pyarrow", num_cpus=LIGHT_CPUS)
+        ds = _new_rows(dataset.select_columns([c for c in wanted_cols if c is not None]),
+                       target, id_column)
     finally:
         target.close()
     per_cpu, per_gpu, n, torch_threads = pool_defaults(num_cpus, num_gpus, actors, threads)
@@ -199,13 +271,14 @@ def embed_to_store(dataset: Any, store: Any, *, text_column: str = "text",
             "spec": spec, "dims": wanted, "normalize": norm, "batch_size": batch_size,
             "device": device, "threads": None if per_gpu else torch_threads,
             "text_column": text_column, "id_column": id_column, "label_column": label_column,
-            "metadata_columns": list(metadata_columns)},
+            "metadata_columns": list(metadata_columns), "store_text": store_text},
         batch_size=batch_size, batch_format="pyarrow", concurrency=n, num_cpus=per_cpu,
         num_gpus=per_gpu)
     sink = _ModelSink(root, None if record is not None else {"spec": spec, "normalize": norm},
                       id_column=TEXT_ID if id_column is not None else None,
                       label_column=LABEL if label_column is not None else None,
-                      metadata_columns=list(metadata_columns), job_id=job_id)
+                      metadata_columns=[*metadata_columns, *([TEXT_METADATA] if store_text else [])],
+                      job_id=job_id)
     embedded.write_datasink(sink, ray_remote_args={"num_cpus": LIGHT_CPUS})
     assert sink.version is not None
     if isinstance(store, EmbeddingStore) and not store.read_only:
