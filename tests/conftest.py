@@ -16,6 +16,11 @@ import pytest
 
 import embtools as et
 
+# Ray reads these when it is first imported (a doctest or a test module may import it before
+# tests/test_ray.py starts its cluster): the local node binds 127.0.0.1 and reports no usage.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
 
 @pytest.fixture
 def rng() -> np.random.Generator:
