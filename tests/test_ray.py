@@ -189,6 +189,12 @@ def test_distributed_join_equals_similarity_join(cluster, tmp_path, rng):
     dist = similarity_join(left, right, 5, out=tmp_path / "dist", where="label != 1",
                            chunk_rows=40, max_memory_gb=0.01)
     assert _rows(dist).equals(_rows(local))
+    # through the right store's IVF index: the same approximate rows as the local join's
+    right.create_index(dimension=24, partitions=8)
+    local = et.similarity_join(left, right, 5, out=tmp_path / "local-ivf", nprobe=2,
+                               chunk_rows=40)
+    dist = similarity_join(left, right, 5, out=tmp_path / "dist-ivf", nprobe=2, chunk_rows=40)
+    assert _rows(dist).equals(_rows(local))
     # a self-join, every metric against the local one
     for metric in ("cosine", "dot", "l2"):
         a = et.similarity_join(right, right, 3, out=tmp_path / f"ls-{metric}", metric=metric,

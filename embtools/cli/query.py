@@ -274,7 +274,7 @@ def join(
         raise InvalidArgumentError(f"--k must be a positive integer, got {k}")
     if ray_address is not None:
         _ray_join(left, right, k, out, exclude_self, dim, metric, where, overwrite,
-                  max_memory_gb, ray_address)
+                  max_memory_gb, nprobe, ray_address)
         return
     lstore = open_store(left, backend=backend, device=device, max_memory_gb=max_memory_gb)
     same = Path(right).resolve() == Path(left).resolve()
@@ -304,7 +304,7 @@ def join(
 
 def _ray_join(left: str, right: str, k: int, out: Path, exclude_self: bool, dim: int | None,
               metric: str, where: str | None, overwrite: bool, max_memory_gb: float | None,
-              address: str) -> None:
+              nprobe: int | None, address: str) -> None:
     """``embtools join --ray``: :func:`embtools.ray.similarity_join` on the cluster."""
     import polars as pl
 
@@ -318,7 +318,7 @@ def _ray_join(left: str, right: str, k: int, out: Path, exclude_self: bool, dim:
     start = time.perf_counter()
     path = ray_join(lstore, rstore, k, out=out, dimension=dim, where=where,
                     exclude_self=exclude_self, metric=metric, overwrite=overwrite,
-                    max_memory_gb=max_memory_gb, progress=sys.stderr.isatty())
+                    max_memory_gb=max_memory_gb, progress=sys.stderr.isatty(), nprobe=nprobe)
     elapsed = time.perf_counter() - start
     rows = pl.scan_parquet(str(Path(path) / "*.parquet")).select(pl.len()).collect().item()
     click.echo(f"wrote {rows:,} pairs for {lstore.num_rows:,} rows to {path} in {elapsed:.1f} s "

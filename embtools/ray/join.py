@@ -4,7 +4,8 @@ The driver plans the job exactly as :func:`embtools.search.similarity_join` does
 dimension, row selections, chunks and job record in ``out``), then runs each chunk not done yet
 as a Ray task: the task opens both stores at the versions the driver saw, searches its chunk of
 left rows against the right store with the store's own streaming search under ``max_memory_gb``
-(Ray's ``memory`` resource reserves that much for it), and writes its part file atomically. The
+(Ray's ``memory`` resource reserves that much for it; through the right store's index with
+``nprobe``), and writes its part file atomically. The
 driver records each part as its task returns (``_progress.json``) and marks the job complete at
 the end, so the result is the local join's part for part: a failed task is retried by Ray, and a
 job killed at any moment, re-run with the same arguments, runs only the parts not recorded. Local
@@ -45,7 +46,7 @@ def _open(root: str, version: int | None, cap: float | None = None) -> Any:
 
 def _part(left: tuple[str, int], right: tuple[str, int], pos: np.ndarray, dim: int, k: int,
           metric: str, where: Any, exclude_self: bool, batch_rows: int | None, screen: str,
-          cap: float, path: str) -> int:
+          nprobe: int | None, refine: int | None, cap: float, path: str) -> int:
     """One chunk of the join, run in a Ray task: write its part file atomically; its rows."""
     import pyarrow.parquet as pq
 
@@ -59,7 +60,7 @@ def _part(left: tuple[str, int], right: tuple[str, int], pos: np.ndarray, dim: i
     try:
         right_pos = select_positions(rstore.source, where)
         table = _join_chunk(lstore, rstore, pos, dim, k, metric, right_pos, exclude_self,
-                            batch_rows, screen)
+                            batch_rows, screen, nprobe, refine)
         write_atomic(path, partial(pq.write_table, table, compression="zstd"))
         return int(table.num_rows)
     finally:
@@ -73,12 +74,14 @@ def similarity_join(left: Any, right: Any, k: int, out: str | os.PathLike[str], 
                     batch_rows: int | None = None, chunk_rows: int | None = None,
                     max_memory_gb: float | None = None, num_cpus: float = 1.0,
                     max_retries: int = 3, progress: bool | None = None, overwrite: bool = False,
-                    screen: str | None = None) -> Path:
+                    screen: str | None = None, nprobe: int | None = None,
+                    refine: int | None = None) -> Path:
     """Top-``k`` rows of ``right`` for every row of ``left`` (stores or their paths), computed
     by Ray tasks and written to the Parquet dataset ``out``; returns ``Path(out)``.
 
     The arguments and the result are those of :func:`embtools.search.similarity_join`; besides:
-    ``max_memory_gb`` is each task's cap (default: the right store's cap, else 1 GB; the task
+    ``nprobe``/``refine`` search through the right store's IVF index (each task probes it under
+    its cap), as the local join does. ``max_memory_gb`` is each task's cap (default: the right store's cap, else 1 GB; the task
     reserves it as Ray ``memory``), ``num_cpus`` each task's CPUs, ``max_retries`` how often
     Ray re-runs a failed task. Re-running after a failure resumes the job.
     """
@@ -96,6 +99,10 @@ def similarity_join(left: Any, right: Any, k: int, out: str | os.PathLike[str], 
     screen = check_screen(screen)
     if batch_rows is not None:
         batch_rows = check_k(batch_rows, "batch_rows")
+    if nprobe is not None:
+        nprobe = check_k(nprobe, "nprobe")
+    if refine is not None:
+        refine = check_k(refine, "refine")
     if out is None:
         raise InvalidArgumentError("similarity_join needs out= (a directory for the Parquet parts)")
     cap_given = max_memory_gb if max_memory_gb is not None else getattr(right, "max_memory_gb", None)
@@ -126,6 +133,7 @@ def similarity_join(left: Any, right: Any, k: int, out: str | os.PathLike[str], 
             "k": k, "dimension": dim, "metric": metric, "where": where_key(where),
             "left_where": where_key(left_where), "exclude_self": bool(exclude_self),
             "chunk_rows": chunk, "chunks": n_chunks,
+            **({} if nprobe is None and refine is None else {"nprobe": nprobe, "refine": refine}),
         }
         lkey, rkey = (lroot, lstore.version), (rroot, rstore.version)
     finally:
@@ -144,7 +152,7 @@ def similarity_join(left: Any, right: Any, k: int, out: str | os.PathLike[str], 
             lo, hi = c * chunk, min((c + 1) * chunk, n_left)
             pos = np.arange(lo, hi, dtype=np.int64) if left_pos is None else left_pos[lo:hi]
             ref = task.remote(lkey, rkey, pos, dim, k, metric, where, bool(exclude_self),
-                              batch_rows, screen, cap, str(job.part_path(c)))
+                              batch_rows, screen, nprobe, refine, cap, str(job.part_path(c)))
             running[ref] = c
         try:
             while running:
