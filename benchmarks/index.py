@@ -122,7 +122,7 @@ def run_set(name: str, x: np.ndarray, q: np.ndarray, args: argparse.Namespace, w
     import faiss
 
     import embtools as et
-    from embtools.index.build import default_partitions, default_sample_rows
+    from embtools.index.build import default_partitions
 
     n, d = x.shape
     k = args.k
@@ -133,14 +133,16 @@ def run_set(name: str, x: np.ndarray, q: np.ndarray, args: argparse.Namespace, w
     for s in range(0, n, 200_000):
         store.add(x[s:s + 200_000])
     partitions = args.partitions or default_partitions(n)
-    sample = default_sample_rows(n, partitions)
     build = build_embtools(path, cap, partitions, d)
     store.refresh()
+    sample = int(store.source.manifest.indexes[0].info["sample_rows"])  # FAISS trains on as many
     fidx, f_build = faiss_ivf(x, partitions, sample)
     rows.append(f"build: embtools {build['seconds']:.1f} s, FAISS train+add {f_build:.1f} s "
                 f"(ratio {build['seconds'] / f_build:.2f}x); embtools peak RSS "
                 f"{build['peak_rss'] / 1024**2:.0f} MiB with the cap at {cap * 1024:.0f} MiB "
-                f"(Python + libraries alone: {build['import_rss'] / 1024**2:.0f} MiB)")
+                f"(Python + libraries alone: {build['import_rss'] / 1024**2:.0f} MiB); "
+                f"{partitions} partitions, {sample:,} training rows (what the cap allows), "
+                f"{ITERATIONS} k-means iterations for both")
     # the truth: embtools' exact search (float64 re-ranked)
     truth = store.search(q, k=k, exact=True)["row_id"].to_numpy().reshape(len(q), k)
     single = q[: args.single]

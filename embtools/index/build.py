@@ -62,11 +62,8 @@ def encode(x: np.ndarray, code_dim: int, metric: str) -> np.ndarray:
     return normalize_rows(codes) if metric == "cosine" else codes
 
 
-def _sample(source: Any, positions: np.ndarray, dim: int, rows: int, budget: MemoryBudget,
+def _sample(source: Any, positions: np.ndarray, dim: int, rows: int,
             rng: np.random.Generator) -> np.ndarray:
-    avail = budget.available_bytes
-    if avail is not None:
-        rows = min(rows, max(1, avail // 2 // (dim * 4 * 2)))
     pick = positions if rows >= len(positions) else np.sort(rng.choice(positions, rows, replace=False))
     return gather_rows(source, dim, pick)
 
@@ -140,17 +137,18 @@ def build_index(root: str, snapshot: Any, backend: Any, budget: MemoryBudget, *,
     rows_held = min(want, n)
     need = rows_held * dimension * 4
     avail = budget.available_bytes
-    if avail is not None:
-        rows_held = min(rows_held, max(1, avail // 2 // (dimension * 4 * 2)))
-        if rows_held < p:
+    if avail is not None:  # the sample (normalised in place) in 3/5 of the room, the rest for
+        # the centroids and the assignment batches
+        rows_held = min(rows_held, max(1, avail * 3 // 5 // (dimension * 4)))
+        if rows_held < p or avail - rows_held * dimension * 4 < 2 * p * dimension * 4:
             raise MemoryLimitError(
                 f"create_index: a training sample of {p} rows (one per partition) of dimension "
-                f"{dimension} needs {format_bytes(2 * p * dimension * 4)} with its copy, over the "
-                f"{format_bytes(avail)} the memory cap leaves; raise max_memory_gb or pass fewer "
-                "partitions")
+                f"{dimension} and its centroids need {format_bytes(3 * p * dimension * 4)}, over "
+                f"the {format_bytes(avail)} the memory cap leaves; raise max_memory_gb or pass "
+                "fewer partitions")
         need = rows_held * dimension * 4
     with budget.holding(key, need, "the index training sample"):
-        sample = _sample(snapshot, positions, dimension, rows_held, budget, rng)
+        sample = _sample(snapshot, positions, dimension, rows_held, rng)
         with progress(iterations, f"index {name}: k-means on {len(sample):,} rows, {p} partitions",
                       enabled=show) as advance:
             centroids = train_centroids(sample, p, metric, backend, budget, iterations=iterations,
