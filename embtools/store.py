@@ -588,16 +588,17 @@ class EmbeddingStore:
         return int(self.budget.held_bytes)
 
     # -- indexes --------------------------------------------------------------------------------
-    def create_index(self, dimension: int = 384, partitions: int | None = None, codes: Any = "float",
+    def create_index(self, dimension: int = 384, partitions: int | None = None, codes: Any = "int8",
                      sample_rows: int | None = None, metric: str = "cosine", *,
                      progress: bool | None = None) -> int:
         """Build an IVF index of ``dimension`` for ``metric`` and commit it; the new version.
 
         Spherical k-means (plain k-means for ``l2``) on a sample of ``sample_rows`` rows (default
         64 per partition, at least 100,000) finds ``partitions`` centroids (default about
-        ``4 * sqrt(rows)``) on the store's backend; every row's probe ``codes`` (``"float"``: the
-        float32 vector; an int: that Matryoshka prefix) are written in partition order as Parquet
-        under ``_index/``. Searches of this dimension and metric then use the index (see
+        ``4 * sqrt(rows)``) on the store's backend; every row's probe ``codes`` (``"int8"``: a
+        byte per dimension, per-dimension ranges from the sample; ``"binary"``: sign bits, scored
+        asymmetrically; ``"float"``: the float32 vector; an int: that Matryoshka prefix) are
+        written in partition order as Parquet under ``_index/``. Searches of this dimension and metric then use the index (see
         :meth:`search`); rows added later are searched exactly until :meth:`optimize_index`.
         Runs under ``max_memory_gb``; ``progress`` shows a bar (default: on a terminal).
 

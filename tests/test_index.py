@@ -243,3 +243,33 @@ def test_thousands_of_queries_and_one(indexed):
     assert np.array_equal(ids(got, len(q)), brute(x, q, 3))
     assert recall(ids(store.search(q, k=3, nprobe=4), len(q)), brute(x, q, 3)) >= 0.95
     assert store.search(q[7], k=3, nprobe=40)["row_id"].to_list() == brute(x, q[7:8], 3)[0].tolist()
+
+
+@pytest.mark.parametrize(("codes", "metric"), [("int8", "cosine"), ("int8", "l2"), ("int8", "dot"),
+                                               ("binary", "cosine"), ("binary", "dot")])
+def test_quantized_codes(tmp_path, codes, metric):
+    x, q = clustered(2000, seed=21)
+    store = et.EmbeddingStore(tmp_path / "s", backend="numpy")
+    store.add(x)
+    store.create_index(dimension=DIM, partitions=20, codes=codes, metric=metric)
+    assert store.indexes()[0]["codes"] == codes
+    # every partition and every row re-ranked: the exact answer
+    got = store.search(q, k=5, nprobe=20, refine=400, metric=metric)
+    assert got.equals(store.search(q, k=5, metric=metric, exact=True))
+    assert np.array_equal(ids(got, len(q)), brute(x, q, 5, metric))
+    found = ids(store.search(q, k=10, nprobe=4, metric=metric), len(q))
+    assert recall(found, brute(x, q, 10, metric)) >= (0.9 if codes == "int8" else 0.8)
+    # the delta of optimize_index is encoded with the same ranges
+    extra = (x[:40] + 0.01).astype(np.float32)
+    store.add(extra)
+    store.optimize_index(retrain_share=0.5)
+    assert store.indexes()[0]["unindexed_rows"] == 0
+    hits = store.search(extra, k=1, nprobe=20, refine=2000, metric=metric)["row_id"].to_numpy()
+    assert np.array_equal(hits, brute(np.concatenate([x, extra]), extra, 1, metric)[:, 0])
+
+
+def test_binary_codes_refuse_l2(tmp_path):
+    store = et.EmbeddingStore(tmp_path / "s", backend="numpy")
+    store.add(clustered(100)[0])
+    with pytest.raises(InvalidArgumentError, match="l2"):
+        store.create_index(dimension=DIM, codes="binary", metric="l2")

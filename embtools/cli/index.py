@@ -25,8 +25,8 @@ def _codes(value: str) -> str | int:
 @click.argument("store", type=click.Path())
 @click.option("--dim", type=int, default=None, help="Dimension to index (default: the largest stored).")
 @click.option("--partitions", type=int, default=None, help="IVF partitions (default: about 4*sqrt(rows)).")
-@click.option("--codes", default="float", show_default=True,
-              help="Probe codes: float, or a Matryoshka prefix dimension such as 64.")
+@click.option("--codes", default="int8", show_default=True,
+              help="Probe codes: int8, binary, float, or a Matryoshka prefix dimension such as 64.")
 @click.option("--metric", type=click.Choice(["cosine", "dot", "l2"]), default="cosine", show_default=True)
 @click.option("--sample-rows", type=int, default=None, help="Training rows (default: 64 per partition, >= 100,000).")
 @click.option("--optimize", is_flag=True, help="Index the rows added since the build (or rebuild).")

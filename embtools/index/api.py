@@ -28,7 +28,7 @@ from embtools.memory import format_bytes
 __all__ = ["CODES", "create_index", "drop_index", "find_index", "index_info", "optimize_index"]
 
 #: The kinds of probe codes (besides an int: a Matryoshka prefix dimension of float32 codes).
-CODES = ("float",)
+CODES = ("int8", "binary", "float")
 #: optimize_index retrains (rebuilds) when more than this share of the rows is outside the index
 #: or deleted since it was built; below it, new rows are assigned to the existing centroids.
 RETRAIN_SHARE = 0.2
@@ -40,10 +40,12 @@ def _directory(store: Any, what: str) -> Any:
     return store.source
 
 
-def _code_dim(codes: Any, dimension: int) -> tuple[str, int]:
+def _code_dim(codes: Any, dimension: int, metric: str) -> tuple[str, int]:
     if isinstance(codes, str):
-        if codes == "float":
-            return "float", dimension
+        if codes == "binary" and metric == "l2":
+            raise InvalidArgumentError("binary codes rank by sign agreement: use int8 or float codes for l2")
+        if codes in CODES:
+            return codes, dimension
         raise InvalidArgumentError(f"codes must be one of {CODES} or a Matryoshka dimension, got {codes!r}")
     if isinstance(codes, bool) or not isinstance(codes, (int, np.integer)) or not 1 <= codes <= dimension:
         raise InvalidArgumentError(
@@ -52,7 +54,7 @@ def _code_dim(codes: Any, dimension: int) -> tuple[str, int]:
 
 
 def create_index(store: Any, dimension: int = 384, partitions: int | None = None,
-                 codes: Any = "float", sample_rows: int | None = None, metric: str = "cosine",
+                 codes: Any = "int8", sample_rows: int | None = None, metric: str = "cosine",
                  *, progress: bool | None = None) -> int:
     """Train and commit an IVF index of ``dimension`` for ``metric``; the new version.
 
@@ -63,7 +65,7 @@ def create_index(store: Any, dimension: int = 384, partitions: int | None = None
     dim = check_k(dimension, "dimension")
     src.resolve(dim)
     metric = check_metric(metric)
-    kind, code_dim = _code_dim(codes, dim)
+    kind, code_dim = _code_dim(codes, dim, metric)
     if partitions is not None:
         partitions = check_k(partitions, "partitions")
     if sample_rows is not None:
@@ -126,6 +128,12 @@ def find_index(store: Any, dim: int, metric: str) -> IvfIndex | None:
         index = IvfIndex(src, entry, store.budget, row_ids)
     except (KeyError, TypeError, ValueError) as exc:
         raise CorruptStoreError(f"{src.root}: index {entry.name} is unreadable ({exc})") from None
+    if avail is not None and index.resident_bytes() > avail // 2:
+        index.close()
+        raise MemoryLimitError(
+            f"index {entry.name}: {format_bytes(index.resident_bytes())} kept in memory (codes this "
+            f"installation cannot map, row maps, centroids) do not fit half of the "
+            f"{format_bytes(avail)} the memory cap leaves; raise max_memory_gb or search with exact=True")
     cache[key] = index
     return index
 
@@ -183,15 +191,17 @@ def optimize_index(store: Any, dimension: int | None = None, metric: str | None 
         if (new + dead) > retrain_share * max(1, src.num_rows):
             fresh = build_index(src.root, src, store.backend, store.budget, dimension=entry.dimension,
                                 metric=entry.metric, code_dim=int(entry.info["code_dim"]),
-                                codes=str(entry.info["codes"]), partitions=None,
+                                codes=idx.codes, partitions=None,
                                 sample_rows=None, show=progress)
             commit_index(src.root, fresh, operation="optimize_index")
         elif new:
             pos = idx.uncovered
             row_ids = src.take_metadata(pos, ["row_id"])["row_id"].to_numpy().astype(np.int64)
+            ranges = entry.info.get("int8_ranges")
             written = assign_rows(src.root, entry.name, src, pos, row_ids, idx.centroids,
                                   entry.dimension, int(entry.info["code_dim"]), entry.metric,
-                                  store.backend, store.budget, progress)
+                                  store.backend, store.budget, progress, idx.codes,
+                                  None if ranges is None else np.asarray(ranges, np.float32))
             from dataclasses import replace
 
             from embtools.storage.durable import fsync_dir

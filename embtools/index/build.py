@@ -25,6 +25,7 @@ import numpy as np
 from embtools.errors import CorruptStoreError, MemoryLimitError
 from embtools.index.files import write_centroids, write_codes
 from embtools.index.kmeans import DEFAULT_ITERATIONS, assign, normalize_rows, train_centroids
+from embtools.kernels.codes import encode_int8, int8_ranges, pack_signs
 from embtools.memory import MemoryBudget, format_bytes
 from embtools.storage.durable import fsync_dir
 from embtools.storage.jobs import progress
@@ -56,10 +57,37 @@ def default_sample_rows(rows: int, partitions: int) -> int:
     return min(rows, max(ROWS_PER_PARTITION * partitions, MIN_SAMPLE_ROWS))
 
 
-def encode(x: np.ndarray, code_dim: int, metric: str) -> np.ndarray:
-    """The probe codes of float32 rows ``x``: the ``code_dim`` prefix, unit length for cosine."""
+def encode(x: np.ndarray, code_dim: int, metric: str, kind: str = "float",
+           ranges: np.ndarray | None = None) -> np.ndarray:
+    """The probe codes of float32 rows ``x``: the ``code_dim`` prefix (unit length for cosine) as
+    float32, as int8 codes with ``ranges`` (``kind="int8"``) or as packed sign bits (``"binary"``).
+
+    Examples
+    --------
+    >>> x = np.array([[3.0, -4.0, 1.0]], np.float32)
+    >>> encode(x, 2, "cosine").tolist(), encode(x, 3, "dot", "binary").tolist()
+    ([[0.6000000238418579, -0.800000011920929]], [[160]])
+    """
     codes = np.ascontiguousarray(x[:, :code_dim], dtype=np.float32)
-    return normalize_rows(codes) if metric == "cosine" else codes
+    if metric == "cosine":
+        codes = normalize_rows(codes)
+    if kind == "int8":
+        assert ranges is not None
+        return encode_int8(codes, ranges)
+    if kind == "binary":
+        return pack_signs(codes)
+    return codes
+
+
+def code_ranges(sample: np.ndarray, metric: str) -> np.ndarray:
+    """int8 ranges (per-dimension min and max) of the sample's codes (normalised for cosine)."""
+    lo = np.full(sample.shape[1], np.inf, np.float32)
+    hi = np.full(sample.shape[1], -np.inf, np.float32)
+    for a in range(0, len(sample), 16384):
+        block = np.array(sample[a:a + 16384], dtype=np.float32)
+        r = int8_ranges(normalize_rows(block) if metric == "cosine" else block)
+        lo, hi = np.minimum(lo, r[0]), np.maximum(hi, r[1])
+    return np.vstack([lo, hi])
 
 
 def _sample(source: Any, positions: np.ndarray, dim: int, rows: int,
@@ -83,7 +111,8 @@ def _plan_files(counts: np.ndarray, bytes_per_row: int, limit: int) -> list[tupl
 
 def assign_rows(root: str, name: str, source: Any, positions: np.ndarray, row_ids: np.ndarray,
                 centroids: np.ndarray, dim: int, code_dim: int, metric: str, backend: Any,
-                budget: MemoryBudget, show: bool | None = None) -> list[tuple[str, int]]:
+                budget: MemoryBudget, show: bool | None = None, kind: str = "float",
+                ranges: np.ndarray | None = None) -> list[tuple[str, int]]:
     """Assign the rows at ``positions`` (ascending; their ``row_ids``) to ``centroids`` and write
     their codes in partition order; the ``(path, bytes)`` of each codes file written."""
     n = len(positions)
@@ -112,7 +141,7 @@ def assign_rows(root: str, name: str, source: Any, positions: np.ndarray, row_id
             block = np.empty((hi - lo, code_dim), np.float32)
             block[asc] = gather_rows(source, code_dim if code_dim < dim else dim, positions[sel[asc]])
             files.append(write_codes(root, name, row_ids[sel], parts[sel],
-                                     encode(block, code_dim, metric)))
+                                     encode(block, code_dim, metric, kind, ranges)))
             advance(hi - lo)
     return files
 
@@ -149,6 +178,7 @@ def build_index(root: str, snapshot: Any, backend: Any, budget: MemoryBudget, *,
         need = rows_held * dimension * 4
     with budget.holding(key, need, "the index training sample"):
         sample = _sample(snapshot, positions, dimension, rows_held, rng)
+        ranges = code_ranges(sample[:, :code_dim], metric) if codes == "int8" else None
         with progress(iterations, f"index {name}: k-means on {len(sample):,} rows, {p} partitions",
                       enabled=show) as advance:
             centroids = train_centroids(sample, p, metric, backend, budget, iterations=iterations,
@@ -157,12 +187,13 @@ def build_index(root: str, snapshot: Any, backend: Any, budget: MemoryBudget, *,
     c_path = write_centroids(root, name, centroids)
     written = [c_path]
     written += assign_rows(root, name, snapshot, positions, row_ids, centroids, dimension,
-                           code_dim, metric, backend, budget, show)
+                           code_dim, metric, backend, budget, show, codes, ranges)
     fsync_dir(os.path.join(root, INDEX_DIR, name))
     crash_point("after_index_files")
     info = {"codes": codes, "code_dim": code_dim, "partitions": len(centroids), "rows": n,
             "built_version": int(snapshot.version), "sample_rows": int(rows_held),
-            "iterations": iterations, "delta_rows": 0}
+            "iterations": iterations, "delta_rows": 0,
+            **({} if ranges is None else {"int8_ranges": ranges.tolist()})}
     return IndexEntry(name, dimension, metric, [f for f, _ in written], [b for _, b in written],
                       [f.path for f in snapshot.manifest.files], info)
 

@@ -41,6 +41,8 @@ from embtools.storage.manifest import INDEX_DIR
 __all__ = ["CodesFile", "read_centroids", "write_centroids", "write_codes"]
 
 _META_KEY = b"embtools.partitions"
+#: The column of int8 and binary codes (``fixed_size_binary``); float codes are ``emb_<m>``.
+CODE_COLUMN = "code"
 
 
 def _new_path(root: str, name: str) -> tuple[str, str]:
@@ -62,12 +64,19 @@ def write_codes(root: str, name: str, row_ids: np.ndarray, parts: np.ndarray,
     """Write one codes file (rows already sorted by partition, then row id); ``(path, bytes)``."""
     rel, path = _new_path(root, name)
     parts = np.asarray(parts, np.int32)
+    if codes.dtype == np.float32:
+        column, values = f"emb_{codes.shape[1]}", embedding_array(codes)
+    else:  # int8 or packed sign bits: one fixed-size binary value per row
+        raw = np.ascontiguousarray(codes).view(np.uint8)
+        values = pa.FixedSizeBinaryArray.from_buffers(pa.binary(raw.shape[1]), len(raw),
+                                                      [None, pa.py_buffer(raw.reshape(-1))])
+        column = CODE_COLUMN
     first = int(parts[0]) if len(parts) else 0
     last = int(parts[-1]) if len(parts) else -1
     offsets = np.searchsorted(parts, np.arange(first, last + 2)).tolist()
     meta = {_META_KEY: json.dumps({"first": first, "offsets": offsets}).encode()}
     table = pa.table({"row_id": pa.array(np.asarray(row_ids, np.int64)), "partition": pa.array(parts),
-                      f"emb_{codes.shape[1]}": embedding_array(codes)})
+                      column: values})
     table = table.replace_schema_metadata(meta)
     return rel, write_data_file(path, table, row_group_rows=max(1, len(parts)))
 
@@ -92,6 +101,18 @@ def _column(path: str, name: str, dtype: type) -> np.ndarray:
         return np.asarray(col.to_numpy(), dtype=dtype)
     except (OSError, pa.ArrowException, KeyError, ValueError) as exc:
         raise CorruptStoreError(f"{path}: cannot read the index column {name!r} ({exc})") from None
+
+
+def _binary_copy(path: str, column: str, rows: int) -> np.ndarray:
+    """A fixed-size binary column as a ``(rows, width)`` uint8 array (decoded by pyarrow)."""
+    try:
+        col = pq.read_table(path, columns=[column]).column(0).combine_chunks()
+        width = col.type.byte_width
+        buf = col.buffers()[1]
+        out = np.frombuffer(buf, np.uint8, count=rows * width, offset=col.offset * width)
+        return out.reshape(rows, width)
+    except (OSError, pa.ArrowException, AttributeError, ValueError) as exc:
+        raise CorruptStoreError(f"{path}: cannot read the codes column ({exc})") from None
 
 
 def read_centroids(path: str, size: int, dim: int, partitions: int) -> np.ndarray:
@@ -123,10 +144,12 @@ class CodesFile:
 
     def _load(self, partitions: int, code_dim: int | None) -> None:
         path = self.path
-        names = [n for n in self._f._arrow_schema.names if n.startswith("emb_")]
-        if len(names) != 1 or (code_dim is not None and names[0] != f"emb_{code_dim}"):
-            raise CorruptStoreError(f"{path}: expected one codes column emb_{code_dim}, found {names}")
+        schema = self._f._arrow_schema
+        names = [n for n in schema.names if n.startswith("emb_") or n == CODE_COLUMN]
+        if len(names) != 1 or (code_dim is not None and names[0] not in (f"emb_{code_dim}", CODE_COLUMN)):
+            raise CorruptStoreError(f"{path}: expected one codes column, found {names}")
         self.column = names[0]
+        self.binary = self.column == CODE_COLUMN
         self.row_ids = _column(path, "row_id", np.int64)
         parts = _column(path, "partition", np.int32)
         n = len(parts)
@@ -143,7 +166,13 @@ class CodesFile:
             raise CorruptStoreError(f"{path}: missing or unreadable partition offsets") from None
         if n and offsets != self.starts[first:first + len(offsets)].tolist():
             raise CorruptStoreError(f"{path}: partition offsets disagree with the partition column")
-        self.codes = self._f.embedding(self.column, 0)
+        self.copied = False
+        if not self.binary:
+            self.codes = self._f.embedding(self.column, 0)
+        elif hasattr(self._f, "array"):  # zero-copy fixed-size binary pages (aligned data files)
+            self.codes = self._f.array(self.column, 0)
+        else:  # decoded by pyarrow: a copy in memory
+            self.codes, self.copied = _binary_copy(path, self.column, n), True
         if self.codes.shape[0] != n:
             raise CorruptStoreError(f"{path}: {self.codes.shape[0]} codes for {n} rows")
 

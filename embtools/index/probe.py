@@ -22,8 +22,11 @@ from typing import Any
 
 import numpy as np
 
+from embtools.errors import CorruptStoreError
 from embtools.index.files import CodesFile, read_centroids
 from embtools.index.kmeans import normalize_rows
+from embtools.kernels.codes import decode_int8
+from embtools.kernels.hamming import sign_scores
 from embtools.memory import MemoryBudget
 from embtools.storage.manifest import IndexEntry
 
@@ -74,7 +77,13 @@ class IvfIndex:
         self.partitions = int(info["partitions"])
         self.code_dim = int(info["code_dim"])
         self.codes = str(info.get("codes", "float"))
-        self.default_refine = 1 if self.code_dim >= self.dimension else 10
+        self.kind = self.codes if self.codes in ("int8", "binary") else "float"
+        self.default_refine = {"int8": 4, "binary": 10}.get(
+            self.kind, 1 if self.code_dim >= self.dimension else 10)
+        ranges = info.get("int8_ranges")
+        self.ranges = None if ranges is None else np.asarray(ranges, np.float32)
+        if self.kind == "int8" and (self.ranges is None or self.ranges.shape != (2, self.code_dim)):
+            raise CorruptStoreError(f"index {self.name}: int8 codes without their ranges")
         self.budget = budget
         self.centroids = read_centroids(os.path.join(root, entry.files[0]), entry.file_bytes[0],
                                         self.dimension, self.partitions)
@@ -102,7 +111,11 @@ class IvfIndex:
             self.total_counts += sizes
             part_of_row = np.repeat(np.arange(self.partitions), sizes)
             self.live_counts += np.bincount(part_of_row[ok], minlength=self.partitions)
-            self._sq.append(np.einsum("ij,ij->i", f.codes, f.codes) if self.metric == "l2" else None)
+            if self.metric == "l2":
+                block = self._decode(f.codes)
+                self._sq.append(np.einsum("ij,ij->i", block, block))
+            else:
+                self._sq.append(None)
         self.uncovered = np.flatnonzero(~covered).astype(np.int64)
         self.uncovered.setflags(write=False)
         self.live_rows = int(covered.sum())
@@ -115,9 +128,18 @@ class IvfIndex:
         return default_nprobe(self.partitions)
 
     def resident_bytes(self) -> int:
-        """Bytes this object keeps (centroids, positions, row ids, norms)."""
+        """Bytes this object keeps (centroids, positions, row ids, norms, codes decoded into
+        memory where the file cannot be mapped)."""
         return int(self.centroids.nbytes + sum(p.nbytes * 2 for p in self.positions)
-                   + self.uncovered.nbytes + sum(0 if s is None else s.nbytes for s in self._sq))
+                   + self.uncovered.nbytes + sum(0 if s is None else s.nbytes for s in self._sq)
+                   + sum(f.nbytes for f in self.files if f.copied))
+
+    def _decode(self, codes: np.ndarray) -> np.ndarray:
+        """float32 rows of a block of codes (int8: the bucket centres; float: as they are)."""
+        if self.kind == "int8":
+            assert self.ranges is not None
+            return decode_int8(codes.view(np.int8), self.ranges)
+        return codes
 
     def _rows_bound(self, nprobe: int) -> int:
         """The most rows ``nprobe`` partitions can hold."""
@@ -222,7 +244,10 @@ class IvfIndex:
             s, e = int(f.starts[part]), int(f.starts[part + 1])
             if s == e:
                 continue
-            scores = f.codes[s:e] @ sub.T  # (rows, queries probing this partition)
+            if self.kind == "binary":  # asymmetric: float queries against sign bits
+                scores = sign_scores(sub, f.codes[s:e], self.code_dim).T
+            else:
+                scores = self._decode(f.codes[s:e]) @ sub.T  # (rows, queries probing it)
             if self.metric == "l2":
                 sq = self._sq[fi]
                 assert sq is not None
