@@ -1,19 +1,26 @@
-"""Load throughput of embedding vectors: embtools' zero-copy reader against the usual readers.
+"""Zero-copy reads of a store's embeddings, against ``np.load`` and against the in-memory store.
 
-Writes ``--rows`` x ``--dim`` float32 vectors (default 1,000,000 x 384 = 1.5 GB) once as an embtools
-data file, as ``.npy`` and (if pylance is installed) as a Lance dataset, then reads them back with
-each reader. The page cache is warm (every reader runs once before timing); each figure is the best
-of ``--repeat`` runs and is printed as GB/s and as a ratio to ``np.load``, all measured in one run.
+Issue 12 part 1, one run, one table of ratios (warm page cache: every reader runs once before it
+is timed; each figure is the best of ``--repeat`` runs):
 
-embtools rows: "map" only maps and validates (no value is read); "map + touch pages" reads one float
-per 4 KiB page of a fresh mapping (every page faulted in from the page cache); "map + sum" reads
-every value; "map + copy" copies every value into a preallocated buffer (the work np.load does).
-Each embtools variant releases each row group after use, as the store's batch reader does.
+1. Load and touch ``--rows`` x ``--dim`` float32 vectors (default 1,000,000 x 384 = 1.5 GB):
+   ``np.load`` of a ``.npy`` file (a copy into new memory) against ``store.get_embeddings(d)`` of a
+   store holding them in one data file (an aligned, read-only view of the mapped file), and
+   against ``iter_batches`` over a store of the default 256 MiB files (every batch a view).
+   "touch" reads one float in every 4 KiB page (every page faulted in), "sum" reads every value.
+   Goal: load and touch >= 1.5x ``np.load``.
+2. Single-query exact search (k=10, cosine) streamed from the Parquet store against the same
+   search over the in-memory store (``EmbeddingStore(path=None)``); goal >= 0.9x. The same rows
+   for a store written by the writer before pages were placed (``--old``), to show the change,
+   and under a memory cap of a quarter of the rows (the mapped pages of each batch are given back
+   and mapped again by the next query).
+
+Ratios above 1 mean embtools is faster. The machine is shared: quote the ratios, not the times.
 
 Examples
 --------
-    python benchmarks/load.py                  # 1.5 GB
-    python benchmarks/load.py --rows 200000    # 300 MB, quicker
+    python benchmarks/load.py                  # 1,000,000 x 384, the issue's size
+    python benchmarks/load.py --rows 200000    # quicker
 """
 
 from __future__ import annotations
@@ -22,135 +29,180 @@ import argparse
 import gc
 import os
 import shutil
+import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from embtools.storage.datafile import MappedParquetFile, embedding_array, write_data_file
-
 __all__ = ["main"]
 
-PAGE = 4096
+PAGE_FLOATS = 4096 // 4
 
 
-def _embtools(path: str, col: str, mode: str, out: np.ndarray | None = None) -> float:
-    acc = 0.0
-    with MappedParquetFile(path) as f:
-        pos = 0
-        for g in range(len(f.row_group_rows)):
-            a = f.embedding(col, g)
-            if mode == "touch":
-                flat = a.reshape(-1)
-                acc += float(flat[:: PAGE // 4].sum())
-            elif mode == "sum":
-                acc += float(a.sum())
-            elif mode == "copy" and out is not None:
-                out[pos:pos + len(a)] = a
-            pos += len(a)
-            del a
-            f.release(col, g)
-    return acc
+def _touch(a: Any) -> float:
+    """Read one float in every 4 KiB page of ``a`` (C-contiguous rows)."""
+    return float(np.asarray(a).reshape(-1)[::PAGE_FLOATS].sum())
 
 
-def _pyarrow(path: str, col: str) -> np.ndarray:
-    arr = pq.read_table(path, columns=[col]).column(0).combine_chunks()
-    return arr.flatten().to_numpy().reshape(len(arr), -1)
+def _sum(a: Any) -> float:
+    return float(np.asarray(a).sum(dtype=np.float32))
 
 
-def _polars(path: str, col: str) -> np.ndarray:
-    import polars as pl
-
-    return pl.read_parquet(path, columns=[col]).to_series().to_numpy()
-
-
-def _lance(path: str, col: str) -> np.ndarray:
-    import lance
-
-    arr = lance.dataset(path).to_table(columns=[col]).column(0).combine_chunks()
-    return arr.flatten().to_numpy().reshape(len(arr), -1)
-
-
-def _time(fn: Callable[[], object], repeat: int) -> float:
-    fn()  # warm the page cache and the code path
+def best_of(fn: Callable[[], object], repeat: int) -> float:
+    """Best wall time of ``repeat`` runs after one warm-up run."""
+    fn()
     gc.collect()
     best = float("inf")
     for _ in range(repeat):
         t0 = time.perf_counter()
-        result = fn()
+        fn()
         best = min(best, time.perf_counter() - t0)
-        del result
         gc.collect()
     return best
 
 
+def per_query(store: Any, queries: np.ndarray, k: int, repeat: int) -> float:
+    """Median seconds of one single-query search (each query timed alone, best of ``repeat``)."""
+    store.search(queries[0], k=k)  # warm-up: page cache, row-norm cache
+    times = []
+    for q in queries:
+        best = float("inf")
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            store.search(q, k=k)
+            best = min(best, time.perf_counter() - t0)
+        times.append(best)
+    return statistics.median(times)
+
+
+def old_write_data_file(path: str | os.PathLike[str], table: pa.Table, *,
+                        row_group_rows: int | None = None) -> int:
+    """The data file writer before embtools placed its pages: pyarrow alone, 64 MiB row groups."""
+    from embtools.storage.durable import fsync_file
+
+    emb = [n for n in table.column_names if n.startswith("emb_")]
+    widest = max((table.schema.field(n).type.list_size * 4 for n in emb), default=4)
+    rows = max(1, min(row_group_rows or max(1, 64 * 1024**2 // widest), table.num_rows))
+    others = [n for n in table.column_names if n not in emb]
+    schema = pa.schema([pa.field(f.name, f.type, nullable=f.name not in emb) for f in table.schema])
+    with open(path, "wb") as fh:
+        pq.write_table(table.cast(schema), fh, row_group_size=rows, use_dictionary=others,
+                       compression={**{n: "zstd" for n in others}, **{n: "none" for n in emb}},
+                       write_statistics=others, column_encoding={n: "PLAIN" for n in emb},
+                       data_page_size=1 << 30, max_rows_per_page=rows, data_page_version="2.0",
+                       write_page_checksum=True, store_schema=True)
+        fsync_file(fh)
+        return fh.tell()
+
+
+def _build(path: str, x: np.ndarray, old: bool = False, **kw: Any) -> Any:
+    import embtools as et
+    import embtools.storage.writer as writer
+
+    real = writer.write_data_file
+    if old:
+        writer.write_data_file = old_write_data_file  # type: ignore[assignment]
+    try:
+        store = et.EmbeddingStore(path, backend="numpy", **kw)
+        step = 250_000
+        for s in range(0, len(x), step):
+            store.add(x[s:s + step])
+    finally:
+        writer.write_data_file = real  # type: ignore[assignment]
+    return et.EmbeddingStore(path, backend="numpy")
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Run the benchmark and print the table."""
+    """Build the stores, run every reader, print the table."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=1_000_000)
     ap.add_argument("--dim", type=int, default=384)
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--queries", type=int, default=20, help="single queries timed one at a time")
+    ap.add_argument("--k", type=int, default=10)
+    ap.add_argument("--old", action=argparse.BooleanOptionalAction, default=True,
+                    help="also measure a store written before pages were placed")
     ap.add_argument("--dir", default=None, help="work directory (default: a temporary one)")
     args = ap.parse_args(argv)
 
+    import embtools as et
+
     work = args.dir or tempfile.mkdtemp(prefix="embtools-load-")
     os.makedirs(work, exist_ok=True)
-    col = f"emb_{args.dim}"
+    d = args.dim
     try:
-        x = np.random.default_rng().standard_normal((args.rows, args.dim), dtype=np.float32)
+        rng = np.random.default_rng(0)
+        x = rng.standard_normal((args.rows, d), dtype=np.float32)
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
         nbytes = x.nbytes
-        data_path = os.path.join(work, "vectors.parquet")
-        npy_path = os.path.join(work, "vectors.npy")
-        write_data_file(data_path, pa.table({col: embedding_array(x)}))
-        np.save(npy_path, x)
-        lance_path: str | None = os.path.join(work, "vectors.lance")
-        try:
-            import lance
-
-            lance.write_dataset(pa.table({col: embedding_array(x)}), lance_path)
-        except ImportError:
-            lance_path = None
-
-        with MappedParquetFile(data_path) as f:  # correctness first
-            groups = len(f.row_group_rows)
-            zero_copy = all(f.zero_copy(col, g) for g in range(groups))
-            assert np.array_equal(f.embedding_rows(col), x)
-        assert np.array_equal(_pyarrow(data_path, col), x)
-        assert np.array_equal(_polars(data_path, col), x)
-        if lance_path:
-            assert np.array_equal(_lance(lance_path, col), x)
+        npy = os.path.join(work, "vectors.npy")
+        np.save(npy, x)
+        one = _build(os.path.join(work, "one-file"), x, target_file_bytes=4 * 1024**3)
+        default = _build(os.path.join(work, "default"), x)
+        old = _build(os.path.join(work, "old"), x, old=True) if args.old else None
+        memory = et.EmbeddingStore(backend="numpy")
+        memory.add(x)
+        queries = rng.standard_normal((args.queries, d), dtype=np.float32)
+        # correctness first: the same values through every path
+        view = one.get_embeddings(d)
+        assert len(one.files()) == 1 and not view.flags.owndata and view.ctypes.data % 64 == 0
+        assert np.array_equal(view, x)
+        del view
+        assert np.array_equal(np.concatenate([np.array(b) for _, b in default.iter_batches(d)]), x)
+        ref = memory.search(queries[:3], k=args.k)
+        for s in (one, default, old):
+            if s is not None:
+                assert s.search(queries[:3], k=args.k)["row_id"].to_list() == ref["row_id"].to_list()
         del x
         gc.collect()
-        buf = np.empty((args.rows, args.dim), np.float32)
-        buf.fill(0)  # fault the destination in before timing
 
-        readers: list[tuple[str, Callable[[], object] | None]] = [
-            ("np.load (.npy, copy into a new array)", lambda: np.load(npy_path)),
-            ("embtools MappedParquetFile: map", lambda: _embtools(data_path, col, "map")),
-            ("embtools: map + touch every page", lambda: _embtools(data_path, col, "touch")),
-            ("embtools: map + sum every value", lambda: _embtools(data_path, col, "sum")),
-            ("embtools: map + copy into a buffer", lambda: _embtools(data_path, col, "copy", buf)),
-            ("pyarrow read_table + to_numpy", lambda: _pyarrow(data_path, col)),
-            ("polars read_parquet + to_numpy", lambda: _polars(data_path, col)),
-            ("lance to_table + to_numpy", (lambda: _lance(lance_path, col)) if lance_path else None),
-        ]
-        times = {}
-        for name, fn in readers:
-            times[name] = _time(fn, args.repeat) if fn is not None else None
-        base = times["np.load (.npy, copy into a new array)"]
-        print(f"{args.rows:,} x {args.dim} float32 = {nbytes / 1e9:.2f} GB; {groups} row groups; "
-              f"zero-copy path: {zero_copy}; cpus: {os.cpu_count()}; best of {args.repeat}, warm cache")
-        print(f"| {'reader':<42} | {'GB/s':>7} | {'vs np.load':>10} |")
-        print(f"|{'-' * 44}|{'-' * 9}|{'-' * 12}|")
-        for name, t in times.items():
-            if t is None:
-                print(f"| {name:<42} | {'not installed':>20} |")
-                continue
-            assert base is not None
-            print(f"| {name:<42} | {nbytes / t / 1e9:7.2f} | {base / t:9.2f}x |")
+        def fresh(store: Any) -> Any:
+            return et.EmbeddingStore(store.path, backend="numpy")
+
+        def batches(store: Any, fn: Callable[[Any], float]) -> float:
+            return sum(fn(b) for _, b in store.iter_batches(d))
+
+        rows: list[tuple[str, float, str]] = []
+        for what, fn in (("touch", _touch), ("sum", _sum)):
+            base = best_of(lambda fn=fn: fn(np.load(npy)), args.repeat)
+            rows.append((f"np.load + {what}", base, "baseline"))
+            # each run opens the store afresh: its pages are mapped again (from the page cache)
+            t = best_of(lambda fn=fn: fn(fresh(one).get_embeddings(d)), args.repeat)
+            rows.append((f"get_embeddings, one file (view) + {what}", base / t,
+                         "goal >= 1.5" if what == "touch" else ""))
+            t = best_of(lambda fn=fn: batches(fresh(default), fn), args.repeat)
+            rows.append((f"iter_batches, {len(default.files())} files (views) + {what}", base / t, ""))
+            t = best_of(lambda fn=fn: fn(fresh(default).get_embeddings(d)), args.repeat)
+            rows.append((f"get_embeddings, {len(default.files())} files (copy) + {what}", base / t, ""))
+            if old is not None:
+                t = best_of(lambda fn=fn: fn(fresh(old).get_embeddings(d)), args.repeat)
+                rows.append((f"get_embeddings, old store (copy) + {what}", base / t, ""))
+
+        mem = per_query(memory, queries, args.k, args.repeat)
+        rows.append(("single query, in memory", mem, "baseline"))
+        stores = [("Parquet, default files", default, "goal >= 0.9"), ("Parquet, one file", one, "")]
+        if old is not None:
+            stores.append(("Parquet, old store (unaligned)", old, ""))
+        for name, s, note in stores:
+            rows.append((f"single query, {name}", mem / per_query(s, queries, args.k, args.repeat), note))
+        cap = et.EmbeddingStore(default.path, backend="numpy", max_memory_gb=nbytes / 4 / 1024**3)
+        rows.append(("single query, Parquet, cap a quarter of the rows",
+                     mem / per_query(cap, queries, args.k, args.repeat), ""))
+
+        print(f"{args.rows:,} x {d} float32 = {nbytes / 1e9:.2f} GB; cpus: {os.cpu_count()}; "
+              f"best of {args.repeat}, warm page cache; single queries: median of {args.queries}, k={args.k}")
+        print(f"| {'reader':<52} | {'ratio':>9} | {'':<11} |")
+        print(f"|{'-' * 54}|{'-' * 11}|{'-' * 13}|")
+        for name, value, note in rows:
+            if note == "baseline":
+                print(f"| {name:<52} | {value * 1000:7.1f}ms | {'baseline':<11} |")
+            else:
+                print(f"| {name:<52} | {value:8.2f}x | {note:<11} |")
     finally:
         if args.dir is None:
             shutil.rmtree(work, ignore_errors=True)

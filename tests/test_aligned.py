@@ -423,3 +423,44 @@ def test_damaged_padding_without_manifest_checksums_is_never_wrong_data(tmp_path
         else:
             np.testing.assert_array_equal(got, x)
         _flip(path, length_at, mask)
+
+
+# -- mapped pages: kept without a cap, given back under one ---------------------------------------
+
+
+def test_pages_stay_mapped_without_a_cap_and_are_given_back_under_one(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    x = _x(3000, 64)
+    et.EmbeddingStore(tmp_path / "s").add(x)
+    released: list[tuple[int | None, int | None]] = []
+    orig = MappedParquetFile.release_rows
+
+    def spy(self, column, row_group, start=None, stop=None):
+        released.append((start, stop))
+        return orig(self, column, row_group, start, stop)
+
+    monkeypatch.setattr(MappedParquetFile, "release_rows", spy)
+    for cap, gives_back in ((None, False), (1e6 / 1024**3, True)):
+        released.clear()
+        store = et.EmbeddingStore(tmp_path / "s", backend="numpy", max_memory_gb=cap)
+        got = np.concatenate([np.array(b) for _, b in store.iter_batches(64, batch_rows=500)])
+        np.testing.assert_array_equal(got, x)
+        q = _x(1, 64, seed=4)
+        ref = np.argsort(-(x.astype(np.float64) @ q[0] / np.linalg.norm(x, axis=1)), kind="stable")[:5]
+        assert store.search(q, k=5)["row_id"].to_list() == ref.tolist()
+        assert bool(released) == gives_back, cap
+
+
+def test_reads_without_madvise_populate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kernel without MADV_POPULATE_READ (EINVAL): pages fault in as they are read."""
+    import embtools.storage.datafile as datafile
+
+    x = _x(2000, 32)
+    et.EmbeddingStore(tmp_path / "s").add(x)
+    monkeypatch.setattr(datafile, "_POPULATE_READ", 0x7FFF)  # an advice no kernel knows
+    store = et.EmbeddingStore(tmp_path / "s", backend="numpy", max_memory_gb=0.01)
+    np.testing.assert_array_equal(np.concatenate([np.array(b) for _, b in store.iter_batches(32)]), x)
+    assert datafile._POPULATE_READ is None
+    a = store.get_embeddings(32)
+    assert _is_aligned_view(a)
+    np.testing.assert_array_equal(a, x)

@@ -116,7 +116,7 @@ def test_big_batches_are_views_given_back_as_the_reader_moves_on(tmp_path, monke
     # given back (release_rows) before the next batch is made.
     x = _x(20_000, 256)
     et.EmbeddingStore(tmp_path / "s", max_memory_gb=16 / 1024, target_file_bytes=4 * 1024**2).add(x)
-    store = et.EmbeddingStore(tmp_path / "s", backend="numpy")
+    store = et.EmbeddingStore(tmp_path / "s", backend="numpy", max_memory_gb=16 / 1024)  # capped: give back
     groups = [g for f in store.files() for g in pq.ParquetFile(f).metadata.to_dict()["row_groups"]]
     sizes = [g["num_rows"] for g in groups]
     assert len(sizes) > 3 and max(sizes) < 6000

@@ -185,7 +185,7 @@ class Snapshot(ChunkedSource):
             start = int(self._file_starts[i])
             for rg, rows in enumerate(entry.row_groups):
                 out.append(Chunk(start, rows, self._loader(i, rg), self._releaser(i, rg),
-                                 self._row_releaser(i, rg)))
+                                 self._row_releaser(i, rg), self._populator(i, rg)))
                 start += rows
         return out
 
@@ -199,8 +199,8 @@ class Snapshot(ChunkedSource):
     def mapped_view(self, dim: int, positions: Any = None) -> np.ndarray | None:
         """The rows at ``positions`` (ascending, distinct; None: all) as one read-only view of a
         mapped data file, when they are one contiguous run of one aligned row group (a view of
-        the ``dim`` first values of a larger stored dimension is strided); else None. The view's
-        mapped pages are given back when it is garbage collected."""
+        the ``dim`` first values of a larger stored dimension is strided); else None. Under a
+        memory cap, the view's mapped pages are given back when it is garbage collected."""
         stored = self.resolve(dim)
         if positions is None:
             a, b = 0, self.num_rows
@@ -227,23 +227,42 @@ class Snapshot(ChunkedSource):
         view = arr[a - start:b - start]
         if dim != stored:
             view = view[:, :dim]
-        weakref.finalize(view, _release_quietly, f, col, rg, a - start, b - start)
+        f.populate(col, rg, a - start, b - start)
+        if self.capped:
+            weakref.finalize(view, _release_quietly, f, col, rg, a - start, b - start)
         return view
+
+    @property
+    def capped(self) -> bool:
+        """Whether reads are under a memory cap. Under one, the mapped pages of each batch are
+        given back as the reader moves on; without one they stay mapped (clean page-cache pages
+        the kernel reclaims under pressure), so the next pass reads them without page faults."""
+        return self.budget is not None and self.budget.cap_bytes is not None
 
     def _loader(self, i: int, rg: int) -> Any:
         def load(dim: int) -> np.ndarray:
-            return self.load_column(i, rg, emb_column(dim))
+            arr = self.load_column(i, rg, emb_column(dim))
+            if not self.capped:
+                self._file(i).populate(emb_column(dim), rg)  # once: the pages stay mapped
+            return arr
         return load
 
     def _releaser(self, i: int, rg: int) -> Any:
         def release(dim: int) -> None:
-            self._file(i).release(emb_column(dim), rg)
+            if self.capped:
+                self._file(i).release(emb_column(dim), rg)
         return release
 
     def _row_releaser(self, i: int, rg: int) -> Any:
         def release_rows(dim: int, start: int, stop: int) -> None:
-            self._file(i).release_rows(emb_column(dim), rg, start, stop)
+            if self.capped:
+                self._file(i).release_rows(emb_column(dim), rg, start, stop)
         return release_rows
+
+    def _populator(self, i: int, rg: int) -> Any:
+        def populate(dim: int, start: int, stop: int) -> None:
+            self._file(i).populate(emb_column(dim), rg, start, stop)
+        return populate
 
     def take_metadata(self, positions: Any, columns: Sequence[str] | None = None) -> pl.DataFrame:
         """row_id, text_id, label (+ ``columns``) of ``positions``, in the order given."""

@@ -157,6 +157,9 @@ class Chunk:
     #: ``release_rows(stored_dim, start, stop)``: give back the memory of rows ``start:stop`` of
     #: the chunk (their pages may fault in again if read); None when there is nothing to give back
     release_rows: Callable[[int, int, int], None] | None = None
+    #: ``populate(stored_dim, start, stop)``: map the pages of rows ``start:stop`` before they are
+    #: handed out as a view (one call, not a fault per page); None when there are none to map
+    populate: Callable[[int, int, int], None] | None = None
 
 
 class ChunkedSource:
@@ -317,6 +320,8 @@ class ChunkedSource:
                 if view_rows:
                     a = int(local[i])
                     b = a + view_rows
+                    if chunk.populate is not None:
+                        chunk.populate(stored, a, b)
                     yield local[i:i + view_rows] + chunk.start, (arr[a:b, :dim] if dim != stored else arr[a:b])
                     release_rows(stored, max(0, a - margin), b)
                     i += view_rows
