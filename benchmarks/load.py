@@ -33,6 +33,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -53,31 +54,36 @@ def _sum(a: Any) -> float:
     return float(np.asarray(a).sum(dtype=np.float32))
 
 
-def best_of(fn: Callable[[], object], repeat: int) -> float:
-    """Best wall time of ``repeat`` runs after one warm-up run."""
-    fn()
-    gc.collect()
-    best = float("inf")
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-        gc.collect()
+def best_of(fns: dict[str, Callable[[], object]], repeat: int) -> dict[str, float]:
+    """Best wall time of each of ``fns`` over ``repeat`` rounds after a warm-up round; each
+    round runs every function once, so a busy spell on the machine hits them all alike."""
+    best = dict.fromkeys(fns, float("inf"))
+    for r in range(repeat + 1):
+        for name, fn in fns.items():
+            gc.collect()
+            t0 = time.perf_counter()
+            fn()
+            if r:
+                best[name] = min(best[name], time.perf_counter() - t0)
     return best
 
 
-def per_query(store: Any, queries: np.ndarray, k: int, repeat: int) -> float:
-    """Median seconds of one single-query search (each query timed alone, best of ``repeat``)."""
-    store.search(queries[0], k=k)  # warm-up: page cache, row-norm cache
-    times = []
+def per_query(stores: dict[str, Any], queries: np.ndarray, k: int, repeat: int) -> dict[str, float]:
+    """Median over ``queries`` of each store's best time for one single-query search; each query
+    runs on every store in turn (interleaved, like :func:`best_of`)."""
+    for s in stores.values():
+        s.search(queries[0], k=k)  # warm-up: page cache, row-norm cache
+    times: dict[str, list[float]] = {name: [] for name in stores}
     for q in queries:
-        best = float("inf")
+        best = dict.fromkeys(stores, float("inf"))
         for _ in range(repeat):
-            t0 = time.perf_counter()
-            store.search(q, k=k)
-            best = min(best, time.perf_counter() - t0)
-        times.append(best)
-    return statistics.median(times)
+            for name, s in stores.items():
+                t0 = time.perf_counter()
+                s.search(q, k=k)
+                best[name] = min(best[name], time.perf_counter() - t0)
+        for name in stores:
+            times[name].append(best[name])
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def old_write_data_file(path: str | os.PathLike[str], table: pa.Table, *,
@@ -100,7 +106,7 @@ def old_write_data_file(path: str | os.PathLike[str], table: pa.Table, *,
         return fh.tell()
 
 
-def _build(path: str, x: np.ndarray, old: bool = False, **kw: Any) -> Any:
+def _build(path: str, x: np.ndarray, old: bool = False, step: int = 250_000, **kw: Any) -> Any:
     import embtools as et
     import embtools.storage.writer as writer
 
@@ -109,7 +115,6 @@ def _build(path: str, x: np.ndarray, old: bool = False, **kw: Any) -> Any:
         writer.write_data_file = old_write_data_file  # type: ignore[assignment]
     try:
         store = et.EmbeddingStore(path, backend="numpy", **kw)
-        step = 250_000
         for s in range(0, len(x), step):
             store.add(x[s:s + step])
     finally:
@@ -142,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
         nbytes = x.nbytes
         npy = os.path.join(work, "vectors.npy")
         np.save(npy, x)
-        one = _build(os.path.join(work, "one-file"), x, target_file_bytes=4 * 1024**3)
+        one = _build(os.path.join(work, "one-file"), x, step=len(x), target_file_bytes=4 * 1024**3)
         default = _build(os.path.join(work, "default"), x)
         old = _build(os.path.join(work, "old"), x, old=True) if args.old else None
         memory = et.EmbeddingStore(backend="numpy")
@@ -165,34 +170,39 @@ def main(argv: list[str] | None = None) -> None:
             return et.EmbeddingStore(store.path, backend="numpy")
 
         def batches(store: Any, fn: Callable[[Any], float]) -> float:
-            return sum(fn(b) for _, b in store.iter_batches(d))
+            return sum(fn(b) for _, b in fresh(store).iter_batches(d))
 
         rows: list[tuple[str, float, str]] = []
+        nfiles = len(default.files())
         for what, fn in (("touch", _touch), ("sum", _sum)):
-            base = best_of(lambda fn=fn: fn(np.load(npy)), args.repeat)
-            rows.append((f"np.load + {what}", base, "baseline"))
             # each run opens the store afresh: its pages are mapped again (from the page cache)
-            t = best_of(lambda fn=fn: fn(fresh(one).get_embeddings(d)), args.repeat)
-            rows.append((f"get_embeddings, one file (view) + {what}", base / t,
-                         "goal >= 1.5" if what == "touch" else ""))
-            t = best_of(lambda fn=fn: batches(fresh(default), fn), args.repeat)
-            rows.append((f"iter_batches, {len(default.files())} files (views) + {what}", base / t, ""))
-            t = best_of(lambda fn=fn: fn(fresh(default).get_embeddings(d)), args.repeat)
-            rows.append((f"get_embeddings, {len(default.files())} files (copy) + {what}", base / t, ""))
+            readers: dict[str, Callable[[], object]] = {
+                "np.load": partial(lambda f: f(np.load(npy)), fn),
+                "get_embeddings, one file (view)": partial(lambda f: f(fresh(one).get_embeddings(d)), fn),
+                f"iter_batches, {nfiles} files (views)": partial(batches, default, fn),
+                f"get_embeddings, {nfiles} files (copy)":
+                    partial(lambda f: f(fresh(default).get_embeddings(d)), fn),
+            }
             if old is not None:
-                t = best_of(lambda fn=fn: fn(fresh(old).get_embeddings(d)), args.repeat)
-                rows.append((f"get_embeddings, old store (copy) + {what}", base / t, ""))
+                readers["get_embeddings, old store (copy)"] = partial(
+                    lambda f: f(fresh(old).get_embeddings(d)), fn)
+            t = best_of(readers, args.repeat)
+            base = t.pop("np.load")
+            rows.append((f"np.load + {what}", base, "baseline"))
+            for name, v in t.items():
+                goal = "goal >= 1.5" if what == "touch" and "one file" in name else ""
+                rows.append((f"{name} + {what}", base / v, goal))
 
-        mem = per_query(memory, queries, args.k, args.repeat)
-        rows.append(("single query, in memory", mem, "baseline"))
-        stores = [("Parquet, default files", default, "goal >= 0.9"), ("Parquet, one file", one, "")]
-        if old is not None:
-            stores.append(("Parquet, old store (unaligned)", old, ""))
-        for name, s, note in stores:
-            rows.append((f"single query, {name}", mem / per_query(s, queries, args.k, args.repeat), note))
         cap = et.EmbeddingStore(default.path, backend="numpy", max_memory_gb=nbytes / 4 / 1024**3)
-        rows.append(("single query, Parquet, cap a quarter of the rows",
-                     mem / per_query(cap, queries, args.k, args.repeat), ""))
+        stores = {"in memory": memory, "Parquet, default files": default, "Parquet, one file": one,
+                  "Parquet, cap a quarter of the rows": cap}
+        if old is not None:
+            stores["Parquet, old store (unaligned)"] = old
+        t = per_query(stores, queries, args.k, args.repeat)
+        mem = t.pop("in memory")
+        rows.append(("single query, in memory", mem, "baseline"))
+        for name, v in t.items():
+            rows.append((f"single query, {name}", mem / v, "goal >= 0.9" if name.endswith("default files") else ""))
 
         print(f"{args.rows:,} x {d} float32 = {nbytes / 1e9:.2f} GB; cpus: {os.cpu_count()}; "
               f"best of {args.repeat}, warm page cache; single queries: median of {args.queries}, k={args.k}")
