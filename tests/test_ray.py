@@ -113,7 +113,9 @@ def test_datasink_write_is_exactly_one_version(cluster, tmp_path, rng):
         for s in range(0, 400, 100)]).repartition(4)
     store = et.EmbeddingStore(tmp_path / "s", backend="numpy")
     sink = StoreDatasink(store, job_id="sink-1")
+    _arm(cluster, "sink_write")  # a write task dies after writing its files; Ray runs it again
     ds.write_datasink(sink)
+    assert _fired(cluster, "sink_write")
     assert sink.committed and store.versions() == [0, 1]
     store.refresh()
     meta = store.metadata().collect()
@@ -124,6 +126,12 @@ def test_datasink_write_is_exactly_one_version(cluster, tmp_path, rng):
     again = StoreDatasink(store, job_id="sink-1")
     ds.write_datasink(again)
     assert not again.committed and store.versions() == [0, 1]
+    # the lost attempt's files are orphans (never committed), removed by vacuum
+    n_files = len(os.listdir(os.path.join(store.path, "data")))
+    assert n_files > len(store.files())
+    store.vacuum(grace_seconds=0)
+    assert len(os.listdir(os.path.join(store.path, "data"))) == len(store.files())
+    assert store.num_rows == 400
 
 
 def _texts(n):

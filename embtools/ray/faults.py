@@ -2,7 +2,7 @@
 
 With ``$EMBTOOLS_RAY_FAULTS`` set to a directory (in the environment the cluster starts with),
 :func:`crash_point` exits the worker process (``os._exit``) the first time it reaches ``name``
-after a file ``<dir>/<name>`` was created: the file is renamed away first, so exactly one worker
+after a file ``<dir>/<name>`` was created (``embed_batch``, ``join_part``, ``sink_write``): the file is renamed away first, so exactly one worker
 fires. Ray then retries the task or restarts the actor. Harmless in production: the variable is
 never set.
 

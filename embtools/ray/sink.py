@@ -52,6 +52,7 @@ from ray.data import Datasink
 
 from embtools.errors import InvalidArgumentError, InvalidEmbeddingsError, SchemaMismatchError
 from embtools.memory import MemoryBudget
+from embtools.ray.faults import crash_point
 from embtools.storage.ingest import prepare_batch
 from embtools.storage.manifest import FileEntry, check_job_id, read_manifest
 from embtools.storage.schema import (
@@ -194,6 +195,7 @@ class StoreDatasink(Datasink[dict[str, Any]]):
             for f in written:  # nothing of a failed task is committed: remove what it wrote
                 _remove(os.path.join(self.root, f.path))
             raise
+        crash_point("sink_write")  # test hook: the worker dies with its files written
         entries = [f.to_json() for f in written]
         return {"files": entries, "dims": dims, "schema": schema_to_json(out_schema)}
 
