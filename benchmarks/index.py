@@ -39,18 +39,20 @@ from typing import Any
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-NPROBES = [2, 4, 8, 16, 32, 64, 128]
+NPROBES = [2, 4, 8, 16, 32, 64, 128, 256]
 ITERATIONS = 10  # k-means iterations, embtools' default; FAISS gets the same
 
 
-def clustered(rng: np.random.Generator, n: int, d: int, clusters: int = 2000) -> np.ndarray:
-    """Unit vectors around ``clusters`` random centres."""
+def clustered(rng: np.random.Generator, n: int, d: int, clusters: int = 2000,
+              noise: float = 1.0) -> np.ndarray:
+    """Unit vectors around ``clusters`` random centres (overlapping: the noise is larger than
+    the centres, so that neighbours span partitions and recall depends on ``nprobe``)."""
     centres = rng.standard_normal((clusters, d)).astype(np.float32)
     x = np.empty((n, d), np.float32)
     for s in range(0, n, 100_000):
         m = min(100_000, n - s)
         x[s:s + m] = centres[rng.integers(clusters, size=m)]
-        x[s:s + m] += 0.6 * rng.standard_normal((m, d)).astype(np.float32)
+        x[s:s + m] += noise * rng.standard_normal((m, d)).astype(np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     return x
 
@@ -69,22 +71,19 @@ BUILD = """
 import json, resource, sys, time, embtools as et
 path, cap, partitions = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
 store = et.EmbeddingStore(path, backend="numpy", max_memory_gb=cap)
+base = [int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmRSS")][0] * 1024
+open("/proc/self/clear_refs", "w").write("5")  # reset the peak: a forked child starts with the parent's
 t = time.perf_counter()
 store.create_index(dimension=int(sys.argv[4]), partitions=partitions, codes="float", progress=False)
-print(json.dumps({"seconds": time.perf_counter() - t,
-                  "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+peak = [int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")][0] * 1024
+print(json.dumps({"seconds": time.perf_counter() - t, "peak_rss": peak, "import_rss": base}))
 """
 
 
 def build_embtools(path: str, cap_gb: float, partitions: int, dim: int) -> dict[str, float]:
-    base = subprocess.run([sys.executable, "-c", "import resource, embtools, numpy, polars, pyarrow;"
-                           "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)"],
-                          capture_output=True, text=True, check=True)
     out = subprocess.run([sys.executable, "-c", BUILD, path, str(cap_gb), str(partitions), str(dim)],
                          capture_output=True, text=True, check=True)
-    res = json.loads(out.stdout.strip().splitlines()[-1])
-    res["import_rss"] = float(base.stdout.strip())
-    return res
+    return dict(json.loads(out.stdout.strip().splitlines()[-1]))
 
 
 def faiss_ivf(x: np.ndarray, partitions: int, sample: int) -> tuple[Any, float]:
@@ -134,13 +133,14 @@ def run_set(name: str, x: np.ndarray, q: np.ndarray, args: argparse.Namespace, w
         store.add(x[s:s + 200_000])
     partitions = args.partitions or default_partitions(n)
     build = build_embtools(path, cap, partitions, d)
-    store.refresh()
+    store.close()  # searched like FAISS's in-memory index: no cap (the build above had it)
+    store = et.EmbeddingStore(path, backend="numpy")
     sample = int(store.source.manifest.indexes[0].info["sample_rows"])  # FAISS trains on as many
     fidx, f_build = faiss_ivf(x, partitions, sample)
     rows.append(f"build: embtools {build['seconds']:.1f} s, FAISS train+add {f_build:.1f} s "
                 f"(ratio {build['seconds'] / f_build:.2f}x); embtools peak RSS "
                 f"{build['peak_rss'] / 1024**2:.0f} MiB with the cap at {cap * 1024:.0f} MiB "
-                f"(Python + libraries alone: {build['import_rss'] / 1024**2:.0f} MiB); "
+                f"(the process before the build: {build['import_rss'] / 1024**2:.0f} MiB); "
                 f"{partitions} partitions, {sample:,} training rows (what the cap allows), "
                 f"{ITERATIONS} k-means iterations for both")
     # the truth: embtools' exact search (float64 re-ranked)
@@ -181,7 +181,7 @@ def run_set(name: str, x: np.ndarray, q: np.ndarray, args: argparse.Namespace, w
                     f"single {best['single'] / best['faiss_single']:.2f}x")
     else:
         rows.append("recall 0.95 was not reached in the nprobe sweep")
-    if "lancedb" not in args.skip:
+    if "lancedb" not in args.skip and name in args.lancedb:
         table, l_build = lance_ivfpq(x, partitions, workdir)
         rows.append(f"LanceDB IVF_PQ build {l_build:.1f} s")
         for nprobe in [p for p in (8, 16, 32, 64) if p <= partitions]:
@@ -210,7 +210,9 @@ def run_set(name: str, x: np.ndarray, q: np.ndarray, args: argparse.Namespace, w
         # approximate self-join through the index vs the exact join (extrapolated from a slice)
         from embtools.search.join import similarity_join
 
-        left = et.EmbeddingStore(path, backend="numpy", max_memory_gb=cap, version=store.version)
+        t_opt, _ = timed(lambda: store.optimize_index())
+        rows.append(f"optimize_index (delta of the appended rows): {t_opt:.1f} s")
+        left = et.EmbeddingStore(path, backend="numpy", version=store.version)
         t_join, _ = timed(lambda: similarity_join(left, store, k, out=os.path.join(workdir, f"j-{name}"),
                                                   nprobe=best["nprobe"], progress=False))
         sl = q[:200]
@@ -246,6 +248,17 @@ def minilm(path: str, n_queries: int) -> tuple[np.ndarray, np.ndarray]:
     return x[~held], x[held]
 
 
+def _find_minilm() -> str:
+    """``shared/data/docstrings-minilm/minilm.parquet`` beside the repository or a parent of it."""
+    here = HERE
+    for _ in range(5):
+        here = os.path.dirname(here)
+        path = os.path.join(here, "shared", "data", "docstrings-minilm", "minilm.parquet")
+        if os.path.exists(path):
+            return path
+    return "minilm.parquet"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rows", type=int, default=1_000_000)
@@ -254,12 +267,14 @@ def main() -> None:
     p.add_argument("--single", type=int, default=200)
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--partitions", type=int, default=None)
-    p.add_argument("--minilm", default=os.path.join(HERE, "..", "..", "shared", "data",
-                                                    "docstrings-minilm", "minilm.parquet"))
+    p.add_argument("--minilm", default=_find_minilm())
     p.add_argument("--skip", default="", help="comma list of: lancedb,minilm,synthetic")
+    p.add_argument("--lancedb", default="synthetic,minilm",
+                   help="data sets on which to build LanceDB IVF_PQ (slow: 10 minutes for 200k here)")
     p.add_argument("--plot", default=os.path.join(HERE, "..", "docs", "index_recall_qps.png"))
     args = p.parse_args()
     args.skip = set(filter(None, args.skip.split(",")))
+    args.lancedb = set(filter(None, args.lancedb.split(",")))
     workdir = tempfile.mkdtemp(prefix="embtools-index-bench-")
     plot: dict[str, list[tuple[float, float]]] = {}
     out: list[str] = [f"threads: {os.cpu_count()}, load average {os.getloadavg()[0]:.1f}"]
@@ -268,6 +283,7 @@ def main() -> None:
             rng = np.random.default_rng(0)
             x = clustered(rng, args.rows + args.queries, args.dim)
             out += run_set("synthetic", x[: args.rows], x[args.rows:], args, workdir, plot)
+            print("\n".join(out), flush=True)
             del x
         if "minilm" not in args.skip and os.path.exists(args.minilm):
             xm, qm = minilm(args.minilm, args.queries)
