@@ -239,7 +239,7 @@ def minilm(path: str, n_queries: int) -> tuple[np.ndarray, np.ndarray]:
 
     t = pq.read_table(path)
     col = next(c for c in t.column_names if "emb" in c or "vector" in c)
-    x = np.asarray(t[col].combine_chunks().flatten().to_numpy(zero_copy_only=False), np.float32)
+    x = np.array(t[col].combine_chunks().flatten().to_numpy(zero_copy_only=False), np.float32)
     x = x.reshape(t.num_rows, -1)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     rng = np.random.default_rng(0)
