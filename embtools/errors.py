@@ -34,7 +34,9 @@ __all__ = [
     "ReadOnlyStoreError",
     "SchemaMismatchError",
     "SnapshotExpiredError",
+    "StorageAccessError",
     "StorageFullError",
+    "StorageUnavailableError",
     "StoreNotFoundError",
 ]
 
@@ -113,3 +115,11 @@ class SnapshotExpiredError(CorruptStoreError):
 
 class StorageFullError(EmbtoolsError, OSError):
     """The disk (or quota) filled up during a write; nothing was committed and the store is unchanged."""
+
+
+class StorageAccessError(EmbtoolsError, PermissionError):
+    """The object store refused the credentials or the request (wrong secret, no permission)."""
+
+
+class StorageUnavailableError(EmbtoolsError, ConnectionError):
+    """The object store stayed unreachable, dropped connections or throttled past the retries."""

@@ -79,12 +79,16 @@ class EmbeddingStore:
 
     Parameters
     ----------
-    path : directory of the store; created (version 0) when it does not exist or is empty.
-        ``None`` keeps everything in memory.
+    path : directory of the store, or a URL (``s3://bucket/prefix``, ``gs://``, ``az://``,
+        ``file://``); created (version 0) when it does not exist or is empty. ``None`` keeps
+        everything in memory.
     backend, device : compute backend for returned arrays (``embtools.get_backend``).
     max_memory_gb : cap on embedding bytes held at once (None: no cap).
     version : open this committed version read-only.
     target_file_bytes : size of the data files ``add`` writes (default 256 MiB).
+    storage_options : settings of an object store (obstore's names: ``endpoint``, ``region``,
+        ``access_key_id``, ``secret_access_key``, ``allow_http``, ...); never logged.
+    cache_dir : a folder keeping the data files read from an object store across sessions.
 
     Examples
     --------
@@ -98,7 +102,9 @@ class EmbeddingStore:
 
     def __init__(self, path: str | os.PathLike[str] | None = None, backend: str | None = None,
                  max_memory_gb: float | None = None, device: str | None = None, *,
-                 version: int | None = None, target_file_bytes: int | None = None) -> None:
+                 version: int | None = None, target_file_bytes: int | None = None,
+                 storage_options: dict[str, Any] | None = None,
+                 cache_dir: str | os.PathLike[str] | None = None) -> None:
         if (path in ("numpy", "torch", "mlx") and isinstance(backend, (int, float))
                 and not isinstance(backend, bool) and device is None
                 and (max_memory_gb is None or isinstance(max_memory_gb, str))):
@@ -111,6 +117,8 @@ class EmbeddingStore:
 
         path, backend = seed_form(path, backend)  # the seed's EmbeddingStore("numpy", ...)
         abspath = store_path(path)
+        if path is None and (storage_options or cache_dir is not None):
+            raise InvalidArgumentError("storage_options and cache_dir need a store URL")
 
         self.budget = MemoryBudget(max_memory_gb)
         self.backend = get_backend(backend, device)
@@ -126,7 +134,11 @@ class EmbeddingStore:
         self.read_only = version is not None
         from embtools.storage.state import open_state
 
-        self._state: StoreState = open_state(self.path, version, self.budget, self.target_file_bytes)
+        #: the settings to pass to polars, DuckDB or pyarrow together with :meth:`files` (see README)
+        self._state: StoreState = open_state(self.path, version, self.budget, self.target_file_bytes,
+                                             storage_options, None if cache_dir is None else os.fspath(cache_dir))
+        self.path = self._state.path
+        self.storage_options: dict[str, Any] = dict(storage_options or {})
 
     @classmethod
     def _open_from_disk(cls, directory: str | os.PathLike[str], backend: str | None = None,
@@ -240,7 +252,8 @@ class EmbeddingStore:
         return str(self._state.config_hash)
 
     def files(self) -> list[str]:
-        """Absolute paths of the committed data files of the open version ([] in memory)."""
+        """Absolute paths (URLs on object storage: read them with :attr:`storage_options`) of the
+        committed data files of the open version ([] in memory)."""
         return self._state.files()
 
     def __repr__(self) -> str:
@@ -403,8 +416,12 @@ class EmbeddingStore:
 
     def save_to_disk(self, directory: str | os.PathLike[str]) -> int:
         """Write the open version as a store at ``directory`` (a new version there); returns it."""
-        target = os.path.abspath(os.fspath(directory))
-        if self.path is not None and os.path.exists(target) and os.path.samefile(self.path, target):
+        from embtools.storage.io import is_url
+
+        target = os.fspath(directory)
+        target = target if is_url(target) else os.path.abspath(target)
+        if (self.path is not None and not is_url(target) and not is_url(self.path)
+                and os.path.exists(target) and os.path.samefile(self.path, target)):
             raise InvalidArgumentError("save_to_disk: target is this store's own directory")
         from embtools.storage.state import DirectoryState
 

@@ -5,6 +5,8 @@ store, prepares its data, prints ``ready``, waits for a line on stdin, runs the 
 ``done <seconds>``. An embtools error is printed as ``error <ErrorClass> <message>`` (exit code 3).
 The crash tests kill it with SIGKILL at a random moment, or set ``EMBTOOLS_CRASH_AT``.
 
+Object stores: the storage options come as JSON in ``$EMBTOOLS_TEST_STORAGE_OPTIONS``.
+
 Modes: ``add`` (one add of ``rows`` rows in many small files), ``batches`` (``batches`` adds of
 ``rows`` rows, ids ``<prefix>-b<j>-<i>``), ``delete`` (rows with ``k % mod == 0``), ``compact``.
 """
@@ -74,7 +76,9 @@ def _main(argv: list[str]) -> int:
     import embtools as et
     from embtools.errors import EmbtoolsError
 
-    store = et.EmbeddingStore(path, backend="numpy", target_file_bytes=args.get("target"))
+    options = json.loads(os.environ.get("EMBTOOLS_TEST_STORAGE_OPTIONS", "null"))
+    store = et.EmbeddingStore(path, backend="numpy", target_file_bytes=args.get("target"),
+                              storage_options=options)
     work: Any
     if mode == "add":
         x = batch_data(args["seed"], args["rows"], args["dim"])

@@ -7,7 +7,9 @@ Helper functions (data generators, the float64 brute force, ``check_top_k``) liv
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -54,3 +56,75 @@ def new_store(tmp_path: Path) -> Iterator[Callable[..., et.EmbeddingStore]]:
     yield make
     for store in made:
         store.close()
+
+
+# -- object storage: a local S3 server (moto) ------------------------------------------------------
+
+S3_KEY, S3_SECRET = "AKIDEMBTOOLSTEST", "embtools-test-secret-value"
+
+
+@dataclass
+class S3Server:
+    """A moto S3 server on 127.0.0.1: ``endpoint``, the client options, ``bucket()`` makes a bucket."""
+
+    endpoint: str
+    server: Any = field(repr=False)
+
+    def options(self, **extra: Any) -> dict[str, Any]:
+        return {"endpoint": self.endpoint, "allow_http": True, "access_key_id": S3_KEY,
+                "secret_access_key": S3_SECRET, "region": "us-east-1", **extra}
+
+    def client(self) -> Any:
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=S3_KEY,
+                            aws_secret_access_key=S3_SECRET, region_name="us-east-1")
+
+    def bucket(self) -> str:
+        name = f"b{uuid.uuid4().hex[:20]}"
+        self.client().create_bucket(Bucket=name)
+        return name
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    """moto's ThreadedMotoServer on 127.0.0.1 (a free port), for the whole session."""
+    import logging
+
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no line per request
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    try:
+        yield S3Server(f"http://{host}:{port}", server)
+    finally:
+        server.stop()
+
+
+@dataclass
+class Location:
+    """Where a test's stores live: ``kind`` "dir" (tmp_path) or "s3" (a fresh moto bucket)."""
+
+    kind: str
+    base: str
+    options: dict[str, Any] | None
+
+    def url(self, name: str = "s") -> str:
+        return f"{self.base}/{name}"
+
+    def open(self, name: str = "s", **kwargs: Any) -> et.EmbeddingStore:
+        """``EmbeddingStore`` of store ``name`` here (``storage_options`` added for S3)."""
+        if self.options is not None:
+            kwargs.setdefault("storage_options", self.options)
+        return et.EmbeddingStore(self.url(name), **kwargs)
+
+
+@pytest.fixture(params=["dir", "s3"])
+def location(request: pytest.FixtureRequest, tmp_path: Path) -> Location:
+    """The same store tests on a local directory and on S3 (moto)."""
+    if request.param == "dir":
+        return Location("dir", str(tmp_path), None)
+    server: S3Server = request.getfixturevalue("s3_server")
+    return Location("s3", f"s3://{server.bucket()}", server.options())

@@ -90,30 +90,62 @@ def test_version_files_are_created_exclusively(tmp_path):
     assert mf.list_versions(root) == list(range(9))
 
 
-def test_row_id_reservation_is_contiguous_and_survives_a_lost_counter(tmp_path):
+def test_row_ids_are_assigned_by_the_commit_and_never_reused(tmp_path):
     root = str(tmp_path / "s")
     store = et.EmbeddingStore(root)
-    got: list[int] = []
+    got: list[list[int]] = []
     lock = threading.Lock()
 
-    def reserve():
-        for _ in range(25):
-            start = mf.reserve_row_ids(root, 4)
+    def add(w: int) -> None:            # handles opened before the others commit: ids taken meanwhile
+        s = et.EmbeddingStore(root)
+        for j in range(5):
+            s.add(_x(4, seed=10 * w + j), text_ids=[f"w{w}-{j}-{i}" for i in range(4)])
+            meta = s.metadata().collect()
+            mine = meta.filter(meta["text_id"].str.starts_with(f"w{w}-{j}-"))["row_id"].to_list()
             with lock:
-                got.append(start)
+                got.append(mine)
 
-    threads = [threading.Thread(target=reserve) for _ in range(4)]
+    threads = [threading.Thread(target=add, args=(w,)) for w in range(4)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert sorted(got) == list(range(0, 400, 4))
+    assert sorted(r for ids in got for r in ids) == list(range(80))       # no gap, no duplicate
+    assert all(ids == list(range(ids[0], ids[0] + 4)) for ids in got)     # each add contiguous
+    assert not os.path.exists(os.path.join(root, "_rowids"))              # no counter file, no lock
+    store.refresh()
+    assert store.source.manifest.next_row_id == 80
+    store.delete(pl_col("row_id") >= 76)                                 # the newest ids go
+    store.add(_x(1, seed=99))
+    assert store.metadata().collect()["row_id"].to_list()[-1] == 80        # never reused
+    assert store.metadata().collect()["text_id"].to_list()[-1] == "row-80"
+
+
+def pl_col(name: str):
+    import polars as pl
+
+    return pl.col(name)
+
+
+def test_manifests_written_before_next_row_id_was_recorded_still_open(tmp_path):
+    root = str(tmp_path / "s")
+    store = et.EmbeddingStore(root)
     store.add(_x(3))
-    ids = store.metadata().collect()["row_id"].to_list()
-    assert ids == [400, 401, 402]
-    os.unlink(os.path.join(root, mf.ROWIDS_FILE))            # a lost counter never reuses ids
+    path = os.path.join(root, "_versions", f"{1:020d}.json")
+    m = json.loads(Path(path).read_text())
+    del m["next_row_id"]
+    Path(path).write_text(json.dumps(m))
+    assert mf.read_manifest(root, 1).next_row_id == 3
+    store = et.EmbeddingStore(root)
     store.add(_x(2, seed=1))
-    assert store.metadata().collect()["row_id"].to_list() == [400, 401, 402, 403, 404]
+    assert store.metadata().collect()["row_id"].to_list() == [0, 1, 2, 3, 4]
+    m["next_row_id"] = 1                                   # below a stored id: the files' ids count
+    Path(path).write_text(json.dumps(m))
+    assert mf.read_manifest(root, 1).next_row_id == 3
+    m["next_row_id"] = -1
+    Path(path).write_text(json.dumps(m))
+    with pytest.raises(CorruptStoreError, match="next_row_id"):
+        mf.read_manifest(root, 1)
 
 
 def test_junk_files_change_nothing_and_vacuum_removes_them(tmp_path):
@@ -173,3 +205,33 @@ def test_versions_and_missing_version_listing(tmp_path):
     with pytest.raises(StoreNotFoundError, match=r"\[0, 1, 2, 3\]"):
         mf.read_manifest(tmp_path / "s", 9)
     assert [et.EmbeddingStore(tmp_path / "s", version=v).num_rows for v in range(4)] == [0, 1, 2, 3]
+
+
+def test_commit_files_assigns_row_ids_to_files_written_apart(tmp_path):
+    """Two workers write files before either commits: their provisional ids overlap; the commit
+    gives each file its final ids (default text ids follow) and one version holds both."""
+    from embtools.memory import MemoryBudget
+    from embtools.storage import writer
+    from embtools.storage.ingest import prepare_batch
+    from embtools.storage.schema import base_schema
+
+    root = str(tmp_path / "s")
+    store = et.EmbeddingStore(root, backend="numpy")
+    store.add(_x(3), text_ids=["a", "b", "c"])
+    x1, x2 = _x(4, seed=1), _x(5, seed=2)
+    b1 = prepare_batch(x1, stored_dims=[4], schema=base_schema(), num_rows=3)
+    b2 = prepare_batch(x2, text_ids=[f"t{i}" for i in range(5)], stored_dims=[4],
+                       schema=base_schema(), num_rows=3)
+    f1 = writer.write_files(root, b1, MemoryBudget(None), 2**20)
+    f2 = writer.write_files(root, b2, MemoryBudget(None), 2**20)
+    assert f1[0].row_id_min == f2[0].row_id_min == 3                     # provisional: the same ids
+    m = writer.commit_files(root, [*f2, *f1], [4], base_schema(), {}, job_id="job-1")
+    assert m is not None and m.next_row_id == 12
+    store.refresh()
+    meta = store.metadata().collect()
+    assert meta["row_id"].to_list() == list(range(12))
+    assert meta["text_id"].to_list() == ["a", "b", "c", *[f"t{i}" for i in range(5)],
+                                         "row-8", "row-9", "row-10", "row-11"]
+    assert np.array_equal(store.get_embeddings(4), np.vstack([_x(3), x2, x1]))
+    data = {p.name for p in (tmp_path / "s" / "data").iterdir()}
+    assert data == {os.path.basename(f) for f in store.files()}           # the old copies are gone

@@ -23,6 +23,7 @@ from embtools.errors import (
     SnapshotExpiredError,
     StorageFullError,
 )
+from embtools.storage import io as storage_io
 from embtools.storage import manifest as mf
 from embtools.storage import writer
 
@@ -230,7 +231,7 @@ def test_open_retries_when_vacuum_removes_the_newest_version_it_found(tmp_path, 
     store.vacuum(retain_versions=1, grace_seconds=0)
     real = mf.list_versions
     calls = iter([stale])
-    monkeypatch.setattr(mf, "list_versions", lambda r: next(calls, None) or real(r))
+    monkeypatch.setattr(mf, "list_versions", lambda r, after=None: next(calls, None) or real(r, after))
     opened = et.EmbeddingStore(root, backend="numpy")  # "has no version 3" before
     assert opened.version == 4 and opened.num_rows == 7
     assert np.array_equal(opened.get_embeddings(4)[:6], x)
@@ -289,9 +290,10 @@ def test_commit_never_lands_below_versions_that_vacuum_left(tmp_path, monkeypatc
     assert raced == [1] and version == 4 and mf.list_versions(path) == [3, 4]
     fresh = et.EmbeddingStore(path, backend="numpy")
     assert fresh.version == 4
-    # g and h reserved their row ids (2, 3) before the others' adds: row order is row-id order
-    assert fresh.metadata().collect()["text_id"].to_list() == list("abghcdef")
-    assert np.array_equal(fresh.get_embeddings(4), x[[0, 1, 6, 7, 2, 3, 4, 5]])
+    # the others' commits took row ids 2..5 first: g and h were rewritten with ids 6, 7
+    meta = fresh.metadata().collect()
+    assert meta["text_id"].to_list() == list("abcdefgh") and meta["row_id"].to_list() == list(range(8))
+    assert np.array_equal(fresh.get_embeddings(4), x)
 
 
 def test_long_lived_handle_rebases_and_expired_reader_gets_a_typed_error(tmp_path):
@@ -330,7 +332,7 @@ def test_failed_commits_leave_nothing_behind(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     # the disk fills while the manifest is written, then while the third data file is written
-    monkeypatch.setattr(mf.json, "dump", full)
+    monkeypatch.setattr(storage_io, "fsync_file", full)
     with pytest.raises(StorageFullError, match="store is unchanged"):
         store.add(x[4:], text_ids=[f"t{i}" for i in range(4, 10)])
     monkeypatch.undo()

@@ -1,4 +1,6 @@
-"""EmbeddingStore on a real Parquet store: round trips, readers, dimensions, batches, in-memory form."""
+"""EmbeddingStore on a real Parquet store: round trips, readers, dimensions, batches, in-memory form.
+
+The tests that take ``location`` run on a local directory and on S3 (moto; tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -43,17 +45,17 @@ def _meta(n: int) -> pl.DataFrame:
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_round_trip_every_column_type_and_several_dims(tmp_path, backend):
+def test_round_trip_every_column_type_and_several_dims(location, backend):
     n = 37
     x = {48: _rows(n, 48, 2), 16: _rows(n, 16, 3), 3: _rows(n, 3, 4)}
     meta = _meta(n)
     labels = [None if i % 9 == 0 else f"lab{i % 4}" for i in range(n)]
     ids = [f"doc-{i:03d}" for i in range(n)]
-    store = et.EmbeddingStore(tmp_path / "s", backend=backend)
+    store = location.open("s", backend=backend)
     assert store.version == 0 and store.num_rows == 0 and store.dimensions == []
     arrays = {d: convert(a, backend) for d, a in x.items()}
     assert store.add(arrays, text_ids=ids, labels=labels, metadata=meta) == 1
-    for reopened in (store, et.EmbeddingStore(tmp_path / "s", backend=backend)):
+    for reopened in (store, location.open("s", backend=backend)):
         assert reopened.dimensions == [3, 16, 48] and reopened.num_rows == n and reopened.version == 1
         got = reopened.metadata().collect()
         assert got["row_id"].to_list() == list(range(n))
@@ -109,11 +111,11 @@ def test_parquet_layout_of_embedding_and_metadata_columns(tmp_path):
             assert col.compression == "ZSTD"
 
 
-def test_inputs_of_every_kind(tmp_path):
+def test_inputs_of_every_kind(location):
     import torch
 
     x = _rows(6, 4)
-    store = et.EmbeddingStore(tmp_path / "s", backend="numpy")
+    store = location.open("s", backend="numpy")
     fsl = pa.FixedSizeListArray.from_arrays(pa.array(x[:2].reshape(-1)), 4)
     store.add(fsl, text_ids=["a0", "a1"])
     store.add(pa.chunked_array([fsl.slice(0, 1), fsl.slice(1, 1)]).cast(pa.list_(pa.float64(), 4)),
@@ -129,8 +131,8 @@ def test_inputs_of_every_kind(tmp_path):
     assert store.versions() == list(range(7))
 
 
-def test_generated_text_ids_are_unique_and_stable(tmp_path):
-    store = et.EmbeddingStore(tmp_path / "s", backend="numpy")
+def test_generated_text_ids_are_unique_and_stable(location):
+    store = location.open("s", backend="numpy")
     store.add(_rows(3, 2))
     store.add(_rows(2, 2, 1))
     meta = store.metadata().collect()
@@ -138,8 +140,8 @@ def test_generated_text_ids_are_unique_and_stable(tmp_path):
     assert meta["text_id"].n_unique() == 5
 
 
-def test_metadata_lazyframe_pushes_projection_and_predicate_into_scan(tmp_path):
-    store = et.EmbeddingStore(tmp_path / "s", backend="numpy")
+def test_metadata_lazyframe_pushes_projection_and_predicate_into_scan(location):
+    store = location.open("s", backend="numpy")
     store.add(_rows(20, 8), metadata={"year": list(range(20)), "topic": [f"t{i % 3}" for i in range(20)]})
     lf = store.metadata().filter(pl.col("year") > 15).select("text_id")
     plan = lf.explain()
@@ -151,9 +153,9 @@ def test_metadata_lazyframe_pushes_projection_and_predicate_into_scan(tmp_path):
     assert lf.collect()["text_id"].to_list() == [f"row-{i}" for i in range(16, 20)]
 
 
-def test_where_filters_polars_and_sql_and_bad_filters(tmp_path):
+def test_where_filters_polars_and_sql_and_bad_filters(location):
     x = _rows(30, 8)
-    store = et.EmbeddingStore(tmp_path / "s", backend="numpy")
+    store = location.open("s", backend="numpy")
     store.add(x, labels=[f"l{i % 3}" for i in range(30)], metadata={"year": list(range(30))})
     want = np.array([i for i in range(30) if i % 3 == 1 and i >= 10])
     a = store.get_embeddings(8, where=(pl.col("label") == "l1") & (pl.col("year") >= 10))
@@ -165,9 +167,9 @@ def test_where_filters_polars_and_sql_and_bad_filters(tmp_path):
             store.get_embeddings(8, where=bad)
 
 
-def test_prefix_dimensions_and_slice_to_dimension(tmp_path):
+def test_prefix_dimensions_and_slice_to_dimension(location):
     x64, x16 = _rows(12, 64), _rows(12, 16, 9)
-    store = et.EmbeddingStore(tmp_path / "s", backend="numpy")
+    store = location.open("s", backend="numpy")
     store.add({64: x64, 16: x16})
     assert np.array_equal(store.get_embeddings(8), x16[:, :8])      # smallest stored above 8 is 16
     assert np.array_equal(store.get_embeddings(32), x64[:, :32])
@@ -184,9 +186,9 @@ def test_prefix_dimensions_and_slice_to_dimension(tmp_path):
 
 
 @pytest.mark.parametrize("batch_rows", [1, 4, 7, 50])
-def test_iter_batches_cover_selection_in_order(tmp_path, batch_rows):
+def test_iter_batches_cover_selection_in_order(location, batch_rows):
     x = _rows(23, 8)
-    store = et.EmbeddingStore(tmp_path / "s", backend="numpy", target_file_bytes=600)
+    store = location.open("s", backend="numpy", target_file_bytes=600)
     store.add(x, text_ids=[f"t{i}" for i in range(23)], metadata={"k": list(range(23))})
     assert len(store.files()) > 2
     where = pl.col("k") % 3 != 0
@@ -203,9 +205,9 @@ def test_iter_batches_cover_selection_in_order(tmp_path, batch_rows):
     assert store.budget.held_bytes == 0
 
 
-def test_snapshot_vector_source_contract(tmp_path):
+def test_snapshot_vector_source_contract(location):
     x = _rows(40, 8)
-    store = et.EmbeddingStore(tmp_path / "s", backend="numpy", target_file_bytes=900)
+    store = location.open("s", backend="numpy", target_file_bytes=900)
     store.add(x, labels=[i % 2 for i in range(40)], metadata={"year": list(range(40))})
     src = store.source
     assert src.num_rows == 40 and src.dimensions == [8]
@@ -224,15 +226,15 @@ def test_snapshot_vector_source_contract(tmp_path):
     assert meta["year"].to_list() == [39, 0, 17] and meta["label"].to_list() == [1, 0, 1]
 
 
-def test_properties_merge_in_commit_and_config_hash(tmp_path):
-    store = et.EmbeddingStore(tmp_path / "s", backend="numpy")
+def test_properties_merge_in_commit_and_config_hash(location):
+    store = location.open("s", backend="numpy")
     h0 = store.config_hash
     store.add(_rows(2, 4), properties={"model": "m1", "note": 1})
     store.add(_rows(2, 4, 1), properties={"note": 2})
-    again = et.EmbeddingStore(tmp_path / "s")
+    again = location.open("s")
     assert again.properties == {"model": "m1", "note": 2}
     assert again.config_hash != h0
-    manifest = json.loads((tmp_path / "s" / "_versions" / f"{2:020d}.json").read_text())
+    manifest = json.loads(store._state.storage.read(f"_versions/{2:020d}.json"))
     assert manifest["properties"] == {"model": "m1", "note": 2}
     assert manifest["operation"] == "add" and manifest["parent"] == 1 and manifest["dimensions"] == [4]
     assert manifest["config_hash"] == et.compute_config_hash({

@@ -30,7 +30,9 @@ def _file_path(store_path: Path, name: Any) -> Path:
 def store_summary(store: Any, path: str) -> dict[str, Any]:
     """What ``embtools info`` reports, as a JSON-ready dict."""
     files = [str(f) for f in store.files()]
-    sizes = [_file_path(Path(path), f).stat().st_size for f in files]
+    manifest = getattr(store.source, "manifest", None)
+    sizes = ([f.bytes for f in manifest.files] if manifest is not None
+             else [_file_path(Path(path), f).stat().st_size for f in files])
     schema = store.metadata().collect_schema()
     props = dict(store.properties or {})
     return {
@@ -118,10 +120,12 @@ def compact(store: str) -> None:
 
 @click.command()
 @click.argument("store", type=click.Path())
-def vacuum(store: str) -> None:
+@click.option("--grace-seconds", type=float, default=3600.0, show_default=True,
+              help="Keep unreferenced files younger than this (a running writer's uploads).")
+def vacuum(store: str, grace_seconds: float) -> None:
     """Delete files that no version needs any more (unfinished writes, old versions' files)."""
     s = open_store(store, backend="numpy")
-    result = s.vacuum()
+    result = s.vacuum(grace_seconds=grace_seconds)
     versions, files = len(result.get("versions", [])), len(result.get("files", []))
     click.echo(
         f"removed {versions} old versions and {files} unreferenced files; version {s.version}"

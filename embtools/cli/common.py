@@ -12,6 +12,7 @@ id\\x1b[31m\\u202e
 
 from __future__ import annotations
 
+import json
 import os
 import unicodedata
 from pathlib import Path
@@ -120,15 +121,34 @@ def open_store(
     max_memory_gb: float | None = None,
     version: int | None = None,
 ) -> Any:
-    """Open the store at ``path``; StoreNotFoundError when it does not exist (unless ``create``)."""
+    """Open the store at ``path`` (a directory or a URL); StoreNotFoundError when it does not exist
+    (unless ``create``). For URLs, ``$EMBTOOLS_STORAGE_OPTIONS`` (a JSON object) gives the
+    storage options and ``$EMBTOOLS_CACHE_DIR`` a cache folder; the usual environment variables
+    (``AWS_ACCESS_KEY_ID``, ``AWS_ENDPOINT_URL``, ...) are read too."""
+    from embtools.storage.io import is_url
     from embtools.store import EmbeddingStore
 
-    p = Path(path)
-    if not create and not p.exists():
-        raise StoreNotFoundError(f"no store at {p} (the path does not exist)")
-    if p.exists() and not p.is_dir():
-        raise StoreNotFoundError(f"{p} is a file, not an embtools store directory")
     kwargs: dict[str, Any] = {}
+    if is_url(os.fspath(path)):
+        target = os.fspath(path)
+        kwargs.update(url_settings())
+        if not create:
+            from embtools.storage.manifest import is_store
+            from embtools.storage.state import open_storage
+
+            storage = open_storage(target, kwargs.get("storage_options"))
+            try:
+                if not is_store(storage):
+                    raise StoreNotFoundError(f"no store at {target} (no committed version there)")
+            finally:
+                storage.close()
+    else:
+        p = Path(path)
+        if not create and not p.exists():
+            raise StoreNotFoundError(f"no store at {p} (the path does not exist)")
+        if p.exists() and not p.is_dir():
+            raise StoreNotFoundError(f"{p} is a file, not an embtools store directory")
+        target = str(p)
     if backend is not None:
         kwargs["backend"] = backend
     if device is not None:
@@ -140,4 +160,21 @@ def open_store(
         kwargs["max_memory_gb"] = max_memory_gb
     if version is not None:
         kwargs["version"] = version
-    return EmbeddingStore(str(p), **kwargs)
+    return EmbeddingStore(target, **kwargs)
+
+
+def url_settings() -> dict[str, Any]:
+    """``storage_options`` and ``cache_dir`` of URL stores from the environment (see open_store)."""
+    out: dict[str, Any] = {}
+    raw = os.environ.get("EMBTOOLS_STORAGE_OPTIONS")
+    if raw:
+        try:
+            options = json.loads(raw)
+        except ValueError:
+            options = None
+        if not isinstance(options, dict):
+            raise InvalidArgumentError("$EMBTOOLS_STORAGE_OPTIONS must be a JSON object of settings")
+        out["storage_options"] = options
+    if os.environ.get("EMBTOOLS_CACHE_DIR"):
+        out["cache_dir"] = os.environ["EMBTOOLS_CACHE_DIR"]
+    return out

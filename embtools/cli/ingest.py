@@ -123,9 +123,12 @@ def _job_params(file: Path, options: dict[str, Any]) -> dict[str, Any]:
 def _open_job(store: Any, params: dict[str, Any]) -> Any:
     """The resumable job record of this ingest: ``<store>/_jobs/ingest-<param hash>/``."""
     from embtools.config import compute_param_hash
+    from embtools.storage.io import is_url
     from embtools.storage.jobs import Job
 
-    folder = Path(store.path) / JOBS_DIR / f"ingest-{compute_param_hash(**params)}"
+    # a store on object storage keeps its job records in its local cache folder (cache_dir)
+    base = Path(store._state.storage.local_root) if is_url(store.path) else Path(store.path)
+    folder = base / JOBS_DIR / f"ingest-{compute_param_hash(**params)}"
     return Job(folder, params, part_files=False)
 
 

@@ -19,14 +19,14 @@ __all__ = ["COMMANDS"]
 def import_seed(directory: str, store: str) -> None:
     """Convert DIRECTORY, written by embedding_tools' save_to_disk (embeddings_<d>d.npy,
     metadata.json, text_ids.txt, labels.txt), into the embtools store STORE (new or empty)."""
+    from embtools.cli.common import open_store
     from embtools.errors import InvalidArgumentError
     from embtools.storage.seed_format import read_seed
-    from embtools.store import EmbeddingStore
 
     seed = read_seed(directory)
     if not seed.arrays:
         raise InvalidArgumentError(f"{directory!r} holds no embeddings to import")
-    target = EmbeddingStore(store, backend="numpy")
+    target = open_store(store, create=True, backend="numpy")
     try:
         if target.num_rows:
             raise InvalidArgumentError(

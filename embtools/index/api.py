@@ -37,6 +37,10 @@ RETRAIN_SHARE = 0.2
 def _directory(store: Any, what: str) -> Any:
     if store.path is None:
         raise InvalidArgumentError(f"{what} needs a store directory (an in-memory store has no index)")
+    if not getattr(store.source, "storage", None) or not store.source.storage.is_local:
+        raise InvalidArgumentError(
+            f"{what}: indexes of stores on object storage are not supported yet; build the index "
+            "on a local copy of the store")
     return store.source
 
 

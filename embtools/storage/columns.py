@@ -23,7 +23,6 @@ Examples
 
 from __future__ import annotations
 
-import os
 from dataclasses import replace
 
 import numpy as np
@@ -32,16 +31,17 @@ import pyarrow.parquet as pq
 
 from embtools.errors import CommitConflictError, CorruptStoreError, LengthMismatchError
 from embtools.storage.datafile import embedding_array
-from embtools.storage.manifest import DATA_DIR, FileEntry, Manifest, commit, config_hash, fsync_dir
+from embtools.storage.io import LocalStorage, as_storage
+from embtools.storage.manifest import DATA_DIR, FileEntry, Manifest, StoreRoot, commit, config_hash
 from embtools.storage.schema import base_schema, emb_column
 from embtools.storage.writer import _write as write_table
 
 __all__ = ["add_dimension_files", "clear_files"]
 
 
-def _rewrite(root: str, entry: FileEntry, dim: int, rows: np.ndarray) -> FileEntry:
+def _rewrite(root: StoreRoot, entry: FileEntry, dim: int, rows: np.ndarray) -> FileEntry:
     """``entry``'s file with the column ``emb_<dim>`` (``rows``) appended, as a new data file."""
-    src = os.path.join(root, entry.path)
+    src = as_storage(root).fetch(entry.path)
     try:
         table = pq.read_table(src)
     except (OSError, pa.ArrowException) as exc:
@@ -54,7 +54,7 @@ def _rewrite(root: str, entry: FileEntry, dim: int, rows: np.ndarray) -> FileEnt
     return write_table(root, table)
 
 
-def add_dimension_files(root: str, base: Manifest, dim: int, embeddings: np.ndarray) -> Manifest:
+def add_dimension_files(root: StoreRoot, base: Manifest, dim: int, embeddings: np.ndarray) -> Manifest:
     """Commit ``base`` with dimension ``dim`` added: row ``i`` of ``embeddings`` (float32, one row
     per stored row, in row order) goes to the ``i``-th stored row."""
     n = base.num_rows
@@ -66,7 +66,9 @@ def add_dimension_files(root: str, base: Manifest, dim: int, embeddings: np.ndar
     for entry in base.files:
         new.append(_rewrite(root, entry, dim, embeddings[start:start + entry.num_rows]))
         start += entry.num_rows
-    fsync_dir(os.path.join(root, DATA_DIR))
+    storage = as_storage(root)
+    if isinstance(storage, LocalStorage):
+        storage.sync(DATA_DIR)
     inputs = [f.path for f in base.files]
     dims = sorted([*base.dimensions, dim])
 
@@ -83,7 +85,7 @@ def add_dimension_files(root: str, base: Manifest, dim: int, embeddings: np.ndar
     return commit(root, rebase)
 
 
-def clear_files(root: str, base: Manifest) -> Manifest:
+def clear_files(root: StoreRoot, base: Manifest) -> Manifest:
     """Commit a version with no rows, no dimensions and no metadata columns (properties kept)."""
     schema = base_schema()
 

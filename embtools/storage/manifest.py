@@ -1,43 +1,43 @@
-"""Versions, manifests and the atomic commit protocol of a store directory.
+"""Versions, manifests and the commit protocol of a store (a directory or an object store).
 
-Layout::
+Layout (keys of the store's :class:`~embtools.storage.io.Storage`)::
 
-    STORE/_versions/<version:020d>.json   one JSON manifest per committed version
-    STORE/data/<uuid>.parquet             data files (only those a manifest lists are ever read)
-    STORE/_rowids                         the row-id counter (reserved under an exclusive flock)
+    _versions/<version:020d>.json   one JSON manifest per committed version (names sort by version)
+    data/<uuid>.parquet             data files (only those a manifest lists are ever read)
 
-Commit (after Delta Lake's and Lance's local-filesystem protocols): data files are written and fsynced
-first; the manifest goes to a temporary file in ``_versions`` and is fsynced; it is then published with
-``os.link(tmp, "<N+1>.json")``, which fails with ``FileExistsError`` when another writer already
-committed N+1, so two writers can never both commit a version; finally the ``_versions`` directory is
-fsynced. Since vacuum removes old versions, N+1 may also be free again because it was committed and
-vacuumed while this writer worked: a commit that finds a newer version above its own withdraws it
-and commits again on top (otherwise the newest version would not contain it). A loser re-reads the latest version and asks its ``rebase`` callback for a new manifest
-(appends rebase onto any version; deletes and compactions raise
+Commit (after Delta Lake's and Lance's protocols): data files are written (fsynced, or uploaded)
+first; the manifest of version N+1 is then *created only if absent* (``os.link`` of a fsynced
+temporary file locally, a conditional put with ``If-None-Match: *`` on an object store), so two
+writers can never both commit a version. Since vacuum removes old versions, N+1 may also be free
+again because it was committed and vacuumed while this writer worked: a commit that finds a newer
+version above its own withdraws it and commits again on top (otherwise the newest version would
+not contain it). A loser re-reads the latest version and asks its ``rebase`` callback for a new
+manifest (appends rebase onto any version; deletes and compactions raise
 :class:`~embtools.errors.CommitConflictError` when their input files are gone). A crash at any point
-leaves at worst unreferenced files, which :func:`vacuum` removes.
+leaves at worst unreferenced files, which :func:`vacuum` removes after its grace period.
+
+Row ids are assigned by the commit, with no lock or counter file: each manifest records
+``next_row_id``, the first id no version has used. An append writes its files with ids from the
+``next_row_id`` it read; its rebase accepts them only while they are still free, else the writer
+rewrites its files with the new ids and tries again (:mod:`embtools.storage.writer`). Writers on
+different machines therefore never collide, and ids are never reused, even after a delete.
 
 Examples
 --------
 >>> import tempfile
 >>> root = tempfile.mkdtemp()
 >>> m = commit(root, lambda latest: empty_manifest("create"))
->>> m.version, list_versions(root)
-(0, [0])
->>> reserve_row_ids(root, 10), reserve_row_ids(root, 5)
-(0, 10)
+>>> m.version, m.next_row_id, list_versions(root)
+(0, 0, [0])
 """
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
-import fcntl
 import json
 import math
 import os
 import re
-import signal
 import time
 import uuid
 from collections.abc import Callable
@@ -52,7 +52,15 @@ from embtools.errors import (
     SnapshotExpiredError,
     StoreNotFoundError,
 )
-from embtools.storage.durable import fsync_dir, fsync_file
+from embtools.storage.durable import fsync_dir
+from embtools.storage.io import (
+    CRASH_ENV,
+    LocalStorage,
+    ObjectInfo,
+    Storage,
+    as_storage,
+    crash_point,
+)
 from embtools.storage.schema import base_schema, schema_from_json, schema_to_json
 
 __all__ = [
@@ -62,7 +70,6 @@ __all__ = [
     "FORMAT",
     "INDEX_DIR",
     "INDEX_FILE",
-    "ROWIDS_FILE",
     "VERSIONS_DIR",
     "FileEntry",
     "IndexEntry",
@@ -80,15 +87,12 @@ __all__ = [
     "missing_file_error",
     "new_data_path",
     "read_manifest",
-    "reserve_row_ids",
     "vacuum",
 ]
 
 FORMAT = "embtools/1"
 VERSIONS_DIR = "_versions"
 DATA_DIR = "data"
-ROWIDS_FILE = "_rowids"
-CRASH_ENV = "EMBTOOLS_CRASH_AT"
 _VERSION_FILE = re.compile(r"^([0-9]{20})\.json$")
 _MAX_COMMIT_ATTEMPTS = 1000
 _MAX_COUNT = 2**62
@@ -99,15 +103,8 @@ INDEX_FILE = re.compile(r"^_index/[a-z0-9][a-z0-9_-]{0,63}/[0-9a-f]{32}\.parquet
 """Manifest paths of index files: ``_index/<index name>/<32 hex>.parquet``."""
 
 
-def crash_point(name: str) -> None:
-    """Test hook: SIGKILL this process when ``$EMBTOOLS_CRASH_AT`` equals ``name``.
-
-    Named points: ``after_data`` (data files written, no manifest), ``after_manifest_tmp`` (temporary
-    manifest written, not published), ``before_dir_fsync`` (published, directory not yet fsynced).
-    Harmless in production: the variable is never set.
-    """
-    if os.environ.get(CRASH_ENV) == name:
-        os.kill(os.getpid(), signal.SIGKILL)
+StoreRoot = str | os.PathLike[str] | Storage
+"""A store's location: its directory, or its :class:`~embtools.storage.io.Storage`."""
 
 
 @dataclass(frozen=True)
@@ -272,6 +269,12 @@ class Manifest:
     #: a retried or re-run job with a recorded id commits nothing
     jobs: tuple[str, ...] = ()
     indexes: list[IndexEntry] = field(default_factory=list)
+    #: the first row id no version of the store has used (assigned by the commit; never reused)
+    next_row_id: int = 0
+    #: a random id of this commit, and its parent's (tells a version built on this one from a
+    #: version that this one's number was re-used below: see :func:`commit`)
+    commit_id: str = ""
+    parent_commit: str = ""
 
     @property
     def num_rows(self) -> int:
@@ -283,7 +286,8 @@ class Manifest:
             "created": self.created, "operation": self.operation,
             "files": [f.to_json() for f in self.files], "dimensions": list(self.dimensions),
             "schema": schema_to_json(self.schema), "config_hash": self.config_hash,
-            "properties": self.properties,
+            "properties": self.properties, "next_row_id": self.next_row_id,
+            "commit_id": self.commit_id, "parent_commit": self.parent_commit,
             **({"indexes": [i.to_json() for i in self.indexes]} if self.indexes else {}),
         }
         if self.jobs:
@@ -315,6 +319,10 @@ class Manifest:
         if len({i.name for i in indexes}) != len(indexes):
             raise ValueError("an index name is listed twice")
         parent = d["parent"]
+        top = max((f.row_id_max + 1 for f in entries if f.num_rows), default=0)
+        next_row_id = d.get("next_row_id")  # manifests written before it was recorded: from files
+        # never below the files' ids (an edited manifest cannot make ids be reused)
+        next_row_id = top if next_row_id is None else max(top, _count(next_row_id, "next_row_id"))
         return cls(
             version=_count(d["version"], "version"),
             parent=None if parent is None else _count(parent, "parent"),
@@ -322,6 +330,8 @@ class Manifest:
             files=entries, dimensions=dimensions, schema=schema_from_json(d["schema"]),
             config_hash=str(d["config_hash"]), properties=dict(props), jobs=tuple(jobs),
             indexes=indexes,
+            next_row_id=next_row_id, commit_id=str(d.get("commit_id") or ""),
+            parent_commit=str(d.get("parent_commit") or ""),
         )
 
     def settings_hash(self) -> str:
@@ -343,69 +353,72 @@ def config_hash(dimensions: list[int], schema: pa.Schema, properties: dict[str, 
 def empty_manifest(operation: str = "create") -> Manifest:
     """A manifest with no files, no dimensions and the base schema (version/parent set by commit)."""
     schema = base_schema()
-    return Manifest(0, None, _now(), operation, [], [], schema, config_hash([], schema, {}), {})
+    return Manifest(0, None, _now(), operation, [], [], schema, config_hash([], schema, {}), {}, next_row_id=0)
 
 
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat()
 
 
-def _versions_dir(root: str | os.PathLike[str]) -> str:
-    return os.path.join(os.fspath(root), VERSIONS_DIR)
+def _version_key(version: int) -> str:
+    return f"{VERSIONS_DIR}/{version:020d}.json"
 
 
-def _version_path(root: str | os.PathLike[str], version: int) -> str:
-    return os.path.join(_versions_dir(root), f"{version:020d}.json")
+def is_store(root: StoreRoot) -> bool:
+    """Whether ``root`` is a store (a directory with a ``_versions`` folder, or a location with a
+    committed version)."""
+    storage = as_storage(root)
+    if isinstance(storage, LocalStorage):
+        return os.path.isdir(os.path.join(storage.local_root, VERSIONS_DIR))
+    return bool(storage.list(f"{VERSIONS_DIR}/"))
 
 
-def is_store(root: str | os.PathLike[str]) -> bool:
-    """Whether ``root`` is a store directory (has a ``_versions`` folder)."""
-    return os.path.isdir(_versions_dir(root))
+def list_versions(root: StoreRoot, after: int | None = None) -> list[int]:
+    """The committed versions of the store at ``root`` (those above ``after``), ascending.
+
+    Version names sort in version order, so ``after`` lists only the newer ones (one request).
+    """
+    storage = as_storage(root)
+    names = storage.list(f"{VERSIONS_DIR}/", None if after is None else _version_key(after))
+    return sorted(int(m.group(1)) for o in names
+                  if (m := _VERSION_FILE.match(o.key.rpartition("/")[2])))
 
 
-def list_versions(root: str | os.PathLike[str]) -> list[int]:
-    """The committed versions of the store at ``root``, ascending."""
-    try:
-        names = os.listdir(_versions_dir(root))
-    except FileNotFoundError:
-        return []
-    return sorted(int(m.group(1)) for n in names if (m := _VERSION_FILE.match(n)))
-
-
-def latest_version(root: str | os.PathLike[str]) -> int | None:
-    """The newest committed version, or None when there is none."""
-    versions = list_versions(root)
+def latest_version(root: StoreRoot, after: int | None = None) -> int | None:
+    """The newest committed version (above ``after``), or None when there is none."""
+    versions = list_versions(root, after)
     return versions[-1] if versions else None
 
 
-def read_manifest(root: str | os.PathLike[str], version: int | None = None) -> Manifest:
+def read_manifest(root: StoreRoot, version: int | None = None) -> Manifest:
     """Read the manifest of ``version`` (default: the latest).
 
     Raises StoreNotFoundError (listing the versions there are) when it does not exist, and
     CorruptStoreError when it cannot be parsed.
     """
+    storage = as_storage(root)
     if version is None:
         # vacuum may remove the version found newest before it is read, once a writer has
         # committed a newer one: read the newest again
         for _ in range(_MAX_COMMIT_ATTEMPTS):
-            latest = latest_version(root)
+            latest = latest_version(storage)
             if latest is None:
-                raise StoreNotFoundError(f"{os.fspath(root)!r} has no committed version")
+                raise StoreNotFoundError(f"{storage.url!r} has no committed version")
             try:
-                return read_manifest(root, latest)
+                return read_manifest(storage, latest)
             except StoreNotFoundError:
-                if latest_version(root) == latest:
+                if latest_version(storage) == latest:
                     raise
-        raise CorruptStoreError(f"{os.fspath(root)}: versions keep vanishing while read")
-    path = _version_path(root, version)
+        raise CorruptStoreError(f"{storage.url}: versions keep vanishing while read")
+    key = _version_key(version)
+    path = storage.display(key)
     try:
-        with open(path, encoding="utf-8") as fh:
-            data = json.load(fh)
+        data = json.loads(storage.read(key))
         manifest = Manifest.from_json(data)
     except FileNotFoundError:
-        have = list_versions(root)
+        have = list_versions(storage)
         raise StoreNotFoundError(
-            f"store {os.fspath(root)!r} has no version {version}; versions: {have}"
+            f"store {storage.url!r} has no version {version}; versions: {have}"
         ) from None
     except (ValueError, KeyError, TypeError, AttributeError, OSError, RecursionError,
             pa.ArrowException) as exc:
@@ -415,101 +428,87 @@ def read_manifest(root: str | os.PathLike[str], version: int | None = None) -> M
     return manifest
 
 
-def missing_file_error(root: str | os.PathLike[str], version: int, path: str) -> CorruptStoreError:
+def missing_file_error(root: StoreRoot, version: int, path: str) -> CorruptStoreError:
     """The error for a data file of ``version`` that is gone: SnapshotExpiredError when vacuum
     removed the version itself (a handle outlived it), else CorruptStoreError."""
-    if not os.path.exists(_version_path(root, version)):
+    storage = as_storage(root)
+    if not storage.exists(_version_key(version)):
         return SnapshotExpiredError(
-            f"version {version} of the store {os.fspath(root)!r} was removed by vacuum while this "
+            f"version {version} of the store {storage.url!r} was removed by vacuum while this "
             f"handle read it, and its data files with it ({os.path.basename(path)} is gone); re-open "
             "the store (or call refresh()) to read the latest version")
     return CorruptStoreError(f"{path}: listed by version {version} but missing")
 
 
-def new_data_path(root: str | os.PathLike[str]) -> tuple[str, str]:
-    """A fresh ``(relative, absolute)`` path for a data file."""
+def new_data_path(root: StoreRoot) -> tuple[str, str]:
+    """A fresh ``(relative, local absolute)`` path for a data file (publish it with
+    :meth:`~embtools.storage.io.Storage.upload`)."""
     rel = f"{DATA_DIR}/{uuid.uuid4().hex}.parquet"
-    return rel, os.path.join(os.fspath(root), rel)
+    return rel, as_storage(root).local_path(rel)
 
 
-def reserve_row_ids(root: str | os.PathLike[str], n: int) -> int:
-    """Reserve ``n`` consecutive row ids and return the first.
-
-    The counter file is updated under an exclusive ``flock``; a writer that crashes after reserving
-    only leaves a gap in the row ids.
-    """
-    if n < 0:
-        raise InvalidArgumentError(f"cannot reserve {n} row ids")
-    path = os.path.join(os.fspath(root), ROWIDS_FILE)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        raw = os.pread(fd, 64, 0).decode("ascii").strip()
-        start = int(raw) if raw else 0
-        start = max(start, _max_committed_row_id(root) + 1)
-        data = f"{start + n:020d}\n".encode("ascii")
-        os.pwrite(fd, data, 0)
-        os.ftruncate(fd, len(data))
-        os.fsync(fd)
-        return start
-    finally:
-        os.close(fd)  # closing releases the lock
-
-
-def _max_committed_row_id(root: str | os.PathLike[str]) -> int:
-    """Largest row id of the latest version (guards against a lost or reset counter file)."""
-    latest = latest_version(root)
-    if latest is None:
-        return -1
-    try:
-        files = read_manifest(root, latest).files
-    except (StoreNotFoundError, CorruptStoreError):
-        return -1
-    return max((f.row_id_max for f in files), default=-1)
-
-
-def commit(root: str | os.PathLike[str], rebase: Callable[[Manifest | None], Manifest],
+def commit(root: StoreRoot, rebase: Callable[[Manifest | None], Manifest],
            operation_note: str = "") -> Manifest:
     """Publish the manifest ``rebase(latest)`` as version ``latest + 1`` and return it.
 
-    ``rebase`` gets the latest committed manifest (None for an empty directory) and returns the
+    ``rebase`` gets the latest committed manifest (None for an empty store) and returns the
     manifest to commit on top of it (its version and parent are set here); it is called again with
-    the new latest when another writer wins the race, and may raise CommitConflictError.
+    the new latest when another writer wins the race, and may raise CommitConflictError. The
+    manifest is created only if its name is free (a link locally, ``If-None-Match: *`` on an
+    object store), so two writers can never both commit a version.
     """
-    root = os.fspath(root)
-    vdir = _versions_dir(root)
-    os.makedirs(vdir, exist_ok=True)
+    storage = as_storage(root)
     for _ in range(_MAX_COMMIT_ATTEMPTS):
-        latest = None if latest_version(root) is None else read_manifest(root)
-        latest_n = None if latest is None else latest.version
-        new_version = 0 if latest_n is None else latest_n + 1
-        manifest = replace(rebase(latest), version=new_version, parent=latest_n, created=_now())
-        tmp = os.path.join(vdir, f".tmp-{uuid.uuid4().hex}.json")
+        latest_n = latest_version(storage)
         try:
-            with open(tmp, "w", encoding="utf-8") as fh:
-                json.dump(manifest.to_json(), fh, indent=1)
-                fsync_file(fh)
-            crash_point("after_manifest_tmp")
-            os.link(tmp, _version_path(root, new_version))
-        except FileExistsError:
+            latest = None if latest_n is None else read_manifest(storage, latest_n)
+        except StoreNotFoundError:  # vacuumed since it was listed: a newer one exists
             continue
-        finally:  # the temporary manifest goes whatever happened (a full disk, a lost race)
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-        if any(v > new_version for v in list_versions(root)):
-            # Buried: other writers committed new_version and more after this one read the
-            # latest, and vacuum removed new_version again, so the link re-used its number below
-            # the newest version, where no reader looks. Withdraw it and commit on top instead.
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(_version_path(root, new_version))
+        new_version = 0 if latest_n is None else latest_n + 1
+        manifest = replace(rebase(latest), version=new_version, parent=latest_n, created=_now(),
+                           commit_id=uuid.uuid4().hex,
+                           parent_commit="" if latest is None else latest.commit_id)
+        _check_row_ids(manifest)
+        data = json.dumps(manifest.to_json(), indent=1).encode("utf-8")
+        if not storage.create(_version_key(new_version), data):
             continue
-        crash_point("before_dir_fsync")
+        if _buried(storage, manifest):
+            # Other writers committed new_version and more after this one read the latest, and
+            # vacuum removed new_version again, so the create re-used its number below the
+            # newest version, where no reader looks. Withdraw it and commit on top instead.
+            storage.delete(_version_key(new_version))
+            continue
         # Published: from here on the version exists, so nothing may report it as not committed
-        # (the caller would remove its files). The directory fsync is best effort.
-        with contextlib.suppress(OSError):
-            fsync_dir(vdir)
+        # (the caller would remove its files).
         return manifest
-    raise CorruptStoreError(f"{root}: could not commit after {_MAX_COMMIT_ATTEMPTS} attempts")
+    raise CorruptStoreError(f"{storage.url}: could not commit after {_MAX_COMMIT_ATTEMPTS} attempts")
+
+
+def _buried(storage: Storage, manifest: Manifest) -> bool:
+    """Whether a newer version exists that was not built on ``manifest`` (just created).
+
+    A version built on it names it as ``parent_commit``. When version N+1 is missing but a newer
+    one exists, N+1 was vacuumed; vacuum removes older versions first, so that N+1 was not built
+    on this (newer) manifest: buried too.
+    """
+    newer = list_versions(storage, after=manifest.version)
+    if not newer:
+        return False
+    if newer[0] != manifest.version + 1:
+        return True
+    try:
+        above = read_manifest(storage, newer[0])
+    except StoreNotFoundError:
+        return True
+    return above.parent_commit != manifest.commit_id
+
+
+def _check_row_ids(manifest: Manifest) -> None:
+    """A manifest about to be committed: its files' row ids are below its ``next_row_id``."""
+    top = max((f.row_id_max for f in manifest.files if f.num_rows), default=-1)
+    if top >= manifest.next_row_id:
+        raise CorruptStoreError(
+            f"internal error: row id {top} is not below next_row_id {manifest.next_row_id}")
 
 
 def _seconds(value: Any) -> bool:
@@ -518,39 +517,31 @@ def _seconds(value: Any) -> bool:
             and math.isfinite(value) and value >= 0)
 
 
-def _mtime(path: str) -> float | None:
-    """``path``'s modification time, or None when it is gone (removed by a racing process)."""
-    try:
-        return os.path.getmtime(path)
-    except FileNotFoundError:
-        return None
-
-
-def _referenced_files(root: str, versions: set[int]) -> set[str]:
-    """The data and index files (normalised relative paths) the manifests of ``versions`` list; a
-    version a concurrent vacuum removed meanwhile lists none."""
+def _referenced_files(storage: Storage, versions: set[int]) -> set[str]:
+    """The data and index files (relative paths) the manifests of ``versions`` list; a version a
+    concurrent vacuum removed meanwhile lists none."""
     out: set[str] = set()
     for v in sorted(versions):
         try:
-            m = read_manifest(root, v)
+            m = read_manifest(storage, v)
         except StoreNotFoundError:
             continue
-        out.update(os.path.normpath(f.path) for f in m.files)
+        out.update(f.path for f in m.files)
         out.update(os.path.normpath(p) for i in m.indexes for p in i.files)
     return out
 
 
-def _stored_files(root: str) -> list[str]:
-    """Relative paths of the files under ``data/`` and ``_index/<name>/`` (what vacuum may remove)."""
-    out = []
-    data_dir = os.path.join(root, DATA_DIR)
-    for name in sorted(os.listdir(data_dir)) if os.path.isdir(data_dir) else []:
-        out.append(f"{DATA_DIR}/{name}")
-    index_dir = os.path.join(root, INDEX_DIR)
-    for sub in sorted(os.listdir(index_dir)) if os.path.isdir(index_dir) else []:
-        folder = os.path.join(index_dir, sub)
-        if os.path.isdir(folder) and not os.path.islink(folder):
-            out.extend(f"{INDEX_DIR}/{sub}/{name}" for name in sorted(os.listdir(folder)))
+def _stored_files(storage: Storage) -> list[ObjectInfo]:
+    """The objects under ``data/`` and ``_index/<name>/`` (what vacuum may remove)."""
+    out = list(storage.list(f"{DATA_DIR}/"))
+    if isinstance(storage, LocalStorage):
+        index_dir = os.path.join(storage.local_root, INDEX_DIR)
+        for sub in sorted(os.listdir(index_dir)) if os.path.isdir(index_dir) else []:
+            folder = os.path.join(index_dir, sub)
+            if os.path.isdir(folder) and not os.path.islink(folder):
+                out.extend(storage.list(f"{INDEX_DIR}/{sub}/"))
+    else:
+        out.extend(o for o in storage.list(f"{INDEX_DIR}/") if o.key.count("/") == 2)
     return out
 
 
@@ -568,7 +559,7 @@ def check_vacuum_args(retain_versions: Any, older_than: Any, grace_seconds: Any)
     return None if older_than is None else float(older_than)
 
 
-def vacuum(root: str | os.PathLike[str], retain_versions: int = 1,
+def vacuum(root: StoreRoot, retain_versions: int = 1,
            older_than: float | _dt.timedelta | None = None,
            grace_seconds: float = 3600.0) -> dict[str, list[Any]]:
     """Remove old version manifests and data files no retained version references.
@@ -580,49 +571,36 @@ def vacuum(root: str | os.PathLike[str], retain_versions: int = 1,
     has not committed yet survive. Returns ``{"versions": [...], "files": [...]}`` of what was removed.
     """
     older_than = check_vacuum_args(retain_versions, older_than, grace_seconds)
-    root = os.fspath(root)
+    storage = as_storage(root)
     now = time.time()
-    versions = list_versions(root)
+    listed = {int(m.group(1)): o for o in storage.list(f"{VERSIONS_DIR}/")
+              if (m := _VERSION_FILE.match(o.key.rpartition("/")[2]))}
+    versions = sorted(listed)
     keep = set(versions[-retain_versions:])
     removed_versions: list[int] = []
     for v in versions:
         if v in keep:
             continue
-        mtime = _mtime(_version_path(root, v))
-        if mtime is None:  # a concurrent vacuum removed it
-            continue
-        if older_than is not None and now - mtime < older_than:
+        if older_than is not None and now - listed[v].mtime < older_than:
             keep.add(v)
             continue
         removed_versions.append(v)
-    referenced = _referenced_files(root, keep)
+    referenced = _referenced_files(storage, keep)
     # Manifests first: a removed version must never point at a removed file.
     for v in removed_versions:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(_version_path(root, v))
+        storage.delete(_version_key(v))
     # versions committed meanwhile keep their files too (a compact's inputs, an old writer's files)
-    referenced |= _referenced_files(root, {v for v in list_versions(root) if v > max(versions, default=-1)})
+    referenced |= _referenced_files(storage, set(list_versions(storage, after=max(versions, default=-1))))
     removed_files: list[str] = []
-    data_dir = os.path.join(root, DATA_DIR)
-    for stored in _stored_files(root):
-        rel = os.path.normpath(stored)
-        path = os.path.join(root, rel)
-        if rel in referenced or not os.path.isfile(path):
+    for obj in _stored_files(storage):
+        if obj.key in referenced or now - obj.mtime < grace_seconds:
             continue
-        mtime = _mtime(path)
-        if mtime is None or now - mtime < grace_seconds:
-            continue
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-        removed_files.append(path)
-    vdir = _versions_dir(root)
-    for name in os.listdir(vdir):
-        path = os.path.join(vdir, name)
-        mtime = _mtime(path) if name.startswith(".tmp-") else None
-        if mtime is not None and now - mtime >= grace_seconds:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-    fsync_dir(vdir)
-    if os.path.isdir(data_dir):
-        fsync_dir(data_dir)
+        storage.delete(obj.key)
+        removed_files.append(storage.display(obj.key))
+    for obj in storage.list(f"{VERSIONS_DIR}/.tmp-"):
+        if now - obj.mtime >= grace_seconds:
+            storage.delete(obj.key)
+    if isinstance(storage, LocalStorage):
+        storage.sync(VERSIONS_DIR)
+        storage.sync(DATA_DIR)
     return {"versions": removed_versions, "files": removed_files}

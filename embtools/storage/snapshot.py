@@ -37,7 +37,8 @@ import pyarrow.parquet as pq
 from embtools.errors import CorruptStoreError, InvalidArgumentError
 from embtools.memory import MemoryBudget
 from embtools.storage.datafile import EMBEDDING_COLUMN, MappedParquetFile
-from embtools.storage.manifest import Manifest, missing_file_error
+from embtools.storage.io import as_storage
+from embtools.storage.manifest import Manifest, StoreRoot, missing_file_error
 from embtools.storage.schema import LABEL, ROW_ID, TEXT_ID, emb_column
 from embtools.storage.source import Chunk, ChunkedSource
 from embtools.storage.verify import CheckedFile
@@ -63,11 +64,13 @@ def metadata_frame(table: pa.Table) -> pl.DataFrame:
 
 
 class Snapshot(ChunkedSource):
-    """The committed version ``manifest`` of the store at ``root``."""
+    """The committed version ``manifest`` of the store at ``root`` (a directory or a Storage;
+    ``self.root`` is the local folder its data files are read from)."""
 
-    def __init__(self, root: str | os.PathLike[str], manifest: Manifest,
+    def __init__(self, root: StoreRoot, manifest: Manifest,
                  budget: MemoryBudget | None = None) -> None:
-        self.root = os.fspath(root)
+        self.storage = as_storage(root)
+        self.root = self.storage.local_root
         self.manifest = manifest
         self.budget = budget
         self.version = manifest.version
@@ -92,7 +95,7 @@ class Snapshot(ChunkedSource):
         are gone are left to the reads (a handle whose version was vacuumed can still add)."""
         if not self._files_checked:
             for i, f in enumerate(self.manifest.files):
-                if os.path.lexists(os.path.join(self.root, f.path)):
+                if not self.storage.is_local or os.path.lexists(os.path.join(self.root, f.path)):
                     self._verify(i, (), ())
         return self._num_rows
 
@@ -117,18 +120,35 @@ class Snapshot(ChunkedSource):
                None if row_groups is None else tuple(row_groups))
         if key in self._verified:
             return
+        self._fetch(i, columns, row_groups)
         try:
             f = CheckedFile(self.root, self.manifest.files[i])
         except CorruptStoreError:
             path = os.path.join(self.root, self.manifest.files[i].path)
             if not os.path.lexists(path):  # gone: SnapshotExpiredError when vacuum removed the version
-                raise missing_file_error(self.root, self.version, path) from None
+                raise missing_file_error(self.storage, self.version, path) from None
             raise
         with f:
             if columns is None:
                 columns = [c for c in f.footer.columns if not EMBEDDING_COLUMN.match(c)]
             f.check(columns, row_groups)
         self._verified.add(key)
+
+    def _fetch(self, i: int, columns: Sequence[str] | None, row_groups: Sequence[int] | None) -> None:
+        """Bring the footer of file ``i`` and the chunks of ``columns`` (None: every non-embedding
+        column) in ``row_groups`` to this machine (only the missing byte ranges from an object
+        store; nothing for a directory)."""
+        if self.storage.is_local:
+            return
+        entry = self.manifest.files[i]
+        try:
+            if columns is None:
+                footer = self.storage.footer(entry.path, entry.bytes)  # type: ignore[attr-defined]
+                columns = [c for c in footer.columns if not EMBEDDING_COLUMN.match(c)]
+            self.storage.prefetch(entry.path, entry.bytes, columns, row_groups)
+        except FileNotFoundError:
+            raise missing_file_error(self.storage, self.version,
+                                     self.storage.display(entry.path)) from None
 
     def _file(self, i: int) -> MappedParquetFile:
         f = self._open.get(i)
@@ -138,7 +158,7 @@ class Snapshot(ChunkedSource):
             try:
                 f = MappedParquetFile(path)
             except FileNotFoundError:
-                raise missing_file_error(self.root, self.version, path) from None
+                raise missing_file_error(self.storage, self.version, path) from None
             if f.row_group_rows != self.manifest.files[i].row_groups:
                 f.close()
                 raise CorruptStoreError(f"{path}: row groups {f.row_group_rows} do not match the manifest")
@@ -175,7 +195,7 @@ class Snapshot(ChunkedSource):
         for f in self.manifest.files:
             path = os.path.join(self.root, f.path)
             if not os.path.exists(path):
-                return missing_file_error(self.root, self.version, path)
+                return missing_file_error(self.storage, self.version, path)
         return None
 
     def chunks(self) -> list[Chunk]:
@@ -334,7 +354,7 @@ class Snapshot(ChunkedSource):
             # on this thread (see take_metadata): a few small columns, nothing to parallelise
             table = pf.read_row_group(rg, columns=present, use_threads=False)
         except FileNotFoundError:
-            raise missing_file_error(self.root, self.version, path) from None
+            raise missing_file_error(self.storage, self.version, path) from None
         except (OSError, pa.ArrowException) as exc:
             raise CorruptStoreError(f"{path}: cannot read metadata ({exc})") from exc
         nbytes = int(table.nbytes)

@@ -37,11 +37,12 @@ from embtools.memory import MemoryBudget
 from embtools.storage import manifest as mf
 from embtools.storage.columns import add_dimension_files, clear_files
 from embtools.storage.ingest import Batch
+from embtools.storage.io import LocalStorage, Storage, is_url
 from embtools.storage.memory_writer import MemoryState
 from embtools.storage.snapshot import Snapshot
 from embtools.storage.writer import append, compact_files, delete_rows, save_source
 
-__all__ = ["DirectoryState", "StoreState", "open_state"]
+__all__ = ["DirectoryState", "StoreState", "open_state", "open_storage"]
 
 
 @runtime_checkable
@@ -106,18 +107,54 @@ class StoreState(Protocol):
 
 
 def open_state(path: str | None, version: int | None, budget: MemoryBudget,
-               target_file_bytes: int) -> StoreState:
-    """A :class:`DirectoryState` for ``path`` (created when missing or empty), or a
-    :class:`~embtools.storage.memory_writer.MemoryState` when ``path`` is None."""
+               target_file_bytes: int, storage_options: dict[str, Any] | None = None,
+               cache_dir: str | None = None) -> StoreState:
+    """A :class:`DirectoryState` for ``path`` (a directory or a URL; created when missing or
+    empty), or a :class:`~embtools.storage.memory_writer.MemoryState` when ``path`` is None."""
     if path is None:
         if version is not None:
             raise InvalidArgumentError("version= needs a store path")
         return MemoryState(budget)
-    return DirectoryState(path, version, budget, target_file_bytes)
+    return DirectoryState(open_storage(path, storage_options, cache_dir), version, budget,
+                          target_file_bytes)
 
 
-def _create_or_check(root: str, version: int | None) -> None:
-    """Create an empty store (version 0) at ``root`` unless one is there; refuse other contents."""
+def open_storage(path: str | os.PathLike[str] | Storage, storage_options: dict[str, Any] | None = None,
+                 cache_dir: str | os.PathLike[str] | None = None) -> Storage:
+    """The :class:`~embtools.storage.io.Storage` of a store path or URL: a directory for plain
+    paths and ``file://`` URLs, obstore for ``s3://``, ``gs://``, ``az://`` (``storage_options``,
+    ``cache_dir``: see :class:`~embtools.storage.object_store.ObjectStorage`)."""
+    if isinstance(path, Storage):
+        return path
+    text = os.fspath(path)
+    if is_url(text):
+        if text.lower().startswith("file://"):
+            if storage_options:
+                raise InvalidArgumentError("file:// URLs take no storage_options")
+            from urllib.parse import unquote, urlparse
+
+            parsed = urlparse(text)
+            if parsed.netloc not in ("", "localhost"):
+                raise InvalidArgumentError(f"{text!r}: a file:// URL names a local path (file:///dir)")
+            return LocalStorage(os.path.abspath(unquote(parsed.path)))
+        from embtools.storage.object_store import ObjectStorage
+
+        return ObjectStorage(text, storage_options, cache_dir)
+    if storage_options:
+        raise InvalidArgumentError("storage_options are for URLs (s3://, gs://, az://), not directories")
+    return LocalStorage(os.path.abspath(text))
+
+
+def _create_or_check(storage: Storage, version: int | None) -> None:
+    """Create an empty store (version 0) unless one is there; refuse other contents."""
+    if not isinstance(storage, LocalStorage):
+        if mf.latest_version(storage) is not None:
+            return
+        if version is not None:
+            raise StoreNotFoundError(f"no store at {storage.url!r}, so no version {version}")
+        mf.commit(storage, lambda latest: latest or mf.empty_manifest("create"))
+        return
+    root = storage.local_root
     if mf.is_store(root):
         return
     exists = os.path.exists(root)
@@ -141,15 +178,17 @@ class DirectoryState:
     Each write commits a new version and opens it (see :mod:`embtools.storage.writer`).
     """
 
-    def __init__(self, path: str | os.PathLike[str], version: int | None, budget: MemoryBudget,
-                 target_file_bytes: int) -> None:
-        self.path: str | None = os.path.abspath(os.fspath(path))
-        self.root: str = self.path
+    def __init__(self, path: str | os.PathLike[str] | Storage, version: int | None,
+                 budget: MemoryBudget, target_file_bytes: int) -> None:
+        self.storage = open_storage(path)
+        #: the directory, or the URL of a store on object storage
+        self.path: str | None = self.storage.url
+        self.root: Storage = self.storage
         self.read_only = version is not None
         self.budget = budget
         self.target_file_bytes = target_file_bytes
-        _create_or_check(self.root, version)
-        self._snap = Snapshot(self.root, mf.read_manifest(self.root, version), budget)
+        _create_or_check(self.storage, version)
+        self._snap = Snapshot(self.storage, mf.read_manifest(self.storage, version), budget)
 
     # -- reads ----------------------------------------------------------------------------------
     @property
@@ -172,7 +211,9 @@ class DirectoryState:
         return mf.list_versions(self.root)
 
     def files(self) -> list[str]:
-        return self._snap.files()
+        if self.storage.is_local:
+            return self._snap.files()
+        return [self.storage.display(f.path) for f in self._snap.manifest.files]
 
     def held_array(self, dim: int) -> np.ndarray | None:
         return None
@@ -216,3 +257,4 @@ class DirectoryState:
 
     def close(self) -> None:
         self._snap.close()
+        self.storage.close()

@@ -23,6 +23,7 @@ import warnings
 from typing import Any
 
 from embtools.errors import InvalidArgumentError
+from embtools.storage.io import is_url
 
 __all__ = ["BACKEND_NAMES", "seed_form", "store_path"]
 
@@ -46,7 +47,8 @@ def seed_form(path: Any, backend: Any) -> tuple[Any, Any]:
 
 
 def store_path(path: Any) -> str | None:
-    """The absolute store path of ``path`` (str, bytes or os.PathLike; None stays None).
+    """The absolute store path of ``path`` (str, bytes or os.PathLike; None stays None; a URL
+    such as ``s3://bucket/prefix`` stays as it is).
 
     InvalidArgumentError for another type, an empty path or one with a NUL character.
     """
@@ -64,4 +66,6 @@ def store_path(path: Any) -> str | None:
         raise InvalidArgumentError(f"the store path {text!r} contains a NUL character")
     if not text:
         raise InvalidArgumentError("the store path is an empty string (None for an in-memory store)")
+    if is_url(text):
+        return text
     return os.path.abspath(text)
