@@ -273,3 +273,31 @@ def test_cli_ingest_and_join_with_ray_match_the_local_commands(cluster, tmp_path
     result = CliRunner().invoke(cli, ["ingest", str(tmp_path / "x"), str(file), "--vector-column",
                                       "vec", "--ray"])
     assert result.exit_code != 0 and "--id-column" in result.output
+
+
+def test_s3_store_read_written_and_joined_by_workers(cluster, s3_server, tmp_path, rng):
+    """A store in S3 (moto on 127.0.0.1): workers read it, write into it, and search it."""
+    url = f"s3://{s3_server.bucket()}/corpus.store"
+    opts = s3_server.options()
+    x = rng.standard_normal((240, 8)).astype(np.float32)
+    ids = [f"s{i}" for i in range(240)]
+    ds = ray.data.from_arrow([
+        pa.table({"text_id": ids[s:s + 80], "label": [i % 2 for i in range(s, s + 80)],
+                  "emb_8": pa.FixedSizeListArray.from_arrays(pa.array(x[s:s + 80].ravel()), 8)})
+        for s in range(0, 240, 80)])
+    store = et.EmbeddingStore(url, backend="numpy", storage_options=opts)
+    sink = StoreDatasink(store, job_id="s3-1")
+    ds.write_datasink(sink)
+    assert sink.committed and store.versions() == [0, 1]
+    again = StoreDatasink(url, job_id="s3-1", storage_options=opts)
+    ds.write_datasink(again)
+    assert not again.committed
+    store.refresh()
+    assert sorted(store.get_text_ids()) == sorted(ids) and store.verify().ok
+    got = read_store(url, dimension=8, where="label = 1", storage_options=opts).take_all()
+    assert sorted(r["text_id"] for r in got) == sorted(ids[1::2])
+    by_id = {r["text_id"]: r["emb_8"] for r in got}
+    np.testing.assert_array_equal(np.stack([by_id[i] for i in ids[1::2]]), x[1::2])
+    local = et.similarity_join(store, store, 3, out=tmp_path / "local", chunk_rows=60)
+    dist = similarity_join(store, store, 3, out=tmp_path / "dist", chunk_rows=60)
+    assert _rows(dist).equals(_rows(local))

@@ -34,7 +34,7 @@ import pyarrow as pa
 
 from embtools.errors import InvalidArgumentError
 from embtools.ray.faults import crash_point
-from embtools.ray.sink import StoreDatasink, store_root
+from embtools.ray.sink import StoreDatasink, open_store_storage, store_options, store_root
 from embtools.storage.schema import LABEL, TEXT_ID, emb_column
 
 __all__ = ["LIGHT_CPUS", "Embedder", "embed_to_store", "pool_defaults", "vectors_to_store"]
@@ -170,7 +170,8 @@ def _vector_columns(table: pa.Table, vector_column: str, dims: list[int] | None,
 
 def vectors_to_store(dataset: Any, store: Any, *, vector_column: str, id_column: str = "id",
                      label_column: str | None = None, metadata_columns: Sequence[str] = (),
-                     dims: Sequence[int] | None = None, job_id: str | None = None) -> int:
+                     dims: Sequence[int] | None = None, job_id: str | None = None,
+                     storage_options: dict[str, Any] | None = None) -> int:
     """Store precomputed vectors (``vector_column``, lists of floats; ``dims``: the Matryoshka
     prefixes kept, default the full width) as one new version; returns it. Rows whose id is
     stored are skipped; ``job_id`` as for :func:`embed_to_store`.
@@ -179,16 +180,18 @@ def vectors_to_store(dataset: Any, store: Any, *, vector_column: str, id_column:
     from embtools.store import EmbeddingStore
 
     root = store_root(store)
+    options = store_options(store, storage_options)
     if job_id is not None:
         check_job_id(job_id)
-        if job_id in read_manifest(root).jobs:
-            return read_manifest(root).version
+        latest = read_manifest(open_store_storage(root, options))
+        if job_id in latest.jobs:
+            return latest.version
     names = dataset.columns()
     wanted_cols = [vector_column, id_column, label_column, *metadata_columns]
     missing = [c for c in wanted_cols if c is not None and c not in names]
     if missing:
         raise InvalidArgumentError(f"columns {missing} are not in the dataset (its columns: {names})")
-    target = EmbeddingStore(root, backend="numpy")
+    target = EmbeddingStore(root, backend="numpy", storage_options=options)
     try:
         ds = _new_rows(dataset.select_columns([c for c in wanted_cols if c is not None]),
                        target, id_column)
@@ -198,7 +201,8 @@ def vectors_to_store(dataset: Any, store: Any, *, vector_column: str, id_column:
                                                   id_column, label_column, list(metadata_columns)),
                         batch_format="pyarrow", num_cpus=LIGHT_CPUS)
     sink = StoreDatasink(root, label_column=LABEL if label_column is not None else None,
-                         metadata_columns=list(metadata_columns), job_id=job_id)
+                         metadata_columns=list(metadata_columns), job_id=job_id,
+                         storage_options=options)
     ds.write_datasink(sink, ray_remote_args={"num_cpus": LIGHT_CPUS})
     assert sink.version is not None
     if isinstance(store, EmbeddingStore) and not store.read_only:
@@ -229,7 +233,8 @@ def embed_to_store(dataset: Any, store: Any, *, text_column: str = "text",
                    num_gpus: float | None = None, num_cpus: float | None = None,
                    actors: int | None = None, threads: int | None = None,
                    device: str | None = None, normalize: bool | None = None,
-                   store_text: bool = False, job_id: str | None = None) -> int:
+                   store_text: bool = False, job_id: str | None = None,
+                   storage_options: dict[str, Any] | None = None) -> int:
     """Embed ``dataset[text_column]`` into ``store`` as one new version; returns the version.
 
     ``id_column`` holds the text ids (None: ``row-<row_id>``), ``label_column`` the labels,
@@ -239,13 +244,15 @@ def embed_to_store(dataset: Any, store: Any, *, text_column: str = "text",
     per Ray batch; ``actors`` the pool size, ``num_cpus``/``num_gpus`` per actor, ``threads``
     torch threads per CPU actor (defaults: :func:`pool_defaults`). ``store_text`` keeps the
     texts as a ``text`` metadata column. Rows whose id is stored are skipped; with ``job_id`` a
-    job already committed runs nothing and commits nothing.
+    job already committed runs nothing and commits nothing. ``storage_options`` go with a store
+    URL given as a string.
     """
     from embtools.embed import _resolve_for_store
     from embtools.storage.manifest import check_job_id, read_manifest
     from embtools.store import EmbeddingStore
 
     root = store_root(store)
+    options = store_options(store, storage_options)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
         raise InvalidArgumentError(f"batch_size must be a positive integer, got {batch_size!r}")
     if job_id is not None:
@@ -255,10 +262,10 @@ def embed_to_store(dataset: Any, store: Any, *, text_column: str = "text",
     missing = [c for c in wanted_cols if c is not None and c not in names]
     if missing:
         raise InvalidArgumentError(f"columns {missing} are not in the dataset (its columns: {names})")
-    target = EmbeddingStore(root, backend="numpy")
+    target = EmbeddingStore(root, backend="numpy", storage_options=options)
     try:
         spec, wanted, norm, record = _resolve_for_store(target, model, dims, normalize)
-        if job_id is not None and job_id in read_manifest(root).jobs:
+        if job_id is not None and job_id in read_manifest(open_store_storage(root, options)).jobs:
             return target.version
         ds = _new_rows(dataset.select_columns([c for c in wanted_cols if c is not None]),
                        target, id_column)
@@ -278,7 +285,7 @@ def embed_to_store(dataset: Any, store: Any, *, text_column: str = "text",
                       id_column=TEXT_ID if id_column is not None else None,
                       label_column=LABEL if label_column is not None else None,
                       metadata_columns=[*metadata_columns, *([TEXT_METADATA] if store_text else [])],
-                      job_id=job_id)
+                      job_id=job_id, storage_options=options)
     embedded.write_datasink(sink, ray_remote_args={"num_cpus": LIGHT_CPUS})
     assert sink.version is not None
     if isinstance(store, EmbeddingStore) and not store.read_only:

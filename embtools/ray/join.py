@@ -30,7 +30,7 @@ import numpy as np
 from embtools.errors import InvalidArgumentError
 from embtools.memory import GB
 from embtools.ray.faults import crash_point
-from embtools.ray.sink import store_root
+from embtools.ray.sink import store_options, store_root
 
 __all__ = ["similarity_join"]
 
@@ -38,13 +38,15 @@ __all__ = ["similarity_join"]
 DEFAULT_TASK_GB = 1.0
 
 
-def _open(root: str, version: int | None, cap: float | None = None) -> Any:
+def _open(root: str, version: int | None, options: dict[str, Any] | None,
+          cap: float | None = None) -> Any:
     from embtools.store import EmbeddingStore
 
-    return EmbeddingStore(root, backend="numpy", version=version, max_memory_gb=cap)
+    return EmbeddingStore(root, backend="numpy", version=version, max_memory_gb=cap,
+                          storage_options=options)
 
 
-def _part(left: tuple[str, int], right: tuple[str, int], pos: np.ndarray, dim: int, k: int,
+def _part(left: tuple[str, int, Any], right: tuple[str, int, Any], pos: np.ndarray, dim: int, k: int,
           metric: str, where: Any, exclude_self: bool, batch_rows: int | None, screen: str,
           nprobe: int | None, refine: int | None, cap: float, path: str) -> int:
     """One chunk of the join, run in a Ray task: write its part file atomically; its rows."""
@@ -75,12 +77,14 @@ def similarity_join(left: Any, right: Any, k: int, out: str | os.PathLike[str], 
                     max_memory_gb: float | None = None, num_cpus: float = 1.0,
                     max_retries: int = 3, progress: bool | None = None, overwrite: bool = False,
                     screen: str | None = None, nprobe: int | None = None,
-                    refine: int | None = None) -> Path:
+                    refine: int | None = None,
+                    storage_options: dict[str, Any] | None = None) -> Path:
     """Top-``k`` rows of ``right`` for every row of ``left`` (stores or their paths), computed
     by Ray tasks and written to the Parquet dataset ``out``; returns ``Path(out)``.
 
     The arguments and the result are those of :func:`embtools.search.similarity_join`; besides:
-    ``nprobe``/``refine`` search through the right store's IVF index (each task probes it under
+    ``storage_options`` go with store URLs given as strings; ``out`` is a directory every
+    worker can write (a shared filesystem). ``nprobe``/``refine`` search through the right store's IVF index (each task probes it under
     its cap), as the local join does. ``max_memory_gb`` is each task's cap (default: the right store's cap, else 1 GB; the task
     reserves it as Ray ``memory``), ``num_cpus`` each task's CPUs, ``max_retries`` how often
     Ray re-runs a failed task. Re-running after a failure resumes the job.
@@ -110,10 +114,11 @@ def similarity_join(left: Any, right: Any, k: int, out: str | os.PathLike[str], 
     if not cap > 0:
         raise InvalidArgumentError(f"max_memory_gb must be > 0, got {max_memory_gb!r}")
     lroot, rroot = store_root(left), store_root(right)
+    lopt, ropt = store_options(left, storage_options), store_options(right, storage_options)
     lver = getattr(left, "version", None) if not isinstance(left, (str, os.PathLike)) else None
     rver = getattr(right, "version", None) if not isinstance(right, (str, os.PathLike)) else None
-    lstore = _open(lroot, lver)
-    rstore = _open(rroot, rver, cap)
+    lstore = _open(lroot, lver, lopt)
+    rstore = _open(rroot, rver, ropt, cap)
     try:
         if exclude_self and not _same_data(lstore, rstore):
             raise InvalidArgumentError(
@@ -135,7 +140,7 @@ def similarity_join(left: Any, right: Any, k: int, out: str | os.PathLike[str], 
             "chunk_rows": chunk, "chunks": n_chunks,
             **({} if nprobe is None and refine is None else {"nprobe": nprobe, "refine": refine}),
         }
-        lkey, rkey = (lroot, lstore.version), (rroot, rstore.version)
+        lkey, rkey = (lroot, lstore.version, lopt), (rroot, rstore.version, ropt)
     finally:
         lstore.close()
         rstore.close()

@@ -33,10 +33,10 @@ __all__ = ["StoreDatasource", "read_store"]
 BLOCK_BYTES = 64 * 1024**2
 
 
-def _open(root: str, version: int | None) -> Any:
+def _open(root: str, version: int | None, options: dict[str, Any] | None) -> Any:
     from embtools.store import EmbeddingStore
 
-    return EmbeddingStore(root, backend="numpy", version=version)
+    return EmbeddingStore(root, backend="numpy", version=version, storage_options=options)
 
 
 class StoreDatasource(Datasource):
@@ -44,11 +44,15 @@ class StoreDatasource(Datasource):
 
     def __init__(self, store_or_url: Any, dimension: int | Sequence[int] | None = None,
                  columns: Sequence[str] | None = None, where: Any = None,
-                 version: int | None = None, block_rows: int | None = None) -> None:
-        from embtools.ray.sink import store_root
+                 version: int | None = None, block_rows: int | None = None,
+                 storage_options: dict[str, Any] | None = None) -> None:
+        from embtools.ray.sink import store_options, store_root
 
         self.root = store_root(store_or_url)
-        store = _open(self.root, version if version is not None else _latest(self.root))
+        self.options = store_options(store_or_url, storage_options)
+        if version is None:
+            version = _latest(self.root, self.options)
+        store = _open(self.root, version, self.options)
         try:
             src = store.source
             self.version = store.version
@@ -102,26 +106,27 @@ class StoreDatasource(Datasource):
             rows = sum(len(c) for c in chunks)
             meta = BlockMetadata(num_rows=rows, size_bytes=rows * self.bytes_per_row,
                                  exec_stats=None, input_files=None)
-            tasks.append(ReadTask(_reader(self.root, self.version, self.dims, self.columns,
-                                          self.select, chunks), meta))
+            tasks.append(ReadTask(_reader(self.root, self.version, self.options, self.dims,
+                                          self.columns, self.select, chunks), meta))
         return tasks
 
     def get_name(self) -> str:
         return "EmbtoolsStore"
 
 
-def _latest(root: str) -> int:
+def _latest(root: str, options: dict[str, Any] | None) -> int:
+    from embtools.ray.sink import open_store_storage
     from embtools.storage.manifest import read_manifest
 
-    return read_manifest(root).version
+    return read_manifest(open_store_storage(root, options)).version
 
 
-def _reader(root: str, version: int, dims: list[int], columns: list[str], select: list[str],
-            chunks: list[np.ndarray]) -> Any:
+def _reader(root: str, version: int, options: dict[str, Any] | None, dims: list[int],
+            columns: list[str], select: list[str], chunks: list[np.ndarray]) -> Any:
     def read() -> Iterator[pa.Table]:
         from ray.data.extensions import ArrowTensorArray
 
-        store = _open(root, version)
+        store = _open(root, version, options)
         try:
             src = store.source
             for pos in chunks:
@@ -143,14 +148,15 @@ def _reader(root: str, version: int, dims: list[int], columns: list[str], select
 def read_store(store_or_url: Any, dimension: int | Sequence[int] | None = None,
                columns: Sequence[str] | None = None, where: Any = None,
                version: int | None = None, *, block_rows: int | None = None,
-               **read_args: Any) -> Any:
+               storage_options: dict[str, Any] | None = None, **read_args: Any) -> Any:
     """A ``ray.data.Dataset`` of one committed version of a store.
 
     ``dimension``: a stored dimension, a prefix of one, or a list (None: every stored one), each
     an ``emb_<d>`` tensor column; ``columns``: metadata columns besides ``row_id`` (None: all);
     ``where``: a polars expression or SQL string selecting rows; ``version``: the version to read
     (None: the latest at the time of the call). Rows come in row order within each block.
-    ``block_rows`` sets the rows per block (default: 64 MiB of embeddings); other keyword
+    ``storage_options`` go with a store URL given as a string (an EmbeddingStore brings its
+    own). ``block_rows`` sets the rows per block (default: 64 MiB of embeddings); other keyword
     arguments go to ``ray.data.read_datasource`` (``num_cpus``, ``concurrency``, ...).
 
     Examples
@@ -161,6 +167,7 @@ def read_store(store_or_url: Any, dimension: int | Sequence[int] | None = None,
     """
     import ray.data
 
-    source = StoreDatasource(store_or_url, dimension, columns, where, version, block_rows)
+    source = StoreDatasource(store_or_url, dimension, columns, where, version, block_rows,
+                             storage_options)
     return ray.data.read_datasource(source, **read_args)
 

@@ -67,21 +67,46 @@ from embtools.storage.schema import (
 )
 from embtools.storage.writer import commit_files, write_files
 
-__all__ = ["StoreDatasink", "block_matrix", "store_root"]
+__all__ = [
+    "StoreDatasink",
+    "block_matrix",
+    "open_store_storage",
+    "store_options",
+    "store_root",
+]
 
 #: Target size of the files one write task writes (a task writes at least one file per block).
 DEFAULT_FILE_BYTES = 64 * 1024**2
 
 
 def store_root(store: Any) -> str:
-    """The directory of ``store`` (an EmbeddingStore or a path); InvalidArgumentError for an
-    in-memory store, which cluster workers cannot reach."""
+    """The directory or URL of ``store`` (an EmbeddingStore, a path or a URL);
+    InvalidArgumentError for an in-memory store, which cluster workers cannot reach."""
+    from embtools.storage.io import is_url
+
     path = store if isinstance(store, (str, os.PathLike)) else getattr(store, "path", None)
     if path is None:
         raise InvalidArgumentError(
             "Ray jobs need a store that every worker can reach (a directory or a URL), not an "
             "in-memory store; save it with store.save_to_disk(path) first")
-    return os.path.abspath(os.fspath(path))
+    text = os.fspath(path)
+    return text if is_url(text) else os.path.abspath(text)
+
+
+def store_options(store: Any, storage_options: Mapping[str, Any] | None = None
+                  ) -> dict[str, Any] | None:
+    """The storage options the workers open ``store`` with: ``storage_options`` when given, else
+    those of an EmbeddingStore (None for a directory)."""
+    if storage_options is not None:
+        return dict(storage_options)
+    return dict(getattr(store, "storage_options", None) or {}) or None
+
+
+def open_store_storage(root: str, options: Mapping[str, Any] | None) -> Any:
+    """The :class:`~embtools.storage.io.Storage` of a store directory or URL."""
+    from embtools.storage.state import open_storage
+
+    return open_storage(root, dict(options) if options else None)
 
 
 def block_matrix(column: pa.ChunkedArray | pa.Array, what: str) -> Any:
@@ -112,13 +137,16 @@ class StoreDatasink(Datasink[dict[str, Any]]):
         retries). None: no record.
     properties : merged into the store properties in the same commit (e.g. the model record).
     target_file_bytes : size of the data files a write task writes.
+    storage_options : for a store URL given as a string (an EmbeddingStore brings its own).
     """
 
     def __init__(self, store: Any, *, id_column: str | None = TEXT_ID,
                  label_column: str | None = LABEL, metadata_columns: Sequence[str] | None = None,
                  job_id: str | None = None, properties: Mapping[str, Any] | None = None,
-                 target_file_bytes: int = DEFAULT_FILE_BYTES) -> None:
+                 target_file_bytes: int = DEFAULT_FILE_BYTES,
+                 storage_options: Mapping[str, Any] | None = None) -> None:
         self.root = store_root(store)
+        self.storage_options = store_options(store, storage_options)
         self.id_column = id_column
         self.label_column = label_column
         self.metadata_columns = None if metadata_columns is None else list(metadata_columns)
@@ -134,7 +162,7 @@ class StoreDatasink(Datasink[dict[str, Any]]):
     # -- driver: before the write tasks ----------------------------------------------------------
     def on_write_start(self, schema: pa.Schema | None = None) -> None:
         """Fix the stored schema from the store's latest version and the input's schema."""
-        latest = read_manifest(self.root)
+        latest = read_manifest(self._storage())
         target = latest.schema
         settled = latest.num_rows > 0
         dims = list(latest.dimensions) if settled else None
@@ -157,6 +185,14 @@ class StoreDatasink(Datasink[dict[str, Any]]):
         self._schema = schema_to_json(target)
         self._dims = dims
         self._settled = settled
+
+    def _storage(self) -> Any:
+        return open_store_storage(self.root, self.storage_options)
+
+    def _remove(self, storage: Any, entries: Sequence[Any]) -> None:
+        for e in entries:
+            with contextlib.suppress(Exception):
+                storage.delete(e.path if hasattr(e, "path") else e)
 
     def _metadata_names(self, names: Sequence[str]) -> list[str]:
         if self.metadata_columns is not None:
@@ -181,6 +217,7 @@ class StoreDatasink(Datasink[dict[str, Any]]):
         written: list[FileEntry] = []
         out_schema = schema
         dims = self._dims
+        storage = self._storage()
         try:
             for block in blocks:
                 table = BlockAccessor.for_block(block).to_arrow()
@@ -189,11 +226,10 @@ class StoreDatasink(Datasink[dict[str, Any]]):
                 batch = self._batch(table, schema, dims)
                 dims = batch.dimensions
                 out_schema = _merge(out_schema, batch.schema)
-                files = write_files(self.root, batch, MemoryBudget(None), self.target_file_bytes)
+                files = write_files(storage, batch, MemoryBudget(None), self.target_file_bytes)
                 written.extend(files)
         except BaseException:
-            for f in written:  # nothing of a failed task is committed: remove what it wrote
-                _remove(os.path.join(self.root, f.path))
+            self._remove(storage, written)  # nothing of a failed task is committed
             raise
         crash_point("sink_write")  # test hook: the worker dies with its files written
         entries = [f.to_json() for f in written]
@@ -226,27 +262,26 @@ class StoreDatasink(Datasink[dict[str, Any]]):
         """Commit every write task's files as one version (nothing when the job is recorded)."""
         returns = [r for r in write_result.write_returns if r and r.get("files")]
         entries = [FileEntry.from_json(f) for r in returns for f in r["files"]]
+        storage = self._storage()
         if not entries:
-            self.version = read_manifest(self.root).version
+            self.version = read_manifest(storage).version
             return
         dims = {tuple(r["dims"]) for r in returns}
         if len(dims) != 1:
-            for e in entries:
-                _remove(os.path.join(self.root, e.path))
+            self._remove(storage, entries)
             raise SchemaMismatchError(f"the write tasks stored different dimensions: {sorted(dims)}")
         schema = schema_from_json(returns[0]["schema"])
         try:
             for r in returns[1:]:
                 schema = _merge(schema, schema_from_json(r["schema"]))
         except SchemaMismatchError:
-            for e in entries:
-                _remove(os.path.join(self.root, e.path))
+            self._remove(storage, entries)
             raise
         stored = list(next(iter(dims)))
-        manifest = commit_files(self.root, entries, stored, schema,
+        manifest = commit_files(storage, entries, stored, schema,
                                 self.commit_properties(stored), self.job_id)
         self.committed = manifest is not None
-        self.version = (manifest or read_manifest(self.root)).version
+        self.version = (manifest or read_manifest(storage)).version
 
 
     def commit_properties(self, dims: list[int]) -> dict[str, Any]:
@@ -272,8 +307,4 @@ def _merge(a: pa.Schema, b: pa.Schema) -> pa.Schema:
                     "every block the same types (cast the dataset)")
     return out
 
-
-def _remove(path: str) -> None:
-    with contextlib.suppress(OSError):
-        os.unlink(path)
 
