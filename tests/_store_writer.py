@@ -118,6 +118,9 @@ def _main(argv: list[str]) -> int:
         print(f"error {type(exc).__name__} {exc}", flush=True)
         return 3
     print(f"done {time.perf_counter() - start:.4f}", flush=True)
+    storage = store._state.storage
+    if hasattr(storage, "create_conflicts"):  # an object store: its commit races
+        print(f"stats lost_creates={storage.create_conflicts} uploads={storage.uploads}", flush=True)
     return 0
 
 

@@ -202,8 +202,13 @@ def test_100_commit_races_from_4_processes_on_s3(s3_server: S3Server) -> None:
         wait_ready(p)
     for p in procs:
         go(p)
+    lost = uploads = 0
     for p in procs:
         assert p.wait(timeout=600) == 0, p.stderr.read() if p.stderr else ""
+        out = p.stdout.read() if p.stdout else ""
+        (stats,) = [line.split() for line in out.splitlines() if line.startswith("stats ")]
+        lost += int(stats[1].split("=")[1])
+        uploads += int(stats[2].split("=")[1])
     store = et.EmbeddingStore(url, backend="numpy", storage_options=opts)
     meta = store.metadata().collect()
     commits = workers * batches
@@ -221,8 +226,11 @@ def test_100_commit_races_from_4_processes_on_s3(s3_server: S3Server) -> None:
         for j in range(batches):
             at = [by_id[t] for t in batch_ids(f"w{w}-b{j}", rows)]
             assert np.array_equal(emb[at], batch_data((w + 1) * 1000 + j, rows, dim))
+    # each batch is one file; a writer whose ids another commit took uploads its file again
+    assert uploads >= commits
     print(f"race: {commits} commits from {workers} processes -> versions 1..{store.version}, "
-          f"{meta.height} rows, {meta['row_id'].n_unique()} distinct row ids")
+          f"{meta.height} rows, {meta['row_id'].n_unique()} distinct row ids; {lost} creates "
+          f"refused (lost races), {uploads - commits} files written again with new row ids")
 
 
 def test_writer_killed_between_upload_and_commit(s3_server: S3Server) -> None:

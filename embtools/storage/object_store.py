@@ -186,8 +186,12 @@ class ObjectStorage(Storage):
             raise InvalidArgumentError(
                 f"cannot open {self.url!r} with these storage_options "
                 f"({self._redact(f'{type(exc).__name__}: {exc}')})") from None
+        #: what this handle asked of the store: requests, bytes read, creates refused (lost commit
+        #: races), data files uploaded
         self.requests = 0
         self.bytes_read = 0
+        self.create_conflicts = 0
+        self.uploads = 0
         self._count_lock = threading.Lock()
         self._footers: dict[str, Footer] = {}
         self._locks: dict[str, threading.Lock] = {}
@@ -272,6 +276,8 @@ class ObjectStorage(Storage):
             try:
                 obs.put(self.store, key, data, mode="create")
             except (ex.AlreadyExistsError, ex.PreconditionError):
+                with self._count_lock:
+                    self.create_conflicts += 1
                 return False
             return True
 
@@ -425,6 +431,8 @@ class ObjectStorage(Storage):
         obs = _obstore()
         path = self.local_path(key)
         self._call("write", key, lambda: obs.put(self.store, key, path))
+        with self._count_lock:
+            self.uploads += 1
 
 
 
