@@ -30,7 +30,7 @@ from embtools.memory import MemoryBudget
 from embtools.storage.ingest import Batch
 from embtools.storage.manifest import config_hash
 from embtools.storage.memory_source import MemorySource
-from embtools.storage.schema import ROW_ID, TEXT_ID, base_schema
+from embtools.storage.schema import ROW_ID, TEXT_ID, base_schema, empty_table
 
 __all__ = ["MemoryState", "first_duplicate"]
 
@@ -55,7 +55,7 @@ class MemoryState:
     def __init__(self, budget: MemoryBudget) -> None:
         self.budget = budget
         self.version = 0
-        self.meta: pa.Table = base_schema().empty_table()
+        self.meta: pa.Table = empty_table(base_schema())
         self.arrays: dict[int, np.ndarray] = {}
         self.properties: dict[str, Any] = {}
         self.next_row_id = 0
@@ -131,7 +131,7 @@ class MemoryState:
 
     def clear(self) -> int:
         """Drop every row, dimension and metadata column (properties kept)."""
-        self._replace(base_schema().empty_table(), {})
+        self._replace(empty_table(base_schema()), {})
         self.version += 1
         return self.version
 

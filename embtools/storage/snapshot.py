@@ -39,7 +39,7 @@ from embtools.memory import MemoryBudget
 from embtools.storage.datafile import EMBEDDING_COLUMN, MappedParquetFile
 from embtools.storage.io import as_storage
 from embtools.storage.manifest import Manifest, StoreRoot, missing_file_error
-from embtools.storage.schema import LABEL, ROW_ID, TEXT_ID, emb_column
+from embtools.storage.schema import LABEL, ROW_ID, TEXT_ID, emb_column, empty_table
 from embtools.storage.source import Chunk, ChunkedSource
 from embtools.storage.verify import CheckedFile
 
@@ -180,7 +180,7 @@ class Snapshot(ChunkedSource):
     # -- VectorSource ----------------------------------------------------------------------------
     def metadata(self) -> pl.LazyFrame:
         """polars LazyFrame of the non-embedding columns over the committed files, in position order."""
-        empty = metadata_frame(self.schema.empty_table())
+        empty = metadata_frame(empty_table(self.schema))
         if not self.manifest.files:
             return empty.lazy()
         for i in range(len(self.manifest.files)):
@@ -296,7 +296,7 @@ class Snapshot(ChunkedSource):
                 names.append(c)
         schema = pa.schema([self.schema.field(n) for n in names])
         if pos.size == 0:
-            return metadata_frame(schema.empty_table())
+            return metadata_frame(empty_table(schema))
         if pos.min() < 0 or pos.max() >= self.num_rows:
             raise InvalidArgumentError(f"positions out of range 0..{self.num_rows - 1}")
         order = np.argsort(pos, kind="stable")
