@@ -353,6 +353,50 @@ class EmbeddingStore:
         check_finite(arr, "embeddings")
         return int(self._state.add_dimension(dim, np.ascontiguousarray(arr, dtype=np.float32)))
 
+    def quantize(self, dimension: int = 384, kinds: Any = ("int8", "binary"), *,
+                 sample_rows: int = 100_000) -> int:
+        """Add quantized columns of ``dimension`` for every row; returns the new version.
+
+        ``kinds``: ``"int8"`` (``emb_<d>_i8``, one byte per dimension, per-dimension ranges
+        computed on a uniform sample of ``sample_rows`` rows and recorded in the manifest) and/or
+        ``"binary"`` (``emb_<d>_b1``, packed sign bits). The codes equal sentence-transformers'
+        ``quantize_embeddings(..., precision="int8"/"ubinary", ranges=...)``. Later adds encode
+        their rows the same way; delete and compact keep the columns. Quantizing a dimension again
+        replaces its codes (and ranges). Search them with ``search(..., precision=)``.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> store = EmbeddingStore(backend="numpy")
+        >>> _ = store.add_embeddings(np.random.default_rng(0).normal(size=(50, 16)), dimension=16)
+        >>> store.quantize(16, kinds=("binary",))
+        2
+        >>> store.quantized
+        {16: ('binary',)}
+        """
+        self._writable()
+        from embtools.storage.quantspec import check_kinds
+
+        if isinstance(dimension, bool) or not isinstance(dimension, (int, np.integer)):
+            raise InvalidArgumentError(f"dimension must be an int, got {dimension!r}")
+        dim = int(dimension)
+        if dim not in self.source.dimensions:
+            raise DimensionMismatchError(
+                f"dimension {dim} is not stored; stored: {self.source.dimensions} (quantize a "
+                "stored dimension, or store the prefix first with slice_to_dimension)")
+        kinds_t = check_kinds(kinds)
+        if isinstance(sample_rows, bool) or not isinstance(sample_rows, (int, np.integer)) or sample_rows < 2:
+            raise InvalidArgumentError(f"sample_rows must be an int >= 2, got {sample_rows!r}")
+        if self.source.num_rows == 0:
+            raise InvalidArgumentError("the store has no rows to quantize; add rows first")
+        return int(self._state.quantize(dim, kinds_t, int(sample_rows)))
+
+    @property
+    def quantized(self) -> dict[int, tuple[str, ...]]:
+        """The quantized dimensions and their kinds, e.g. ``{384: ("binary", "int8")}``."""
+        specs = getattr(self.source, "quantized", {}) or {}
+        return {d: specs[d].kinds for d in sorted(specs)}
+
     def clear(self) -> int:
         """Remove every row, dimension and metadata column (the seed's ``clear()``); the new version.
 
@@ -666,9 +710,10 @@ class EmbeddingStore:
     # -- delegates ------------------------------------------------------------------------------
     def search(self, queries: Any, k: int = 10, *, dimension: int | None = None,
                metric: str = "cosine", where: Any = None, columns: Sequence[str] | None = None,
-               funnel: Sequence[tuple[int, int]] | None = None, batch_rows: int | None = None,
+               funnel: Sequence[tuple[int | str, int]] | None = None, batch_rows: int | None = None,
                screen: str | None = None, nprobe: int | None = None, refine: int | None = None,
-               exact: bool = False) -> pl.DataFrame:
+               exact: bool = False, precision: str | None = None,
+               rescore: int | None = None) -> pl.DataFrame:
         """Top-``k`` rows for each query, as a polars DataFrame ``query, rank, row_id,
         text_id, label, score`` (+ ``columns``); see :func:`embtools.search.search_store`.
 
@@ -676,7 +721,10 @@ class EmbeddingStore:
         with the store's model), or another store (each of its rows a query). ``where`` filters
         the rows searched; ``funnel`` runs the Matryoshka funnel; ``batch_rows`` caps the rows per
         batch; ``screen`` ("auto", "on", "off") allows, forces or forbids the bfloat16 screen.
-        Any search that can stream under ``max_memory_gb`` does; otherwise MemoryLimitError names
+        ``precision="binary"`` or ``"int8"`` (after :meth:`quantize`) shortlists ``rescore * k``
+        rows per query by the quantized codes and returns the best ``k`` with exact float scores
+        (approximate: recall, not exactness; ``funnel=[("binary", 400), ("int8", 40)]`` chains
+        quantized stages). Any search that can stream under ``max_memory_gb`` does; otherwise MemoryLimitError names
         the smallest cap that works (see :meth:`explain`).
 
         Without an index the search is exact. With an index of this dimension and metric (see
@@ -689,12 +737,14 @@ class EmbeddingStore:
 
         return search_store(self, queries, k, dimension=dimension, metric=metric, where=where,
                             columns=columns, funnel=funnel, batch_rows=batch_rows, screen=screen,
-                            nprobe=nprobe, refine=refine, exact=exact)
+                            nprobe=nprobe, refine=refine, exact=exact,
+                            precision=precision, rescore=rescore)
 
     def explain(self, queries: Any, k: int = 10, *, dimension: int | None = None,
                 metric: str = "cosine", where: Any = None,
-                funnel: Sequence[tuple[int, int]] | None = None, batch_rows: int | None = None,
-                screen: str | None = None) -> str:
+                funnel: Sequence[tuple[int | str, int]] | None = None, batch_rows: int | None = None,
+                screen: str | None = None, precision: str | None = None,
+                rescore: int | None = None) -> str:
         """The plan ``search`` would run with these arguments, as text: path, batch rows, bytes
         per batch, passes over the rows, whether torch is used, the smallest cap that works.
 
@@ -709,7 +759,8 @@ class EmbeddingStore:
         from embtools.search.api import explain_search
 
         return explain_search(self, queries, k, dimension=dimension, metric=metric, where=where,
-                              funnel=funnel, batch_rows=batch_rows, screen=screen)
+                              funnel=funnel, batch_rows=batch_rows, screen=screen,
+                              precision=precision, rescore=rescore)
 
     def compute_similarity(self, query: Any, dimension: int, top_k: int | None = None) -> Any:
         """The seed's ``(similarities, indices)`` search (see :func:`embtools.search.compute_similarity`)."""

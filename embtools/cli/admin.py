@@ -1,9 +1,10 @@
-"""Store administration commands: ``info``, ``delete``, ``compact``, ``vacuum``, ``hash``, ``validate``.
+"""Store administration commands: ``info``, ``delete``, ``compact``, ``vacuum``, ``quantize``,
+``hash``, ``validate``.
 
 Examples
 --------
 >>> [c.name for c in COMMANDS]
-['info', 'delete', 'compact', 'vacuum', 'hash', 'validate']
+['info', 'delete', 'compact', 'vacuum', 'quantize', 'hash', 'validate']
 """
 
 from __future__ import annotations
@@ -16,10 +17,10 @@ from typing import Any
 
 import click
 
-from embtools.cli.common import open_store, out_console, table_cell
+from embtools.cli.common import open_store, out_console, split_names, table_cell
 from embtools.errors import InvalidArgumentError
 
-__all__ = ["COMMANDS", "load_config_file", "store_summary"]
+__all__ = ["COMMANDS", "load_config_file", "quantized_summary", "store_summary"]
 
 
 def _file_path(store_path: Path, name: Any) -> Path:
@@ -48,6 +49,7 @@ def store_summary(store: Any, path: str) -> dict[str, Any]:
         "embedding_model": (props.get("embedding_model") or {}).get("name"),
         "config_hash": str(store.config_hash),
         "indexes": store.indexes(),
+        "quantized": quantized_summary(store, Path(path), files),
     }
 
 
@@ -59,6 +61,27 @@ def _index_line(info: dict[str, Any]) -> str:
     share = held / max(1, held + outside)
     return (f"{info['partitions']} partitions, codes {info['codes']}; covers {held:,} rows "
             f"({share:.0%}), {outside:,} added since are searched exactly")
+
+
+def quantized_summary(store: Any, root: Path, files: list[str]) -> dict[str, dict[str, Any]]:
+    """Per quantized column: its kind, dimension and bytes on disk (``{}`` when none)."""
+    import pyarrow.parquet as pq
+
+    from embtools.storage.quantspec import code_column
+
+    out: dict[str, dict[str, Any]] = {}
+    for dim, kinds in store.quantized.items():
+        for kind in kinds:
+            out[code_column(dim, kind)] = {"dimension": int(dim), "kind": kind, "bytes": 0}
+    for f in files:
+        md = pq.read_metadata(_file_path(root, f))
+        for g in range(md.num_row_groups):
+            group = md.row_group(g)
+            for c in range(group.num_columns):
+                col = group.column(c)
+                if col.path_in_schema in out:
+                    out[col.path_in_schema]["bytes"] += int(col.total_compressed_size)
+    return out
 
 
 @click.command()
@@ -85,6 +108,8 @@ def info(store: str, version: int | None, as_json: bool) -> None:
         ("files", f"{summary['files']} ({format_bytes(summary['bytes'])})"),
         ("schema", ", ".join(f"{k}: {v}" for k, v in summary["schema"].items())),
         ("embedding model", str(summary["embedding_model"] or "- (vectors added directly)")),
+        ("quantized", ", ".join(f"{name} ({format_bytes(q['bytes'])})"
+                                for name, q in summary["quantized"].items()) or "-"),
         ("config hash", summary["config_hash"]),
         *((f"index {i['name']}", _index_line(i)) for i in summary["indexes"]),
     ]
@@ -130,6 +155,30 @@ def vacuum(store: str, grace_seconds: float) -> None:
     click.echo(
         f"removed {versions} old versions and {files} unreferenced files; version {s.version}"
     )
+
+
+@click.command()
+@click.argument("store", type=click.Path())
+@click.option("--dim", "dim", type=int, required=True, help="The stored dimension to quantize.")
+@click.option(
+    "--kinds", default="int8,binary", show_default=True,
+    help="Comma-separated kinds: int8 (1 byte a dimension), binary (1 bit a dimension).",
+)
+@click.option(
+    "--sample-rows", type=int, default=100_000, show_default=True,
+    help="Rows sampled for the int8 ranges.",
+)
+def quantize(store: str, dim: int, kinds: str, sample_rows: int) -> None:
+    """Add quantized columns (emb_<dim>_i8, emb_<dim>_b1) for every row (a new version)."""
+    from embtools.memory import format_bytes
+
+    s = open_store(store, backend="numpy")
+    version = s.quantize(dim, kinds=split_names(kinds), sample_rows=sample_rows)
+    s = open_store(store, backend="numpy")
+    sizes = quantized_summary(s, Path(store), [str(f) for f in s.files()])
+    listed = ", ".join(f"{n} ({format_bytes(q['bytes'])})" for n, q in sizes.items()
+                       if q["dimension"] == dim)
+    click.echo(f"quantized dimension {dim} of {s.num_rows:,} rows: {listed}; version {version}")
 
 
 def load_config_file(path: Path) -> Any:
@@ -189,4 +238,4 @@ def validate() -> None:
     raise SystemExit(validate_main([]))
 
 
-COMMANDS = [info, delete, compact, vacuum, hash_command, validate]
+COMMANDS = [info, delete, compact, vacuum, quantize, hash_command, validate]

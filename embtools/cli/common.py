@@ -89,19 +89,22 @@ def parse_int_list(text: str | None, option: str) -> list[int] | None:
     return values
 
 
-def parse_funnel_option(text: str | None) -> list[tuple[int, int]] | None:
-    """``"64:400,128:100"`` -> ``[(64, 400), (128, 100)]`` (dimension:shortlist pairs)."""
+def parse_funnel_option(text: str | None) -> list[tuple[int | str, int]] | None:
+    """``"64:400,128:100"`` -> ``[(64, 400), (128, 100)]`` (dimension:shortlist pairs; a stage
+    may also be ``binary`` or ``int8``: ``"binary:400,int8:40"``)."""
     if text is None or not text.strip():
         return None
-    stages = []
+    stages: list[tuple[int | str, int]] = []
     for part in text.split(","):
         dim, sep, short = part.strip().partition(":")
-        if not sep or not dim.strip().isdigit() or not short.strip().isdigit():
+        dim = dim.strip()
+        if not sep or not (dim.isdigit() or dim in ("binary", "int8")) or not short.strip().isdigit():
             raise click.BadParameter(
-                f"expected DIM:SHORTLIST pairs such as 64:400,128:100, got {text!r}",
+                f"expected DIM:SHORTLIST pairs such as 64:400,128:100 or binary:400,int8:40, "
+                f"got {text!r}",
                 param_hint="--funnel",
             )
-        stages.append((int(dim), int(short)))
+        stages.append((int(dim) if dim.isdigit() else dim, int(short)))
     return stages
 
 

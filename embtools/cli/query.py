@@ -114,7 +114,18 @@ def _metadata_columns(store: Any) -> list[str]:
     help="SQL predicate on metadata, e.g. \"label = 'json' AND n_words > 5\".",
 )
 @click.option(
-    "--funnel", default=None, help="Matryoshka funnel DIM:SHORTLIST pairs, e.g. 64:400,128:100."
+    "--funnel", default=None,
+    help="Funnel STAGE:SHORTLIST pairs: Matryoshka dimensions (64:400,128:100) and/or quantized "
+         "stages first (binary:400,int8:40).",
+)
+@click.option(
+    "--precision", type=click.Choice(["float32", "int8", "binary"]), default="float32",
+    show_default=True,
+    help="int8/binary: shortlist by the quantized codes (embtools quantize), then exact scores.",
+)
+@click.option(
+    "--rescore", type=int, default=None,
+    help="With --precision int8/binary: rows shortlisted per result (default: binary 10, int8 4).",
 )
 @click.option("--nprobe", type=int, default=None,
               help="Partitions probed per query when the store has an index (default: about sqrt).")
@@ -153,6 +164,8 @@ def search(
     nprobe: int | None,
     refine: int | None,
     exact: bool,
+    precision: str,
+    rescore: int | None,
     backend: str | None,
     device: str | None,
     max_memory_gb: float | None,
@@ -195,6 +208,8 @@ def search(
         nprobe=nprobe,
         refine=refine,
         exact=exact,
+        precision=precision,
+        rescore=rescore,
     )
     done = time.perf_counter()
     if texts is not None:

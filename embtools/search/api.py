@@ -103,6 +103,8 @@ def _request(
     nprobe: Any = None,
     refine: Any = None,
     exact: Any = False,
+    precision: Any = None,
+    rescore: Any = None,
 ) -> SearchRequest:
     """The request of a search of ``store`` (texts are embedded with the store's model)."""
     if isinstance(queries, str) or (
@@ -114,7 +116,7 @@ def _request(
     return SearchRequest.build(
         store.source, queries, k, dimension=dimension, metric=metric, where=where,
         batch_rows=batch_rows, screen=screen, funnel=funnel, nprobe=nprobe, refine=refine,
-        exact=exact,
+        exact=exact, precision=precision, rescore=rescore,
     )
 
 
@@ -127,12 +129,14 @@ def search_store(
     metric: str = "cosine",
     where: Any = None,
     columns: Sequence[str] | None = None,
-    funnel: Sequence[tuple[int, int]] | None = None,
+    funnel: Sequence[tuple[int | str, int]] | None = None,
     batch_rows: int | None = None,
     screen: str | None = None,
     nprobe: int | None = None,
     refine: int | None = None,
     exact: bool = False,
+    precision: str | None = None,
+    rescore: int | None = None,
 ) -> pl.DataFrame:
     """Top-``k`` rows of ``store`` for each query, as a polars DataFrame (exact, unless an
     index serves the search: then ``nprobe`` and ``refine`` tune it and ``exact=True`` forbids it).
@@ -144,7 +148,8 @@ def search_store(
     Metrics: ``cosine`` (zero vectors score 0), ``dot``, ``l2`` (squared Euclidean, smallest
     first). ``where`` (polars expression or SQL predicate string) picks the rows before scoring,
     so each query gets ``min(k, matches)`` rows. ``funnel=[(64, 400), (256, 100)]`` runs the
-    Matryoshka funnel. ``batch_rows`` caps the corpus rows per batch; ``screen`` (``"auto"``,
+    Matryoshka funnel; ``precision="binary"``/``"int8"`` (with ``rescore=``) shortlists by the
+    quantized codes and re-ranks exactly (see :mod:`embtools.search.quantized`). ``batch_rows`` caps the corpus rows per batch; ``screen`` (``"auto"``,
     ``"on"``, ``"off"``; default from ``EMBTOOLS_BF16_SCREEN``) allows, forces or forbids the
     bfloat16 screen. Ties go to the lower ``row_id``. The planner streams any search that fits
     the memory cap (see :func:`explain_search`).
@@ -159,8 +164,9 @@ def search_store(
     ['x', 'z']
     """
     if is_store(queries):
-        if funnel is not None or columns is not None:
-            raise InvalidArgumentError("funnel and columns are not supported when queries is a store")
+        if funnel is not None or columns is not None or precision not in (None, "float32"):
+            raise InvalidArgumentError(
+                "funnel, precision and columns are not supported when queries is a store")
         import tempfile
 
         with tempfile.TemporaryDirectory(prefix="embtools-join-") as tmp:
@@ -170,7 +176,7 @@ def search_store(
             return pl.read_parquet(str(path) + "/*.parquet")
     cols = _columns(columns)
     req = _request(store, queries, k, dimension, metric, where, funnel, batch_rows, screen,
-                   nprobe, refine, exact)
+                   nprobe, refine, exact, precision, rescore)
     top = run_search(req, SearchContext.of(store))
     return result_frame(store.source, top.scores, top.positions, cols)
 
@@ -183,9 +189,11 @@ def explain_search(
     dimension: int | None = None,
     metric: str = "cosine",
     where: Any = None,
-    funnel: Sequence[tuple[int, int]] | None = None,
+    funnel: Sequence[tuple[int | str, int]] | None = None,
     batch_rows: int | None = None,
     screen: str | None = None,
+    precision: str | None = None,
+    rescore: int | None = None,
 ) -> str:
     """The plan :func:`search_store` would run, as text: the path (screen, float32 stream, funnel),
     query groups and batch rows, bytes per batch, passes over the rows, whether torch is used, and
@@ -200,7 +208,8 @@ def explain_search(
     >>> print(explain_search(store, np.eye(4, dtype=np.float32), k=2).splitlines()[1])
     path: float32 stream, then a float64 re-rank of 4 candidates per query
     """
-    req = _request(store, queries, k, dimension, metric, where, funnel, batch_rows, screen)
+    req = _request(store, queries, k, dimension, metric, where, funnel, batch_rows, screen,
+                   precision=precision, rescore=rescore)
     return plan_search(req, SearchContext.of(store)).explain()
 
 

@@ -19,6 +19,7 @@ from typing import Any
 
 from embtools.backends.base import check_k
 from embtools.search.engine import StreamSizes, run_stream
+from embtools.search.quantized import CodeSizes, code_rerank, code_shortlist
 from embtools.search.refine import rerank
 from embtools.search.request import SearchContext, SearchRequest, TopK, parse_funnel
 from embtools.search.screen import ScreenSizes, screened_shortlist
@@ -27,21 +28,29 @@ __all__ = ["funnel_top_k", "parse_funnel", "recall_at_k"]
 
 
 def funnel_top_k(
-    req: SearchRequest, ctx: SearchContext, first: StreamSizes | ScreenSizes
+    req: SearchRequest, ctx: SearchContext, first: StreamSizes | ScreenSizes | CodeSizes
 ) -> TopK:
     """Funnel search (``req.funnel``): the top-``n0`` on the ``d0`` prefix over the selection
     (the float32 stream, or bfloat16 scores when the planner sized the screen for it: ``first``),
-    then :func:`rerank` through the later stages and the full ``req.dim`` to ``req.k``."""
+    or by the quantized codes of ``req.dim`` (a ``"binary"``/``"int8"`` first stage, see
+    :mod:`embtools.search.quantized`), then the later stages (int8 codes, or :func:`rerank` at
+    a prefix) and a float64 :func:`rerank` at the full ``req.dim`` to ``req.k``."""
     assert req.funnel is not None
     d0, n0 = req.funnel[0]
-    stage = req.at_dim(d0, n0)
-    if isinstance(first, ScreenSizes):
+    if isinstance(d0, str):
+        assert isinstance(first, CodeSizes)
+        cand = code_shortlist(req, ctx, d0, n0, first)
+    elif isinstance(first, ScreenSizes):
         # bfloat16 scores pick the shortlist (the later stages re-rank it in float64)
-        cand = screened_shortlist(stage, ctx, n0, first)
+        cand = screened_shortlist(req.at_dim(d0, n0), ctx, n0, first)
     else:
-        cand = run_stream(stage, ctx, first, n0).positions
+        assert isinstance(first, StreamSizes)
+        cand = run_stream(req.at_dim(d0, n0), ctx, first, n0).positions
     for d, n in req.funnel[1:]:
-        cand = rerank(req.replace(dim=d), ctx, cand, n).positions
+        if isinstance(d, str):
+            cand = code_rerank(req, ctx, cand, d, n)
+        else:
+            cand = rerank(req.replace(dim=d), ctx, cand, n).positions
     return rerank(req, ctx, cand, req.k)
 
 

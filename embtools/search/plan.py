@@ -47,6 +47,13 @@ from embtools.memory import GB, format_bytes
 from embtools.search.engine import StreamSizes, plan_stream, run_stream, stream_min_bytes
 from embtools.search.funnel import funnel_top_k
 from embtools.search.ivf import IndexSizes, describe, index_top_k, merge_top_k, size_index
+from embtools.search.quantized import (
+    CodeSizes,
+    code_rerank_bytes,
+    codes_min_bytes,
+    quantized_spec,
+    size_codes,
+)
 from embtools.search.refine import (
     RERANK_CHUNK_BYTES,
     RerankSizes,
@@ -102,10 +109,11 @@ class SearchPlan:
     fallback: str | None = None
     candidates: int = 0
     rerank: RerankSizes | None = None
-    funnel: tuple[tuple[int, int], ...] | None = None
+    funnel: tuple[tuple[int | str, int], ...] | None = None
     notes: tuple[str, ...] = ()
     index: IndexSizes | None = None
     probe: Any = None
+    codes: CodeSizes | None = None
 
     @property
     def torch(self) -> bool:
@@ -117,7 +125,7 @@ class SearchPlan:
         """Passes over the selected rows (the screen's uncertified queries may add one)."""
         if self.path in ("empty", "index"):
             return 0
-        sizes = self.screen if self.screen is not None else self.stream
+        sizes = self.screen or self.stream or self.codes
         assert sizes is not None
         return -(-self.nq // sizes.group)
 
@@ -151,6 +159,12 @@ class SearchPlan:
             )
         if self.index is not None:
             lines.append(describe(self.probe, self.index))
+        if self.codes is not None:
+            c = self.codes
+            kind = self.funnel[0][0] if self.funnel else "?"
+            lines.append(
+                f"  {kind} codes: query groups of {c.group}, batches of {c.rows:,} rows, "
+                f"{format_bytes(c.nbytes)} of workspace")
         if self.candidates:
             r = self.rerank
             size = "" if r is None else f", {r.group} queries at a time, {format_bytes(r.nbytes)}"
@@ -182,9 +196,12 @@ class SearchPlan:
         if self.path == "funnel":
             assert self.funnel is not None
             d0, n0 = self.funnel[0]
+            dims = " -> ".join(f"{d} ({n})" for d, n in self.funnel[1:])
+            later = f", re-ranked by {dims}" if dims else ""
+            if isinstance(d0, str):
+                return (f"quantized funnel: shortlist of {n0} by the {d0} codes of dimension "
+                        f"{self.dim}{later}, then a float64 re-rank at {self.dim}")
             first = "bfloat16 screen" if self.screen is not None else "float32 stream"
-            dims = " -> ".join(str(d) for d, _ in self.funnel[1:])
-            later = f", re-ranked at {dims}" if dims else ""
             return (f"Matryoshka funnel: shortlist of {n0} by the {first} at dimension {d0}"
                     f"{later}, then a float64 re-rank at {self.dim}")
         return "float32 stream" + tail
@@ -299,11 +316,26 @@ def _plan_funnel(
     assert req.funnel is not None
     avail = ctx.budget.available_bytes
     d0, n0 = req.funnel[0]
-    stage = req.at_dim(d0, n0)
     n0 = min(n0, req.n_sel)
-    dims = [d for d, _ in req.funnel[1:]] + [req.dim]
+    later = [d for d, _ in req.funnel[1:]]
     widths = [min(n, req.n_sel) for _, n in req.funnel]
-    reranks = [rerank_min_bytes(w, d) for w, d in zip(widths, dims, strict=True)]
+    for kind in [d for d, _ in req.funnel if isinstance(d, str)]:
+        quantized_spec(ctx.source, req.dim, kind)  # the codes are there, else a clear error
+    reranks = [code_rerank_bytes(d, req.dim, w) if isinstance(d, str) else rerank_min_bytes(w, d)
+               for w, d in zip(widths[:-1], later, strict=True)]
+    reranks.append(rerank_min_bytes(widths[-1], req.dim))
+    if isinstance(d0, str):
+        least = max([codes_min_bytes(d0, req.dim, n0), *reranks])
+        base.update(min_bytes=least, min_cap_gb=smallest_cap_gb(ctx.budget, least),
+                    funnel=req.funnel)
+        codes = size_codes(avail, req.nq, d0, req.dim, n0, req.n_sel, req.batch_rows)
+        rr = size_rerank(avail, req.nq, widths[-1], req.dim)
+        if codes is None or rr is None or (avail is not None and max(reranks) > avail):
+            raise cap_error(ctx.budget, least, _what(req))
+        return SearchPlan("funnel", **base, codes=codes, candidates=widths[-1], rerank=rr,
+                          notes=tuple(notes))
+    stage = req.at_dim(int(d0), n0)
+    dims = [int(d) for d in later] + [req.dim]
     least = max([stream_min_bytes(stage, ctx, n0), *reranks])
     base.update(min_bytes=least, min_cap_gb=smallest_cap_gb(ctx.budget, least), funnel=req.funnel)
     fits = all(size_rerank(avail, req.nq, w, d) is not None for w, d in zip(widths, dims, strict=True))
@@ -349,7 +381,7 @@ def run_search(req: SearchRequest, ctx: SearchContext, plan: SearchPlan | None =
             top = TopK(s, p)
         return top
     if plan.path == "funnel":
-        first = plan.screen if plan.screen is not None else plan.stream
+        first = plan.screen or plan.stream or plan.codes
         assert first is not None
         return funnel_top_k(req, ctx, first)
     assert plan.stream is not None

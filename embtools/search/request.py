@@ -40,6 +40,8 @@ from embtools.errors import (
 from embtools.memory import GB, MemoryBudget, format_bytes
 
 __all__ = [
+    "DEFAULT_RESCORE",
+    "PRECISIONS",
     "SCREEN_MODES",
     "SearchContext",
     "SearchRequest",
@@ -176,38 +178,87 @@ def search_dimension(source: Any, dimension: Any, query_dim: int | None) -> int:
     return dim
 
 
-def parse_funnel(funnel: Any, full_dim: int, k: int) -> list[tuple[int, int]]:
-    """Validate ``funnel``: a non-empty list of ``(dimension, shortlist)`` pairs with dimensions
-    increasing and below ``full_dim``, shortlists non-increasing and at least ``k``.
+#: the quantized funnel stages (codes of the search dimension), in the order they may come
+CODE_STAGES = ("binary", "int8")
+
+
+def _stage(d: Any, n: Any) -> tuple[int | str, int]:
+    if isinstance(d, str):
+        if d not in CODE_STAGES:
+            raise ValueError(d)
+        return d, int(n)
+    if isinstance(d, bool):
+        raise ValueError(d)
+    return int(d), int(n)
+
+
+def parse_funnel(funnel: Any, full_dim: int, k: int) -> list[tuple[int | str, int]]:
+    """Validate ``funnel``: a non-empty list of ``(stage, shortlist)`` pairs: first the quantized
+    stages (``"binary"`` then ``"int8"``, codes of the search dimension, each at most once), then
+    Matryoshka dimensions increasing and below ``full_dim``; shortlists non-increasing and at
+    least ``k``.
 
     Examples
     --------
     >>> parse_funnel([(64, 400), (128, 100)], full_dim=384, k=10)
     [(64, 400), (128, 100)]
+    >>> parse_funnel([("binary", 400), ("int8", 40)], full_dim=384, k=10)
+    [('binary', 400), ('int8', 40)]
     """
     try:
-        stages = [(int(d), int(n)) for d, n in funnel]
+        stages = [_stage(d, n) for d, n in funnel]
     except (TypeError, ValueError):
         raise InvalidArgumentError(
             f"funnel must be a list of (dimension, shortlist) pairs, e.g. [(64, 400), (256, 100)], "
-            f"got {funnel!r}"
+            f"or quantized stages [('binary', 400), ('int8', 40)], got {funnel!r}"
         ) from None
     if not stages:
         raise InvalidArgumentError("funnel is empty; pass None for an exact search")
+    kinds = [d for d, _ in stages if isinstance(d, str)]
+    if [d for d, _ in stages[: len(kinds)]] != kinds or kinds != [c for c in CODE_STAGES if c in kinds]:
+        raise InvalidArgumentError(
+            f"quantized funnel stages come first, 'binary' before 'int8', each once; got {funnel!r}")
     for i, (d, n) in enumerate(stages):
-        check_k(d, "a funnel dimension")
         check_k(n, "a funnel shortlist")
+        if n < k:
+            raise InvalidArgumentError(f"funnel shortlist {n} is smaller than k={k}")
+        if i and n > stages[i - 1][1]:
+            raise InvalidArgumentError(f"funnel shortlists must not grow, got {[s[1] for s in stages]}")
+        if isinstance(d, str):
+            continue
+        check_k(d, "a funnel dimension")
         if d >= full_dim:
             raise InvalidArgumentError(
                 f"funnel dimension {d} is not below the search dimension {full_dim}"
             )
-        if n < k:
-            raise InvalidArgumentError(f"funnel shortlist {n} is smaller than k={k}")
-        if i and d <= stages[i - 1][0]:
+        prev = stages[i - 1][0] if i else None
+        if isinstance(prev, int) and d <= prev:
             raise InvalidArgumentError(f"funnel dimensions must increase, got {[s[0] for s in stages]}")
-        if i and n > stages[i - 1][1]:
-            raise InvalidArgumentError(f"funnel shortlists must not grow, got {[s[1] for s in stages]}")
     return stages
+
+
+#: values of ``precision=``, and the default ``rescore=`` multiplier of the quantized ones
+#: (measured by benchmarks/quantized.py: recall@10 of binary -> float at 10 on MiniLM is >= 0.97)
+PRECISIONS = ("float32", "int8", "binary")
+DEFAULT_RESCORE = {"binary": 10, "int8": 4}
+
+
+def _precision_funnel(precision: Any, rescore: Any, funnel: Any, k: int) -> tuple[str, Any]:
+    """``(precision, funnel)``: a quantized precision becomes the funnel ``[(precision, r k)]``."""
+    if precision is None:
+        precision = "float32"
+    if not isinstance(precision, str) or precision not in PRECISIONS:
+        raise InvalidArgumentError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "float32":
+        if rescore is not None:
+            raise InvalidArgumentError("rescore= applies to precision='binary' or 'int8'")
+        return precision, funnel
+    if funnel is not None:
+        raise InvalidArgumentError(
+            f"pass either precision={precision!r} or funnel= (e.g. funnel=[('binary', 400), "
+            "('int8', 40)]), not both")
+    r = DEFAULT_RESCORE[precision] if rescore is None else check_k(rescore, "rescore")
+    return precision, [(precision, r * k)]
 
 
 def _read_only(a: np.ndarray) -> np.ndarray:
@@ -231,10 +282,11 @@ class SearchRequest:
     n_sel: int
     batch_rows: int | None = None
     screen: str = "auto"
-    funnel: tuple[tuple[int, int], ...] | None = None
+    funnel: tuple[tuple[int | str, int], ...] | None = None
     nprobe: int | None = None
     refine: int | None = None
     exact: bool = False
+    precision: str = "float32"
 
     @classmethod
     def build(
@@ -253,10 +305,13 @@ class SearchRequest:
         nprobe: Any = None,
         refine: Any = None,
         exact: Any = False,
+        precision: Any = None,
+        rescore: Any = None,
     ) -> SearchRequest:
         """Check every argument (typed errors from :mod:`embtools.errors`) and resolve ``where``
         to positions (or take ``positions`` already resolved). ``nprobe`` and ``refine`` (ints
-        >= 1) tune an index search, ``exact=True`` forbids it."""
+        >= 1) tune an index search, ``exact=True`` forbids it. ``precision="binary"``/``"int8"``
+        with ``rescore=r`` is the funnel ``[(precision, r * k)]``."""
         k = check_k(k)
         if nprobe is not None:
             nprobe = check_k(nprobe, "nprobe")
@@ -274,11 +329,12 @@ class SearchRequest:
             from embtools.search.filters import select_positions
 
             positions = select_positions(source, where)
+        precision, funnel = _precision_funnel(precision, rescore, funnel, k)
         stages = None if funnel is None else tuple(parse_funnel(funnel, dim, k))
         n_sel = int(source.num_rows if positions is None else len(positions))
         pos = None if positions is None else _read_only(np.asarray(positions, dtype=np.int64))
         return cls(_read_only(q), dim, k, metric, pos, n_sel, batch_rows, screen, stages,
-                   nprobe, refine, bool(exact))
+                   nprobe, refine, bool(exact), precision)
 
     @property
     def nq(self) -> int:

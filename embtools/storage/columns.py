@@ -93,6 +93,6 @@ def clear_files(root: StoreRoot, base: Manifest) -> Manifest:
         if latest is None:
             raise CorruptStoreError(f"{root}: the store has no committed version")
         return replace(latest, operation="clear", files=[], dimensions=[], schema=schema, indexes=[],
-                       config_hash=config_hash([], schema, latest.properties))
+                       quantized={}, config_hash=config_hash([], schema, latest.properties))
 
     return commit(root, rebase)

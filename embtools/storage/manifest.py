@@ -61,6 +61,7 @@ from embtools.storage.io import (
     as_storage,
     crash_point,
 )
+from embtools.storage.quantspec import QuantSpec, specs_from_json, specs_to_json
 from embtools.storage.schema import base_schema, schema_from_json, schema_to_json
 
 __all__ = [
@@ -275,6 +276,8 @@ class Manifest:
     #: version that this one's number was re-used below: see :func:`commit`)
     commit_id: str = ""
     parent_commit: str = ""
+    #: quantized columns per dimension (storage/quantspec.py): kinds and int8 ranges
+    quantized: dict[int, QuantSpec] = field(default_factory=dict)
 
     @property
     def num_rows(self) -> int:
@@ -292,6 +295,8 @@ class Manifest:
         }
         if self.jobs:
             out["jobs"] = list(self.jobs)
+        if self.quantized:
+            out["quantized"] = specs_to_json(self.quantized)
         return out
 
     @classmethod
@@ -332,6 +337,7 @@ class Manifest:
             indexes=indexes,
             next_row_id=next_row_id, commit_id=str(d.get("commit_id") or ""),
             parent_commit=str(d.get("parent_commit") or ""),
+            quantized=specs_from_json(d.get("quantized"), dimensions),
         )
 
     def settings_hash(self) -> str:

@@ -38,9 +38,12 @@ class MemorySource(ChunkedSource):
     """In-memory rows: ``meta`` (pyarrow table) and ``arrays`` (dim -> (n, dim) float32)."""
 
     def __init__(self, meta: pa.Table, arrays: dict[int, np.ndarray],
-                 budget: MemoryBudget | None = None) -> None:
+                 budget: MemoryBudget | None = None, codes: dict[str, np.ndarray] | None = None,
+                 quantized: dict[int, Any] | None = None) -> None:
         self.meta = meta
         self.arrays = arrays
+        self.codes = codes or {}  # quantized code columns: name -> uint8 (n, width)
+        self.quantized = quantized or {}
         self.budget = budget
         self.num_rows = meta.num_rows
         self.dimensions = sorted(arrays)
@@ -53,6 +56,14 @@ class MemorySource(ChunkedSource):
         if self.num_rows == 0:
             return []
         return [Chunk(0, self.num_rows, lambda d: self.arrays[d], lambda d: None)]
+
+    def binary_chunks(self, column: str) -> list[tuple[int, int, Any, Any]]:
+        """``(start, rows, load, release)`` of a held code column (see ``Snapshot.binary_chunks``)."""
+        if column not in self.codes:
+            raise InvalidArgumentError(f"the store holds no column {column!r}")
+        if self.num_rows == 0:
+            return []
+        return [(0, self.num_rows, lambda: self.codes[column], lambda: None)]
 
     def take_metadata(self, positions: Any, columns: Sequence[str] | None = None) -> pl.DataFrame:
         pos = np.asarray(positions, dtype=np.int64).reshape(-1)

@@ -30,6 +30,8 @@ from embtools.memory import MemoryBudget
 from embtools.storage.ingest import Batch
 from embtools.storage.manifest import config_hash
 from embtools.storage.memory_source import MemorySource
+from embtools.storage.quantized import sample_ranges
+from embtools.storage.quantspec import KINDS, QuantSpec, code_column, encode
 from embtools.storage.schema import ROW_ID, TEXT_ID, base_schema, empty_table
 
 __all__ = ["MemoryState", "first_duplicate"]
@@ -58,13 +60,16 @@ class MemoryState:
         self.meta: pa.Table = empty_table(base_schema())
         self.arrays: dict[int, np.ndarray] = {}
         self.properties: dict[str, Any] = {}
+        self.quantized: dict[int, QuantSpec] = {}  # dim -> how its codes were made
+        self.codes: dict[str, np.ndarray] = {}  # code column name -> uint8 (n, width)
         self.next_row_id = 0
         self._source: MemorySource | None = None
 
     @property
     def source(self) -> MemorySource:
         if self._source is None:
-            self._source = MemorySource(self.meta, self.arrays, self.budget)
+            self._source = MemorySource(self.meta, self.arrays, self.budget, self.codes,
+                                        self.quantized)
         return self._source
 
     @property
@@ -103,6 +108,7 @@ class MemoryState:
         if dup is not None:
             raise DuplicateTextIdError(f"text id {dup!r} is already in the store")
         new_bytes = n * sum(batch.dimensions) * 4
+        new_bytes += n * sum(c.shape[1] for c in self.codes.values())
         self.budget.check(new_bytes, f"adding {n} rows of dimensions {batch.dimensions}", _HINT)
         table = batch.table(0, n, self.next_row_id, ids, with_embeddings=False)
         old = self.meta
@@ -115,7 +121,12 @@ class MemoryState:
         for d in batch.dimensions:
             new = batch.embeddings(d, 0, n)
             arrays[d] = np.concatenate([self.arrays[d], new]) if old.num_rows else new.copy()
-        self._replace(meta, arrays)
+        codes = {}
+        for d, spec in self.quantized.items():
+            for kind in spec.kinds:
+                name = code_column(d, kind)
+                codes[name] = np.concatenate([self.codes[name], encode(spec, kind, arrays[d][-n:])])
+        self._replace(meta, arrays, codes)
         self.properties.update(properties)
         self.next_row_id += n
         self.version += 1
@@ -129,8 +140,27 @@ class MemoryState:
         self.version += 1
         return self.version
 
+    def quantize(self, dim: int, kinds: tuple[str, ...], sample_rows: int) -> int:
+        """Hold ``kinds`` codes of dimension ``dim`` for every row (replacing earlier ones)."""
+        ranges, sampled = (None, 0)
+        if "int8" in kinds:
+            ranges, sampled = sample_ranges(self.source, dim, sample_rows)
+            ranges.setflags(write=False)
+        spec = QuantSpec(dim, tuple(sorted(kinds)), ranges, sampled)
+        mine = {code_column(dim, k) for k in KINDS}
+        codes = {c: a for c, a in self.codes.items() if c not in mine}
+        new = {code_column(dim, k): encode(spec, k, self.arrays[dim]) for k in spec.kinds}
+        old_bytes = sum(int(self.codes[c].nbytes) for c in mine if c in self.codes)
+        self.budget.check(max(0, sum(int(a.nbytes) for a in new.values()) - old_bytes),
+                          f"quantizing dimension {dim}", _HINT)
+        self.quantized = {**self.quantized, dim: spec}
+        self._replace(self.meta, self.arrays, {**codes, **new})
+        self.version += 1
+        return self.version
+
     def clear(self) -> int:
         """Drop every row, dimension and metadata column (properties kept)."""
+        self.quantized = {}
         self._replace(empty_table(base_schema()), {})
         self.version += 1
         return self.version
@@ -138,15 +168,23 @@ class MemoryState:
     def delete(self, positions: np.ndarray) -> int:
         keep = np.ones(self.meta.num_rows, dtype=bool)
         keep[positions] = False
-        self._replace(self.meta.filter(pa.array(keep)), {d: a[keep] for d, a in self.arrays.items()})
+        self._replace(self.meta.filter(pa.array(keep)), {d: a[keep] for d, a in self.arrays.items()},
+                      {c: a[keep] for c, a in self.codes.items()})
         self.version += 1
         return self.version
 
-    def _replace(self, meta: pa.Table, arrays: dict[int, np.ndarray]) -> None:
+    def _replace(self, meta: pa.Table, arrays: dict[int, np.ndarray],
+                 codes: dict[str, np.ndarray] | None = None) -> None:
         for d in list(self.arrays):
             self.budget.free(f"store/emb_{d}")
+        for c in list(self.codes):
+            self.budget.free(f"store/{c}")
         self.meta, self.arrays, self._source = meta, arrays, None
+        self.codes = {} if codes is None else codes
         for d, a in arrays.items():
             a.setflags(write=False)  # get_embeddings hands out these arrays without a copy
             self.budget.hold(f"store/emb_{d}", int(a.nbytes))
+        for c, a in self.codes.items():
+            a.setflags(write=False)
+            self.budget.hold(f"store/{c}", int(a.nbytes))
         assert meta.column(ROW_ID).null_count == 0

@@ -78,6 +78,7 @@ class Snapshot(ChunkedSource):
         self._files_checked = False
         self.dimensions = sorted(manifest.dimensions)
         self.schema = manifest.schema
+        self.quantized = manifest.quantized  # dim -> QuantSpec of the quantized columns
         starts = np.cumsum([0] + [f.num_rows for f in manifest.files])
         self._file_starts = starts
         self._open: dict[int, MappedParquetFile] = {}
@@ -283,6 +284,31 @@ class Snapshot(ChunkedSource):
         def populate(dim: int, start: int, stop: int) -> None:
             self._file(i).populate(emb_column(dim), rg, start, stop)
         return populate
+
+    def binary_chunks(self, column: str) -> list[tuple[int, int, Any, Any]]:
+        """``(start, rows, load, release)`` per row group of a ``fixed_size_binary`` column (the
+        quantized codes): ``load()`` returns the ``(rows, width)`` uint8 values (checked against
+        their CRCs first), ``release()`` gives back their mapped pages."""
+        self.check_files()
+        out: list[tuple[int, int, Any, Any]] = []
+        for i, entry in enumerate(self.manifest.files):
+            start = int(self._file_starts[i])
+            for rg, rows in enumerate(entry.row_groups):
+                out.append((start, rows, self._binary_loader(i, rg, column),
+                            self._binary_releaser(i, rg, column)))
+                start += rows
+        return out
+
+    def _binary_loader(self, i: int, rg: int, column: str) -> Any:
+        def load() -> np.ndarray:
+            self._verify(i, (column,), (rg,))
+            return self._file(i).array(column, rg)
+        return load
+
+    def _binary_releaser(self, i: int, rg: int, column: str) -> Any:
+        def release() -> None:
+            self._file(i).release(column, rg)
+        return release
 
     def take_metadata(self, positions: Any, columns: Sequence[str] | None = None) -> pl.DataFrame:
         """row_id, text_id, label (+ ``columns``) of ``positions``, in the order given."""

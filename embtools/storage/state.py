@@ -39,6 +39,7 @@ from embtools.storage.columns import add_dimension_files, clear_files
 from embtools.storage.ingest import Batch
 from embtools.storage.io import LocalStorage, Storage, is_url
 from embtools.storage.memory_writer import MemoryState
+from embtools.storage.quantized import quantize_files
 from embtools.storage.snapshot import Snapshot
 from embtools.storage.writer import append, compact_files, delete_rows, save_source
 
@@ -91,6 +92,9 @@ class StoreState(Protocol):
 
     def add_dimension(self, dim: int, embeddings: np.ndarray) -> int:
         """Attach dimension ``dim`` (float32, one row per stored row, in row order); the new version."""
+
+    def quantize(self, dim: int, kinds: tuple[str, ...], sample_rows: int) -> int:
+        """Add ``kinds`` quantized columns of dimension ``dim`` for every row; the new version."""
 
     def clear(self) -> int:
         """Remove every row, dimension and metadata column; the new version."""
@@ -237,6 +241,10 @@ class DirectoryState:
 
     def add_dimension(self, dim: int, embeddings: np.ndarray) -> int:
         return self._open(add_dimension_files(self.root, self._snap.manifest, dim, embeddings))
+
+    def quantize(self, dim: int, kinds: tuple[str, ...], sample_rows: int) -> int:
+        return self._open(quantize_files(self.root, self._snap.manifest, dim, kinds, self._snap,
+                                         sample_rows))
 
     def clear(self) -> int:
         return self._open(clear_files(self.root, self._snap.manifest))

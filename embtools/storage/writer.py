@@ -67,6 +67,7 @@ from embtools.storage.manifest import (
     new_data_path,
     read_manifest,
 )
+from embtools.storage.quantspec import QuantSpec, add_code_columns
 from embtools.storage.schema import LABEL, ROW_ID, TEXT_ID, emb_column, embedding_type
 from embtools.storage.verify import check_file, file_checksums
 
@@ -197,15 +198,17 @@ def _finish_data(storage: Storage) -> None:
 
 
 def _write_rows(w: _Write, batch: Batch, start: int, ids: pa.Array, budget: MemoryBudget,
-                target_bytes: int) -> list[FileEntry]:
-    """Write the rows of ``batch`` (row ids from ``start``) as data files of ``target_bytes``."""
+                target_bytes: int, codes: dict[int, QuantSpec]) -> list[FileEntry]:
+    """Write the rows of ``batch`` (row ids from ``start``) as data files of ``target_bytes``,
+    with the quantized columns ``codes`` (the store's) encoded from their vectors."""
     n = batch.num_rows
     bytes_per_row = sum(batch.dimensions) * 4 + 64
     rows = rows_per_file(bytes_per_row, target_bytes, budget.available_bytes)
     entries = []
     for s in range(0, n, rows):
         e = min(n, s + rows)
-        entries.append(w.file(batch.table(s, e, start + s, text_ids=ids)))
+        table = batch.table(s, e, start + s, text_ids=ids)
+        entries.append(w.file(add_code_columns(table, codes) if codes else table))
     return entries
 
 
@@ -226,10 +229,11 @@ _MAX_REWRITES = 1000
 
 def _add_rebase(storage: Storage, current: Manifest, entries: list[FileEntry], ids: pa.Array,
                 dims: list[int], schema: pa.Schema, properties: dict[str, Any],
-                job_id: str | None, start: int) -> Any:
+                job_id: str | None, start: int, codes: dict[int, QuantSpec] | None = None) -> Any:
     """The rebase of an add: its files (row ids from ``start``) on top of the latest version,
-    after checking the text ids of the files committed since ``current``, the dimensions and that
-    its row ids are still free (else :class:`_RowIdsTaken`)."""
+    after checking the text ids of the files committed since ``current``, the dimensions, that
+    its row ids are still free (else :class:`_RowIdsTaken`) and (``codes``: the quantized columns
+    the files were written with) that nobody quantized the store meanwhile."""
     known = {f.path for f in current.files}
     next_row_id = start + sum(e.num_rows for e in entries)
 
@@ -248,6 +252,9 @@ def _add_rebase(storage: Storage, current: Manifest, entries: list[FileEntry], i
                     f"a concurrent writer stored dimensions {latest.dimensions}, this add has {dims}")
         if latest.next_row_id != start:
             raise _RowIdsTaken(latest)
+        if codes is not None and latest.quantized != codes:
+            raise CommitConflictError(
+                "a concurrent writer quantized the store meanwhile; re-open it and add again")
         merged = _merge_schema(latest, schema)
         props = {**latest.properties, **properties}
         jobs = latest.jobs if job_id is None else (*latest.jobs, job_id)
@@ -276,11 +283,13 @@ def append(root: StoreRoot, base: Manifest, batch: Batch, properties: dict[str, 
             current = _check_new_ids(storage, current, ids)
             if current.next_row_id != start:  # a commit landed meanwhile: its ids first
                 continue
-            entries = _write_rows(w, batch, start, ids, budget, target_bytes)
+            entries = _write_rows(w, batch, start, ids, budget, target_bytes,
+                                  current.quantized)
             _finish_data(storage)
             try:
                 return commit(storage, _add_rebase(storage, current, entries, ids, batch.dimensions,
-                                                   batch.schema, properties, None, start))
+                                                   batch.schema, properties, None, start,
+                                                   current.quantized))
             except _RowIdsTaken as taken:
                 w.discard()
                 current = taken.latest
@@ -302,7 +311,8 @@ def write_files(root: StoreRoot, batch: Batch, budget: MemoryBudget, target_byte
     latest = read_manifest(storage)
     with _Write(storage, latest.version) as w:
         start = latest.next_row_id
-        entries = _write_rows(w, batch, start, batch.all_text_ids(start), budget, target_bytes)
+        entries = _write_rows(w, batch, start, batch.all_text_ids(start), budget, target_bytes,
+                              latest.quantized)
         _finish_data(storage)
     return entries
 
@@ -336,7 +346,7 @@ def commit_files(root: StoreRoot, entries: Sequence[FileEntry], dims: Sequence[i
                     f"the store holds dimensions {sorted(latest.dimensions)}, the written files have {dims}")
             start = latest.next_row_id
             entries = _renumber(w, storage, entries, start)
-            ids = _written_ids(storage, entries, dims, schema)
+            ids = _written_ids(storage, entries, dims, schema, latest.quantized)
             current = _check_new_ids(storage, latest, ids)
             if current.next_row_id != start:
                 latest = current
@@ -394,10 +404,11 @@ def _renumber(w: _Write, storage: Storage, entries: list[FileEntry], start: int)
     return out
 
 
-def _written_ids(storage: Storage, entries: list[FileEntry], dims: list[int], schema: pa.Schema
-                 ) -> pa.Array:
-    """The text ids of the written files, after checking each file and that no id repeats."""
-    want = {emb_column(d) for d in dims}
+def _written_ids(storage: Storage, entries: list[FileEntry], dims: list[int], schema: pa.Schema,
+                 codes: dict[int, QuantSpec]) -> pa.Array:
+    """The text ids of the written files, after checking each file (its embedding and quantized
+    columns those of the store) and that no id repeats."""
+    want = {emb_column(d) for d in dims} | {c for spec in codes.values() for c in spec.columns}
     chunks = []
     for e in entries:
         path = storage.fetch(e.path)
@@ -406,7 +417,9 @@ def _written_ids(storage: Storage, entries: list[FileEntry], dims: list[int], sc
         got = {n for n in names if n.startswith("emb_")}
         if got != want or names[:3] != [ROW_ID, TEXT_ID, LABEL]:
             raise DimensionMismatchError(
-                f"{e.path}: columns {names} do not hold exactly the dimensions {dims}")
+                f"{e.path}: columns {names} do not hold exactly the dimensions {dims}"
+                + (f" and the quantized columns {sorted(want - {emb_column(d) for d in dims})} "
+                   "(was the store quantized while the files were written?)" if codes else ""))
         unknown = [n for n in names if n not in want and n not in schema.names]
         if unknown:
             raise SchemaMismatchError(f"{e.path}: columns {unknown} are not in the schema")
@@ -554,6 +567,7 @@ def _save(storage: Storage, source: Any, properties: dict[str, Any], budget: Mem
           target_bytes: int, w: _Write) -> Manifest:
     entries: list[FileEntry] = []
     dims = sorted(source.dimensions)
+    quantized = dict(getattr(source, "quantized", {}))
     if hasattr(source, "manifest"):
         for f in source.manifest.files:
             entries.append(w.file(_read(source.storage, f)))
@@ -568,6 +582,8 @@ def _save(storage: Storage, source: Any, properties: dict[str, Any], budget: Mem
                 table = table.append_column(
                     pa.field(emb_column(d), embedding_type(d), nullable=False),
                     pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), type=embedding_type(d)))
+            if quantized:
+                table = add_code_columns(table, quantized)
             entries.append(w.file(table))
     if entries:
         _finish_data(storage)
@@ -580,7 +596,7 @@ def _save(storage: Storage, source: Any, properties: dict[str, Any], budget: Mem
         if latest is None:
             raise CorruptStoreError(f"{storage.url}: the store has no committed version")
         return replace(latest, operation="save", files=_sorted(entries), dimensions=dims, indexes=[],
-                       schema=schema, properties=dict(properties),
+                       schema=schema, properties=dict(properties), quantized=quantized,
                        config_hash=config_hash(dims, schema, properties),
                        next_row_id=max(latest.next_row_id, top))
 

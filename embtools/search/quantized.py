@@ -1,0 +1,292 @@
+"""Search over the quantized columns: shortlists from binary or int8 codes, re-ranked exactly.
+
+``search(Q, k, precision="binary", rescore=10)`` is the funnel ``[("binary", 10 k)]``: the
+selected rows' sign codes pick ``10 k`` candidates per query, and the float64 re-rank of
+:mod:`embtools.search.refine` scores those from the float vectors and returns the top ``k``.
+``precision="int8"`` shortlists from the int8 codes instead, and a funnel may chain quantized
+stages before the float re-rank: ``funnel=[("binary", 400), ("int8", 40)]``.
+
+- **binary**: a query's sign bits against the rows' (Hamming distance, ties to the lower
+  position, equal to FAISS ``IndexBinaryFlat``) keep ``BINARY_WIDEN`` times the shortlist, and
+  the float query against those rows' +-1 sign vectors (asymmetric, ``q . sign(x)``) keeps the
+  shortlist (``binary_mode="hamming"`` skips the asymmetric step; batches of queries score every
+  row asymmetrically, a matrix product of the same cost as the Hamming one). Which of these keeps
+  more of the exact top k at the same cost is measured by ``benchmarks/quantized.py``.
+- **int8**: each row's bucket centres (:func:`embtools.kernels.codes.decode_int8`) scored like
+  float rows (cosine by their norms, dot, l2) with the tile kernel.
+
+Every pass reads the codes in batches (views of the mapped files where the layout allows) and
+holds a workspace that :func:`size_codes` fits under the memory cap.
+
+Examples
+--------
+>>> import numpy as np, embtools as et
+>>> store = et.EmbeddingStore(None, backend="numpy")
+>>> x = np.random.default_rng(0).normal(size=(200, 16)).astype(np.float32)
+>>> _ = store.add_embeddings(x, dimension=16)
+>>> _ = store.quantize(16)
+>>> store.search(x[3], k=2, precision="binary")["row_id"].to_list()[0]
+3
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from embtools.errors import InvalidArgumentError
+from embtools.kernels.codes import decode_int8, pack_signs, sign_bytes
+from embtools.kernels.hamming import (
+    MATMUL_QUERIES,
+    TILE_BYTES,
+    hamming_top_k,
+    merge_smallest,
+    sign_scores,
+    sign_top_k,
+)
+from embtools.kernels.numpy_tiles import block_top_k, inverse_norms, tile_bytes
+from embtools.search.request import DEFAULT_RESCORE, PRECISIONS, SearchContext, SearchRequest
+from embtools.storage.quantized import gather_codes, iter_codes
+from embtools.storage.quantspec import code_width
+
+__all__ = [
+    "BINARY_MODES",
+    "BINARY_WIDEN",
+    "DEFAULT_RESCORE",
+    "PRECISIONS",
+    "CodeSizes",
+    "code_rerank",
+    "code_rerank_bytes",
+    "code_shortlist",
+    "codes_min_bytes",
+    "quantized_spec",
+    "size_codes",
+]
+
+#: how a binary stage ranks rows: Hamming distance then the asymmetric score of the best
+#: ``BINARY_WIDEN`` x shortlist ("asymmetric"), or Hamming distance alone ("hamming")
+BINARY_MODES = ("asymmetric", "hamming")
+BINARY_MODE = "asymmetric"
+BINARY_WIDEN = 4
+#: rows decoded at a time by an int8 pass (its float32 tile stays a few MiB)
+DECODE_BYTES = 4 * 1024**2
+#: bytes of candidates' codes and decoded rows re-ranked at a time by a later funnel stage
+RERANK_GROUP_BYTES = 64 * 1024**2
+#: rows read per batch at most (a batch's per-row workspace: distances or scores)
+MAX_BATCH_ROWS = 1 << 18
+
+
+def quantized_spec(source: Any, dim: int, kind: str) -> Any:
+    """The :class:`~embtools.storage.quantspec.QuantSpec` of ``dim`` when the source holds
+    ``kind`` codes of it, else InvalidArgumentError saying how to add them."""
+    specs = getattr(source, "quantized", None) or {}
+    spec = specs.get(dim)
+    if spec is None or kind not in spec.kinds:
+        have = {d: s.kinds for d, s in specs.items()}
+        raise InvalidArgumentError(
+            f"the store holds no {kind} codes of dimension {dim} (quantized: {have or 'none'}); "
+            f"run store.quantize({dim}, kinds=[{kind!r}]) first")
+    return spec
+
+
+@dataclass(frozen=True)
+class CodeSizes:
+    """How a pass over the codes is cut: ``group`` queries per pass, ``rows`` per batch, and the
+    bytes of workspace it holds."""
+
+    group: int
+    rows: int
+    nbytes: int
+
+
+def _fixed_bytes(kind: str, dim: int, group: int, m: int) -> int:
+    """Workspace that does not grow with the batch: kernel tiles and running top-k buffers."""
+    running = group * m * 24 * 2
+    if kind == "int8":
+        decode_rows = max(1, DECODE_BYTES // (4 * dim))
+        return DECODE_BYTES + tile_bytes(group, m, dim) + running + decode_rows * 8
+    widened = m * BINARY_WIDEN
+    nbytes = sign_bytes(dim)
+    tiles = 2 * TILE_BYTES + (tile_bytes(group, widened, 8 * nbytes) if group >= MATMUL_QUERIES
+                              else nbytes * 256 * 4)  # batches: +-1 tiles; one query: its table
+    gathered = group * widened * (nbytes + 24 * 2)  # the Hamming shortlist and its codes
+    return tiles + gathered + running
+
+
+def _row_bytes(kind: str, dim: int) -> int:
+    """Per batch row: the codes themselves (a mapped view counts) and a distance or score."""
+    return code_width(dim, kind) + 8
+
+
+def codes_min_bytes(kind: str, dim: int, m: int) -> int:
+    """The fewest bytes a pass needs: one query, one row at a time."""
+    return _fixed_bytes(kind, dim, 1, m) + _row_bytes(kind, dim)
+
+
+def size_codes(avail: int | None, nq: int, kind: str, dim: int, m: int, n_rows: int,
+               batch_rows: int | None = None) -> CodeSizes | None:
+    """Size a pass keeping ``m`` rows per query for ``nq`` queries over ``n_rows`` rows in
+    ``avail`` bytes (None: no cap); None when not even :func:`codes_min_bytes` fit."""
+    if avail is not None and avail < codes_min_bytes(kind, dim, m):
+        return None
+    group = nq
+    while True:
+        fixed = _fixed_bytes(kind, dim, group, m)
+        per_row = _row_bytes(kind, dim)
+        room = None if avail is None else avail - fixed
+        if room is not None and room >= per_row:
+            break
+        if room is None:
+            break
+        if group == 1:
+            return None
+        group = max(1, group // 2)
+    rows = max(1, min(n_rows, MAX_BATCH_ROWS, batch_rows or MAX_BATCH_ROWS))
+    if room is not None:
+        rows = max(1, min(rows, room // per_row))
+    return CodeSizes(group, rows, fixed + rows * per_row)
+
+
+def _query_codes(req: SearchRequest) -> np.ndarray:
+    return pack_signs(req.queries[:, : req.dim])
+
+
+def _cos_queries(req: SearchRequest) -> np.ndarray:
+    q = np.ascontiguousarray(req.queries[:, : req.dim], dtype=np.float32)
+    if req.metric == "cosine":
+        n = np.linalg.norm(q, axis=1, keepdims=True)
+        q = (q / np.where(n == 0, 1, n)).astype(np.float32)
+    return q
+
+
+def code_shortlist(req: SearchRequest, ctx: SearchContext, kind: str, m: int,
+                   sizes: CodeSizes, binary_mode: str | None = None) -> np.ndarray:
+    """The best ``m`` selected positions per query ``(nq, min(m, n_sel))`` by ``kind`` codes
+    (``binary_mode``: one of ``BINARY_MODES``, default ``BINARY_MODE``)."""
+    m = min(m, req.n_sel)
+    binary_mode = binary_mode or BINARY_MODE
+    spec = quantized_spec(ctx.source, req.dim, kind)
+    out = np.empty((req.nq, m), np.int64)
+    with ctx.budget.holding(f"codes/{id(out)}", sizes.nbytes, f"a {kind} pass over the codes",
+                            "raise max_memory_gb"):
+        for a in range(0, req.nq, sizes.group):
+            sub = req.subset(slice(a, a + sizes.group))
+            if kind == "binary":
+                ords = _binary_pass(sub, ctx, m, sizes.rows, binary_mode)
+            else:
+                ords = _int8_pass(sub, ctx, spec.ranges, m, sizes.rows)
+            out[a : a + sizes.group] = req.to_positions(ords)
+    return out
+
+
+def _binary_pass(req: SearchRequest, ctx: SearchContext, m: int, rows: int, mode: str) -> np.ndarray:
+    """Ordinals (into the selection) of the best ``m`` rows per query by sign codes."""
+    nq, dim = req.nq, req.dim
+    q = _cos_queries(req)
+    if nq >= MATMUL_QUERIES and mode == "asymmetric":  # batches: every row scored asymmetrically
+        running: tuple[np.ndarray, np.ndarray] | None = None
+        seen = 0
+        for _, codes in iter_codes(ctx.source, dim, "binary", req.positions, rows):
+            v, i = sign_top_k(q, codes, dim, min(m, codes.shape[0]))
+            i = i + seen
+            running = (v, i) if running is None else _merge_largest(running, (v, i), m)
+            seen += codes.shape[0]
+        assert running is not None
+        return running[1]
+    wide = m if mode == "hamming" else min(req.n_sel, m * BINARY_WIDEN)
+    qc = _query_codes(req)
+    best_d = np.zeros((nq, 0), np.int64)
+    best_i = np.zeros((nq, 0), np.int64)
+    seen = 0
+    for _, codes in iter_codes(ctx.source, dim, "binary", req.positions, rows):
+        d, i = hamming_top_k(qc, codes, min(wide, codes.shape[0]))
+        best_d, best_i = merge_smallest(np.concatenate([best_d, d], axis=1),
+                                        np.concatenate([best_i, i + seen], axis=1), wide)
+        seen += codes.shape[0]
+    if mode == "hamming" or wide <= m:
+        return best_i[:, :m]
+    # the asymmetric score of the Hamming shortlist picks the final m
+    pos = req.to_positions(best_i)
+    codes = gather_codes(ctx.source, dim, "binary", pos.reshape(-1)).reshape(nq, wide, -1)
+    out = np.empty((nq, m), np.int64)
+    for r in range(nq):
+        s = sign_scores(q[r : r + 1], codes[r], dim)[0]
+        order = np.lexsort((best_i[r], -s))[:m]
+        out[r] = best_i[r][order]
+    return out
+
+
+def _merge_largest(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray], m: int
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    v, i = merge_smallest(np.concatenate([-a[0], -b[0]], axis=1),
+                          np.concatenate([a[1], b[1]], axis=1), m)
+    return -v, i
+
+
+def _int8_pass(req: SearchRequest, ctx: SearchContext, ranges: np.ndarray, m: int,
+               rows: int) -> np.ndarray:
+    """Ordinals of the best ``m`` rows per query by the int8 codes' bucket centres."""
+    q = _cos_queries(req)
+    dim = req.dim
+    step = max(1, DECODE_BYTES // (4 * dim))
+    running: tuple[np.ndarray, np.ndarray] | None = None
+    seen = 0
+    for _, codes in iter_codes(ctx.source, dim, "int8", req.positions, rows):
+        for s in range(0, codes.shape[0], step):
+            block = decode_int8(codes[s : s + step].view(np.int8), ranges)
+            scale = inverse_norms(block) if req.metric == "cosine" else None
+            kk = min(m, block.shape[0]) if running is None else m
+            running = block_top_k(q, block, kk, req.metric, scale=scale, running=running,
+                                  offset=seen)
+            seen += block.shape[0]
+    assert running is not None
+    return running[1]
+
+
+def code_rerank_bytes(kind: str, dim: int, width: int) -> int:
+    """Bytes :func:`code_rerank` holds per query of ``width`` candidates (codes and float64 rows)."""
+    return width * (code_width(dim, kind) + dim * 16 + 48)
+
+
+def code_rerank(req: SearchRequest, ctx: SearchContext, candidates: np.ndarray, kind: str,
+                keep: int) -> np.ndarray:
+    """The best ``keep`` of each query's candidate positions by ``kind`` codes (a funnel stage
+    after the first): positions ``(nq, keep)``. Queries go in groups that fit the cap."""
+    spec = quantized_spec(ctx.source, req.dim, kind)
+    nq, w = candidates.shape
+    keep = min(keep, w)
+    per_query = code_rerank_bytes(kind, req.dim, w)
+    avail = ctx.budget.available_bytes
+    limit = RERANK_GROUP_BYTES if avail is None else min(RERANK_GROUP_BYTES, avail)
+    group = max(1, limit // per_query)
+    out = np.empty((nq, keep), np.int64)
+    q = _cos_queries(req)
+    with ctx.budget.holding(f"code-rerank/{id(out)}", min(nq, group) * per_query,
+                            f"re-ranking candidates by their {kind} codes", "raise max_memory_gb"):
+        for a in range(0, nq, group):
+            b = min(nq, a + group)
+            codes = gather_codes(ctx.source, req.dim, kind, candidates[a:b].reshape(-1))
+            _code_rerank_rows(req, spec, q[a:b], candidates[a:b], codes.reshape(b - a, w, -1),
+                              kind, out[a:b])
+    return out
+
+
+def _code_rerank_rows(req: SearchRequest, spec: Any, q: np.ndarray, candidates: np.ndarray,
+                      codes: np.ndarray, kind: str, out: np.ndarray) -> None:
+    keep = out.shape[1]
+    for r in range(q.shape[0]):
+        if kind == "binary":
+            s = sign_scores(q[r : r + 1], codes[r], req.dim)[0].astype(np.float64)
+        else:
+            x = decode_int8(codes[r].view(np.int8), spec.ranges).astype(np.float64)
+            if req.metric == "l2":
+                s = -((x - q[r]) ** 2).sum(axis=1)
+            else:
+                s = x @ q[r].astype(np.float64)
+                if req.metric == "cosine":
+                    n = np.linalg.norm(x, axis=1)
+                    s = s / np.where(n == 0, 1, n)
+        order = np.lexsort((candidates[r], -s))[:keep]
+        out[r] = candidates[r][order]
