@@ -7,11 +7,14 @@ selected rows' sign codes pick ``10 k`` candidates per query, and the float64 re
 stages before the float re-rank: ``funnel=[("binary", 400), ("int8", 40)]``.
 
 - **binary**: a query's sign bits against the rows' (Hamming distance, ties to the lower
-  position, equal to FAISS ``IndexBinaryFlat``) keep ``BINARY_WIDEN`` times the shortlist, and
-  the float query against those rows' +-1 sign vectors (asymmetric, ``q . sign(x)``) keeps the
-  shortlist (``binary_mode="hamming"`` skips the asymmetric step; batches of queries score every
-  row asymmetrically, a matrix product of the same cost as the Hamming one). Which of these keeps
-  more of the exact top k at the same cost is measured by ``benchmarks/quantized.py``.
+  position, equal to FAISS ``IndexBinaryFlat``; batches of queries use FAISS' ``knn_hamming``
+  where FAISS is installed) keep ``BINARY_WIDEN`` times the shortlist, and the float query
+  against those rows' +-1 sign vectors (asymmetric, ``q . sign(x)``, as usearch does) keeps the
+  shortlist. ``BINARY_MODE = "hamming"`` skips the asymmetric step; on the MiniLM set the
+  asymmetric order keeps far more of the exact top 10 at the same shortlist size (recall@10 of
+  binary + float rescoring at x4: 0.97 against 0.89, ``benchmarks/quantized.py``), so it is
+  the default. Scoring every row asymmetrically costs as much as the float32 search itself in
+  NumPy; the Hamming pass reads 1/32 of the bytes.
 - **int8**: each row's bucket centres (:func:`embtools.kernels.codes.decode_int8`) scored like
   float rows (cosine by their norms, dot, l2) with the tile kernel.
 
@@ -37,16 +40,15 @@ from typing import Any
 import numpy as np
 
 from embtools.errors import InvalidArgumentError
-from embtools.kernels.codes import decode_int8, pack_signs, sign_bytes
+from embtools.kernels.codes import decode_int8, int8_steps, pack_signs, sign_bytes
 from embtools.kernels.hamming import (
     MATMUL_QUERIES,
     TILE_BYTES,
     hamming_top_k,
     merge_smallest,
     sign_scores,
-    sign_top_k,
 )
-from embtools.kernels.numpy_tiles import block_top_k, inverse_norms, tile_bytes
+from embtools.kernels.numpy_tiles import select_top_k, tile_bytes
 from embtools.search.request import DEFAULT_RESCORE, PRECISIONS, SearchContext, SearchRequest
 from embtools.storage.quantized import gather_codes, iter_codes
 from embtools.storage.quantspec import code_width
@@ -74,6 +76,8 @@ BINARY_WIDEN = 4
 DECODE_BYTES = 4 * 1024**2
 #: bytes of candidates' codes and decoded rows re-ranked at a time by a later funnel stage
 RERANK_GROUP_BYTES = 64 * 1024**2
+#: without a cap, a pass's workspace is kept about this size
+DEFAULT_WORKSPACE_BYTES = 256 * 1024**2
 #: rows read per batch at most (a batch's per-row workspace: distances or scores)
 MAX_BATCH_ROWS = 1 << 18
 
@@ -106,7 +110,7 @@ def _fixed_bytes(kind: str, dim: int, group: int, m: int) -> int:
     running = group * m * 24 * 2
     if kind == "int8":
         decode_rows = max(1, DECODE_BYTES // (4 * dim))
-        return DECODE_BYTES + tile_bytes(group, m, dim) + running + decode_rows * 8
+        return DECODE_BYTES + decode_rows * (group + 1) * 12 + group * dim * 8 + running
     widened = m * BINARY_WIDEN
     nbytes = sign_bytes(dim)
     tiles = 2 * TILE_BYTES + (tile_bytes(group, widened, 8 * nbytes) if group >= MATMUL_QUERIES
@@ -115,9 +119,10 @@ def _fixed_bytes(kind: str, dim: int, group: int, m: int) -> int:
     return tiles + gathered + running
 
 
-def _row_bytes(kind: str, dim: int) -> int:
-    """Per batch row: the codes themselves (a mapped view counts) and a distance or score."""
-    return code_width(dim, kind) + 8
+def _row_bytes(kind: str, dim: int, group: int = 1) -> int:
+    """Per batch row: the codes themselves (a mapped view counts) and a distance or score (int8:
+    one per query of the group, and the selection's mask)."""
+    return code_width(dim, kind) + 8 + (5 * group if kind == "int8" else 0)
 
 
 def codes_min_bytes(kind: str, dim: int, m: int) -> int:
@@ -134,7 +139,7 @@ def size_codes(avail: int | None, nq: int, kind: str, dim: int, m: int, n_rows: 
     group = nq
     while True:
         fixed = _fixed_bytes(kind, dim, group, m)
-        per_row = _row_bytes(kind, dim)
+        per_row = _row_bytes(kind, dim, group)
         room = None if avail is None else avail - fixed
         if room is not None and room >= per_row:
             break
@@ -144,8 +149,9 @@ def size_codes(avail: int | None, nq: int, kind: str, dim: int, m: int, n_rows: 
             return None
         group = max(1, group // 2)
     rows = max(1, min(n_rows, MAX_BATCH_ROWS, batch_rows or MAX_BATCH_ROWS))
-    if room is not None:
-        rows = max(1, min(rows, room // per_row))
+    if room is None:  # no cap: batches of about DEFAULT_WORKSPACE_BYTES
+        room = max(per_row, DEFAULT_WORKSPACE_BYTES - fixed)
+    rows = max(1, min(rows, room // per_row))
     return CodeSizes(group, rows, fixed + rows * per_row)
 
 
@@ -181,33 +187,45 @@ def code_shortlist(req: SearchRequest, ctx: SearchContext, kind: str, m: int,
     return out
 
 
+def _faiss() -> Any:
+    """The ``faiss`` module when it is installed (its Hamming k-NN is used for batches), else None."""
+    try:
+        import faiss
+    except ImportError:
+        return None
+    return faiss
+
+
+def _hamming_top_k(qc: np.ndarray, codes: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Hamming top-k of one batch: FAISS ``knn_hamming`` for batches of queries where FAISS is
+    installed (the same distances and ids as the kernel, several times faster), else
+    :func:`embtools.kernels.hamming.hamming_top_k`."""
+    faiss = _faiss() if qc.shape[0] >= MATMUL_QUERIES and codes.shape[1] % 8 == 0 else None
+    if faiss is None:
+        return hamming_top_k(qc, codes, k)
+    d, i = faiss.knn_hamming(np.ascontiguousarray(qc), np.ascontiguousarray(codes), k)
+    return d, i
+
+
 def _binary_pass(req: SearchRequest, ctx: SearchContext, m: int, rows: int, mode: str) -> np.ndarray:
-    """Ordinals (into the selection) of the best ``m`` rows per query by sign codes."""
+    """Ordinals (into the selection) of the best ``m`` rows per query by sign codes: the
+    ``BINARY_WIDEN * m`` nearest by Hamming distance, re-ordered by the asymmetric score
+    (``mode="asymmetric"``), or the ``m`` nearest (``"hamming"``); ties to the lower position."""
     nq, dim = req.nq, req.dim
-    q = _cos_queries(req)
-    if nq >= MATMUL_QUERIES and mode == "asymmetric":  # batches: every row scored asymmetrically
-        running: tuple[np.ndarray, np.ndarray] | None = None
-        seen = 0
-        for _, codes in iter_codes(ctx.source, dim, "binary", req.positions, rows):
-            v, i = sign_top_k(q, codes, dim, min(m, codes.shape[0]))
-            i = i + seen
-            running = (v, i) if running is None else _merge_largest(running, (v, i), m)
-            seen += codes.shape[0]
-        assert running is not None
-        return running[1]
     wide = m if mode == "hamming" else min(req.n_sel, m * BINARY_WIDEN)
     qc = _query_codes(req)
     best_d = np.zeros((nq, 0), np.int64)
     best_i = np.zeros((nq, 0), np.int64)
     seen = 0
     for _, codes in iter_codes(ctx.source, dim, "binary", req.positions, rows):
-        d, i = hamming_top_k(qc, codes, min(wide, codes.shape[0]))
+        d, i = _hamming_top_k(qc, codes, min(wide, codes.shape[0]))
         best_d, best_i = merge_smallest(np.concatenate([best_d, d], axis=1),
                                         np.concatenate([best_i, i + seen], axis=1), wide)
         seen += codes.shape[0]
     if mode == "hamming" or wide <= m:
         return best_i[:, :m]
     # the asymmetric score of the Hamming shortlist picks the final m
+    q = _cos_queries(req)
     pos = req.to_positions(best_i)
     codes = gather_codes(ctx.source, dim, "binary", pos.reshape(-1)).reshape(nq, wide, -1)
     out = np.empty((nq, m), np.int64)
@@ -218,31 +236,57 @@ def _binary_pass(req: SearchRequest, ctx: SearchContext, m: int, rows: int, mode
     return out
 
 
-def _merge_largest(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray], m: int
-                   ) -> tuple[np.ndarray, np.ndarray]:
-    v, i = merge_smallest(np.concatenate([-a[0], -b[0]], axis=1),
-                          np.concatenate([a[1], b[1]], axis=1), m)
-    return -v, i
-
-
 def _int8_pass(req: SearchRequest, ctx: SearchContext, ranges: np.ndarray, m: int,
                rows: int) -> np.ndarray:
-    """Ordinals of the best ``m`` rows per query by the int8 codes' bucket centres."""
-    q = _cos_queries(req)
-    dim = req.dim
+    """Ordinals of the best ``m`` rows per query by the int8 codes' bucket centres
+    ``x = a + b c`` (``a = lo + 128.5 step``, ``b = step``): ``q . x = (q b) . c + q . a`` and
+    ``|x|^2 = |a|^2 + 2 (a b) . c + b^2 . c^2``, so a tile of codes is converted to float32 once
+    and multiplied, never decoded."""
+    q = _cos_queries(req).astype(np.float64)
+    starts, steps = int8_steps(ranges)
+    b = steps.astype(np.float64)
+    a = starts.astype(np.float64) + 128.5 * b
+    g, dim = q.shape[0], req.dim
+    weights = np.vstack([q * b, a * b]).astype(np.float32)  # (g + 1, dim)
+    const = q @ a  # (g,)
+    b2 = (b * b).astype(np.float32)
+    aa = float(a @ a)
+    qq = (q * q).sum(axis=1)
     step = max(1, DECODE_BYTES // (4 * dim))
-    running: tuple[np.ndarray, np.ndarray] | None = None
+    buf = np.empty((step, dim), np.float32)
+    best_v = np.zeros((g, 0), np.float64)
+    best_i = np.zeros((g, 0), np.int64)
     seen = 0
     for _, codes in iter_codes(ctx.source, dim, "int8", req.positions, rows):
-        for s in range(0, codes.shape[0], step):
-            block = decode_int8(codes[s : s + step].view(np.int8), ranges)
-            scale = inverse_norms(block) if req.metric == "cosine" else None
-            kk = min(m, block.shape[0]) if running is None else m
-            running = block_top_k(q, block, kk, req.metric, scale=scale, running=running,
-                                  offset=seen)
-            seen += block.shape[0]
-    assert running is not None
-    return running[1]
+        n = codes.shape[0]
+        scores = np.empty((g, n), np.float32)  # larger is better (l2: negated distance)
+        for s in range(0, n, step):
+            e = min(n, s + step)
+            cf = buf[: e - s]
+            np.copyto(cf, codes[s:e].view(np.int8), casting="unsafe")
+            if g + 1 < MATMUL_QUERIES:  # one matrix-vector product each: BLAS' thin gemm is slow
+                prod = np.empty((g + 1, e - s), np.float32)
+                for j in range(g + 1):
+                    np.matmul(cf, weights[j], out=prod[j])
+            else:
+                prod = np.ascontiguousarray((cf @ weights.T).T)  # (g + 1, rows)
+            dots = prod[:g] + const[:, None].astype(np.float32)
+            if req.metric == "dot":
+                scores[:, s:e] = dots
+                continue
+            np.square(cf, out=cf)
+            norms2 = aa + 2.0 * prod[g] + cf @ b2
+            if req.metric == "cosine":
+                norm = np.sqrt(np.maximum(norms2, 0.0))
+                scores[:, s:e] = dots / np.where(norm == 0, 1.0, norm)
+            else:
+                scores[:, s:e] = 2.0 * dots - norms2 - qq[:, None].astype(np.float32)
+        kk = min(m, n)
+        v, i = select_top_k(scores, kk)
+        best_v, best_i = merge_smallest(np.concatenate([best_v, -v.astype(np.float64)], axis=1),
+                                        np.concatenate([best_i, i + seen], axis=1), m)
+        seen += n
+    return best_i
 
 
 def code_rerank_bytes(kind: str, dim: int, width: int) -> int:
