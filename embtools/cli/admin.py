@@ -73,7 +73,13 @@ def quantized_summary(store: Any, root: Path, files: list[str]) -> dict[str, dic
     for dim, kinds in store.quantized.items():
         for kind in kinds:
             out[code_column(dim, kind)] = {"dimension": int(dim), "kind": kind, "bytes": 0}
+    if not out:
+        return out
     for f in files:
+        if "://" in str(f):  # a store on object storage: sizes not read here
+            for q in out.values():
+                q["bytes"] = None
+            return out
         md = pq.read_metadata(_file_path(root, f))
         for g in range(md.num_row_groups):
             group = md.row_group(g)
@@ -108,8 +114,9 @@ def info(store: str, version: int | None, as_json: bool) -> None:
         ("files", f"{summary['files']} ({format_bytes(summary['bytes'])})"),
         ("schema", ", ".join(f"{k}: {v}" for k, v in summary["schema"].items())),
         ("embedding model", str(summary["embedding_model"] or "- (vectors added directly)")),
-        ("quantized", ", ".join(f"{name} ({format_bytes(q['bytes'])})"
-                                for name, q in summary["quantized"].items()) or "-"),
+        ("quantized", ", ".join(
+            f"{name} ({'?' if q['bytes'] is None else format_bytes(q['bytes'])})"
+            for name, q in summary["quantized"].items()) or "-"),
         ("config hash", summary["config_hash"]),
         *((f"index {i['name']}", _index_line(i)) for i in summary["indexes"]),
     ]
