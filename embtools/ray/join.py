@@ -91,24 +91,20 @@ def similarity_join(left: Any, right: Any, k: int, out: str | os.PathLike[str], 
     """
     import ray
 
-    from embtools.backends.base import check_k, check_metric
+    from embtools.backends.base import check_k
     from embtools.search.filters import select_positions, where_key
-    from embtools.search.join import DEFAULT_CHUNK_ROWS, _identity, _join_dimension, _same_data
-    from embtools.search.request import check_screen
+    from embtools.search.join import (
+        DEFAULT_CHUNK_ROWS,
+        _identity,
+        _join_dimension,
+        _same_data,
+        check_join_args,
+    )
     from embtools.storage.jobs import Job
     from embtools.storage.jobs import progress as job_progress
 
-    k = check_k(k)
-    metric = check_metric(metric)
-    screen = check_screen(screen)
-    if batch_rows is not None:
-        batch_rows = check_k(batch_rows, "batch_rows")
-    if nprobe is not None:
-        nprobe = check_k(nprobe, "nprobe")
-    if refine is not None:
-        refine = check_k(refine, "refine")
-    if out is None:
-        raise InvalidArgumentError("similarity_join needs out= (a directory for the Parquet parts)")
+    k, metric, screen, batch_rows, nprobe, refine = check_join_args(
+        k, metric, screen, batch_rows, nprobe, refine, out)
     cap_given = max_memory_gb if max_memory_gb is not None else getattr(right, "max_memory_gb", None)
     cap = float(cap_given if cap_given is not None else DEFAULT_TASK_GB)
     if not cap > 0:

@@ -93,6 +93,23 @@ def _join_dimension(left: Any, right: Any, dimension: Any) -> int:
     return dim
 
 
+def check_join_args(k: Any, metric: Any, screen: Any, batch_rows: Any, nprobe: Any, refine: Any,
+                    out: Any) -> tuple[int, str, str, int | None, int | None, int | None]:
+    """The checked scalar arguments of a similarity join (the local one and the Ray one).
+
+    Examples
+    --------
+    >>> check_join_args(10, "cosine", "auto", None, 4, None, "out")
+    (10, 'cosine', 'auto', None, 4, None)
+    """
+    checked = (check_k(k), check_metric(metric), check_screen(screen))
+    optional = tuple(None if v is None else check_k(v, name)
+                     for v, name in ((batch_rows, "batch_rows"), (nprobe, "nprobe"), (refine, "refine")))
+    if out is None:
+        raise InvalidArgumentError("similarity_join needs out= (a directory for the Parquet parts)")
+    return (*checked, *optional)  # type: ignore[return-value]
+
+
 def _drop_self(
     scores: np.ndarray, found: np.ndarray, own: np.ndarray, k: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -138,17 +155,8 @@ def similarity_join(
     """
     if not is_store(left) or not is_store(right):
         raise InvalidArgumentError("similarity_join takes two EmbeddingStores (left, right)")
-    k = check_k(k)
-    metric = check_metric(metric)
-    screen = check_screen(screen)
-    if batch_rows is not None:
-        batch_rows = check_k(batch_rows, "batch_rows")
-    if nprobe is not None:
-        nprobe = check_k(nprobe, "nprobe")
-    if refine is not None:
-        refine = check_k(refine, "refine")
-    if out is None:
-        raise InvalidArgumentError("similarity_join needs out= (a directory for the Parquet parts)")
+    k, metric, screen, batch_rows, nprobe, refine = check_join_args(
+        k, metric, screen, batch_rows, nprobe, refine, out)
     out_path = Path(out)
     if out_path.exists() and not out_path.is_dir():
         raise InvalidArgumentError(f"out={out_path} exists and is not a directory")
