@@ -136,6 +136,16 @@ def _skip_stored(table: pa.Table, stored: Any, id_column: str) -> pa.Table:
     return table.filter(pc.invert(pc.is_in(ids, value_set=stored)))
 
 
+def _dataset_columns(dataset: Any, wanted: list[str | None]) -> list[str]:
+    """The given (not None) columns of ``wanted``, each checked to be in ``dataset``."""
+    names = dataset.columns()
+    columns = [c for c in wanted if c is not None]
+    missing = [c for c in columns if c not in names]
+    if missing:
+        raise InvalidArgumentError(f"columns {missing} are not in the dataset (its columns: {names})")
+    return columns
+
+
 def _new_rows(ds: Any, target: Any, id_column: str | None) -> Any:
     """``ds`` without the rows whose id ``target`` holds (the ids go to the tasks once)."""
     if id_column is None or not target.num_rows:
@@ -186,14 +196,10 @@ def vectors_to_store(dataset: Any, store: Any, *, vector_column: str, id_column:
         latest = read_manifest(open_store_storage(root, options))
         if job_id in latest.jobs:
             return latest.version
-    names = dataset.columns()
-    wanted_cols = [vector_column, id_column, label_column, *metadata_columns]
-    missing = [c for c in wanted_cols if c is not None and c not in names]
-    if missing:
-        raise InvalidArgumentError(f"columns {missing} are not in the dataset (its columns: {names})")
+    columns = _dataset_columns(dataset, [vector_column, id_column, label_column, *metadata_columns])
     target = EmbeddingStore(root, backend="numpy", storage_options=options)
     try:
-        ds = _new_rows(dataset.select_columns([c for c in wanted_cols if c is not None]),
+        ds = _new_rows(dataset.select_columns(columns),
                        target, id_column)
     finally:
         target.close()
@@ -257,17 +263,13 @@ def embed_to_store(dataset: Any, store: Any, *, text_column: str = "text",
         raise InvalidArgumentError(f"batch_size must be a positive integer, got {batch_size!r}")
     if job_id is not None:
         check_job_id(job_id)
-    names = dataset.columns()
-    wanted_cols = [text_column, id_column, label_column, *metadata_columns]
-    missing = [c for c in wanted_cols if c is not None and c not in names]
-    if missing:
-        raise InvalidArgumentError(f"columns {missing} are not in the dataset (its columns: {names})")
+    columns = _dataset_columns(dataset, [text_column, id_column, label_column, *metadata_columns])
     target = EmbeddingStore(root, backend="numpy", storage_options=options)
     try:
         spec, wanted, norm, record = _resolve_for_store(target, model, dims, normalize)
         if job_id is not None and job_id in read_manifest(open_store_storage(root, options)).jobs:
             return target.version
-        ds = _new_rows(dataset.select_columns([c for c in wanted_cols if c is not None]),
+        ds = _new_rows(dataset.select_columns(columns),
                        target, id_column)
     finally:
         target.close()
