@@ -37,6 +37,7 @@ import datetime as _dt
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -146,6 +147,10 @@ def _secrets(options: Mapping[str, Any] | None) -> list[str]:
     return out
 
 
+_FORBIDDEN = re.compile(r"\b403\b|Forbidden|InvalidAccessKeyId|SignatureDoesNotMatch")
+"""What an obstore error says when the server refused the credentials."""
+
+
 class ObjectStorage(Storage):
     """A store under ``url`` (``s3://bucket/prefix``, ``gs://``, ``az://``, ``file://``) via obstore.
 
@@ -224,8 +229,8 @@ class ObjectStorage(Storage):
             raise InvalidArgumentError(f"{self.display(key)}: {self._redact(str(exc))}") from None
         except (ex.BaseError, OSError, TimeoutError) as exc:
             text = self._redact(str(exc))
-            if "403" in text or "Forbidden" in text or "InvalidAccessKeyId" in text or (
-                    "SignatureDoesNotMatch" in text):
+            # a whole-word 403: bucket names and timings in the message may contain those digits
+            if _FORBIDDEN.search(text):
                 raise StorageAccessError(
                     f"{self.display(key)}: {what} refused: check the credentials and permissions "
                     f"({text})") from None
