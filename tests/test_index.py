@@ -273,3 +273,35 @@ def test_binary_codes_refuse_l2(tmp_path):
     store.add(clustered(100)[0])
     with pytest.raises(InvalidArgumentError, match="l2"):
         store.create_index(dimension=DIM, codes="binary", metric="l2")
+
+
+@pytest.mark.parametrize(("codes", "metric"), [("float", "cosine"), ("float", "l2"), ("int8", "dot"),
+                                               ("int8", "l2"), ("binary", "cosine")])
+def test_one_query_and_grouped_shortlists_agree(tmp_path, monkeypatch, codes, metric):
+    """Small batches are shortlisted one query at a time, big ones grouped by partition: both
+    give the exact answer at full probe, nearly the same shortlists at a partial probe, and
+    neither returns a deleted row."""
+    import embtools.index.probe as probe_mod
+
+    x, q = clustered(2500, seed=31)
+    store = et.EmbeddingStore(tmp_path / "s", backend="numpy")
+    store.add(x[:1500])
+    store.add(x[1500:])  # two data files
+    store.create_index(dimension=DIM, partitions=25, codes=codes, metric=metric)
+    store.delete(where=pl.col("row_id") % 7 == 3)
+    alive = np.arange(len(x)) % 7 != 3
+    store.add(x[:30] + np.float32(0.01))  # rows outside the index, merged
+    xa = np.concatenate([x, x[:30] + np.float32(0.01)])
+    alive = np.r_[alive, np.ones(30, bool)]
+    results = {}
+    for name, share in (("one", 1e9), ("grouped", 0.0)):
+        monkeypatch.setattr(probe_mod, "GROUP_MIN_SHARE", share)
+        full = store.search(q, k=5, nprobe=25, refine=3000, metric=metric)
+        assert np.array_equal(ids(full, len(q)), brute(xa, q, 5, metric, alive=alive)), name
+        part = ids(store.search(q, k=10, nprobe=5, metric=metric), len(q))
+        assert alive[part].all()
+        results[name] = part
+        one = store.search(q[3], k=10, nprobe=5, metric=metric)["row_id"].to_numpy()
+        assert np.array_equal(one, part[3])
+    assert recall(results["one"], results["grouped"]) >= 0.98
+    assert recall(results["one"], brute(xa, q, 10, metric, alive=alive)) >= 0.8
