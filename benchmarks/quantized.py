@@ -198,6 +198,7 @@ def main() -> None:
     parser.add_argument("--holdout", type=int, default=1000, help="MiniLM rows held out as queries")
     parser.add_argument("--minilm", default=MINILM)
     parser.add_argument("--skip-recall", action="store_true")
+    parser.add_argument("--skip-speed", action="store_true")
     args = parser.parse_args()
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, NumPy {np.__version__}")
     tmp = tempfile.mkdtemp(prefix="embtools-quantized-")
@@ -207,9 +208,10 @@ def main() -> None:
                   " queries")
             for name, value in recall_table(args.minilm, args.holdout, tmp):
                 print(f"  {name:<52} {value}")
-        print(f"\nspeed on {args.rows:,} x 384 (clustered, unit norm), store on disk")
-        for name, value, ratio in speed_table(args.rows, args.singles, args.batch, tmp):
-            print(f"  {name:<62} {value:>10}  {ratio}")
+        if not args.skip_speed:
+            print(f"\nspeed on {args.rows:,} x 384 (clustered, unit norm), store on disk")
+            for name, value, ratio in speed_table(args.rows, args.singles, args.batch, tmp):
+                print(f"  {name:<62} {value:>10}  {ratio}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

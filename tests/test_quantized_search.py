@@ -196,3 +196,50 @@ def test_funnel_arguments_are_checked(new_store, rng):
     other.add_embeddings(x, dimension=16)
     with pytest.raises(InvalidArgumentError):
         store.search(other, 3, precision="binary")
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_certified_int8_screen_is_exact(new_store, store_kind, rng, monkeypatch, metric):
+    """screen="int8": the same rows as the exact search, for every metric, with ``where``, when the
+    codes cannot certify a query (MAX_CANDIDATES tiny: the float32 stream answers it), and for rows
+    clipped by the sample's ranges (end codes)."""
+    from embtools.search import int8screen
+
+    n, d, k = 3000, 32, 10
+    x = _corpus(rng, n, d)
+    x[11] = 0.0  # a zero row
+    x[12] *= 50.0  # far outside the sampled ranges: end codes
+    labels = rng.choice(["a", "b"], n).tolist()
+    store = new_store(store_kind)
+    store.add_embeddings(x, dimension=d, labels=labels)
+    store.quantize(d, kinds=["int8"], sample_rows=500)
+    q = np.concatenate([x[[3, 12]], _queries(rng, x, 3)])
+    for where in (None, pl.col("label") == "a"):
+        exact = store.search(q, k, metric=metric, where=where)
+        got = store.search(q, k, metric=metric, where=where, screen="int8")
+        assert got.equals(exact)
+        sel = None if where is None else np.flatnonzero(np.array(labels) == "a")
+        scores = got["score"].to_numpy().reshape(5, k)
+        tol = 1e-4 * max(1.0, float(np.abs(scores).max()))  # float32 scores of the far row
+        check_top_k(brute_force(x, q, metric, sel), scores, got["row_id"].to_numpy().reshape(5, k),
+                    k, metric, tol=tol)
+    assert "certified int8 screen" in store.explain(q, k, metric=metric, screen="int8")
+    monkeypatch.setattr(int8screen, "MAX_CANDIDATES", k)  # nothing certifiable: all fall back
+    assert store.search(q, k, metric=metric, screen="int8").equals(store.search(q, k, metric=metric))
+
+
+def test_int8_screen_steps_aside(new_store, rng):
+    """Without int8 codes, or when the screen does not fit the cap, the exact float32 stream runs."""
+    x = _corpus(rng, 2000, 16)
+    store = new_store("disk")
+    store.add_embeddings(x, dimension=16)
+    store.quantize(16, kinds=["binary"])
+    text = store.explain(x[:2], 5, screen="int8")
+    assert "needs int8 codes" in text and "float32 stream" in text
+    assert store.search(x[:2], 5, screen="int8").equals(store.search(x[:2], 5))
+    capped = new_store("disk", max_memory_gb=0.005)  # below the screen's fixed tiles
+    capped.add_embeddings(x, dimension=16)
+    capped.quantize(16, kinds=["int8"])
+    text = capped.explain(x[:2], 5, screen="int8")
+    assert "does not fit the cap" in text
+    assert capped.search(x[:2], 5, screen="int8").equals(store.search(x[:2], 5))

@@ -46,6 +46,7 @@ from embtools.errors import InvalidArgumentError, MemoryLimitError
 from embtools.memory import GB, format_bytes
 from embtools.search.engine import StreamSizes, plan_stream, run_stream, stream_min_bytes
 from embtools.search.funnel import funnel_top_k
+from embtools.search.int8screen import certified_int8_top_k, int8_screen_bytes
 from embtools.search.ivf import IndexSizes, describe, index_top_k, merge_top_k, size_index
 from embtools.search.quantized import (
     CodeSizes,
@@ -161,7 +162,7 @@ class SearchPlan:
             lines.append(describe(self.probe, self.index))
         if self.codes is not None:
             c = self.codes
-            kind = self.funnel[0][0] if self.funnel else "?"
+            kind = self.funnel[0][0] if self.funnel else "int8"
             lines.append(
                 f"  {kind} codes: query groups of {c.group}, batches of {c.rows:,} rows, "
                 f"{format_bytes(c.nbytes)} of workspace")
@@ -190,6 +191,10 @@ class SearchPlan:
                     "outside the index searched exactly and merged")
         tail = (f", then a float64 re-rank of {self.candidates} candidates per query"
                 if self.candidates else " (the float32 order: re-ranking would not fit)")
+        if self.path == "int8-screen":
+            return ("certified int8 screen (rows whose int8-code score bounds cannot reach the "
+                    "top k are skipped), then a float64 re-rank of the rows kept; uncertified "
+                    "queries take the float32 stream")
         if self.path == "screen":
             return ("bfloat16 screen with a float64 re-rank of certified queries; uncertified "
                     f"queries take the float32 stream on the {self.fallback} backend")
@@ -241,6 +246,10 @@ def plan_search(req: SearchRequest, ctx: SearchContext) -> SearchPlan:
         notes.append(f"the index search ({probe.name}) does not fit the cap: exact search")
     if req.funnel is not None:
         return _plan_funnel(req, ctx, base, notes)
+    if req.screen == "int8":
+        plan = _plan_int8(req, ctx, base, notes)
+        if plan is not None:
+            return plan
     m = min(overfetch(kk), req.n_sel)
     if rerank_min_bytes(m, req.dim) > RERANK_CHUNK_BYTES:  # a huge k: the float32 order
         m = kk
@@ -283,6 +292,33 @@ def plan_search(req: SearchRequest, ctx: SearchContext) -> SearchPlan:
         raise cap_error(budget, least, _what(req))
     return SearchPlan("float32", **base, stream=stream, candidates=cands, rerank=rr,
                       notes=tuple(notes))
+
+
+def _plan_int8(req: SearchRequest, ctx: SearchContext, base: dict[str, Any], notes: list[str]
+               ) -> SearchPlan | None:
+    """The certified int8 screen (``screen="int8"``), with the float32 stream sized for the
+    queries it cannot certify; None (and a note) when the store has no int8 codes of the
+    dimension or the screen does not fit the cap: the exact search then streams float32."""
+    specs = getattr(ctx.source, "quantized", None) or {}
+    spec = specs.get(req.dim)
+    if spec is None or "int8" not in spec.kinds:
+        notes.append(f"screen='int8' needs int8 codes of dimension {req.dim} (store.quantize): "
+                     "float32 stream")
+        return None
+    avail = ctx.budget.available_bytes
+    m = min(overfetch(req.kk), req.n_sel)
+    room = None if avail is None else avail - int8_screen_bytes(req.dim)
+    codes = None if room is not None and room <= 0 else size_codes(
+        room, 1, "int8", req.dim, req.kk, req.n_sel, req.batch_rows)
+    stream = plan_stream(req, ctx, m)
+    rr = size_rerank(avail, req.nq, m, req.dim)
+    if codes is None or stream is None or rr is None:
+        notes.append("the certified int8 screen does not fit the cap: float32 stream")
+        return None
+    least = max(stream_min_bytes(req, ctx, m), rerank_min_bytes(m, req.dim))
+    base = {**base, "min_bytes": least, "min_cap_gb": smallest_cap_gb(ctx.budget, least)}
+    return SearchPlan("int8-screen", **base, codes=codes, stream=stream, fallback=ctx.backend.name,
+                      candidates=m, rerank=rr, notes=tuple(notes))
 
 
 def _find_probe(req: SearchRequest, ctx: SearchContext, notes: list[str]) -> Any:
@@ -387,6 +423,16 @@ def run_search(req: SearchRequest, ctx: SearchContext, plan: SearchPlan | None =
     assert plan.stream is not None
     if plan.path == "float32":
         return _float32(req, ctx, plan.stream, plan.candidates)
+    if plan.path == "int8-screen":
+        assert plan.codes is not None
+        top, ok = certified_int8_top_k(req, ctx, plan.codes)
+        if not ok.all():  # queries the codes cannot certify: the float32 stream
+            rest = np.flatnonzero(~ok)
+            sub = req.subset(rest)
+            again = _float32(sub, ctx, plan_stream(sub, ctx, plan.candidates) or plan.stream,
+                             plan.candidates)
+            top.scores[rest], top.positions[rest] = again.scores, again.positions
+        return top
     assert plan.screen is not None
     top, ok = screened_top_k(req, ctx, plan.screen)
     if not ok.all():  # the planner's fallback: the float32 stream on its backend

@@ -56,8 +56,9 @@ __all__ = [
     "smallest_cap_gb",
 ]
 
-#: Values of the ``screen`` option: let the planner decide, force the screen, forbid it.
-SCREEN_MODES = ("auto", "on", "off")
+#: Values of the ``screen`` option: let the planner decide, force the bfloat16 screen, forbid
+#: screens, or ask for the certified int8 screen (search/int8screen.py; needs int8 codes).
+SCREEN_MODES = ("auto", "on", "off", "int8")
 _ON = ("1", "on", "true", "yes")
 _OFF = ("0", "off", "false", "no")
 
@@ -70,7 +71,8 @@ def default_screen_mode() -> str:
 
 
 def check_screen(screen: Any) -> str:
-    """The ``screen`` option: ``"auto"``, ``"on"`` or ``"off"`` (None: :func:`default_screen_mode`)."""
+    """The ``screen`` option: ``"auto"``, ``"on"``, ``"off"`` or ``"int8"`` (None:
+    :func:`default_screen_mode`)."""
     if screen is None:
         return default_screen_mode()
     if not isinstance(screen, str) or screen.lower() not in SCREEN_MODES:
