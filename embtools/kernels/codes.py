@@ -149,12 +149,22 @@ def int8_radius(ranges: np.ndarray) -> np.ndarray:
 def has_end_codes(codes: np.ndarray) -> np.ndarray:
     """Per row of 2-D int8 codes, True when some code is -128 or 127 (a possibly clipped value).
 
+    The codes may also come as the raw ``uint8`` bytes of the ``emb_<d>_i8`` column (how
+    :func:`embtools.storage.quantized.iter_codes` yields them): they are read as int8, so that
+    the byte 128 (code -128) counts as an end code.
+
     Examples
     --------
     >>> has_end_codes(np.array([[0, 5], [127, 0], [-128, 3]], dtype=np.int8)).tolist()
     [False, True, True]
+    >>> has_end_codes(np.array([[0, 5], [127, 0], [128, 3]], dtype=np.uint8)).tolist()
+    [False, True, True]
     """
     c = np.asarray(codes)
+    if c.dtype != np.int8:
+        if c.dtype != np.uint8:
+            raise TypeError(f"int8 codes must be int8 or uint8 bytes, not {c.dtype}")
+        c = c.view(np.int8)
     if c.shape[0] == 0:
         return np.zeros(0, dtype=bool)
     return np.asarray(((c == -128) | (c == 127)).any(axis=1))

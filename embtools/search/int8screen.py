@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from embtools.kernels.codes import has_end_codes, int8_radius, int8_steps
+from embtools.kernels.int8 import Int8Bounds, int8_score_bounds
 from embtools.search.quantized import DECODE_BYTES, CodeSizes, quantized_spec
 from embtools.search.refine import rerank
 from embtools.search.request import SearchContext, SearchRequest, TopK
@@ -42,7 +42,6 @@ __all__ = ["MAX_CANDIDATES", "certified_int8_top_k", "int8_screen_bytes"]
 
 #: most rows kept per query (beyond it the query goes to the float32 stream)
 MAX_CANDIDATES = 20_000
-_EPS = float(np.finfo(np.float32).eps)
 
 
 def int8_screen_bytes(dim: int) -> int:
@@ -50,67 +49,12 @@ def int8_screen_bytes(dim: int) -> int:
     return MAX_CANDIDATES * (16 + dim * 12)
 
 
-def _bounds(req: SearchRequest, q: np.ndarray, ranges: np.ndarray, codes: np.ndarray,
-            buf: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(lower, upper)`` float64 bounds of the exact scores of one query ``q`` (float64,
-    normalised for cosine) against a tile of int8 codes; larger is better (l2: negated)."""
-    dim = q.shape[0]
-    starts, steps = int8_steps(ranges)
-    b = steps.astype(np.float64)
-    a = starts.astype(np.float64) + 128.5 * b
-    r = int8_radius(ranges)
-    n = codes.shape[0]
-    cf = buf[:n]
-    np.copyto(cf, codes.view(np.int8), casting="unsafe")
-    w = (q * b).astype(np.float32)
-    const = float(q @ a)
-    dots = (cf @ w).astype(np.float64) + const
-    # float32 rounding of the product (d + 4 roundings of terms at most 128 |w_j|)
-    e1 = (dim + 8) * _EPS * (128.0 * float(np.abs(q * b).sum()) * 1.01 + abs(const))
-    big = np.float64(np.inf)
-    if req.metric == "dot":
-        rad = float(np.abs(q) @ r) + e1
-        lo, hi = dots - rad, dots + rad
-    else:
-        ab = (a * b).astype(np.float32)
-        cross = (cf @ ab).astype(np.float64)
-        np.square(cf, out=cf)
-        sq = (cf @ (b * b).astype(np.float32)).astype(np.float64)
-        aa = float(a @ a)
-        norms2 = aa + 2.0 * cross + sq
-        e2 = (dim + 8) * _EPS * (aa + 256.0 * float(np.abs(a * b).sum()) + 16384.0 * float(b @ b)) * 1.01
-        rho = float(np.sqrt(r @ r))
-        if req.metric == "cosine":
-            rad = float(np.abs(q) @ r) + e1
-            num_lo, num_hi = dots - rad, dots + rad
-            m_lo = np.sqrt(np.maximum(norms2 - e2, 0.0)) - rho
-            m_hi = np.sqrt(norms2 + e2) + rho
-            ok = m_lo > 0
-            safe_lo = np.where(ok, m_lo, 1.0)
-            hi = np.where(num_hi > 0, num_hi / safe_lo, num_hi / m_hi)
-            lo = np.where(num_lo > 0, num_lo / m_hi, num_lo / safe_lo)
-            hi = np.where(ok, np.minimum(hi, 1.0), big)
-            lo = np.where(ok, np.maximum(lo, -1.0), -big)
-        else:  # l2: |q - x| within rho of |q - x^|
-            qq = float(q @ q)
-            v = qq + norms2 - 2.0 * dots
-            e3 = e2 + 2.0 * e1 + 4 * _EPS * qq
-            d_lo = np.maximum(np.sqrt(np.maximum(v - e3, 0.0)) - rho, 0.0)
-            d_hi = np.sqrt(np.maximum(v + e3, 0.0)) + rho
-            lo, hi = -(d_hi * d_hi) * (1 + 4 * _EPS), -(d_lo * d_lo) * (1 - 4 * _EPS)
-    end = has_end_codes(codes)
-    if end.any():
-        lo = np.where(end, -big, lo)
-        hi = np.where(end, big, hi)
-    return lo, hi
-
-
 def certified_int8_top_k(req: SearchRequest, ctx: SearchContext, sizes: CodeSizes
                          ) -> tuple[TopK, np.ndarray]:
     """The exact top-k of each query (float64 re-rank of the rows the codes cannot rule out), and
     per query whether it was certified (False: the caller searches it another way)."""
     spec = quantized_spec(ctx.source, req.dim, "int8")
-    ranges = spec.ranges
+    ranges = Int8Bounds.of(spec.ranges)
     kk = req.kk
     queries = req.queries[:, : req.dim].astype(np.float64)
     if req.metric == "cosine":
@@ -133,7 +77,7 @@ def certified_int8_top_k(req: SearchRequest, ctx: SearchContext, sizes: CodeSize
     return TopK(out_s, out_p), ok
 
 
-def _screen_one(req: SearchRequest, ctx: SearchContext, q: np.ndarray, ranges: np.ndarray, kk: int,
+def _screen_one(req: SearchRequest, ctx: SearchContext, q: np.ndarray, ranges: Int8Bounds, kk: int,
                 rows: int, step: int, buf: np.ndarray) -> np.ndarray | None:
     """Positions of the rows one query keeps (ascending), or None past MAX_CANDIDATES."""
     best_lo = np.full(0, -np.inf)
@@ -143,7 +87,7 @@ def _screen_one(req: SearchRequest, ctx: SearchContext, q: np.ndarray, ranges: n
     count = 0
     for pos, codes in iter_codes(ctx.source, req.dim, "int8", req.positions, rows):
         for s in range(0, len(pos), step):
-            lo, hi = _bounds(req, q, ranges, codes[s : s + step], buf)
+            lo, hi = int8_score_bounds(q, codes[s : s + step], ranges, req.metric, buf)
             both = np.concatenate([best_lo, lo])
             if both.size > kk:
                 best_lo = np.partition(both, both.size - kk)[both.size - kk :]

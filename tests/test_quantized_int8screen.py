@@ -1,0 +1,124 @@
+"""The certified int8 screen (``screen="int8"``): its per-row score bounds hold for every row and
+metric (clipped values at both ends included, codes given as the column's raw bytes), and its
+answers are the exact top k (NumPy float64 brute force) for one query and thousands, every
+metric, ``where`` and tiny caps."""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import pytest
+
+import embtools as et
+from embtools.kernels.codes import encode_int8, has_end_codes, int8_ranges
+from embtools.kernels.int8 import Int8Bounds, int8_score_bounds
+from tests.helpers import brute_force, check_top_k
+
+METRICS = ["cosine", "dot", "l2"]
+
+
+def _corpus(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
+    """Clustered rows of varied norms, an exact tie, a zero row, and rows far outside any sample's
+    ranges (at the low and the high end of their dimensions)."""
+    c = rng.standard_normal((8, d)).astype(np.float32)
+    x = c[rng.integers(0, 8, n)] + 0.7 * rng.standard_normal((n, d)).astype(np.float32)
+    x *= rng.uniform(0.5, 2.0, (n, 1)).astype(np.float32)
+    x[7] = x[3]
+    x[11] = 0.0
+    x[12] *= 50.0
+    x[13] = -np.abs(x[13]) * 30.0  # every value clipped at the low end: codes -128
+    x[14, rng.integers(0, d)] = 1e4
+    return x
+
+
+def _expected_scores(x: np.ndarray, q: np.ndarray, metric: str) -> np.ndarray:
+    s = brute_force(x, q[None, :], metric)[0]
+    return -s if metric == "l2" else s  # larger is better, as the bounds
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_bounds_contain_exact_scores(rng, metric):
+    """Every row's exact float64 score lies in its bounds, over many random corpora, sample sizes,
+    dimensions and query scales; rows with an end code are unbounded, the others are finite."""
+    for trial in range(25):
+        d = int(rng.choice([3, 17, 64]))
+        n = int(rng.integers(20, 400))
+        x = _corpus(rng, n, d) * np.float32(10.0 ** rng.uniform(-3, 3))
+        ranges = int8_ranges(x[rng.choice(n, max(2, n // 8), replace=False)])
+        codes = encode_int8(x, ranges).view(np.uint8)  # the column's raw bytes
+        q = rng.standard_normal(d) * 10.0 ** rng.uniform(-2, 2)
+        if trial == 0:
+            q = x[12].astype(np.float64)  # the query of the failing seed: a far row itself
+        if metric == "cosine":
+            q = q / np.linalg.norm(q)
+        lo, hi = int8_score_bounds(q, codes, ranges if trial % 2 else Int8Bounds.of(ranges), metric)
+        exact = _expected_scores(x, q, metric)
+        assert np.all(lo <= exact) and np.all(exact <= hi), (trial, np.flatnonzero((lo > exact) | (exact > hi)))
+        end = has_end_codes(codes)
+        assert end[13] and np.all(np.isinf(hi[end]))
+        if metric != "cosine":  # cosine leaves rows near zero unbounded too
+            assert np.all(np.isfinite(lo[~end]))
+
+
+def test_bounds_arguments():
+    r = np.array([[-1.0, -1.0], [1.0, 1.0]], np.float32)
+    with pytest.raises(ValueError, match="metric"):
+        int8_score_bounds(np.ones(2), np.zeros((1, 2), np.int8), r, "hamming")
+    with pytest.raises(ValueError, match="dimension"):
+        int8_score_bounds(np.ones(3), np.zeros((1, 2), np.int8), r, "dot")
+    with pytest.raises(TypeError):
+        int8_score_bounds(np.ones(2), np.zeros((1, 2), np.int16), r, "dot")
+    with pytest.raises(TypeError):
+        has_end_codes(np.zeros((1, 2), np.int16))
+
+
+def _check_exact(store: et.EmbeddingStore, x: np.ndarray, q: np.ndarray, k: int, metric: str,
+                 where=None, sel=None) -> None:  # type: ignore[no-untyped-def]
+    exact = store.search(q, k, metric=metric, where=where)
+    got = store.search(q, k, metric=metric, where=where, screen="int8")
+    assert got.equals(exact)
+    nq = len(q)
+    per = min(k, len(x) if sel is None else len(sel))
+    scores = got["score"].to_numpy().reshape(nq, per)
+    tol = 1e-4 * max(1.0, float(np.abs(scores).max()))  # float32 scores of the far rows
+    check_top_k(brute_force(x, q, metric, sel), scores, got["row_id"].to_numpy().reshape(nq, per),
+                per, metric, tol=tol)
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("seed", [87126921, 1, 2])
+def test_screen_exact_one_query(new_store, store_kind, metric, seed):
+    """One query at a time (far rows, near rows, a zero query), with and without ``where``; seed
+    87126921 once returned a wrong row for ``dot`` (a row clipped at the low end, code -128, was
+    bounded as if it were not: the codes arrive as uint8 bytes)."""
+    rng = np.random.default_rng(seed)
+    n, d, k = 3000, 32, 10
+    x = _corpus(rng, n, d)
+    labels = rng.choice(["a", "b"], n).tolist()
+    store = new_store(store_kind)
+    store.add_embeddings(x, dimension=d, labels=labels)
+    store.quantize(d, kinds=["int8"], sample_rows=500)
+    sel = np.flatnonzero(np.array(labels) == "a")
+    near = x[rng.integers(0, n, 3)] + 0.3 * rng.standard_normal((3, d)).astype(np.float32)
+    for q in (x[12], x[13], x[3], near[0], near[1], np.zeros(d, np.float32)):
+        _check_exact(store, x, q[None, :], k, metric)
+        _check_exact(store, x, q[None, :], k, metric, pl.col("label") == "a", sel)
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_screen_exact_thousands_of_queries_tiny_cap(new_store, rng, metric):
+    """2,000 queries under a cap that cuts the codes into small batches, k from 1 to past the rows
+    of the ``where`` selection."""
+    n, d = 1200, 24
+    x = _corpus(rng, n, d)
+    labels = np.where(np.arange(n) % 100 == 0, "rare", "common").tolist()
+    store = new_store("disk", max_memory_gb=0.02)
+    store.add_embeddings(x, dimension=d, labels=labels)
+    store.quantize(d, kinds=["int8"], sample_rows=300)
+    q = np.concatenate([x[rng.integers(0, n, 1000)] + 0.2 * rng.standard_normal((1000, d)),
+                        rng.standard_normal((1000, d)) * 3.0]).astype(np.float32)
+    assert "certified int8 screen" in store.explain(q, 5, metric=metric, screen="int8")
+    _check_exact(store, x, q, 5, metric)
+    sel = np.flatnonzero(np.array(labels) == "rare")
+    _check_exact(store, x, q[:50], 1, metric, pl.col("label") == "rare", sel)
+    _check_exact(store, x, q[:50], 20, metric, pl.col("label") == "rare", sel)  # k > selection
