@@ -108,6 +108,33 @@ def test_hamming_top_k_equals_faiss(
     np.testing.assert_array_equal(H.hamming_distances(queries[:1], codes), full[:1])
 
 
+@pytest.mark.parametrize("nq", [1, 20])
+@pytest.mark.parametrize("nbytes", [48, 5])
+@pytest.mark.parametrize("use_faiss", [True, False])
+def test_threaded_hamming_top_k_equals_faiss(
+    rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch, nq: int, nbytes: int, use_faiss: bool
+) -> None:
+    """Rows split over 1 to 5 threads (parts of a few hundred rows), FAISS knn_hamming or NumPy on
+    each part: the same distances and ids as IndexBinaryFlat, with ties straddling the parts."""
+    monkeypatch.setattr(H, "MIN_THREAD_ROWS", 300)
+    n = 2000
+    codes = rng.integers(0, 256, (n, nbytes), dtype=np.uint8)
+    codes[rng.choice(n, 200, replace=False)] = codes[0]  # ties in every part
+    codes[1500:] = codes[1]
+    queries = rng.integers(0, 256, (nq, nbytes), dtype=np.uint8)
+    queries[0] = codes[0]
+    if nq > 1:
+        queries[1] = codes[1]
+    for k in (1, 7, 150, 450, 3000):
+        d_ref, i_ref = _faiss_search(queries, codes, min(k, n))
+        for threads in (1, 2, 3, 5):
+            d, i = H.threaded_hamming_top_k(queries, codes, k, threads=threads, use_faiss=use_faiss)
+            np.testing.assert_array_equal(d, d_ref)
+            np.testing.assert_array_equal(i, i_ref)
+    d, i = H.threaded_hamming_top_k(queries, codes, 0)
+    assert d.shape == (nq, 0) and i.shape == (nq, 0)
+
+
 def test_hamming_lookup_table_path(
     rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch
 ) -> None:

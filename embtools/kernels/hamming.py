@@ -6,6 +6,11 @@
   use ``np.bitwise_count`` on 64-bit words (a byte lookup table where NumPy lacks it); batches
   unpack both sides to +-1 and use a float32 matrix product, exact because every sum is an
   integer far below 2**24: ``hamming = (bits - q . c) / 2``.
+- :func:`threaded_hamming_top_k`: the same results as :func:`hamming_top_k` (and FAISS), the rows
+  split over ``THREADS`` threads, each part scored by FAISS ``knn_hamming`` where FAISS is
+  installed and the codes are whole 64-bit words (else by :func:`hamming_top_k`: NumPy's
+  popcount releases the GIL too), the parts' top k merged with ties to the lower index. The
+  kernel of the binary search path, for one query and for batches.
 - :func:`sign_scores` / :func:`sign_top_k`: the *asymmetric* score of float queries against sign
   codes, ``q . s`` with ``s`` the +-1 vector of the code (a per-byte lookup table of the query's
   partial sums for a few queries, +-1 unpacking and a matrix product for batches).
@@ -29,6 +34,12 @@ Examples
 
 from __future__ import annotations
 
+import itertools
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
 import numpy as np
 
 from embtools.kernels.codes import unpack_signs
@@ -42,6 +53,7 @@ __all__ = [
     "popcount",
     "sign_scores",
     "sign_top_k",
+    "threaded_hamming_top_k",
 ]
 
 #: NumPy >= 2.0 has a vectorised population count
@@ -54,6 +66,10 @@ POPCOUNT8 = (
 MATMUL_QUERIES = 16
 #: bytes of temporaries per tile
 TILE_BYTES = 8 * 1024**2
+#: threads that split the rows of :func:`threaded_hamming_top_k`
+THREADS = max(1, min(8, os.cpu_count() or 1))
+#: fewest rows per thread
+MIN_THREAD_ROWS = 32768
 
 
 def popcount(a: np.ndarray) -> np.ndarray:
@@ -87,9 +103,9 @@ def _check(queries: np.ndarray, codes: np.ndarray) -> tuple[np.ndarray, np.ndarr
     return q, c
 
 
-def _popcount_row(qw: np.ndarray, cw: np.ndarray, out: np.ndarray) -> None:
+def _popcount_row(qw: np.ndarray, cw: np.ndarray, out: np.ndarray, tile_bytes: int = TILE_BYTES) -> None:
     """Distances of one query (words ``qw``) to every row of ``cw``, written into 1-D ``out``."""
-    tile = max(1, TILE_BYTES // max(1, cw.shape[1] * cw.itemsize))
+    tile = max(1, tile_bytes // max(1, cw.shape[1] * cw.itemsize))
     for s in range(0, cw.shape[0], tile):
         counts = popcount(np.bitwise_xor(cw[s : s + tile], qw))
         o = out[s : s + tile]
@@ -153,13 +169,15 @@ def merge_smallest(
     return np.take_along_axis(values, order, axis=1), np.take_along_axis(indices, order, axis=1)
 
 
-def hamming_top_k(queries: np.ndarray, codes: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def hamming_top_k(queries: np.ndarray, codes: np.ndarray, k: int, tile_bytes: int = TILE_BYTES
+                  ) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` nearest rows by Hamming distance: ``(distances int32, indices int64)``, nearest
     first, ties to the lower index (as FAISS ``IndexBinaryFlat``); k is clipped to the rows.
 
     A few queries: popcount distances and a counting selection per query; batches: the fused
     float32 tile kernel of :mod:`embtools.kernels.numpy_tiles` over +-1 vectors (the largest
-    product is the smallest distance, and ties go to the lower index there too).
+    product is the smallest distance, and ties go to the lower index there too). Temporaries:
+    about ``tile_bytes`` (and the distances of one query, 4 bytes a row).
 
     Examples
     --------
@@ -179,17 +197,18 @@ def hamming_top_k(queries: np.ndarray, codes: np.ndarray, k: int) -> tuple[np.nd
         qw, cw = _words(q), _words(c)
         dist = np.empty(c.shape[0], dtype=np.int32)
         for r in range(nq):
-            _popcount_row(qw[r], cw, dist)
+            _popcount_row(qw[r], cw, dist, tile_bytes)
             out_d[r], out_i[r] = _smallest_ints(dist, k)
         return out_d, out_i
     bits = 8 * q.shape[1]
-    values, indices = _signs_top_k(unpack_signs(q, bits), c, bits, k)
+    values, indices = _signs_top_k(unpack_signs(q, bits), c, bits, k, tile_bytes)
     return ((bits - values) * 0.5).astype(np.int32), indices
 
 
-def _signs_top_k(q: np.ndarray, c: np.ndarray, dim: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+def _signs_top_k(q: np.ndarray, c: np.ndarray, dim: int, k: int, tile_bytes: int = TILE_BYTES
+                 ) -> tuple[np.ndarray, np.ndarray]:
     """Best ``k`` rows by ``q . signs(c)`` for float32 queries ``q``: the fused tile kernel."""
-    tile = max(k, TILE_BYTES // (4 * dim))
+    tile = max(k, tile_bytes // (4 * dim))
     running: tuple[np.ndarray, np.ndarray] | None = None
     for s in range(0, c.shape[0], tile):
         block = unpack_signs(c[s : s + tile], dim)
@@ -272,3 +291,68 @@ def sign_top_k(
     for r in range(nq):
         out_v[r], out_i[r] = select_top_k_1d(scores[r], k)
     return out_v, out_i
+
+
+def _faiss() -> Any:
+    """The ``faiss`` module where it is installed, else None."""
+    try:
+        import faiss
+    except ImportError:
+        return None
+    return faiss
+
+
+_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(max_workers=THREADS, thread_name_prefix="embtools-hamming")
+        return _POOL
+
+
+def _part_top_k(q: np.ndarray, c: np.ndarray, k: int, use_faiss: bool, tile_bytes: int
+                ) -> tuple[np.ndarray, np.ndarray]:
+    faiss = _faiss() if use_faiss and c.shape[1] % 8 == 0 else None
+    if faiss is None:
+        return hamming_top_k(q, c, k, tile_bytes)
+    d, i = faiss.knn_hamming(q, c, k)
+    return d.astype(np.int32, copy=False), i.astype(np.int64, copy=False)
+
+
+def threaded_hamming_top_k(queries: np.ndarray, codes: np.ndarray, k: int, *,
+                           threads: int | None = None, use_faiss: bool = True
+                           ) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`hamming_top_k` (the same distances and indices, ties to the lower index, as FAISS
+    ``IndexBinaryFlat``) with the rows split over ``threads`` threads (default ``THREADS``;
+    parts of at least ``MIN_THREAD_ROWS`` rows). Each part runs FAISS ``knn_hamming`` where FAISS
+    is installed and ``use_faiss`` (codes of whole 64-bit words), else :func:`hamming_top_k`
+    (the parts share its ``TILE_BYTES`` of temporaries).
+
+    Examples
+    --------
+    >>> c = np.array([[0], [3], [1], [1]], dtype=np.uint8)
+    >>> d, i = threaded_hamming_top_k(np.array([[1]], dtype=np.uint8), c, 3, threads=2)
+    >>> d.tolist(), i.tolist()
+    ([[0, 0, 1]], [[2, 3, 0]])
+    """
+    q, c = _check(queries, codes)
+    q, c = np.ascontiguousarray(q), np.ascontiguousarray(c)
+    n = c.shape[0]
+    k = min(int(k), n)
+    if k <= 0:
+        return np.zeros((q.shape[0], 0), np.int32), np.zeros((q.shape[0], 0), np.int64)
+    parts = max(1, min(threads or THREADS, n // MIN_THREAD_ROWS))
+    if parts == 1:
+        return _part_top_k(q, c, k, use_faiss, TILE_BYTES)
+    edges = np.linspace(0, n, parts + 1).astype(np.int64)
+    tile = TILE_BYTES // parts
+    futures = [_pool().submit(_part_top_k, q, c[a:b], min(k, int(b - a)), use_faiss, tile)
+               for a, b in itertools.pairwise(edges)]
+    results = [f.result() for f in futures]
+    d = np.concatenate([r[0] for r in results], axis=1)
+    i = np.concatenate([r[1] + a for r, a in zip(results, edges[:-1], strict=True)], axis=1)
+    return merge_smallest(d, i, k)

@@ -52,7 +52,7 @@ class Int8Bounds:
     Examples
     --------
     >>> b = Int8Bounds.of(np.array([[0.0, -1.0], [255.0, 1.0]], np.float32))
-    >>> b.step.tolist()[0], round(b.offset[0], 3)
+    >>> b.step.tolist()[0], round(float(b.offset[0]), 3)
     (1.0, 128.5)
     """
 
@@ -95,7 +95,7 @@ def int8_score_bounds(
     --------
     >>> r = np.array([[-1.0, -1.0], [1.0, 1.0]], np.float32)
     >>> lo, hi = int8_score_bounds(np.array([1.0, 0.0]), np.array([[0, 0], [127, 0]], np.int8), r, "dot")
-    >>> bool(lo[0] <= 0.0039 <= hi[0]), float(hi[1])
+    >>> bool(lo[0] <= 0.005 <= hi[0]), float(hi[1])  # code 0 holds 0.005
     (True, inf)
     """
     if metric not in _METRICS:
