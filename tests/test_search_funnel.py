@@ -54,7 +54,14 @@ def test_funnel_reads_the_stored_short_columns(tmp_path, monkeypatch):
         asked.append((dim, rows))
         return original(dim, positions=positions, batch_rows=batch_rows, **kw)
 
+    take = store.source.take_rows
+
+    def spy_take(dim, positions, out):  # the re-ranks gather a few rows straight from the chunks
+        asked.append((dim, len(positions)))
+        return take(dim, positions, out)
+
     monkeypatch.setattr(store.source, "iter_vectors", spy)
+    monkeypatch.setattr(store.source, "take_rows", spy_take)
     q = matryoshka(rng, 4, d)
     search_store(store, q, 5, funnel=[(8, 40), (16, 20)])
     full_passes = [rows for dim, rows in asked if rows == n]

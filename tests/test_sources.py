@@ -93,6 +93,23 @@ class SourceTests:
             np.testing.assert_array_equal(gather_rows(case.source, d, want), x[want])
         assert _all(case.source, case.source.dimensions[0], np.array([], np.int64))[0].size == 0
 
+    def test_take_rows_gathers_across_chunks(self, case, rng):
+        src = case.source
+        n = src.num_rows
+        for d, x in case.vectors.items():
+            for want in (np.array([0]), np.array([n - 1]), np.array([0, n - 1]),
+                         np.unique(rng.choice(n, size=n // 2)), np.arange(n)):
+                for dim in (d, max(1, d // 2)):
+                    out = np.full((len(want), dim), np.nan, np.float32)
+                    src.take_rows(dim, want, out)
+                    np.testing.assert_array_equal(out, x[want, :dim])
+                    # gather_rows takes the same rows (straight, or batch by batch)
+                    np.testing.assert_array_equal(gather_rows(src, dim, want), x[want, :dim])
+            with pytest.raises(InvalidArgumentError):  # repeats: fewer rows than asked for
+                src.take_rows(d, np.array([1, 1]), np.empty((2, d), np.float32))
+            with pytest.raises(InvalidArgumentError):
+                src.take_rows(d, np.array([n]), np.empty((1, d), np.float32))
+
     def test_views_cover_every_row_once(self, case):
         d = max(case.vectors)
         pos, vec, sizes = _all(case.source, d, batch_rows=16, views=True)

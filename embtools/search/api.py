@@ -64,21 +64,14 @@ def result_frame(
 ) -> pl.DataFrame:
     """The result DataFrame: ``query, rank, row_id, text_id, label, score`` (+ ``columns``)."""
     nq, kk = positions.shape
-    flat = positions.reshape(-1)
-    if nq == 1:  # the positions of one query are distinct: no de-duplication needed
-        uniq, inv = flat, None
-    else:
-        uniq, inv = np.unique(flat, return_inverse=True)
-    try:
-        meta = source.take_metadata(uniq, columns)
+    try:  # repeats (a row hit by several queries) are gathered as often as they come
+        meta = source.take_metadata(positions.reshape(-1), columns)
     except EmbtoolsError:
         raise
     except Exception as err:  # an unknown column name
         raise InvalidArgumentError(f"cannot read the metadata columns {columns!r}: {err}") from None
-    if inv is not None and len(uniq):
-        meta = meta[inv.reshape(-1)]
-    extra = [c for c in (columns or []) if c not in ("row_id", "text_id", "label")]
     base = [c for c in ("row_id", "text_id", "label") if c in meta.columns]
+    extra = [c for c in (columns or []) if c not in ("row_id", "text_id", "label")]
     return pl.DataFrame(
         [
             pl.Series("query", np.repeat(np.arange(nq, dtype=np.int64), kk)),

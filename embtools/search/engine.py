@@ -65,6 +65,7 @@ __all__ = [
     "ArraySource",
     "StreamSizes",
     "VectorSource",
+    "has_ability",
     "normalize_rows",
     "plan_stream",
     "run_stream",
@@ -200,6 +201,28 @@ def size_stream(
     return StreamSizes(group, chunk, rows, prefetch, nbytes, scaled, tiled=tiled, min_bytes=least)
 
 
+#: ``isinstance(backend, ability)`` per (backend class, ability): a Protocol check walks the
+#: Protocol's attributes on every call (tens of microseconds), and abilities are class methods
+_ABILITIES: dict[tuple[type, type], bool] = {}
+
+
+def has_ability(backend: Any, ability: type) -> bool:
+    """``isinstance(backend, ability)`` for a runtime-checkable ability Protocol, cached per
+    backend class.
+
+    Examples
+    --------
+    >>> from embtools.backends import get_backend
+    >>> has_ability(get_backend("numpy"), SupportsRunningTopK)
+    True
+    """
+    key = (type(backend), ability)
+    got = _ABILITIES.get(key)
+    if got is None:
+        got = _ABILITIES[key] = isinstance(backend, ability)
+    return got
+
+
 def _abilities(req: SearchRequest, ctx: SearchContext) -> tuple[bool, bool]:
     """(scaled, tiled): cosine of few queries scored on unnormalised blocks with inverse norms
     (backends that :class:`SupportsScaledScores`), and a running top-k kept tile by tile."""
@@ -207,9 +230,9 @@ def _abilities(req: SearchRequest, ctx: SearchContext) -> tuple[bool, bool]:
     scaled = (
         req.metric == "cosine"
         and req.nq < PREFETCH_MIN_QUERIES
-        and isinstance(backend, SupportsScaledScores)
+        and has_ability(backend, SupportsScaledScores)
     )
-    return scaled, isinstance(backend, SupportsRunningTopK)
+    return scaled, has_ability(backend, SupportsRunningTopK)
 
 
 def plan_stream(req: SearchRequest, ctx: SearchContext, k: int | None = None) -> StreamSizes | None:
@@ -322,7 +345,7 @@ def _batches(
         return
 
     # on CUDA the reader thread also starts the batch's host-to-device copy
-    uploader = backend.async_uploader() if isinstance(backend, SupportsAsyncUpload) else None
+    uploader = backend.async_uploader() if has_ability(backend, SupportsAsyncUpload) else None
 
     def prepare(vec: np.ndarray) -> Any:
         x = normalize_rows(vec) if metric == "cosine" else np.array(vec, dtype=np.float32)
@@ -407,7 +430,7 @@ def _one_pass(
     largest = metric != "l2"
     seen = 0
     scaled = norms is not None
-    running = backend if isinstance(backend, SupportsRunningTopK) else None
+    running = backend if has_ability(backend, SupportsRunningTopK) else None
     for pos, block in _batches(source, backend, dim, positions, plan, metric, scaled):
         n = len(pos)
         if n == 0:

@@ -84,7 +84,10 @@ class Snapshot(ChunkedSource):
         self._open: dict[int, MappedParquetFile] = {}
         # metadata reads (take_metadata): open footers, and decoded row groups, least recent first
         self._meta_files: dict[int, pq.ParquetFile] = {}
-        self._meta_groups: OrderedDict[tuple[int, int, tuple[str, ...]], pa.Table] = OrderedDict()
+        self._meta_groups: OrderedDict[tuple[int, int, tuple[str, ...]], pl.DataFrame] = OrderedDict()
+        self._groups: tuple[np.ndarray, list[tuple[int, int]]] | None = None
+        self._chunks: list[Chunk] | None = None
+        self._binary: dict[str, list[tuple[int, int, Any, Any]]] = {}
         self._meta_bytes = 0
         self._meta_lock = threading.Lock()
         self._verified: set[tuple[Any, ...]] = set()
@@ -200,15 +203,19 @@ class Snapshot(ChunkedSource):
         return None
 
     def chunks(self) -> list[Chunk]:
-        self.check_files()  # row-group sizes are the files', not only the manifest's
-        out: list[Chunk] = []
-        for i, entry in enumerate(self.manifest.files):
-            start = int(self._file_starts[i])
-            for rg, rows in enumerate(entry.row_groups):
-                out.append(Chunk(start, rows, self._loader(i, rg), self._releaser(i, rg),
-                                 self._row_releaser(i, rg), self._populator(i, rg)))
-                start += rows
-        return out
+        """One :class:`Chunk` per row group, in position order (built once per snapshot: a
+        version never changes)."""
+        if self._chunks is None:
+            self.check_files()  # row-group sizes are the files', not only the manifest's
+            out: list[Chunk] = []
+            for i, entry in enumerate(self.manifest.files):
+                start = int(self._file_starts[i])
+                for rg, rows in enumerate(entry.row_groups):
+                    out.append(Chunk(start, rows, self._loader(i, rg), self._releaser(i, rg),
+                                     self._row_releaser(i, rg), self._populator(i, rg)))
+                    start += rows
+            self._chunks = out
+        return self._chunks
 
     def load_column(self, i: int, rg: int, column: str) -> np.ndarray:
         """Fixed-width ``column`` (``emb_<d>`` or a fixed-size binary) of row group ``rg`` of file
@@ -288,30 +295,43 @@ class Snapshot(ChunkedSource):
     def binary_chunks(self, column: str) -> list[tuple[int, int, Any, Any]]:
         """``(start, rows, load, release)`` per row group of a ``fixed_size_binary`` column (the
         quantized codes): ``load()`` returns the ``(rows, width)`` uint8 values (checked against
-        their CRCs first), ``release()`` gives back their mapped pages."""
-        self.check_files()
-        out: list[tuple[int, int, Any, Any]] = []
-        for i, entry in enumerate(self.manifest.files):
-            start = int(self._file_starts[i])
-            for rg, rows in enumerate(entry.row_groups):
-                out.append((start, rows, self._binary_loader(i, rg, column),
-                            self._binary_releaser(i, rg, column)))
-                start += rows
+        their CRCs first), ``release()`` gives back their mapped pages under a memory cap
+        (without one they stay mapped, like the float pages: the next search faults none).
+        Built once per column."""
+        out = self._binary.get(column)
+        if out is None:
+            self.check_files()
+            out = []
+            for i, entry in enumerate(self.manifest.files):
+                start = int(self._file_starts[i])
+                for rg, rows in enumerate(entry.row_groups):
+                    out.append((start, rows, self._binary_loader(i, rg, column),
+                                self._binary_releaser(i, rg, column)))
+                    start += rows
+            self._binary[column] = out
         return out
 
     def _binary_loader(self, i: int, rg: int, column: str) -> Any:
         def load() -> np.ndarray:
             self._verify(i, (column,), (rg,))
-            return self._file(i).array(column, rg)
+            arr = self._file(i).array(column, rg)
+            if not self.capped:
+                self._file(i).populate(column, rg)  # once: the pages stay mapped
+            return arr
         return load
 
     def _binary_releaser(self, i: int, rg: int, column: str) -> Any:
         def release() -> None:
-            self._file(i).release(column, rg)
+            if self.capped:
+                self._file(i).release(column, rg)
         return release
 
     def take_metadata(self, positions: Any, columns: Sequence[str] | None = None) -> pl.DataFrame:
-        """row_id, text_id, label (+ ``columns``) of ``positions``, in the order given."""
+        """row_id, text_id, label (+ ``columns``) of ``positions``, in the order given.
+
+        The base columns (every search result's) come from polars frames of whole row groups,
+        decoded once and cached (:meth:`_base_frame`): a search's hits are one polars gather, no
+        Arrow round trip. Other columns are read from their row groups with pyarrow each time."""
         pos = np.asarray(positions, dtype=np.int64).reshape(-1)
         names = [ROW_ID, TEXT_ID, LABEL]
         for c in columns or []:
@@ -325,25 +345,83 @@ class Snapshot(ChunkedSource):
             return metadata_frame(empty_table(schema))
         if pos.min() < 0 or pos.max() >= self.num_rows:
             raise InvalidArgumentError(f"positions out of range 0..{self.num_rows - 1}")
+        base = self._take_base(pos)
+        if len(names) == len(_BASE):
+            return base
         order = np.argsort(pos, kind="stable")
         sorted_pos = pos[order]
         file_idx = np.searchsorted(self._file_starts, sorted_pos, side="right") - 1
+        extra = pa.schema([self.schema.field(n) for n in names[len(_BASE):]])
         parts: list[pa.Table] = []
         for i in np.unique(file_idx):
             local = sorted_pos[file_idx == i] - self._file_starts[i]
-            parts.append(self._read_rows(int(i), local, schema))
+            parts.append(self._read_rows(int(i), local, extra))
         table = pa.concat_tables(parts)
         inverse = np.empty_like(order)
         inverse[order] = np.arange(order.size)
-        out = metadata_frame(table.take(pa.array(inverse)))
+        more = metadata_frame(table.take(pa.array(inverse)))
         del parts, table
         # The reads ran on this thread: give the pages pyarrow's pool (mimalloc) kept from them
         # back to the system, or a stream of batches (iter_batches) piles up tens of MiB.
         pa.default_memory_pool().release_unused()
-        return out
+        return base.hstack(more)
+
+    def _take_base(self, pos: np.ndarray) -> pl.DataFrame:
+        """row_id, text_id, label of ``pos`` (in range), in the order given: one gather from the
+        cached frames of the row groups that hold them."""
+        starts, groups = self._group_starts()
+        g = np.searchsorted(starts, pos, side="right") - 1
+        first = int(g[0])
+        if (g == first).all():  # the common case: every hit in one row group
+            frame = self._base_frame(*groups[first])
+            return frame[pos - starts[first]]
+        uniq = np.unique(g)
+        frames = [self._base_frame(*groups[int(u)]) for u in uniq]
+        sizes = np.array([len(f) for f in frames], dtype=np.int64)
+        offsets = np.cumsum(sizes) - sizes
+        idx = offsets[np.searchsorted(uniq, g)] + (pos - starts[g])
+        return pl.concat(frames, rechunk=False)[idx]
+
+    def _group_starts(self) -> tuple[np.ndarray, list[tuple[int, int]]]:
+        """The first position of every row group of the snapshot, and its ``(file, row group)``."""
+        cached = self._groups
+        if cached is None:
+            groups = [(i, rg) for i, f in enumerate(self.manifest.files) for rg in range(len(f.row_groups))]
+            sizes = [r for f in self.manifest.files for r in f.row_groups]
+            starts = np.cumsum([0, *sizes])[:-1].astype(np.int64)
+            cached = self._groups = (starts, groups)
+        return cached
+
+    def _base_frame(self, i: int, rg: int) -> pl.DataFrame:
+        """row_id, text_id, label of row group ``rg`` of file ``i`` as a polars frame of the
+        store's schema, kept in a small per-snapshot cache (at most META_CACHE_BYTES, least
+        recently used dropped)."""
+        key = (i, rg, _BASE)
+        with self._meta_lock:
+            frame = self._meta_groups.get(key)
+            if frame is not None:
+                self._meta_groups.move_to_end(key)
+                return frame
+        schema = pa.schema([self.schema.field(n) for n in _BASE])
+        table = self._row_group(i, rg, _BASE)
+        cols = [table.column(n) if n in table.column_names else pa.nulls(table.num_rows, f.type)
+                for n, f in zip(_BASE, schema, strict=True)]
+        frame = metadata_frame(pa.Table.from_arrays(
+            [c.cast(f.type) for c, f in zip(cols, schema, strict=True)], schema=schema))
+        del table, cols
+        pa.default_memory_pool().release_unused()
+        nbytes = int(frame.estimated_size())
+        with self._meta_lock:
+            if nbytes <= META_CACHE_BYTES and key not in self._meta_groups:
+                self._meta_groups[key] = frame
+                self._meta_bytes += nbytes
+                while self._meta_bytes > META_CACHE_BYTES:
+                    _, old = self._meta_groups.popitem(last=False)
+                    self._meta_bytes -= int(old.estimated_size())
+        return frame
 
     def _read_rows(self, i: int, local: np.ndarray, schema: pa.Schema) -> pa.Table:
-        """Rows ``local`` (sorted) of file ``i``, reading only their row groups (cached)."""
+        """Rows ``local`` (sorted) of file ``i``, reading only their row groups."""
         entry = self.manifest.files[i]
         rg_starts = np.cumsum([0, *entry.row_groups])
         rg_idx = np.searchsorted(rg_starts, local, side="right") - 1
@@ -361,15 +439,9 @@ class Snapshot(ChunkedSource):
         return pa.Table.from_arrays([c.cast(f.type) for c, f in zip(cols, schema, strict=True)], schema=schema)
 
     def _row_group(self, i: int, rg: int, names: tuple[str, ...]) -> pa.Table:
-        """Columns ``names`` (those the file has) of row group ``rg`` of file ``i``. The base
-        columns (row_id, text_id, label: every search result's) are decoded once and kept in a
-        small per-snapshot cache (at most META_CACHE_BYTES, least recently used dropped)."""
-        key = (i, rg, names)
+        """Columns ``names`` (those the file has) of row group ``rg`` of file ``i`` (its pages
+        checked first), read with pyarrow on this thread."""
         with self._meta_lock:
-            table = self._meta_groups.get(key)
-            if table is not None:
-                self._meta_groups.move_to_end(key)
-                return table
             pf = self._meta_files.get(i)
         path = os.path.join(self.root, self.manifest.files[i].path)
         self._verify(i, names, (rg,))
@@ -383,15 +455,7 @@ class Snapshot(ChunkedSource):
             raise missing_file_error(self.storage, self.version, path) from None
         except (OSError, pa.ArrowException) as exc:
             raise CorruptStoreError(f"{path}: cannot read metadata ({exc})") from exc
-        nbytes = int(table.nbytes)
         with self._meta_lock:
             if i not in self._meta_files:
                 self._meta_files[i] = pf
-            cache = names == _BASE and nbytes <= META_CACHE_BYTES
-            if cache and key not in self._meta_groups:
-                self._meta_groups[key] = table
-                self._meta_bytes += nbytes
-                while self._meta_bytes > META_CACHE_BYTES:
-                    _, old = self._meta_groups.popitem(last=False)
-                    self._meta_bytes -= int(old.nbytes)
         return table

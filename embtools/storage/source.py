@@ -57,6 +57,8 @@ GATHER_STEP_BYTES = 8 * 1024**2
 #: A read fault on a mapped file maps the cached pages around it too (Linux "fault-around", 64 KiB
 #: by default): releases reach this far (twice over) below the rows just read, so those pages go too.
 FAULT_AROUND_BYTES = 64 * 1024
+#: At most this many rows are gathered by one fancy index per chunk (:meth:`ChunkedSource.take_rows`)
+TAKE_ROWS = 4096
 
 
 @runtime_checkable
@@ -105,6 +107,9 @@ def gather_rows(source: VectorSource, dim: int, positions: Any = None,
     n = int(source.num_rows) if positions is None else len(positions)
     if out is None:
         out = np.empty((n, int(dim)), dtype=np.float32)
+    if positions is not None and isinstance(source, ChunkedSource) and source.takes(n):
+        source.take_rows(dim, positions, out)
+        return out
     filled = 0
     for pos, block in source.iter_vectors(dim, positions, batch_rows=max(min(n, 65_536), 1)):
         out[filled:filled + len(pos)] = block
@@ -221,6 +226,53 @@ class ChunkedSource:
         a mapped data file when they are one contiguous run of one aligned chunk; else None (and
         for sources without mapped files). The caller counts the view against the memory cap."""
         return None
+
+    def takes(self, n: int) -> bool:
+        """Whether :meth:`take_rows` may gather ``n`` rows at once: a few rows (a re-rank's
+        candidates), and under a memory cap only as many as the pages one gather step may
+        touch (each row can map a fault-around window of pages until its chunk is released)."""
+        if not 0 < n <= TAKE_ROWS:
+            return False
+        return n * 2 * FAULT_AROUND_BYTES <= gather_span_bytes(self.budget) or not (
+            self.budget is not None and self.budget.cap_bytes is not None)
+
+    def take_rows(self, dim: int, positions: Any, out: np.ndarray) -> None:
+        """Copy the rows at ``positions`` (ascending and distinct) into ``out`` (``(n, dim)``
+        float32) straight from their chunks: one fancy index per chunk touched, no batches
+        (the re-rank of a search's candidates). Each chunk is released once read."""
+        pos = self._check_positions(positions)
+        if len(pos) != len(out):
+            raise InvalidArgumentError(
+                f"the source yielded {len(pos)} of {len(out)} rows: positions must be ascending "
+                "and distinct")
+        stored = self.resolve(dim)
+        dim = int(dim)
+        chunks = self.chunks()
+        starts = self._starts_of(chunks)
+        ci = np.searchsorted(starts, pos, side="right") - 1
+        first, last = int(ci[0]), int(ci[-1])
+        for c in range(first, last + 1):
+            if first == last:
+                a, b = 0, len(pos)
+            else:
+                a, b = np.searchsorted(ci, [c, c + 1])
+                if a == b:
+                    continue
+            chunk = chunks[c]
+            arr = chunk.load(stored)
+            local = pos[a:b] - chunk.start
+            out[a:b] = arr[local, :dim] if dim != stored else arr[local]
+            del arr
+            chunk.release(stored)
+
+    def _starts_of(self, chunks: list[Chunk]) -> np.ndarray:
+        """First position of each chunk (kept while ``chunks()`` returns the same list)."""
+        got = self.__dict__.get("_chunk_starts")
+        if got is None or got[0] is not chunks:
+            got = (chunks, np.array([c.start for c in chunks], dtype=np.int64))
+            self.__dict__["_chunk_starts"] = got
+        starts: np.ndarray = got[1]
+        return starts
 
     def iter_vectors(self, dim: int, positions: Any = None, batch_rows: int | None = None,
                      *, views: bool | str = False) -> Iterator[tuple[np.ndarray, np.ndarray]]:
