@@ -380,7 +380,7 @@ def test_take_metadata_cached_row_groups(tmp_path, monkeypatch):
     n = len(x)
     for rep in range(3):
         if rep == 2:  # a cache that holds about one row group: evictions, same answers
-            one = max(int(t.estimated_size()) for t in src._meta_groups.values())
+            one = max(int(t.nbytes) for t in src._meta_groups.values())
             monkeypatch.setattr(snapshot, "META_CACHE_BYTES", one * 3 // 2)
             src.close()
         pos = rng.integers(0, n, size=40)  # any order, repeats

@@ -28,7 +28,7 @@ import pyarrow as pa
 from embtools.errors import InvalidArgumentError
 from embtools.memory import MemoryBudget
 from embtools.storage.schema import LABEL, ROW_ID, TEXT_ID
-from embtools.storage.snapshot import metadata_frame
+from embtools.storage.snapshot import BaseRows, metadata_frame
 from embtools.storage.source import Chunk, ChunkedSource
 
 __all__ = ["ArraySource", "MemorySource"]
@@ -48,7 +48,7 @@ class MemorySource(ChunkedSource):
         self.num_rows = meta.num_rows
         self.dimensions = sorted(arrays)
         self.schema = meta.schema
-        self._base: pl.DataFrame | None = None  # row_id, text_id, label as polars (a version never changes)
+        self._base: BaseRows | None = None  # row_id, text_id, label (a version never changes)
 
     def metadata(self) -> pl.LazyFrame:
         return metadata_frame(self.meta).lazy()
@@ -77,10 +77,10 @@ class MemorySource(ChunkedSource):
                 names.append(c)
         if pos.size and (pos.min() < 0 or pos.max() >= self.num_rows):
             raise InvalidArgumentError(f"positions out of range 0..{self.num_rows - 1}")
-        if len(names) == 3:  # a search's hits: one gather from the base columns, kept as polars
+        if len(names) == 3:  # a search's hits: gathered from the base columns on this thread
             if self._base is None:
-                self._base = metadata_frame(self.meta.select(names))
-            return self._base[pos]
+                self._base = BaseRows.of(self.meta.select(names))
+            return self._base.frame(pos)
         return metadata_frame(self.meta.select(names).take(pa.array(pos)))
 
 

@@ -22,11 +22,13 @@ Examples
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import threading
 import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -43,7 +45,7 @@ from embtools.storage.schema import LABEL, ROW_ID, TEXT_ID, emb_column, empty_ta
 from embtools.storage.source import Chunk, ChunkedSource
 from embtools.storage.verify import CheckedFile
 
-__all__ = ["META_CACHE_BYTES", "Snapshot", "metadata_frame"]
+__all__ = ["META_CACHE_BYTES", "BaseRows", "Snapshot", "metadata_frame"]
 
 #: decoded metadata row groups kept per snapshot for take_metadata (search results)
 META_CACHE_BYTES = 64 * 1024**2
@@ -61,6 +63,57 @@ def metadata_frame(table: pa.Table) -> pl.DataFrame:
     out = pl.from_arrow(table)
     assert isinstance(out, pl.DataFrame)
     return out
+
+
+#: bytes a Python string object costs besides its characters (and its pointer), for the cache
+_STR_OVERHEAD = 64
+
+
+@dataclass(frozen=True)
+class BaseRows:
+    """The base columns (``row_id, text_id, label``) of some rows, decoded once, from which a
+    search's hits are gathered on the calling thread: ``row_id`` as NumPy int64, the strings as
+    NumPy object arrays (``pl.from_arrow`` of the hits' small Arrow table costs more than the
+    whole search of a small store, and a polars gather runs in polars' thread pool, which on a
+    busy machine makes it ten times slower on average).
+
+    Examples
+    --------
+    >>> rows = BaseRows.of(pa.table({"row_id": [7, 8], "text_id": ["a", "b"],
+    ...                              "label": pa.nulls(2, pa.string())}))
+    >>> rows.frame(np.array([1, 1, 0])).rows()
+    [(8, 'b', None), (8, 'b', None), (7, 'a', None)]
+    """
+
+    row_id: np.ndarray
+    text_id: np.ndarray
+    label: np.ndarray
+    nbytes: int = 0
+
+    @classmethod
+    def of(cls, table: pa.Table) -> BaseRows:
+        """The rows of a table of the three base columns (strings)."""
+        rid = np.asarray(table.column(ROW_ID).to_numpy(), dtype=np.int64)
+        text, label = (table.column(n) for n in (TEXT_ID, LABEL))
+        size = rid.nbytes + sum(int(c.nbytes) + len(c) * _STR_OVERHEAD for c in (text, label))
+        return cls(rid, np.array(text.to_pylist(), dtype=object),
+                   np.array(label.to_pylist(), dtype=object), size)
+
+    def take(self, idx: np.ndarray) -> BaseRows:
+        """The rows at ``idx`` (any order, repeats allowed)."""
+        return BaseRows(self.row_id[idx], self.text_id[idx], self.label[idx])
+
+    @staticmethod
+    def concat(parts: Sequence[BaseRows]) -> BaseRows:
+        """The rows of ``parts``, one after the other."""
+        return BaseRows(*(np.concatenate([getattr(p, n) for p in parts]) for n in _BASE))
+
+    def frame(self, idx: np.ndarray | None = None) -> pl.DataFrame:
+        """A polars frame ``row_id, text_id, label`` of the rows at ``idx`` (None: all)."""
+        rows = self if idx is None else self.take(idx)
+        return pl.DataFrame([pl.Series(ROW_ID, rows.row_id),
+                             pl.Series(TEXT_ID, rows.text_id.tolist(), dtype=pl.String),
+                             pl.Series(LABEL, rows.label.tolist(), dtype=pl.String)])
 
 
 class Snapshot(ChunkedSource):
@@ -84,7 +137,7 @@ class Snapshot(ChunkedSource):
         self._open: dict[int, MappedParquetFile] = {}
         # metadata reads (take_metadata): open footers, and decoded row groups, least recent first
         self._meta_files: dict[int, pq.ParquetFile] = {}
-        self._meta_groups: OrderedDict[tuple[int, int, tuple[str, ...]], pl.DataFrame] = OrderedDict()
+        self._meta_groups: OrderedDict[tuple[int, int, tuple[str, ...]], BaseRows] = OrderedDict()
         self._groups: tuple[np.ndarray, list[tuple[int, int]]] | None = None
         self._chunks: list[Chunk] | None = None
         self._binary: dict[str, list[tuple[int, int, Any, Any]]] = {}
@@ -329,9 +382,10 @@ class Snapshot(ChunkedSource):
     def take_metadata(self, positions: Any, columns: Sequence[str] | None = None) -> pl.DataFrame:
         """row_id, text_id, label (+ ``columns``) of ``positions``, in the order given.
 
-        The base columns (every search result's) come from polars frames of whole row groups,
-        decoded once and cached (:meth:`_base_frame`): a search's hits are one polars gather, no
-        Arrow round trip. Other columns are read from their row groups with pyarrow each time."""
+        The base columns (every search result's) come from whole row groups decoded once and
+        cached (:class:`BaseRows`): a search's hits are gathered on this thread, no Arrow round
+        trip.
+        Other columns are read from their row groups with pyarrow each time."""
         pos = np.asarray(positions, dtype=np.int64).reshape(-1)
         names = [ROW_ID, TEXT_ID, LABEL]
         for c in columns or []:
@@ -367,20 +421,21 @@ class Snapshot(ChunkedSource):
         return base.hstack(more)
 
     def _take_base(self, pos: np.ndarray) -> pl.DataFrame:
-        """row_id, text_id, label of ``pos`` (in range), in the order given: one gather from the
-        cached frames of the row groups that hold them."""
+        """row_id, text_id, label of ``pos`` (in range), in the order given, from the cached
+        base rows of the row groups that hold them."""
         starts, groups = self._group_starts()
         g = np.searchsorted(starts, pos, side="right") - 1
         first = int(g[0])
         if (g == first).all():  # the common case: every hit in one row group
-            frame = self._base_frame(*groups[first])
-            return frame[pos - starts[first]]
-        uniq = np.unique(g)
-        frames = [self._base_frame(*groups[int(u)]) for u in uniq]
-        sizes = np.array([len(f) for f in frames], dtype=np.int64)
-        offsets = np.cumsum(sizes) - sizes
-        idx = offsets[np.searchsorted(uniq, g)] + (pos - starts[g])
-        return pl.concat(frames, rechunk=False)[idx]
+            return self._base_rows(*groups[first]).frame(pos - starts[first])
+        order = np.argsort(g, kind="stable")
+        gs, ps = g[order], pos[order]
+        cuts = [0, *(np.flatnonzero(np.diff(gs)) + 1).tolist(), len(gs)]
+        pieces = [self._base_rows(*groups[int(gs[a])]).take(ps[a:b] - starts[gs[a]])
+                  for a, b in itertools.pairwise(cuts)]
+        inverse = np.empty_like(order)
+        inverse[order] = np.arange(order.size)
+        return BaseRows.concat(pieces).frame(inverse)
 
     def _group_starts(self) -> tuple[np.ndarray, list[tuple[int, int]]]:
         """The first position of every row group of the snapshot, and its ``(file, row group)``."""
@@ -392,33 +447,31 @@ class Snapshot(ChunkedSource):
             cached = self._groups = (starts, groups)
         return cached
 
-    def _base_frame(self, i: int, rg: int) -> pl.DataFrame:
-        """row_id, text_id, label of row group ``rg`` of file ``i`` as a polars frame of the
-        store's schema, kept in a small per-snapshot cache (at most META_CACHE_BYTES, least
-        recently used dropped)."""
+    def _base_rows(self, i: int, rg: int) -> BaseRows:
+        """row_id, text_id, label of row group ``rg`` of file ``i`` in the store's schema, kept in
+        a small per-snapshot cache (at most META_CACHE_BYTES, least recently used dropped)."""
         key = (i, rg, _BASE)
         with self._meta_lock:
-            frame = self._meta_groups.get(key)
-            if frame is not None:
+            rows = self._meta_groups.get(key)
+            if rows is not None:
                 self._meta_groups.move_to_end(key)
-                return frame
+                return rows
         schema = pa.schema([self.schema.field(n) for n in _BASE])
         table = self._row_group(i, rg, _BASE)
         cols = [table.column(n) if n in table.column_names else pa.nulls(table.num_rows, f.type)
                 for n, f in zip(_BASE, schema, strict=True)]
-        frame = metadata_frame(pa.Table.from_arrays(
+        rows = BaseRows.of(pa.Table.from_arrays(
             [c.cast(f.type) for c, f in zip(cols, schema, strict=True)], schema=schema))
         del table, cols
         pa.default_memory_pool().release_unused()
-        nbytes = int(frame.estimated_size())
         with self._meta_lock:
-            if nbytes <= META_CACHE_BYTES and key not in self._meta_groups:
-                self._meta_groups[key] = frame
-                self._meta_bytes += nbytes
+            if rows.nbytes <= META_CACHE_BYTES and key not in self._meta_groups:
+                self._meta_groups[key] = rows
+                self._meta_bytes += rows.nbytes
                 while self._meta_bytes > META_CACHE_BYTES:
                     _, old = self._meta_groups.popitem(last=False)
-                    self._meta_bytes -= int(old.estimated_size())
-        return frame
+                    self._meta_bytes -= old.nbytes
+        return rows
 
     def _read_rows(self, i: int, local: np.ndarray, schema: pa.Schema) -> pa.Table:
         """Rows ``local`` (sorted) of file ``i``, reading only their row groups."""
