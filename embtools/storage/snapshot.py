@@ -106,7 +106,9 @@ class BaseRows:
     @staticmethod
     def concat(parts: Sequence[BaseRows]) -> BaseRows:
         """The rows of ``parts``, one after the other."""
-        return BaseRows(*(np.concatenate([getattr(p, n) for p in parts]) for n in _BASE))
+        return BaseRows(np.concatenate([p.row_id for p in parts]),
+                        np.concatenate([p.text_id for p in parts]),
+                        np.concatenate([p.label for p in parts]))
 
     def frame(self, idx: np.ndarray | None = None) -> pl.DataFrame:
         """A polars frame ``row_id, text_id, label`` of the rows at ``idx`` (None: all)."""
