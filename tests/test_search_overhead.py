@@ -129,3 +129,14 @@ def test_snapshot_chunk_lists_are_built_once_and_codes_stay_mapped_without_a_cap
     capped = et.EmbeddingStore(str(tmp_path / "s"), backend="numpy", max_memory_gb=0.05)
     assert capped.search(x[0], 3, precision="binary")["row_id"].to_list()[0] == 0
     assert [c for c in released if c.endswith("_b1")]  # under a cap they are given back
+
+
+@pytest.mark.parametrize("kind", ["disk", "memory"])
+def test_integer_labels_keep_their_type(tmp_path, rng, kind):
+    x = rng.standard_normal((120, 8)).astype(np.float32)
+    labels = [None if i % 7 == 0 else i % 4 for i in range(len(x))]
+    store = make_store(None if kind == "memory" else tmp_path / "s", x, labels=labels)
+    frame = store.search(x[:5], 3, exact=True)
+    assert dict(frame.schema) == {**BASE_SCHEMA, "label": pl.Int64}
+    assert frame["label"].to_list() == [labels[i] for i in frame["row_id"].to_list()]
+    assert store.source.take_metadata([7, 3, 7])["label"].to_list() == [None, 3, None]

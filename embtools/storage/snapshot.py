@@ -65,17 +65,18 @@ def metadata_frame(table: pa.Table) -> pl.DataFrame:
     return out
 
 
-#: bytes a Python string object costs besides its characters (and its pointer), for the cache
-_STR_OVERHEAD = 64
+#: bytes a Python object (a string, its pointer) costs besides its Arrow bytes, for the cache
+_OBJECT_BYTES = 64
 
 
 @dataclass(frozen=True)
 class BaseRows:
     """The base columns (``row_id, text_id, label``) of some rows, decoded once, from which a
-    search's hits are gathered on the calling thread: ``row_id`` as NumPy int64, the strings as
-    NumPy object arrays (``pl.from_arrow`` of the hits' small Arrow table costs more than the
-    whole search of a small store, and a polars gather runs in polars' thread pool, which on a
-    busy machine makes it ten times slower on average).
+    search's hits are gathered on the calling thread: NumPy arrays (numbers without nulls as
+    they are, other values as Python objects) and the polars type of each column
+    (``pl.from_arrow`` of the hits' small Arrow table costs more than the whole search of a
+    small store, and a polars gather runs in polars' thread pool, which on a busy machine makes
+    it ten times slower on average).
 
     Examples
     --------
@@ -85,37 +86,43 @@ class BaseRows:
     [(8, 'b', None), (8, 'b', None), (7, 'a', None)]
     """
 
-    row_id: np.ndarray
-    text_id: np.ndarray
-    label: np.ndarray
+    columns: tuple[np.ndarray, ...]
+    dtypes: tuple[Any, ...]
     nbytes: int = 0
 
     @classmethod
     def of(cls, table: pa.Table) -> BaseRows:
-        """The rows of a table of the three base columns (strings)."""
-        rid = np.asarray(table.column(ROW_ID).to_numpy(), dtype=np.int64)
-        text, label = (table.column(n) for n in (TEXT_ID, LABEL))
-        size = rid.nbytes + sum(int(c.nbytes) + len(c) * _STR_OVERHEAD for c in (text, label))
-        return cls(rid, np.array(text.to_pylist(), dtype=object),
-                   np.array(label.to_pylist(), dtype=object), size)
+        """The rows of a table of the three base columns (the store's types)."""
+        dtypes = tuple(metadata_frame(table.slice(0, 0)).schema.values())
+        columns = []
+        size = 0
+        for name in _BASE:
+            col = table.column(name)
+            size += int(col.nbytes)
+            typ = col.type
+            if (pa.types.is_integer(typ) or pa.types.is_floating(typ)) and col.null_count == 0:
+                columns.append(np.asarray(col.to_numpy()))
+            else:
+                columns.append(np.array(col.to_pylist(), dtype=object))
+                size += len(col) * _OBJECT_BYTES
+        return cls(tuple(columns), dtypes, size)
 
     def take(self, idx: np.ndarray) -> BaseRows:
         """The rows at ``idx`` (any order, repeats allowed)."""
-        return BaseRows(self.row_id[idx], self.text_id[idx], self.label[idx])
+        return BaseRows(tuple(c[idx] for c in self.columns), self.dtypes)
 
     @staticmethod
     def concat(parts: Sequence[BaseRows]) -> BaseRows:
         """The rows of ``parts``, one after the other."""
-        return BaseRows(np.concatenate([p.row_id for p in parts]),
-                        np.concatenate([p.text_id for p in parts]),
-                        np.concatenate([p.label for p in parts]))
+        cols = tuple(np.concatenate([p.columns[j] for p in parts]) for j in range(len(_BASE)))
+        return BaseRows(cols, parts[0].dtypes)
 
     def frame(self, idx: np.ndarray | None = None) -> pl.DataFrame:
         """A polars frame ``row_id, text_id, label`` of the rows at ``idx`` (None: all)."""
         rows = self if idx is None else self.take(idx)
-        return pl.DataFrame([pl.Series(ROW_ID, rows.row_id),
-                             pl.Series(TEXT_ID, rows.text_id.tolist(), dtype=pl.String),
-                             pl.Series(LABEL, rows.label.tolist(), dtype=pl.String)])
+        return pl.DataFrame([
+            pl.Series(name, c.tolist() if c.dtype == object else c, dtype=t)
+            for name, c, t in zip(_BASE, rows.columns, self.dtypes, strict=True)])
 
 
 class Snapshot(ChunkedSource):
