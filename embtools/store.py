@@ -744,7 +744,8 @@ class EmbeddingStore:
                 metric: str = "cosine", where: Any = None,
                 funnel: Sequence[tuple[int | str, int]] | None = None, batch_rows: int | None = None,
                 screen: str | None = None, precision: str | None = None,
-                rescore: int | None = None) -> str:
+                rescore: int | None = None, nprobe: int | None = None, refine: int | None = None,
+                exact: bool = False) -> str:
         """The plan ``search`` would run with these arguments, as text: path, batch rows, bytes
         per batch, passes over the rows, whether torch is used, the smallest cap that works.
 
@@ -760,7 +761,8 @@ class EmbeddingStore:
 
         return explain_search(self, queries, k, dimension=dimension, metric=metric, where=where,
                               funnel=funnel, batch_rows=batch_rows, screen=screen,
-                              precision=precision, rescore=rescore)
+                              precision=precision, rescore=rescore, nprobe=nprobe, refine=refine,
+                              exact=exact)
 
     def compute_similarity(self, query: Any, dimension: int, top_k: int | None = None) -> Any:
         """The seed's ``(similarities, indices)`` search (see :func:`embtools.search.compute_similarity`)."""

@@ -305,3 +305,49 @@ def test_one_query_and_grouped_shortlists_agree(tmp_path, monkeypatch, codes, me
         assert np.array_equal(one, part[3])
     assert recall(results["one"], results["grouped"]) >= 0.98
     assert recall(results["one"], brute(xa, q, 10, metric, alive=alive)) >= 0.8
+
+
+@pytest.mark.parametrize(("codes", "metric"), [("float", "cosine"), ("float", "l2"), ("int8", "dot")])
+def test_where_filter_through_the_index(tmp_path, monkeypatch, codes, metric):
+    """A where= filter is applied within the probed partitions (widened by its selectivity); the
+    planner searches a small selection exactly; edges: nothing, one row, everything."""
+    import embtools.search.plan as plan_mod
+
+    x, q = clustered(3000, seed=41)
+    q = q[:20]
+    store = et.EmbeddingStore(tmp_path / "s", backend="numpy")
+    store.add(x, labels=[["a", "b", "c"][i % 3] for i in range(len(x))])
+    store.create_index(dimension=DIM, partitions=30, codes=codes, metric=metric)
+    store.delete(where=pl.col("row_id") % 11 == 0)
+    extra = x[:40] + np.float32(0.02)
+    store.add(extra, labels=[["a", "b"][i % 2] for i in range(40)])  # outside the index
+    xa = np.concatenate([x, extra])
+    labels = np.array([["a", "b", "c"][i % 3] for i in range(len(x))] + [["a", "b"][i % 2] for i in range(40)])
+    alive = np.r_[np.arange(len(x)) % 11 != 0, np.ones(40, bool)]
+    where = pl.col("label") != "c"
+    sel = alive & (labels != "c")
+    plan = store.explain(q, k=10, where=where, metric=metric, nprobe=3)
+    assert "IVF index" in plan and "widened from 3" in plan
+    got = ids(store.search(q, k=10, where=where, metric=metric, nprobe=3), len(q))
+    assert sel[got].all()
+    assert recall(got, brute(xa, q, 10, metric, alive=sel)) >= 0.9
+    # the filtered index path at full probe with every row re-ranked is the exact answer
+    monkeypatch.setattr(plan_mod, "exact_is_cheaper", lambda *a: False)
+    full = store.search(q, k=10, where=where, metric=metric, nprobe=30, refine=3000)
+    assert "IVF index" in store.explain(q, k=10, where=where, metric=metric, nprobe=30, refine=3000)
+    assert full.equals(store.search(q, k=10, where=where, metric=metric, exact=True))
+    one_row = pl.col("row_id") == 7
+    assert ids(store.search(q, k=3, where=one_row, metric=metric, nprobe=30), len(q)).tolist() == [[7]] * len(q)
+    deleted_only = pl.col("row_id") == 11
+    assert store.search(q, k=3, where=deleted_only, metric=metric, nprobe=30).height == 0
+    monkeypatch.undo()
+    # edges: nothing, one row (exact: the planner says why), everything
+    nothing = pl.col("row_id") < 0
+    assert store.search(q, k=5, where=nothing, metric=metric, nprobe=3).height == 0
+    assert "exact search of the selection" in store.explain(q, k=5, where=one_row, metric=metric)
+    assert ids(store.search(q[:1], k=5, where=one_row, metric=metric), 1).tolist() == [[7]]
+    everything = pl.col("row_id") >= 0
+    assert store.search(q, k=10, where=everything, metric=metric, nprobe=3).equals(
+        store.search(q, k=10, metric=metric, nprobe=3))
+    assert store.search(q[4], k=10, where=where, metric=metric, nprobe=3).equals(
+        store.search(q[4:5], k=10, where=where, metric=metric, nprobe=3))

@@ -127,6 +127,7 @@ class IvfIndex:
         self._largest = np.cumsum(np.sort(self.total_counts)[::-1])
         self._code_bytes = sum(f.nbytes for f in self.files)
         self._touched = 0
+        self._part_of: np.ndarray | None = None
 
     # -- sizes ------------------------------------------------------------------------------------
     def default_nprobe(self) -> int:
@@ -137,7 +138,8 @@ class IvfIndex:
         memory where the file cannot be mapped)."""
         return int(self.centroids.nbytes + sum(p.nbytes * 2 for p in self.positions)
                    + self.uncovered.nbytes + sum(0 if s is None else s.nbytes for s in self._sq)
-                   + sum(f.nbytes for f in self.files if f.copied))
+                   + sum(f.nbytes for f in self.files if f.copied)
+                   + (0 if self._part_of is None else self._part_of.nbytes))
 
     def _decode(self, codes: np.ndarray) -> np.ndarray:
         """float32 rows of a block of codes (int8: the bucket centres; float: as they are)."""
@@ -162,58 +164,91 @@ class IvfIndex:
         q = np.ascontiguousarray(queries[:, :dim], dtype=np.float32)
         return normalize_rows(q) if self.metric == "cosine" else q
 
-    def probes(self, queries: np.ndarray, kk: int, nprobe: int) -> list[np.ndarray]:
+    def partition_of(self) -> np.ndarray:
+        """The partition of each row of the version (int32; -1: not in the index), built on the
+        first filtered search and kept (4 bytes a row)."""
+        if self._part_of is None:
+            n = len(self.uncovered) + self.live_rows
+            out = np.full(n, -1, np.int32)
+            for f, pos in zip(self.files, self.positions, strict=True):
+                parts = np.repeat(np.arange(self.partitions, dtype=np.int32), np.diff(f.starts))
+                ok = pos >= 0
+                out[pos[ok]] = parts[ok]
+            out.setflags(write=False)
+            self._part_of = out
+        return self._part_of
+
+    def selection(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(mask, counts)`` of a filter's selected ``positions``: a bool mask over the version's
+        rows with one more, False, entry (so that position -1, a deleted row, reads False) and
+        the selected live rows of each partition."""
+        part_of = self.partition_of()
+        mask = np.zeros(len(part_of) + 1, bool)
+        mask[positions] = True
+        parts = part_of[positions]
+        counts = np.bincount(parts[parts >= 0], minlength=self.partitions).astype(np.int64)
+        return mask, counts
+
+    def probes(self, queries: np.ndarray, kk: int, nprobe: int,
+               counts: np.ndarray | None = None) -> list[np.ndarray]:
         """The partitions each query probes: its ``nprobe`` nearest centroids, and more until they
-        hold ``kk`` live rows (or every live row)."""
+        hold ``kk`` live rows (``counts``: live rows of each partition that may be returned; default
+        every live row)."""
         q = self._queries(queries, self.dimension)
         scores = q @ self.centroids.T
         if self.metric == "l2":
             scores = 2 * scores - self._c_sq[None, :]
         p = self.partitions
-        need = min(kk, self.live_rows)
+        live = self.live_counts if counts is None else counts
+        need = min(kk, int(live.sum()))
         if nprobe >= p:
             top = np.broadcast_to(np.arange(p), (len(q), p))
         else:
             top = np.argpartition(-scores, nprobe - 1, axis=1)[:, :nprobe]
-        out = []
-        for i in range(len(q)):
-            mine = top[i]
-            if self.live_counts[mine].sum() < need:
-                order = np.argsort(-scores[i], kind="stable")
-                reach = np.searchsorted(np.cumsum(self.live_counts[order]), need) + 1
-                mine = order[:max(nprobe, int(reach))]
-            out.append(np.asarray(mine))
+        out = list(top)
+        for i in np.flatnonzero(live[top].sum(axis=1) < need).tolist():
+            order = np.argsort(-scores[i], kind="stable")
+            reach = np.searchsorted(np.cumsum(live[order]), need) + 1
+            out[i] = order[:max(nprobe, int(reach))]
         return out
 
-    def shortlist(self, queries: np.ndarray, kk: int, nprobe: int, width: int) -> np.ndarray:
+    def shortlist(self, queries: np.ndarray, kk: int, nprobe: int, width: int,
+                  positions: np.ndarray | None = None) -> np.ndarray:
+        """See :meth:`embtools.search.ivf.IndexProbe.shortlist`; ``positions``: a filter's selected
+        rows (ascending), the only ones returned (None: every row).
+
+        Few queries for the partitions are shortlisted one at a time (a product per probed
+        partition slice into one score vector); more are grouped by partition (each partition's
+        codes scored once against every query of the batch that probes it)."""
+        sel = None if positions is None else self.selection(positions)
+        nq = len(queries)
         with _one_blas_thread():  # small products: BLAS threads only cost (a lot on a busy machine)
-            if len(queries) * min(nprobe, self.partitions) < GROUP_MIN_SHARE * self.partitions:
-                out = np.full((len(queries), width), -1, np.int64)
-                for i in range(len(queries)):
-                    got = self._shortlist_one(queries[i:i + 1], kk, nprobe, width)
-                    out[i, :len(got)] = got
-                return out
-            return self._shortlist(queries, kk, nprobe, width)
+            probes = self.probes(queries, kk, nprobe, None if sel is None else sel[1])
+            if nq * min(nprobe, self.partitions) >= GROUP_MIN_SHARE * self.partitions:
+                return self._shortlist(queries, probes, width, sel)
+            cq = self._queries(queries, self.code_dim)
+            out = np.full((nq, width), -1, np.int64)
+            for i in range(nq):
+                scores, pos = self._block(probes[i], cq[i:i + 1], sel)
+                best = self._best(scores, pos, width)
+                out[i, :best.shape[1]] = best
+            return out
 
-    def _weights(self, cq: np.ndarray) -> tuple[np.ndarray, float]:
-        """``(w, c0)`` with ``codes @ w + c0`` the score of the codes query ``cq`` (1-D) against
-        the decoded codes (int8: the bucket centres ``start + (c + 128.5) * step``)."""
-        if self.kind != "int8":
-            return cq, 0.0
-        assert self.ranges is not None
-        starts, steps = int8_steps(self.ranges)
-        w = (cq * steps).astype(np.float32)
-        return w, float(np.dot(starts + np.float32(128.5) * steps, cq))
-
-    def _shortlist_one(self, query: np.ndarray, kk: int, nprobe: int, width: int) -> np.ndarray:
-        """The best ``width`` live positions (best first; fewer when the probed partitions hold
-        fewer) of the partitions one query ``(1, d)`` probes: a gemv per partition slice of each
-        codes file into one flat score vector, then one partial sort."""
-        parts = self.probes(query, kk, nprobe)[0]
-        cq = self._queries(query, self.code_dim)[0]
-        w, c0 = self._weights(cq)
+    def _block(self, parts: np.ndarray, cq: np.ndarray,
+               sel: tuple[np.ndarray, np.ndarray] | None) -> tuple[np.ndarray, np.ndarray]:
+        """Scores ``(rows, m)`` of the rows of partitions ``parts`` (in every codes file) against
+        the codes queries ``cq`` ``(m, code_dim)``, one product per partition slice of the mapped
+        codes, and the rows' positions; rows that may not be returned score -inf."""
+        m = len(cq)
+        if self.kind == "int8":  # score the bucket centres: codes @ (q * step) + q . (start + 128.5 step)
+            assert self.ranges is not None
+            starts, steps = int8_steps(self.ranges)
+            w = np.ascontiguousarray((cq * steps).T, dtype=np.float32)
+            c0 = (cq @ (starts + np.float32(128.5) * steps)).astype(np.float32)
+        else:
+            w, c0 = np.ascontiguousarray(cq.T), None
         total = int(self.total_counts[parts].sum())
-        scores = np.empty(total, np.float32)
+        scores = np.empty((total, m), np.float32)
         pos = np.empty(total, np.int64)
         sq = np.empty(total, np.float32) if self.metric == "l2" else None
         at = 0
@@ -224,7 +259,7 @@ class IvfIndex:
                     continue
                 b = at + e - s
                 if self.kind == "binary":
-                    scores[at:b] = sign_scores(cq[None, :], codes[s:e], self.code_dim)[0]
+                    scores[at:b] = sign_scores(cq, codes[s:e], self.code_dim).T
                 elif self.kind == "int8":
                     np.dot(codes[s:e].view(np.int8).astype(np.float32), w, out=scores[at:b])
                 else:
@@ -235,23 +270,37 @@ class IvfIndex:
                 at = b
         self._touched += total * self.code_dim * 4
         self._release_if_needed()
-        if c0:
-            scores += np.float32(c0)
+        if c0 is not None:
+            scores += c0[None, :]
         if sq is not None:
             scores *= 2
-            scores -= sq
-        scores[pos < 0] = -np.inf
-        if total > width:
-            pick = np.argpartition(scores, total - width)[total - width:]
-        else:
-            pick = np.arange(total)
-        pick = pick[np.argsort(-scores[pick], kind="stable")]
-        pick = pick[scores[pick] > -np.inf]
-        return pos[pick]
+            scores -= sq[:, None]
+        scores[pos < 0 if sel is None else ~sel[0][pos]] = -np.inf
+        return scores, pos
 
-    def _shortlist(self, queries: np.ndarray, kk: int, nprobe: int, width: int) -> np.ndarray:
+    @staticmethod
+    def _best(scores: np.ndarray, pos: np.ndarray, width: int) -> np.ndarray:
+        """``(m, w)`` positions of the best ``w = min(width, rows)`` rows of each column of
+        ``scores``, best first, -1 for rows scored -inf."""
+        total = len(scores)
+        if total > width:
+            pick = np.argpartition(-scores, width - 1, axis=0)[:width]
+            s = np.take_along_axis(scores, pick, axis=0)
+        else:
+            pick = np.broadcast_to(np.arange(total)[:, None], scores.shape)
+            s = scores
+        order = np.argsort(-s, axis=0, kind="stable")
+        s = np.take_along_axis(s, order, axis=0)
+        out = pos[np.take_along_axis(pick, order, axis=0)].T
+        out[np.isneginf(s.T)] = -1
+        return out
+
+    def _shortlist(self, queries: np.ndarray, probes: list[np.ndarray], width: int,
+                   sel: tuple[np.ndarray, np.ndarray] | None) -> np.ndarray:
+        """(query, partition) pairs grouped by partition: each partition's codes scored once
+        against every query that probes it, scattered into per-query buffers."""
         nq = len(queries)
-        probes = self.probes(queries, kk, nprobe)
+        mask = None if sel is None else sel[0]
         cq = self._queries(queries, self.code_dim)
         qi = np.repeat(np.arange(nq), [len(x) for x in probes])
         pi = np.concatenate(probes).astype(np.int64) if probes else np.zeros(0, np.int64)
@@ -275,7 +324,7 @@ class IvfIndex:
                 part = int(pi[bounds[j]])
                 qs = qi[bounds[j]:bounds[j + 1]]
                 at0 = base[bounds[j]:bounds[j + 1]]
-                self._score_partition(part, cq[qs], qs, at0, buf_s, buf_p)
+                self._score_partition(part, cq[qs], qs, at0, buf_s, buf_p, mask)
 
         if len(halves) == 1:
             run(0, len(cuts))
@@ -301,7 +350,7 @@ class IvfIndex:
         return out
 
     def _score_partition(self, part: int, sub: np.ndarray, qs: np.ndarray, at0: np.ndarray,
-                         buf_s: np.ndarray, buf_p: np.ndarray) -> None:
+                         buf_s: np.ndarray, buf_p: np.ndarray, mask: np.ndarray | None) -> None:
         """Score partition ``part``'s rows (in every codes file) against the queries ``qs``
         (codes queries ``sub``) into their buffers, from column ``at0`` of each query on."""
         at = at0
@@ -318,7 +367,7 @@ class IvfIndex:
                 assert sq is not None
                 scores = 2 * scores - sq[s:e, None]
             pos = self.positions[fi][s:e]
-            dead = pos < 0
+            dead = pos < 0 if mask is None else ~mask[pos]
             if dead.any():
                 scores[dead] = -np.inf
             cols = at[:, None] + np.arange(e - s)[None, :]

@@ -187,6 +187,9 @@ def explain_search(
     screen: str | None = None,
     precision: str | None = None,
     rescore: int | None = None,
+    nprobe: int | None = None,
+    refine: int | None = None,
+    exact: bool = False,
 ) -> str:
     """The plan :func:`search_store` would run, as text: the path (screen, float32 stream, funnel),
     query groups and batch rows, bytes per batch, passes over the rows, whether torch is used, and
@@ -202,7 +205,7 @@ def explain_search(
     path: float32 stream, then a float64 re-rank of 4 candidates per query
     """
     req = _request(store, queries, k, dimension, metric, where, funnel, batch_rows, screen,
-                   precision=precision, rescore=rescore)
+                   nprobe=nprobe, refine=refine, exact=exact, precision=precision, rescore=rescore)
     return plan_search(req, SearchContext.of(store)).explain()
 
 

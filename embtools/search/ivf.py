@@ -30,7 +30,8 @@ import numpy as np
 from embtools.search.refine import overfetch, rerank, rerank_min_bytes, size_rerank
 from embtools.search.request import SearchContext, SearchRequest, TopK
 
-__all__ = ["IndexProbe", "IndexSizes", "index_top_k", "merge_top_k", "size_index"]
+__all__ = ["IndexProbe", "IndexSizes", "exact_is_cheaper", "index_top_k", "merge_top_k", "outside_rows",
+           "size_index"]
 
 
 @runtime_checkable
@@ -52,9 +53,11 @@ class IndexProbe(Protocol):
     def workspace_bytes(self, nq: int, nprobe: int, width: int) -> int:
         """Bytes a shortlist of ``nq`` queries needs (scores, candidates, codes read)."""
 
-    def shortlist(self, queries: np.ndarray, kk: int, nprobe: int, width: int) -> np.ndarray:
+    def shortlist(self, queries: np.ndarray, kk: int, nprobe: int, width: int,
+                  positions: np.ndarray | None = None) -> np.ndarray:
         """``(nq, width)`` int64 positions, best first by the codes, -1 where a query has fewer
-        candidates; at least ``kk`` real ones when the index holds that many live rows."""
+        candidates; at least ``kk`` real ones when the index holds that many live rows (of the
+        filter's selected ``positions``, the only rows returned when given)."""
 
 
 @dataclass(frozen=True)
@@ -67,27 +70,60 @@ class IndexSizes:
     refine: int
     width: int
     nbytes: int
+    #: with a where= filter: the probes asked for (``nprobe`` is widened by the selectivity)
+    asked_nprobe: int | None = None
+
+    def scored_rows(self, probe: IndexProbe) -> int:
+        """About how many indexed rows each query's probes score."""
+        return -(-self.nprobe * probe.live_rows // max(1, probe.partitions))
+
+
+def _mask_bytes(req: SearchRequest, probe: IndexProbe) -> int:
+    """Bytes of a filter's selection mask over the version's rows and its partitions."""
+    if req.positions is None:
+        return 0
+    return probe.live_rows + len(probe.uncovered) + 1 + req.n_sel * 4
 
 
 def size_index(req: SearchRequest, probe: IndexProbe, avail: int | None) -> IndexSizes | None:
     """Size the index path of ``req`` in ``avail`` bytes (None: no cap); None when not even one
     query fits."""
     nprobe = min(probe.partitions, req.nprobe or probe.default_nprobe())
+    asked = None
+    if req.positions is not None:  # a filter: probe more partitions, as many as it thins them
+        rows = probe.live_rows + len(probe.uncovered)
+        asked, nprobe = nprobe, min(probe.partitions, -(-nprobe * rows // max(1, req.n_sel)))
     refine = req.refine or probe.default_refine
     width = max(overfetch(req.kk) if refine == 1 else req.kk * refine, req.kk)
     width = min(width, probe.live_rows) if probe.live_rows else req.kk
     width = max(width, 1)
-    least = max(probe.workspace_bytes(1, nprobe, width), rerank_min_bytes(width, req.dim))
+    mask = _mask_bytes(req, probe)
+    least = max(probe.workspace_bytes(1, nprobe, width) + mask, rerank_min_bytes(width, req.dim))
     if avail is not None and least > avail:
         return None
     group = req.nq
     if avail is not None:
-        while group > 1 and probe.workspace_bytes(group, nprobe, width) > avail // 2:
+        while group > 1 and probe.workspace_bytes(group, nprobe, width) + mask > avail // 2:
             group = max(1, group // 2)
     group = min(group, 1024)  # each partition read once per group
     if size_rerank(avail, min(group, req.nq), width, req.dim) is None:
         return None
-    return IndexSizes(group, nprobe, refine, width, max(least, probe.workspace_bytes(group, nprobe, width)))
+    return IndexSizes(group, nprobe, refine, width,
+                      max(least, probe.workspace_bytes(group, nprobe, width) + mask), asked)
+
+
+def exact_is_cheaper(req: SearchRequest, probe: IndexProbe, sizes: IndexSizes) -> bool:
+    """Whether the exact search of a filter's selection reads fewer rows than the index's
+    widened probes would score (then the planner searches the selection exactly)."""
+    return req.positions is not None and req.n_sel <= sizes.scored_rows(probe)
+
+
+def outside_rows(req: SearchRequest, probe: IndexProbe) -> np.ndarray:
+    """The selected rows the index does not hold (added after it): searched exactly."""
+    rest = probe.uncovered
+    if req.positions is not None and len(rest):
+        rest = rest[np.isin(rest, req.positions, assume_unique=True)]
+    return rest
 
 
 def _rerank_ragged(req: SearchRequest, ctx: SearchContext, cand: np.ndarray, kk: int) -> TopK:
@@ -115,11 +151,12 @@ def index_top_k(req: SearchRequest, ctx: SearchContext, probe: IndexProbe, sizes
     out_s = np.empty((nq, kk), np.float32)
     out_p = np.empty((nq, kk), np.int64)
     key = f"index/search/{id(req)}"
-    with ctx.budget.holding(key, probe.workspace_bytes(min(sizes.group, nq), sizes.nprobe, sizes.width),
+    need = probe.workspace_bytes(min(sizes.group, nq), sizes.nprobe, sizes.width) + _mask_bytes(req, probe)
+    with ctx.budget.holding(key, need,
                             f"the index search ({probe.name})", "raise max_memory_gb or lower nprobe"):
         for a in range(0, nq, sizes.group):
             b = min(nq, a + sizes.group)
-            cand = probe.shortlist(req.queries[a:b], kk, sizes.nprobe, sizes.width)
+            cand = probe.shortlist(req.queries[a:b], kk, sizes.nprobe, sizes.width, req.positions)
             top = _rerank_ragged(req.subset(slice(a, b)), ctx, cand, kk)
             out_s[a:b], out_p[a:b] = top.scores, top.positions
     return TopK(out_s, out_p)
@@ -140,6 +177,8 @@ def merge_top_k(scores_a: np.ndarray, pos_a: np.ndarray, scores_b: np.ndarray, p
 
 def describe(probe: Any, sizes: IndexSizes) -> str:
     """One line for ``explain``."""
-    return (f"  IVF index {probe.name}: {sizes.nprobe} of {probe.partitions} partitions per query, "
+    widened = ("" if sizes.asked_nprobe is None else
+               f" (widened from {sizes.asked_nprobe} for the where= filter's selection)")
+    return (f"  IVF index {probe.name}: {sizes.nprobe} of {probe.partitions} partitions per query{widened}, "
             f"shortlist of {sizes.width} by {probe.code_dim}-dimensional codes, query groups of "
             f"{sizes.group}; {len(probe.uncovered):,} rows outside the index searched exactly")

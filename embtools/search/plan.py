@@ -47,7 +47,15 @@ from embtools.memory import GB, format_bytes
 from embtools.search.engine import StreamSizes, plan_stream, run_stream, stream_min_bytes
 from embtools.search.funnel import funnel_top_k
 from embtools.search.int8screen import certified_int8_top_k, int8_screen_bytes
-from embtools.search.ivf import IndexSizes, describe, index_top_k, merge_top_k, size_index
+from embtools.search.ivf import (
+    IndexSizes,
+    describe,
+    exact_is_cheaper,
+    index_top_k,
+    merge_top_k,
+    outside_rows,
+    size_index,
+)
 from embtools.search.quantized import (
     CodeSizes,
     code_rerank_bytes,
@@ -238,12 +246,18 @@ def plan_search(req: SearchRequest, ctx: SearchContext) -> SearchPlan:
     probe = _find_probe(req, ctx, notes)
     if probe is not None:
         sizes_i = size_index(req, probe, avail)
-        if sizes_i is not None:
+        if sizes_i is not None and exact_is_cheaper(req, probe, sizes_i):
+            notes.append(
+                f"the where= filter selects {req.n_sel:,} rows, no more than the ~"
+                f"{sizes_i.scored_rows(probe):,} the index's {sizes_i.nprobe} widened probes would "
+                "score: exact search of the selection")
+        elif sizes_i is not None:
             least_i = probe.workspace_bytes(1, sizes_i.nprobe, sizes_i.width)
             return SearchPlan("index", **base, min_bytes=least_i,
                               min_cap_gb=smallest_cap_gb(budget, least_i), index=sizes_i,
                               probe=probe, candidates=sizes_i.width, notes=tuple(notes))
-        notes.append(f"the index search ({probe.name}) does not fit the cap: exact search")
+        else:
+            notes.append(f"the index search ({probe.name}) does not fit the cap: exact search")
     if req.funnel is not None:
         return _plan_funnel(req, ctx, base, notes)
     if req.screen == "int8":
@@ -328,9 +342,9 @@ def _find_probe(req: SearchRequest, ctx: SearchContext, notes: list[str]) -> Any
         if asked:
             raise InvalidArgumentError("exact=True searches every row: nprobe and refine do not apply")
         return None
-    if req.funnel is not None or req.positions is not None:
+    if req.funnel is not None:
         if asked:
-            notes.append("an index search takes no where= filter or funnel: exact search")
+            notes.append("an index search takes no funnel: exact search")
         return None
     try:
         probe = None if ctx.find_index is None else ctx.find_index(req.dim, req.metric)
@@ -408,7 +422,7 @@ def run_search(req: SearchRequest, ctx: SearchContext, plan: SearchPlan | None =
     if plan.path == "index":
         assert plan.index is not None
         top = index_top_k(req, ctx, plan.probe, plan.index)
-        rest = plan.probe.uncovered
+        rest = outside_rows(req, plan.probe)
         if len(rest):  # rows added after the index: searched exactly, then merged
             sub = req.replace(positions=rest, n_sel=len(rest), exact=True, nprobe=None, refine=None)
             other = run_search(sub, ctx)
