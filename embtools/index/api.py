@@ -21,7 +21,7 @@ import numpy as np
 
 from embtools.backends.base import check_k, check_metric
 from embtools.errors import CorruptStoreError, InvalidArgumentError, MemoryLimitError
-from embtools.index.build import build_index, commit_index
+from embtools.index.build import build_index, commit_index, finish_build
 from embtools.index.probe import IvfIndex
 from embtools.memory import format_bytes
 
@@ -80,6 +80,7 @@ def create_index(store: Any, dimension: int = 384, partitions: int | None = None
                         code_dim=code_dim, codes=kind, partitions=partitions,
                         sample_rows=sample_rows, show=progress)
     commit_index(src.root, entry)
+    finish_build(src.root, entry.name, entry.info.get("build"))
     return store.refresh()
 
 
@@ -172,7 +173,7 @@ def optimize_index(store: Any, dimension: int | None = None, metric: str | None 
     there is nothing to do). Rows added since the build are assigned to the existing centroids
     and written as more codes files (a delta); when rows outside the index or deleted since its
     build pass ``retrain_share`` of the rows, the index is trained and written again."""
-    from embtools.index.build import assign_rows
+    from embtools.index.build import assign_rows, delta_spill
 
     store._writable()
     src = _directory(store, "optimize_index")
@@ -198,14 +199,18 @@ def optimize_index(store: Any, dimension: int | None = None, metric: str | None 
                                 codes=idx.codes, partitions=None,
                                 sample_rows=None, show=progress)
             commit_index(src.root, fresh, operation="optimize_index")
+            finish_build(src.root, fresh.name, fresh.info.get("build"))
         elif new:
             pos = idx.uncovered
             row_ids = src.take_metadata(pos, ["row_id"])["row_id"].to_numpy().astype(np.int64)
-            ranges = entry.info.get("int8_ranges")
+            raw = entry.info.get("int8_ranges")
+            ranges = None if raw is None else np.asarray(raw, np.float32)
+            spill = delta_spill(src.root, entry.name, pos, row_ids, idx.centroids,
+                                int(entry.info["code_dim"]), entry.metric, idx.codes, store.budget,
+                                ranges)
             written = assign_rows(src.root, entry.name, src, pos, row_ids, idx.centroids,
                                   entry.dimension, int(entry.info["code_dim"]), entry.metric,
-                                  store.backend, store.budget, progress, idx.codes,
-                                  None if ranges is None else np.asarray(ranges, np.float32))
+                                  store.backend, store.budget, progress, idx.codes, ranges, spill)
             from dataclasses import replace
 
             from embtools.storage.durable import fsync_dir
@@ -219,6 +224,7 @@ def optimize_index(store: Any, dimension: int | None = None, metric: str | None 
                             file_bytes=[*entry.file_bytes, *(b for _, b in written)],
                             covers=covers, info=info)
             commit_index(src.root, delta, operation="optimize_index")
+            spill.remove()
         store.refresh()
     return store.refresh()
 

@@ -1,20 +1,33 @@
 """Building an IVF index: train centroids on a sample, assign every row, write, commit.
 
-:func:`build_index` runs under the store's memory budget: the training sample is at most half of
-what the cap leaves (fewer rows are sampled when the cap is small), every row is assigned to its
-nearest centroid in batches (the backend's exact top-1 kernel, see :mod:`embtools.index.kmeans`),
-and the codes are written in partition order, one codes file per run of whole partitions of at
-most :data:`CODES_FILE_BYTES` (and a quarter of the cap). The files go to ``_index/<name>/`` and are
-fsynced; then the index is committed as a new version (``crash_point("after_index_files")`` between
-the two): a crash before the commit leaves the old version and unreferenced files, which vacuum
-removes. Building is cheap enough to restart (minutes for 1M rows).
+:func:`build_index` runs under the store's memory budget in three steps, each sized from what the
+cap leaves:
+
+1. k-means on a sample (at most 3/5 of what the cap leaves; fewer rows are sampled when the cap is
+   small) with the exact top-1 of :mod:`embtools.index.kmeans`;
+2. every row, chunk by chunk in position order (a sequential read of the data files): normalised,
+   assigned to its exact nearest centroid, encoded, and the chunk's codes spilled sorted by
+   partition (:mod:`embtools.index.spill`);
+3. the codes files: runs of whole partitions of at most :data:`CODES_FILE_BYTES` (and a quarter
+   of what the cap leaves), each put together from one contiguous slice of every chunk's spill
+   and written in ``(partition, row_id)`` order.
+
+The centroids and each chunk are spill files keyed by the build's settings, so a build that is
+killed resumes where it stopped when run again with the same settings: a re-run skips the k-means
+and the chunks already done (``crash_point("after_index_centroids")`` and
+``crash_point("after_index_chunk")`` are the test hooks). The codes files go to ``_index/<name>/``
+and are fsynced; then the index is committed as a new version (``crash_point("after_index_files")``
+between the two): a crash before the commit leaves the old version, unreferenced files and the
+spills, all of which vacuum removes once past its grace period; after the commit the spills are
+removed (:func:`finish_build`).
 
 :func:`assign_rows` assigns rows to existing centroids (``optimize_index``'s delta) and writes them
-as more codes files.
+as more codes files, through the same steps 2 and 3.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from dataclasses import replace
@@ -24,19 +37,29 @@ import numpy as np
 
 from embtools.errors import CorruptStoreError, MemoryLimitError
 from embtools.index.files import write_centroids, write_codes
-from embtools.index.kmeans import DEFAULT_ITERATIONS, assign, normalize_rows, train_centroids
-from embtools.kernels.codes import encode_int8, int8_ranges, pack_signs
+from embtools.index.kmeans import (
+    DEFAULT_ITERATIONS,
+    Top1,
+    assign_batch_rows,
+    normalize_rows,
+    train_centroids,
+)
+from embtools.index.spill import Spill, read_rows
+from embtools.kernels.codes import encode_int8, int8_ranges, pack_signs, sign_bytes
 from embtools.memory import MemoryBudget, format_bytes
 from embtools.storage.durable import fsync_dir
 from embtools.storage.jobs import progress
 from embtools.storage.manifest import INDEX_DIR, IndexEntry, Manifest, commit, crash_point
 from embtools.storage.source import gather_rows
 
-__all__ = ["CODES_FILE_BYTES", "assign_rows", "build_index", "commit_index", "default_partitions",
-           "default_sample_rows", "encode", "index_name"]
+__all__ = ["CHUNK_ROWS", "CODES_FILE_BYTES", "assign_rows", "build_index", "commit_index",
+           "default_partitions", "default_sample_rows", "delta_spill", "encode", "finish_build",
+           "index_name"]
 
 #: A codes file holds whole partitions of at most about this many bytes of codes.
 CODES_FILE_BYTES = 64 * 1024**2
+#: Rows per chunk of the assignment (a spill file each; fewer when the cap is small).
+CHUNK_ROWS = 65_536
 #: Training rows per partition, and the least training rows when the store has them.
 ROWS_PER_PARTITION = 64
 MIN_SAMPLE_ROWS = 100_000
@@ -83,8 +106,8 @@ def code_ranges(sample: np.ndarray, metric: str) -> np.ndarray:
     """int8 ranges (per-dimension min and max) of the sample's codes (normalised for cosine)."""
     lo = np.full(sample.shape[1], np.inf, np.float32)
     hi = np.full(sample.shape[1], -np.inf, np.float32)
-    for a in range(0, len(sample), 16384):
-        block = np.array(sample[a:a + 16384], dtype=np.float32)
+    for a in range(0, len(sample), 4096):
+        block = np.array(sample[a:a + 4096], dtype=np.float32)
         r = int8_ranges(normalize_rows(block) if metric == "cosine" else block)
         lo, hi = np.minimum(lo, r[0]), np.maximum(hi, r[1])
     return np.vstack([lo, hi])
@@ -109,48 +132,170 @@ def _plan_files(counts: np.ndarray, bytes_per_row: int, limit: int) -> list[tupl
     return runs
 
 
+def _arrow_pool() -> Any:
+    """pyarrow's default memory pool (None when pyarrow has no ``release_unused``)."""
+    import pyarrow as pa
+
+    pool = pa.default_memory_pool()
+    return pool if hasattr(pool, "release_unused") else None
+
+
+def _code_layout(kind: str, code_dim: int) -> tuple[np.dtype, int]:
+    """dtype and width (values per row) of a row's codes."""
+    if kind == "int8":
+        return np.dtype(np.int8), code_dim
+    if kind == "binary":
+        return np.dtype(np.uint8), sign_bytes(code_dim)
+    return np.dtype(np.float32), code_dim
+
+
+def _chunk_plan(n: int, dim: int, code_bytes: int, partitions: int,
+                avail: int | None) -> tuple[int, int, int]:
+    """``(chunk rows, batch rows, score columns)``: a chunk's codes in a quarter of what the cap
+    leaves, a batch's vectors (with the reader's copy and the sorted slice being spilled) and a
+    tile of its scores in a third."""
+    chunk = CHUNK_ROWS if avail is None else max(1, min(CHUNK_ROWS, avail // 4 // max(1, code_bytes + 8)))
+    batch, cols = assign_batch_rows(dim * 3, partitions, None if avail is None else avail * 4 // 3)
+    return int(min(chunk, max(n, 1))), int(min(batch, chunk, max(n, 1))), cols
+
+
+def _assign_chunks(spill: Spill, source: Any, positions: np.ndarray, centroids: np.ndarray,
+                   dim: int, code_dim: int, metric: str, kind: str, ranges: np.ndarray | None,
+                   backend: Any, budget: MemoryBudget, advance: Any) -> tuple[np.ndarray, list[Any], int]:
+    """Step 2: each row's partition (int32, in ``positions`` order), each chunk's spill of codes
+    sorted by partition (chunks already spilled by an earlier run are reused) and the chunk rows."""
+    n, p = len(positions), len(centroids)
+    dtype, width = _code_layout(kind, code_dim)
+    code_bytes = dtype.itemsize * width
+    chunk, batch, cols = _chunk_plan(n, dim, code_bytes, p, budget.available_bytes)
+    parts = np.empty(n, np.int32)
+    spills: list[Any] = []
+    top: Top1 | None = None
+    buf: np.ndarray | None = None
+    codes: np.ndarray | None = None
+    for i, a in enumerate(range(0, n, chunk)):
+        b = min(n, a + chunk)
+        m = b - a
+        what = f"c{i:06d}"
+        done = spill.load(f"{what}-parts", np.int32, (m,))
+        hit = None if done is None else spill.path(f"{what}-codes", dtype, (m, width))
+        if done is not None and hit is not None and int(done.min()) >= 0 and int(done.max()) < p:
+            parts[a:b] = done
+            spills.append(hit)
+            advance(m)
+            continue
+        if top is None:
+            top = Top1(centroids, metric, backend, batch, cols)
+            buf = np.empty((batch, dim), np.float32)
+            codes = np.empty((chunk, width), dtype)
+        assert buf is not None and codes is not None
+        for s in range(a, b, batch):
+            e = min(b, s + batch)
+            x = gather_rows(source, dim, positions[s:e], out=buf[: e - s])
+            if metric == "cosine":
+                normalize_rows(x)
+            codes[s - a:e - a] = encode(x, code_dim, metric, kind, ranges)  # dot: not normalised
+            if metric == "dot":
+                normalize_rows(x)  # spherical partitions
+            top(x, parts[s:e])
+            advance(e - s)
+        order = np.argsort(parts[a:b], kind="stable")  # partition order, then position order
+        with spill.writer(f"{what}-codes", dtype, (m, width)) as w:
+            for s in range(0, m, batch):
+                w.write(codes[order[s:s + batch]])
+        spill.save(f"{what}-parts", parts[a:b])
+        crash_point("after_index_chunk")
+        spills.append(w.written)
+    return parts, spills, chunk
+
+
+def _write_runs(root: str, name: str, parts: np.ndarray, row_ids: np.ndarray, spills: list[Any],
+                chunk: int, partitions: int, kind: str, code_dim: int, budget: MemoryBudget,
+                advance: Any) -> list[tuple[str, int]]:
+    """Step 3: the codes files, runs of whole partitions put together from the chunks' spills
+    (``chunk`` rows each)."""
+    n = len(parts)
+    dtype, width = _code_layout(kind, code_dim)
+    code_bytes = dtype.itemsize * width
+    counts = np.bincount(parts, minlength=partitions)
+    avail = budget.available_bytes
+    # a run's codes, and pyarrow's pages while writing them (about four times as many bytes)
+    limit = CODES_FILE_BYTES if avail is None else max(code_bytes, min(CODES_FILE_BYTES, avail // 10))
+    runs = [(p0, p1) for p0, p1 in _plan_files(counts, code_bytes, limit) if counts[p0:p1].sum()]
+    if not runs:
+        return []
+    ends = np.r_[0, np.cumsum(counts)]
+    # where each run's rows start and end in each chunk's spill (it is in partition order)
+    cuts = np.array([p for run in runs for p in run])
+    starts = np.array([np.r_[0, np.cumsum(np.bincount(parts[a:a + chunk], minlength=partitions))][cuts]
+                       for a in range(0, n, chunk)])
+    order = np.argsort(parts, kind="stable")  # (partition, position): the rows of the index
+    out = np.empty((max(int(ends[p1] - ends[p0]) for p0, p1 in runs), width), dtype)
+    stage = np.empty((int((starts[:, 1::2] - starts[:, 0::2]).max()), width), dtype)
+    pool = _arrow_pool()
+    files: list[tuple[str, int]] = []
+    for r, (p0, p1) in enumerate(runs):
+        lo, hi = int(ends[p0]), int(ends[p1])
+        placed = np.cumsum(counts[p0:p1]) - counts[p0:p1]  # next free row of each partition
+        for j, hit in enumerate(spills):
+            c0, c1 = int(starts[j, 2 * r]), int(starts[j, 2 * r + 1])
+            if c1 == c0:
+                continue
+            mine = parts[j * chunk:(j + 1) * chunk]
+            cnt = np.bincount(mine[(mine >= p0) & (mine < p1)] - p0, minlength=p1 - p0)
+            read_rows(hit, stage[: c1 - c0], c0)
+            # this chunk's rows of each partition follow the earlier chunks' rows of it
+            dest = np.repeat(placed - (np.cumsum(cnt) - cnt), cnt) + np.arange(c1 - c0)
+            out[dest] = stage[: c1 - c0]
+            placed += cnt
+        sel = order[lo:hi]
+        files.append(write_codes(root, name, row_ids[sel], parts[sel], out[: hi - lo]))
+        if pool is not None:
+            pool.release_unused()  # give pyarrow's freed pages back now, not at its leisure
+        advance(hi - lo)
+    return files
+
+
 def assign_rows(root: str, name: str, source: Any, positions: np.ndarray, row_ids: np.ndarray,
                 centroids: np.ndarray, dim: int, code_dim: int, metric: str, backend: Any,
                 budget: MemoryBudget, show: bool | None = None, kind: str = "float",
-                ranges: np.ndarray | None = None) -> list[tuple[str, int]]:
+                ranges: np.ndarray | None = None, spill: Spill | None = None) -> list[tuple[str, int]]:
     """Assign the rows at ``positions`` (ascending; their ``row_ids``) to ``centroids`` and write
-    their codes in partition order; the ``(path, bytes)`` of each codes file written."""
+    their codes in partition order; the ``(path, bytes)`` of each codes file written. ``spill``
+    (default: :func:`delta_spill`) keeps the finished chunks for a re-run; the caller removes it
+    after the commit."""
     n = len(positions)
-    parts = np.empty(n, np.int32)
-    avail = budget.available_bytes
-    step = max(1, min(65_536, (avail // 4 // (dim * 4 * 3)) if avail is not None else 65_536))
-    files: list[tuple[str, int]] = []
+    if spill is None:
+        spill = delta_spill(root, name, positions, row_ids, centroids, code_dim, metric, kind,
+                            budget, ranges)
     with progress(2 * n, f"index {name}: assigning and writing rows", enabled=show,
-                  unit="rows") as advance:
-        for a in range(0, n, step):  # pass 1: each row's partition
-            block = gather_rows(source, dim, positions[a:a + step])
-            if metric != "l2":
-                block = normalize_rows(block)
-            parts[a:a + step] = assign(block, centroids, metric, backend, budget)
-            advance(len(block))
-        order = np.argsort(parts, kind="stable")  # row-id order within each partition
-        counts = np.bincount(parts, minlength=len(centroids))
-        limit = CODES_FILE_BYTES if avail is None else max(code_dim * 4, min(CODES_FILE_BYTES, avail // 4))
-        ends = np.cumsum(counts)
-        for p0, p1 in _plan_files(counts, code_dim * 4, limit):  # pass 2: codes in partition order
-            lo, hi = (int(ends[p0 - 1]) if p0 else 0), int(ends[p1 - 1])
-            if hi == lo:
-                continue
-            sel = order[lo:hi]
-            asc = np.argsort(sel, kind="stable")
-            block = np.empty((hi - lo, code_dim), np.float32)
-            block[asc] = gather_rows(source, code_dim if code_dim < dim else dim, positions[sel[asc]])
-            files.append(write_codes(root, name, row_ids[sel], parts[sel],
-                                     encode(block, code_dim, metric, kind, ranges)))
-            advance(hi - lo)
-    return files
+                     unit="rows") as advance:
+        parts, spills, chunk = _assign_chunks(spill, source, positions, centroids, dim, code_dim,
+                                              metric, kind, ranges, backend, budget, advance)
+        return _write_runs(root, name, parts, row_ids, spills, chunk, len(centroids), kind,
+                           code_dim, budget, advance)
+
+
+def _digest(a: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(a).reshape(-1).view(np.uint8).data).hexdigest()[:16]
+
+
+def delta_spill(root: str, name: str, positions: np.ndarray, row_ids: np.ndarray,
+                centroids: np.ndarray, code_dim: int, metric: str, kind: str,
+                budget: MemoryBudget, ranges: np.ndarray | None = None) -> Spill:
+    """The spill of :func:`assign_rows` for these rows and centroids (and the cap)."""
+    return Spill(os.path.join(root, INDEX_DIR, name),
+                 Spill.key(rows=_digest(positions), ids=_digest(row_ids), centroids=_digest(centroids),
+                           code_dim=code_dim, metric=metric, kind=kind, cap=budget.cap_bytes,
+                           ranges=None if ranges is None else _digest(ranges)))
 
 
 def build_index(root: str, snapshot: Any, backend: Any, budget: MemoryBudget, *, dimension: int,
                 metric: str, code_dim: int, codes: str, partitions: int | None,
                 sample_rows: int | None, iterations: int = DEFAULT_ITERATIONS,
                 show: bool | None = None) -> IndexEntry:
-    """Train and write the index of ``snapshot``'s rows (files fsynced, nothing committed)."""
+    """Train and write the index of ``snapshot``'s rows (files fsynced, nothing committed; the
+    entry's ``info["build"]`` names the spills :func:`finish_build` removes after the commit)."""
     n = int(snapshot.num_rows)
     name = index_name(dimension, metric)
     p = default_partitions(n) if partitions is None else min(int(partitions), n)
@@ -161,10 +306,10 @@ def build_index(root: str, snapshot: Any, backend: Any, budget: MemoryBudget, *,
     row_ids = snapshot.metadata().select("row_id").collect()["row_id"].to_numpy().astype(np.int64)
     if len(row_ids) != n:
         raise CorruptStoreError(f"{root}: {len(row_ids)} row ids for {n} rows")
-    os.makedirs(os.path.join(root, INDEX_DIR, name), exist_ok=True)
+    folder = os.path.join(root, INDEX_DIR, name)
+    os.makedirs(folder, exist_ok=True)
     key = f"index/build/{id(snapshot)}"
     rows_held = min(want, n)
-    need = rows_held * dimension * 4
     avail = budget.available_bytes
     if avail is not None:  # the sample (normalised in place) in 3/5 of the room, the rest for
         # the centroids and the assignment batches
@@ -175,27 +320,46 @@ def build_index(root: str, snapshot: Any, backend: Any, budget: MemoryBudget, *,
                 f"{dimension} and its centroids need {format_bytes(3 * p * dimension * 4)}, over "
                 f"the {format_bytes(avail)} the memory cap leaves; raise max_memory_gb or pass "
                 "fewer partitions")
-        need = rows_held * dimension * 4
-    with budget.holding(key, need, "the index training sample"):
-        sample = _sample(snapshot, positions, dimension, rows_held, rng)
-        ranges = code_ranges(sample[:, :code_dim], metric) if codes == "int8" else None
-        with progress(iterations, f"index {name}: k-means on {len(sample):,} rows, {p} partitions",
-                      enabled=show) as advance:
-            centroids = train_centroids(sample, p, metric, backend, budget, iterations=iterations,
-                                        advance=advance)
-        del sample
+    need = rows_held * dimension * 4
+    spill = Spill(folder, Spill.key(version=int(snapshot.version),
+                                    files=[f.path for f in snapshot.manifest.files], rows=n,
+                                    dimension=dimension, metric=metric, partitions=p,
+                                    sample_rows=rows_held, iterations=iterations, codes=codes,
+                                    code_dim=code_dim, cap=budget.cap_bytes))
+    centroids = spill.load("centroids", np.float32, (p, dimension))
+    ranges = spill.load("ranges", np.float32, (2, code_dim)) if codes == "int8" else None
+    if centroids is None or not np.isfinite(centroids).all() or (codes == "int8" and ranges is None):
+        with budget.holding(key, need, "the index training sample"):
+            sample = _sample(snapshot, positions, dimension, rows_held, rng)
+            ranges = code_ranges(sample[:, :code_dim], metric) if codes == "int8" else None
+            with progress(iterations, f"index {name}: k-means on {len(sample):,} rows, {p} partitions",
+                          enabled=show) as advance:
+                centroids = train_centroids(sample, p, metric, backend, budget, iterations=iterations,
+                                            advance=advance)
+            del sample
+        if ranges is not None:
+            spill.save("ranges", ranges)
+        spill.save("centroids", centroids)
+        crash_point("after_index_centroids")
     c_path = write_centroids(root, name, centroids)
     written = [c_path]
     written += assign_rows(root, name, snapshot, positions, row_ids, centroids, dimension,
-                           code_dim, metric, backend, budget, show, codes, ranges)
-    fsync_dir(os.path.join(root, INDEX_DIR, name))
+                           code_dim, metric, backend, budget, show, codes, ranges, spill)
+    fsync_dir(folder)
     crash_point("after_index_files")
     info = {"codes": codes, "code_dim": code_dim, "partitions": len(centroids), "rows": n,
             "built_version": int(snapshot.version), "sample_rows": int(rows_held),
-            "iterations": iterations, "delta_rows": 0,
+            "iterations": iterations, "delta_rows": 0, "build": spill.prefix[6:-1],
             **({} if ranges is None else {"int8_ranges": ranges.tolist()})}
     return IndexEntry(name, dimension, metric, [f for f, _ in written], [b for _, b in written],
                       [f.path for f in snapshot.manifest.files], info)
+
+
+def finish_build(root: str, name: str, key: Any) -> None:
+    """Remove the spill files of the build ``key`` (an entry's ``info["build"]``) once its
+    version is committed."""
+    if isinstance(key, str) and key.isalnum():
+        Spill(os.path.join(root, INDEX_DIR, name), key).remove()
 
 
 def commit_index(root: str, entry: IndexEntry | None, drop: str | None = None,
