@@ -20,6 +20,7 @@ Usage::
 
     python benchmarks/index.py                      # 1,000,000 x 384 + MiniLM
     python benchmarks/index.py --rows 200000        # smaller, when the machine is busy
+    python benchmarks/index.py --rows 200000 --skip search,minilm --resume   # build figures only
 """
 
 from __future__ import annotations
@@ -80,9 +81,18 @@ print(json.dumps({"seconds": time.perf_counter() - t, "peak_rss": peak, "import_
 """
 
 
-def build_embtools(path: str, cap_gb: float, partitions: int, dim: int) -> dict[str, float]:
+def build_embtools(path: str, cap_gb: float, partitions: int, dim: int,
+                   crash: str | None = None) -> dict[str, float]:
+    """``create_index`` in a child process under the cap: seconds, peak RSS, RSS before. With
+    ``crash``, the child is killed at that crash point (``$EMBTOOLS_CRASH_AT``): its seconds only."""
+    env = {**os.environ, **({"EMBTOOLS_CRASH_AT": crash} if crash else {})}
+    t = time.perf_counter()
     out = subprocess.run([sys.executable, "-c", BUILD, path, str(cap_gb), str(partitions), str(dim)],
-                         capture_output=True, text=True, check=True)
+                         capture_output=True, text=True, check=crash is None, env=env)
+    if crash:
+        if out.returncode != -9:
+            raise RuntimeError(f"the build was not killed at {crash}: {out.stderr[-2000:]}")
+        return {"seconds": time.perf_counter() - t}
     return dict(json.loads(out.stdout.strip().splitlines()[-1]))
 
 
@@ -137,12 +147,26 @@ def run_set(name: str, x: np.ndarray, q: np.ndarray, args: argparse.Namespace, w
     store = et.EmbeddingStore(path, backend="numpy")
     sample = int(store.source.manifest.indexes[0].info["sample_rows"])  # FAISS trains on as many
     fidx, f_build = faiss_ivf(x, partitions, sample)
+    growth = (build["peak_rss"] - build["import_rss"]) / 1024**2
+    bound = cap * 1024 + 100
     rows.append(f"build: embtools {build['seconds']:.1f} s, FAISS train+add {f_build:.1f} s "
                 f"(ratio {build['seconds'] / f_build:.2f}x); embtools peak RSS "
-                f"{build['peak_rss'] / 1024**2:.0f} MiB with the cap at {cap * 1024:.0f} MiB "
-                f"(the process before the build: {build['import_rss'] / 1024**2:.0f} MiB); "
-                f"{partitions} partitions, {sample:,} training rows (what the cap allows), "
-                f"{ITERATIONS} k-means iterations for both")
+                f"{build['peak_rss'] / 1024**2:.0f} MiB, {growth:.0f} MiB above the process before "
+                f"the build ({build['import_rss'] / 1024**2:.0f} MiB), with the cap at "
+                f"{cap * 1024:.0f} MiB (bound: cap + 100 MiB = {bound:.0f} MiB, "
+                f"{'within' if growth <= bound else 'OVER'}); {partitions} partitions, {sample:,} "
+                f"training rows (what the cap allows), {ITERATIONS} k-means iterations for both")
+    if args.resume:  # a build of the new version killed once its centroids are spilled, re-run
+        store.close()
+        killed = build_embtools(path, cap, partitions, d, crash="after_index_centroids")
+        resumed = build_embtools(path, cap, partitions, d)
+        store = et.EmbeddingStore(path, backend="numpy")
+        rows.append(f"resume: a build killed after its k-means ({killed['seconds']:.1f} s, with the "
+                    f"child's start), re-run: {resumed['seconds']:.1f} s, against "
+                    f"{build['seconds']:.1f} s from scratch")
+    if "search" in args.skip:
+        store.close()
+        return rows
     # the truth: embtools' exact search (float64 re-ranked)
     truth = store.search(q, k=k, exact=True)["row_id"].to_numpy().reshape(len(q), k)
     single = q[: args.single]
@@ -306,7 +330,10 @@ def main() -> None:
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--partitions", type=int, default=None)
     p.add_argument("--minilm", default=_find_minilm())
-    p.add_argument("--skip", default="", help="comma list of: lancedb,minilm,synthetic")
+    p.add_argument("--skip", default="", help="comma list of: lancedb,minilm,synthetic,search "
+                   "(search: stop after the build figures)")
+    p.add_argument("--resume", action="store_true",
+                   help="also time a build killed after its k-means and resumed (two more builds)")
     p.add_argument("--lancedb", default="synthetic,minilm",
                    help="data sets on which to build LanceDB IVF_PQ (slow: 10 minutes for 200k here)")
     p.add_argument("--plot", default=os.path.join(HERE, "..", "docs", "index_recall_qps.png"))
