@@ -13,9 +13,13 @@ Usage::
 
     python benchmarks/quantized.py                    # the issue's sizes
     python benchmarks/quantized.py --rows 100000      # smaller, when the machine is busy
+    python benchmarks/quantized.py --skip-recall --scale-rows 5000000   # and the 5M run
 
-Every time is the median of the timed runs after one warm-up. The 5M-row run under
-``max_memory_gb=1`` is not part of this script (see the README's figures).
+3. With ``--scale-rows 5000000``: a store of that many rows (7.7 GB of float32 on disk, written
+   chunk by chunk) searched with binary + float rescoring under ``max_memory_gb=1``
+   (``--scale-cap-gb``) in a fresh process: single-query latency and that process' peak RSS.
+
+Every time is the median of the timed runs after one warm-up.
 """
 
 from __future__ import annotations
@@ -153,6 +157,10 @@ def speed_table(n: int, singles: int, batch: int, tmp: str) -> list[tuple[str, s
         r = recall(store.search(singles_q, 10, **kw), ref_single)
         rows.append((f"single query, {name}", f"{t1 * 1e3:.1f} ms",
                      f"{exact1 / t1:.2f}x (recall@10 {r:.3f})"))
+    t8 = per_query(lambda q: store.search(q, 10, screen="int8"), singles_q)
+    same = store.search(singles_q, 10, screen="int8").equals(ref_single)
+    rows.append(("single query, int8 certified exact (screen='int8')", f"{t8 * 1e3:.1f} ms",
+                 f"{exact1 / t8:.2f}x ({'same rows as exact' if same else 'DIFFERENT ROWS'})"))
     try:
         import faiss
 
@@ -190,6 +198,71 @@ def speed_table(n: int, singles: int, batch: int, tmp: str) -> list[tuple[str, s
     return rows
 
 
+def build_scale_store(path: str, n: int, chunk: int = 250_000) -> None:
+    """A clustered ``n`` x 384 store written chunk by chunk (never all rows in memory), quantized."""
+    import embtools as et
+
+    rng = np.random.default_rng(2)
+    d = 384
+    centres = clustered(rng, 1000, d)
+    store = et.EmbeddingStore(path, backend="numpy")
+    for s in range(0, n, chunk):
+        m = min(chunk, n - s)
+        x = centres[rng.integers(1000, size=m)] + 0.03 * rng.standard_normal((m, d)).astype(np.float32)
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        store.add_embeddings(x, dimension=d, text_ids=[f"t{i}" for i in range(s, s + m)])
+    store.quantize(d)
+    store.close()
+
+
+def scale_search(path: str, cap_gb: float, singles: int) -> None:
+    """In a fresh process: binary + float rescoring single queries under ``max_memory_gb``;
+    prints the median latency, the growth of the peak RSS over the RSS before opening the store
+    (the measure of ``benchmarks/memory_cap.py``) and the peak RSS."""
+    import sys
+    from pathlib import Path
+
+    import embtools as et
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from memory_cap import _import_lazily_loaded_modules, _status_kib
+
+    et.EmbeddingStore  # noqa: B018 - resolve the lazy import before measuring
+    _import_lazily_loaded_modules()
+    rng = np.random.default_rng(3)
+    q = rng.standard_normal((singles + 1, 384)).astype(np.float32)
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+    before = _status_kib("VmRSS") * 1024
+    store = et.EmbeddingStore(path, backend="numpy", max_memory_gb=cap_gb)
+    t = per_query(lambda v: store.search(v, 10, precision="binary"), q)
+    peak = _status_kib("VmHWM") * 1024
+    print(f"{t * 1e3:.1f} {peak - before} {peak}")
+
+
+def scale_table(n: int, cap_gb: float, singles: int, tmp: str) -> list[tuple[str, str, str]]:
+    """The ``n`` x 384 store searched with binary + float rescoring under ``max_memory_gb``."""
+    import subprocess
+    import sys
+
+    path = os.path.join(tmp, "scale")
+    t = time.perf_counter()
+    build_scale_store(path, n)
+    build_s = time.perf_counter() - t
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--_scale-search", path,
+                          "--scale-cap-gb", str(cap_gb), "--singles", str(singles)],
+                         check=True, capture_output=True, text=True).stdout.split()
+    latency_ms, grown, peak = float(out[-3]), int(out[-2]), int(out[-1])
+    cap = int(cap_gb * 1024**3)
+    over = (grown - cap) / 1024**2
+    return [("build + quantize", f"{build_s:.1f} s", ""),
+            (f"single query, binary + float rescoring, max_memory_gb={cap_gb}", f"{latency_ms:.1f} ms", ""),
+            ("peak RSS - RSS before opening the store (as benchmarks/memory_cap.py)",
+             f"{grown / 1024**2:.0f} MiB",
+             f"cap {'+' if over >= 0 else '-'} {abs(over):.0f} MiB "
+             f"({'within' if over <= 100 else 'OVER'} the cap + 100 MiB goal)"),
+            ("peak RSS of the searching process", f"{peak / 1024**2:.0f} MiB", "")]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=1_000_000)
@@ -199,7 +272,15 @@ def main() -> None:
     parser.add_argument("--minilm", default=MINILM)
     parser.add_argument("--skip-recall", action="store_true")
     parser.add_argument("--skip-speed", action="store_true")
+    parser.add_argument("--scale-rows", type=int, default=0,
+                        help="also build a store of this many rows (the issue: 5000000, 7.7 GB) and "
+                        "search it under --scale-cap-gb")
+    parser.add_argument("--scale-cap-gb", type=float, default=1.0)
+    parser.add_argument("--_scale-search", dest="scale_search", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.scale_search:
+        scale_search(args.scale_search, args.scale_cap_gb, args.singles)
+        return
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, NumPy {np.__version__}")
     tmp = tempfile.mkdtemp(prefix="embtools-quantized-")
     try:
@@ -211,6 +292,10 @@ def main() -> None:
         if not args.skip_speed:
             print(f"\nspeed on {args.rows:,} x 384 (clustered, unit norm), store on disk")
             for name, value, ratio in speed_table(args.rows, args.singles, args.batch, tmp):
+                print(f"  {name:<62} {value:>10}  {ratio}")
+        if args.scale_rows:
+            print(f"\nscale: {args.scale_rows:,} x 384 (clustered, unit norm), store on disk")
+            for name, value, ratio in scale_table(args.scale_rows, args.scale_cap_gb, args.singles, tmp):
                 print(f"  {name:<62} {value:>10}  {ratio}")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -42,9 +42,9 @@ def test_bounds_contain_exact_scores(rng, metric):
     dimensions and query scales; rows with an end code are unbounded, the others are finite."""
     for trial in range(25):
         d = int(rng.choice([3, 17, 64]))
-        n = int(rng.integers(20, 400))
+        n = int(rng.integers(40, 400))
         x = _corpus(rng, n, d) * np.float32(10.0 ** rng.uniform(-3, 3))
-        ranges = int8_ranges(x[rng.choice(n, max(2, n // 8), replace=False)])
+        ranges = int8_ranges(x[20 + rng.choice(n - 20, max(2, n // 8), replace=False)])  # not 11-14
         codes = encode_int8(x, ranges).view(np.uint8)  # the column's raw bytes
         q = rng.standard_normal(d) * 10.0 ** rng.uniform(-2, 2)
         if trial == 0:
@@ -122,3 +122,61 @@ def test_screen_exact_thousands_of_queries_tiny_cap(new_store, rng, metric):
     sel = np.flatnonzero(np.array(labels) == "rare")
     _check_exact(store, x, q[:50], 1, metric, pl.col("label") == "rare", sel)
     _check_exact(store, x, q[:50], 20, metric, pl.col("label") == "rare", sel)  # k > selection
+
+
+@pytest.mark.parametrize("d", [1, 7, 384, 1100])
+def test_int8_dot_is_exact(rng, d):
+    """simsimd's int8 kernel (where installed) and the NumPy tiles (float32, float64 past d = 1031)
+    give the exact integer products, the end codes included; uint8 bytes read as int8."""
+    from embtools.kernels import int8 as K
+
+    c = rng.integers(-128, 128, (3000, d), dtype=np.int8)
+    c[0] = -128
+    w = rng.integers(-127, 128, d, dtype=np.int8)
+    w[0] = -127
+    ref = c.astype(np.int64) @ w.astype(np.int64)
+    for use in (True, False):
+        np.testing.assert_array_equal(K.int8_dot(c, w, use_simsimd=use), ref.astype(np.float64))
+        np.testing.assert_array_equal(K.int8_dot(c.view(np.uint8), w, use_simsimd=use), ref)
+    np.testing.assert_array_equal(K.int8_dot(c[::2], w), ref[::2])  # not contiguous: NumPy
+    assert K.int8_dot(c[:0], w).shape == (0,)
+    with pytest.raises(ValueError):
+        K.int8_dot(c, w[:-1] if d > 1 else np.zeros(2, np.int8))
+
+
+def test_quantize_query_bounds_the_rounding(rng):
+    """``|w . c - alpha (wi . c)| <= slack`` for every int8 code vector (the worst one included)."""
+    from embtools.kernels.int8 import quantize_query
+
+    for _ in range(50):
+        w = rng.standard_normal(int(rng.integers(1, 50))) * 10.0 ** rng.uniform(-6, 6)
+        wi, alpha, slack = quantize_query(w)
+        assert wi.dtype == np.int8 and np.abs(wi.astype(int)).max() <= 127
+        err = w - alpha * wi.astype(np.float64)
+        worst = np.where(err > 0, 128, -128) * err  # codes that add every rounding up
+        assert worst.sum() <= slack
+        c = rng.integers(-128, 128, (100, w.size))
+        assert np.all(np.abs(c @ w - alpha * (c @ wi.astype(np.float64))) <= slack)
+    wi, alpha, slack = quantize_query(np.zeros(4))
+    assert alpha == 0.0 and slack == 0.0 and not wi.any()
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_screen_numpy_kernels_and_no_kept_terms(new_store, rng, monkeypatch, metric):
+    """Without simsimd (the NumPy int8 tiles) and without the kept row terms (a cap too small to
+    keep them): the same exact answers."""
+    from embtools.kernels import int8 as K
+    from embtools.search import int8screen as S
+
+    n, d = 2500, 40
+    x = _corpus(rng, n, d)
+    store = new_store("disk", max_memory_gb=0.2)
+    store.add_embeddings(x, dimension=d)
+    store.quantize(d, kinds=["int8"], sample_rows=400)
+    q = np.concatenate([x[[3, 12, 13]], rng.standard_normal((20, d)).astype(np.float32)])
+    monkeypatch.setattr(K, "_simsimd", lambda: None)
+    _check_exact(store, x, q, 10, metric)
+    monkeypatch.setattr(S, "TERMS_CAP_FRACTION", 10**12)
+    S._TERMS.clear()
+    _check_exact(store, x, q, 10, metric)
+    assert not S._TERMS

@@ -165,9 +165,12 @@ def has_end_codes(codes: np.ndarray) -> np.ndarray:
         if c.dtype != np.uint8:
             raise TypeError(f"int8 codes must be int8 or uint8 bytes, not {c.dtype}")
         c = c.view(np.int8)
-    if c.shape[0] == 0:
-        return np.zeros(0, dtype=bool)
-    return np.asarray(((c == -128) | (c == 127)).any(axis=1))
+    out = np.zeros(c.shape[0], dtype=bool)
+    step = max(1, ENCODE_ROWS * 16 // max(1, c.shape[1]))  # bool temporaries of about 256 KiB
+    for s in range(0, c.shape[0], step):
+        block = c[s : s + step]
+        out[s : s + step] = (block.min(axis=1) == -128) | (block.max(axis=1) == 127)
+    return out
 
 
 def pack_signs(x: np.ndarray) -> np.ndarray:

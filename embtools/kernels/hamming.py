@@ -327,8 +327,9 @@ def threaded_hamming_top_k(queries: np.ndarray, codes: np.ndarray, k: int, *,
                            threads: int | None = None, use_faiss: bool = True
                            ) -> tuple[np.ndarray, np.ndarray]:
     """:func:`hamming_top_k` (the same distances and indices, ties to the lower index, as FAISS
-    ``IndexBinaryFlat``) with the rows split over ``threads`` threads (default ``THREADS``;
-    parts of at least ``MIN_THREAD_ROWS`` rows). Each part runs FAISS ``knn_hamming`` where FAISS
+    ``IndexBinaryFlat``) with the rows split over ``threads`` threads (default ``THREADS``, or
+    one for a batch of queries FAISS spreads over its own threads; parts of at least
+    ``MIN_THREAD_ROWS`` rows). Each part runs FAISS ``knn_hamming`` where FAISS
     is installed and ``use_faiss`` (codes of whole 64-bit words), else :func:`hamming_top_k`
     (the parts share its ``TILE_BYTES`` of temporaries).
 
@@ -346,6 +347,8 @@ def threaded_hamming_top_k(queries: np.ndarray, codes: np.ndarray, k: int, *,
     if k <= 0:
         return np.zeros((q.shape[0], 0), np.int32), np.zeros((q.shape[0], 0), np.int64)
     parts = max(1, min(threads or THREADS, n // MIN_THREAD_ROWS))
+    if threads is None and use_faiss and q.shape[0] > 1 and _faiss() is not None:
+        parts = 1  # FAISS spreads a batch's queries over its own threads
     if parts == 1:
         return _part_top_k(q, c, k, use_faiss, TILE_BYTES)
     edges = np.linspace(0, n, parts + 1).astype(np.int64)

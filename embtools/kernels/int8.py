@@ -9,7 +9,13 @@ query ``q``:
   one product of the codes with a query-dependent vector;
 - ``| |x| - |x^| | <= |r|`` (cosine, l2), with ``|x^|^2`` from two more products of the codes;
 
-and the float32 rounding of those products is bounded too. :func:`int8_score_bounds` returns
+The product with the query runs on integers: ``q b`` is rounded to an int8 vector ``alpha w``
+(:func:`quantize_query`, whose rounding error times the largest code is added to the bound) and
+:func:`int8_dot` returns the exact integer products ``w . c`` of every row, with simsimd's SIMD
+int8 kernel (threads over the rows) where it is installed and NumPy float32 tiles otherwise
+(exact: every partial sum is an integer below 2**24). The norms ``|x^|^2``
+(:func:`int8_center_norms2`) do not depend on the query, so a search may compute them once and
+keep them. :func:`int8_score_bounds` returns
 ``(lower, upper)`` of every row's exact score, larger is better (l2: the negated squared
 distance). Rows with an end code (a value that may have been clipped by the sampled ranges,
 which bounds nothing) get ``(-inf, inf)``. Codes may be given as int8 or as the raw uint8 bytes
@@ -32,22 +38,47 @@ True
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from embtools.kernels.codes import has_end_codes, int8_radius, int8_steps
 
-__all__ = ["Int8Bounds", "int8_score_bounds"]
+__all__ = [
+    "Int8Bounds",
+    "int8_center_norms2",
+    "int8_dot",
+    "int8_row_terms",
+    "int8_score_bounds",
+    "quantize_query",
+]
 
 _EPS = float(np.finfo(np.float32).eps)
+_EPS64 = float(np.finfo(np.float64).eps)
 _METRICS = ("cosine", "dot", "l2")
+#: threads of simsimd's int8 kernel (it splits the rows)
+THREADS = max(1, min(8, os.cpu_count() or 1))
+#: bytes of the float32 tile of the NumPy kernels
+TILE_BYTES = 2 * 1024**2
+
+
+def _simsimd() -> Any:
+    """The ``simsimd`` module (SIMD int8 kernels: AVX-512 VNNI, NEON) where installed, else None."""
+    try:
+        import simsimd
+    except ImportError:
+        return None
+    return simsimd
+
 
 
 @dataclass(frozen=True)
 class Int8Bounds:
-    """What the bounds of one query need from the ranges: per dimension the step ``b``, the
-    centre offset ``a`` and the radius ``r`` (float64), made once per search.
+    """What the bounds need from the ranges, made once per search: per dimension the step ``b``,
+    the centre offset ``a`` and the radius ``r`` (float64); ``rho = |r|``, and ``e2``, the
+    largest float32 rounding error of :func:`int8_center_norms2`.
 
     Examples
     --------
@@ -59,12 +90,19 @@ class Int8Bounds:
     step: np.ndarray
     offset: np.ndarray
     radius: np.ndarray
+    rho: float
+    e2: float
 
     @classmethod
     def of(cls, ranges: np.ndarray) -> Int8Bounds:
         starts, steps = int8_steps(ranges)
         b = steps.astype(np.float64)
-        return cls(b, starts.astype(np.float64) + 128.5 * b, int8_radius(ranges))
+        a = starts.astype(np.float64) + 128.5 * b
+        r = int8_radius(ranges)
+        dim = b.shape[0]
+        e2 = (dim + 8) * _EPS * (float(a @ a) + 256.0 * float(np.abs(a * b).sum())
+                                 + 16384.0 * float(b @ b)) * 1.01
+        return cls(b, a, r, float(np.sqrt(r @ r)), e2)
 
 
 def _as_int8(codes: np.ndarray) -> np.ndarray:
@@ -76,20 +114,136 @@ def _as_int8(codes: np.ndarray) -> np.ndarray:
     return c
 
 
+def quantize_query(w: np.ndarray) -> tuple[np.ndarray, float, float]:
+    """``(wi, alpha, slack)``: an int8 vector with ``w ~ alpha * wi`` and a bound ``slack`` on
+    ``|w . c - alpha (wi . c)|`` for every int8 code vector ``c`` (``128 sum |w - alpha wi|``).
+
+    Examples
+    --------
+    >>> wi, alpha, slack = quantize_query(np.array([1.0, -0.5, 0.25]))
+    >>> wi.tolist(), round(alpha * 127, 6), slack < 128 * 3 * alpha / 2
+    ([127, -64, 32], 1.0, True)
+    """
+    w = np.asarray(w, dtype=np.float64)
+    top = float(np.abs(w).max()) if w.size else 0.0
+    if top == 0.0 or not np.isfinite(top):
+        return np.zeros(w.shape, np.int8), 0.0, (0.0 if top == 0.0 else np.inf)
+    alpha = top / 127.0
+    wi = np.clip(np.rint(w / alpha), -127, 127)
+    absw = float(np.abs(w).sum())
+    # the rounding, and a margin for float64 rounding of the products (relative 1e-12)
+    slack = 128.0 * (float(np.abs(w - alpha * wi).sum()) * (1 + 1e-9) + 1e-12 * absw)
+    return wi.astype(np.int8), alpha, slack
+
+
+def _tile_rows(dim: int) -> int:
+    return max(1, TILE_BYTES // (4 * max(1, dim)))
+
+
+def int8_dot(codes: np.ndarray, w: np.ndarray, *, use_simsimd: bool = True) -> np.ndarray:
+    """Exact integer products ``codes @ w`` (float64 ``(n,)``) of int8 codes ``(n, d)`` (or their
+    uint8 bytes) with an int8 vector ``w``: simsimd's int8 kernel (rows split over ``THREADS``)
+    where it is installed and ``use_simsimd``, else NumPy float32 tiles (exact for
+    ``d * 128 * 127 < 2**24``, float64 tiles beyond).
+
+    Examples
+    --------
+    >>> c = np.array([[1, -2, 3], [127, -128, 0]], np.int8)
+    >>> int8_dot(c, np.array([2, 1, -1], np.int8)).tolist()
+    [-3.0, 126.0]
+    >>> int8_dot(c, np.array([2, 1, -1], np.int8), use_simsimd=False).tolist()
+    [-3.0, 126.0]
+    """
+    c8 = _as_int8(codes)
+    wi = np.ascontiguousarray(np.asarray(w), dtype=np.int8)
+    n, dim = c8.shape
+    if wi.shape != (dim,):
+        raise ValueError(f"codes {c8.shape} and weights {wi.shape} do not match")
+    simsimd = _simsimd() if use_simsimd and n and dim else None
+    if simsimd is not None and c8.flags.c_contiguous:
+        out = simsimd.cdist(wi[None, :], c8, metric="dot", dtype="int8", threads=THREADS)
+        return np.asarray(out, dtype=np.float64).reshape(n)
+    exact32 = dim * 128 * 127 < 2**24
+    ftype = np.float32 if exact32 else np.float64
+    wf = wi.astype(ftype)
+    out64 = np.empty(n, np.float64)
+    step = _tile_rows(dim)
+    buf = np.empty((min(n, step), dim), ftype)
+    for s in range(0, n, step):
+        cf = buf[: min(n, s + step) - s]
+        np.copyto(cf, c8[s : s + step], casting="unsafe")
+        out64[s : s + step] = cf @ wf
+    return out64
+
+
+def int8_center_norms2(codes: np.ndarray, bounds: Int8Bounds) -> np.ndarray:
+    """``|x^|^2`` (float64 ``(n,)``) of the bucket centres of int8 codes (or their uint8 bytes),
+    within ``bounds.e2`` (float32 tiles): ``|a|^2 + 2 (a b) . c + (b^2) . c^2``. They do not
+    depend on the query (a search over many queries may keep them).
+
+    Examples
+    --------
+    >>> from embtools.kernels.codes import decode_int8
+    >>> r = np.array([[-1.0, -1.0], [1.0, 1.0]], np.float32)
+    >>> c = np.array([[10, -20], [0, 5]], np.int8)
+    >>> n2 = int8_center_norms2(c, Int8Bounds.of(r))
+    >>> bool(np.allclose(n2, (decode_int8(c, r).astype(np.float64) ** 2).sum(axis=1)))
+    True
+    """
+    c8 = _as_int8(codes)
+    n, dim = c8.shape
+    b, a = bounds.step, bounds.offset
+    ab = (a * b).astype(np.float32)
+    bb = (b * b).astype(np.float32)
+    aa = float(a @ a)
+    out = np.empty(n, np.float64)
+    step = _tile_rows(dim)
+    buf = np.empty((min(n, step), dim), np.float32)
+    for s in range(0, n, step):
+        cf = buf[: min(n, s + step) - s]
+        np.copyto(cf, c8[s : s + step], casting="unsafe")
+        cross = (cf @ ab).astype(np.float64)
+        np.square(cf, out=cf)
+        out[s : s + step] = aa + 2.0 * cross + (cf @ bb).astype(np.float64)
+    return out
+
+
+def int8_row_terms(codes: np.ndarray, bounds: Int8Bounds) -> np.ndarray:
+    """What the bounds need of each row whatever the query: :func:`int8_center_norms2`, NaN for
+    the rows holding an end code (float64 ``(n,)``; a search may keep them, 8 bytes a row).
+
+    Examples
+    --------
+    >>> r = np.array([[-1.0, -1.0], [1.0, 1.0]], np.float32)
+    >>> t = int8_row_terms(np.array([[0, 0], [127, 0], [-128, 3]], np.int8), Int8Bounds.of(r))
+    >>> np.isnan(t).tolist()
+    [False, True, True]
+    """
+    c8 = _as_int8(codes)
+    terms = int8_center_norms2(c8, bounds)
+    terms[has_end_codes(c8)] = np.nan
+    return terms
+
+
 def int8_score_bounds(
     query: np.ndarray,
     codes: np.ndarray,
     ranges: np.ndarray | Int8Bounds,
     metric: str,
-    buf: np.ndarray | None = None,
+    terms: np.ndarray | None = None,
+    *,
+    use_simsimd: bool = True,
+    exact: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(lower, upper)`` float64 bounds of the exact scores of one query against int8 codes.
 
     ``query``: 1-D, float64 (for cosine, normalised by the caller; a zero query scores 0);
     ``codes``: ``(n, d)`` int8 or uint8 bytes; ``ranges``: the ``(2, d)`` ranges the codes were
     made with (or their :class:`Int8Bounds`); ``metric``: ``cosine``, ``dot`` or ``l2`` (larger
-    is better: l2 bounds the negated squared distance); ``buf``: an optional float32 ``(>= n, d)``
-    workspace. Rows holding an end code get ``(-inf, inf)``.
+    is better: l2 bounds the negated squared distance); ``terms``: the rows'
+    :func:`int8_row_terms` where the caller keeps them (else computed here as needed); ``exact``:
+    the product with the query in float64 (no int8 rounding of the query: tighter bounds, for
+    a second look at a few rows). Rows holding an end code get ``(-inf, inf)``.
 
     Examples
     --------
@@ -106,34 +260,29 @@ def int8_score_bounds(
     dim = q.shape[0]
     if c8.ndim != 2 or c8.shape[1] != dim:
         raise ValueError(f"codes {c8.shape} do not match a query of dimension {dim}")
-    n = c8.shape[0]
-    if buf is None or buf.shape[0] < n or buf.shape[1] != dim:
-        buf = np.empty((n, dim), np.float32)
-    cf = buf[:n]
-    np.copyto(cf, c8, casting="unsafe")
     b, a, r = bd.step, bd.offset, bd.radius
-    w = (q * b).astype(np.float32)
     const = float(q @ a)
-    dots = (cf @ w).astype(np.float64) + const
-    # float32 rounding of the product: d + 8 roundings of partial sums of terms <= 128 |w_j|
-    e1 = (dim + 8) * _EPS * (128.0 * float(np.abs(q * b).sum()) * 1.01 + abs(const))
+    if exact:
+        dots = c8.astype(np.float64) @ (q * b) + const
+        e1 = 8 * (dim + 8) * _EPS64 * (128.0 * float(np.abs(q * b).sum()) + float(np.abs(q * a).sum()))
+    else:
+        wi, alpha, slack = quantize_query(q * b)
+        dots = int8_dot(c8, wi, use_simsimd=use_simsimd)
+        dots *= alpha
+        dots += const
+        # q . x^ within e1 of dots: the query's int8 rounding, and float64 rounding (tiny)
+        e1 = slack + 8 * (dim + 8) * _EPS64 * (alpha * 128.0 * 127.0 * dim + float(np.abs(q * a).sum()))
     big = np.inf
+    rad = float(np.abs(q) @ r) + e1
     if metric == "dot":
-        rad = float(np.abs(q) @ r) + e1
         lo, hi = dots - rad, dots + rad
     else:
-        cross = (cf @ (a * b).astype(np.float32)).astype(np.float64)
-        np.square(cf, out=cf)
-        sq = (cf @ (b * b).astype(np.float32)).astype(np.float64)
-        aa = float(a @ a)
-        norms2 = aa + 2.0 * cross + sq
-        e2 = (dim + 8) * _EPS * (aa + 256.0 * float(np.abs(a * b).sum()) + 16384.0 * float(b @ b)) * 1.01
-        rho = float(np.sqrt(r @ r))
+        n2 = int8_center_norms2(c8, bd) if terms is None else np.asarray(terms, np.float64)
+        e2, rho = bd.e2, bd.rho
         if metric == "cosine":
-            rad = float(np.abs(q) @ r) + e1
             num_lo, num_hi = dots - rad, dots + rad
-            m_lo = np.sqrt(np.maximum(norms2 - e2, 0.0)) - rho
-            m_hi = np.sqrt(norms2 + e2) + rho
+            m_lo = np.sqrt(np.maximum(n2 - e2, 0.0)) - rho
+            m_hi = np.sqrt(n2 + e2) + rho
             ok = m_lo > 0
             safe_lo = np.where(ok, m_lo, 1.0)
             hi = np.where(num_hi > 0, num_hi / safe_lo, num_hi / m_hi)
@@ -142,12 +291,12 @@ def int8_score_bounds(
             lo = np.where(ok, np.maximum(lo, -1.0), -big)
         else:  # l2: |q - x| within rho of |q - x^|
             qq = float(q @ q)
-            v = qq + norms2 - 2.0 * dots
+            v = qq + n2 - 2.0 * dots
             e3 = e2 + 2.0 * e1 + 4 * _EPS * qq
             d_lo = np.maximum(np.sqrt(np.maximum(v - e3, 0.0)) - rho, 0.0)
             d_hi = np.sqrt(np.maximum(v + e3, 0.0)) + rho
             lo, hi = -(d_hi * d_hi) * (1 + 4 * _EPS), -(d_lo * d_lo) * (1 - 4 * _EPS)
-    end = has_end_codes(c8)
+    end = has_end_codes(c8) if terms is None else np.isnan(terms)
     if end.any():
         lo = np.where(end, -big, lo)
         hi = np.where(end, big, hi)

@@ -3,19 +3,24 @@
 Every value ``x_j`` of a row whose codes avoid the two end codes lies within ``r_j``
 (:func:`embtools.kernels.codes.int8_radius`) of its bucket centre ``x^_j``, so its score has a
 bounded error: ``|q . x - q . x^| <= sum_j |q_j| r_j`` and ``| |x| - |x^| | <= |r|``. The screen
-computes each row's score interval from the codes (``d`` bytes a row instead of ``4 d``; float32
-rounding of that computation is bounded too), takes the k-th largest lower bound ``T`` and keeps
+computes each row's score interval from the codes (``d`` bytes a row instead of ``4 d``; the
+kernels are in :mod:`embtools.kernels.int8`: integer products with the int8-rounded query, whose
+rounding is bounded too), takes the k-th largest lower bound ``T`` and keeps
 only the rows whose upper bound reaches ``T`` (every row with an end code, whose value may have
 been clipped, is kept). At least k rows truly score ``>= T``, so every row of the exact top k is
 kept; the float64 re-rank of the kept rows (:func:`embtools.search.refine.rerank`) is therefore
 the exact answer: the same rows as the float32 / float64 search. When more rows survive than
 ``MAX_CANDIDATES`` allows (queries that the codes cannot separate) the query returns None and the
-planner's float32 stream answers it.
+planner's float32 stream answers it. Before the re-rank, the kept rows get a second look: their
+bounds with the float64 query (no int8 rounding), which usually drops more of them.
+
+The query-independent part of the bounds (:func:`embtools.kernels.int8.int8_row_terms`: the
+centres' norms, and which rows hold an end code) is computed once per immutable source and kept
+with it (8 bytes a row) when that fits in ``1 / TERMS_CAP_FRACTION`` of the room under the cap.
 
 ``store.search(Q, k, screen="int8")`` asks for it (the store must hold int8 codes of the search
-dimension, ``store.quantize``). The planner does not choose it by itself: in NumPy on the
-development machine, converting the codes to float32 costs more than the float32 product reads
-(see the README's quantized figures).
+dimension, ``store.quantize``). The planner does not choose it by itself: how many rows it must
+read as floats depends on how the scores crowd around the k-th best (see the README's figures).
 
 Examples
 --------
@@ -30,18 +35,28 @@ True
 
 from __future__ import annotations
 
+import threading
+import weakref
+from typing import Any
+
 import numpy as np
 
-from embtools.kernels.int8 import Int8Bounds, int8_score_bounds
-from embtools.search.quantized import DECODE_BYTES, CodeSizes, quantized_spec
+from embtools.kernels.int8 import Int8Bounds, int8_row_terms, int8_score_bounds
+from embtools.search.quantized import MAX_BATCH_ROWS, CodeSizes, quantized_spec
 from embtools.search.refine import rerank
 from embtools.search.request import SearchContext, SearchRequest, TopK
-from embtools.storage.quantized import iter_codes
+from embtools.storage.quantized import gather_codes, iter_codes
 
 __all__ = ["MAX_CANDIDATES", "certified_int8_top_k", "int8_screen_bytes"]
 
 #: most rows kept per query (beyond it the query goes to the float32 stream)
 MAX_CANDIDATES = 20_000
+#: rows bounded per kernel call (its float64 temporaries: about 64 bytes a row)
+SCREEN_ROWS = 32768
+#: the kept row terms of an immutable source take at most this share of the room under the cap
+TERMS_CAP_FRACTION = 16
+_TERMS: weakref.WeakKeyDictionary[Any, dict[int, np.ndarray]] = weakref.WeakKeyDictionary()
+_TERMS_LOCK = threading.Lock()
 
 
 def int8_screen_bytes(dim: int) -> int:
@@ -49,12 +64,35 @@ def int8_screen_bytes(dim: int) -> int:
     return MAX_CANDIDATES * (16 + dim * 12)
 
 
+def _row_terms(ctx: SearchContext, dim: int, bounds: Int8Bounds) -> np.ndarray | None:
+    """The :func:`~embtools.kernels.int8.int8_row_terms` of every row of an immutable source,
+    computed once and kept with it (8 bytes a row), or None (a source that changes, or terms
+    that would take more than ``1 / TERMS_CAP_FRACTION`` of the room left under the cap)."""
+    source = ctx.source
+    if not getattr(source, "frozen", False):
+        return None
+    with _TERMS_LOCK:
+        kept = _TERMS.get(source, {}).get(dim)
+    if kept is not None:
+        return kept
+    avail = ctx.budget.available_bytes
+    if avail is not None and source.num_rows * 8 * TERMS_CAP_FRACTION > avail:
+        return None
+    terms = np.empty(source.num_rows, np.float64)
+    for pos, codes in iter_codes(source, dim, "int8", None, MAX_BATCH_ROWS):
+        terms[pos[0] : pos[-1] + 1] = int8_row_terms(codes, bounds)
+    terms.setflags(write=False)
+    with _TERMS_LOCK:
+        _TERMS.setdefault(source, {})[dim] = terms
+    return terms
+
+
 def certified_int8_top_k(req: SearchRequest, ctx: SearchContext, sizes: CodeSizes
                          ) -> tuple[TopK, np.ndarray]:
     """The exact top-k of each query (float64 re-rank of the rows the codes cannot rule out), and
     per query whether it was certified (False: the caller searches it another way)."""
     spec = quantized_spec(ctx.source, req.dim, "int8")
-    ranges = Int8Bounds.of(spec.ranges)
+    bounds = Int8Bounds.of(spec.ranges)
     kk = req.kk
     queries = req.queries[:, : req.dim].astype(np.float64)
     if req.metric == "cosine":
@@ -63,12 +101,13 @@ def certified_int8_top_k(req: SearchRequest, ctx: SearchContext, sizes: CodeSize
     out_s = np.zeros((req.nq, kk), np.float32)
     out_p = np.zeros((req.nq, kk), np.int64)
     ok = np.zeros(req.nq, bool)
-    step = max(1, DECODE_BYTES // (4 * req.dim))
-    buf = np.empty((step, req.dim), np.float32)
-    with ctx.budget.holding(f"int8-screen/{id(out_p)}", sizes.nbytes + int8_screen_bytes(req.dim),
-                            "the certified int8 screen", "raise max_memory_gb"):
+    step = max(1, min(sizes.rows, SCREEN_ROWS))
+    held = sizes.nbytes + int8_screen_bytes(req.dim)
+    with ctx.budget.holding(f"int8-screen/{id(out_p)}", held, "the certified int8 screen",
+                            "raise max_memory_gb"):
+        terms = _row_terms(ctx, req.dim, bounds)
         for qi in range(req.nq):
-            kept = _screen_one(req, ctx, queries[qi], ranges, kk, sizes.rows, step, buf)
+            kept = _screen_one(req, ctx, queries[qi], bounds, kk, sizes.rows, step, terms)
             if kept is None:
                 continue
             top = rerank(req.subset(slice(qi, qi + 1)), ctx, kept[None, :], kk)
@@ -77,8 +116,8 @@ def certified_int8_top_k(req: SearchRequest, ctx: SearchContext, sizes: CodeSize
     return TopK(out_s, out_p), ok
 
 
-def _screen_one(req: SearchRequest, ctx: SearchContext, q: np.ndarray, ranges: Int8Bounds, kk: int,
-                rows: int, step: int, buf: np.ndarray) -> np.ndarray | None:
+def _screen_one(req: SearchRequest, ctx: SearchContext, q: np.ndarray, bounds: Int8Bounds, kk: int,
+                rows: int, step: int, terms: np.ndarray | None) -> np.ndarray | None:
     """Positions of the rows one query keeps (ascending), or None past MAX_CANDIDATES."""
     best_lo = np.full(0, -np.inf)
     kth = -np.inf
@@ -87,7 +126,11 @@ def _screen_one(req: SearchRequest, ctx: SearchContext, q: np.ndarray, ranges: I
     count = 0
     for pos, codes in iter_codes(ctx.source, req.dim, "int8", req.positions, rows):
         for s in range(0, len(pos), step):
-            lo, hi = int8_score_bounds(q, codes[s : s + step], ranges, req.metric, buf)
+            p = pos[s : s + step]
+            t = None
+            if terms is not None:
+                t = terms[p[0] : p[-1] + 1] if p[-1] - p[0] + 1 == len(p) else terms[p]
+            lo, hi = int8_score_bounds(q, codes[s : s + step], bounds, req.metric, t)
             both = np.concatenate([best_lo, lo])
             if both.size > kk:
                 best_lo = np.partition(both, both.size - kk)[both.size - kk :]
@@ -97,7 +140,7 @@ def _screen_one(req: SearchRequest, ctx: SearchContext, q: np.ndarray, ranges: I
                 kth = float(best_lo.min())
             keep = np.flatnonzero(hi >= kth)
             count += keep.size
-            kept_pos.append(pos[s : s + step][keep])
+            kept_pos.append(p[keep])
             kept_hi.append(hi[keep])
             if count > 4 * MAX_CANDIDATES:  # the final threshold would have to prune a lot
                 pos_all, hi_all = np.concatenate(kept_pos), np.concatenate(kept_hi)
@@ -107,7 +150,12 @@ def _screen_one(req: SearchRequest, ctx: SearchContext, q: np.ndarray, ranges: I
                     return None
     pos_all = np.concatenate(kept_pos) if kept_pos else np.zeros(0, np.int64)
     hi_all = np.concatenate(kept_hi) if kept_hi else np.zeros(0)
-    final = pos_all[hi_all >= kth]
+    final = np.sort(pos_all[hi_all >= kth])
     if final.size > MAX_CANDIDATES or final.size < kk:
         return None
-    return np.sort(final)
+    # a second look at the kept rows: their bounds without the query's int8 rounding
+    codes = gather_codes(ctx.source, req.dim, "int8", final)
+    lo, hi = int8_score_bounds(q, codes, bounds, req.metric, None if terms is None else terms[final],
+                               exact=True)
+    kth = float(np.partition(lo, lo.size - kk)[lo.size - kk])
+    return final[hi >= kth]
