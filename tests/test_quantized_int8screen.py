@@ -11,7 +11,7 @@ import pytest
 
 import embtools as et
 from embtools.kernels.codes import encode_int8, has_end_codes, int8_ranges
-from embtools.kernels.int8 import Int8Bounds, int8_score_bounds
+from embtools.kernels.int8 import Int8Bounds, int8_inverse_norms, int8_row_terms, int8_score_bounds
 from tests.helpers import brute_force, check_top_k
 
 METRICS = ["cosine", "dot", "l2"]
@@ -51,9 +51,16 @@ def test_bounds_contain_exact_scores(rng, metric):
             q = x[12].astype(np.float64)  # the query of the failing seed: a far row itself
         if metric == "cosine":
             q = q / np.linalg.norm(q)
-        lo, hi = int8_score_bounds(q, codes, ranges if trial % 2 else Int8Bounds.of(ranges), metric)
+        bd = Int8Bounds.of(ranges)
+        terms = int8_row_terms(codes, bd)
         exact = _expected_scores(x, q, metric)
-        assert np.all(lo <= exact) and np.all(exact <= hi), (trial, np.flatnonzero((lo > exact) | (exact > hi)))
+        for lo, hi in (int8_score_bounds(q, codes, ranges if trial % 2 else bd, metric),
+                       int8_score_bounds(q, codes, bd, metric, terms),  # kept row terms
+                       int8_score_bounds(q, codes, bd, metric, terms,
+                                         inverse_norms=int8_inverse_norms(terms, bd)),
+                       int8_score_bounds(q, codes, bd, metric, use_simsimd=False)):
+            bad = (lo > exact) | (exact > hi) | np.isnan(lo) | np.isnan(hi)
+            assert not bad.any(), (trial, np.flatnonzero(bad))
         end = has_end_codes(codes)
         assert end[13] and np.all(np.isinf(hi[end]))
         if metric != "cosine":  # cosine leaves rows near zero unbounded too

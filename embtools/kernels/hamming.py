@@ -159,12 +159,26 @@ def merge_smallest(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per row, the ``k`` smallest of ``values`` (ties to the lower index), sorted.
 
+    Small non-negative integers (Hamming distances) with indices below 2**31 are merged as one
+    int64 key per entry (value, then index): a partition and a sort of ``k`` keys per row, several
+    times faster than the general lexicographic sort.
+
     Examples
     --------
     >>> v, i = merge_smallest(np.array([[3, 1, 1]]), np.array([[0, 9, 4]]), 2)
     >>> v.tolist(), i.tolist()
     ([[1, 1]], [[4, 9]])
     """
+    k = min(int(k), values.shape[1])
+    if (values.dtype.kind in "iu" and indices.dtype.kind in "iu" and values.size
+            and int(values.min()) >= 0 and int(values.max()) < 2**31
+            and int(indices.min()) >= 0 and int(indices.max()) < 2**31):
+        keys = (values.astype(np.int64) << 32) | indices.astype(np.int64)
+        if 0 < k < keys.shape[1]:
+            keys = np.partition(keys, k - 1, axis=1)[:, :k]
+        keys = np.sort(keys, axis=1)[:, :k]
+        return ((keys >> 32).astype(values.dtype, copy=False),
+                (keys & 0xFFFFFFFF).astype(indices.dtype, copy=False))
     order = np.lexsort((indices, values), axis=-1)[:, :k]
     return np.take_along_axis(values, order, axis=1), np.take_along_axis(indices, order, axis=1)
 
@@ -312,6 +326,16 @@ def _pool() -> ThreadPoolExecutor:
         if _POOL is None:
             _POOL = ThreadPoolExecutor(max_workers=THREADS, thread_name_prefix="embtools-hamming")
         return _POOL
+
+
+def _forget_pool() -> None:
+    """In a forked child: the parent's worker threads do not exist there; start a new pool."""
+    global _POOL, _POOL_LOCK
+    _POOL, _POOL_LOCK = None, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):  # POSIX
+    os.register_at_fork(after_in_child=_forget_pool)
 
 
 def _part_top_k(q: np.ndarray, c: np.ndarray, k: int, use_faiss: bool, tile_bytes: int

@@ -50,6 +50,7 @@ __all__ = [
     "Int8Bounds",
     "int8_center_norms2",
     "int8_dot",
+    "int8_inverse_norms",
     "int8_row_terms",
     "int8_score_bounds",
     "quantize_query",
@@ -225,6 +226,31 @@ def int8_row_terms(codes: np.ndarray, bounds: Int8Bounds) -> np.ndarray:
     return terms
 
 
+def int8_inverse_norms(terms: np.ndarray, bounds: Int8Bounds) -> tuple[np.ndarray, np.ndarray]:
+    """``(inv_lo, inv_hi)``: float64 bounds of ``1 / |x|`` of each row from its
+    :func:`int8_row_terms` (for cosine; query-independent, so a search may keep them too). Rows
+    that bound nothing (an end code, or a norm that may be zero) get NaN in both.
+
+    Examples
+    --------
+    >>> r = np.array([[-1.0, -1.0], [1.0, 1.0]], np.float32)
+    >>> bd = Int8Bounds.of(r)
+    >>> lo, hi = int8_inverse_norms(int8_row_terms(np.array([[100, -100], [127, 0]], np.int8), bd), bd)
+    >>> bool(lo[0] < 1 / np.hypot(0.79, 0.78) < hi[0]), bool(np.isnan(lo[1]))
+    (True, True)
+    """
+    n2 = np.asarray(terms, np.float64)
+    with np.errstate(invalid="ignore"):
+        m_lo = np.sqrt(np.maximum(n2 - bounds.e2, 0.0)) - bounds.rho
+        m_hi = np.sqrt(n2 + bounds.e2) + bounds.rho
+        bad = ~(m_lo > 0)  # NaN terms (end codes) too
+        inv_lo = (1.0 - 4 * _EPS64) / m_hi
+        inv_hi = (1.0 + 4 * _EPS64) / np.where(bad, 1.0, m_lo)
+    inv_lo[bad] = np.nan
+    inv_hi[bad] = np.nan
+    return inv_lo, inv_hi
+
+
 def int8_score_bounds(
     query: np.ndarray,
     codes: np.ndarray,
@@ -233,7 +259,7 @@ def int8_score_bounds(
     terms: np.ndarray | None = None,
     *,
     use_simsimd: bool = True,
-    exact: bool = False,
+    inverse_norms: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(lower, upper)`` float64 bounds of the exact scores of one query against int8 codes.
 
@@ -241,9 +267,10 @@ def int8_score_bounds(
     ``codes``: ``(n, d)`` int8 or uint8 bytes; ``ranges``: the ``(2, d)`` ranges the codes were
     made with (or their :class:`Int8Bounds`); ``metric``: ``cosine``, ``dot`` or ``l2`` (larger
     is better: l2 bounds the negated squared distance); ``terms``: the rows'
-    :func:`int8_row_terms` where the caller keeps them (else computed here as needed); ``exact``:
-    the product with the query in float64 (no int8 rounding of the query: tighter bounds, for
-    a second look at a few rows). Rows holding an end code get ``(-inf, inf)``.
+    :func:`int8_row_terms` where the caller keeps them (else computed here as needed);
+    ``inverse_norms``: for cosine, the rows'
+    :func:`int8_inverse_norms` where the caller keeps them (fewer operations a row). Rows holding
+    an end code get ``(-inf, inf)``.
 
     Examples
     --------
@@ -262,20 +289,26 @@ def int8_score_bounds(
         raise ValueError(f"codes {c8.shape} do not match a query of dimension {dim}")
     b, a, r = bd.step, bd.offset, bd.radius
     const = float(q @ a)
-    if exact:
-        dots = c8.astype(np.float64) @ (q * b) + const
-        e1 = 8 * (dim + 8) * _EPS64 * (128.0 * float(np.abs(q * b).sum()) + float(np.abs(q * a).sum()))
-    else:
-        wi, alpha, slack = quantize_query(q * b)
-        dots = int8_dot(c8, wi, use_simsimd=use_simsimd)
-        dots *= alpha
-        dots += const
-        # q . x^ within e1 of dots: the query's int8 rounding, and float64 rounding (tiny)
-        e1 = slack + 8 * (dim + 8) * _EPS64 * (alpha * 128.0 * 127.0 * dim + float(np.abs(q * a).sum()))
+    wi, alpha, slack = quantize_query(q * b)
+    dots = int8_dot(c8, wi, use_simsimd=use_simsimd)
+    dots *= alpha
+    dots += const
+    # q . x^ within e1 of dots: the query's int8 rounding, and float64 rounding (tiny)
+    e1 = slack + 8 * (dim + 8) * _EPS64 * (alpha * 128.0 * 127.0 * dim + float(np.abs(q * a).sum()))
     big = np.inf
     rad = float(np.abs(q) @ r) + e1
     if metric == "dot":
         lo, hi = dots - rad, dots + rad
+    elif metric == "cosine" and inverse_norms is not None:
+        inv_lo, inv_hi = inverse_norms
+        num_lo, num_hi = dots - rad, dots + rad
+        # q . x / |x| with q . x in [num_lo, num_hi] and 1 / |x| in [inv_lo, inv_hi]
+        hi = np.maximum(num_hi * inv_hi, num_hi * inv_lo)
+        lo = np.minimum(num_lo * inv_hi, num_lo * inv_lo)
+        np.minimum(hi, 1.0, out=hi)
+        np.maximum(lo, -1.0, out=lo)
+        return (np.nan_to_num(lo, copy=False, nan=-big, posinf=big, neginf=-big),
+                np.nan_to_num(hi, copy=False, nan=big, posinf=big, neginf=-big))
     else:
         n2 = int8_center_norms2(c8, bd) if terms is None else np.asarray(terms, np.float64)
         e2, rho = bd.e2, bd.rho

@@ -11,12 +11,12 @@ been clipped, is kept). At least k rows truly score ``>= T``, so every row of th
 kept; the float64 re-rank of the kept rows (:func:`embtools.search.refine.rerank`) is therefore
 the exact answer: the same rows as the float32 / float64 search. When more rows survive than
 ``MAX_CANDIDATES`` allows (queries that the codes cannot separate) the query returns None and the
-planner's float32 stream answers it. Before the re-rank, the kept rows get a second look: their
-bounds with the float64 query (no int8 rounding), which usually drops more of them.
+planner's float32 stream answers it.
 
 The query-independent part of the bounds (:func:`embtools.kernels.int8.int8_row_terms`: the
 centres' norms, and which rows hold an end code) is computed once per immutable source and kept
-with it (8 bytes a row) when that fits in ``1 / TERMS_CAP_FRACTION`` of the room under the cap.
+with it (24 bytes a row, :class:`RowTerms`) when that fits in ``1 / TERMS_CAP_FRACTION`` of the
+room under the cap.
 
 ``store.search(Q, k, screen="int8")`` asks for it (the store must hold int8 codes of the search
 dimension, ``store.quantize``). The planner does not choose it by itself: how many rows it must
@@ -37,15 +37,16 @@ from __future__ import annotations
 
 import threading
 import weakref
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from embtools.kernels.int8 import Int8Bounds, int8_row_terms, int8_score_bounds
-from embtools.search.quantized import MAX_BATCH_ROWS, CodeSizes, quantized_spec
+from embtools.kernels.int8 import Int8Bounds, int8_inverse_norms, int8_row_terms, int8_score_bounds
+from embtools.search.quantized import CodeSizes, quantized_spec
 from embtools.search.refine import rerank
 from embtools.search.request import SearchContext, SearchRequest, TopK
-from embtools.storage.quantized import gather_codes, iter_codes
+from embtools.storage.quantized import iter_codes
 
 __all__ = ["MAX_CANDIDATES", "certified_int8_top_k", "int8_screen_bytes"]
 
@@ -55,7 +56,7 @@ MAX_CANDIDATES = 20_000
 SCREEN_ROWS = 32768
 #: the kept row terms of an immutable source take at most this share of the room under the cap
 TERMS_CAP_FRACTION = 16
-_TERMS: weakref.WeakKeyDictionary[Any, dict[int, np.ndarray]] = weakref.WeakKeyDictionary()
+_TERMS: weakref.WeakKeyDictionary[Any, dict[int, RowTerms]] = weakref.WeakKeyDictionary()
 _TERMS_LOCK = threading.Lock()
 
 
@@ -64,10 +65,26 @@ def int8_screen_bytes(dim: int) -> int:
     return MAX_CANDIDATES * (16 + dim * 12)
 
 
-def _row_terms(ctx: SearchContext, dim: int, bounds: Int8Bounds) -> np.ndarray | None:
-    """The :func:`~embtools.kernels.int8.int8_row_terms` of every row of an immutable source,
-    computed once and kept with it (8 bytes a row), or None (a source that changes, or terms
-    that would take more than ``1 / TERMS_CAP_FRACTION`` of the room left under the cap)."""
+@dataclass(frozen=True)
+class RowTerms:
+    """The query-independent part of every row's bounds: :func:`~embtools.kernels.int8.int8_row_terms`
+    and, for cosine, :func:`~embtools.kernels.int8.int8_inverse_norms` (24 bytes a row)."""
+
+    terms: np.ndarray
+    inv_lo: np.ndarray
+    inv_hi: np.ndarray
+
+    def take(self, pos: np.ndarray) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
+        """``(terms, (inv_lo, inv_hi))`` of ascending positions (a slice for a run of rows)."""
+        a, b = int(pos[0]), int(pos[-1]) + 1
+        sel: Any = slice(a, b) if b - a == len(pos) else pos
+        return self.terms[sel], (self.inv_lo[sel], self.inv_hi[sel])
+
+
+def _row_terms(ctx: SearchContext, dim: int, bounds: Int8Bounds) -> RowTerms | None:
+    """The :class:`RowTerms` of every row of an immutable source, computed once and kept with it
+    (24 bytes a row), or None (a source that changes, or terms that would take more than
+    ``1 / TERMS_CAP_FRACTION`` of the room left under the cap)."""
     source = ctx.source
     if not getattr(source, "frozen", False):
         return None
@@ -76,15 +93,18 @@ def _row_terms(ctx: SearchContext, dim: int, bounds: Int8Bounds) -> np.ndarray |
     if kept is not None:
         return kept
     avail = ctx.budget.available_bytes
-    if avail is not None and source.num_rows * 8 * TERMS_CAP_FRACTION > avail:
+    if avail is not None and source.num_rows * 24 * TERMS_CAP_FRACTION > avail:
         return None
     terms = np.empty(source.num_rows, np.float64)
-    for pos, codes in iter_codes(source, dim, "int8", None, MAX_BATCH_ROWS):
+    for pos, codes in iter_codes(source, dim, "int8", None, SCREEN_ROWS):
         terms[pos[0] : pos[-1] + 1] = int8_row_terms(codes, bounds)
-    terms.setflags(write=False)
+    inv_lo, inv_hi = int8_inverse_norms(terms, bounds)
+    for arr in (terms, inv_lo, inv_hi):
+        arr.setflags(write=False)
+    kept = RowTerms(terms, inv_lo, inv_hi)
     with _TERMS_LOCK:
-        _TERMS.setdefault(source, {})[dim] = terms
-    return terms
+        _TERMS.setdefault(source, {})[dim] = kept
+    return kept
 
 
 def certified_int8_top_k(req: SearchRequest, ctx: SearchContext, sizes: CodeSizes
@@ -117,7 +137,7 @@ def certified_int8_top_k(req: SearchRequest, ctx: SearchContext, sizes: CodeSize
 
 
 def _screen_one(req: SearchRequest, ctx: SearchContext, q: np.ndarray, bounds: Int8Bounds, kk: int,
-                rows: int, step: int, terms: np.ndarray | None) -> np.ndarray | None:
+                rows: int, step: int, terms: RowTerms | None) -> np.ndarray | None:
     """Positions of the rows one query keeps (ascending), or None past MAX_CANDIDATES."""
     best_lo = np.full(0, -np.inf)
     kth = -np.inf
@@ -127,10 +147,9 @@ def _screen_one(req: SearchRequest, ctx: SearchContext, q: np.ndarray, bounds: I
     for pos, codes in iter_codes(ctx.source, req.dim, "int8", req.positions, rows):
         for s in range(0, len(pos), step):
             p = pos[s : s + step]
-            t = None
-            if terms is not None:
-                t = terms[p[0] : p[-1] + 1] if p[-1] - p[0] + 1 == len(p) else terms[p]
-            lo, hi = int8_score_bounds(q, codes[s : s + step], bounds, req.metric, t)
+            t, inv = (None, None) if terms is None else terms.take(p)
+            lo, hi = int8_score_bounds(q, codes[s : s + step], bounds, req.metric, t,
+                                       inverse_norms=inv)
             both = np.concatenate([best_lo, lo])
             if both.size > kk:
                 best_lo = np.partition(both, both.size - kk)[both.size - kk :]
@@ -150,12 +169,7 @@ def _screen_one(req: SearchRequest, ctx: SearchContext, q: np.ndarray, bounds: I
                     return None
     pos_all = np.concatenate(kept_pos) if kept_pos else np.zeros(0, np.int64)
     hi_all = np.concatenate(kept_hi) if kept_hi else np.zeros(0)
-    final = np.sort(pos_all[hi_all >= kth])
+    final = pos_all[hi_all >= kth]
     if final.size > MAX_CANDIDATES or final.size < kk:
         return None
-    # a second look at the kept rows: their bounds without the query's int8 rounding
-    codes = gather_codes(ctx.source, req.dim, "int8", final)
-    lo, hi = int8_score_bounds(q, codes, bounds, req.metric, None if terms is None else terms[final],
-                               exact=True)
-    kth = float(np.partition(lo, lo.size - kk)[lo.size - kk])
-    return final[hi >= kth]
+    return np.sort(final)
