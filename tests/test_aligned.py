@@ -464,3 +464,48 @@ def test_reads_without_madvise_populate(tmp_path: Path, monkeypatch: pytest.Monk
     a = store.get_embeddings(32)
     assert _is_aligned_view(a)
     np.testing.assert_array_equal(a, x)
+
+
+@pytest.mark.parametrize("step", [7, 64, 4096])
+def test_placed_copy_is_written_in_aligned_steps(tmp_path: Path, monkeypatch, step: int) -> None:
+    # the copy goes out in WRITE_STEP pieces at multiples of WRITE_STEP (2 MiB folios in the page
+    # cache, mapped 2 MiB at a time): the bytes are those of one copy, whatever the step
+    from embtools.storage import placement
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3000, 24)).astype(np.float32)
+    table = pa.table({"id": [f"r{i}" for i in range(len(x))], "emb_24": embedding_array(x)})
+    src = tmp_path / "src.parquet"
+    pq.write_table(table, src, data_page_version="2.0", use_dictionary=["id"],
+                   column_encoding={"emb_24": "PLAIN"}, compression={"id": "zstd", "emb_24": "none"})
+    size = os.path.getsize(src)
+
+    def copy(offset: int) -> tuple[bytes, list[tuple[int, int]]]:
+        writes: list[tuple[int, int]] = []
+        real = placement._write_all
+
+        def spy(fd: int, data) -> None:
+            writes.append((os.lseek(fd, 0, os.SEEK_CUR), len(data)))
+            real(fd, data)
+
+        monkeypatch.setattr(placement, "_write_all", spy)
+        with open(src, "rb") as s, open(tmp_path / "dst", "wb+") as d:
+            d.write(b"x" * offset)
+            d.flush()
+            n = placement.aligned_copy(s.fileno(), size, d.fileno(), {"emb_24"})
+            d.seek(0)
+            raw = d.read()
+        monkeypatch.setattr(placement, "_write_all", real)
+        assert len(raw) == offset + n and raw[:offset] == b"x" * offset
+        return raw[offset:], writes
+
+    whole, _ = copy(0)
+    monkeypatch.setattr(placement, "WRITE_STEP", step)
+    for offset in (0, 5, step + 3):
+        raw, writes = copy(offset)
+        assert raw == whole
+        assert all(pos % step == 0 for pos, _ in writes[1:])  # every write after the first starts on a step
+        assert all(pos + n == (pos // step + 1) * step for pos, n in writes[:-1])  # and ends on the next
+    assert pq.read_table(pa.BufferReader(whole)).equals(table)
+    col = [c for c in parse_footer(whole).row_groups[0][1] if c.name == "emb_24"][0]
+    assert all(v % ALIGNMENT == 0 for v in value_offsets(whole, col))

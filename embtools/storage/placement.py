@@ -53,6 +53,9 @@ ALIGNMENT = 64
 
 _HEADER_WINDOW = 64 * 1024
 _COPY_STEP = 8 * 1024**2
+#: :func:`aligned_copy` writes in steps of this many bytes at offsets that are multiples of it (the
+#: size of a PMD-mapped huge page on x86-64 and arm64)
+WRITE_STEP = 2 * 1024**2
 
 Buffer = bytes | bytearray | memoryview
 
@@ -180,17 +183,61 @@ def aligned_copy(src_fd: int, size: int, dst_fd: int, columns: Iterable[str]) ->
         raise PlacementError(f"footer: {exc}") from None
     if used != len(footer_raw):
         raise PlacementError("bytes after the footer struct")
+    out = _StepWriter(dst_fd)
     prev = 0
     for pos, pad in inserts:
-        copy_range(src_fd, dst_fd, prev, pos - prev)
-        _write_all(dst_fd, pad_field(pad))
+        out.copy(src_fd, prev, pos - prev)
+        out.write(pad_field(pad))
         prev = pos
-    copy_range(src_fd, dst_fd, prev, footer.data_end - prev)
-    _write_all(dst_fd, new_footer + len(new_footer).to_bytes(4, "little") + b"PAR1")
+    out.copy(src_fd, prev, footer.data_end - prev)
+    out.write(new_footer + len(new_footer).to_bytes(4, "little") + b"PAR1")
+    out.flush()
     return size + before[-1] + len(new_footer) - len(footer_raw)
 
 
-def _write_all(fd: int, data: bytes) -> None:
+class _StepWriter:
+    """Writes a file in steps of WRITE_STEP bytes that start at multiples of WRITE_STEP (the
+    last one shorter), through one buffer: the page cache then holds the file in 2 MiB folios,
+    which a reader's memory map maps 2 MiB at a time (``copy_file_range`` and small writes
+    leave 4 KiB pages, and a scan of mapped vectors runs about 20% slower on them, bound by
+    TLB misses)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.buf = bytearray(WRITE_STEP)
+        self.fill = 0
+        self.room = WRITE_STEP - os.lseek(fd, 0, os.SEEK_CUR) % WRITE_STEP  # up to a boundary
+
+    def write(self, data: Buffer) -> None:
+        view = memoryview(data)
+        while view:
+            n = min(len(view), self.room - self.fill)
+            self.buf[self.fill:self.fill + n] = view[:n]
+            self.fill += n
+            view = view[n:]
+            if self.fill == self.room:
+                self.flush()
+
+    def copy(self, src_fd: int, offset: int, n: int) -> None:
+        """Copy ``n`` bytes of ``src_fd`` from ``offset`` (read straight into the buffer)."""
+        end = offset + n
+        while offset < end:
+            k = min(end - offset, self.room - self.fill)
+            got = os.preadv(src_fd, [memoryview(self.buf)[self.fill:self.fill + k]], offset)
+            if got <= 0:
+                raise PlacementError(f"short read at byte {offset}")
+            self.fill += got
+            offset += got
+            if self.fill == self.room:
+                self.flush()
+
+    def flush(self) -> None:
+        _write_all(self.fd, memoryview(self.buf)[:self.fill])
+        self.fill = 0
+        self.room = WRITE_STEP
+
+
+def _write_all(fd: int, data: Buffer) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view):]
