@@ -40,6 +40,7 @@ Inside the search layer the stream is sized by :func:`plan_stream` (called by th
 from __future__ import annotations
 
 import dataclasses
+import functools
 import queue
 import threading
 import weakref
@@ -113,6 +114,7 @@ class StreamSizes:
     min_bytes: int = 0
 
 
+@functools.lru_cache(maxsize=512)  # a pure function of its arguments: planned once per shape
 def size_stream(
     avail: int | None,
     nq: int,

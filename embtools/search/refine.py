@@ -23,6 +23,7 @@ Examples
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -60,6 +61,7 @@ def rerank_min_bytes(m: int, dim: int) -> int:
     return dim * 12 + m * 24 + dim * 4 + 8
 
 
+@functools.lru_cache(maxsize=512)  # a pure function of its arguments
 def size_rerank(avail: int | None, nq: int, m: int, dim: int) -> RerankSizes | None:
     """Size the re-ranking of ``m`` candidates for each of ``nq`` queries in ``avail`` bytes (None:
     no cap, at most ``RERANK_CHUNK_BYTES``); None when not even :func:`rerank_min_bytes` fit.
@@ -143,8 +145,11 @@ def _score(
     different shapes), so exact duplicates tie exactly. Row norms are computed the same way once
     per distinct row. The products are formed a few queries at a time (``sub_bytes``).
     """
-    uniq, inv = np.unique(cand, return_inverse=True)
-    inv = inv.reshape(cand.shape)
+    if cand.shape[0] == 1:  # one query: its candidates are already distinct and ascending
+        uniq, inv = cand[0], np.arange(cand.shape[1])[None, :]
+    else:
+        uniq, inv = np.unique(cand, return_inverse=True)
+        inv = inv.reshape(cand.shape)
     vecs = gather_rows(source, dim, uniq)
     g_rows, w = cand.shape
     out = np.empty((g_rows, w), np.float64)
