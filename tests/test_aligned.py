@@ -507,5 +507,5 @@ def test_placed_copy_is_written_in_aligned_steps(tmp_path: Path, monkeypatch, st
         assert all(pos % step == 0 for pos, _ in writes[1:])  # every write after the first starts on a step
         assert all(pos + n == (pos // step + 1) * step for pos, n in writes[:-1])  # and ends on the next
     assert pq.read_table(pa.BufferReader(whole)).equals(table)
-    col = [c for c in parse_footer(whole).row_groups[0][1] if c.name == "emb_24"][0]
+    col = next(c for c in parse_footer(whole).row_groups[0][1] if c.name == "emb_24")
     assert all(v % ALIGNMENT == 0 for v in value_offsets(whole, col))
