@@ -140,3 +140,40 @@ def test_integer_labels_keep_their_type(tmp_path, rng, kind):
     assert dict(frame.schema) == {**BASE_SCHEMA, "label": pl.Int64}
     assert frame["label"].to_list() == [labels[i] for i in frame["row_id"].to_list()]
     assert store.source.take_metadata([7, 3, 7])["label"].to_list() == [None, 3, None]
+
+
+@pytest.mark.parametrize("kind", ["disk", "memory"])
+def test_filter_positions_are_kept_per_version(tmp_path, rng, kind, monkeypatch):
+    from embtools.search import filters
+
+    x = rng.standard_normal((200, 8)).astype(np.float32)
+    store, labels = _store(tmp_path, kind, x)
+    want = np.flatnonzero(np.array(labels) == "a")
+    scans: list[object] = []
+    src = store.source
+    real = type(src).select
+    monkeypatch.setattr(type(src), "select", lambda self, w: (scans.append(w), real(self, w))[1])
+    for where in ("label = 'a'", pl.col("label") == "a"):
+        for _ in range(3):
+            got = filters.select_positions(store.source, where)
+            np.testing.assert_array_equal(got, want)
+            assert not got.flags.writeable
+            frame = store.search(x[:2], 5, where=where)
+            assert set(frame["label"].to_list()) == {"a"}
+    assert len(scans) == 2  # one scan per filter, then kept
+    # a new version scans again, and sees its own rows
+    store.add(x[:3], labels=["a", "b", "a"])
+    got = filters.select_positions(store.source, "label = 'a'")
+    np.testing.assert_array_equal(got, np.concatenate([want, [200, 202]]))
+    # a bad filter is never kept: it raises every time
+    from embtools.errors import FilterError
+
+    for _ in range(2):
+        with pytest.raises(FilterError):
+            store.search(x[0], 3, where="nope = 1")
+    # under a tight cap the positions are not kept
+    monkeypatch.setattr(filters, "CACHE_BYTES", 0)
+    before = len(scans)
+    filters.select_positions(store.source, "label = 'b'")
+    filters.select_positions(store.source, "label = 'b'")
+    assert len(scans) == before + 2
