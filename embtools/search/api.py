@@ -77,7 +77,7 @@ def result_frame(
             pl.Series("query", np.repeat(np.arange(nq, dtype=np.int64), kk)),
             pl.Series("rank", np.tile(np.arange(kk, dtype=np.int64), nq)),
             *(meta.get_column(c) for c in base),
-            pl.Series("score", scores.reshape(-1).astype(np.float32, copy=False), dtype=pl.Float32),
+            pl.Series("score", scores.reshape(-1).astype(np.float32, copy=False)),  # Float32
             *(meta.get_column(c) for c in extra),
         ]
     )

@@ -120,8 +120,9 @@ class BaseRows:
     def frame(self, idx: np.ndarray | None = None) -> pl.DataFrame:
         """A polars frame ``row_id, text_id, label`` of the rows at ``idx`` (None: all)."""
         rows = self if idx is None else self.take(idx)
+        # NumPy columns keep their type; only Python objects need theirs (a dtype costs checks)
         return pl.DataFrame([
-            pl.Series(name, c.tolist() if c.dtype == object else c, dtype=t)
+            pl.Series(name, c.tolist(), dtype=t) if c.dtype == object else pl.Series(name, c)
             for name, c, t in zip(_BASE, rows.columns, self.dtypes, strict=True)])
 
 
