@@ -353,26 +353,27 @@ class IvfIndex:
                          buf_s: np.ndarray, buf_p: np.ndarray, mask: np.ndarray | None) -> None:
         """Score partition ``part``'s rows (in every codes file) against the queries ``qs``
         (codes queries ``sub``) into their buffers, from column ``at0`` of each query on."""
-        at = at0
+        at = qs * buf_s.shape[1] + at0  # flat offsets of the queries' columns
+        flat_s, flat_p = buf_s.reshape(-1), buf_p.reshape(-1)
         for fi, f in enumerate(self.files):
             s, e = int(f.starts[part]), int(f.starts[part + 1])
             if s == e:
                 continue
             if self.kind == "binary":  # asymmetric: float queries against sign bits
-                scores = sign_scores(sub, f.codes[s:e], self.code_dim).T
+                scores = sign_scores(sub, f.codes[s:e], self.code_dim)
             else:
-                scores = self._decode(f.codes[s:e]) @ sub.T  # (rows, queries probing it)
+                scores = sub @ self._decode(f.codes[s:e]).T  # (queries probing it, rows)
             if self.metric == "l2":
                 sq = self._sq[fi]
                 assert sq is not None
-                scores = 2 * scores - sq[s:e, None]
+                scores = 2 * scores - sq[None, s:e]
             pos = self.positions[fi][s:e]
             dead = pos < 0 if mask is None else ~mask[pos]
             if dead.any():
-                scores[dead] = -np.inf
+                scores[:, dead] = -np.inf
             cols = at[:, None] + np.arange(e - s)[None, :]
-            buf_s[qs[:, None], cols] = scores.T
-            buf_p[qs[:, None], cols] = pos[None, :]
+            flat_s[cols] = scores
+            flat_p[cols] = pos[None, :]
             at = at + (e - s)
 
     def _release_if_needed(self) -> None:
