@@ -221,7 +221,7 @@ def run_set(name: str, x: np.ndarray, q: np.ndarray, args: argparse.Namespace, w
                     f"{best['batch'] / fbest['faiss_batch']:.2f}x FAISS, single "
                     f"{best['single'] / fbest['faiss_single']:.2f}x FAISS")
     if "lancedb" not in args.skip and name in args.lancedb:
-        table, l_build = lance_ivfpq(x, partitions, workdir)
+        table, l_build = lance_ivfpq(x, partitions, os.path.join(workdir, f"lance-{name}"))
         rows.append(f"LanceDB IVF_PQ build {l_build:.1f} s")
         lbest: dict[str, float] = {}
         for nprobe in [p for p in (8, 16, 32, 64, 128) if p <= partitions]:
