@@ -63,3 +63,23 @@ def test_approximate_knn_graph_through_the_index(tmp_path):
     exact = et.similarity_join(store, store, 5, out=tmp_path / "e", exclude_self=True)
     e = pl.read_parquet(f"{exact}/*.parquet").sort(["left_row_id", "rank"])
     assert np.array_equal(e["right_row_id"].to_numpy().reshape(-1, 5), brute(x, x, 6)[:, 1:])
+
+
+def test_filtered_knn_graph_through_the_index(tmp_path):
+    """A self-join through the index with where= (the rows searched) and left_where: only
+    selected rows are returned, never a row itself, and nearly the exact filtered graph."""
+    x, _ = clustered(2000, seed=9)
+    store = et.EmbeddingStore(tmp_path / "s", backend="numpy")
+    store.add(x, labels=[["a", "b", "c"][i % 3] for i in range(len(x))])
+    store.create_index(dimension=DIM, partitions=30, codes="int8")
+    where, left_where = pl.col("label") != "c", pl.col("row_id") < 600
+    out = et.similarity_join(store, store, 5, out=tmp_path / "g", exclude_self=True, nprobe=6,
+                             where=where, left_where=left_where)
+    got = pl.read_parquet(f"{out}/*.parquet").sort(["left_row_id", "rank"])
+    assert got["left_row_id"].unique().to_list() == list(range(600))
+    right = got["right_row_id"].to_numpy()
+    assert (right % 3 != 2).all() and not (right == got["left_row_id"].to_numpy()).any()
+    alive = np.arange(len(x)) % 3 != 2
+    truth = brute(x, x[:600], 6, alive=alive)
+    truth = np.array([[t for t in row if t != i][:5] for i, row in enumerate(truth)])
+    assert recall(right.reshape(600, 5), truth) >= 0.9
