@@ -177,3 +177,24 @@ def test_filter_positions_are_kept_per_version(tmp_path, rng, kind, monkeypatch)
     filters.select_positions(store.source, "label = 'b'")
     filters.select_positions(store.source, "label = 'b'")
     assert len(scans) == before + 2
+
+
+def test_base_rows_are_kept_compact_and_read_once(tmp_path, rng, monkeypatch):
+    # the base columns of a row group are kept in about their Arrow size, so a store whose row
+    # group fits META_CACHE_BYTES in Arrow form is read once, not once per search
+    from embtools.storage import snapshot
+
+    n = 20_000
+    x = rng.standard_normal((n, 4)).astype(np.float32)
+    store = make_store(tmp_path / "s", x, pieces=False)
+    src = store.source
+    table = snapshot.pq.read_table(src.files()[0], columns=["row_id", "text_id", "label"])
+    monkeypatch.setattr(snapshot, "META_CACHE_BYTES", int(table.nbytes * 1.5))
+    reads: list[int] = []
+    real = type(src)._row_group
+    monkeypatch.setattr(type(src), "_row_group", lambda self, i, rg, names: (reads.append(i), real(self, i, rg, names))[1])
+    for _ in range(5):
+        pos = rng.integers(0, n, size=10)
+        frame = src.take_metadata(pos)
+        assert frame["text_id"].to_list() == [f"t{i}" for i in pos]
+    assert len(reads) == 1 and 0 < src._meta_bytes <= snapshot.META_CACHE_BYTES

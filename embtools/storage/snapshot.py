@@ -65,18 +65,13 @@ def metadata_frame(table: pa.Table) -> pl.DataFrame:
     return out
 
 
-#: bytes a Python object (a string, its pointer) costs besides its Arrow bytes, for the cache
-_OBJECT_BYTES = 64
-
-
 @dataclass(frozen=True)
 class BaseRows:
     """The base columns (``row_id, text_id, label``) of some rows, decoded once, from which a
-    search's hits are gathered on the calling thread: NumPy arrays (numbers without nulls as
-    they are, other values as Python objects) and the polars type of each column
-    (``pl.from_arrow`` of the hits' small Arrow table costs more than the whole search of a
-    small store, and a polars gather runs in polars' thread pool, which on a busy machine makes
-    it ten times slower on average).
+    search's hits are gathered on the calling thread: ``row_id`` as NumPy int64, the others as
+    Arrow arrays of one chunk each (``take`` runs on this thread; ``pl.from_arrow`` of the hits'
+    small table costs more than the whole search of a small store, and a polars gather runs in
+    polars' thread pool, which on a busy machine makes it ten times slower on average).
 
     Examples
     --------
@@ -86,44 +81,38 @@ class BaseRows:
     [(8, 'b', None), (8, 'b', None), (7, 'a', None)]
     """
 
-    columns: tuple[np.ndarray, ...]
-    dtypes: tuple[Any, ...]
-    nbytes: int = 0
+    row_id: np.ndarray
+    text_id: pa.Array
+    label: pa.Array
 
     @classmethod
     def of(cls, table: pa.Table) -> BaseRows:
         """The rows of a table of the three base columns (the store's types)."""
-        dtypes = tuple(metadata_frame(table.slice(0, 0)).schema.values())
-        columns = []
-        size = 0
-        for name in _BASE:
-            col = table.column(name)
-            size += int(col.nbytes)
-            typ = col.type
-            if (pa.types.is_integer(typ) or pa.types.is_floating(typ)) and col.null_count == 0:
-                columns.append(np.asarray(col.to_numpy()))
-            else:
-                columns.append(np.array(col.to_pylist(), dtype=object))
-                size += len(col) * _OBJECT_BYTES
-        return cls(tuple(columns), dtypes, size)
+        rid = np.asarray(table.column(ROW_ID).to_numpy(), dtype=np.int64)
+        return cls(rid, table.column(TEXT_ID).combine_chunks(), table.column(LABEL).combine_chunks())
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held."""
+        return int(self.row_id.nbytes + self.text_id.nbytes + self.label.nbytes)
 
     def take(self, idx: np.ndarray) -> BaseRows:
         """The rows at ``idx`` (any order, repeats allowed)."""
-        return BaseRows(tuple(c[idx] for c in self.columns), self.dtypes)
+        at = pa.array(idx, type=pa.int64())
+        return BaseRows(self.row_id[idx], self.text_id.take(at), self.label.take(at))
 
     @staticmethod
     def concat(parts: Sequence[BaseRows]) -> BaseRows:
         """The rows of ``parts``, one after the other."""
-        cols = tuple(np.concatenate([p.columns[j] for p in parts]) for j in range(len(_BASE)))
-        return BaseRows(cols, parts[0].dtypes)
+        return BaseRows(np.concatenate([p.row_id for p in parts]),
+                        pa.concat_arrays([p.text_id for p in parts]),
+                        pa.concat_arrays([p.label for p in parts]))
 
     def frame(self, idx: np.ndarray | None = None) -> pl.DataFrame:
         """A polars frame ``row_id, text_id, label`` of the rows at ``idx`` (None: all)."""
         rows = self if idx is None else self.take(idx)
-        # NumPy columns keep their type; only Python objects need theirs (a dtype costs checks)
-        return pl.DataFrame([
-            pl.Series(name, c.tolist(), dtype=t) if c.dtype == object else pl.Series(name, c)
-            for name, c, t in zip(_BASE, rows.columns, self.dtypes, strict=True)])
+        return pl.DataFrame([pl.Series(ROW_ID, rows.row_id), pl.Series(TEXT_ID, rows.text_id),
+                             pl.Series(LABEL, rows.label)])
 
 
 class Snapshot(ChunkedSource):
