@@ -58,6 +58,8 @@ __all__ = ["CHUNK_ROWS", "CODES_FILE_BYTES", "assign_rows", "build_index", "comm
 
 #: A codes file holds whole partitions of at most about this many bytes of codes.
 CODES_FILE_BYTES = 64 * 1024**2
+#: Training rows gathered per call (the reader copies about half as many at a time).
+SAMPLE_STEP = 8192
 #: Rows per chunk of the assignment (a spill file each; fewer when the cap is small).
 CHUNK_ROWS = 65_536
 #: Training rows per partition, and the least training rows when the store has them.
@@ -116,7 +118,10 @@ def code_ranges(sample: np.ndarray, metric: str) -> np.ndarray:
 def _sample(source: Any, positions: np.ndarray, dim: int, rows: int,
             rng: np.random.Generator) -> np.ndarray:
     pick = positions if rows >= len(positions) else np.sort(rng.choice(positions, rows, replace=False))
-    return gather_rows(source, dim, pick)
+    out = np.empty((len(pick), dim), np.float32)
+    for a in range(0, len(pick), SAMPLE_STEP):  # the reader's copy buffer stays small
+        gather_rows(source, dim, pick[a:a + SAMPLE_STEP], out=out[a:a + SAMPLE_STEP])
+    return out
 
 
 def _plan_files(counts: np.ndarray, bytes_per_row: int, limit: int) -> list[tuple[int, int]]:
@@ -130,6 +135,21 @@ def _plan_files(counts: np.ndarray, bytes_per_row: int, limit: int) -> list[tupl
         size += c * bytes_per_row
     runs.append((start, len(counts)))
     return runs
+
+
+def _trim_heap() -> None:
+    """Give the C heap's free memory back to the system (glibc's ``malloc_trim``; elsewhere
+    nothing): buffers of a few MiB freed by one step otherwise stay resident under the next."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    trim(0)
 
 
 def _arrow_pool() -> Any:
@@ -220,7 +240,7 @@ def _write_runs(root: str, name: str, parts: np.ndarray, row_ids: np.ndarray, sp
     counts = np.bincount(parts, minlength=partitions)
     avail = budget.available_bytes
     # a run's codes, and pyarrow's pages while writing them (about four times as many bytes)
-    limit = CODES_FILE_BYTES if avail is None else max(code_bytes, min(CODES_FILE_BYTES, avail // 10))
+    limit = CODES_FILE_BYTES if avail is None else max(code_bytes, min(CODES_FILE_BYTES, avail // 16))
     runs = [(p0, p1) for p0, p1 in _plan_files(counts, code_bytes, limit) if counts[p0:p1].sum()]
     if not runs:
         return []
@@ -272,6 +292,7 @@ def assign_rows(root: str, name: str, source: Any, positions: np.ndarray, row_id
                      unit="rows") as advance:
         parts, spills, chunk = _assign_chunks(spill, source, positions, centroids, dim, code_dim,
                                               metric, kind, ranges, backend, budget, advance)
+        _trim_heap()  # the batches' buffers, freed, go back before pyarrow's pages come
         return _write_runs(root, name, parts, row_ids, spills, chunk, len(centroids), kind,
                            code_dim, budget, advance)
 

@@ -59,17 +59,23 @@ def normalize_rows(x: np.ndarray) -> np.ndarray:
 #: Rows scored per matrix product: BLAS is several times slower per row on a few hundred rows
 #: (0.26 s per 10^5 x 1,265 x 384 at 256 rows, 0.05 s at 4,096, on 2 loaded cores).
 BATCH_ROWS = 4096
+#: Fewest rows per batch before the centroids are split into tiles of columns (narrow tiles cost
+#: an argmax and a merge each).
+MIN_FULL_ROWS = 1024
 #: Fewest centroid columns per score tile.
 MIN_TILE_COLS = 256
 
 
 def assign_batch_rows(dim: int, partitions: int, avail: int | None) -> tuple[int, int]:
     """``(rows, cols)``: rows assigned at a time and centroid columns scored per tile, so that
-    the rows and a tile of scores fit a quarter of ``avail`` bytes (at most :data:`BATCH_ROWS`
-    rows; fewer rows only when even :data:`MIN_TILE_COLS` columns would not fit)."""
+    the rows and a tile of scores fit a quarter of ``avail`` bytes: whole score rows when at least
+    :data:`MIN_FULL_ROWS` rows fit (at most :data:`BATCH_ROWS`), else tiles of columns."""
     if avail is None:
         return BATCH_ROWS, partitions
     room = max(1, avail // 4)
+    rows = min(BATCH_ROWS, room // (dim * 4 + partitions * 4 + 16))
+    if rows >= MIN_FULL_ROWS:  # whole score rows: one product and one argmax per batch
+        return int(rows), partitions
     cols = min(partitions, MIN_TILE_COLS)
     rows = max(1, min(BATCH_ROWS, room // (dim * 4 + cols * 4 + 16)))
     cols = max(cols, min(partitions, (room - rows * (dim * 4 + 16)) // (rows * 4)))
@@ -206,10 +212,11 @@ def train_centroids(sample: np.ndarray, partitions: int, metric: str, backend: A
     best = np.empty(n, np.float32)
     labels = np.empty(n, np.int32)
     avail = budget.available_bytes
-    # the caller holds the sample: half of what is left scores, an eighth sums
+    # the caller holds the sample: half of what is left scores (small tiles are slow), a
+    # sixteenth is summed at a time (with its float32 sums, the float64 sums and the new centroids)
     step, cols = assign_batch_rows(x.shape[1], partitions, None if avail is None else avail * 2)
     step = min(n, step)
-    sums_step = 8192 if avail is None else max(256, min(8192, avail // 8 // (x.shape[1] * 4)))
+    sums_step = 8192 if avail is None else max(256, min(8192, avail // 16 // (x.shape[1] * 4)))
     top = Top1(cent, metric, backend, step, cols)
     for _ in range(iterations):
         top.reset(cent)
