@@ -36,14 +36,13 @@ from __future__ import annotations
 
 import itertools
 import os
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 
 from embtools.kernels.codes import unpack_signs
 from embtools.kernels.numpy_tiles import block_top_k, select_top_k_1d
+from embtools.kernels.threads import ForkSafePool
 
 __all__ = [
     "HAS_BITWISE_COUNT",
@@ -316,26 +315,7 @@ def _faiss() -> Any:
     return faiss
 
 
-_POOL: ThreadPoolExecutor | None = None
-_POOL_LOCK = threading.Lock()
-
-
-def _pool() -> ThreadPoolExecutor:
-    global _POOL
-    with _POOL_LOCK:
-        if _POOL is None:
-            _POOL = ThreadPoolExecutor(max_workers=THREADS, thread_name_prefix="embtools-hamming")
-        return _POOL
-
-
-def _forget_pool() -> None:
-    """In a forked child: the parent's worker threads do not exist there; start a new pool."""
-    global _POOL, _POOL_LOCK
-    _POOL, _POOL_LOCK = None, threading.Lock()
-
-
-if hasattr(os, "register_at_fork"):  # POSIX
-    os.register_at_fork(after_in_child=_forget_pool)
+_POOL = ForkSafePool(THREADS, "embtools-hamming")
 
 
 def _part_top_k(q: np.ndarray, c: np.ndarray, k: int, use_faiss: bool, tile_bytes: int
@@ -388,7 +368,7 @@ def threaded_hamming_top_k(queries: np.ndarray, codes: np.ndarray, k: int, *,
         return _part_top_k(q, c, k, use_faiss, TILE_BYTES)
     edges = np.linspace(0, n, parts + 1).astype(np.int64)
     tile = TILE_BYTES // parts
-    futures = [_pool().submit(_part_top_k, q, c[a:b], min(k, int(b - a)), use_faiss, tile)
+    futures = [_POOL.get().submit(_part_top_k, q, c[a:b], min(k, int(b - a)), use_faiss, tile)
                for a, b in itertools.pairwise(edges)]
     results = [f.result() for f in futures]
     d = np.concatenate([r[0] for r in results], axis=1)

@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import itertools
 import os
-import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+
+from embtools.kernels.threads import ForkSafePool
 
 __all__ = [
     "block_top_k",
@@ -208,7 +208,7 @@ def matvec(c: np.ndarray, q: np.ndarray, out: np.ndarray | None = None) -> np.nd
     # einsum runs on one thread (GIL released): split the rows over the kernel's threads
     cuts = [n * t // THREADS for t in range(THREADS + 1)]
     futures = [
-        _pool().submit(np.einsum, "ij,j->i", c[a:b], q, out=out[a:b])
+        _POOL.get().submit(np.einsum, "ij,j->i", c[a:b], q, out=out[a:b])
         for a, b in itertools.pairwise(cuts[1:])
     ]
     np.einsum("ij,j->i", c[: cuts[1]], q, out=out[: cuts[1]])
@@ -433,7 +433,7 @@ def block_top_k(
     if QUERY_THREADS > 1 and nq >= 2 * MIN_THREAD_ROWS and nb >= 2 * TILE_COLS:
         parts = np.array_split(np.arange(nq), QUERY_THREADS)
         futures = [
-            _pool().submit(
+            _POOL.get().submit(
                 _block_rows,
                 q[p[0] : p[-1] + 1],
                 c,
@@ -508,13 +508,4 @@ def _single_top_k(
     return values[None, :], indices[None, :]
 
 
-_POOL: ThreadPoolExecutor | None = None
-_POOL_LOCK = threading.Lock()
-
-
-def _pool() -> ThreadPoolExecutor:
-    global _POOL
-    with _POOL_LOCK:
-        if _POOL is None:
-            _POOL = ThreadPoolExecutor(max_workers=max(THREADS, QUERY_THREADS), thread_name_prefix="embtools-topk")
-        return _POOL
+_POOL = ForkSafePool(max(THREADS, QUERY_THREADS), "embtools-topk")
