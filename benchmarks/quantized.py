@@ -29,6 +29,7 @@ import os
 import platform
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -36,35 +37,14 @@ from typing import Any
 
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from search import best_of, clustered  # the same data and timing as the exact benchmark
+
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _REL = os.path.join("shared", "data", "docstrings-minilm", "minilm.parquet")
 #: the MiniLM set: ../shared beside the repository (or beside the worktrees' folder)
 MINILM = next((p for p in (os.path.join(_ROOT, "..", _REL), os.path.join(_ROOT, "..", "..", _REL))
                if os.path.exists(p)), os.path.join(_ROOT, "..", _REL))
-
-
-def clustered(rng: np.random.Generator, n: int, d: int, clusters: int = 1000) -> np.ndarray:
-    """Unit vectors around ``clusters`` random centres."""
-    centres = rng.standard_normal((clusters, d)).astype(np.float32)
-    x = np.empty((n, d), np.float32)
-    step = 100_000
-    for s in range(0, n, step):
-        m = min(step, n - s)
-        x[s : s + m] = centres[rng.integers(clusters, size=m)]
-        x[s : s + m] += 0.6 * rng.standard_normal((m, d)).astype(np.float32)
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
-    return x
-
-
-def median_time(fn: Callable[[], Any], repeat: int) -> float:
-    """Median wall time of ``repeat`` runs after a warm-up."""
-    fn()
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def per_query(fn: Callable[[np.ndarray], Any], queries: np.ndarray) -> float:
@@ -182,16 +162,16 @@ def speed_table(n: int, singles: int, batch: int, tmp: str) -> list[tuple[str, s
     except ImportError:
         pass
 
-    exact_b = median_time(lambda: store.search(batch_q, 10), 1)
+    exact_b = best_of(lambda: store.search(batch_q, 10), 1)
     rows.append((f"batch of {batch}, exact float32", f"{exact_b:.2f} s", "1.00x"))
     ref_batch = store.search(batch_q, 10)
-    tb = median_time(lambda: store.search(batch_q, 10, precision="binary"), 1)
+    tb = best_of(lambda: store.search(batch_q, 10, precision="binary"), 1)
     rb = recall(store.search(batch_q, 10, precision="binary"), ref_batch)
     rows.append((f"batch of {batch}, binary + float rescoring (x10)", f"{tb:.2f} s",
                  f"{exact_b / tb:.2f}x (recall@10 {rb:.3f})"))
     if index is not None:
         qb = pack_signs(batch_q)
-        tfb = median_time(lambda: index.search(qb, 100), 1)
+        tfb = best_of(lambda: index.search(qb, 100), 1)
         rows.append((f"batch of {batch}, FAISS IndexBinaryFlat top 100", f"{tfb:.2f} s",
                      f"{exact_b / tfb:.2f}x"))
     store.close()
@@ -219,13 +199,11 @@ def scale_search(path: str, cap_gb: float, singles: int) -> None:
     """In a fresh process: binary + float rescoring single queries under ``max_memory_gb``;
     prints the median latency, the growth of the peak RSS over the RSS before opening the store
     (the measure of ``benchmarks/memory_cap.py``) and the peak RSS."""
-    import sys
     from pathlib import Path
 
-    import embtools as et
-
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from memory_cap import _import_lazily_loaded_modules, _status_kib
+
+    import embtools as et
 
     et.EmbeddingStore  # noqa: B018 - resolve the lazy import before measuring
     _import_lazily_loaded_modules()
