@@ -224,3 +224,28 @@ def test_distributed_add_writes_the_codes(tmp_path, rng):
     commit_files(store.path, late, [d], store.source.schema, {})
     store.refresh()
     _check_codes(store, np.concatenate([x[:100], x[200:]]), d)
+
+
+@pytest.mark.parametrize("operation", ["quantize", "add_dimension"])
+def test_rewrite_refused_when_a_writer_changed_the_store(tmp_path, operation):
+    """quantize and add_dimension rewrite every file from one version; when another writer
+    committed meanwhile, the commit is refused (CommitConflictError) and the store keeps the
+    other writer's version, every row of it."""
+    from embtools.errors import CommitConflictError
+    from embtools.storage.columns import add_dimension_files
+    from embtools.storage.quantized import quantize_files
+
+    x = np.random.default_rng(4).standard_normal((50, 8)).astype(np.float32)
+    store = et.EmbeddingStore(str(tmp_path / "s"), backend="numpy")
+    store.add_embeddings(x, dimension=8)
+    base, source = store.source.manifest, store.source
+    other = et.EmbeddingStore(str(tmp_path / "s"), backend="numpy")
+    other.add_embeddings(x[:5] * 2, dimension=8)  # the concurrent writer
+    with pytest.raises(CommitConflictError, match=f"{operation}: a concurrent writer"):
+        if operation == "quantize":
+            quantize_files(store.path, base, 8, ("int8",), source)
+        else:
+            add_dimension_files(store.path, base, 4, x[:, :4])
+    after = et.EmbeddingStore(str(tmp_path / "s"), backend="numpy")
+    assert after.version == other.version and after.num_rows == 55
+    assert not after.quantized and after.dimensions == [8]

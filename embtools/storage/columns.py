@@ -54,6 +54,36 @@ def _rewrite(root: StoreRoot, entry: FileEntry, dim: int, rows: np.ndarray) -> F
     return write_table(root, table)
 
 
+def unchanged_since(root: StoreRoot, base: Manifest, latest: Manifest | None,
+                    operation: str) -> Manifest:
+    """``latest`` when it still holds ``base``'s files and dimensions (what a rewrite of every
+    file was computed from); CommitConflictError when a concurrent writer changed them,
+    CorruptStoreError when nothing is committed.
+
+    Examples
+    --------
+    >>> import tempfile, numpy as np
+    >>> from embtools.store import EmbeddingStore
+    >>> store = EmbeddingStore(tempfile.mkdtemp() + "/s", backend="numpy")
+    >>> _ = store.add_embeddings(np.ones((2, 4), np.float32), dimension=4)
+    >>> m = store.source.manifest
+    >>> unchanged_since(store.path, m, m, "quantize") is m
+    True
+    >>> unchanged_since(store.path, m, None, "quantize")
+    Traceback (most recent call last):
+    ...
+    embtools.errors.CorruptStoreError: ...: the store has no committed version
+    """
+    if latest is None:
+        raise CorruptStoreError(f"{root}: the store has no committed version")
+    if ([f.path for f in latest.files] != [f.path for f in base.files]
+            or latest.dimensions != base.dimensions):
+        raise CommitConflictError(
+            f"{operation}: a concurrent writer changed the store (version {latest.version}); "
+            "re-open the store and retry")
+    return latest
+
+
 def add_dimension_files(root: StoreRoot, base: Manifest, dim: int, embeddings: np.ndarray) -> Manifest:
     """Commit ``base`` with dimension ``dim`` added: row ``i`` of ``embeddings`` (float32, one row
     per stored row, in row order) goes to the ``i``-th stored row."""
@@ -69,16 +99,10 @@ def add_dimension_files(root: StoreRoot, base: Manifest, dim: int, embeddings: n
     storage = as_storage(root)
     if isinstance(storage, LocalStorage):
         storage.sync(DATA_DIR)
-    inputs = [f.path for f in base.files]
     dims = sorted([*base.dimensions, dim])
 
     def rebase(latest: Manifest | None) -> Manifest:
-        if latest is None:
-            raise CorruptStoreError(f"{root}: the store has no committed version")
-        if [f.path for f in latest.files] != inputs or latest.dimensions != base.dimensions:
-            raise CommitConflictError(
-                f"add_dimension: a concurrent writer changed the store (version {latest.version}); "
-                "re-open the store and retry")
+        latest = unchanged_since(root, base, latest, "add_dimension")
         return replace(latest, operation="add_dimension", files=new, dimensions=dims,
                        config_hash=config_hash(dims, latest.schema, latest.properties))
 

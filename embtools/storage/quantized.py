@@ -28,8 +28,9 @@ from typing import Any
 
 import numpy as np
 
-from embtools.errors import CommitConflictError, CorruptStoreError, InvalidArgumentError
+from embtools.errors import CorruptStoreError, InvalidArgumentError
 from embtools.kernels.codes import int8_ranges
+from embtools.storage.columns import unchanged_since
 from embtools.storage.io import LocalStorage, as_storage
 from embtools.storage.manifest import DATA_DIR, FileEntry, Manifest, StoreRoot, commit
 from embtools.storage.quantspec import QuantSpec, add_code_columns, code_column, code_width
@@ -86,15 +87,9 @@ def quantize_files(
         storage = as_storage(root)
         if isinstance(storage, LocalStorage):
             storage.sync(DATA_DIR)
-        inputs = [f.path for f in base.files]
 
         def rebase(latest: Manifest | None) -> Manifest:
-            if latest is None:
-                raise CorruptStoreError(f"{root}: the store has no committed version")
-            if [f.path for f in latest.files] != inputs or latest.dimensions != base.dimensions:
-                raise CommitConflictError(
-                    f"quantize: a concurrent writer changed the store (version {latest.version}); "
-                    "re-open the store and retry")
+            latest = unchanged_since(root, base, latest, "quantize")
             return replace(latest, operation="quantize", files=new,
                            quantized={**latest.quantized, dim: spec})
 
