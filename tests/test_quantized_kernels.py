@@ -195,33 +195,3 @@ def test_merge_smallest_int_keys_equal_lexsort(rng: np.random.Generator) -> None
             _fv, fi = H.merge_smallest(-v.astype(np.float64), i, k)
             order = np.lexsort((i, -v), axis=-1)[:, :k]
             np.testing.assert_array_equal(fi, np.take_along_axis(i, order, axis=1))
-
-
-def _child_hamming(conn) -> None:  # type: ignore[no-untyped-def]
-    rng = np.random.default_rng(5)
-    codes = rng.integers(0, 256, (4000, 8), dtype=np.uint8)
-    _d, i = H.threaded_hamming_top_k(codes[:1], codes, 5, threads=2)
-    conn.send(i.tolist())
-    conn.close()
-
-
-@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="fork is POSIX")
-def test_threaded_hamming_after_fork(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A process forked after the thread pool started gets a pool of its own (not the parent's
-    threads, which do not exist in the child: submitting to them would hang)."""
-    import multiprocessing
-
-    monkeypatch.setattr(H, "MIN_THREAD_ROWS", 100)
-    codes = np.random.default_rng(5).integers(0, 256, (4000, 8), dtype=np.uint8)
-    expected = H.threaded_hamming_top_k(codes[:1], codes, 5, threads=2)[1].tolist()  # pool started
-    ctx = multiprocessing.get_context("fork")
-    parent, child = ctx.Pipe()
-    proc = ctx.Process(target=_child_hamming, args=(child,))
-    proc.start()
-    try:
-        assert parent.poll(60), "the forked child hung"
-        assert parent.recv() == expected
-    finally:
-        proc.join(10)
-        if proc.is_alive():
-            proc.kill()
