@@ -11,6 +11,7 @@ import pytest
 
 import embtools as et
 from embtools.errors import InvalidArgumentError, MemoryLimitError
+from embtools.kernels import hamming as H
 from embtools.kernels.codes import decode_int8, encode_int8, pack_signs
 from embtools.search import quantized as Q
 from embtools.search import recall_at_k
@@ -53,7 +54,7 @@ def _restricted(s64: np.ndarray, cand: list[np.ndarray]) -> np.ndarray:
 @pytest.mark.parametrize("nq", [1, 40])
 def test_hamming_shortlist_equals_faiss_then_exact(new_store, store_kind, rng, monkeypatch, metric, nq):
     monkeypatch.setattr(Q, "BINARY_MODE", "hamming")
-    monkeypatch.setattr(Q, "_faiss", lambda: None)  # embtools' own kernel, checked against FAISS
+    monkeypatch.setattr(H, "_faiss", lambda: None)  # embtools' own kernel, checked against FAISS
     n, d, k, r = 1500, 64, 10, 4
     x = _corpus(rng, n, d)
     labels = rng.choice(["a", "b"], n).tolist()

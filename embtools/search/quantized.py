@@ -187,22 +187,6 @@ def code_shortlist(req: SearchRequest, ctx: SearchContext, kind: str, m: int,
     return out
 
 
-def _faiss() -> Any:
-    """The ``faiss`` module when it is installed (its Hamming k-NN is used for batches), else None."""
-    try:
-        import faiss
-    except ImportError:
-        return None
-    return faiss
-
-
-def _hamming_top_k(qc: np.ndarray, codes: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Hamming top-k of one batch: :func:`embtools.kernels.hamming.threaded_hamming_top_k`, the
-    rows split over threads, FAISS ``knn_hamming`` on each part where FAISS is installed (the
-    same distances and ids as embtools' NumPy kernel, several times faster)."""
-    return threaded_hamming_top_k(qc, codes, k, use_faiss=_faiss() is not None)
-
-
 def _binary_pass(req: SearchRequest, ctx: SearchContext, m: int, rows: int, mode: str) -> np.ndarray:
     """Ordinals (into the selection) of the best ``m`` rows per query by sign codes: the
     ``BINARY_WIDEN * m`` nearest by Hamming distance, re-ordered by the asymmetric score
@@ -214,7 +198,8 @@ def _binary_pass(req: SearchRequest, ctx: SearchContext, m: int, rows: int, mode
     best_i = np.zeros((nq, 0), np.int64)
     seen = 0
     for _, codes in iter_codes(ctx.source, dim, "binary", req.positions, rows):
-        d, i = _hamming_top_k(qc, codes, min(wide, codes.shape[0]))
+        # rows split over threads, FAISS knn_hamming on each part where it is installed
+        d, i = threaded_hamming_top_k(qc, codes, min(wide, codes.shape[0]))
         best_d, best_i = merge_smallest(np.concatenate([best_d, d], axis=1),
                                         np.concatenate([best_i, i + seen], axis=1), wide)
         seen += codes.shape[0]
