@@ -27,6 +27,7 @@ from embtools.index.files import CodesFile, read_centroids
 from embtools.index.kmeans import normalize_rows
 from embtools.kernels.codes import decode_int8, int8_steps
 from embtools.kernels.hamming import sign_scores
+from embtools.kernels.threads import ForkSafePool
 from embtools.memory import MemoryBudget
 from embtools.storage.manifest import IndexEntry
 
@@ -34,6 +35,7 @@ __all__ = ["IvfIndex", "default_nprobe"]
 
 #: Threads scoring partitions of a batch (each runs single-threaded BLAS on small products).
 _THREADS = max(1, min(4, os.cpu_count() or 1))
+_POOL = ForkSafePool(_THREADS, "embtools-probe")
 #: Batches whose probes hit a partition fewer than this many times on average are shortlisted one
 #: query at a time (a gemv per probed partition into one flat score vector): grouping queries by
 #: partition pays only when a partition's codes are scored against several queries at once
@@ -329,10 +331,7 @@ class IvfIndex:
         if len(halves) == 1:
             run(0, len(cuts))
         else:
-            from concurrent.futures import ThreadPoolExecutor
-
-            with ThreadPoolExecutor(len(halves)) as pool:
-                list(pool.map(lambda ab: run(*ab), halves))
+            list(_POOL.get().map(lambda ab: run(*ab), halves))
         self._touched += int(size.sum()) * self.code_dim * 4
         self._release_if_needed()
         w = min(width, buf_s.shape[1])
