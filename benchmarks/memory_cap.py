@@ -65,10 +65,14 @@ def build(path: str, gb: float, dim: int) -> dict[str, float]:
 
 def _import_lazily_loaded_modules() -> None:
     """Load what libraries import on first use, so that module code is not counted as data:
-    pyarrow's ``take`` imports pandas when it is installed (about 50 MiB resident)."""
+    pyarrow's ``take`` imports pandas when it is installed (about 50 MiB resident); numba and
+    LLVM load with the first compiled kernel (about 130 MiB)."""
     import pyarrow as pa
 
+    from embtools.kernels.jit import warm
+
     pa.table({"a": [0]}).take(pa.array([0]))
+    warm()
 
 
 def measure(path: str, cap_gb: float, dim: int, where: str | None = None) -> dict[str, float]:

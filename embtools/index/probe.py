@@ -27,6 +27,7 @@ from embtools.index.files import CodesFile, read_centroids
 from embtools.index.kmeans import normalize_rows
 from embtools.kernels.codes import decode_int8, int8_steps
 from embtools.kernels.hamming import sign_scores
+from embtools.kernels.jit import jit_kernels
 from embtools.kernels.threads import ForkSafePool
 from embtools.memory import MemoryBudget
 from embtools.storage.manifest import IndexEntry
@@ -41,6 +42,8 @@ _POOL = ForkSafePool(_THREADS, "embtools-probe")
 #: partition pays only when a partition's codes are scored against several queries at once
 #: (measured: one at a time is 2-4x faster up to ~100 queries of 16 probes in 1,265 partitions).
 GROUP_MIN_SHARE = 2.0
+#: Batches of at least this many queries are split over the threads by the compiled shortlist.
+JIT_SPLIT_QUERIES = 8
 
 
 @functools.lru_cache(maxsize=1)
@@ -192,10 +195,10 @@ class IvfIndex:
         return mask, counts
 
     def probes(self, queries: np.ndarray, kk: int, nprobe: int,
-               counts: np.ndarray | None = None) -> list[np.ndarray]:
+               counts: np.ndarray | None = None, jit: Any = None) -> list[np.ndarray]:
         """The partitions each query probes: its ``nprobe`` nearest centroids, and more until they
         hold ``kk`` live rows (``counts``: live rows of each partition that may be returned; default
-        every live row)."""
+        every live row). ``jit``: the compiled kernels, which select the nearest in one pass."""
         q = self._queries(queries, self.dimension)
         scores = q @ self.centroids.T
         if self.metric == "l2":
@@ -206,7 +209,8 @@ class IvfIndex:
         if nprobe >= p:
             top = np.broadcast_to(np.arange(p), (len(q), p))
         else:
-            top = np.argpartition(-scores, nprobe - 1, axis=1)[:, :nprobe]
+            top = (np.argpartition(-scores, nprobe - 1, axis=1)[:, :nprobe] if jit is None
+                   else jit.top_columns(np.ascontiguousarray(scores, dtype=np.float32), nprobe))
         out = list(top)
         for i in np.flatnonzero(live[top].sum(axis=1) < need).tolist():
             order = np.argsort(-scores[i], kind="stable")
@@ -224,6 +228,10 @@ class IvfIndex:
         codes scored once against every query of the batch that probes it)."""
         sel = None if positions is None else self.selection(positions)
         nq = len(queries)
+        jit = jit_kernels("ivf_jit")
+        if jit is not None:
+            with _one_blas_thread():  # each thread runs its own small products
+                return self._shortlist_jit(jit, queries, kk, nprobe, width, sel)
         with _one_blas_thread():  # small products: BLAS threads only cost (a lot on a busy machine)
             probes = self.probes(queries, kk, nprobe, None if sel is None else sel[1])
             if nq * min(nprobe, self.partitions) >= GROUP_MIN_SHARE * self.partitions:
@@ -235,6 +243,60 @@ class IvfIndex:
                 best = self._best(scores, pos, width)
                 out[i, :best.shape[1]] = best
             return out
+
+    def _shortlist_jit(self, jit: Any, queries: np.ndarray, kk: int, nprobe: int, width: int,
+                       sel: tuple[np.ndarray, np.ndarray] | None) -> np.ndarray:
+        """The compiled shortlist (:mod:`embtools.kernels.ivf_jit`): the queries split over the
+        threads; each thread scores its queries against the centroids (one BLAS thread), picks
+        their partitions and scans them, one pass per codes file, into heaps of the best
+        ``width`` rows."""
+        nq = len(queries)
+        cq = self._queries(queries, self.code_dim)
+        counts = None if sel is None else sel[1]
+        mask = np.zeros(0, bool) if sel is None else sel[0]
+        hs, hi = jit.new_heaps(nq, width)
+        none = np.zeros(0, np.float32)
+
+        def run(a: int, b: int) -> int:
+            probes = self.probes(queries[a:b], kk, nprobe, counts, jit)
+            parts = np.full((b - a, max((len(x) for x in probes), default=0)), -1, np.int64)
+            for i, x in enumerate(probes):
+                parts[i, :len(x)] = x
+            weights, c0 = self._weights(jit, cq[a:b])
+            for fi, f in enumerate(self.files):
+                sq = self._sq[fi]
+                sq = none if sq is None else sq
+                if self.kind == "binary":
+                    jit.scan_signs(weights, parts, f.starts, f.codes, self.positions[fi], sq, mask,
+                                   hs[a:b], hi[a:b])
+                else:
+                    codes = f.codes.view(np.int8) if self.kind == "int8" else f.codes
+                    jit.scan_dense(weights, c0, parts, f.starts, codes, self.positions[fi], sq, mask,
+                                   hs[a:b], hi[a:b])
+            return int(self.total_counts[parts[parts >= 0]].sum())
+
+        if nq < JIT_SPLIT_QUERIES:
+            scored = run(0, nq)
+        else:
+            half = nq // 2
+            scored = sum(_POOL.get().map(lambda ab: run(*ab), [(0, half), (half, nq)]))
+        jit.sort_heaps(hs, hi)
+        self._touched += scored * self.code_dim * 4
+        self._release_if_needed()
+        return hi
+
+    def _weights(self, jit: Any, cq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """What the compiled scans score codes with: ``(weights, c0)``, float codes ``cq`` and 0,
+        int8 ``cq * step`` and ``q . (start + 128.5 step)`` (the bucket centres), binary the
+        nibble tables (and no constant)."""
+        if self.kind == "binary":
+            return jit.nibble_tables(cq, (self.code_dim + 7) // 8), np.zeros(0, np.float32)
+        if self.kind == "int8":
+            assert self.ranges is not None
+            starts, steps = int8_steps(self.ranges)
+            c0 = (cq @ (starts + np.float32(128.5) * steps)).astype(np.float32)
+            return np.ascontiguousarray(cq * steps, dtype=np.float32), c0
+        return cq, np.zeros(len(cq), np.float32)
 
     def _block(self, parts: np.ndarray, cq: np.ndarray,
                sel: tuple[np.ndarray, np.ndarray] | None) -> tuple[np.ndarray, np.ndarray]:

@@ -25,9 +25,12 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
+from embtools.kernels.jit import jit_kernels
+from embtools.kernels.threads import ForkSafePool
 from embtools.search.request import SearchContext, SearchRequest, TopK, cap_error
 from embtools.storage.source import VectorSource, gather_rows
 
@@ -35,6 +38,9 @@ __all__ = ["RerankSizes", "overfetch", "rerank", "rerank_min_bytes", "size_reran
 
 #: Gathered candidate vectors re-ranked in one go are kept under this many bytes (and the cap).
 RERANK_CHUNK_BYTES = 64 * 1024**2
+#: The compiled re-rank gathers and scores at least this many distinct candidates on two threads.
+THREADED_RERANK_ROWS = 2048
+_POOL = ForkSafePool(2, "embtools-rerank")
 #: float64 products are formed this many bytes at a time, so that they stay in the CPU cache
 SUB_BLOCK_BYTES = 1024**2
 
@@ -119,13 +125,35 @@ def rerank(
             scores = np.empty(cand.shape, np.float64)
             for c in range(0, m, width):
                 scores[:, c : c + width] = _score(
-                    ctx.source, q[a:b], dim, cand[:, c : c + width], metric, sizes.sub
+                    ctx.source, q[a:b], dim, cand[:, c : c + width], metric, sizes.sub,
+                    threads=ctx.budget.available_bytes is None,
                 )
             key = scores if metric == "l2" else -scores
             order = np.argsort(key, axis=1, kind="stable")[:, :keep]
             out_s[a:b] = np.take_along_axis(scores, order, axis=1)
             out_p[a:b] = np.take_along_axis(cand, order, axis=1)
     return TopK(out_s, out_p)
+
+
+def _score_jit(jit: Any, source: VectorSource, q: np.ndarray, dim: int, uniq: np.ndarray,
+               inv: np.ndarray, metric: str, threads: bool) -> np.ndarray:
+    """:func:`_score` by the compiled kernel (:mod:`embtools.kernels.rerank_jit`); with
+    ``threads`` (no cap: the gathers' pages stay mapped), many candidates are gathered and scored
+    in two halves on two threads."""
+    vecs = np.empty((len(uniq), dim), np.float32)
+    code = jit.METRICS[metric]
+    if not threads or len(uniq) < THREADED_RERANK_ROWS or len(q) < 2:
+        gather_rows(source, dim, uniq, out=vecs)
+        scores: np.ndarray = jit.rerank_scores(q, vecs, inv, code)
+        return scores
+    half = len(uniq) // 2
+    pool = _POOL.get()
+    list(pool.map(lambda ab: gather_rows(source, dim, uniq[ab[0]:ab[1]], out=vecs[ab[0]:ab[1]]),
+                  [(0, half), (half, len(uniq))]))
+    rows = len(q) // 2
+    parts = list(pool.map(lambda ab: jit.rerank_scores(q[ab[0]:ab[1]], vecs, inv[ab[0]:ab[1]], code),
+                          [(0, rows), (rows, len(q))]))
+    return np.concatenate(parts)
 
 
 def _score(
@@ -135,6 +163,7 @@ def _score(
     cand: np.ndarray,
     metric: str,
     sub_bytes: int = SUB_BLOCK_BYTES,
+    threads: bool = False,
 ) -> np.ndarray:
     """float64 scores ``(g, w)`` of queries ``q`` (float64, normalised for cosine) against their
     candidate positions ``cand``.
@@ -150,6 +179,10 @@ def _score(
     else:
         uniq, inv = np.unique(cand, return_inverse=True)
         inv = inv.reshape(cand.shape)
+    jit = jit_kernels("rerank_jit")
+    if jit is not None:  # the same bits, without the (queries, candidates, dim) float64 block
+        return _score_jit(jit, source, np.ascontiguousarray(q), dim, uniq, np.ascontiguousarray(inv), metric,
+                          threads)
     vecs = gather_rows(source, dim, uniq)
     g_rows, w = cand.shape
     out = np.empty((g_rows, w), np.float64)

@@ -231,10 +231,11 @@ class ChunkedSource:
         """Whether :meth:`take_rows` may gather ``n`` rows at once: a few rows (a re-rank's
         candidates), and under a memory cap only as many as the pages one gather step may
         touch (each row can map a fault-around window of pages until its chunk is released)."""
-        if not 0 < n <= TAKE_ROWS:
+        if n <= 0:
             return False
-        return n * 2 * FAULT_AROUND_BYTES <= gather_span_bytes(self.budget) or not (
-            self.budget is not None and self.budget.cap_bytes is not None)
+        if self.budget is None or self.budget.cap_bytes is None:
+            return True  # no cap: the mapped pages may stay
+        return n <= TAKE_ROWS and n * 2 * FAULT_AROUND_BYTES <= gather_span_bytes(self.budget)
 
     def take_rows(self, dim: int, positions: Any, out: np.ndarray) -> None:
         """Copy the rows at ``positions`` (ascending and distinct) into ``out`` (``(n, dim)``
@@ -261,7 +262,10 @@ class ChunkedSource:
             chunk = chunks[c]
             arr = chunk.load(stored)
             local = pos[a:b] - chunk.start
-            out[a:b] = arr[local, :dim] if dim != stored else arr[local]
+            if dim != stored:
+                out[a:b] = arr[local, :dim]
+            else:
+                np.take(arr, local, axis=0, out=out[a:b])
             del arr
             chunk.release(stored)
 

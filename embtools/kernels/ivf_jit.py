@@ -1,0 +1,236 @@
+"""Compiled IVF partition scans: each query's probed partitions read once, best rows kept in a heap.
+
+The NumPy shortlist of :mod:`embtools.index.probe` runs a dozen NumPy calls per (query,
+partition) pair and then selects from the scored rows; these kernels fuse the two. For each query
+they walk its probed partitions' slices of a codes file, score each live row (the float32 dot
+product with the query's weights, plus a constant), and keep the best ``width`` rows in a
+min-heap, ties to the lower position. Heaps persist across calls, so the codes files of an index
+(its build and its deltas) are scanned one after another into the same heaps, and :func:`sort_heaps`
+orders them at the end.
+
+Load this module through :func:`embtools.kernels.jit.jit_kernels` (it imports numba). Each kernel
+releases the GIL: the caller splits the queries over its threads.
+
+- :func:`scan_dense`: codes stored as float32 or int8 (the int8 bucket centres are scored as
+  ``codes @ w + c0``, ``w = q * step``);
+- :func:`scan_signs`: codes of packed sign bits, scored asymmetrically (``q . s`` with ``s`` the
+  +-1 vector of the code) through per-query tables of each 4-bit nibble's 16 partial sums.
+
+With ``sq`` (the squared norms of the decoded rows) the score is ``2 q.x - |x|^2``, the L2 order;
+``mask`` (a bool per position, empty for none) limits the rows to a filter's selection; rows at
+position -1 (deleted) are skipped.
+
+Examples
+--------
+>>> import numpy as np
+>>> codes = np.array([[1, 0], [0, 1], [1, 1]], np.float32)
+>>> hs, hi = new_heaps(1, 2)
+>>> scan_dense(np.array([[1.0, 0.5]], np.float32), np.zeros(1, np.float32), np.array([[0]]),
+...            np.array([0, 3]), codes, np.arange(3), np.zeros(0, np.float32), np.zeros(0, bool), hs, hi)
+>>> sort_heaps(hs, hi)
+>>> hi.tolist(), hs.tolist()
+([[2, 0]], [[1.5, 1.0]])
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+__all__ = ["new_heaps", "nibble_tables", "scan_dense", "scan_signs", "sort_heaps", "top_columns", "warm"]
+
+
+#: the position of an empty heap slot: worse than any row at the same score (-inf)
+EMPTY = np.iinfo(np.int64).max
+
+
+def new_heaps(nq: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Empty heaps: ``(nq, width)`` scores at -inf and positions at :data:`EMPTY`."""
+    return np.full((nq, width), -np.inf, np.float32), np.full((nq, width), EMPTY, np.int64)
+
+
+@njit(nogil=True, cache=True)
+def _push(hs: np.ndarray, hi: np.ndarray, s: float, p: int) -> None:  # pragma: no cover - compiled
+    """Put (score ``s``, position ``p``) into the min-heap ``hs, hi`` when it beats the root (the
+    worst row kept; of equal scores the higher position is worse)."""
+    if not (s > hs[0] or (s == hs[0] and p < hi[0])):
+        return
+    n = len(hs)
+    i = 0
+    while True:
+        c = 2 * i + 1
+        if c >= n:
+            break
+        r = c + 1
+        if r < n and (hs[r] < hs[c] or (hs[r] == hs[c] and hi[r] > hi[c])):
+            c = r
+        if hs[c] < s or (hs[c] == s and hi[c] > p):
+            hs[i] = hs[c]
+            hi[i] = hi[c]
+            i = c
+        else:
+            break
+    hs[i] = s
+    hi[i] = p
+
+
+@njit(nogil=True, cache=True, fastmath=True)
+def scan_dense(w: np.ndarray, c0: np.ndarray, probes: np.ndarray, starts: np.ndarray,
+               codes: np.ndarray, pos: np.ndarray, sq: np.ndarray, mask: np.ndarray,
+               hs: np.ndarray, hi: np.ndarray) -> None:  # pragma: no cover - compiled
+    """Scan float32 or int8 ``codes`` ``(rows, d)``: query ``i`` (weights ``w[i]``, constant
+    ``c0[i]``) scores the rows of partitions ``probes[i]`` (-1: none) into heap ``hs[i], hi[i]``.
+    ``starts``: each partition's first row in ``codes`` (partitions + 1 entries); ``pos``: each
+    row's position in the version (-1: deleted)."""
+    l2 = len(sq) > 0
+    masked = len(mask) > 0
+    d = codes.shape[1]
+    for i in range(w.shape[0]):
+        wi = w[i]
+        base = c0[i]
+        hsi = hs[i]
+        hii = hi[i]
+        for j in range(probes.shape[1]):
+            part = probes[i, j]
+            if part < 0:
+                continue
+            for r in range(starts[part], starts[part + 1]):
+                p = pos[r]
+                if p < 0 or (masked and not mask[p]):
+                    continue
+                acc = np.float32(0.0)
+                row = codes[r]
+                for t in range(d):
+                    acc += wi[t] * np.float32(row[t])
+                acc += base
+                if l2:
+                    acc = np.float32(2.0) * acc - sq[r]
+                _push(hsi, hii, acc, p)
+
+
+@njit(nogil=True, cache=True, fastmath=True)
+def scan_signs(tables: np.ndarray, probes: np.ndarray, starts: np.ndarray, codes: np.ndarray,
+               pos: np.ndarray, sq: np.ndarray, mask: np.ndarray, hs: np.ndarray,
+               hi: np.ndarray) -> None:  # pragma: no cover - compiled
+    """Scan packed sign ``codes`` ``(rows, bytes)`` as :func:`scan_dense` does, query ``i``
+    scoring a row as the sum of ``tables[i, n, nibble n of the row]`` (:func:`nibble_tables`)."""
+    l2 = len(sq) > 0
+    masked = len(mask) > 0
+    nbytes = codes.shape[1]
+    for i in range(tables.shape[0]):
+        ti = tables[i]
+        hsi = hs[i]
+        hii = hi[i]
+        for j in range(probes.shape[1]):
+            part = probes[i, j]
+            if part < 0:
+                continue
+            for r in range(starts[part], starts[part + 1]):
+                p = pos[r]
+                if p < 0 or (masked and not mask[p]):
+                    continue
+                acc = np.float32(0.0)
+                row = codes[r]
+                for b in range(nbytes):
+                    v = row[b]
+                    acc += ti[2 * b, v >> 4] + ti[2 * b + 1, v & 15]
+                if l2:
+                    acc = np.float32(2.0) * acc - sq[r]
+                _push(hsi, hii, acc, p)
+
+
+@njit(nogil=True, cache=True)
+def _top_columns(scores: np.ndarray, hs: np.ndarray, hi: np.ndarray) -> None:  # pragma: no cover
+    for i in range(scores.shape[0]):
+        row, hsi, hii = scores[i], hs[i], hi[i]
+        for c in range(scores.shape[1]):
+            _push(hsi, hii, row[c], c)
+
+
+def top_columns(scores: np.ndarray, n: int) -> np.ndarray:
+    """``(rows, n)`` int64: the columns of the ``n`` highest scores of each row, best first, ties
+    to the lower column (the nearest centroids of each query).
+
+    Examples
+    --------
+    >>> top_columns(np.array([[0.1, 0.9, 0.5, 0.9]], np.float32), 3).tolist()
+    [[1, 3, 2]]
+    """
+    hs, hi = new_heaps(scores.shape[0], n)
+    _top_columns(scores, hs, hi)
+    sort_heaps(hs, hi)
+    return hi
+
+
+@njit(nogil=True, cache=True)
+def _sort_heaps(hs: np.ndarray, hi: np.ndarray) -> None:  # pragma: no cover - compiled
+    n = hs.shape[1]
+    for i in range(hs.shape[0]):
+        s, p = hs[i], hi[i]
+        for end in range(n - 1, 0, -1):  # heap sort: the worst to the end, one at a time
+            ws, wp = s[0], p[0]
+            s[0], p[0] = s[end], p[end]
+            _sift_down(s, p, end)
+            s[end], p[end] = ws, wp
+        for t in range(n):
+            if p[t] == EMPTY:
+                p[t] = -1
+
+
+@njit(nogil=True, cache=True)
+def _sift_down(s: np.ndarray, p: np.ndarray, n: int) -> None:  # pragma: no cover - compiled
+    """Restore the min-heap order of ``s[:n], p[:n]`` after its root was replaced."""
+    v, q = s[0], p[0]
+    i = 0
+    while True:
+        c = 2 * i + 1
+        if c >= n:
+            break
+        r = c + 1
+        if r < n and (s[r] < s[c] or (s[r] == s[c] and p[r] > p[c])):
+            c = r
+        if s[c] < v or (s[c] == v and p[c] > q):
+            s[i] = s[c]
+            p[i] = p[c]
+            i = c
+        else:
+            break
+    s[i] = v
+    p[i] = q
+
+
+def sort_heaps(hs: np.ndarray, hi: np.ndarray) -> None:
+    """Order each heap best first, in place; empty slots end up last with position -1."""
+    _sort_heaps(hs, hi)
+
+
+def nibble_tables(queries: np.ndarray, nbytes: int) -> np.ndarray:
+    """``(nq, 2 * nbytes, 16)`` float32: entry ``[i, n, e]`` is query ``i``'s score of nibble ``n``
+    (dimensions ``4n .. 4n + 3``, the high bit first, as ``np.packbits`` packs) having bits ``e``:
+    the sum of ``+q`` over its set bits and ``-q`` over its clear ones (0 past the dimension).
+
+    Examples
+    --------
+    >>> t = nibble_tables(np.array([[1.0, 2.0, 0.0, 0.0, 0.0, 0.0, 0.0, -1.0]], np.float32), 1)
+    >>> float(t[0, 0, 0b1000]), float(t[0, 1, 0b0001])
+    (-1.0, -1.0)
+    """
+    q = np.zeros((len(queries), nbytes * 8), np.float32)
+    q[:, :queries.shape[1]] = queries
+    signs = (((np.arange(16)[:, None] >> np.arange(3, -1, -1)[None, :]) & 1) * 2 - 1).astype(np.float32)
+    return np.ascontiguousarray(q.reshape(len(q), nbytes * 2, 4) @ signs.T)
+
+
+def warm() -> None:
+    """Run each kernel once on tiny inputs, for the argument types the index uses."""
+    parts, starts, pos = np.zeros((1, 1), np.int64), np.array([0, 1], np.int64), np.zeros(1, np.int64)
+    empty_sq, empty_mask = np.zeros(0, np.float32), np.zeros(0, bool)
+    for codes in (np.zeros((1, 8), np.float32), np.zeros((1, 8), np.int8)):
+        hs, hi = new_heaps(1, 1)
+        scan_dense(np.zeros((1, 8), np.float32), np.zeros(1, np.float32), parts, starts, codes, pos,
+                   empty_sq, empty_mask, hs, hi)
+    hs, hi = new_heaps(1, 1)
+    scan_signs(nibble_tables(np.zeros((1, 8), np.float32), 1), parts, starts, np.zeros((1, 1), np.uint8),
+               pos, empty_sq, empty_mask, hs, hi)
+    sort_heaps(hs, hi)
+    top_columns(np.zeros((1, 2), np.float32), 1)

@@ -1,0 +1,145 @@
+"""The numba kernels against NumPy references: the re-rank's float64 scores bit for bit, the IVF
+scans' heaps against a brute-force selection (ties, deleted rows, filters, L2, several files),
+the nearest-centroid selection, the sign codes' nibble tables, and the switch that turns them off."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from embtools.kernels.codes import pack_signs
+from embtools.kernels.hamming import sign_scores
+from embtools.kernels.jit import JIT_ENV, jit_kernels
+
+ivf = jit_kernels("ivf_jit")
+rr = jit_kernels("rerank_jit")
+
+
+def test_the_kernels_load_and_the_switch_turns_them_off(monkeypatch):
+    assert ivf is not None and rr is not None  # numba is part of the [all] extra the tests install
+    monkeypatch.setenv(JIT_ENV, "0")
+    assert jit_kernels("ivf_jit") is None
+
+
+@pytest.mark.parametrize("n", [1, 5, 8, 9, 63, 127, 128, 129, 200, 384, 385, 768, 1000, 1536, 4096])
+def test_pairwise_sum_is_numpys_to_the_bit(n):
+    rng = np.random.default_rng(n)
+    a = rng.standard_normal((300, n)) * 10.0 ** rng.integers(-8, 8, (300, 1))
+    stack = np.empty(64)
+    got = np.array([rr.pairwise_sum(row, rr.sum_program(n), stack) for row in a])
+    assert np.array_equal(got, np.sum(a, axis=-1))
+
+
+@pytest.mark.parametrize("metric", ["cosine", "dot", "l2"])
+@pytest.mark.parametrize("dim", [3, 64, 384])
+def test_rerank_scores_equal_the_numpy_rerank(monkeypatch, metric, dim):
+    from embtools.search import refine
+    from embtools.storage.memory_source import ArraySource
+
+    rng = np.random.default_rng(dim)
+    x = rng.standard_normal((500, dim)).astype(np.float32)
+    x[7] = 0  # a zero row (cosine: norm 1 by convention)
+    x[9] = x[8]  # exact duplicates tie exactly
+    q = rng.standard_normal((40, dim))
+    if metric == "cosine":
+        q /= np.linalg.norm(q, axis=1, keepdims=True)
+    cand = np.sort(rng.choice(500, (40, 30)), axis=1)
+    cand[:, :4] = [7, 8, 9, 10]
+    source = ArraySource(x)
+    monkeypatch.setenv(JIT_ENV, "0")
+    want = refine._score(source, q, dim, cand, metric)
+    monkeypatch.setenv(JIT_ENV, "1")
+    for threads in (False, True):
+        got = refine._score(source, q, dim, cand, metric, threads=threads)
+        assert got.dtype == np.float64 and np.array_equal(got, want)
+    one = np.unique(cand[:1])[None, :]  # one query: its candidates distinct and ascending
+    monkeypatch.setenv(JIT_ENV, "0")
+    want = refine._score(source, q[:1], dim, one, metric)
+    monkeypatch.setenv(JIT_ENV, "1")
+    assert np.array_equal(refine._score(source, q[:1], dim, one, metric), want)
+
+
+def test_threaded_rerank_of_many_candidates(monkeypatch):
+    from embtools.search import refine
+    from embtools.storage.memory_source import ArraySource
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((20_000, 48)).astype(np.float32)
+    q = rng.standard_normal((300, 48))
+    cand = np.sort(rng.choice(20_000, (300, 20)), axis=1)
+    monkeypatch.setenv(JIT_ENV, "0")
+    want = refine._score(ArraySource(x), q, 48, cand, "dot")
+    monkeypatch.setenv(JIT_ENV, "1")
+    assert len(np.unique(cand)) >= refine.THREADED_RERANK_ROWS
+    assert np.array_equal(refine._score(ArraySource(x), q, 48, cand, "dot", threads=True), want)
+
+
+def reference_heap(scores: np.ndarray, pos: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Best ``width`` (score, position) pairs, ties to the lower position, padded with -1."""
+    order = np.lexsort((pos, -scores))[:width]
+    s = np.full(width, -np.inf, np.float32)
+    p = np.full(width, -1, np.int64)
+    s[:len(order)], p[:len(order)] = scores[order], pos[order]
+    return s, p
+
+
+@pytest.mark.parametrize("kind", ["float", "int8", "l2", "masked"])
+def test_scan_dense_keeps_the_best_rows_of_the_probed_partitions(kind):
+    rng = np.random.default_rng(11)
+    rows, dim, parts = 400, 16, 10
+    starts = np.r_[0, np.sort(rng.integers(0, rows, parts - 1)), rows].astype(np.int64)
+    starts[3] = starts[4]  # an empty partition
+    if kind == "int8":
+        codes = rng.integers(-128, 128, (rows, dim)).astype(np.int8)
+    else:  # a coarse grid: many equal scores, so the ties are tested
+        codes = rng.integers(-2, 3, (rows, dim)).astype(np.float32)
+    pos = rng.permutation(1000)[:rows].astype(np.int64)
+    pos[::13] = -1  # deleted rows
+    w = rng.integers(-2, 3, (6, dim)).astype(np.float32)
+    c0 = rng.integers(-3, 3, 6).astype(np.float32)
+    sq = (codes.astype(np.float32) ** 2).sum(1).astype(np.float32) if kind == "l2" else np.zeros(0, np.float32)
+    mask = rng.random(1001) < 0.5 if kind == "masked" else np.zeros(0, bool)
+    probes = np.array([[0, 3, 5], [9, -1, -1], [3, -1, -1], [1, 2, 4], [8, 7, 6], [0, 1, 9]], np.int64)
+    width = 12
+    hs, hi = ivf.new_heaps(6, width)
+    half = rows // 2  # the same heaps fed by two "files" (an index and its delta)
+    first = np.minimum(starts, half)
+    ivf.scan_dense(w, c0, probes, first, codes[:half], pos[:half], sq[:half], mask, hs, hi)
+    ivf.scan_dense(w, c0, probes, np.maximum(starts - half, 0), codes[half:], pos[half:], sq[half:], mask, hs, hi)
+    ivf.sort_heaps(hs, hi)
+    for i in range(6):
+        r = np.concatenate([np.arange(starts[p], starts[p + 1]) for p in probes[i] if p >= 0] or [np.zeros(0, int)])
+        r = r[pos[r] >= 0]
+        if kind == "masked":
+            r = r[mask[pos[r]]]
+        s = codes[r].astype(np.float32) @ w[i] + c0[i]
+        if kind == "l2":
+            s = 2 * s - sq[r]
+        ws, wp = reference_heap(s.astype(np.float32), pos[r], width)
+        assert np.array_equal(hi[i], wp), i
+        assert np.allclose(hs[i][wp >= 0], ws[wp >= 0], atol=1e-4)
+
+
+def test_scan_signs_scores_equal_sign_scores():
+    rng = np.random.default_rng(5)
+    dim, rows = 44, 300  # not a multiple of 8: padding bits score nothing
+    codes = pack_signs(rng.standard_normal((rows, dim)))
+    q = rng.standard_normal((4, dim)).astype(np.float32)
+    tables = ivf.nibble_tables(q, codes.shape[1])
+    starts = np.array([0, rows], np.int64)
+    hs, hi = ivf.new_heaps(4, rows)
+    ivf.scan_signs(tables, np.zeros((4, 1), np.int64), starts, codes, np.arange(rows, dtype=np.int64),
+                   np.zeros(0, np.float32), np.zeros(0, bool), hs, hi)
+    ivf.sort_heaps(hs, hi)
+    want = sign_scores(q, codes, dim)
+    for i in range(4):
+        assert np.allclose(hs[i], want[i][hi[i]], atol=1e-4)
+        assert sorted(hi[i].tolist()) == list(range(rows))
+
+
+def test_top_columns_ties_to_the_lower_column():
+    rng = np.random.default_rng(2)
+    scores = rng.integers(0, 5, (50, 40)).astype(np.float32)
+    got = ivf.top_columns(scores, 7)
+    want = np.lexsort((np.broadcast_to(np.arange(40), scores.shape), -scores), axis=1)[:, :7]
+    assert np.array_equal(got, want)
