@@ -103,34 +103,148 @@ def pairwise_sum(a: np.ndarray, program: np.ndarray, stack: np.ndarray) -> float
     return stack[0]
 
 
+@njit(nogil=True, cache=True, inline="always")
+def _dot_block(x: np.ndarray, y: np.ndarray, lo: int, n: int) -> float:  # pragma: no cover
+    """:func:`_block_sum` of ``x[t] * y[t]`` over ``lo .. lo + n`` (the terms formed on the fly)."""
+    if n < 8:
+        res = 0.0
+        for i in range(lo, lo + n):
+            res += np.float64(x[i]) * y[i]
+        return res
+    r0 = np.float64(x[lo + 0]) * y[lo + 0]
+    r1 = np.float64(x[lo + 1]) * y[lo + 1]
+    r2 = np.float64(x[lo + 2]) * y[lo + 2]
+    r3 = np.float64(x[lo + 3]) * y[lo + 3]
+    r4 = np.float64(x[lo + 4]) * y[lo + 4]
+    r5 = np.float64(x[lo + 5]) * y[lo + 5]
+    r6 = np.float64(x[lo + 6]) * y[lo + 6]
+    r7 = np.float64(x[lo + 7]) * y[lo + 7]
+    i = lo + 8
+    m = lo + n - n % 8
+    while i < m:
+        r0 += np.float64(x[i + 0]) * y[i + 0]
+        r1 += np.float64(x[i + 1]) * y[i + 1]
+        r2 += np.float64(x[i + 2]) * y[i + 2]
+        r3 += np.float64(x[i + 3]) * y[i + 3]
+        r4 += np.float64(x[i + 4]) * y[i + 4]
+        r5 += np.float64(x[i + 5]) * y[i + 5]
+        r6 += np.float64(x[i + 6]) * y[i + 6]
+        r7 += np.float64(x[i + 7]) * y[i + 7]
+        i += 8
+    res = ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
+    while i < lo + n:
+        res += np.float64(x[i]) * y[i]
+        i += 1
+    return res
+
+@njit(nogil=True, cache=True, inline="always")
+def _l2_block(x: np.ndarray, y: np.ndarray, lo: int, n: int) -> float:  # pragma: no cover
+    """The same of ``(x[t] - y[t]) ** 2``."""
+    if n < 8:
+        res = 0.0
+        for i in range(lo, lo + n):
+            res += (np.float64(x[i]) - y[i]) ** 2
+        return res
+    r0 = (np.float64(x[lo + 0]) - y[lo + 0]) ** 2
+    r1 = (np.float64(x[lo + 1]) - y[lo + 1]) ** 2
+    r2 = (np.float64(x[lo + 2]) - y[lo + 2]) ** 2
+    r3 = (np.float64(x[lo + 3]) - y[lo + 3]) ** 2
+    r4 = (np.float64(x[lo + 4]) - y[lo + 4]) ** 2
+    r5 = (np.float64(x[lo + 5]) - y[lo + 5]) ** 2
+    r6 = (np.float64(x[lo + 6]) - y[lo + 6]) ** 2
+    r7 = (np.float64(x[lo + 7]) - y[lo + 7]) ** 2
+    i = lo + 8
+    m = lo + n - n % 8
+    while i < m:
+        r0 += (np.float64(x[i + 0]) - y[i + 0]) ** 2
+        r1 += (np.float64(x[i + 1]) - y[i + 1]) ** 2
+        r2 += (np.float64(x[i + 2]) - y[i + 2]) ** 2
+        r3 += (np.float64(x[i + 3]) - y[i + 3]) ** 2
+        r4 += (np.float64(x[i + 4]) - y[i + 4]) ** 2
+        r5 += (np.float64(x[i + 5]) - y[i + 5]) ** 2
+        r6 += (np.float64(x[i + 6]) - y[i + 6]) ** 2
+        r7 += (np.float64(x[i + 7]) - y[i + 7]) ** 2
+        i += 8
+    res = ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
+    while i < lo + n:
+        res += (np.float64(x[i]) - y[i]) ** 2
+        i += 1
+    return res
+
+@njit(nogil=True, cache=True, inline="always")
+def _sq_block(x: np.ndarray, y: np.ndarray, lo: int, n: int) -> float:  # pragma: no cover
+    """The same of ``x[t] * x[t]`` (``y`` unused)."""
+    if n < 8:
+        res = 0.0
+        for i in range(lo, lo + n):
+            res += np.float64(x[i]) * np.float64(x[i])
+        return res
+    r0 = np.float64(x[lo + 0]) * np.float64(x[lo + 0])
+    r1 = np.float64(x[lo + 1]) * np.float64(x[lo + 1])
+    r2 = np.float64(x[lo + 2]) * np.float64(x[lo + 2])
+    r3 = np.float64(x[lo + 3]) * np.float64(x[lo + 3])
+    r4 = np.float64(x[lo + 4]) * np.float64(x[lo + 4])
+    r5 = np.float64(x[lo + 5]) * np.float64(x[lo + 5])
+    r6 = np.float64(x[lo + 6]) * np.float64(x[lo + 6])
+    r7 = np.float64(x[lo + 7]) * np.float64(x[lo + 7])
+    i = lo + 8
+    m = lo + n - n % 8
+    while i < m:
+        r0 += np.float64(x[i + 0]) * np.float64(x[i + 0])
+        r1 += np.float64(x[i + 1]) * np.float64(x[i + 1])
+        r2 += np.float64(x[i + 2]) * np.float64(x[i + 2])
+        r3 += np.float64(x[i + 3]) * np.float64(x[i + 3])
+        r4 += np.float64(x[i + 4]) * np.float64(x[i + 4])
+        r5 += np.float64(x[i + 5]) * np.float64(x[i + 5])
+        r6 += np.float64(x[i + 6]) * np.float64(x[i + 6])
+        r7 += np.float64(x[i + 7]) * np.float64(x[i + 7])
+        i += 8
+    res = ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
+    while i < lo + n:
+        res += np.float64(x[i]) * np.float64(x[i])
+        i += 1
+    return res
+
+@njit(nogil=True, cache=True)
+def _terms_sum(x: np.ndarray, y: np.ndarray, mode: int, program: np.ndarray,
+               stack: np.ndarray) -> float:  # pragma: no cover - compiled
+    """:func:`pairwise_sum` of the terms of ``x`` and ``y``: ``x*y`` (``mode`` 0), ``(x-y)**2``
+    (1) or ``x*x`` (2), each in float64."""
+    sp = 0
+    for k in range(program.shape[0]):
+        if program[k, 1] < 0:
+            stack[sp - 2] += stack[sp - 1]
+            sp -= 1
+        else:
+            lo, n = program[k, 0], program[k, 1]
+            if mode == 0:
+                stack[sp] = _dot_block(x, y, lo, n)
+            elif mode == 1:
+                stack[sp] = _l2_block(x, y, lo, n)
+            else:
+                stack[sp] = _sq_block(x, y, lo, n)
+            sp += 1
+    return stack[0]
+
+
 @njit(nogil=True, cache=True)
 def _rerank_scores(q: np.ndarray, rows: np.ndarray, inv: np.ndarray, metric: int,
                    program: np.ndarray) -> np.ndarray:  # pragma: no cover - compiled
     """:func:`rerank_scores` with the :func:`sum_program` of the dimension."""
     g, w = inv.shape
-    dim = q.shape[1]
     out = np.empty((g, w))
-    buf = np.empty(dim)
     stack = np.empty(len(program))
     norms = np.ones(rows.shape[0])
     if metric == COSINE:
         for r in range(rows.shape[0]):
-            for t in range(dim):
-                v = np.float64(rows[r, t])
-                buf[t] = v * v
-            s = np.sqrt(pairwise_sum(buf, program, stack))
+            s = np.sqrt(_terms_sum(rows[r], rows[r], 2, program, stack))
             norms[r] = 1.0 if s == 0 else s
+    mode = 1 if metric == L2 else 0
     for i in range(g):
+        qi = q[i]
         for j in range(w):
             r = inv[i, j]
-            if metric == L2:
-                for t in range(dim):
-                    v = np.float64(rows[r, t]) - q[i, t]
-                    buf[t] = v * v
-            else:
-                for t in range(dim):
-                    buf[t] = np.float64(rows[r, t]) * q[i, t]
-            s = pairwise_sum(buf, program, stack)
+            s = _terms_sum(rows[r], qi, mode, program, stack)
             if metric == COSINE:
                 s = min(1.0, max(-1.0, s / norms[r]))
             out[i, j] = s
