@@ -11,6 +11,7 @@ import pytest
 
 from embtools.kernels import codes as C
 from embtools.kernels import hamming as H
+from embtools.kernels.jit import JIT_ENV, jit_kernels
 
 
 def _quantize_embeddings():  # type: ignore[no-untyped-def]
@@ -108,15 +109,34 @@ def test_hamming_top_k_equals_faiss(
     np.testing.assert_array_equal(H.hamming_distances(queries[:1], codes), full[:1])
 
 
+KERNELS = ["jit", "faiss", "numpy"]
+
+
+def _use_kernel(monkeypatch: pytest.MonkeyPatch, kernel: str) -> bool:
+    """Force one of threaded_hamming_top_k's kernels; returns its ``use_faiss``. The compiled
+    one is skipped where numba is missing; ``EMBTOOLS_JIT=0`` turns it off for the others."""
+    if kernel == "jit":
+        pytest.importorskip("numba")
+        monkeypatch.delenv(JIT_ENV, raising=False)
+        assert jit_kernels("hamming_jit") is not None
+    else:
+        monkeypatch.setenv(JIT_ENV, "0")
+    return kernel == "faiss"
+
+
 @pytest.mark.parametrize("nq", [1, 20])
-@pytest.mark.parametrize("nbytes", [48, 5])
-@pytest.mark.parametrize("use_faiss", [True, False])
+@pytest.mark.parametrize("nbytes", [48, 5, 16, 32, 64, 96, 40])
+@pytest.mark.parametrize("kernel", KERNELS)
 def test_threaded_hamming_top_k_equals_faiss(
-    rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch, nq: int, nbytes: int, use_faiss: bool
+    rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch, nq: int, nbytes: int, kernel: str
 ) -> None:
-    """Rows split over 1 to 5 threads (parts of a few hundred rows), FAISS knn_hamming or NumPy on
-    each part: the same distances and ids as IndexBinaryFlat, with ties straddling the parts."""
+    """Rows split over 1 to 5 threads (parts of a few hundred rows), or a batch's queries split;
+    the compiled kernel, FAISS knn_hamming or NumPy: the same distances and ids as
+    IndexBinaryFlat, with ties straddling the parts. Widths of 2 to 12 words (and 5 bytes: no
+    whole words, never compiled)."""
+    use_faiss = _use_kernel(monkeypatch, kernel)
     monkeypatch.setattr(H, "MIN_THREAD_ROWS", 300)
+    monkeypatch.setattr(H, "MIN_THREAD_QUERIES", 3)
     n = 2000
     codes = rng.integers(0, 256, (n, nbytes), dtype=np.uint8)
     codes[rng.choice(n, 200, replace=False)] = codes[0]  # ties in every part
@@ -131,8 +151,49 @@ def test_threaded_hamming_top_k_equals_faiss(
             d, i = H.threaded_hamming_top_k(queries, codes, k, threads=threads, use_faiss=use_faiss)
             np.testing.assert_array_equal(d, d_ref)
             np.testing.assert_array_equal(i, i_ref)
+            assert d.dtype == np.int32 and i.dtype == np.int64
     d, i = H.threaded_hamming_top_k(queries, codes, 0)
     assert d.shape == (nq, 0) and i.shape == (nq, 0)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_threaded_hamming_thousands_of_queries(
+    rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch, kernel: str
+) -> None:
+    """A batch of 3,000 queries (near rows, so the buffers fill and compact often) over clustered
+    codes, default threads: IndexBinaryFlat's results; one row, and k = 1."""
+    use_faiss = _use_kernel(monkeypatch, kernel)
+    centres = rng.integers(0, 256, (20, 48), dtype=np.uint8)
+    flips = np.packbits(rng.random((5000, 384)) < 0.1, axis=1)
+    codes = centres[rng.integers(0, 20, 5000)] ^ flips
+    queries = codes[rng.integers(0, 5000, 3000)] ^ np.packbits(rng.random((3000, 384)) < 0.02, axis=1)
+    for k in (1, 40):
+        d, i = H.threaded_hamming_top_k(queries, codes, k, use_faiss=use_faiss)
+        d_ref, i_ref = _faiss_search(queries, codes, k)
+        np.testing.assert_array_equal(d, d_ref)
+        np.testing.assert_array_equal(i, i_ref)
+    d, i = H.threaded_hamming_top_k(queries[:3], codes[:1], 5, use_faiss=use_faiss)
+    assert d.shape == (3, 1) and i.tolist() == [[0], [0], [0]]
+
+
+def test_jit_kernel_tiles_and_compactions(rng: np.random.Generator) -> None:
+    """The compiled kernel directly: tiles of 1 to all rows, k from 1 to every row (buffers that
+    compact every few rows, or never), offsets added; every width of 1 to 13 words."""
+    pytest.importorskip("numba")
+    J = jit_kernels("hamming_jit")
+    assert J is not None
+    for words in range(1, 14):
+        codes = rng.integers(0, 256, (700, 8 * words), dtype=np.uint8)
+        codes[rng.choice(700, 100, replace=False)] = codes[5]
+        codes[:, 1:] &= np.uint8(0xF0) if words > 3 else np.uint8(0xFF)  # many equal distances
+        queries = rng.integers(0, 256, (4, 8 * words), dtype=np.uint8)
+        queries[1] = codes[5]
+        for k in (1, 3, 256, 699, 700):
+            d_ref, i_ref = _faiss_search(queries, codes, k)
+            for tile in (1, 97, 700, 10_000):
+                d, i = J.top_k(queries.view(np.uint64), codes.view(np.uint64), k, 1000, tile)
+                np.testing.assert_array_equal(d, d_ref)
+                np.testing.assert_array_equal(i, i_ref + 1000)
 
 
 def test_hamming_lookup_table_path(
