@@ -50,6 +50,7 @@ from embtools.kernels.threads import ForkSafePool
 
 __all__ = [
     "HAS_BITWISE_COUNT",
+    "HammingStream",
     "hamming_distances",
     "hamming_top_k",
     "merge_smallest",
@@ -344,33 +345,94 @@ def _part_top_k(q: np.ndarray, c: np.ndarray, k: int, use_faiss: bool, tile_byte
     return d.astype(np.int32, copy=False), i.astype(np.int64, copy=False)
 
 
-def _jit_top_k(jit: Any, q: np.ndarray, c: np.ndarray, k: int, threads: int
-               ) -> tuple[np.ndarray, np.ndarray]:
-    """The compiled kernel over whole-word codes: one query's rows, or a batch's queries, split
-    over ``threads`` threads (parts of at least ``MIN_THREAD_ROWS`` rows / ``MIN_THREAD_QUERIES``
-    queries)."""
-    qw, cw = _words(q), _words(c)
-    nq, n = qw.shape[0], cw.shape[0]
-    tile = jit.TILE_ROWS
-    if nq > 1:
-        parts = max(1, min(threads, nq // MIN_THREAD_QUERIES))
-        if parts == 1:
-            return jit.top_k(qw, cw, k, 0, tile)  # type: ignore[no-any-return]
-        edges = np.linspace(0, nq, parts + 1).astype(np.int64)
-        futures = [_POOL.get().submit(jit.top_k, qw[a:b], cw, k, 0, tile)
-                   for a, b in itertools.pairwise(edges)]
-        results = [f.result() for f in futures]
-        return (np.concatenate([r[0] for r in results]),
-                np.concatenate([r[1] for r in results]))
-    parts = max(1, min(threads, n // MIN_THREAD_ROWS))
-    if parts == 1:
-        return jit.top_k(qw, cw, k, 0, n)  # type: ignore[no-any-return]
-    edges = np.linspace(0, n, parts + 1).astype(np.int64)
-    futures = [_POOL.get().submit(jit.top_k, qw, cw[a:b], min(k, int(b - a)), int(a), int(b - a))
-               for a, b in itertools.pairwise(edges)]
-    results = [f.result() for f in futures]
-    return merge_smallest(np.concatenate([r[0] for r in results], axis=1),
-                          np.concatenate([r[1] for r in results], axis=1), k)
+class HammingStream:
+    """The ``k`` nearest rows by Hamming distance over batches of codes read one after another
+    (rows in ascending index order, e.g. the row groups of a store): :func:`threaded_hamming_top_k`
+    without a merge per batch where the compiled kernel runs.
+
+    With :mod:`embtools.kernels.hamming_jit` (codes of whole 64-bit words, numba installed) each
+    batch is scanned into per-query buffers that persist: one query's rows split over
+    ``threads`` threads (each keeps its own buffers; parts of at least ``MIN_THREAD_ROWS`` rows),
+    a batch's queries split (at least ``MIN_THREAD_QUERIES`` each). Otherwise each batch's top k
+    comes from :func:`threaded_hamming_top_k` and is merged into the running best.
+
+    Examples
+    --------
+    >>> s = HammingStream(np.array([[1]], dtype=np.uint8), 3)
+    >>> s.add(np.array([[0], [3]], dtype=np.uint8))
+    >>> s.add(np.array([[1], [1]], dtype=np.uint8))
+    >>> d, i = s.result()
+    >>> d.tolist(), i.tolist()
+    ([[0, 0, 1]], [[2, 3, 0]])
+    """
+
+    def __init__(self, queries: np.ndarray, k: int, *, threads: int | None = None,
+                 use_faiss: bool = True) -> None:
+        q = np.asarray(queries, dtype=np.uint8)
+        if q.ndim == 1:
+            q = q[None, :]
+        self.queries = np.ascontiguousarray(q)
+        self.k = max(0, int(k))
+        self.threads = max(1, threads or THREADS)
+        self.use_faiss = use_faiss
+        self.seen = 0
+        nb = q.shape[1]
+        self._jit = jit_kernels("hamming_jit") if nb % 8 == 0 and nb and self.k else None
+        nq = q.shape[0]
+        if self._jit is not None:
+            self._qw = self.queries.view(np.uint64)
+            self._parts = 1 if nq > 1 else self.threads
+            self._state = self._jit.new_state(self._parts, nq, self.k)
+        else:
+            self._best = (np.zeros((nq, 0), np.int32), np.zeros((nq, 0), np.int64))
+
+    def add(self, codes: np.ndarray) -> None:
+        """Scan the next ``codes`` (uint8 ``(n, bytes)``); their indices follow the rows before."""
+        c = np.asarray(codes, dtype=np.uint8)
+        if c.ndim != 2 or c.shape[1] != self.queries.shape[1]:
+            raise ValueError(f"codes of shapes {self.queries.shape} and {c.shape} do not match")
+        n, offset = c.shape[0], self.seen
+        self.seen += n
+        if n == 0 or self.k == 0:
+            return
+        if self._jit is None:
+            d, i = threaded_hamming_top_k(self.queries, c, min(self.k, n), threads=self.threads,
+                                          use_faiss=self.use_faiss)
+            bd, bi = self._best
+            self._best = merge_smallest(np.concatenate([bd, d], axis=1),
+                                        np.concatenate([bi, i + offset], axis=1), self.k)
+            return
+        cw = np.ascontiguousarray(c).view(np.uint64)
+        bd, bi, counts, limits = self._state
+        scan, k, tile = self._jit.scan, self.k, self._jit.TILE_ROWS
+        nq = self._qw.shape[0]
+        if nq > 1:
+            parts = max(1, min(self.threads, nq // MIN_THREAD_QUERIES))
+            edges = np.linspace(0, nq, parts + 1).astype(np.int64)
+            jobs = [(self._qw[a:b], cw, offset, k, tile, bd[0, a:b], bi[0, a:b], counts[0, a:b],
+                     limits[0, a:b]) for a, b in itertools.pairwise(edges)]
+        else:
+            parts = max(1, min(self._parts, n // MIN_THREAD_ROWS))
+            edges = np.linspace(0, n, parts + 1).astype(np.int64)
+            jobs = [(self._qw, cw[a:b], offset + int(a), k, max(1, int(b - a)), bd[p], bi[p],
+                     counts[p], limits[p]) for p, (a, b) in enumerate(itertools.pairwise(edges))]
+        if len(jobs) == 1:
+            scan(*jobs[0])
+            return
+        for f in [_POOL.get().submit(scan, *job) for job in jobs]:
+            f.result()
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(distances int32 (nq, k'), indices int64 (nq, k'))``, nearest first, ties to the
+        lower index; ``k'`` is ``k`` clipped to the rows added."""
+        nq = self.queries.shape[0]
+        k = min(self.k, self.seen)
+        if k == 0:
+            return np.zeros((nq, 0), np.int32), np.zeros((nq, 0), np.int64)
+        if self._jit is None:
+            return self._best
+        bd, bi, counts, _ = self._state
+        return self._jit.finish(bd, bi, counts, k, 8 * self.queries.shape[1])  # type: ignore[no-any-return]
 
 
 def threaded_hamming_top_k(queries: np.ndarray, codes: np.ndarray, k: int, *,
@@ -399,9 +461,10 @@ def threaded_hamming_top_k(queries: np.ndarray, codes: np.ndarray, k: int, *,
     k = min(int(k), n)
     if k <= 0:
         return np.zeros((q.shape[0], 0), np.int32), np.zeros((q.shape[0], 0), np.int64)
-    jit = jit_kernels("hamming_jit") if c.shape[1] % 8 == 0 and c.shape[1] else None
-    if jit is not None:
-        return _jit_top_k(jit, q, c, k, threads or THREADS)
+    if c.shape[1] % 8 == 0 and c.shape[1] and jit_kernels("hamming_jit") is not None:
+        stream = HammingStream(q, k, threads=threads)
+        stream.add(c)
+        return stream.result()
     parts = max(1, min(threads or THREADS, n // MIN_THREAD_ROWS))
     if threads is None and use_faiss and q.shape[0] > 1 and _faiss() is not None:
         parts = 1  # FAISS spreads a batch's queries over its own threads

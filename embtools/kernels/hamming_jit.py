@@ -9,8 +9,11 @@ and the first rows at ``v`` (the lowest indices) are kept, ``k`` in all, and ``t
 row at distance ``v`` has a higher index than every kept one, so it could not enter. The popcount
 is LLVM's ``ctpop`` (one ``popcnt`` instruction per word where the CPU has it).
 
-For a batch, :func:`top_k` walks the codes in tiles of ``tile_rows`` rows (they stay in L1/L2)
-and scans each tile for every query before the next tile is read.
+For a batch, :func:`scan` walks the codes in tiles of ``tile_rows`` rows (they stay in L1/L2)
+and scans each tile for every query before the next tile is read. The buffers persist across
+calls (:func:`new_state`), so batches of rows read one after another (the row groups of a
+store) go into the same buffers; :func:`finish` merges the buffers of the threads that scanned
+parts of the rows and sorts. :func:`top_k` is the three in one call.
 
 Load this module through :func:`embtools.kernels.jit.jit_kernels` (it imports numba). The kernels
 release the GIL: the caller splits rows or queries over its threads.
@@ -30,7 +33,7 @@ import numpy as np
 from numba import njit, types
 from numba.extending import intrinsic
 
-__all__ = ["TILE_ROWS", "top_k"]
+__all__ = ["EMPTY_LIMIT", "TILE_ROWS", "finish", "new_state", "scan", "top_k"]
 
 #: rows of a tile that every query of a batch scans before the next (48-byte codes: 96 KiB)
 TILE_ROWS = 2048
@@ -140,21 +143,29 @@ def _scan(codes: np.ndarray, a: int, b: int, q: np.ndarray, t: int, c: int,
     return t, c
 
 
+#: the threshold of an empty buffer: every distance is below it
+EMPTY_LIMIT = 1 << 62
+
+
+def new_state(parts: int, nq: int, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Empty buffers of the ``k`` best rows for ``nq`` queries, ``parts`` times (one per thread
+    that scans a share of the rows): ``(distances int32 (parts, nq, cap), indices int64 (parts,
+    nq, cap), counts int64 (parts, nq), thresholds int64 (parts, nq))``, ``cap = max(2 k, k + 256)``."""
+    cap = max(2 * k, k + 256)
+    return (np.empty((parts, nq, cap), np.int32), np.empty((parts, nq, cap), np.int64),
+            np.zeros((parts, nq), np.int64), np.full((parts, nq), EMPTY_LIMIT, np.int64))
+
+
 @njit(nogil=True, cache=True)
-def top_k(queries: np.ndarray, codes: np.ndarray, k: int, offset: int, tile_rows: int
-          ) -> tuple[np.ndarray, np.ndarray]:  # pragma: no cover - compiled
-    """The ``k`` nearest of the rows ``codes`` (uint64 ``(n, w)``) to each query (uint64
-    ``(nq, w)``) by Hamming distance: ``(distances int32 (nq, k), indices int64 (nq, k))``,
-    nearest first, ties to the lower index, indices counted from ``offset``. ``k <= n``."""
+def scan(queries: np.ndarray, codes: np.ndarray, offset: int, k: int, tile_rows: int,
+         bd: np.ndarray, bi: np.ndarray, counts: np.ndarray, limits: np.ndarray
+         ) -> None:  # pragma: no cover - compiled
+    """Scan the rows ``codes`` (uint64 ``(n, w)``, indices counted from ``offset``) into the
+    buffers of the queries (uint64 ``(nq, w)``): one part of :func:`new_state`, ``bd[p]`` etc.
+    Rows must come in ascending index order across calls on the same buffers."""
     nq, nw = queries.shape
     n = codes.shape[0]
-    bits = 64 * nw
-    cap = max(2 * k, k + 256)
-    bd = np.empty((nq, cap), np.int32)
-    bi = np.empty((nq, cap), np.int64)
-    counts = np.zeros(nq, np.int64)
-    limits = np.full(nq, bits + 1, np.int64)
-    hist = np.empty(bits + 2, np.int64)
+    hist = np.empty(64 * nw + 2, np.int64)
     for a in range(0, n, tile_rows):
         b = min(n, a + tile_rows)
         for r in range(nq):
@@ -162,27 +173,62 @@ def top_k(queries: np.ndarray, codes: np.ndarray, k: int, offset: int, tile_rows
                          hist)
             limits[r] = t
             counts[r] = c
+
+
+@njit(nogil=True, cache=True)
+def finish(bd: np.ndarray, bi: np.ndarray, counts: np.ndarray, k: int, bits: int
+           ) -> tuple[np.ndarray, np.ndarray]:  # pragma: no cover - compiled
+    """The ``k`` best of every part's buffers per query, nearest first, ties to the lower index:
+    ``(distances int32 (nq, k), indices int64 (nq, k))``; ``k`` at most the rows scanned."""
+    parts, nq = counts.shape
+    hist = np.empty(bits + 2, np.int64)
+    starts = np.empty(bits + 2, np.int64)
     out_d = np.empty((nq, k), np.int32)
     out_i = np.empty((nq, k), np.int64)
-    starts = np.empty(bits + 2, np.int64)
     for r in range(nq):
-        qd = bd[r]
-        qi = bi[r]
-        c = counts[r]
-        if c > k:
-            _compact(qd, qi, c, k, hist)
-            c = k
-        # a stable counting sort by distance: equal distances stay in row order
-        hist[:] = 0
-        for j in range(c):
-            hist[qd[j]] += 1
-        s = 0
-        for v in range(bits + 2):
-            starts[v] = s
-            s += hist[v]
-        for j in range(c):
-            p = starts[qd[j]]
-            starts[qd[j]] = p + 1
-            out_d[r, p] = qd[j]
-            out_i[r, p] = qi[j]
+        for p in range(parts):
+            if counts[p, r] > k:
+                _compact(bd[p, r], bi[p, r], counts[p, r], k, hist)
+                counts[p, r] = k
+        if parts == 1:
+            # a stable counting sort by distance: equal distances stay in row order
+            qd = bd[0, r]
+            qi = bi[0, r]
+            c = counts[0, r]
+            hist[:] = 0
+            for j in range(c):
+                hist[qd[j]] += 1
+            s = 0
+            for v in range(bits + 2):
+                starts[v] = s
+                s += hist[v]
+            for j in range(c):
+                p = starts[qd[j]]
+                starts[qd[j]] = p + 1
+                out_d[r, p] = qd[j]
+                out_i[r, p] = qi[j]
+            continue
+        total = 0
+        for p in range(parts):
+            total += counts[p, r]
+        keys = np.empty(total, np.int64)
+        j = 0
+        for p in range(parts):
+            for e in range(counts[p, r]):
+                keys[j] = (np.int64(bd[p, r, e]) << 40) | bi[p, r, e]
+                j += 1
+        keys.sort()
+        for e in range(k):
+            out_d[r, e] = keys[e] >> 40
+            out_i[r, e] = keys[e] & ((np.int64(1) << 40) - 1)
     return out_d, out_i
+
+
+def top_k(queries: np.ndarray, codes: np.ndarray, k: int, offset: int = 0,
+          tile_rows: int = TILE_ROWS) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` nearest of the rows ``codes`` (uint64 ``(n, w)``) to each query (uint64
+    ``(nq, w)``) by Hamming distance: ``(distances int32 (nq, k), indices int64 (nq, k))``,
+    nearest first, ties to the lower index, indices counted from ``offset``; ``k <= n``."""
+    bd, bi, counts, limits = new_state(1, queries.shape[0], k)
+    scan(queries, codes, offset, k, tile_rows, bd[0], bi[0], counts[0], limits[0])
+    return finish(bd, bi, counts, k, 64 * queries.shape[1])  # type: ignore[no-any-return]

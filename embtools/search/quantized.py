@@ -34,6 +34,7 @@ Examples
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,14 +45,14 @@ from embtools.kernels.codes import decode_int8, int8_steps, pack_signs, sign_byt
 from embtools.kernels.hamming import (
     MATMUL_QUERIES,
     TILE_BYTES,
+    HammingStream,
     merge_smallest,
     sign_scores,
-    threaded_hamming_top_k,
 )
 from embtools.kernels.numpy_tiles import select_top_k, tile_bytes
 from embtools.search.request import DEFAULT_RESCORE, PRECISIONS, SearchContext, SearchRequest
 from embtools.storage.quantized import gather_codes, iter_codes
-from embtools.storage.quantspec import code_width
+from embtools.storage.quantspec import code_column, code_width
 
 __all__ = [
     "BINARY_MODES",
@@ -187,22 +188,35 @@ def code_shortlist(req: SearchRequest, ctx: SearchContext, kind: str, m: int,
     return out
 
 
+def _code_batches(source: Any, dim: int, kind: str, positions: np.ndarray | None, rows: int
+                  ) -> Iterator[np.ndarray]:
+    """The codes of :func:`~embtools.storage.quantized.iter_codes` without their positions:
+    every row's codes (``positions`` None) come straight from the source's chunks, without
+    the position array of each batch (8 bytes a row)."""
+    chunks = getattr(source, "binary_chunks", None)
+    if positions is not None or chunks is None:
+        for _, codes in iter_codes(source, dim, kind, positions, rows):
+            yield codes
+        return
+    for _, n, load, release in chunks(code_column(dim, kind)):
+        if n == 0:
+            continue
+        codes = load()
+        for a in range(0, n, rows):
+            yield codes[a : a + rows]
+        release()
+
+
 def _binary_pass(req: SearchRequest, ctx: SearchContext, m: int, rows: int, mode: str) -> np.ndarray:
     """Ordinals (into the selection) of the best ``m`` rows per query by sign codes: the
     ``BINARY_WIDEN * m`` nearest by Hamming distance, re-ordered by the asymmetric score
     (``mode="asymmetric"``), or the ``m`` nearest (``"hamming"``); ties to the lower position."""
     nq, dim = req.nq, req.dim
     wide = m if mode == "hamming" else min(req.n_sel, m * BINARY_WIDEN)
-    qc = _query_codes(req)
-    best_d = np.zeros((nq, 0), np.int64)
-    best_i = np.zeros((nq, 0), np.int64)
-    seen = 0
-    for _, codes in iter_codes(ctx.source, dim, "binary", req.positions, rows):
-        # rows split over threads, FAISS knn_hamming on each part where it is installed
-        d, i = threaded_hamming_top_k(qc, codes, min(wide, codes.shape[0]))
-        best_d, best_i = merge_smallest(np.concatenate([best_d, d], axis=1),
-                                        np.concatenate([best_i, i + seen], axis=1), wide)
-        seen += codes.shape[0]
+    stream = HammingStream(_query_codes(req), wide)
+    for codes in _code_batches(ctx.source, dim, "binary", req.positions, rows):
+        stream.add(codes)  # compiled kernel, FAISS knn_hamming or NumPy; rows split over threads
+    best_i = stream.result()[1]
     if mode == "hamming" or wide <= m:
         return best_i[:, :m]
     # the asymmetric score of the Hamming shortlist picks the final m
