@@ -78,61 +78,21 @@ def _compact(bd: np.ndarray, bi: np.ndarray, count: int, k: int, hist: np.ndarra
     return v
 
 
-@njit(inline="always")
-def _dist4(x: np.ndarray, q: np.ndarray) -> int:  # pragma: no cover - compiled
-    return (_popcount(x[0] ^ q[0]) + _popcount(x[1] ^ q[1]) + _popcount(x[2] ^ q[2]) +
-            _popcount(x[3] ^ q[3]))
-
-
-@njit(inline="always")
-def _dist6(x: np.ndarray, q: np.ndarray) -> int:  # pragma: no cover - compiled
-    return (_popcount(x[0] ^ q[0]) + _popcount(x[1] ^ q[1]) + _popcount(x[2] ^ q[2]) +
-            _popcount(x[3] ^ q[3]) + _popcount(x[4] ^ q[4]) + _popcount(x[5] ^ q[5]))
-
-
-@njit(inline="always")
-def _dist8(x: np.ndarray, q: np.ndarray) -> int:  # pragma: no cover - compiled
-    return (_popcount(x[0] ^ q[0]) + _popcount(x[1] ^ q[1]) + _popcount(x[2] ^ q[2]) +
-            _popcount(x[3] ^ q[3]) + _popcount(x[4] ^ q[4]) + _popcount(x[5] ^ q[5]) +
-            _popcount(x[6] ^ q[6]) + _popcount(x[7] ^ q[7]))
-
-
-@njit(inline="always")
-def _dist12(x: np.ndarray, q: np.ndarray) -> int:  # pragma: no cover - compiled
-    return (_popcount(x[0] ^ q[0]) + _popcount(x[1] ^ q[1]) + _popcount(x[2] ^ q[2]) +
-            _popcount(x[3] ^ q[3]) + _popcount(x[4] ^ q[4]) + _popcount(x[5] ^ q[5]) +
-            _popcount(x[6] ^ q[6]) + _popcount(x[7] ^ q[7]) + _popcount(x[8] ^ q[8]) +
-            _popcount(x[9] ^ q[9]) + _popcount(x[10] ^ q[10]) + _popcount(x[11] ^ q[11]))
-
-
-@njit(inline="always")
-def _dist_any(x: np.ndarray, q: np.ndarray) -> int:  # pragma: no cover - compiled
-    d = 0
-    for j in range(q.shape[0]):
-        d += _popcount(x[j] ^ q[j])
-    return d
-
-
 @njit(nogil=True, cache=True)
-def _scan(codes: np.ndarray, a: int, b: int, q: np.ndarray, t: int, c: int,
+def _scan(flat: np.ndarray, a: int, b: int, q, t: int, c: int,  # type: ignore[no-untyped-def]
           qd: np.ndarray, qi: np.ndarray, k: int, offset: int, hist: np.ndarray
           ) -> tuple[int, int]:  # pragma: no cover - compiled
-    """Rows ``a:b`` into one query's buffer ``qd, qi`` (``c`` entries, threshold ``t``);
-    returns the new ``(t, c)``. The usual widths get a straight-line distance."""
+    """Rows ``a:b`` of the codes (``flat``: the ``(n, w)`` words in one row) into one query's
+    buffer ``qd, qi`` (``c`` entries, threshold ``t``); returns the new ``(t, c)``. ``q``: the
+    query's words as a tuple (the usual widths: a compiled version per width, the words held in
+    registers, the distance one straight line of ``popcnt``) or an array."""
     cap = qd.shape[0]
-    nw = q.shape[0]
+    nw = len(q)
     for row in range(a, b):
-        x = codes[row]
-        if nw == 6:
-            d = _dist6(x, q)
-        elif nw == 4:
-            d = _dist4(x, q)
-        elif nw == 8:
-            d = _dist8(x, q)
-        elif nw == 12:
-            d = _dist12(x, q)
-        else:
-            d = _dist_any(x, q)
+        p = row * nw
+        d = 0
+        for j in range(nw):
+            d += _popcount(flat[p + j] ^ q[j])
         if d < t:
             qd[c] = d
             qi[c] = row + offset
@@ -141,6 +101,34 @@ def _scan(codes: np.ndarray, a: int, b: int, q: np.ndarray, t: int, c: int,
                 t = _compact(qd, qi, c, k, hist)
                 c = k
     return t, c
+
+
+@njit(nogil=True, cache=True)
+def _scan_query(flat: np.ndarray, a: int, b: int, q: np.ndarray, t: int, c: int, qd: np.ndarray,
+                qi: np.ndarray, k: int, offset: int, hist: np.ndarray
+                ) -> tuple[int, int]:  # pragma: no cover - compiled
+    """:func:`_scan` with the query's words as a tuple for 1 to 8, 12 and 16 words (64 to 512,
+    768 and 1024 bits), as the array otherwise."""
+    nw = q.shape[0]
+    if nw == 6:
+        return _scan(flat, a, b, (q[0], q[1], q[2], q[3], q[4], q[5]), t, c, qd, qi, k, offset, hist)
+    if nw == 4:
+        return _scan(flat, a, b, (q[0], q[1], q[2], q[3]), t, c, qd, qi, k, offset, hist)
+    if nw == 8:
+        return _scan(flat, a, b, (q[0], q[1], q[2], q[3], q[4], q[5], q[6], q[7]), t, c, qd, qi,
+                     k, offset, hist)
+    if nw == 12:
+        return _scan(flat, a, b, (q[0], q[1], q[2], q[3], q[4], q[5], q[6], q[7], q[8], q[9],
+                                  q[10], q[11]), t, c, qd, qi, k, offset, hist)
+    if nw == 16:
+        return _scan(flat, a, b, (q[0], q[1], q[2], q[3], q[4], q[5], q[6], q[7], q[8], q[9],
+                                  q[10], q[11], q[12], q[13], q[14], q[15]), t, c, qd, qi, k,
+                     offset, hist)
+    if nw == 2:
+        return _scan(flat, a, b, (q[0], q[1]), t, c, qd, qi, k, offset, hist)
+    if nw == 1:
+        return _scan(flat, a, b, (q[0],), t, c, qd, qi, k, offset, hist)
+    return _scan(flat, a, b, q, t, c, qd, qi, k, offset, hist)
 
 
 #: the threshold of an empty buffer: every distance is below it
@@ -165,12 +153,13 @@ def scan(queries: np.ndarray, codes: np.ndarray, offset: int, k: int, tile_rows:
     Rows must come in ascending index order across calls on the same buffers."""
     nq, nw = queries.shape
     n = codes.shape[0]
+    flat = codes.reshape(-1)
     hist = np.empty(64 * nw + 2, np.int64)
     for a in range(0, n, tile_rows):
         b = min(n, a + tile_rows)
         for r in range(nq):
-            t, c = _scan(codes, a, b, queries[r], limits[r], counts[r], bd[r], bi[r], k, offset,
-                         hist)
+            t, c = _scan_query(flat, a, b, queries[r], limits[r], counts[r], bd[r], bi[r], k,
+                               offset, hist)
             limits[r] = t
             counts[r] = c
 
