@@ -235,10 +235,40 @@ def test_sign_scores_asymmetric(
     k = 25
     s, i = H.sign_top_k(q, codes, d, k)
     for r in range(nq):
-        # best first; the k-th best value matches and every returned row reaches it
-        order = np.lexsort((np.arange(5000), -got[r]))[:k]
-        np.testing.assert_array_equal(i[r], order)
-        np.testing.assert_array_equal(s[r], got[r][order])
+        # best first; the k-th best value matches and every returned row reaches it (a batch
+        # scores in the tile kernel, whose float32 sums round differently from sign_scores':
+        # rows whose exact scores are equal or a rounding apart may come in either order)
+        order = np.lexsort((np.arange(5000), -ref[r]))[:k]
+        np.testing.assert_allclose(s[r], ref[r][i[r]], atol=1e-4)
+        assert np.all(np.diff(ref[r][i[r]]) <= 1e-4)
+        assert len(set(i[r].tolist())) == k
+        assert ref[r][i[r]].min() >= ref[r][order[-1]] - 1e-4
+        if nq < H.MATMUL_QUERIES:  # the per-byte tables: sign_scores' own order
+            np.testing.assert_array_equal(i[r], np.lexsort((np.arange(5000), -got[r]))[:k])
+
+
+@pytest.mark.parametrize("d", [384, 13, 64])
+def test_jit_sign_select_equals_float64(rng: np.random.Generator, d: int) -> None:
+    """The compiled asymmetric re-order picks each query's best m candidates by the float64
+    score against the +-1 sign vectors, ties (duplicate rows) to the lower id; one query and a
+    batch, m from 1 to every candidate."""
+    pytest.importorskip("numba")
+    J = jit_kernels("hamming_jit")
+    assert J is not None
+    x = _clustered(rng, 3000, d)
+    x[7] = x[5]
+    codes = C.pack_signs(x)
+    signs = np.where(x > 0, 1.0, -1.0)
+    for nq in (1, 20):
+        q = _clustered(rng, nq, d)
+        ids = np.stack([rng.permutation(3000)[:400] for _ in range(nq)])
+        ids[:, :2] = [7, 5]
+        s64 = q.astype(np.float64) @ signs.T
+        for m in (1, 100, 400):
+            got = J.sign_select(q, codes[ids], ids, m)
+            for r in range(nq):
+                ref = ids[r][np.lexsort((ids[r], -s64[r, ids[r]]))[:m]]
+                np.testing.assert_array_equal(got[r], ref)
 
 
 def test_merge_smallest_int_keys_equal_lexsort(rng: np.random.Generator) -> None:

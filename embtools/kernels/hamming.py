@@ -76,6 +76,10 @@ THREADS = max(1, min(8, os.cpu_count() or 1))
 MIN_THREAD_ROWS = 32768
 #: fewest queries per thread of a batch in the compiled kernel
 MIN_THREAD_QUERIES = 4
+#: threads that split one query's rows in the compiled kernel by default: its scan is bound by
+#: memory bandwidth, and on the 2-core benchmark machine a second thread made a single-query
+#: binary search of 1M rows 0.8-1.8 ms slower (hand-offs, no more bandwidth)
+JIT_ROW_THREADS = 1
 
 
 def popcount(a: np.ndarray) -> np.ndarray:
@@ -345,6 +349,11 @@ def _part_top_k(q: np.ndarray, c: np.ndarray, k: int, use_faiss: bool, tile_byte
     return d.astype(np.int32, copy=False), i.astype(np.int64, copy=False)
 
 
+def _edges(n: int, parts: int) -> list[int]:
+    """``parts + 1`` integer cut points of ``range(n)`` into near-equal parts."""
+    return [n * p // parts for p in range(parts + 1)]
+
+
 class HammingStream:
     """The ``k`` nearest rows by Hamming distance over batches of codes read one after another
     (rows in ascending index order, e.g. the row groups of a store): :func:`threaded_hamming_top_k`
@@ -352,8 +361,9 @@ class HammingStream:
 
     With :mod:`embtools.kernels.hamming_jit` (codes of whole 64-bit words, numba installed) each
     batch is scanned into per-query buffers that persist: one query's rows split over
-    ``threads`` threads (each keeps its own buffers; parts of at least ``MIN_THREAD_ROWS`` rows),
-    a batch's queries split (at least ``MIN_THREAD_QUERIES`` each). Otherwise each batch's top k
+    ``threads`` threads (default ``JIT_ROW_THREADS``; each keeps its own buffers; parts of at
+    least ``MIN_THREAD_ROWS`` rows), a batch's queries split (default ``THREADS``; at least
+    ``MIN_THREAD_QUERIES`` each). Otherwise each batch's top k
     comes from :func:`threaded_hamming_top_k` and is merged into the running best.
 
     Examples
@@ -373,12 +383,13 @@ class HammingStream:
             q = q[None, :]
         self.queries = np.ascontiguousarray(q)
         self.k = max(0, int(k))
-        self.threads = max(1, threads or THREADS)
         self.use_faiss = use_faiss
         self.seen = 0
-        nb = q.shape[1]
+        nb, nq = q.shape[1], q.shape[0]
         self._jit = jit_kernels("hamming_jit") if nb % 8 == 0 and nb and self.k else None
-        nq = q.shape[0]
+        if threads is None:
+            threads = JIT_ROW_THREADS if self._jit is not None and nq == 1 else THREADS
+        self.threads = max(1, threads)
         if self._jit is not None:
             self._qw = self.queries.view(np.uint64)
             self._parts = 1 if nq > 1 else self.threads
@@ -406,16 +417,15 @@ class HammingStream:
         bd, bi, counts, limits = self._state
         scan, k, tile = self._jit.scan, self.k, self._jit.TILE_ROWS
         nq = self._qw.shape[0]
+        jobs: list[tuple[Any, ...]]
         if nq > 1:
-            parts = max(1, min(self.threads, nq // MIN_THREAD_QUERIES))
-            edges = np.linspace(0, nq, parts + 1).astype(np.int64)
+            edges = _edges(nq, max(1, min(self.threads, nq // MIN_THREAD_QUERIES)))
             jobs = [(self._qw[a:b], cw, offset, k, tile, bd[0, a:b], bi[0, a:b], counts[0, a:b],
                      limits[0, a:b]) for a, b in itertools.pairwise(edges)]
         else:
-            parts = max(1, min(self._parts, n // MIN_THREAD_ROWS))
-            edges = np.linspace(0, n, parts + 1).astype(np.int64)
-            jobs = [(self._qw, cw[a:b], offset + int(a), k, max(1, int(b - a)), bd[p], bi[p],
-                     counts[p], limits[p]) for p, (a, b) in enumerate(itertools.pairwise(edges))]
+            edges = _edges(n, max(1, min(self._parts, n // MIN_THREAD_ROWS)))
+            jobs = [(self._qw, cw[a:b], offset + a, k, max(1, b - a), bd[p], bi[p], counts[p],
+                     limits[p]) for p, (a, b) in enumerate(itertools.pairwise(edges))]
         if len(jobs) == 1:
             scan(*jobs[0])
             return
@@ -442,8 +452,9 @@ def threaded_hamming_top_k(queries: np.ndarray, codes: np.ndarray, k: int, *,
     ``IndexBinaryFlat``) over ``threads`` threads (default ``THREADS``).
 
     Codes of whole 64-bit words go to the compiled kernel (:mod:`embtools.kernels.hamming_jit`)
-    where :func:`~embtools.kernels.jit.jit_kernels` loads it: one query's rows split over the
-    threads, a batch's queries split. Otherwise the rows are split (parts of at least
+    where :func:`~embtools.kernels.jit.jit_kernels` loads it, through :class:`HammingStream`:
+    one query's rows split over the threads (default ``JIT_ROW_THREADS``), a batch's queries
+    split. Otherwise the rows are split (parts of at least
     ``MIN_THREAD_ROWS`` rows; a batch of queries FAISS spreads over its own threads instead) and
     each part runs FAISS ``knn_hamming`` where FAISS is installed and ``use_faiss`` (whole
     words), else :func:`hamming_top_k` (the parts share its ``TILE_BYTES`` of temporaries).

@@ -49,6 +49,7 @@ from embtools.kernels.hamming import (
     merge_smallest,
     sign_scores,
 )
+from embtools.kernels.jit import jit_kernels
 from embtools.kernels.numpy_tiles import select_top_k, tile_bytes
 from embtools.search.request import DEFAULT_RESCORE, PRECISIONS, SearchContext, SearchRequest
 from embtools.storage.quantized import gather_codes, iter_codes
@@ -223,6 +224,9 @@ def _binary_pass(req: SearchRequest, ctx: SearchContext, m: int, rows: int, mode
     q = _cos_queries(req)
     pos = req.to_positions(best_i)
     codes = gather_codes(ctx.source, dim, "binary", pos.reshape(-1)).reshape(nq, wide, -1)
+    jit = jit_kernels("hamming_jit")
+    if jit is not None:  # the same order, scored in float64 in one compiled call
+        return jit.sign_select(q, codes, best_i, m)  # type: ignore[no-any-return]
     out = np.empty((nq, m), np.int64)
     for r in range(nq):
         s = sign_scores(q[r : r + 1], codes[r], dim)[0]
