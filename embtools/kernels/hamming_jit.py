@@ -40,7 +40,7 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-__all__ = ["EMPTY_LIMIT", "TILE_ROWS", "finish", "new_state", "scan", "sign_select", "top_k"]
+__all__ = ["EMPTY_LIMIT", "TILE_ROWS", "finish", "new_state", "scan", "sign_select", "top_k", "warm"]
 
 #: rows of a tile that every query of a batch scans before the next (48-byte codes: 96 KiB)
 TILE_ROWS = 2048
@@ -278,11 +278,11 @@ def scan(queries: np.ndarray, codes: np.ndarray, offset: int, k: int, tile_rows:
     hist = np.empty(64 * nw + 2, np.int64)
     for a in range(0, n, tile_rows):
         b = min(n, a + tile_rows)
-        r = 0
-        while r + 4 <= nq and _scan_block(flat, a, b, queries, r, limits, counts, bd, bi, k,
-                                          offset, hist):
-            r += 4
-        for r in range(r, nq):
+        first = 0
+        while first + 4 <= nq and _scan_block(flat, a, b, queries, first, limits, counts, bd, bi,
+                                              k, offset, hist):
+            first += 4
+        for r in range(first, nq):
             t, c = _scan_query(flat, a, b, queries[r], limits[r], counts[r], bd[r], bi[r], k,
                                offset, hist)
             limits[r] = t
@@ -383,3 +383,15 @@ def sign_select(queries: np.ndarray, codes: np.ndarray, ids: np.ndarray, m: int
         for e in range(m):
             out[r, e] = ids[r, order[e]]
     return out
+
+
+def warm() -> None:
+    """Run each kernel once on tiny inputs, for the argument types the search uses."""
+    codes = np.zeros((8, 6), np.uint64)
+    for nq, parts in ((1, 2), (4, 1)):
+        bd, bi, counts, limits = new_state(parts, nq, 2)
+        for p in range(parts):
+            scan(codes[:nq], codes[4 * p : 4 * p + 4], 4 * p, 2, 4, bd[p], bi[p], counts[p], limits[p])
+        finish(bd, bi, counts, 2, 384)
+    sign_select(np.zeros((1, 384), np.float32), np.zeros((1, 2, 48), np.uint8),
+                np.arange(2, dtype=np.int64)[None, :], 1)
