@@ -13,6 +13,7 @@ import embtools as et
 from embtools.errors import InvalidArgumentError, MemoryLimitError
 from embtools.kernels import hamming as H
 from embtools.kernels.codes import decode_int8, encode_int8, pack_signs
+from embtools.kernels.jit import JIT_ENV
 from embtools.search import quantized as Q
 from embtools.search import recall_at_k
 from tests.helpers import brute_force, check_frame, check_top_k
@@ -50,11 +51,24 @@ def _restricted(s64: np.ndarray, cand: list[np.ndarray]) -> np.ndarray:
     return out
 
 
+def _hamming_kernel(monkeypatch: pytest.MonkeyPatch, kernel: str) -> None:
+    """embtools' own kernels, checked against FAISS: the compiled one (skipped without numba),
+    or NumPy's (``EMBTOOLS_JIT=0``, FAISS hidden)."""
+    monkeypatch.setattr(H, "_faiss", lambda: None)
+    if kernel == "jit":
+        pytest.importorskip("numba")
+        monkeypatch.delenv(JIT_ENV, raising=False)
+    else:
+        monkeypatch.setenv(JIT_ENV, "0")
+
+
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("nq", [1, 40])
-def test_hamming_shortlist_equals_faiss_then_exact(new_store, store_kind, rng, monkeypatch, metric, nq):
+@pytest.mark.parametrize("kernel", ["jit", "numpy"])
+def test_hamming_shortlist_equals_faiss_then_exact(new_store, store_kind, rng, monkeypatch, metric, nq,
+                                                   kernel):
     monkeypatch.setattr(Q, "BINARY_MODE", "hamming")
-    monkeypatch.setattr(H, "_faiss", lambda: None)  # embtools' own kernel, checked against FAISS
+    _hamming_kernel(monkeypatch, kernel)
     n, d, k, r = 1500, 64, 10, 4
     x = _corpus(rng, n, d)
     labels = rng.choice(["a", "b"], n).tolist()
@@ -74,9 +88,11 @@ def test_hamming_shortlist_equals_faiss_then_exact(new_store, store_kind, rng, m
 
 
 @pytest.mark.parametrize("metric", METRICS)
-def test_asymmetric_shortlist(new_store, rng, metric):
+@pytest.mark.parametrize("kernel", ["jit", "numpy"])
+def test_asymmetric_shortlist(new_store, rng, monkeypatch, metric, kernel):
     """The asymmetric score re-orders FAISS's Hamming shortlist of BINARY_WIDEN x m (one query
-    and a batch); exact scores come back."""
+    and a batch; the compiled kernels and NumPy's); exact scores come back."""
+    _hamming_kernel(monkeypatch, kernel)
     n, d, k, r = 2000, 48, 5, 3
     x = _corpus(rng, n, d)
     store = _store(new_store, "disk", x)
