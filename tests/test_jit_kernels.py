@@ -143,3 +143,24 @@ def test_top_columns_ties_to_the_lower_column():
     got = ivf.top_columns(scores, 7)
     want = np.lexsort((np.broadcast_to(np.arange(40), scores.shape), -scores), axis=1)[:, :7]
     assert np.array_equal(got, want)
+
+
+@pytest.mark.parametrize("metric", ["cosine", "dot", "l2"])
+def test_store_search_results_are_the_same_with_and_without_the_kernels(tmp_path, monkeypatch, metric):
+    """A committed store (a frozen source, whose row norms the compiled re-rank keeps): the same
+    frames from the NumPy kernels, the compiled ones cold and warm, and a Matryoshka prefix."""
+    import embtools as et
+
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((3000, 24)).astype(np.float32)
+    x[5] = 0
+    x[11] = x[10]
+    store = et.EmbeddingStore(tmp_path / "s", backend="numpy")
+    store.add(x)
+    q = np.concatenate([x[:3], rng.standard_normal((400, 24)).astype(np.float32)])
+    monkeypatch.setenv(JIT_ENV, "0")
+    want = [store.search(q[:, :d], k=12, metric=metric, dimension=d) for d in (24, 8)]
+    monkeypatch.setenv(JIT_ENV, "1")
+    for _ in range(2):
+        for d, frame in zip((24, 8), want, strict=True):
+            assert store.search(q[:, :d], k=12, metric=metric, dimension=d).equals(frame)

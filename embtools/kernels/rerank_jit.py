@@ -228,17 +228,24 @@ def _terms_sum(x: np.ndarray, y: np.ndarray, mode: int, program: np.ndarray,
 
 
 @njit(nogil=True, cache=True)
+def _row_norms(rows: np.ndarray, program: np.ndarray) -> np.ndarray:  # pragma: no cover - compiled
+    """float64 norms of float32 ``rows`` (0 read as 1), NumPy's bits (see :func:`row_norms`)."""
+    stack = np.empty(len(program))
+    norms = np.empty(rows.shape[0])
+    for r in range(rows.shape[0]):
+        s = np.sqrt(_terms_sum(rows[r], rows[r], 2, program, stack))
+        norms[r] = 1.0 if s == 0 else s
+    return norms
+
+
+@njit(nogil=True, cache=True)
 def _rerank_scores(q: np.ndarray, rows: np.ndarray, inv: np.ndarray, metric: int,
-                   program: np.ndarray) -> np.ndarray:  # pragma: no cover - compiled
-    """:func:`rerank_scores` with the :func:`sum_program` of the dimension."""
+                   program: np.ndarray, norms: np.ndarray) -> np.ndarray:  # pragma: no cover - compiled
+    """:func:`rerank_scores` with the :func:`sum_program` of the dimension and, for cosine, the
+    rows' norms."""
     g, w = inv.shape
     out = np.empty((g, w))
     stack = np.empty(len(program))
-    norms = np.ones(rows.shape[0])
-    if metric == COSINE:
-        for r in range(rows.shape[0]):
-            s = np.sqrt(_terms_sum(rows[r], rows[r], 2, program, stack))
-            norms[r] = 1.0 if s == 0 else s
     mode = 1 if metric == L2 else 0
     for i in range(g):
         qi = q[i]
@@ -251,14 +258,33 @@ def _rerank_scores(q: np.ndarray, rows: np.ndarray, inv: np.ndarray, metric: int
     return out
 
 
-def rerank_scores(q: np.ndarray, rows: np.ndarray, inv: np.ndarray, metric: int) -> np.ndarray:
+def row_norms(rows: np.ndarray) -> np.ndarray:
+    """float64 norms of float32 ``rows``, zero norms read as 1: the NumPy re-rank's
+    ``np.sqrt(np.sum(v64 * v64, axis=-1))`` to the bit.
+
+    Examples
+    --------
+    >>> row_norms(np.array([[3, 4], [0, 0]], np.float32)).tolist()
+    [5.0, 1.0]
+    """
+    out: np.ndarray = _row_norms(rows, sum_program(rows.shape[1]))
+    return out
+
+
+def rerank_scores(q: np.ndarray, rows: np.ndarray, inv: np.ndarray, metric: int,
+                  norms: np.ndarray | None = None) -> np.ndarray:
     """float64 scores ``(g, w)`` of queries ``q`` (``(g, dim)`` float64, normalised for cosine)
     against ``rows[inv[i, j]]`` (float32 rows): the dot product, the cosine (divided by the row's
-    norm and clipped to [-1, 1]) or the squared L2 distance (``metric``: :data:`METRICS`)."""
-    out: np.ndarray = _rerank_scores(q, rows, inv, metric, sum_program(q.shape[1]))
+    norm, :func:`row_norms` unless given, and clipped to [-1, 1]) or the squared L2 distance
+    (``metric``: :data:`METRICS`)."""
+    if metric == COSINE and norms is None:
+        norms = row_norms(rows)
+    out: np.ndarray = _rerank_scores(q, rows, inv, metric, sum_program(q.shape[1]),
+                                     np.zeros(0) if norms is None else norms)
     return out
 
 
 def warm() -> None:
     """Run the kernel once on tiny inputs."""
-    rerank_scores(np.zeros((1, 2)), np.zeros((1, 2), np.float32), np.zeros((1, 1), np.int64), DOT)
+    for metric in (DOT, COSINE):
+        rerank_scores(np.zeros((1, 2)), np.zeros((1, 2), np.float32), np.zeros((1, 1), np.int64), metric)

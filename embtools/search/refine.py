@@ -139,21 +139,41 @@ def _score_jit(jit: Any, source: VectorSource, q: np.ndarray, dim: int, uniq: np
                inv: np.ndarray, metric: str, threads: bool) -> np.ndarray:
     """:func:`_score` by the compiled kernel (:mod:`embtools.kernels.rerank_jit`); with
     ``threads`` (no cap: the gathers' pages stay mapped), many candidates are gathered and scored
-    in two halves on two threads."""
+    in two halves on two threads, and the float64 norms of a frozen source's rows are kept."""
     vecs = np.empty((len(uniq), dim), np.float32)
     code = jit.METRICS[metric]
-    if not threads or len(uniq) < THREADED_RERANK_ROWS or len(q) < 2:
+    split = threads and len(uniq) >= THREADED_RERANK_ROWS and len(q) >= 2
+    if not split:
         gather_rows(source, dim, uniq, out=vecs)
-        scores: np.ndarray = jit.rerank_scores(q, vecs, inv, code)
+    else:
+        half = len(uniq) // 2
+        list(_POOL.get().map(lambda ab: gather_rows(source, dim, uniq[ab[0]:ab[1]], out=vecs[ab[0]:ab[1]]),
+                             [(0, half), (half, len(uniq))]))
+    norms = _norms(jit, source, dim, uniq, vecs) if metric == "cosine" and threads else None
+    if not split:
+        scores: np.ndarray = jit.rerank_scores(q, vecs, inv, code, norms)
         return scores
-    half = len(uniq) // 2
-    pool = _POOL.get()
-    list(pool.map(lambda ab: gather_rows(source, dim, uniq[ab[0]:ab[1]], out=vecs[ab[0]:ab[1]]),
-                  [(0, half), (half, len(uniq))]))
     rows = len(q) // 2
-    parts = list(pool.map(lambda ab: jit.rerank_scores(q[ab[0]:ab[1]], vecs, inv[ab[0]:ab[1]], code),
-                          [(0, rows), (rows, len(q))]))
+    parts = list(_POOL.get().map(lambda ab: jit.rerank_scores(q[ab[0]:ab[1]], vecs, inv[ab[0]:ab[1]], code, norms),
+                                 [(0, rows), (rows, len(q))]))
     return np.concatenate(parts)
+
+
+def _norms(jit: Any, source: VectorSource, dim: int, uniq: np.ndarray, vecs: np.ndarray) -> np.ndarray:
+    """The float64 norms of rows ``uniq`` (gathered in ``vecs``); a frozen source (a committed
+    version) keeps them, 8 bytes a row and dimension, so later searches compute only new ones."""
+    if not getattr(source, "frozen", False):
+        return np.asarray(jit.row_norms(vecs))
+    kept = source.__dict__.setdefault("_rerank_norms", {})
+    known = kept.get(dim)
+    if known is None:
+        known = kept[dim] = np.full(int(source.num_rows), np.nan)
+    got = known[uniq]
+    miss = np.isnan(got)
+    if miss.any():
+        got[miss] = jit.row_norms(vecs[miss])
+        known[uniq[miss]] = got[miss]
+    return got
 
 
 def _score(
