@@ -176,6 +176,36 @@ def test_threaded_hamming_thousands_of_queries(
     assert d.shape == (3, 1) and i.tolist() == [[0], [0], [0]]
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("nq", [1, 9])
+def test_hamming_stream_batches_and_kept_codes(
+    rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch, kernel: str, nq: int
+) -> None:
+    """Batches of rows added one after another (some shorter than k, one empty), rows split
+    over threads: IndexBinaryFlat's results; with keep_codes, the compiled kernel returns the
+    winners' codes in result order (None on the other paths)."""
+    use_faiss = _use_kernel(monkeypatch, kernel)
+    monkeypatch.setattr(H, "MIN_THREAD_ROWS", 50)
+    codes = rng.integers(0, 256, (3000, 48), dtype=np.uint8)
+    codes[rng.choice(3000, 300, replace=False)] = codes[3]  # ties across batches
+    queries = rng.integers(0, 256, (nq, 48), dtype=np.uint8)
+    queries[0] = codes[3]
+    for k, threads in ((1, 1), (40, 2), (350, 3)):
+        stream = H.HammingStream(queries, k, threads=threads, use_faiss=use_faiss, keep_codes=True)
+        for a, b in ((0, 20), (20, 20), (20, 1400), (1400, 1430), (1430, 3000)):
+            stream.add(codes[a:b])
+        d, i = stream.result()
+        d_ref, i_ref = _faiss_search(queries, codes, k)
+        np.testing.assert_array_equal(d, d_ref)
+        np.testing.assert_array_equal(i, i_ref)
+        kept = stream.codes()
+        if kernel == "jit":
+            assert kept is not None
+            np.testing.assert_array_equal(kept, codes[i])
+        else:
+            assert kept is None
+
+
 def test_jit_kernel_tiles_and_compactions(rng: np.random.Generator) -> None:
     """The compiled kernel directly: tiles of 1 to all rows, k from 1 to every row (buffers that
     compact every few rows, or never), offsets added; every width of 1 to 13 words."""

@@ -366,6 +366,10 @@ class HammingStream:
     ``MIN_THREAD_QUERIES`` each). Otherwise each batch's top k
     comes from :func:`threaded_hamming_top_k` and is merged into the running best.
 
+    ``keep_codes``: the compiled kernel copies each candidate's code into its buffer as it
+    enters, so :meth:`codes` returns the winners' codes without reading them again (None on the
+    other paths).
+
     Examples
     --------
     >>> s = HammingStream(np.array([[1]], dtype=np.uint8), 3)
@@ -377,7 +381,7 @@ class HammingStream:
     """
 
     def __init__(self, queries: np.ndarray, k: int, *, threads: int | None = None,
-                 use_faiss: bool = True) -> None:
+                 use_faiss: bool = True, keep_codes: bool = False) -> None:
         q = np.asarray(queries, dtype=np.uint8)
         if q.ndim == 1:
             q = q[None, :]
@@ -393,7 +397,8 @@ class HammingStream:
         if self._jit is not None:
             self._qw = self.queries.view(np.uint64)
             self._parts = 1 if nq > 1 else self.threads
-            self._state = self._jit.new_state(self._parts, nq, self.k)
+            words = self._qw.shape[1] if keep_codes else 0
+            self._state = self._jit.new_state(self._parts, nq, self.k, words)
         else:
             self._best = (np.zeros((nq, 0), np.int32), np.zeros((nq, 0), np.int64))
 
@@ -414,18 +419,18 @@ class HammingStream:
                                         np.concatenate([bi, i + offset], axis=1), self.k)
             return
         cw = np.ascontiguousarray(c).view(np.uint64)
-        bd, bi, counts, limits = self._state
+        bd, bi, counts, limits, bc = self._state
         scan, k, tile = self._jit.scan, self.k, self._jit.TILE_ROWS
         nq = self._qw.shape[0]
         jobs: list[tuple[Any, ...]]
         if nq > 1:
             edges = _edges(nq, max(1, min(self.threads, nq // MIN_THREAD_QUERIES)))
             jobs = [(self._qw[a:b], cw, offset, k, tile, bd[0, a:b], bi[0, a:b], counts[0, a:b],
-                     limits[0, a:b]) for a, b in itertools.pairwise(edges)]
+                     limits[0, a:b], bc[0, a:b]) for a, b in itertools.pairwise(edges)]
         else:
             edges = _edges(n, max(1, min(self._parts, n // MIN_THREAD_ROWS)))
             jobs = [(self._qw, cw[a:b], offset + a, k, max(1, b - a), bd[p], bi[p], counts[p],
-                     limits[p]) for p, (a, b) in enumerate(itertools.pairwise(edges))]
+                     limits[p], bc[p]) for p, (a, b) in enumerate(itertools.pairwise(edges))]
         if len(jobs) == 1:
             scan(*jobs[0])
             return
@@ -441,8 +446,29 @@ class HammingStream:
             return np.zeros((nq, 0), np.int32), np.zeros((nq, 0), np.int64)
         if self._jit is None:
             return self._best
-        bd, bi, counts, _ = self._state
-        return self._jit.finish(bd, bi, counts, k, 8 * self.queries.shape[1])  # type: ignore[no-any-return]
+        bd, bi, counts, _, bc = self._state
+        d, i = self._jit.finish(bd, bi, counts, k, 8 * self.queries.shape[1], bc)
+        if bc.shape[3]:
+            self._codes = self._winner_codes(i)
+        return d, i
+
+    def _winner_codes(self, winners: np.ndarray) -> np.ndarray:
+        """The kept codes of ``winners`` ``(nq, k)`` (after ``finish``: each part's buffer holds
+        its best rows in row order), uint8 ``(nq, k, bytes)``."""
+        _, bi, counts, _, bc = self._state
+        nq, k = winners.shape
+        out = np.empty((nq, k, bc.shape[3]), np.uint64)
+        for r in range(nq):
+            ids = np.concatenate([bi[p, r, : counts[p, r]] for p in range(bi.shape[0])])
+            words = np.concatenate([bc[p, r, : counts[p, r]] for p in range(bi.shape[0])])
+            order = np.argsort(ids, kind="stable")
+            out[r] = words[order[np.searchsorted(ids[order], winners[r])]]
+        return out.view(np.uint8)
+
+    def codes(self) -> np.ndarray | None:
+        """After :meth:`result`, the winners' codes ``(nq, k', bytes)`` uint8 in result order
+        where they were kept (``keep_codes`` and the compiled kernel), else None."""
+        return getattr(self, "_codes", None)
 
 
 def threaded_hamming_top_k(queries: np.ndarray, codes: np.ndarray, k: int, *,

@@ -88,10 +88,11 @@ _prefetch: Any = intrinsic(_prefetch_read)
 
 
 @njit(nogil=True, cache=True)
-def _compact(bd: np.ndarray, bi: np.ndarray, count: int, k: int, hist: np.ndarray
-             ) -> int:  # pragma: no cover - compiled
-    """Keep the best ``k`` of the ``count`` buffered candidates (in row order, kept in order);
-    returns the ``k``-th smallest distance, the new threshold."""
+def _compact(bd: np.ndarray, bi: np.ndarray, count: int, k: int, hist: np.ndarray,
+             bc: np.ndarray) -> int:  # pragma: no cover - compiled
+    """Keep the best ``k`` of the ``count`` buffered candidates (in row order, kept in order;
+    ``bc``: their codes' words, or ``(cap, 0)``); returns the ``k``-th smallest distance, the
+    new threshold."""
     hist[:] = 0
     for j in range(count):
         hist[bd[j]] += 1
@@ -109,18 +110,21 @@ def _compact(bd: np.ndarray, bi: np.ndarray, count: int, k: int, hist: np.ndarra
                 ties -= 1
             bd[w] = d
             bi[w] = bi[j]
+            for x in range(bc.shape[1]):
+                bc[w, x] = bc[j, x]
             w += 1
     return v
 
 
 @njit(nogil=True, cache=True)
 def _scan(flat: np.ndarray, a: int, b: int, q, t: int, c: int,  # type: ignore[no-untyped-def]
-          qd: np.ndarray, qi: np.ndarray, k: int, offset: int, hist: np.ndarray
+          qd: np.ndarray, qi: np.ndarray, k: int, offset: int, hist: np.ndarray, qc: np.ndarray
           ) -> tuple[int, int]:  # pragma: no cover - compiled
     """Rows ``a:b`` of the codes (``flat``: the ``(n, w)`` words in one row) into one query's
     buffer ``qd, qi`` (``c`` entries, threshold ``t``); returns the new ``(t, c)``. ``q``: the
     query's words as a tuple (the usual widths: a compiled version per width, the words held in
-    registers, the distance one straight line of ``popcnt``) or an array."""
+    registers, the distance one straight line of ``popcnt``) or an array. ``qc``: the buffer's
+    codes (``(cap, w)`` words, copied with each row that enters), or ``(cap, 0)``."""
     cap = qd.shape[0]
     nw = len(q)
     last = flat.shape[0] - PREFETCH_WORDS
@@ -134,50 +138,57 @@ def _scan(flat: np.ndarray, a: int, b: int, q, t: int, c: int,  # type: ignore[n
         if d < t:
             qd[c] = d
             qi[c] = row + offset
+            for x in range(qc.shape[1]):
+                qc[c, x] = flat[p + x]
             c += 1
             if c == cap:
-                t = _compact(qd, qi, c, k, hist)
+                t = _compact(qd, qi, c, k, hist, qc)
                 c = k
     return t, c
 
 
 @njit(nogil=True, cache=True)
 def _scan_query(flat: np.ndarray, a: int, b: int, q: np.ndarray, t: int, c: int, qd: np.ndarray,
-                qi: np.ndarray, k: int, offset: int, hist: np.ndarray
+                qi: np.ndarray, k: int, offset: int, hist: np.ndarray, qc: np.ndarray
                 ) -> tuple[int, int]:  # pragma: no cover - compiled
     """:func:`_scan` with the query's words as a tuple for 1 to 8, 12 and 16 words (64 to 512,
     768 and 1024 bits), as the array otherwise."""
     nw = q.shape[0]
     if nw == 6:
-        return _scan(flat, a, b, (q[0], q[1], q[2], q[3], q[4], q[5]), t, c, qd, qi, k, offset, hist)
+        return _scan(flat, a, b, (q[0], q[1], q[2], q[3], q[4], q[5]), t, c, qd, qi, k, offset,
+                     hist, qc)
     if nw == 4:
-        return _scan(flat, a, b, (q[0], q[1], q[2], q[3]), t, c, qd, qi, k, offset, hist)
+        return _scan(flat, a, b, (q[0], q[1], q[2], q[3]), t, c, qd, qi, k, offset, hist, qc)
     if nw == 8:
         return _scan(flat, a, b, (q[0], q[1], q[2], q[3], q[4], q[5], q[6], q[7]), t, c, qd, qi,
-                     k, offset, hist)
+                     k, offset, hist, qc)
     if nw == 12:
         return _scan(flat, a, b, (q[0], q[1], q[2], q[3], q[4], q[5], q[6], q[7], q[8], q[9],
-                                  q[10], q[11]), t, c, qd, qi, k, offset, hist)
+                                  q[10], q[11]), t, c, qd, qi, k, offset, hist, qc)
     if nw == 16:
         return _scan(flat, a, b, (q[0], q[1], q[2], q[3], q[4], q[5], q[6], q[7], q[8], q[9],
                                   q[10], q[11], q[12], q[13], q[14], q[15]), t, c, qd, qi, k,
-                     offset, hist)
+                     offset, hist, qc)
     if nw == 2:
-        return _scan(flat, a, b, (q[0], q[1]), t, c, qd, qi, k, offset, hist)
+        return _scan(flat, a, b, (q[0], q[1]), t, c, qd, qi, k, offset, hist, qc)
     if nw == 1:
-        return _scan(flat, a, b, (q[0],), t, c, qd, qi, k, offset, hist)
-    return _scan(flat, a, b, q, t, c, qd, qi, k, offset, hist)
+        return _scan(flat, a, b, (q[0],), t, c, qd, qi, k, offset, hist, qc)
+    return _scan(flat, a, b, q, t, c, qd, qi, k, offset, hist, qc)
 
 
 @njit(inline="always")
 def _push(d: int, index: int, t: int, c: int, qd: np.ndarray, qi: np.ndarray, k: int,
-          hist: np.ndarray) -> tuple[int, int]:  # pragma: no cover - compiled
-    """Append a row to a query's buffer (compacting it when full): the new ``(t, c)``."""
+          hist: np.ndarray, qc: np.ndarray, flat: np.ndarray, p: int
+          ) -> tuple[int, int]:  # pragma: no cover - compiled
+    """Append a row (its words at ``flat[p:]``) to a query's buffer (compacting it when full):
+    the new ``(t, c)``."""
     qd[c] = d
     qi[c] = index
+    for x in range(qc.shape[1]):
+        qc[c, x] = flat[p + x]
     c += 1
     if c == qd.shape[0]:
-        t = _compact(qd, qi, c, k, hist)
+        t = _compact(qd, qi, c, k, hist, qc)
         c = k
     return t, c
 
@@ -185,7 +196,7 @@ def _push(d: int, index: int, t: int, c: int, qd: np.ndarray, qi: np.ndarray, k:
 @njit(nogil=True, cache=True)
 def _scan4(flat: np.ndarray, a: int, b: int, q0, q1, q2, q3, r: int,  # type: ignore[no-untyped-def]
            limits: np.ndarray, counts: np.ndarray, bd: np.ndarray, bi: np.ndarray, k: int,
-           offset: int, hist: np.ndarray) -> None:  # pragma: no cover - compiled
+           offset: int, hist: np.ndarray, bc: np.ndarray) -> None:  # pragma: no cover - compiled
     """:func:`_scan` for the four queries ``r .. r + 3`` at once (their words as tuples ``q0 ..
     q3``): each row's words are loaded once for the four (10-20% faster for batches)."""
     nw = len(q0)
@@ -204,13 +215,17 @@ def _scan4(flat: np.ndarray, a: int, b: int, q0, q1, q2, q3, r: int,  # type: ig
             d2 += _popcount(x ^ q2[j])
             d3 += _popcount(x ^ q3[j])
         if d0 < t0:
-            t0, c0 = _push(d0, row + offset, t0, c0, bd[r], bi[r], k, hist)
+            t0, c0 = _push(d0, row + offset, t0, c0, bd[r], bi[r], k, hist,
+                            bc[r], flat, p)
         if d1 < t1:
-            t1, c1 = _push(d1, row + offset, t1, c1, bd[r + 1], bi[r + 1], k, hist)
+            t1, c1 = _push(d1, row + offset, t1, c1, bd[r + 1], bi[r + 1], k, hist,
+                            bc[r + 1], flat, p)
         if d2 < t2:
-            t2, c2 = _push(d2, row + offset, t2, c2, bd[r + 2], bi[r + 2], k, hist)
+            t2, c2 = _push(d2, row + offset, t2, c2, bd[r + 2], bi[r + 2], k, hist,
+                            bc[r + 2], flat, p)
         if d3 < t3:
-            t3, c3 = _push(d3, row + offset, t3, c3, bd[r + 3], bi[r + 3], k, hist)
+            t3, c3 = _push(d3, row + offset, t3, c3, bd[r + 3], bi[r + 3], k, hist,
+                            bc[r + 3], flat, p)
     limits[r], limits[r + 1], limits[r + 2], limits[r + 3] = t0, t1, t2, t3
     counts[r], counts[r + 1], counts[r + 2], counts[r + 3] = c0, c1, c2, c3
 
@@ -233,20 +248,20 @@ def _t8(q: np.ndarray):  # type: ignore[no-untyped-def]  # pragma: no cover - co
 @njit(nogil=True, cache=True)
 def _scan_block(flat: np.ndarray, a: int, b: int, queries: np.ndarray, r: int,
                 limits: np.ndarray, counts: np.ndarray, bd: np.ndarray, bi: np.ndarray, k: int,
-                offset: int, hist: np.ndarray) -> bool:  # pragma: no cover - compiled
+                offset: int, hist: np.ndarray, bc: np.ndarray) -> bool:  # pragma: no cover - compiled
     """:func:`_scan4` of the queries ``r .. r + 3`` for codes of 4, 6 or 8 words (256, 384 and
     512 bits); False (nothing scanned) for other widths."""
     Q = queries
     nw = Q.shape[1]
     if nw == 6:
         _scan4(flat, a, b, _t6(Q[r]), _t6(Q[r + 1]), _t6(Q[r + 2]), _t6(Q[r + 3]), r, limits,
-               counts, bd, bi, k, offset, hist)
+               counts, bd, bi, k, offset, hist, bc)
     elif nw == 8:
         _scan4(flat, a, b, _t8(Q[r]), _t8(Q[r + 1]), _t8(Q[r + 2]), _t8(Q[r + 3]), r, limits,
-               counts, bd, bi, k, offset, hist)
+               counts, bd, bi, k, offset, hist, bc)
     elif nw == 4:
         _scan4(flat, a, b, _t4(Q[r]), _t4(Q[r + 1]), _t4(Q[r + 2]), _t4(Q[r + 3]), r, limits,
-               counts, bd, bi, k, offset, hist)
+               counts, bd, bi, k, offset, hist, bc)
     else:
         return False
     return True
@@ -256,18 +271,22 @@ def _scan_block(flat: np.ndarray, a: int, b: int, queries: np.ndarray, r: int,
 EMPTY_LIMIT = 1 << 62
 
 
-def new_state(parts: int, nq: int, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def new_state(parts: int, nq: int, k: int, words: int = 0
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Empty buffers of the ``k`` best rows for ``nq`` queries, ``parts`` times (one per thread
     that scans a share of the rows): ``(distances int32 (parts, nq, cap), indices int64 (parts,
-    nq, cap), counts int64 (parts, nq), thresholds int64 (parts, nq))``, ``cap = max(2 k, k + 256)``."""
+    nq, cap), counts int64 (parts, nq), thresholds int64 (parts, nq), codes uint64 (parts, nq,
+    cap, words))``, ``cap = max(2 k, k + 256)``; with ``words`` (the codes' width) the buffers
+    keep each candidate's code, which saves gathering the winners' codes afterwards."""
     cap = max(2 * k, k + 256)
     return (np.empty((parts, nq, cap), np.int32), np.empty((parts, nq, cap), np.int64),
-            np.zeros((parts, nq), np.int64), np.full((parts, nq), EMPTY_LIMIT, np.int64))
+            np.zeros((parts, nq), np.int64), np.full((parts, nq), EMPTY_LIMIT, np.int64),
+            np.empty((parts, nq, cap, words), np.uint64))
 
 
 @njit(nogil=True, cache=True)
 def scan(queries: np.ndarray, codes: np.ndarray, offset: int, k: int, tile_rows: int,
-         bd: np.ndarray, bi: np.ndarray, counts: np.ndarray, limits: np.ndarray
+         bd: np.ndarray, bi: np.ndarray, counts: np.ndarray, limits: np.ndarray, bc: np.ndarray
          ) -> None:  # pragma: no cover - compiled
     """Scan the rows ``codes`` (uint64 ``(n, w)``, indices counted from ``offset``) into the
     buffers of the queries (uint64 ``(nq, w)``): one part of :func:`new_state`, ``bd[p]`` etc.
@@ -280,20 +299,21 @@ def scan(queries: np.ndarray, codes: np.ndarray, offset: int, k: int, tile_rows:
         b = min(n, a + tile_rows)
         first = 0
         while first + 4 <= nq and _scan_block(flat, a, b, queries, first, limits, counts, bd, bi,
-                                              k, offset, hist):
+                                              k, offset, hist, bc):
             first += 4
         for r in range(first, nq):
             t, c = _scan_query(flat, a, b, queries[r], limits[r], counts[r], bd[r], bi[r], k,
-                               offset, hist)
+                               offset, hist, bc[r])
             limits[r] = t
             counts[r] = c
 
 
 @njit(nogil=True, cache=True)
-def finish(bd: np.ndarray, bi: np.ndarray, counts: np.ndarray, k: int, bits: int
+def finish(bd: np.ndarray, bi: np.ndarray, counts: np.ndarray, k: int, bits: int, bc: np.ndarray
            ) -> tuple[np.ndarray, np.ndarray]:  # pragma: no cover - compiled
     """The ``k`` best of every part's buffers per query, nearest first, ties to the lower index:
-    ``(distances int32 (nq, k), indices int64 (nq, k))``; ``k`` at most the rows scanned."""
+    ``(distances int32 (nq, k), indices int64 (nq, k))``; ``k`` at most the rows scanned. The
+    buffers are left holding (at most) their ``k`` best, in row order, with their codes."""
     parts, nq = counts.shape
     hist = np.empty(bits + 2, np.int64)
     starts = np.empty(bits + 2, np.int64)
@@ -302,7 +322,7 @@ def finish(bd: np.ndarray, bi: np.ndarray, counts: np.ndarray, k: int, bits: int
     for r in range(nq):
         for p in range(parts):
             if counts[p, r] > k:
-                _compact(bd[p, r], bi[p, r], counts[p, r], k, hist)
+                _compact(bd[p, r], bi[p, r], counts[p, r], k, hist, bc[p, r])
                 counts[p, r] = k
         if parts == 1:
             # a stable counting sort by distance: equal distances stay in row order
@@ -343,9 +363,9 @@ def top_k(queries: np.ndarray, codes: np.ndarray, k: int, offset: int = 0,
     """The ``k`` nearest of the rows ``codes`` (uint64 ``(n, w)``) to each query (uint64
     ``(nq, w)``) by Hamming distance: ``(distances int32 (nq, k), indices int64 (nq, k))``,
     nearest first, ties to the lower index, indices counted from ``offset``; ``k <= n``."""
-    bd, bi, counts, limits = new_state(1, queries.shape[0], k)
-    scan(queries, codes, offset, k, tile_rows, bd[0], bi[0], counts[0], limits[0])
-    return finish(bd, bi, counts, k, 64 * queries.shape[1])  # type: ignore[no-any-return]
+    bd, bi, counts, limits, bc = new_state(1, queries.shape[0], k)
+    scan(queries, codes, offset, k, tile_rows, bd[0], bi[0], counts[0], limits[0], bc[0])
+    return finish(bd, bi, counts, k, 64 * queries.shape[1], bc)  # type: ignore[no-any-return]
 
 
 @njit(nogil=True, cache=True)
@@ -388,10 +408,11 @@ def sign_select(queries: np.ndarray, codes: np.ndarray, ids: np.ndarray, m: int
 def warm() -> None:
     """Run each kernel once on tiny inputs, for the argument types the search uses."""
     codes = np.zeros((8, 6), np.uint64)
-    for nq, parts in ((1, 2), (4, 1)):
-        bd, bi, counts, limits = new_state(parts, nq, 2)
+    for nq, parts, words in ((1, 2, 6), (4, 1, 0)):
+        bd, bi, counts, limits, bc = new_state(parts, nq, 2, words)
         for p in range(parts):
-            scan(codes[:nq], codes[4 * p : 4 * p + 4], 4 * p, 2, 4, bd[p], bi[p], counts[p], limits[p])
-        finish(bd, bi, counts, 2, 384)
+            scan(codes[:nq], codes[4 * p : 4 * p + 4], 4 * p, 2, 4, bd[p], bi[p], counts[p],
+                 limits[p], bc[p])
+        finish(bd, bi, counts, 2, 384, bc)
     sign_select(np.zeros((1, 384), np.float32), np.zeros((1, 2, 48), np.uint8),
                 np.arange(2, dtype=np.int64)[None, :], 1)

@@ -82,6 +82,9 @@ RERANK_GROUP_BYTES = 64 * 1024**2
 DEFAULT_WORKSPACE_BYTES = 256 * 1024**2
 #: rows read per batch at most (a batch's per-row workspace: distances or scores)
 MAX_BATCH_ROWS = 1 << 18
+#: queries of a binary pass up to which the compiled scan keeps its candidates' codes (a few
+#: queries: no gather of the shortlist's codes afterwards; batches gather them, one pass)
+KEEP_CODES_QUERIES = 16
 
 
 def quantized_spec(source: Any, dim: int, kind: str) -> Any:
@@ -214,16 +217,22 @@ def _binary_pass(req: SearchRequest, ctx: SearchContext, m: int, rows: int, mode
     (``mode="asymmetric"``), or the ``m`` nearest (``"hamming"``); ties to the lower position."""
     nq, dim = req.nq, req.dim
     wide = m if mode == "hamming" else min(req.n_sel, m * BINARY_WIDEN)
-    stream = HammingStream(_query_codes(req), wide)
+    asymmetric = mode != "hamming" and wide > m
+    stream = HammingStream(_query_codes(req), wide,
+                           keep_codes=asymmetric and nq <= KEEP_CODES_QUERIES)
     for codes in _code_batches(ctx.source, dim, "binary", req.positions, rows):
         stream.add(codes)  # compiled kernel, FAISS knn_hamming or NumPy; rows split over threads
     best_i = stream.result()[1]
-    if mode == "hamming" or wide <= m:
+    if not asymmetric:
         return best_i[:, :m]
     # the asymmetric score of the Hamming shortlist picks the final m
     q = _cos_queries(req)
-    pos = req.to_positions(best_i)
-    codes = gather_codes(ctx.source, dim, "binary", pos.reshape(-1)).reshape(nq, wide, -1)
+    kept = stream.codes()
+    if kept is not None:  # copied by the scan as the rows entered its buffers
+        codes = kept
+    else:
+        pos = req.to_positions(best_i)
+        codes = gather_codes(ctx.source, dim, "binary", pos.reshape(-1)).reshape(nq, wide, -1)
     jit = jit_kernels("hamming_jit")
     if jit is not None:  # the same order, scored in float64 in one compiled call
         return jit.sign_select(q, codes, best_i, m)  # type: ignore[no-any-return]
