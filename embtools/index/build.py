@@ -30,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any
 
@@ -47,7 +48,7 @@ from embtools.index.kmeans import (
 from embtools.index.spill import Spill, read_rows
 from embtools.kernels.codes import encode_int8, int8_ranges, pack_signs, sign_bytes
 from embtools.memory import MemoryBudget, format_bytes
-from embtools.storage.durable import fsync_dir
+from embtools.storage.durable import fsync_dir, fsync_path
 from embtools.storage.jobs import progress
 from embtools.storage.manifest import INDEX_DIR, IndexEntry, Manifest, commit, crash_point
 from embtools.storage.source import gather_rows
@@ -254,25 +255,33 @@ def _write_runs(root: str, name: str, parts: np.ndarray, row_ids: np.ndarray, sp
     stage = np.empty((int((starts[:, 1::2] - starts[:, 0::2]).max()), width), dtype)
     pool = _arrow_pool()
     files: list[tuple[str, int]] = []
-    for r, (p0, p1) in enumerate(runs):
-        lo, hi = int(ends[p0]), int(ends[p1])
-        placed = np.cumsum(counts[p0:p1]) - counts[p0:p1]  # next free row of each partition
-        for j, hit in enumerate(spills):
-            c0, c1 = int(starts[j, 2 * r]), int(starts[j, 2 * r + 1])
-            if c1 == c0:
-                continue
-            mine = parts[j * chunk:(j + 1) * chunk]
-            cnt = np.bincount(mine[(mine >= p0) & (mine < p1)] - p0, minlength=p1 - p0)
-            read_rows(hit, stage[: c1 - c0], c0)
-            # this chunk's rows of each partition follow the earlier chunks' rows of it
-            dest = np.repeat(placed - (np.cumsum(cnt) - cnt), cnt) + np.arange(c1 - c0)
-            out[dest] = stage[: c1 - c0]
-            placed += cnt
-        sel = order[lo:hi]
-        files.append(write_codes(root, name, row_ids[sel], parts[sel], out[: hi - lo]))
-        if pool is not None:
-            pool.release_unused()  # give pyarrow's freed pages back now, not at its leisure
-        advance(hi - lo)
+    # each file is fsynced on a second thread while the next one is put together (the disk
+    # writes one back as the CPU works on the next); all are waited for before returning
+    with ThreadPoolExecutor(1, thread_name_prefix="embtools-index-fsync") as syncer:
+        synced = []
+        for r, (p0, p1) in enumerate(runs):
+            lo, hi = int(ends[p0]), int(ends[p1])
+            placed = np.cumsum(counts[p0:p1]) - counts[p0:p1]  # next free row of each partition
+            for j, hit in enumerate(spills):
+                c0, c1 = int(starts[j, 2 * r]), int(starts[j, 2 * r + 1])
+                if c1 == c0:
+                    continue
+                mine = parts[j * chunk:(j + 1) * chunk]
+                cnt = np.bincount(mine[(mine >= p0) & (mine < p1)] - p0, minlength=p1 - p0)
+                read_rows(hit, stage[: c1 - c0], c0)
+                # this chunk's rows of each partition follow the earlier chunks' rows of it
+                dest = np.repeat(placed - (np.cumsum(cnt) - cnt), cnt) + np.arange(c1 - c0)
+                out[dest] = stage[: c1 - c0]
+                placed += cnt
+            sel = order[lo:hi]
+            rel, size = write_codes(root, name, row_ids[sel], parts[sel], out[: hi - lo], durable=False)
+            files.append((rel, size))
+            synced.append(syncer.submit(fsync_path, os.path.join(root, rel)))
+            if pool is not None:
+                pool.release_unused()  # give pyarrow's freed pages back now, not at its leisure
+            advance(hi - lo)
+        for done in synced:
+            done.result()
     return files
 
 

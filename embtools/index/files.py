@@ -60,8 +60,9 @@ def write_centroids(root: str, name: str, centroids: np.ndarray) -> tuple[str, i
 
 
 def write_codes(root: str, name: str, row_ids: np.ndarray, parts: np.ndarray,
-                codes: np.ndarray) -> tuple[str, int]:
-    """Write one codes file (rows already sorted by partition, then row id); ``(path, bytes)``."""
+                codes: np.ndarray, durable: bool = True) -> tuple[str, int]:
+    """Write one codes file (rows already sorted by partition, then row id); ``(path, bytes)``
+    (relative to ``root``). ``durable=False``: not fsynced, the caller does it before the commit."""
     rel, path = _new_path(root, name)
     parts = np.asarray(parts, np.int32)
     if codes.dtype == np.float32:
@@ -78,7 +79,7 @@ def write_codes(root: str, name: str, row_ids: np.ndarray, parts: np.ndarray,
     table = pa.table({"row_id": pa.array(np.asarray(row_ids, np.int64)), "partition": pa.array(parts),
                       column: values})
     table = table.replace_schema_metadata(meta)
-    return rel, write_data_file(path, table, row_group_rows=max(1, len(parts)))
+    return rel, write_data_file(path, table, row_group_rows=max(1, len(parts)), durable=durable)
 
 
 def _open(path: str, size: int) -> MappedParquetFile:

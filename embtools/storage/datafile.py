@@ -130,8 +130,10 @@ def _normalise_table(table: pa.Table) -> tuple[pa.Table, list[str]]:
 
 
 def write_data_file(path: str | os.PathLike[str], table: pa.Table, *,
-                    row_group_rows: int | None = None) -> int:
-    """Write ``table`` as an embtools data file at ``path``, fsync it, and return its size in bytes.
+                    row_group_rows: int | None = None, durable: bool = True) -> int:
+    """Write ``table`` as an embtools data file at ``path``, fsync it (unless ``durable`` is False:
+    the caller then fsyncs it, with :func:`~embtools.storage.durable.fsync_dir` on the path,
+    before it commits), and return its size in bytes.
 
     Fixed-width columns (embeddings, fixed-size binaries) are PLAIN, uncompressed, without
     dictionary or statistics, one page per column chunk (data page v2) whose values start at a
@@ -184,7 +186,8 @@ def write_data_file(path: str | os.PathLike[str], table: pa.Table, *,
         tmp.flush()
         with open(path, "wb") as fh:
             size = aligned_copy(tmp.fileno(), os.fstat(tmp.fileno()).st_size, fh.fileno(), fixed)
-            fsync_file(fh)
+            if durable:
+                fsync_file(fh)
             return size
 
 

@@ -20,7 +20,7 @@ import os
 from collections.abc import Callable
 from typing import IO, Any
 
-__all__ = ["fsync_dir", "fsync_file", "write_atomic"]
+__all__ = ["fsync_dir", "fsync_file", "fsync_path", "write_atomic"]
 
 TMP_PREFIX = "."
 TMP_SUFFIX = ".tmp"
@@ -32,8 +32,18 @@ def fsync_file(fh: IO[Any]) -> None:
     os.fsync(fh.fileno())
 
 
+def fsync_path(path: str | os.PathLike[str]) -> None:
+    """fsync the file at ``path`` (written earlier, and closed, without its fsync)."""
+    fd = os.open(os.fspath(path), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def fsync_dir(path: str | os.PathLike[str]) -> None:
-    """fsync a directory so that entries created, renamed or removed in it survive a power loss."""
+    """fsync a directory so that entries created, renamed or removed in it survive a power loss
+    (or a file written earlier without its fsync: :func:`write_data_file`'s ``durable=False``)."""
     fd = os.open(os.fspath(path), os.O_RDONLY)
     try:
         os.fsync(fd)
