@@ -260,3 +260,27 @@ def test_int8_screen_steps_aside(new_store, rng):
     text = capped.explain(x[:2], 5, screen="int8")
     assert "does not fit the cap" in text
     assert capped.search(x[:2], 5, screen="int8").equals(store.search(x[:2], 5))
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_binary_search_same_with_and_without_the_kernels(new_store, rng, monkeypatch, metric):
+    """precision="binary" (Hamming shortlist, asymmetric order in float64, float re-rank) and a
+    binary funnel stage give the same frames from the compiled kernels and from NumPy's (FAISS
+    hidden), for single queries and a batch, with a filter."""
+    pytest.importorskip("numba")
+    monkeypatch.setattr(H, "_faiss", lambda: None)
+    n, d = 3000, 64
+    x = _corpus(rng, n, d)
+    labels = rng.choice(["a", "b"], n).tolist()
+    store = _store(new_store, "disk", x, labels)
+    q = _queries(rng, x, 24)
+    runs = [(q[:1], {}), (q[1:2], {"where": pl.col("label") == "a"}), (q, {}),
+            (q, {"rescore": 3}), (q[:2], {"funnel": [("binary", 60), ("int8", 20)]})]
+    frames = []
+    for jit in ("0", "1"):
+        monkeypatch.setenv(JIT_ENV, jit)
+        frames.append([store.search(qq, 10, metric=metric, precision="binary", **kw)
+                       if "funnel" not in kw else store.search(qq, 10, metric=metric, **kw)
+                       for qq, kw in runs])
+    for without, with_ in zip(*frames, strict=True):
+        assert with_.equals(without)

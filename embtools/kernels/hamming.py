@@ -56,6 +56,7 @@ __all__ = [
     "merge_smallest",
     "popcount",
     "sign_scores",
+    "sign_scores64",
     "sign_top_k",
     "threaded_hamming_top_k",
 ]
@@ -241,13 +242,35 @@ def _signs_top_k(q: np.ndarray, c: np.ndarray, dim: int, k: int, tile_bytes: int
     return running
 
 
-def _query_tables(queries: np.ndarray, nbytes: int) -> np.ndarray:
+def _query_tables(queries: np.ndarray, nbytes: int, dtype: Any = np.float32) -> np.ndarray:
     """Per query and code byte, the score of each of the 256 byte values: ``(nq, nbytes, 256)``."""
     nq, dim = queries.shape
-    padded = np.zeros((nq, nbytes * 8), dtype=np.float32)
+    padded = np.zeros((nq, nbytes * 8), dtype=dtype)
     padded[:, :dim] = queries
-    signs = unpack_signs(np.arange(256, dtype=np.uint8)[:, None], 8)  # (256, 8)
-    return np.einsum("qjb,vb->qjv", padded.reshape(nq, nbytes, 8), signs).astype(np.float32)
+    signs = unpack_signs(np.arange(256, dtype=np.uint8)[:, None], 8).astype(dtype)  # (256, 8)
+    return np.einsum("qjb,vb->qjv", padded.reshape(nq, nbytes, 8), signs).astype(dtype)
+
+
+def sign_scores64(query: np.ndarray, codes: np.ndarray, dim: int) -> np.ndarray:
+    """The asymmetric scores of one float query against packed sign codes, as :func:`sign_scores`
+    but in float64 (per-byte tables of float64 partial sums): ``(n,)``. The binary search path
+    orders its Hamming shortlist by these (the compiled kernel's float64 scores, to within
+    float64 rounding), so a shortlist's order does not hang on float32 rounding.
+
+    Examples
+    --------
+    >>> sign_scores64(np.array([0.5, 0.25], dtype=np.float32), np.array([[128], [192]], dtype=np.uint8), 2).tolist()
+    [0.25, 0.75]
+    """
+    q = np.asarray(query, dtype=np.float64).reshape(1, -1)
+    c = np.asarray(codes, dtype=np.uint8)
+    if q.shape[1] != dim or c.ndim != 2 or c.shape[1] != (dim + 7) // 8:
+        raise ValueError(f"query {q.shape} and codes {c.shape} do not match dimension {dim}")
+    nbytes = c.shape[1]
+    table = _query_tables(q, nbytes, np.float64).reshape(nbytes * 256)
+    idx = c.astype(np.intp)
+    idx += (np.arange(nbytes, dtype=np.intp) * 256)[None, :]
+    return table.take(idx).sum(axis=1)  # type: ignore[no-any-return]
 
 
 def sign_scores(queries: np.ndarray, codes: np.ndarray, dim: int) -> np.ndarray:

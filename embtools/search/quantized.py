@@ -48,6 +48,7 @@ from embtools.kernels.hamming import (
     HammingStream,
     merge_smallest,
     sign_scores,
+    sign_scores64,
 )
 from embtools.kernels.jit import jit_kernels
 from embtools.kernels.numpy_tiles import select_top_k, tile_bytes
@@ -234,11 +235,11 @@ def _binary_pass(req: SearchRequest, ctx: SearchContext, m: int, rows: int, mode
         pos = req.to_positions(best_i)
         codes = gather_codes(ctx.source, dim, "binary", pos.reshape(-1)).reshape(nq, wide, -1)
     jit = jit_kernels("hamming_jit")
-    if jit is not None:  # the same order, scored in float64 in one compiled call
+    if jit is not None:  # the same float64 order, in one compiled call
         return jit.sign_select(q, codes, best_i, m)  # type: ignore[no-any-return]
     out = np.empty((nq, m), np.int64)
     for r in range(nq):
-        s = sign_scores(q[r : r + 1], codes[r], dim)[0]
+        s = sign_scores64(q[r], codes[r], dim)  # float64, as the compiled kernel's
         order = np.lexsort((best_i[r], -s))[:m]
         out[r] = best_i[r][order]
     return out
