@@ -364,3 +364,31 @@ def test_where_filter_through_the_index(tmp_path, monkeypatch, codes, metric, ke
         store.search(q, k=10, metric=metric, nprobe=3))
     assert store.search(q[4], k=10, where=where, metric=metric, nprobe=3).equals(
         store.search(q[4:5], k=10, where=where, metric=metric, nprobe=3))
+
+
+@pytest.mark.parametrize(("codes", "metric"), [("float", "cosine"), ("int8", "l2"), ("binary", "dot")])
+def test_compiled_scan_of_one_query_split_over_two_threads(tmp_path, monkeypatch, codes, metric):
+    """A few queries with many rows to scan have their partitions dealt to two threads and the
+    heaps merged: the same results as one thread, ties included, deleted rows never returned."""
+    import embtools.index.probe as probe_mod
+    from embtools.kernels.jit import JIT_ENV
+
+    monkeypatch.setenv(JIT_ENV, "1")
+    x, q = clustered(2000, seed=8)
+    x[100:110] = x[90]  # exact duplicates: ties across the threads' heaps
+    store = et.EmbeddingStore(tmp_path / "s", backend="numpy")
+    store.add(x)
+    store.create_index(dimension=DIM, partitions=20, codes=codes, metric=metric)
+    store.delete(where=pl.col("row_id") % 9 == 4)
+    queries = np.concatenate([x[90:91], q[:5]])
+    got = {}
+    for rows in (10**9, 0):
+        monkeypatch.setattr(probe_mod, "JIT_SPLIT_ROWS", rows)
+        got[rows] = [store.search(v, k=15, nprobe=7, metric=metric) for v in queries]
+        got[rows].append(store.search(queries, k=15, nprobe=7, metric=metric))
+    for one, two in zip(got[10**9], got[0], strict=True):
+        assert one.equals(two)
+        assert (one["row_id"] % 9 != 4).all()
+    exact = store.search(queries, k=15, nprobe=20, refine=2000, metric=metric)
+    monkeypatch.setattr(probe_mod, "JIT_SPLIT_ROWS", 0)
+    assert exact.equals(store.search(queries, k=15, metric=metric, exact=True))

@@ -44,6 +44,8 @@ _POOL = ForkSafePool(_THREADS, "embtools-probe")
 GROUP_MIN_SHARE = 2.0
 #: Batches of at least this many queries are split over the threads by the compiled shortlist.
 JIT_SPLIT_QUERIES = 8
+#: Fewer queries whose probes hold at least this many rows have them scanned by two threads.
+JIT_SPLIT_ROWS = 4096
 
 
 @functools.lru_cache(maxsize=1)
@@ -246,44 +248,63 @@ class IvfIndex:
 
     def _shortlist_jit(self, jit: Any, queries: np.ndarray, kk: int, nprobe: int, width: int,
                        sel: tuple[np.ndarray, np.ndarray] | None) -> np.ndarray:
-        """The compiled shortlist (:mod:`embtools.kernels.ivf_jit`): the queries split over the
-        threads; each thread scores its queries against the centroids (one BLAS thread), picks
-        their partitions and scans them, one pass per codes file, into heaps of the best
-        ``width`` rows."""
+        """The compiled shortlist (:mod:`embtools.kernels.ivf_jit`) into heaps of each query's
+        best ``width`` rows, one pass over its probed partitions per codes file. A batch is split
+        over two threads, each scoring its queries against the centroids (one BLAS thread),
+        picking their partitions and scanning them; a few queries with many rows to scan have
+        their partitions dealt to two threads, whose heaps are then merged."""
         nq = len(queries)
         cq = self._queries(queries, self.code_dim)
         counts = None if sel is None else sel[1]
         mask = np.zeros(0, bool) if sel is None else sel[0]
         hs, hi = jit.new_heaps(nq, width)
-        none = np.zeros(0, np.float32)
 
-        def run(a: int, b: int) -> int:
+        def plan(a: int, b: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            """Partitions (padded with -1) and scan weights of queries ``a:b``."""
             probes = self.probes(queries[a:b], kk, nprobe, counts, jit)
             parts = np.full((b - a, max((len(x) for x in probes), default=0)), -1, np.int64)
             for i, x in enumerate(probes):
                 parts[i, :len(x)] = x
-            weights, c0 = self._weights(jit, cq[a:b])
-            for fi, f in enumerate(self.files):
-                sq = self._sq[fi]
-                sq = none if sq is None else sq
-                if self.kind == "binary":
-                    jit.scan_signs(weights, parts, f.starts, f.codes, self.positions[fi], sq, mask,
-                                   hs[a:b], hi[a:b])
-                else:
-                    codes = f.codes.view(np.int8) if self.kind == "int8" else f.codes
-                    jit.scan_dense(weights, c0, parts, f.starts, codes, self.positions[fi], sq, mask,
-                                   hs[a:b], hi[a:b])
+            return (parts, *self._weights(jit, cq[a:b]))
+
+        def run(a: int, b: int) -> int:
+            parts, weights, c0 = plan(a, b)
+            self._scan(jit, weights, c0, parts, mask, hs[a:b], hi[a:b])
             return int(self.total_counts[parts[parts >= 0]].sum())
 
-        if nq < JIT_SPLIT_QUERIES:
-            scored = run(0, nq)
-        else:
+        if nq >= JIT_SPLIT_QUERIES:
             half = nq // 2
             scored = sum(_POOL.get().map(lambda ab: run(*ab), [(0, half), (half, nq)]))
+        else:
+            parts, weights, c0 = plan(0, nq)
+            scored = int(self.total_counts[parts[parts >= 0]].sum())
+            if scored < JIT_SPLIT_ROWS:
+                self._scan(jit, weights, c0, parts, mask, hs, hi)
+            else:  # every other partition to a second thread, with heaps of its own
+                hs2, hi2 = jit.new_heaps(nq, width)
+                other = _POOL.get().submit(self._scan, jit, weights, c0, parts[:, 1::2], mask, hs2, hi2)
+                self._scan(jit, weights, c0, parts[:, 0::2], mask, hs, hi)
+                other.result()
+                jit.merge_heaps(hs, hi, hs2, hi2)
         jit.sort_heaps(hs, hi)
         self._touched += scored * self.code_dim * 4
         self._release_if_needed()
         return hi
+
+    def _scan(self, jit: Any, weights: np.ndarray, c0: np.ndarray, parts: np.ndarray, mask: np.ndarray,
+              hs: np.ndarray, hi: np.ndarray) -> None:
+        """Scan partitions ``parts`` of every codes file into the heaps ``hs, hi`` (one row per
+        query, as ``weights``)."""
+        none = np.zeros(0, np.float32)
+        parts = np.ascontiguousarray(parts)
+        for fi, f in enumerate(self.files):
+            sq = self._sq[fi]
+            sq = none if sq is None else sq
+            if self.kind == "binary":
+                jit.scan_signs(weights, parts, f.starts, f.codes, self.positions[fi], sq, mask, hs, hi)
+            else:
+                codes = f.codes.view(np.int8) if self.kind == "int8" else f.codes
+                jit.scan_dense(weights, c0, parts, f.starts, codes, self.positions[fi], sq, mask, hs, hi)
 
     def _weights(self, jit: Any, cq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """What the compiled scans score codes with: ``(weights, c0)``, float codes ``cq`` and 0,

@@ -140,6 +140,16 @@ def scan_signs(tables: np.ndarray, probes: np.ndarray, starts: np.ndarray, codes
 
 
 @njit(nogil=True, cache=True)
+def merge_heaps(hs: np.ndarray, hi: np.ndarray, hs2: np.ndarray, hi2: np.ndarray) -> None:  # pragma: no cover
+    """Push every row of heaps ``hs2, hi2`` into heaps ``hs, hi`` (the same queries, row for
+    row; unsorted heaps)."""
+    for i in range(hs.shape[0]):
+        for j in range(hs2.shape[1]):
+            if hi2[i, j] != EMPTY:
+                _push(hs[i], hi[i], hs2[i, j], hi2[i, j])
+
+
+@njit(nogil=True, cache=True)
 def _top_columns(scores: np.ndarray, hs: np.ndarray, hi: np.ndarray) -> None:  # pragma: no cover
     for i in range(scores.shape[0]):
         row, hsi, hii = scores[i], hs[i], hi[i]
@@ -232,5 +242,6 @@ def warm() -> None:
     hs, hi = new_heaps(1, 1)
     scan_signs(nibble_tables(np.zeros((1, 8), np.float32), 1), parts, starts, np.zeros((1, 1), np.uint8),
                pos, empty_sq, empty_mask, hs, hi)
+    merge_heaps(hs, hi, *new_heaps(1, 1))
     sort_heaps(hs, hi)
     top_columns(np.zeros((1, 2), np.float32), 1)
