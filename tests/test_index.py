@@ -392,3 +392,24 @@ def test_compiled_scan_of_one_query_split_over_two_threads(tmp_path, monkeypatch
     exact = store.search(queries, k=15, nprobe=20, refine=2000, metric=metric)
     monkeypatch.setattr(probe_mod, "JIT_SPLIT_ROWS", 0)
     assert exact.equals(store.search(queries, k=15, metric=metric, exact=True))
+
+
+def test_codes_file_of_the_wrong_width_is_corrupt_store_error(tmp_path):
+    """A codes file that is valid Parquet but holds codes of another width than the index's
+    (the compiled scans read that many bytes a row) is refused before any scan."""
+    from dataclasses import replace
+
+    from embtools.index.files import write_codes
+    from embtools.index.probe import IvfIndex
+
+    x, _ = clustered(300, seed=2)
+    store = et.EmbeddingStore(tmp_path / "s", backend="numpy")
+    store.add(x)
+    store.create_index(dimension=DIM, partitions=4, codes="binary")
+    src = store.source
+    entry = src.manifest.indexes[0]
+    wide = np.zeros((300, DIM // 8 + 1), np.uint8)  # one byte a row too many
+    rel, size = write_codes(src.root, entry.name, np.arange(300), np.zeros(300, np.int32), wide)
+    bad = replace(entry, files=[entry.files[0], rel], file_bytes=[entry.file_bytes[0], size])
+    with pytest.raises(CorruptStoreError, match="codes of shape"):
+        IvfIndex(src, bad, store.budget, np.arange(300, dtype=np.int64))

@@ -104,6 +104,11 @@ class IvfIndex:
         try:
             for rel, size in zip(entry.files[1:], entry.file_bytes[1:], strict=True):
                 self.files.append(CodesFile(os.path.join(root, rel), size, self.partitions, self.code_dim))
+                width = (self.code_dim + 7) // 8 if self.kind == "binary" else self.code_dim
+                codes = self.files[-1].codes
+                if codes.ndim != 2 or codes.shape[1] != width:  # the compiled scans read this many
+                    raise CorruptStoreError(f"index {self.name}: {rel} holds codes of shape "
+                                            f"{codes.shape}, not {width} per row")
         except BaseException:
             self.close()
             raise
