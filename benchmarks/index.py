@@ -184,13 +184,15 @@ def run_set(name: str, x: np.ndarray, q: np.ndarray, args: argparse.Namespace, w
     rows.append("|---|---|---|---|---|---|---|")
     sweep: list[dict[str, float]] = []
     for nprobe in [p for p in NPROBES if p <= partitions]:
-        store.search(q[:50], k=k, nprobe=nprobe)  # warm the page cache
-        tb, res = timed(lambda nprobe=nprobe: store.search(q, k=k, nprobe=nprobe))
+        # warm: map the probed codes' pages (FAISS holds its lists in memory), then the best of 2
+        store.search(q, k=k, nprobe=nprobe)
+        tb, res = min((timed(lambda nprobe=nprobe: store.search(q, k=k, nprobe=nprobe)) for _ in range(2)),
+                      key=lambda r: r[0])
         r_e = recall(res["row_id"].to_numpy().reshape(len(q), k), truth)
         ts, _ = timed(lambda nprobe=nprobe: [store.search(v, k=k, nprobe=nprobe) for v in single])
         fidx.nprobe = nprobe
         faiss.omp_set_num_threads(threads)
-        tfb, (_, fi) = timed(lambda: fidx.search(q, k))
+        tfb, (_, fi) = min((timed(lambda: fidx.search(q, k)) for _ in range(2)), key=lambda r: r[0])
         r_f = recall(fi, truth)
         tfs = []
         for t in sorted({1, threads}):  # single queries: FAISS gets its faster thread setting
