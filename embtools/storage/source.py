@@ -228,9 +228,10 @@ class ChunkedSource:
         return None
 
     def takes(self, n: int) -> bool:
-        """Whether :meth:`take_rows` may gather ``n`` rows at once: a few rows (a re-rank's
-        candidates), and under a memory cap only as many as the pages one gather step may
-        touch (each row can map a fault-around window of pages until its chunk is released)."""
+        """Whether :meth:`take_rows` may gather ``n`` rows at once: any number without a memory
+        cap (the mapped pages may stay); under a cap a few rows (a re-rank's candidates), only
+        as many as the pages one gather step may touch (each row can map a fault-around window
+        of pages until its chunk is released)."""
         if n <= 0:
             return False
         if self.budget is None or self.budget.cap_bytes is None:
