@@ -50,28 +50,36 @@ def new_heaps(nq: int, width: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 @njit(nogil=True, cache=True)
-def _push(hs: np.ndarray, hi: np.ndarray, s: float, p: int) -> None:  # pragma: no cover - compiled
-    """Put (score ``s``, position ``p``) into the min-heap ``hs, hi`` when it beats the root (the
-    worst row kept; of equal scores the higher position is worse)."""
-    if not (s > hs[0] or (s == hs[0] and p < hi[0])):
-        return
-    n = len(hs)
+def _sift_down(s: np.ndarray, p: np.ndarray, n: int) -> None:  # pragma: no cover - compiled
+    """Restore the min-heap order of ``s[:n], p[:n]`` after its root was replaced."""
+    v, q = s[0], p[0]
     i = 0
     while True:
         c = 2 * i + 1
         if c >= n:
             break
         r = c + 1
-        if r < n and (hs[r] < hs[c] or (hs[r] == hs[c] and hi[r] > hi[c])):
+        if r < n and (s[r] < s[c] or (s[r] == s[c] and p[r] > p[c])):
             c = r
-        if hs[c] < s or (hs[c] == s and hi[c] > p):
-            hs[i] = hs[c]
-            hi[i] = hi[c]
+        if s[c] < v or (s[c] == v and p[c] > q):
+            s[i] = s[c]
+            p[i] = p[c]
             i = c
         else:
             break
-    hs[i] = s
-    hi[i] = p
+    s[i] = v
+    p[i] = q
+
+
+@njit(nogil=True, cache=True)
+def _push(hs: np.ndarray, hi: np.ndarray, s: float, p: int) -> None:  # pragma: no cover - compiled
+    """Put (score ``s``, position ``p``) into the min-heap ``hs, hi`` when it beats the root (the
+    worst row kept; of equal scores the higher position is worse)."""
+    if not (s > hs[0] or (s == hs[0] and p < hi[0])):
+        return
+    hs[0] = s
+    hi[0] = p
+    _sift_down(hs, hi, len(hs))
 
 
 @njit(nogil=True, cache=True, fastmath=True)
@@ -185,28 +193,6 @@ def _sort_heaps(hs: np.ndarray, hi: np.ndarray) -> None:  # pragma: no cover - c
         for t in range(n):
             if p[t] == EMPTY:
                 p[t] = -1
-
-
-@njit(nogil=True, cache=True)
-def _sift_down(s: np.ndarray, p: np.ndarray, n: int) -> None:  # pragma: no cover - compiled
-    """Restore the min-heap order of ``s[:n], p[:n]`` after its root was replaced."""
-    v, q = s[0], p[0]
-    i = 0
-    while True:
-        c = 2 * i + 1
-        if c >= n:
-            break
-        r = c + 1
-        if r < n and (s[r] < s[c] or (s[r] == s[c] and p[r] > p[c])):
-            c = r
-        if s[c] < v or (s[c] == v and p[c] > q):
-            s[i] = s[c]
-            p[i] = p[c]
-            i = c
-        else:
-            break
-    s[i] = v
-    p[i] = q
 
 
 def sort_heaps(hs: np.ndarray, hi: np.ndarray) -> None:

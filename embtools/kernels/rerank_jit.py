@@ -3,7 +3,7 @@
 :func:`embtools.search.refine.rerank` scores candidates in float64 by summing the elementwise
 products (or squared differences) of a query and a row with ``np.sum`` along the last axis, which
 is NumPy's pairwise summation: blocks of at most 128 values summed in eight interleaved
-accumulators, longer runs split in two at a multiple of eight. :func:`pairwise_sum` follows the
+accumulators, longer runs split in two at a multiple of eight. :func:`terms_sum` follows the
 same order (:func:`sum_program`), so :func:`rerank_scores` returns the same bits as the NumPy path (a test checks it on
 every metric) without forming the ``(queries, candidates, dim)`` float64 block in memory.
 
@@ -25,40 +25,11 @@ import functools
 import numpy as np
 from numba import njit
 
-__all__ = ["COSINE", "DOT", "L2", "METRICS", "pairwise_sum", "rerank_scores", "sum_program", "warm"]
+__all__ = ["COSINE", "DOT", "L2", "METRICS", "rerank_scores", "row_norms", "sum_program", "terms_sum", "warm"]
 
 DOT, COSINE, L2 = 0, 1, 2
 #: the metric codes of :func:`rerank_scores`
 METRICS = {"dot": DOT, "cosine": COSINE, "l2": L2}
-
-
-@njit(nogil=True, cache=True)
-def _block_sum(a: np.ndarray, lo: int, n: int) -> float:  # pragma: no cover - compiled
-    """``a[lo:lo + n].sum()`` for ``n <= 128`` in NumPy's order: eight interleaved accumulators."""
-    if n < 8:
-        res = 0.0
-        for i in range(lo, lo + n):
-            res += a[i]
-        return res
-    r0, r1, r2, r3 = a[lo], a[lo + 1], a[lo + 2], a[lo + 3]
-    r4, r5, r6, r7 = a[lo + 4], a[lo + 5], a[lo + 6], a[lo + 7]
-    i = 8
-    m = n - n % 8
-    while i < m:
-        r0 += a[lo + i]
-        r1 += a[lo + i + 1]
-        r2 += a[lo + i + 2]
-        r3 += a[lo + i + 3]
-        r4 += a[lo + i + 4]
-        r5 += a[lo + i + 5]
-        r6 += a[lo + i + 6]
-        r7 += a[lo + i + 7]
-        i += 8
-    res = ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
-    while i < n:
-        res += a[lo + i]
-        i += 1
-    return res
 
 
 @functools.lru_cache(maxsize=64)
@@ -88,24 +59,10 @@ def sum_program(n: int) -> np.ndarray:
     return np.array(steps, np.int64).reshape(-1, 2)
 
 
-@njit(nogil=True, cache=True)
-def pairwise_sum(a: np.ndarray, program: np.ndarray, stack: np.ndarray) -> float:  # pragma: no cover
-    """``a.sum()`` in NumPy's pairwise order, by the :func:`sum_program` of ``len(a)``
-    (``stack``: room for its intermediate sums, ``len(program)`` floats)."""
-    sp = 0
-    for k in range(program.shape[0]):
-        if program[k, 1] < 0:
-            stack[sp - 2] += stack[sp - 1]
-            sp -= 1
-        else:
-            stack[sp] = _block_sum(a, program[k, 0], program[k, 1])
-            sp += 1
-    return stack[0]
-
-
 @njit(nogil=True, cache=True, inline="always")
 def _dot_block(x: np.ndarray, y: np.ndarray, lo: int, n: int) -> float:  # pragma: no cover
-    """:func:`_block_sum` of ``x[t] * y[t]`` over ``lo .. lo + n`` (the terms formed on the fly)."""
+    """``sum(x[t] * y[t] for t in lo .. lo + n)``, ``n <= 128``, in NumPy's order: eight
+    interleaved accumulators (the terms formed on the fly, not stored)."""
     if n < 8:
         res = 0.0
         for i in range(lo, lo + n):
@@ -206,9 +163,10 @@ def _sq_block(x: np.ndarray, y: np.ndarray, lo: int, n: int) -> float:  # pragma
     return res
 
 @njit(nogil=True, cache=True)
-def _terms_sum(x: np.ndarray, y: np.ndarray, mode: int, program: np.ndarray,
+def terms_sum(x: np.ndarray, y: np.ndarray, mode: int, program: np.ndarray,
                stack: np.ndarray) -> float:  # pragma: no cover - compiled
-    """:func:`pairwise_sum` of the terms of ``x`` and ``y``: ``x*y`` (``mode`` 0), ``(x-y)**2``
+    """The sum, in NumPy's pairwise order (:func:`sum_program`; ``stack``: ``len(program)``
+    floats), of the terms of ``x`` and ``y``: ``x*y`` (``mode`` 0), ``(x-y)**2``
     (1) or ``x*x`` (2), each in float64."""
     sp = 0
     for k in range(program.shape[0]):
@@ -233,7 +191,7 @@ def _row_norms(rows: np.ndarray, program: np.ndarray) -> np.ndarray:  # pragma: 
     stack = np.empty(len(program))
     norms = np.empty(rows.shape[0])
     for r in range(rows.shape[0]):
-        s = np.sqrt(_terms_sum(rows[r], rows[r], 2, program, stack))
+        s = np.sqrt(terms_sum(rows[r], rows[r], 2, program, stack))
         norms[r] = 1.0 if s == 0 else s
     return norms
 
@@ -251,7 +209,7 @@ def _rerank_scores(q: np.ndarray, rows: np.ndarray, inv: np.ndarray, metric: int
         qi = q[i]
         for j in range(w):
             r = inv[i, j]
-            s = _terms_sum(rows[r], qi, mode, program, stack)
+            s = terms_sum(rows[r], qi, mode, program, stack)
             if metric == COSINE:
                 s = min(1.0, max(-1.0, s / norms[r]))
             out[i, j] = s
