@@ -118,7 +118,9 @@ def test_certified_queries_equal_float64_brute_force(metric, filtered, cap_gb):
 @pytest.mark.parametrize("metric", ["cosine", "dot"])
 def test_uncertified_queries_fall_back_and_stay_exact(metric):
     """More exact copies of a row than the screen keeps: its queries cannot be certified, and
-    the planner's fallback answers them with the float32 path (copies in position order)."""
+    the planner's fallback answers them with the float32 path: copies only, in position order
+    among equal float32 scores (which copies: sgemm may round identical rows in different
+    column blocks differently, by an ulp, as OpenBLAS's AVX2 kernels do)."""
     rng = np.random.default_rng()
     corpus = rng.standard_normal((8000, 24)).astype(np.float32)
     copies = rng.choice(len(corpus), 300, replace=False)
@@ -130,7 +132,8 @@ def test_uncertified_queries_fall_back_and_stay_exact(metric):
     assert not ok[:10].any() and ok[10:].mean() > 0.5
     s, p, path = _exact(ArraySource(corpus), queries, 5, metric, "on")
     assert path == "screen"
-    np.testing.assert_array_equal(p[:10], np.repeat(np.sort(copies)[None, :5], 10, axis=0))
+    assert np.isin(p[:10], copies).all()
+    assert (np.diff(p[:10], axis=1)[np.diff(s[:10], axis=1) == 0] > 0).all()
     s64 = brute_force(corpus, queries, metric)
     check_top_k(s64, s, p, 5, metric, tol=1e-6 * max(1.0, float(np.abs(s64).max())))
 
