@@ -17,6 +17,16 @@ from tests.helpers import brute_force, check_top_k
 METRICS = ["cosine", "dot", "l2"]
 
 
+@pytest.fixture(params=["compiled", "numpy"])
+def kernels(request, monkeypatch):
+    """Each test using it runs twice: with the numba kernel and with the NumPy one."""
+    from embtools.kernels.jit import JIT_ENV, jit_kernels
+
+    monkeypatch.setenv(JIT_ENV, "1" if request.param == "compiled" else "0")
+    assert (jit_kernels("int8_jit") is not None) == (request.param == "compiled")
+    return request.param
+
+
 def _corpus(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
     """Clustered rows of varied norms, an exact tie, a zero row, and rows far outside any sample's
     ranges (at the low and the high end of their dimensions)."""
@@ -94,7 +104,7 @@ def _check_exact(store: et.EmbeddingStore, x: np.ndarray, q: np.ndarray, k: int,
 
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("seed", [87126921, 1, 2])
-def test_screen_exact_one_query(new_store, store_kind, metric, seed):
+def test_screen_exact_one_query(new_store, store_kind, metric, seed, kernels):
     """One query at a time (far rows, near rows, a zero query), with and without ``where``; seed
     87126921 once returned a wrong row for ``dot`` (a row clipped at the low end, code -128, was
     bounded as if it were not: the codes arrive as uint8 bytes)."""
@@ -113,7 +123,7 @@ def test_screen_exact_one_query(new_store, store_kind, metric, seed):
 
 
 @pytest.mark.parametrize("metric", METRICS)
-def test_screen_exact_thousands_of_queries_tiny_cap(new_store, rng, metric):
+def test_screen_exact_thousands_of_queries_tiny_cap(new_store, rng, metric, kernels):
     """2,000 queries under a cap that cuts the codes into small batches, k from 1 to past the rows
     of the ``where`` selection."""
     n, d = 1200, 24
@@ -187,3 +197,53 @@ def test_screen_numpy_kernels_and_no_kept_terms(new_store, rng, monkeypatch, met
     S._TERMS.clear()
     _check_exact(store, x, q, 10, metric)
     assert not S._TERMS
+
+
+def _compiled_screen(jit, codes, qt, bd, metric, terms, inv, k, capacity, limit):
+    """Run the compiled screen over ``codes`` in blocks of 700 rows, each split over two states:
+    the kept positions, or None when the scan failed."""
+    n = len(codes)
+    states = [jit.ScreenState.new(k, capacity) for _ in range(2)]
+    code = {"cosine": jit.METRIC_COSINE, "dot": jit.METRIC_DOT, "l2": jit.METRIC_L2}[metric]
+    w = qt.wi.astype(np.float32)
+    for a in range(0, n, 700):
+        m = a + min(350, n - a)
+        for st, s, e in ((states[0], a, m), (states[1], m, min(n, a + 700))):
+            jit.screen_rows(codes[s:e], w, np.arange(s, e), qt.alpha, qt.const, qt.rad, code,
+                            inv[0][s:e], inv[1][s:e], terms[s:e], qt.qq, qt.l2_slack(bd), bd.rho,
+                            *st.arrays, limit)
+    return None if any(st.failed for st in states) else jit.finish(states)
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_compiled_screen_keeps_what_the_numpy_bounds_keep(rng, metric):
+    """The compiled kernel (two states, kept lists compacted when they fill) keeps exactly the
+    rows whose NumPy upper bound reaches the k-th largest NumPy lower bound; a limit below that
+    many rows fails the scan instead of dropping any."""
+    from embtools.kernels.int8 import QueryTerms
+    from embtools.kernels.jit import jit_kernels
+
+    jit = jit_kernels("int8_jit")
+    if jit is None:
+        pytest.skip("numba is not installed")  # the [jit] extra; CI installs it
+    n, d, k = 4000, 48, 25
+    x = _corpus(rng, n, d)
+    ranges = int8_ranges(x[:600])
+    codes = encode_int8(x, ranges).view(np.int8)
+    bd = Int8Bounds.of(ranges)
+    terms = int8_row_terms(codes, bd)
+    inv = int8_inverse_norms(terms, bd)
+    for q in (x[5] + 0.1, x[12], rng.standard_normal(d), np.zeros(d)):
+        q = q.astype(np.float64)
+        if metric == "cosine" and q.any():
+            q = q / np.linalg.norm(q)
+        lo, hi = int8_score_bounds(q, codes, bd, metric, terms, inverse_norms=inv)
+        want = np.flatnonzero(hi >= np.sort(lo)[-k])
+        qt = QueryTerms.of(q, bd)
+        args = (jit, codes, qt, bd, metric, terms, inv, k)
+        np.testing.assert_array_equal(_compiled_screen(*args, capacity=n + 1, limit=n), want)
+        got = _compiled_screen(*args, capacity=len(want) + 40, limit=n)  # compacted when full
+        if got is not None:  # a list still full after compacting fails the scan
+            np.testing.assert_array_equal(got, want)
+        if len(want) > 2:
+            assert _compiled_screen(*args, capacity=2, limit=1) is None

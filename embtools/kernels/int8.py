@@ -48,6 +48,7 @@ from embtools.kernels.codes import has_end_codes, int8_radius, int8_steps
 
 __all__ = [
     "Int8Bounds",
+    "QueryTerms",
     "int8_center_norms2",
     "int8_dot",
     "int8_inverse_norms",
@@ -135,6 +136,41 @@ def quantize_query(w: np.ndarray) -> tuple[np.ndarray, float, float]:
     # the rounding, and a margin for float64 rounding of the products (relative 1e-12)
     slack = 128.0 * (float(np.abs(w - alpha * wi).sum()) * (1 + 1e-9) + 1e-12 * absw)
     return wi.astype(np.int8), alpha, slack
+
+
+@dataclass(frozen=True)
+class QueryTerms:
+    """What the bounds need of one float64 query ``q``: its int8 vector ``wi`` (``q b ~ alpha
+    wi``), the centre offset ``const = q . a``, the error ``e1`` of ``alpha (wi . c) + const``
+    as ``q . x^`` (the int8 rounding, and float64 rounding), the radius ``rad = |q| . r + e1``
+    of a dot score around it, and ``qq = q . q``.
+
+    Examples
+    --------
+    >>> r = np.array([[-1.0, -1.0], [1.0, 1.0]], np.float32)
+    >>> qt = QueryTerms.of(np.array([1.0, 0.0]), Int8Bounds.of(r))
+    >>> qt.wi.tolist(), qt.qq
+    ([127, 0], 1.0)
+    """
+
+    wi: np.ndarray
+    alpha: float
+    const: float
+    e1: float
+    rad: float
+    qq: float
+
+    @classmethod
+    def of(cls, q: np.ndarray, bd: Int8Bounds) -> QueryTerms:
+        dim = q.shape[0]
+        b, a, r = bd.step, bd.offset, bd.radius
+        wi, alpha, slack = quantize_query(q * b)
+        e1 = slack + 8 * (dim + 8) * _EPS64 * (alpha * 128.0 * 127.0 * dim + float(np.abs(q * a).sum()))
+        return cls(wi, alpha, float(q @ a), e1, float(np.abs(q) @ r) + e1, float(q @ q))
+
+    def l2_slack(self, bd: Int8Bounds) -> float:
+        """The error of ``|q - x^|^2`` computed from the kept centre norms (l2)."""
+        return bd.e2 + 2.0 * self.e1 + 4 * _EPS * self.qq
 
 
 def _tile_rows(dim: int) -> int:
@@ -287,16 +323,12 @@ def int8_score_bounds(
     dim = q.shape[0]
     if c8.ndim != 2 or c8.shape[1] != dim:
         raise ValueError(f"codes {c8.shape} do not match a query of dimension {dim}")
-    b, a, r = bd.step, bd.offset, bd.radius
-    const = float(q @ a)
-    wi, alpha, slack = quantize_query(q * b)
-    dots = int8_dot(c8, wi, use_simsimd=use_simsimd)
-    dots *= alpha
-    dots += const
-    # q . x^ within e1 of dots: the query's int8 rounding, and float64 rounding (tiny)
-    e1 = slack + 8 * (dim + 8) * _EPS64 * (alpha * 128.0 * 127.0 * dim + float(np.abs(q * a).sum()))
+    qt = QueryTerms.of(q, bd)
+    dots = int8_dot(c8, qt.wi, use_simsimd=use_simsimd)
+    dots *= qt.alpha
+    dots += qt.const
     big = np.inf
-    rad = float(np.abs(q) @ r) + e1
+    rad = qt.rad
     if metric == "dot":
         lo, hi = dots - rad, dots + rad
     elif metric == "cosine" and inverse_norms is not None:
@@ -323,9 +355,8 @@ def int8_score_bounds(
             hi = np.where(ok, np.minimum(hi, 1.0), big)
             lo = np.where(ok, np.maximum(lo, -1.0), -big)
         else:  # l2: |q - x| within rho of |q - x^|
-            qq = float(q @ q)
+            qq, e3 = qt.qq, qt.l2_slack(bd)
             v = qq + n2 - 2.0 * dots
-            e3 = e2 + 2.0 * e1 + 4 * _EPS * qq
             d_lo = np.maximum(np.sqrt(np.maximum(v - e3, 0.0)) - rho, 0.0)
             d_hi = np.sqrt(np.maximum(v + e3, 0.0)) + rho
             lo, hi = -(d_hi * d_hi) * (1 + 4 * _EPS), -(d_lo * d_lo) * (1 - 4 * _EPS)

@@ -42,7 +42,15 @@ from typing import Any
 
 import numpy as np
 
-from embtools.kernels.int8 import Int8Bounds, int8_inverse_norms, int8_row_terms, int8_score_bounds
+from embtools.kernels.int8 import (
+    Int8Bounds,
+    QueryTerms,
+    int8_inverse_norms,
+    int8_row_terms,
+    int8_score_bounds,
+)
+from embtools.kernels.jit import jit_kernels
+from embtools.kernels.threads import ForkSafePool
 from embtools.search.quantized import CodeSizes, quantized_spec
 from embtools.search.refine import rerank
 from embtools.search.request import SearchContext, SearchRequest, TopK
@@ -56,6 +64,7 @@ MAX_CANDIDATES = 20_000
 SCREEN_ROWS = 32768
 #: the kept row terms of an immutable source take at most this share of the room under the cap
 TERMS_CAP_FRACTION = 16
+_POOL = ForkSafePool(2, "embtools-int8-screen")
 _TERMS: weakref.WeakKeyDictionary[Any, dict[int, RowTerms]] = weakref.WeakKeyDictionary()
 _TERMS_LOCK = threading.Lock()
 
@@ -126,14 +135,51 @@ def certified_int8_top_k(req: SearchRequest, ctx: SearchContext, sizes: CodeSize
     with ctx.budget.holding(f"int8-screen/{id(out_p)}", held, "the certified int8 screen",
                             "raise max_memory_gb"):
         terms = _row_terms(ctx, req.dim, bounds)
+        jit = jit_kernels("int8_jit") if terms is not None and req.dim * 128 * 127 < 2**24 else None
         for qi in range(req.nq):
-            kept = _screen_one(req, ctx, queries[qi], bounds, kk, sizes.rows, step, terms)
+            if jit is not None and terms is not None:
+                kept = _screen_one_jit(jit, req, ctx, queries[qi], bounds, kk, sizes.rows, terms)
+            else:
+                kept = _screen_one(req, ctx, queries[qi], bounds, kk, sizes.rows, step, terms)
             if kept is None:
                 continue
             top = rerank(req.subset(slice(qi, qi + 1)), ctx, kept[None, :], kk)
             out_s[qi], out_p[qi] = top.scores[0], top.positions[0]
             ok[qi] = True
     return TopK(out_s, out_p), ok
+
+
+def _screen_one_jit(jit: Any, req: SearchRequest, ctx: SearchContext, q: np.ndarray,
+                    bounds: Int8Bounds, kk: int, rows: int, terms: RowTerms) -> np.ndarray | None:
+    """:func:`_screen_one` by the compiled kernel (:mod:`embtools.kernels.int8_jit`): each
+    block's rows split over two threads, each with its own heap and kept rows (exact float32
+    integer products: the caller checks ``dim * 128 * 127 < 2**24``)."""
+    qt = QueryTerms.of(q, bounds)
+    w = qt.wi.astype(np.float32)
+    metric = {"cosine": jit.METRIC_COSINE, "dot": jit.METRIC_DOT}.get(req.metric, jit.METRIC_L2)
+    e3 = qt.l2_slack(bounds)
+    states = [jit.ScreenState.new(kk, 4 * MAX_CANDIDATES) for _ in range(2)]
+
+    def scan(state: Any, p: np.ndarray, codes: np.ndarray) -> None:
+        if len(p) == 0 or state.failed:
+            return
+        t, (inv_lo, inv_hi) = terms.take(p)
+        jit.screen_rows(codes, w, p, qt.alpha, qt.const, qt.rad, metric, inv_lo, inv_hi, t, qt.qq,
+                        e3, bounds.rho, *state.arrays, MAX_CANDIDATES)
+
+    pool = _POOL.get()
+    for pos, codes in iter_codes(ctx.source, req.dim, "int8", req.positions, rows):
+        c8 = codes.view(np.int8)
+        half = len(pos) // 2
+        other = pool.submit(scan, states[1], pos[half:], c8[half:])
+        scan(states[0], pos[:half], c8[:half])
+        other.result()
+        if states[0].failed or states[1].failed:
+            return None
+    final = jit.finish(states)
+    if final.size > MAX_CANDIDATES or final.size < kk:
+        return None
+    return final
 
 
 def _screen_one(req: SearchRequest, ctx: SearchContext, q: np.ndarray, bounds: Int8Bounds, kk: int,
