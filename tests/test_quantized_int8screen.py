@@ -211,7 +211,7 @@ def _compiled_screen(jit, codes, qt, bd, metric, terms, inv, k, capacity, limit)
         for st, s, e in ((states[0], a, m), (states[1], m, min(n, a + 700))):
             jit.screen_rows(codes[s:e], w, np.arange(s, e), qt.alpha, qt.const, qt.rad, code,
                             inv[0][s:e], inv[1][s:e], terms[s:e], qt.qq, qt.l2_slack(bd), bd.rho,
-                            *st.arrays, limit)
+                            False, *st.arrays, limit)
     return None if any(st.failed for st in states) else jit.finish(states)
 
 

@@ -17,7 +17,7 @@ Examples
 >>> codes = np.array([[1, 2], [3, 4], [-5, 0]], np.int8)
 >>> inv = np.ones(3)
 >>> screen_rows(codes, np.array([1.0, 1.0], np.float32), np.arange(3), 1.0, 0.0, 0.5, METRIC_DOT,
-...             inv, inv, np.zeros(3), 0.0, 0.0, 0.0, *st.arrays, 100)
+...             inv, inv, np.zeros(3), 0.0, 0.0, 0.0, False, *st.arrays, 100)
 >>> finish([st]).tolist()  # rows whose upper bound reaches the best lower bound (7 - 0.5)
 [1]
 """
@@ -106,7 +106,7 @@ def _heap_push(heap: np.ndarray, fill: int, value: float) -> None:
 @njit(nogil=True, cache=True)
 def screen_rows(codes: np.ndarray, w: np.ndarray, pos: np.ndarray, alpha: float, const: float,
                 rad: float, metric: int, inv_lo: np.ndarray, inv_hi: np.ndarray, terms: np.ndarray,
-                qq: float, e3: float, rho: float, heap: np.ndarray, kept_pos: np.ndarray,
+                qq: float, e3: float, rho: float, skip_end: bool, heap: np.ndarray, kept_pos: np.ndarray,
                 kept_hi: np.ndarray, state: np.ndarray, limit: int) -> None:
     """Bound each row of ``codes`` (int8 ``(n, d)``; positions ``pos``) and keep those whose
     upper bound reaches the ``k``-th largest lower bound so far (see the module docstring).
@@ -114,7 +114,9 @@ def screen_rows(codes: np.ndarray, w: np.ndarray, pos: np.ndarray, alpha: float,
     ``alpha``, ``w``: the query's int8 vector as float32 and its scale; ``const``, ``rad``: the
     centre offset and the radius of :func:`embtools.kernels.int8.int8_score_bounds`. Per row:
     ``inv_lo``/``inv_hi`` (cosine) and ``terms`` (dot: NaN marks an end code; l2: the centres'
-    squared norms), ``qq``/``e3``/``rho`` for l2. When the kept rows fill ``kept_pos`` they
+    squared norms), ``qq``/``e3``/``rho`` for l2. ``skip_end``: rows that bound nothing (NaN
+    ``terms`` or ``inv_lo``) are left out (the caller scores them exactly), else they are kept
+    with bounds ``(-inf, inf)``. When the kept rows fill ``kept_pos`` they
     are compacted against the current threshold; more than ``limit`` left sets the failed flag
     and the scan stops."""
     k = heap.shape[0]
@@ -123,6 +125,8 @@ def screen_rows(codes: np.ndarray, w: np.ndarray, pos: np.ndarray, alpha: float,
     kth = heap[0] if fill == k else -np.inf
     inf = np.inf
     for i in range(codes.shape[0]):
+        if skip_end and (terms[i] != terms[i] or inv_lo[i] != inv_lo[i]):
+            continue
         dot = _int_dot(codes, i, w) * alpha + const
         if metric == METRIC_COSINE:
             a, b = inv_lo[i], inv_hi[i]
@@ -173,17 +177,20 @@ def screen_rows(codes: np.ndarray, w: np.ndarray, pos: np.ndarray, alpha: float,
     state[_FILL], state[_COUNT] = fill, count
 
 
-def finish(states: list[ScreenState]) -> np.ndarray:
+def finish(states: list[ScreenState],
+           extra: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> np.ndarray:
     """The kept positions of all ``states`` (ascending) whose upper bound reaches the ``k``-th
-    largest lower bound of them all."""
-    lows = np.concatenate([s.heap[: s.state[_FILL]] for s in states])
+    largest lower bound of them all; ``extra``: ``(positions, lower, upper)`` of rows bounded
+    outside the kernel (the rows it skipped), taken in the same way."""
+    lows = [s.heap[: s.state[_FILL]] for s in states]
+    kept = [(s.kept_pos[: s.state[_COUNT]], s.kept_hi[: s.state[_COUNT]]) for s in states]
+    if extra is not None:
+        lows.append(extra[1])
+        kept.append((extra[0], extra[2]))
+    low = np.concatenate(lows)
     k = states[0].heap.shape[0]
-    kth = -np.inf if lows.size < k else float(np.partition(lows, lows.size - k)[lows.size - k])
-    parts = []
-    for s in states:
-        n = int(s.state[_COUNT])
-        parts.append(s.kept_pos[:n][s.kept_hi[:n] >= kth])
-    return np.sort(np.concatenate(parts))
+    kth = -np.inf if low.size < k else float(np.partition(low, low.size - k)[low.size - k])
+    return np.sort(np.concatenate([pos[hi >= kth] for pos, hi in kept]))
 
 
 def warm() -> None:
@@ -192,4 +199,4 @@ def warm() -> None:
     for metric in (METRIC_COSINE, METRIC_DOT, METRIC_L2):
         st = ScreenState.new(1, 2)
         screen_rows(np.zeros((1, 4), np.int8), np.ones(4, np.float32), np.zeros(1, np.int64), 1.0,
-                    0.0, 0.0, metric, one, one, one, 1.0, 0.0, 0.0, *st.arrays, 1)
+                    0.0, 0.0, metric, one, one, one, 1.0, 0.0, 0.0, False, *st.arrays, 1)

@@ -55,6 +55,7 @@ from embtools.search.quantized import CodeSizes, quantized_spec
 from embtools.search.refine import rerank
 from embtools.search.request import SearchContext, SearchRequest, TopK
 from embtools.storage.quantized import iter_codes
+from embtools.storage.source import gather_rows
 
 __all__ = ["MAX_CANDIDATES", "certified_int8_top_k", "int8_screen_bytes"]
 
@@ -67,6 +68,8 @@ TERMS_CAP_FRACTION = 16
 _POOL = ForkSafePool(2, "embtools-int8-screen")
 _TERMS: weakref.WeakKeyDictionary[Any, dict[int, RowTerms]] = weakref.WeakKeyDictionary()
 _TERMS_LOCK = threading.Lock()
+_EPS64 = float(np.finfo(np.float64).eps)
+_EPS32 = float(np.finfo(np.float32).eps)
 
 
 def int8_screen_bytes(dim: int) -> int:
@@ -77,11 +80,41 @@ def int8_screen_bytes(dim: int) -> int:
 @dataclass(frozen=True)
 class RowTerms:
     """The query-independent part of every row's bounds: :func:`~embtools.kernels.int8.int8_row_terms`
-    and, for cosine, :func:`~embtools.kernels.int8.int8_inverse_norms` (24 bytes a row)."""
+    and, for cosine, :func:`~embtools.kernels.int8.int8_inverse_norms` (24 bytes a row); and
+    the rows whose codes bound nothing (an end code: a value the sampled ranges clipped; or a
+    norm that may be zero), ``end_pos``, with their float32 vectors ``end_rows`` (None where
+    they would not fit): the screen scores those exactly instead of keeping them all."""
 
     terms: np.ndarray
     inv_lo: np.ndarray
     inv_hi: np.ndarray
+    end_pos: np.ndarray
+    end_rows: np.ndarray | None = None
+    end_norms: np.ndarray | None = None
+
+    def end_bounds(self, q: np.ndarray, metric: str, positions: np.ndarray | None
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(positions, lower, upper)`` of the end rows (those in ``positions`` when given) for
+        the float64 query ``q`` (normalised for cosine): their scores from a float32 product,
+        widened by a bound on its rounding (``(d + 4) u |q| |x|``, the query's own rounding to
+        float32 included)."""
+        assert self.end_rows is not None and self.end_norms is not None
+        pos, x, norms = self.end_pos, self.end_rows, self.end_norms
+        if positions is not None:
+            pick = np.isin(pos, positions, assume_unique=True)
+            pos, x, norms = pos[pick], x[pick], norms[pick]
+        dots = (x @ q.astype(np.float32)).astype(np.float64)
+        qn = float(np.sqrt(q @ q))
+        err = 1.01 * (q.shape[0] + 4) * _EPS32 * qn * norms + 8 * _EPS64 * np.abs(dots)
+        if metric == "cosine":
+            scores = np.divide(dots, norms, out=np.zeros_like(dots), where=norms > 0)
+            tol = np.divide(err, norms, out=np.zeros_like(dots), where=norms > 0) * (1 + 8 * _EPS64)
+        elif metric == "dot":
+            scores, tol = dots, err
+        else:  # l2: larger is better, the negated squared distance
+            scores = -(qn * qn + norms * norms - 2.0 * dots)
+            tol = 2.0 * err + 8 * _EPS64 * (qn * qn + norms * norms)
+        return pos, scores - tol, scores + tol
 
     def take(self, pos: np.ndarray) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
         """``(terms, (inv_lo, inv_hi))`` of ascending positions (a slice for a run of rows)."""
@@ -108,9 +141,15 @@ def _row_terms(ctx: SearchContext, dim: int, bounds: Int8Bounds) -> RowTerms | N
     for pos, codes in iter_codes(source, dim, "int8", None, SCREEN_ROWS):
         terms[pos[0] : pos[-1] + 1] = int8_row_terms(codes, bounds)
     inv_lo, inv_hi = int8_inverse_norms(terms, bounds)
-    for arr in (terms, inv_lo, inv_hi):
-        arr.setflags(write=False)
-    kept = RowTerms(terms, inv_lo, inv_hi)
+    end_pos = np.flatnonzero(np.isnan(terms) | np.isnan(inv_lo))
+    end_rows = end_norms = None
+    if avail is None or len(end_pos) * (dim + 2) * 4 * TERMS_CAP_FRACTION <= avail - source.num_rows * 24:
+        end_rows = gather_rows(source, dim, end_pos)
+        end_norms = np.linalg.norm(end_rows.astype(np.float64), axis=1)
+    for arr in (terms, inv_lo, inv_hi, end_pos, end_rows, end_norms):
+        if arr is not None:
+            arr.setflags(write=False)
+    kept = RowTerms(terms, inv_lo, inv_hi, end_pos, end_rows, end_norms)
     with _TERMS_LOCK:
         _TERMS.setdefault(source, {})[dim] = kept
     return kept
@@ -160,12 +199,14 @@ def _screen_one_jit(jit: Any, req: SearchRequest, ctx: SearchContext, q: np.ndar
     e3 = qt.l2_slack(bounds)
     states = [jit.ScreenState.new(kk, 4 * MAX_CANDIDATES) for _ in range(2)]
 
+    skip_end = terms.end_rows is not None  # scored exactly below, not kept wholesale
+
     def scan(state: Any, p: np.ndarray, codes: np.ndarray) -> None:
         if len(p) == 0 or state.failed:
             return
         t, (inv_lo, inv_hi) = terms.take(p)
         jit.screen_rows(codes, w, p, qt.alpha, qt.const, qt.rad, metric, inv_lo, inv_hi, t, qt.qq,
-                        e3, bounds.rho, *state.arrays, MAX_CANDIDATES)
+                        e3, bounds.rho, skip_end, *state.arrays, MAX_CANDIDATES)
 
     pool = _POOL.get()
     for pos, codes in iter_codes(ctx.source, req.dim, "int8", req.positions, rows):
@@ -176,7 +217,8 @@ def _screen_one_jit(jit: Any, req: SearchRequest, ctx: SearchContext, q: np.ndar
         other.result()
         if states[0].failed or states[1].failed:
             return None
-    final = jit.finish(states)
+    extra = terms.end_bounds(q, req.metric, req.positions) if skip_end else None
+    final = jit.finish(states, extra)
     if final.size > MAX_CANDIDATES or final.size < kk:
         return None
     return final
