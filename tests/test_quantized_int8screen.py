@@ -247,3 +247,17 @@ def test_compiled_screen_keeps_what_the_numpy_bounds_keep(rng, metric):
             np.testing.assert_array_equal(got, want)
         if len(want) > 2:
             assert _compiled_screen(*args, capacity=2, limit=1) is None
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_screen_mostly_end_code_rows(new_store, rng, metric, kernels):
+    """Ranges sampled from 5 of 40 rows: most rows hold an end code and are scored exactly from
+    the kept vectors; k past the rows the codes bound, and k past every row."""
+    n, d = 40, 12
+    x = _corpus(rng, n, d)
+    store = new_store("disk")
+    store.add_embeddings(x, dimension=d)
+    store.quantize(d, kinds=["int8"], sample_rows=5)
+    q = np.concatenate([x[[3, 12, 13]], rng.standard_normal((4, d)).astype(np.float32)])
+    for k in (1, 20, 50):
+        _check_exact(store, x, q, k, metric)

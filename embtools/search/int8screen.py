@@ -232,12 +232,17 @@ def _screen_one(req: SearchRequest, ctx: SearchContext, q: np.ndarray, bounds: I
     kept_pos: list[np.ndarray] = []
     kept_hi: list[np.ndarray] = []
     count = 0
+    exact_ends = terms is not None and terms.end_rows is not None
     for pos, codes in iter_codes(ctx.source, req.dim, "int8", req.positions, rows):
         for s in range(0, len(pos), step):
             p = pos[s : s + step]
             t, inv = (None, None) if terms is None else terms.take(p)
             lo, hi = int8_score_bounds(q, codes[s : s + step], bounds, req.metric, t,
                                        inverse_norms=inv)
+            if exact_ends:  # scored exactly below
+                assert t is not None and inv is not None
+                bounded = ~(np.isnan(t) | np.isnan(inv[0]))
+                p, lo, hi = p[bounded], lo[bounded], hi[bounded]
             both = np.concatenate([best_lo, lo])
             if both.size > kk:
                 best_lo = np.partition(both, both.size - kk)[both.size - kk :]
@@ -255,6 +260,14 @@ def _screen_one(req: SearchRequest, ctx: SearchContext, q: np.ndarray, bounds: I
                 kept_pos, kept_hi, count = [pos_all[sel]], [hi_all[sel]], int(sel.sum())
                 if count > MAX_CANDIDATES:
                     return None
+    if exact_ends:
+        assert terms is not None
+        end_pos, end_lo, end_hi = terms.end_bounds(q, req.metric, req.positions)
+        kept_pos.append(end_pos)
+        kept_hi.append(end_hi)
+        low = np.concatenate([best_lo, end_lo])
+        if low.size >= kk:
+            kth = float(np.partition(low, low.size - kk)[low.size - kk])
     pos_all = np.concatenate(kept_pos) if kept_pos else np.zeros(0, np.int64)
     hi_all = np.concatenate(kept_hi) if kept_hi else np.zeros(0)
     final = pos_all[hi_all >= kth]
