@@ -413,3 +413,50 @@ def test_codes_file_of_the_wrong_width_is_corrupt_store_error(tmp_path):
     bad = replace(entry, files=[entry.files[0], rel], file_bytes=[entry.file_bytes[0], size])
     with pytest.raises(CorruptStoreError, match="codes of shape"):
         IvfIndex(src, bad, store.budget, np.arange(300, dtype=np.int64))
+
+
+@pytest.mark.parametrize(("codes", "metric"), [("float", "cosine"), ("float", "l2"), ("int8", "dot"),
+                                               ("binary", "cosine")])
+def test_scans_skip_codes_files_without_the_probed_partitions(tmp_path, monkeypatch, codes, metric):
+    """An index of many codes files (runs of partitions): the compiled scan reads only the files
+    holding the probed partitions, and gives the frames of a scan of every file; at full probe
+    the exact answer."""
+    import embtools.index.build as build_mod
+    import embtools.index.probe as probe_mod
+    from embtools.kernels.jit import JIT_ENV
+
+    monkeypatch.setenv(JIT_ENV, "1")
+    monkeypatch.setattr(build_mod, "CODES_FILE_BYTES", 2048)
+    x, q = clustered(2000, seed=5)
+    store = et.EmbeddingStore(tmp_path / "s", backend="numpy")
+    store.add(x)
+    store.create_index(dimension=DIM, partitions=30, codes=codes, metric=metric)
+    store.delete(where=pl.col("row_id") % 11 == 2)
+    alive = np.arange(len(x)) % 11 != 2
+    scanned: list[int] = []
+    real_scan = probe_mod.IvfIndex._scan
+
+    def counting(self, jit, weights, c0, parts, *rest):
+        scanned.append(int(self._part_files[parts[parts >= 0]].any(axis=0).sum()))
+        assert len(self.files) > 2
+        return real_scan(self, jit, weights, c0, parts, *rest)
+
+    monkeypatch.setattr(probe_mod.IvfIndex, "_scan", counting)
+    queries = [q[i] for i in range(6)] + [q]
+    skip = [store.search(v, k=10, nprobe=3, metric=metric) for v in queries]
+    assert scanned and min(scanned) < len(store.find_index(DIM, metric).files)
+    real_init = probe_mod.IvfIndex.__init__
+
+    def every_file(self, *a, **kw):
+        real_init(self, *a, **kw)
+        self._part_files[:] = True  # the reference: every codes file scanned
+        opened.append(self)
+
+    opened: list = []
+    monkeypatch.setattr(probe_mod.IvfIndex, "__init__", every_file)
+    store2 = et.EmbeddingStore(tmp_path / "s", backend="numpy")
+    for one, ref in zip(skip, [store2.search(v, k=10, nprobe=3, metric=metric) for v in queries], strict=True):
+        assert one.equals(ref)
+    assert opened
+    full = store.search(q, k=5, nprobe=30, refine=2000, metric=metric)
+    assert np.array_equal(ids(full, len(q)), brute(x, q, 5, metric, alive=alive))

@@ -133,9 +133,15 @@ class IvfIndex:
                 self._sq.append(np.einsum("ij,ij->i", block, block))
             else:
                 self._sq.append(None)
+        # which codes files hold rows of each partition ((partitions, files) bool): a scan skips
+        # the files without rows in the probed partitions (each compiled call costs ~10 us)
+        self._part_files = np.zeros((self.partitions, len(self.files)), bool)
+        for fi, f in enumerate(self.files):
+            self._part_files[:, fi] = np.diff(f.starts) > 0
         self.uncovered = np.flatnonzero(~covered).astype(np.int64)
         self.uncovered.setflags(write=False)
         self.live_rows = int(covered.sum())
+        self._live_total = int(self.live_counts.sum())
         self._largest = np.cumsum(np.sort(self.total_counts)[::-1])
         self._code_bytes = sum(f.nbytes for f in self.files)
         self._touched = 0
@@ -149,6 +155,7 @@ class IvfIndex:
         """Bytes this object keeps (centroids, positions, row ids, norms, codes decoded into
         memory where the file cannot be mapped)."""
         return int(self.centroids.nbytes + sum(p.nbytes * 2 for p in self.positions)
+                   + self._part_files.nbytes
                    + self.uncovered.nbytes + sum(0 if s is None else s.nbytes for s in self._sq)
                    + sum(f.nbytes for f in self.files if f.copied)
                    + (0 if self._part_of is None else self._part_of.nbytes))
@@ -202,17 +209,20 @@ class IvfIndex:
         return mask, counts
 
     def probes(self, queries: np.ndarray, kk: int, nprobe: int,
-               counts: np.ndarray | None = None, jit: Any = None) -> list[np.ndarray]:
+               counts: np.ndarray | None = None, jit: Any = None,
+               prepared: np.ndarray | None = None) -> list[np.ndarray]:
         """The partitions each query probes: its ``nprobe`` nearest centroids, and more until they
         hold ``kk`` live rows (``counts``: live rows of each partition that may be returned; default
-        every live row). ``jit``: the compiled kernels, which select the nearest in one pass."""
-        q = self._queries(queries, self.dimension)
+        every live row). ``jit``: the compiled kernels, which select the nearest in one pass.
+        ``prepared``: ``queries`` as the probe scores them (``self._queries(queries, dimension)``),
+        when the caller has them already."""
+        q = self._queries(queries, self.dimension) if prepared is None else prepared
         scores = q @ self.centroids.T
         if self.metric == "l2":
             scores = 2 * scores - self._c_sq[None, :]
         p = self.partitions
         live = self.live_counts if counts is None else counts
-        need = min(kk, int(live.sum()))
+        need = min(kk, self._live_total if counts is None else int(live.sum()))
         if nprobe >= p:
             top = np.broadcast_to(np.arange(p), (len(q), p))
         else:
@@ -266,7 +276,8 @@ class IvfIndex:
 
         def plan(a: int, b: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
             """Partitions (padded with -1) and scan weights of queries ``a:b``."""
-            probes = self.probes(queries[a:b], kk, nprobe, counts, jit)
+            same = self.code_dim == self.dimension  # the codes' queries are the probes' too
+            probes = self.probes(queries[a:b], kk, nprobe, counts, jit, cq[a:b] if same else None)
             parts = np.full((b - a, max((len(x) for x in probes), default=0)), -1, np.int64)
             for i, x in enumerate(probes):
                 parts[i, :len(x)] = x
@@ -302,7 +313,9 @@ class IvfIndex:
         query, as ``weights``)."""
         none = np.zeros(0, np.float32)
         parts = np.ascontiguousarray(parts)
-        for fi, f in enumerate(self.files):
+        holding = self._part_files[parts[parts >= 0]].any(axis=0)  # files with rows to scan
+        for fi in np.flatnonzero(holding).tolist():
+            f = self.files[fi]
             sq = self._sq[fi]
             sq = none if sq is None else sq
             if self.kind == "binary":

@@ -130,6 +130,10 @@ def _rerank_ragged(req: SearchRequest, ctx: SearchContext, cand: np.ndarray, kk:
     """:func:`rerank` of candidate rows padded with -1 (queries grouped by their count)."""
     nq = len(cand)
     counts = (cand >= 0).sum(axis=1)
+    if nq and cand.shape[1] and counts.min() == cand.shape[1]:  # every query full (the common case)
+        top = rerank(req, ctx, np.ascontiguousarray(cand), kk)
+        if top.positions.shape[1] == kk:
+            return top
     fill = -np.inf if req.largest else np.inf
     scores = np.full((nq, kk), fill, np.float32)
     found = np.full((nq, kk), -1, np.int64)
@@ -157,7 +161,8 @@ def index_top_k(req: SearchRequest, ctx: SearchContext, probe: IndexProbe, sizes
         for a in range(0, nq, sizes.group):
             b = min(nq, a + sizes.group)
             cand = probe.shortlist(req.queries[a:b], kk, sizes.nprobe, sizes.width, req.positions)
-            top = _rerank_ragged(req.subset(slice(a, b)), ctx, cand, kk)
+            sub = req if (a, b) == (0, nq) else req.subset(slice(a, b))
+            top = _rerank_ragged(sub, ctx, cand, kk)
             out_s[a:b], out_p[a:b] = top.scores, top.positions
     return TopK(out_s, out_p)
 

@@ -130,8 +130,9 @@ def rerank(
                 )
             key = scores if metric == "l2" else -scores
             order = np.argsort(key, axis=1, kind="stable")[:, :keep]
-            out_s[a:b] = np.take_along_axis(scores, order, axis=1)
-            out_p[a:b] = np.take_along_axis(cand, order, axis=1)
+            rows = np.arange(b - a)[:, None]
+            out_s[a:b] = scores[rows, order]
+            out_p[a:b] = cand[rows, order]
     return TopK(out_s, out_p)
 
 

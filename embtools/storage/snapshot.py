@@ -216,6 +216,8 @@ class Snapshot(ChunkedSource):
         self._meta_groups: OrderedDict[tuple[int, int, tuple[str, ...]], BaseRows] = OrderedDict()
         self._groups: tuple[np.ndarray, list[tuple[int, int]]] | None = None
         self._chunks: list[Chunk] | None = None
+        # uncapped: the views of the mapped embedding chunks handed out, (file, row group, dim)
+        self._views: dict[tuple[int, int, int], np.ndarray] = {}
         self._binary: dict[str, list[tuple[int, int, Any, Any]]] = {}
         self._meta_bytes = 0
         self._meta_lock = threading.Lock()
@@ -304,6 +306,7 @@ class Snapshot(ChunkedSource):
 
     def close(self) -> None:
         """Close the open data files and drop the cached metadata."""
+        self._views.clear()
         for f in self._open.values():
             f.close()
         self._open.clear()
@@ -402,9 +405,18 @@ class Snapshot(ChunkedSource):
 
     def _loader(self, i: int, rg: int) -> Any:
         def load(dim: int) -> np.ndarray:
-            arr = self.load_column(i, rg, emb_column(dim))
-            if not self.capped:
-                self._file(i).populate(emb_column(dim), rg)  # once: the pages stay mapped
+            capped = self.capped
+            if not capped:  # a view handed out before (its pages stay mapped without a cap)
+                arr = self._views.get((i, rg, dim))
+                if arr is not None:
+                    return arr
+            column = emb_column(dim)
+            arr = self.load_column(i, rg, column)
+            if not capped:
+                f = self._file(i)
+                f.populate(column, rg)  # once: the pages stay mapped
+                if f.zero_copy(column, rg):  # a view of the mapped file: kept, it holds no memory
+                    self._views[(i, rg, dim)] = arr
             return arr
         return load
 

@@ -20,6 +20,7 @@ Examples
 
 from __future__ import annotations
 
+import itertools
 import mmap
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -252,15 +253,9 @@ class ChunkedSource:
         chunks = self.chunks()
         starts = self._starts_of(chunks)
         ci = np.searchsorted(starts, pos, side="right") - 1
-        first, last = int(ci[0]), int(ci[-1])
-        for c in range(first, last + 1):
-            if first == last:
-                a, b = 0, len(pos)
-            else:
-                a, b = np.searchsorted(ci, [c, c + 1])
-                if a == b:
-                    continue
-            chunk = chunks[c]
+        cuts = [0, *(np.flatnonzero(ci[1:] != ci[:-1]) + 1).tolist(), len(pos)]  # runs of one chunk
+        for a, b in itertools.pairwise(cuts):
+            chunk = chunks[int(ci[a])]
             arr = chunk.load(stored)
             local = pos[a:b] - chunk.start
             if dim != stored:

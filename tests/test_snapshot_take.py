@@ -1,0 +1,119 @@
+"""Gathering a search's hits: the few-rows path (element by element from the string arrays'
+buffers) gives exactly the frames of pyarrow's ``take`` path and of an independent reference
+(``to_pylist``), for every string layout (large strings, slices with an offset, nulls, all
+nulls, empty and non-ASCII strings), non-string labels, repeats and any order."""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+import embtools as et
+from embtools.storage import snapshot
+from embtools.storage.snapshot import BaseRows
+
+
+def _reference(table: pa.Table, idx: np.ndarray) -> list[tuple]:
+    cols = [table.column(n).to_pylist() for n in ("row_id", "text_id", "label")]
+    return [tuple(c[i] for c in cols) for i in idx.tolist()]
+
+
+def _table(rng, n: int, text_type: pa.DataType, label: str) -> pa.Table:
+    texts = [("", "é€", "x" * int(rng.integers(0, 40)), f"t{i}")[i % 4] for i in range(n)]
+    if label == "all-null":
+        labels = pa.nulls(n, pa.string())
+    elif label == "int":
+        labels = pa.array([None if i % 3 else i for i in range(n)], pa.int64())
+    else:
+        labels = pa.array([None if i % 3 == 1 else f"l{i % 5}" for i in range(n)], text_type)
+    return pa.table({"row_id": pa.array(np.arange(n) * 3 + 1, pa.int64()),
+                     "text_id": pa.array(texts, text_type), "label": labels})
+
+
+@pytest.mark.parametrize("text_type", [pa.string(), pa.large_string()])
+@pytest.mark.parametrize("label", ["strings", "all-null", "int"])
+@pytest.mark.parametrize("offset", [0, 13])
+def test_few_rows_equal_take_and_reference(rng, text_type, label, offset):
+    full = _table(rng, 300, text_type, label)
+    table = full.slice(offset, 250)  # arrays with an offset into their buffers
+    rows = BaseRows.of(table)
+    for n in (1, 2, 10, snapshot.FEW_ROWS, snapshot.FEW_ROWS + 1, 600):
+        idx = rng.integers(0, table.num_rows, n)
+        idx[: n // 3] = idx[0]  # repeats
+        got = rows.frame(idx)
+        assert got.rows() == _reference(table, idx)
+        assert got.schema == pl.Schema({"row_id": pl.Int64, "text_id": pl.String,
+                                        "label": pl.Int64 if label == "int" else pl.String})
+        slow = rows.take(idx)  # pyarrow's take: the frame of the many-rows path
+        assert got.equals(pl.DataFrame([pl.Series("row_id", slow.row_id),
+                                        pl.Series("text_id", slow.text_id),
+                                        pl.Series("label", slow.label)]))
+    assert (rows.strings() is None) == (label == "int")
+    if rows.strings() is not None:
+        assert BaseRows.few_frame([(rows, 5), (rows, 0)]).rows() == _reference(table, np.array([5, 0]))
+
+
+def test_few_rows_of_an_empty_gather():
+    rows = BaseRows.of(pa.table({"row_id": pa.array([4], pa.int64()), "text_id": ["a"],
+                                 "label": pa.nulls(1, pa.string())}))
+    out = BaseRows.few_frame([])
+    assert out.height == 0 and out.columns == ["row_id", "text_id", "label"]
+    assert rows.frame(np.zeros(0, np.int64)).schema == out.schema
+
+
+@pytest.mark.parametrize("labels", ["strings", "ints"])
+def test_take_metadata_few_and_many_rows_over_row_groups(tmp_path, rng, monkeypatch, labels):
+    """A store of several files and row groups: hits spread over them, in any order, with repeats,
+    give the rows of the files as pyarrow reads them, the same frame on both paths."""
+    n, per = 900, 300
+    store = et.EmbeddingStore(tmp_path / "s", backend="numpy")
+    lab = [None if i % 4 == 1 else (f"é{i % 7}" if labels == "strings" else i % 7) for i in range(n)]
+    for a in range(0, n, per):
+        store.add(rng.standard_normal((per, 4)).astype(np.float32),
+                  text_ids=[f"é{i}" * (i % 3 + 1) for i in range(a, a + per)], labels=lab[a:a + per])
+    src = store.source
+    ref = pa.concat_tables([pq.read_table(f, columns=["row_id", "text_id", "label"]) for f in src.files()])
+    for m in (1, 10, 40, snapshot.FEW_ROWS, snapshot.FEW_ROWS + 1, 2000):
+        pos = rng.integers(0, n, m)
+        pos[: m // 4] = pos[-1]
+        fast = src.take_metadata(pos)
+        assert fast.rows() == _reference(ref, pos)
+        monkeypatch.setattr(snapshot, "FEW_ROWS", 0)  # every gather through pyarrow's take
+        assert fast.equals(src.take_metadata(pos))
+        monkeypatch.undo()
+        extra = src.take_metadata(pos, ["label"])
+        assert extra.equals(fast)
+    res = store.search(rng.standard_normal((3, 4)).astype(np.float32), k=7)
+    assert res["text_id"].to_list() == [f"é{i}" * (i % 3 + 1) for i in res["row_id"].to_list()]
+    assert res["label"].to_list() == [lab[i] for i in res["row_id"].to_list()]
+
+
+def test_num_rows_checks_the_files_once(tmp_path, rng, monkeypatch):
+    store = et.EmbeddingStore(tmp_path / "s", backend="numpy")
+    for _ in range(3):
+        store.add(rng.standard_normal((5, 4)).astype(np.float32))
+    src = store.source
+    assert src.num_rows == 15 and src._files_checked
+    calls: list[int] = []
+    monkeypatch.setattr(snapshot.os.path, "lexists", lambda p: calls.append(1) or True)
+    assert src.num_rows == 15 and not calls
+
+
+def test_uncapped_embedding_views_are_kept_and_dropped_on_close(tmp_path, rng):
+    x = rng.standard_normal((50, 8)).astype(np.float32)
+    store = et.EmbeddingStore(tmp_path / "s", backend="numpy")
+    store.add(x[:20])
+    store.add(x[20:])
+    src = store.source
+    assert not src.capped
+    out = np.empty((4, 8), np.float32)
+    pos = np.array([1, 19, 20, 49])
+    for _ in range(2):
+        src.take_rows(8, pos, out)
+        np.testing.assert_array_equal(out, x[pos])
+    assert len(src._views) == 2 and all(not v.flags.writeable for v in src._views.values())
+    src.close()
+    assert not src._views
