@@ -117,3 +117,16 @@ def test_uncapped_embedding_views_are_kept_and_dropped_on_close(tmp_path, rng):
     assert len(src._views) == 2 and all(not v.flags.writeable for v in src._views.values())
     src.close()
     assert not src._views
+
+
+def test_take_rows_of_no_rows_and_of_one_chunk_run(tmp_path, rng):
+    x = rng.standard_normal((30, 4)).astype(np.float32)
+    store = et.EmbeddingStore(tmp_path / "s", backend="numpy")
+    for a in range(0, 30, 10):
+        store.add(x[a:a + 10])
+    src = store.source
+    src.take_rows(4, np.zeros(0, np.int64), np.empty((0, 4), np.float32))
+    for pos in ([0], [3, 4, 9], [9, 10], [0, 11, 12, 29], list(range(30))):
+        out = np.empty((len(pos), 4), np.float32)
+        src.take_rows(4, np.array(pos), out)
+        np.testing.assert_array_equal(out, x[pos])

@@ -75,7 +75,7 @@ class _Strings:
     """Element access to a string (or large string) Arrow array through its buffers (offsets,
     bytes, validity bits as NumPy/memoryview), ~10x cheaper per element than a pyarrow scalar."""
 
-    __slots__ = ("bits", "data", "offsets", "valid")
+    __slots__ = ("bits", "data", "nulls", "offsets", "valid")
 
     def __init__(self, arr: pa.Array) -> None:
         validity, offsets, data = arr.buffers()[:3]
@@ -84,12 +84,10 @@ class _Strings:
         self.offsets = np.frombuffer(offsets, dtype=width)[start:start + n + 1] if n else np.zeros(1, width)
         self.data = memoryview(data) if data is not None else memoryview(b"")
         self.bits = start
-        if arr.null_count == 0:
-            self.valid: np.ndarray | None = None
-        elif arr.null_count == n or validity is None:
-            self.valid = np.zeros((start + n + 7) // 8, dtype=np.uint8)  # all null
-        else:
-            self.valid = np.frombuffer(validity, dtype=np.uint8)
+        self.nulls = arr.null_count > 0
+        # the validity bits (None with nulls: every element is null)
+        self.valid = (np.frombuffer(validity, dtype=np.uint8)
+                      if self.nulls and arr.null_count < n else None)
 
     @staticmethod
     def of(arr: pa.Array) -> _Strings | None:
@@ -99,10 +97,10 @@ class _Strings:
 
     def at(self, i: int) -> str | None:
         """Element ``i`` (None when null)."""
-        valid = self.valid
-        if valid is not None:
+        if self.nulls:
+            valid = self.valid
             b = i + self.bits
-            if not (int(valid[b >> 3]) >> (b & 7)) & 1:
+            if valid is None or not (int(valid[b >> 3]) >> (b & 7)) & 1:
                 return None
         off = self.offsets
         return str(self.data[off[i]:off[i + 1]], "utf-8")
@@ -169,8 +167,8 @@ class BaseRows:
         """The buffer views of ``text_id`` and ``label`` (made once), or None when either is not
         a plain string column (then only :meth:`take` gathers)."""
         views = self._views
-        if not views:
-            views.extend((_Strings.of(self.text_id), _Strings.of(self.label)))
+        if not views:  # one assignment: threads that race here store equal views
+            views[:] = (_Strings.of(self.text_id), _Strings.of(self.label))
         text, label = views
         return None if text is None or label is None else (text, label)
 

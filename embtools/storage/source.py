@@ -250,6 +250,8 @@ class ChunkedSource:
                 "and distinct")
         stored = self.resolve(dim)
         dim = int(dim)
+        if not len(pos):
+            return
         chunks = self.chunks()
         starts = self._starts_of(chunks)
         ci = np.searchsorted(starts, pos, side="right") - 1
