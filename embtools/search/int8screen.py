@@ -50,7 +50,7 @@ from embtools.kernels.int8 import (
     int8_score_bounds,
 )
 from embtools.kernels.jit import jit_kernels
-from embtools.kernels.threads import ForkSafePool
+from embtools.kernels.threads import ForkSafePool, one_blas_thread
 from embtools.search.quantized import CodeSizes, quantized_spec
 from embtools.search.refine import rerank
 from embtools.search.request import SearchContext, SearchRequest, TopK
@@ -176,10 +176,11 @@ def certified_int8_top_k(req: SearchRequest, ctx: SearchContext, sizes: CodeSize
         terms = _row_terms(ctx, req.dim, bounds)
         jit = jit_kernels("int8_jit") if terms is not None and req.dim * 128 * 127 < 2**24 else None
         for qi in range(req.nq):
-            if jit is not None and terms is not None:
-                kept = _screen_one_jit(jit, req, ctx, queries[qi], bounds, kk, sizes.rows, terms)
-            else:
-                kept = _screen_one(req, ctx, queries[qi], bounds, kk, sizes.rows, step, terms)
+            with one_blas_thread():  # products with one query: BLAS threads only cost
+                if jit is not None and terms is not None:
+                    kept = _screen_one_jit(jit, req, ctx, queries[qi], bounds, kk, sizes.rows, terms)
+                else:
+                    kept = _screen_one(req, ctx, queries[qi], bounds, kk, sizes.rows, step, terms)
             if kept is None:
                 continue
             top = rerank(req.subset(slice(qi, qi + 1)), ctx, kept[None, :], kk)

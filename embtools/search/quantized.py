@@ -34,6 +34,7 @@ Examples
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -52,6 +53,7 @@ from embtools.kernels.hamming import (
 )
 from embtools.kernels.jit import jit_kernels
 from embtools.kernels.numpy_tiles import select_top_k, tile_bytes
+from embtools.kernels.threads import one_blas_thread
 from embtools.search.request import DEFAULT_RESCORE, PRECISIONS, SearchContext, SearchRequest
 from embtools.storage.quantized import gather_codes, iter_codes
 from embtools.storage.quantspec import code_column, code_width
@@ -266,35 +268,37 @@ def _int8_pass(req: SearchRequest, ctx: SearchContext, ranges: np.ndarray, m: in
     best_v = np.zeros((g, 0), np.float64)
     best_i = np.zeros((g, 0), np.int64)
     seen = 0
-    for _, codes in iter_codes(ctx.source, dim, "int8", req.positions, rows):
-        n = codes.shape[0]
-        scores = np.empty((g, n), np.float32)  # larger is better (l2: negated distance)
-        for s in range(0, n, step):
-            e = min(n, s + step)
-            cf = buf[: e - s]
-            np.copyto(cf, codes[s:e].view(np.int8), casting="unsafe")
-            if g + 1 < MATMUL_QUERIES:  # one matrix-vector product each: BLAS' thin gemm is slow
-                prod = np.empty((g + 1, e - s), np.float32)
-                for j in range(g + 1):
-                    np.matmul(cf, weights[j], out=prod[j])
-            else:
-                prod = np.ascontiguousarray((cf @ weights.T).T)  # (g + 1, rows)
-            dots = prod[:g] + const[:, None].astype(np.float32)
-            if req.metric == "dot":
-                scores[:, s:e] = dots
-                continue
-            np.square(cf, out=cf)
-            norms2 = aa + 2.0 * prod[g] + cf @ b2
-            if req.metric == "cosine":
-                norm = np.sqrt(np.maximum(norms2, 0.0))
-                scores[:, s:e] = dots / np.where(norm == 0, 1.0, norm)
-            else:
-                scores[:, s:e] = 2.0 * dots - norms2 - qq[:, None].astype(np.float32)
-        kk = min(m, n)
-        v, i = select_top_k(scores, kk)
-        best_v, best_i = merge_smallest(np.concatenate([best_v, -v.astype(np.float64)], axis=1),
-                                        np.concatenate([best_i, i + seen], axis=1), m)
-        seen += n
+    # matrix-vector products of each tile: BLAS threads only cost (see one_blas_thread)
+    with one_blas_thread() if g + 1 < MATMUL_QUERIES else contextlib.nullcontext():
+        for _, codes in iter_codes(ctx.source, dim, "int8", req.positions, rows):
+            n = codes.shape[0]
+            scores = np.empty((g, n), np.float32)  # larger is better (l2: negated distance)
+            for s in range(0, n, step):
+                e = min(n, s + step)
+                cf = buf[: e - s]
+                np.copyto(cf, codes[s:e].view(np.int8), casting="unsafe")
+                if g + 1 < MATMUL_QUERIES:  # one matrix-vector product each: BLAS' thin gemm is slow
+                    prod = np.empty((g + 1, e - s), np.float32)
+                    for j in range(g + 1):
+                        np.matmul(cf, weights[j], out=prod[j])
+                else:
+                    prod = np.ascontiguousarray((cf @ weights.T).T)  # (g + 1, rows)
+                dots = prod[:g] + const[:, None].astype(np.float32)
+                if req.metric == "dot":
+                    scores[:, s:e] = dots
+                    continue
+                np.square(cf, out=cf)
+                norms2 = aa + 2.0 * prod[g] + cf @ b2
+                if req.metric == "cosine":
+                    norm = np.sqrt(np.maximum(norms2, 0.0))
+                    scores[:, s:e] = dots / np.where(norm == 0, 1.0, norm)
+                else:
+                    scores[:, s:e] = 2.0 * dots - norms2 - qq[:, None].astype(np.float32)
+            kk = min(m, n)
+            v, i = select_top_k(scores, kk)
+            best_v, best_i = merge_smallest(np.concatenate([best_v, -v.astype(np.float64)], axis=1),
+                                            np.concatenate([best_i, i + seen], axis=1), m)
+            seen += n
     return best_i
 
 
