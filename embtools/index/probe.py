@@ -14,7 +14,6 @@ once per query group and scored against all the queries that probe it with one m
 
 from __future__ import annotations
 
-import functools
 import itertools
 import math
 import os
@@ -28,7 +27,7 @@ from embtools.index.kmeans import normalize_rows
 from embtools.kernels.codes import decode_int8, int8_steps
 from embtools.kernels.hamming import sign_scores
 from embtools.kernels.jit import jit_kernels
-from embtools.kernels.threads import ForkSafePool
+from embtools.kernels.threads import ForkSafePool, one_blas_thread
 from embtools.memory import MemoryBudget
 from embtools.storage.manifest import IndexEntry
 
@@ -46,18 +45,6 @@ GROUP_MIN_SHARE = 2.0
 JIT_SPLIT_QUERIES = 8
 #: Fewer queries whose probes hold at least this many rows have them scanned by two threads.
 JIT_SPLIT_ROWS = 4096
-
-
-@functools.lru_cache(maxsize=1)
-def _controller() -> Any:
-    from threadpoolctl import ThreadpoolController
-
-    return ThreadpoolController()
-
-
-def _one_blas_thread() -> Any:
-    """A context in which BLAS runs one thread (threadpoolctl; the library scan is done once)."""
-    return _controller().limit(limits=1, user_api="blas")
 
 
 def _split(cum_work: np.ndarray, parts: int) -> list[tuple[int, int]]:
@@ -247,9 +234,9 @@ class IvfIndex:
         nq = len(queries)
         jit = jit_kernels("ivf_jit")
         if jit is not None:
-            with _one_blas_thread():  # each thread runs its own small products
+            with one_blas_thread():  # each thread runs its own small products
                 return self._shortlist_jit(jit, queries, kk, nprobe, width, sel)
-        with _one_blas_thread():  # small products: BLAS threads only cost (a lot on a busy machine)
+        with one_blas_thread():  # small products: BLAS threads only cost (a lot on a busy machine)
             probes = self.probes(queries, kk, nprobe, None if sel is None else sel[1])
             if nq * min(nprobe, self.partitions) >= GROUP_MIN_SHARE * self.partitions:
                 return self._shortlist(queries, probes, width, sel)
