@@ -130,3 +130,16 @@ def test_take_rows_of_no_rows_and_of_one_chunk_run(tmp_path, rng):
         out = np.empty((len(pos), 4), np.float32)
         src.take_rows(4, np.array(pos), out)
         np.testing.assert_array_equal(out, x[pos])
+
+
+def test_invalid_utf8_is_corrupt_store_error():
+    """Bytes that are not UTF-8 in a string array (Arrow does not check what it reads) give
+    CorruptStoreError, not a decoding crash or replaced characters."""
+    from embtools.errors import CorruptStoreError
+
+    bad = pa.Array.from_buffers(pa.string(), 2, [None, pa.py_buffer(np.array([0, 1, 3], np.int32)),
+                                                 pa.py_buffer(b"a\xff\xfe")])
+    rows = BaseRows(np.array([1, 2], np.int64), bad, pa.array(["x", "y"]))
+    assert BaseRows.few_frame([(rows, 0)]).rows() == [(1, "a", "x")]
+    with pytest.raises(CorruptStoreError):
+        BaseRows.few_frame([(rows, 1)])

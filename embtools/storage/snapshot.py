@@ -103,7 +103,10 @@ class _Strings:
             if valid is None or not (int(valid[b >> 3]) >> (b & 7)) & 1:
                 return None
         off = self.offsets
-        return str(self.data[off[i]:off[i + 1]], "utf-8")
+        try:
+            return str(self.data[off[i]:off[i + 1]], "utf-8")
+        except UnicodeDecodeError:  # bytes Arrow's reader did not check
+            raise CorruptStoreError("a string column holds bytes that are not UTF-8") from None
 
 
 @dataclass(frozen=True)
