@@ -33,14 +33,15 @@ __all__ = ["METRIC_COSINE", "METRIC_DOT", "METRIC_L2", "ScreenState", "finish", 
 
 METRIC_COSINE, METRIC_DOT, METRIC_L2 = 0, 1, 2
 _EPS = float(np.finfo(np.float32).eps)
-#: state slots: heap fill, kept count, failed (more than ``limit`` kept rows after a compaction)
-_FILL, _COUNT, _FAILED = 0, 1, 2
+#: state slots: kept count, failed (more than ``limit`` kept rows after a compaction)
+_COUNT, _FAILED = 0, 1
 
 
 @dataclass
 class ScreenState:
-    """One thread's running state: a min-heap of the best lower bounds (``heap``, ``k`` slots),
-    the kept rows (``kept_pos``, ``kept_hi``, ``capacity`` slots) and the counters."""
+    """One thread's running state: a min-heap of the best lower bounds (``heap``, ``k`` slots,
+    -inf until filled, so its root is the threshold), the kept rows (``kept_pos``, ``kept_hi``,
+    ``capacity`` slots) and the counters."""
 
     heap: np.ndarray
     kept_pos: np.ndarray
@@ -50,7 +51,7 @@ class ScreenState:
     @classmethod
     def new(cls, k: int, capacity: int) -> ScreenState:
         return cls(np.full(k, -np.inf), np.empty(capacity, np.int64), np.empty(capacity),
-                   np.zeros(3, np.int64))
+                   np.zeros(2, np.int64))
 
     @property
     def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -91,19 +92,6 @@ def _heap_replace_min(heap: np.ndarray, value: float) -> None:
 
 
 @njit(nogil=True, cache=True)
-def _heap_push(heap: np.ndarray, fill: int, value: float) -> None:
-    """Add ``value`` to the min-heap ``heap[:fill]``."""
-    i = fill
-    while i > 0:
-        parent = (i - 1) // 2
-        if heap[parent] <= value:
-            break
-        heap[i] = heap[parent]
-        i = parent
-    heap[i] = value
-
-
-@njit(nogil=True, cache=True)
 def screen_rows(codes: np.ndarray, w: np.ndarray, pos: np.ndarray, alpha: float, const: float,
                 rad: float, metric: int, inv_lo: np.ndarray, inv_hi: np.ndarray, terms: np.ndarray,
                 qq: float, e3: float, rho: float, skip_end: bool, heap: np.ndarray, kept_pos: np.ndarray,
@@ -119,10 +107,9 @@ def screen_rows(codes: np.ndarray, w: np.ndarray, pos: np.ndarray, alpha: float,
     with bounds ``(-inf, inf)``. When the kept rows fill ``kept_pos`` they
     are compacted against the current threshold; more than ``limit`` left sets the failed flag
     and the scan stops."""
-    k = heap.shape[0]
     cap = kept_pos.shape[0]
-    fill, count = state[_FILL], state[_COUNT]
-    kth = heap[0] if fill == k else -np.inf
+    count = state[_COUNT]
+    kth = heap[0]
     inf = np.inf
     for i in range(codes.shape[0]):
         if skip_end and (terms[i] != terms[i] or inv_lo[i] != inv_lo[i]):
@@ -151,12 +138,7 @@ def screen_rows(codes: np.ndarray, w: np.ndarray, pos: np.ndarray, alpha: float,
                 d_hi = np.sqrt(max(v + e3, 0.0)) + rho
                 lo = -(d_hi * d_hi) * (1 + 4 * _EPS)
                 hi = -(d_lo * d_lo) * (1 - 4 * _EPS)
-        if fill < k:
-            _heap_push(heap, fill, lo)
-            fill += 1
-            if fill == k:
-                kth = heap[0]
-        elif lo > kth:
+        if lo > kth:
             _heap_replace_min(heap, lo)
             kth = heap[0]
         if hi >= kth:
@@ -169,12 +151,12 @@ def screen_rows(codes: np.ndarray, w: np.ndarray, pos: np.ndarray, alpha: float,
                         kept += 1
                 count = kept
                 if count > limit or count == cap:
-                    state[_FILL], state[_COUNT], state[_FAILED] = fill, count, 1
+                    state[_COUNT], state[_FAILED] = count, 1
                     return
             kept_pos[count] = pos[i]
             kept_hi[count] = hi
             count += 1
-    state[_FILL], state[_COUNT] = fill, count
+    state[_COUNT] = count
 
 
 def finish(states: list[ScreenState],
@@ -182,14 +164,14 @@ def finish(states: list[ScreenState],
     """The kept positions of all ``states`` (ascending) whose upper bound reaches the ``k``-th
     largest lower bound of them all; ``extra``: ``(positions, lower, upper)`` of rows bounded
     outside the kernel (the rows it skipped), taken in the same way."""
-    lows = [s.heap[: s.state[_FILL]] for s in states]
+    lows = [s.heap for s in states]
     kept = [(s.kept_pos[: s.state[_COUNT]], s.kept_hi[: s.state[_COUNT]]) for s in states]
     if extra is not None:
         lows.append(extra[1])
         kept.append((extra[0], extra[2]))
     low = np.concatenate(lows)
     k = states[0].heap.shape[0]
-    kth = -np.inf if low.size < k else float(np.partition(low, low.size - k)[low.size - k])
+    kth = float(np.partition(low, low.size - k)[low.size - k])  # -inf: fewer than k rows
     return np.sort(np.concatenate([pos[hi >= kth] for pos, hi in kept]))
 
 
