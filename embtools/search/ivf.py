@@ -130,10 +130,8 @@ def _rerank_ragged(req: SearchRequest, ctx: SearchContext, cand: np.ndarray, kk:
     """:func:`rerank` of candidate rows padded with -1 (queries grouped by their count)."""
     nq = len(cand)
     counts = (cand >= 0).sum(axis=1)
-    if nq and cand.shape[1] and counts.min() == cand.shape[1]:  # every query full (the common case)
-        top = rerank(req, ctx, np.ascontiguousarray(cand), kk)
-        if top.positions.shape[1] == kk:
-            return top
+    if nq and cand.shape[1] >= kk and counts.min() == cand.shape[1]:  # every query full (common)
+        return rerank(req, ctx, np.ascontiguousarray(cand), kk)
     fill = -np.inf if req.largest else np.inf
     scores = np.full((nq, kk), fill, np.float32)
     found = np.full((nq, kk), -1, np.int64)
