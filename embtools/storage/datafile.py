@@ -132,7 +132,7 @@ def _normalise_table(table: pa.Table) -> tuple[pa.Table, list[str]]:
 def write_data_file(path: str | os.PathLike[str], table: pa.Table, *,
                     row_group_rows: int | None = None, durable: bool = True) -> int:
     """Write ``table`` as an embtools data file at ``path``, fsync it (unless ``durable`` is False:
-    the caller then fsyncs it, with :func:`~embtools.storage.durable.fsync_dir` on the path,
+    the caller then fsyncs it, with :func:`~embtools.storage.durable.fsync_path`,
     before it commits), and return its size in bytes.
 
     Fixed-width columns (embeddings, fixed-size binaries) are PLAIN, uncompressed, without

@@ -33,7 +33,8 @@ def fsync_file(fh: IO[Any]) -> None:
 
 
 def fsync_path(path: str | os.PathLike[str]) -> None:
-    """fsync the file at ``path`` (written earlier, and closed, without its fsync)."""
+    """fsync what is at ``path``: a file written earlier, and closed, without its fsync
+    (:func:`~embtools.storage.datafile.write_data_file`'s ``durable=False``), or a directory."""
     fd = os.open(os.fspath(path), os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -42,13 +43,8 @@ def fsync_path(path: str | os.PathLike[str]) -> None:
 
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:
-    """fsync a directory so that entries created, renamed or removed in it survive a power loss
-    (or a file written earlier without its fsync: :func:`write_data_file`'s ``durable=False``)."""
-    fd = os.open(os.fspath(path), os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    """fsync a directory so that entries created, renamed or removed in it survive a power loss."""
+    fsync_path(path)
 
 
 def write_atomic(path: str | os.PathLike[str], write: Callable[[IO[bytes]], Any]) -> None:
