@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import embtools as et
+from embtools.errors import InvalidArgumentError
 from embtools.storage import snapshot
 from embtools.storage.snapshot import BaseRows
 
@@ -143,3 +144,50 @@ def test_invalid_utf8_is_corrupt_store_error():
     assert BaseRows.few_frame([(rows, 0)]).rows() == [(1, "a", "x")]
     with pytest.raises(CorruptStoreError):
         BaseRows.few_frame([(rows, 1)])
+
+
+def test_take_rows_compiled_gather_equals_the_chunked_path(tmp_path, rng, monkeypatch):
+    """Without a cap a few rows come from the kept views of the mapped chunks by one compiled
+    call: the same rows as the chunked path, over files and row groups, prefixes of the stored
+    dimension, and the same errors for positions that are not ascending or out of range."""
+    from embtools.storage import kept_rows, snapshot as snap_mod
+    from embtools.storage.source import ChunkedSource
+
+    x = rng.standard_normal((700, 6)).astype(np.float32)
+    store = et.EmbeddingStore(tmp_path / "s", backend="numpy")
+    for a in range(0, 700, 250):
+        store.add(x[a:a + 250])
+    src = store.source
+    assert len(src.chunks()) >= 3
+    for n in (1, 2, 18, 300, 700):
+        pos = np.sort(rng.choice(700, n, replace=False)).astype(np.int64)
+        for dim in (6, 4):
+            out = np.empty((n, dim), np.float32)
+            src.take_rows(dim, pos, out)
+            assert np.array_equal(out, x[pos, :dim])
+            slow = np.empty((n, dim), np.float32)
+            ChunkedSource.take_rows(src, dim, pos, slow)
+            assert np.array_equal(out, slow)
+    assert src._kept and all(k._usable for k in src._kept.values())
+    with pytest.raises(InvalidArgumentError):
+        src.take_rows(6, np.array([3, 3], np.int64), np.empty((2, 6), np.float32))  # 1 of 2 rows
+    with pytest.raises(InvalidArgumentError):
+        src.take_rows(6, np.array([699, 700], np.int64), np.empty((2, 6), np.float32))
+    out = np.empty((2, 6), np.float32)
+    src.take_rows(6, np.array([3, 5], np.int64), out)  # a failed call leaves the path working
+    assert np.array_equal(out, x[[3, 5]])
+    monkeypatch.setattr(snap_mod, "KEPT_ROWS", 0)  # the chunked path alone gives the same
+    src.take_rows(6, np.array([3, 5], np.int64), out)
+    assert np.array_equal(out, x[[3, 5]])
+    assert kept_rows.KEPT_ROWS > 18
+    store.close()
+
+
+def test_take_rows_under_a_cap_does_not_keep_views(tmp_path, rng):
+    x = rng.standard_normal((300, 4)).astype(np.float32)
+    store = et.EmbeddingStore(tmp_path / "s", backend="numpy", max_memory_gb=0.05)
+    store.add(x)
+    src = store.source
+    out = np.empty((3, 4), np.float32)
+    src.take_rows(4, np.array([0, 7, 299], np.int64), out)
+    assert np.array_equal(out, x[[0, 7, 299]]) and not src._kept

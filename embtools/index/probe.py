@@ -204,7 +204,11 @@ class IvfIndex:
         ``prepared``: ``queries`` as the probe scores them (``self._queries(queries, dimension)``),
         when the caller has them already."""
         q = self._queries(queries, self.dimension) if prepared is None else prepared
-        scores = q @ self.centroids.T
+        if jit is not None and len(q) < JIT_SPLIT_QUERIES:  # a few queries: no BLAS call
+            scores = np.empty((len(q), self.partitions), np.float32)
+            jit.centroid_scores(q, self.centroids, scores)
+        else:
+            scores = q @ self.centroids.T
         if self.metric == "l2":
             scores = 2 * scores - self._c_sq[None, :]
         p = self.partitions
@@ -234,6 +238,8 @@ class IvfIndex:
         nq = len(queries)
         jit = jit_kernels("ivf_jit")
         if jit is not None:
+            if nq < JIT_SPLIT_QUERIES:  # no product large enough for BLAS to thread
+                return self._shortlist_jit(jit, queries, kk, nprobe, width, sel)
             with one_blas_thread():  # each thread runs its own small products
                 return self._shortlist_jit(jit, queries, kk, nprobe, width, sel)
         with one_blas_thread():  # small products: BLAS threads only cost (a lot on a busy machine)

@@ -37,7 +37,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-__all__ = ["new_heaps", "nibble_tables", "scan_dense", "scan_signs", "sort_heaps", "top_columns", "warm"]
+__all__ = ["centroid_scores", "new_heaps", "nibble_tables", "scan_dense", "scan_signs", "sort_heaps",
+           "top_columns", "warm"]
 
 
 #: the position of an empty heap slot: worse than any row at the same score (-inf)
@@ -157,6 +158,22 @@ def merge_heaps(hs: np.ndarray, hi: np.ndarray, hs2: np.ndarray, hi2: np.ndarray
                 _push(hs[i], hi[i], hs2[i, j], hi2[i, j])
 
 
+@njit(nogil=True, cache=True, fastmath=True)
+def centroid_scores(q: np.ndarray, centroids: np.ndarray, out: np.ndarray) -> None:  # pragma: no cover
+    """``out[i, c] = q[i] . centroids[c]`` in float32, one row at a time (a few queries: no BLAS
+    call, whose thread settings cost more than the product; 4000 x 384 takes ~0.1 ms)."""
+    d = centroids.shape[1]
+    for i in range(q.shape[0]):
+        qi = q[i]
+        oi = out[i]
+        for c in range(centroids.shape[0]):
+            row = centroids[c]
+            acc = np.float32(0.0)
+            for t in range(d):
+                acc += qi[t] * row[t]
+            oi[c] = acc
+
+
 @njit(nogil=True, cache=True)
 def _top_columns(scores: np.ndarray, hs: np.ndarray, hi: np.ndarray) -> None:  # pragma: no cover
     for i in range(scores.shape[0]):
@@ -231,3 +248,4 @@ def warm() -> None:
     merge_heaps(hs, hi, *new_heaps(1, 1))
     sort_heaps(hs, hi)
     top_columns(np.zeros((1, 2), np.float32), 1)
+    centroid_scores(np.zeros((1, 8), np.float32), np.zeros((2, 8), np.float32), np.zeros((1, 2), np.float32))

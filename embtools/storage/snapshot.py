@@ -40,6 +40,7 @@ from embtools.errors import CorruptStoreError, InvalidArgumentError
 from embtools.memory import MemoryBudget
 from embtools.storage.datafile import EMBEDDING_COLUMN, MappedParquetFile
 from embtools.storage.io import as_storage
+from embtools.storage.kept_rows import KEPT_ROWS, KeptRows
 from embtools.storage.manifest import Manifest, StoreRoot, missing_file_error
 from embtools.storage.schema import LABEL, ROW_ID, TEXT_ID, emb_column, empty_table
 from embtools.storage.source import Chunk, ChunkedSource
@@ -219,6 +220,7 @@ class Snapshot(ChunkedSource):
         self._chunks: list[Chunk] | None = None
         # uncapped: the views of the mapped embedding chunks handed out, (file, row group, dim)
         self._views: dict[tuple[int, int, int], np.ndarray] = {}
+        self._kept: dict[int, KeptRows] = {}  # uncapped: the compiled gather's views, per dim
         self._binary: dict[str, list[tuple[int, int, Any, Any]]] = {}
         self._meta_bytes = 0
         self._meta_lock = threading.Lock()
@@ -307,6 +309,8 @@ class Snapshot(ChunkedSource):
 
     def close(self) -> None:
         """Close the open data files and drop the cached metadata."""
+        for kept in self._kept.values():
+            kept.clear()
         self._views.clear()
         for f in self._open.values():
             f.close()
@@ -353,6 +357,27 @@ class Snapshot(ChunkedSource):
                     start += rows
             self._chunks = out
         return self._chunks
+
+    def take_rows(self, dim: int, positions: Any, out: np.ndarray) -> None:
+        """See :meth:`ChunkedSource.take_rows`; without a cap a few rows are copied by one compiled
+        call from the kept views of the mapped chunks (:class:`~embtools.storage.kept_rows.KeptRows`)."""
+        pos = positions
+        if not self.capped and 0 < len(out) <= KEPT_ROWS and isinstance(pos, np.ndarray) and pos.ndim == 1:
+            stored = self.resolve(dim)
+            kept = self._kept.get(stored)
+            if kept is None:
+                bounds = [c.start for c in self.chunks()] + [self.num_rows]
+                kept = self._kept.setdefault(stored, KeptRows(bounds, stored, self._kept_view(stored)))
+            if kept.take(pos, out):
+                return
+        super().take_rows(dim, positions, out)
+
+    def _kept_view(self, stored: int) -> Any:
+        def load(c: int) -> np.ndarray | None:
+            i, rg = self._group_starts()[1][c]
+            arr = self._loader(i, rg)(stored)
+            return arr if self._views.get((i, rg, stored)) is arr else None  # only kept views
+        return load
 
     def load_column(self, i: int, rg: int, column: str) -> np.ndarray:
         """Fixed-width ``column`` (``emb_<d>`` or a fixed-size binary) of row group ``rg`` of file
