@@ -150,7 +150,8 @@ def test_take_rows_compiled_gather_equals_the_chunked_path(tmp_path, rng, monkey
     """Without a cap a few rows come from the kept views of the mapped chunks by one compiled
     call: the same rows as the chunked path, over files and row groups, prefixes of the stored
     dimension, and the same errors for positions that are not ascending or out of range."""
-    from embtools.storage import kept_rows, snapshot as snap_mod
+    from embtools.storage import kept_rows
+    from embtools.storage import snapshot as snap_mod
     from embtools.storage.source import ChunkedSource
 
     x = rng.standard_normal((700, 6)).astype(np.float32)

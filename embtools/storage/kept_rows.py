@@ -11,6 +11,7 @@ Examples
 --------
 >>> import numpy as np
 >>> chunks = [np.arange(6, dtype=np.float32).reshape(3, 2), np.ones((2, 2), np.float32)]
+>>> for c in chunks: c.setflags(write=False)  # mapped files' views are read-only
 >>> kept = KeptRows([0, 3, 5], 2, lambda c: chunks[c])
 >>> out = np.empty((2, 1), np.float32)
 >>> kept.take(np.array([1, 4]), out), out.ravel().tolist()
@@ -65,17 +66,20 @@ class KeptRows:
         if not self._usable or positions.dtype != np.int64 or out.dtype != np.float32 \
                 or out.shape[1] > self.stored or len(positions) != len(out):
             return False
+        jit = self._jit
+        assert jit is not None
         with self._lock:  # one gather at a time: a slot may be filled meanwhile
             views = self._slots()
             while True:
-                got = self._jit.gather_kept(views, self.bounds, self._loaded, positions, out)
+                got = jit.gather_kept(views, self.bounds, self._loaded, positions, out)
                 if got == -1:
                     return True
                 if got == -2:
                     return False
                 arr = self._load(got)
+                rows = int(self.bounds[got + 1] - self.bounds[got])
                 if arr is None or arr.dtype != np.float32 or arr.flags.writeable \
-                        or not arr.flags.c_contiguous or arr.shape != (self.bounds[got + 1] - self.bounds[got], self.stored):
+                        or not arr.flags.c_contiguous or arr.shape != (rows, self.stored):
                     self._usable = False
                     return False
                 views[got] = arr
