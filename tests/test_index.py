@@ -460,3 +460,41 @@ def test_scans_skip_codes_files_without_the_probed_partitions(tmp_path, monkeypa
     assert opened
     full = store.search(q, k=5, nprobe=30, refine=2000, metric=metric)
     assert np.array_equal(ids(full, len(q)), brute(x, q, 5, metric, alive=alive))
+
+
+@pytest.mark.parametrize("metric", ["cosine", "dot"])
+def test_screened_centroids_pick_the_float32_nearest(tmp_path, monkeypatch, metric):
+    """A few queries of an index of many partitions pick their partitions from uint8 codes of
+    the centroids, then exactly within a certified margin: the same partitions, in the same
+    order, as scoring every centroid in float32, for near ties and exact duplicates too, and
+    the same search results."""
+    import embtools.index.probe as probe_mod
+    from embtools.kernels.jit import JIT_ENV, jit_kernels
+
+    monkeypatch.setenv(JIT_ENV, "1")
+    jit = jit_kernels("ivf_jit")
+    x, q = clustered(3000, seed=5)
+    store = et.EmbeddingStore(tmp_path / "s", backend="numpy")
+    store.add(x)
+    store.create_index(dimension=DIM, partitions=300, codes="float", metric=metric)
+    probe = store.find_index(DIM, metric)
+    assert probe.partitions >= probe_mod.SCREEN_CENTROIDS
+    rng = np.random.default_rng(6)
+    original = probe.centroids
+    c = probe.centroids.copy()
+    c[10:20] = c[5]  # exact duplicates: ties go to the lower partition
+    c[30:40] = c[25] + np.float32(1e-6) * rng.standard_normal((10, DIM)).astype(np.float32)  # near ties
+    queries = np.concatenate([q, c[[5, 25]], 3 * q[:4]]).astype(np.float32)  # dot: unnormalised too
+    for cents in (probe.centroids, c):
+        probe.centroids, probe._coarse = cents, None
+        for v in probe._queries(queries, DIM):
+            full = np.empty((1, probe.partitions), np.float32)
+            jit.centroid_scores(v[None], cents, full)
+            for nprobe in (1, 2, 7, 40):
+                got = probe._screened(jit, v, nprobe)
+                assert np.array_equal(got, jit.top_columns(full, nprobe)[0]), nprobe
+    probe.centroids, probe._coarse = original, None
+    screened = [store.search(v, k=10, nprobe=4, metric=metric) for v in q[:8]]
+    monkeypatch.setattr(probe_mod, "SCREEN_CENTROIDS", 10**9)
+    for v, got in zip(q[:8], screened, strict=True):
+        assert got.equals(store.search(v, k=10, nprobe=4, metric=metric))

@@ -43,6 +43,9 @@ _POOL = ForkSafePool(_THREADS, "embtools-probe")
 GROUP_MIN_SHARE = 2.0
 #: Batches of at least this many queries are split over the threads by the compiled shortlist.
 JIT_SPLIT_QUERIES = 8
+#: Indexes of at least this many partitions pick a few queries' partitions by
+#: :meth:`IvfIndex._screened` (uint8 codes of the centroids first), fewer score every centroid.
+SCREEN_CENTROIDS = 256
 #: Fewer queries whose probes hold at least this many rows have them scanned by two threads.
 JIT_SPLIT_ROWS = 4096
 
@@ -133,6 +136,8 @@ class IvfIndex:
         self._code_bytes = sum(f.nbytes for f in self.files)
         self._touched = 0
         self._part_of: np.ndarray | None = None
+        #: uint8 codes of the centroids for :meth:`_screened` (codes, start, step, error, max |c|)
+        self._coarse: tuple[np.ndarray, ...] | None = None
 
     # -- sizes ------------------------------------------------------------------------------------
     def default_nprobe(self) -> int:
@@ -145,7 +150,8 @@ class IvfIndex:
                    + self._part_files.nbytes
                    + self.uncovered.nbytes + sum(0 if s is None else s.nbytes for s in self._sq)
                    + sum(f.nbytes for f in self.files if f.copied)
-                   + (0 if self._part_of is None else self._part_of.nbytes))
+                   + (0 if self._part_of is None else self._part_of.nbytes)
+                   + (0 if self._coarse is None else sum(a.nbytes for a in self._coarse)))
 
     def _decode(self, codes: np.ndarray) -> np.ndarray:
         """float32 rows of a block of codes (int8: the bucket centres; float: as they are)."""
@@ -204,16 +210,21 @@ class IvfIndex:
         ``prepared``: ``queries`` as the probe scores them (``self._queries(queries, dimension)``),
         when the caller has them already."""
         q = self._queries(queries, self.dimension) if prepared is None else prepared
-        if jit is not None and len(q) < JIT_SPLIT_QUERIES:  # a few queries: no BLAS call
-            scores = np.empty((len(q), self.partitions), np.float32)
+        p = self.partitions
+        live = self.live_counts if counts is None else counts
+        need = min(kk, self._live_total if counts is None else int(live.sum()))
+        few = jit is not None and len(q) < JIT_SPLIT_QUERIES
+        if few and self.metric != "l2" and SCREEN_CENTROIDS <= p and nprobe < p:
+            top = [self._screened(jit, v, nprobe) for v in q]
+            if all(int(live[t].sum()) >= need for t in top):
+                return top
+        if few:  # a few queries: no BLAS call
+            scores = np.empty((len(q), p), np.float32)
             jit.centroid_scores(q, self.centroids, scores)
         else:
             scores = q @ self.centroids.T
         if self.metric == "l2":
             scores = 2 * scores - self._c_sq[None, :]
-        p = self.partitions
-        live = self.live_counts if counts is None else counts
-        need = min(kk, self._live_total if counts is None else int(live.sum()))
         if nprobe >= p:
             top = np.broadcast_to(np.arange(p), (len(q), p))
         else:
@@ -225,6 +236,31 @@ class IvfIndex:
             reach = np.searchsorted(np.cumsum(live[order]), need) + 1
             out[i] = order[:max(nprobe, int(reach))]
         return out
+
+    def _screened(self, jit: Any, q: np.ndarray, nprobe: int) -> np.ndarray:
+        """Query ``q``'s ``nprobe`` nearest centroids by their float32 products, best first (ties
+        to the lower partition), through :func:`~embtools.kernels.ivf_jit.screened_centroids`:
+        scored from uint8 codes of the centroids (a quarter of their bytes, which a query's
+        other reads push out of the cache), then exactly within a certified margin: the codes'
+        error, ``sum |q_t| err_t``, plus bounds on the float32 rounding of both products."""
+        if self._coarse is None:
+            c = self.centroids.astype(np.float64)
+            lo, hi = c.min(axis=0), c.max(axis=0)
+            step = np.where(hi > lo, (hi - lo) / 255, 1.0).astype(np.float32)
+            lo32 = lo.astype(np.float32)
+            codes = np.clip(np.rint((c - lo32) / step), 0, 255)
+            err = np.abs(c - (lo32 + codes * step.astype(np.float64))).max(axis=0)
+            self._coarse = (codes.astype(np.uint8), lo32, step, err, np.abs(c).max(axis=0))
+        codes, lo, step, err, cmax = self._coarse
+        qa = np.abs(q.astype(np.float64))
+        u, d = 2.0**-24, len(q)
+        size = float(qa @ (np.abs(lo) + 255 * step))  # bounds |the approximation's terms|
+        margin = (2 * (float(qa @ err) + 2 * (d + 4) * u * size + (d + 2) * u * float(qa @ cmax))
+                  + 4 * u * size)
+        w = (q * step).astype(np.float32)
+        c0 = float(np.float32(q.astype(np.float64) @ lo))
+        top: np.ndarray = jit.screened_centroids(q, w, c0, codes, margin, self.centroids, nprobe)
+        return top
 
     def shortlist(self, queries: np.ndarray, kk: int, nprobe: int, width: int,
                   positions: np.ndarray | None = None) -> np.ndarray:

@@ -37,7 +37,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-__all__ = ["centroid_scores", "new_heaps", "nibble_tables", "scan_dense", "scan_signs", "sort_heaps",
+__all__ = ["centroid_scores", "new_heaps", "screened_centroids", "nibble_tables", "scan_dense", "scan_signs", "sort_heaps",
            "top_columns", "warm"]
 
 
@@ -174,6 +174,39 @@ def centroid_scores(q: np.ndarray, centroids: np.ndarray, out: np.ndarray) -> No
             oi[c] = acc
 
 
+@njit(nogil=True, cache=True, fastmath=True)
+def screened_centroids(q: np.ndarray, w: np.ndarray, c0: float, codes: np.ndarray, margin: float,
+                       centroids: np.ndarray, n: int) -> np.ndarray:  # pragma: no cover - compiled
+    """The ``n`` best centroids of query ``q`` by the float32 product, best first, ties to the lower
+    column: ``c0 + w . codes[c]`` approximates each score from ``uint8`` codes of the centroids
+    (a quarter of their bytes), and only the centroids within ``margin`` (a bound on twice the
+    approximation's error plus the float32 product's) of the ``n``-th best approximation are
+    scored from ``centroids``."""
+    p, d = codes.shape
+    approx = np.empty(p, np.float32)
+    hs = np.full(n, -np.inf, np.float32)
+    hi = np.full(n, EMPTY, np.int64)
+    for c in range(p):
+        row = codes[c]
+        acc = np.float32(0.0)
+        for t in range(d):
+            acc += w[t] * np.float32(row[t])
+        approx[c] = acc + np.float32(c0)
+        _push(hs, hi, approx[c], c)
+    floor = hs[0] - np.float32(margin)
+    hs[:] = -np.inf
+    hi[:] = EMPTY
+    for c in range(p):
+        if approx[c] >= floor:
+            row = centroids[c]
+            acc = np.float32(0.0)
+            for t in range(d):
+                acc += q[t] * row[t]
+            _push(hs, hi, acc, c)
+    _sort_heaps(hs.reshape(1, n), hi.reshape(1, n))
+    return hi
+
+
 @njit(nogil=True, cache=True)
 def _top_columns(scores: np.ndarray, hs: np.ndarray, hi: np.ndarray) -> None:  # pragma: no cover
     for i in range(scores.shape[0]):
@@ -249,3 +282,5 @@ def warm() -> None:
     sort_heaps(hs, hi)
     top_columns(np.zeros((1, 2), np.float32), 1)
     centroid_scores(np.zeros((1, 8), np.float32), np.zeros((2, 8), np.float32), np.zeros((1, 2), np.float32))
+    screened_centroids(np.zeros(8, np.float32), np.zeros(8, np.float32), 0.0, np.zeros((2, 8), np.uint8), 0.0,
+                       np.zeros((2, 8), np.float32), 1)

@@ -72,15 +72,15 @@ def result_frame(
         raise InvalidArgumentError(f"cannot read the metadata columns {columns!r}: {err}") from None
     base = [c for c in ("row_id", "text_id", "label") if c in meta.columns]
     extra = [c for c in (columns or []) if c not in ("row_id", "text_id", "label")]
-    return pl.DataFrame(
-        [
-            pl.Series("query", np.repeat(np.arange(nq, dtype=np.int64), kk)),
-            pl.Series("rank", np.tile(np.arange(kk, dtype=np.int64), nq)),
-            *(meta.get_column(c) for c in base),
-            pl.Series("score", scores.reshape(-1).astype(np.float32, copy=False)),  # Float32
-            *(meta.get_column(c) for c in extra),
-        ]
-    )
+    query = pl.Series("query", np.repeat(np.arange(nq, dtype=np.int64), kk))
+    rank = pl.Series("rank", np.tile(np.arange(kk, dtype=np.int64), nq))
+    score = pl.Series("score", scores.reshape(-1).astype(np.float32, copy=False))  # Float32
+    if meta.columns == base + extra:  # a frame of its own: the result columns go in in place
+        meta.insert_column(0, rank)
+        meta.insert_column(0, query)
+        return meta.insert_column(2 + len(base), score)
+    return pl.DataFrame([query, rank, *(meta.get_column(c) for c in base), score,
+                         *(meta.get_column(c) for c in extra)])
 
 
 def _request(
