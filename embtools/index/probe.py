@@ -214,10 +214,10 @@ class IvfIndex:
         live = self.live_counts if counts is None else counts
         need = min(kk, self._live_total if counts is None else int(live.sum()))
         few = jit is not None and len(q) < JIT_SPLIT_QUERIES
-        if few and self.metric != "l2" and SCREEN_CENTROIDS <= p and nprobe < p:
-            top = [self._screened(jit, v, nprobe) for v in q]
-            if all(int(live[t].sum()) >= need for t in top):
-                return top
+        if few and self.metric != "l2" and p >= SCREEN_CENTROIDS and nprobe < p:
+            picked = [self._screened(jit, v, nprobe) for v in q]
+            if all(int(live[t].sum()) >= need for t in picked):
+                return picked
         if few:  # a few queries: no BLAS call
             scores = np.empty((len(q), p), np.float32)
             jit.centroid_scores(q, self.centroids, scores)

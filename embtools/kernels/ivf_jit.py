@@ -37,8 +37,17 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-__all__ = ["centroid_scores", "new_heaps", "screened_centroids", "nibble_tables", "scan_dense", "scan_signs", "sort_heaps",
-           "top_columns", "warm"]
+__all__ = [
+    "centroid_scores",
+    "new_heaps",
+    "nibble_tables",
+    "scan_dense",
+    "scan_signs",
+    "screened_centroids",
+    "sort_heaps",
+    "top_columns",
+    "warm",
+]
 
 
 #: the position of an empty heap slot: worse than any row at the same score (-inf)
