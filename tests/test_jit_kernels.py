@@ -156,26 +156,6 @@ def test_centroid_scores_are_the_float32_products():
     assert np.allclose(out, want, rtol=1e-5, atol=1e-5)
 
 
-def test_gather_kept_copies_rows_and_asks_for_missing_chunks():
-    from numba import typed
-
-    rerank = jit_kernels("rerank_jit")
-    chunks = [np.arange(i * 100, i * 100 + 3 * rows, dtype=np.float32).reshape(rows, 3)
-              for i, rows in enumerate((4, 0, 5))]
-    for c in chunks:
-        c.setflags(write=False)
-    bounds = np.array([0, 4, 4, 9], np.int64)
-    loaded = np.array([True, True, False])
-    views = typed.List(chunks)
-    out = np.empty((3, 2), np.float32)
-    assert rerank.gather_kept(views, bounds, loaded, np.array([0, 3, 6]), out) == 2  # chunk 2 first
-    loaded[2] = True
-    assert rerank.gather_kept(views, bounds, loaded, np.array([0, 3, 6]), out) == -1
-    assert out.tolist() == [[0, 1], [9, 10], [206, 207]]
-    for bad in ([3, 3], [5, 1], [-1], [9]):  # repeats, descending, out of range
-        assert rerank.gather_kept(views, bounds, loaded, np.array(bad), np.empty((len(bad), 2), np.float32)) == -2
-
-
 @pytest.mark.parametrize("metric", ["cosine", "dot", "l2"])
 def test_store_search_results_are_the_same_with_and_without_the_kernels(tmp_path, monkeypatch, metric):
     """A committed store (a frozen source, whose row norms the compiled re-rank keeps): the same

@@ -21,13 +21,11 @@ Examples
 from __future__ import annotations
 
 import functools
-from typing import Any
 
 import numpy as np
 from numba import njit
 
-__all__ = ["COSINE", "DOT", "L2", "METRICS", "gather_kept", "rerank_scores", "row_norms", "sum_program",
-           "terms_sum", "warm"]
+__all__ = ["COSINE", "DOT", "L2", "METRICS", "rerank_scores", "row_norms", "sum_program", "terms_sum", "warm"]
 
 DOT, COSINE, L2 = 0, 1, 2
 #: the metric codes of :func:`rerank_scores`
@@ -244,39 +242,7 @@ def rerank_scores(q: np.ndarray, rows: np.ndarray, inv: np.ndarray, metric: int,
     return out
 
 
-@njit(nogil=True, cache=True)
-def gather_kept(chunks: Any, starts: np.ndarray, loaded: np.ndarray, pos: np.ndarray,
-                out: np.ndarray) -> int:  # pragma: no cover - compiled
-    """Copy the first ``out.shape[1]`` values of the rows at ``pos`` into ``out``, row ``p`` from
-    ``chunks[c][p - starts[c]]`` (``starts``: each chunk's first row, then the row count).
-    Returns -1 when done, -2 (nothing copied) unless ``pos`` is strictly ascending within the
-    rows, else the first chunk needed whose ``loaded`` is False (copied up to its first row)."""
-    n = pos.shape[0]
-    total = starts[starts.shape[0] - 1]
-    for j in range(n):
-        if pos[j] < 0 or pos[j] >= total or (j > 0 and pos[j] <= pos[j - 1]):
-            return -2
-    dim = out.shape[1]
-    c = 0
-    for j in range(n):
-        p = pos[j]
-        while starts[c + 1] <= p:
-            c += 1
-        if not loaded[c]:
-            return c
-        row = chunks[c][p - starts[c]]
-        for t in range(dim):
-            out[j, t] = row[t]
-    return -1
-
-
 def warm() -> None:
-    """Run the kernels once on tiny inputs."""
+    """Run the kernel once on tiny inputs."""
     for metric in (DOT, COSINE):
         rerank_scores(np.zeros((1, 2)), np.zeros((1, 2), np.float32), np.zeros((1, 1), np.int64), metric)
-    from numba import typed
-
-    chunk = np.zeros((1, 2), np.float32)
-    chunk.setflags(write=False)  # the type of a mapped file's view
-    gather_kept(typed.List([chunk]), np.array([0, 1]), np.ones(1, bool), np.zeros(1, np.int64),
-                np.empty((1, 2), np.float32))

@@ -1,18 +1,17 @@
-"""A compiled gather of a few rows from the mapped chunks an uncapped snapshot keeps.
+"""A row-by-row gather of a few rows from the mapped chunks an uncapped snapshot keeps.
 
 Without a memory cap a snapshot keeps the read-only views of its mapped embedding chunks once
-read (their pages stay mapped). A search's re-rank gathers a few dozen rows from them; through
-:meth:`~embtools.storage.source.ChunkedSource.take_rows` that is a dozen NumPy calls per chunk
-touched (~100 us for 18 rows of a 1M-row store), here one compiled call (~10 us):
-:class:`KeptRows` holds the views in a numba typed list, one slot per chunk, filled as chunks are
-first needed.
+read (their pages stay mapped). A single search's re-rank gathers a few dozen rows from them;
+through :meth:`~embtools.storage.source.ChunkedSource.take_rows` that is a dozen NumPy calls per
+chunk touched (~100 us for 18 rows of a 1M-row store), here one row copy each (~25 us).
+(A compiled gather over a numba typed list of the views took ~12 us, but building the first typed
+list of a process compiles for about a second.)
 
 Examples
 --------
 >>> import numpy as np
 >>> chunks = [np.arange(6, dtype=np.float32).reshape(3, 2), np.ones((2, 2), np.float32)]
->>> for c in chunks: c.setflags(write=False)  # mapped files' views are read-only
->>> kept = KeptRows([0, 3, 5], 2, lambda c: chunks[c])
+>>> kept = KeptRows([0, 3, 5], lambda c: chunks[c])
 >>> out = np.empty((2, 1), np.float32)
 >>> kept.take(np.array([1, 4]), out), out.ravel().tolist()
 (True, [2.0, 1.0])
@@ -20,73 +19,58 @@ Examples
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import numpy as np
 
-from embtools.kernels.jit import jit_kernels
-
 __all__ = ["KEPT_ROWS", "KeptRows"]
 
-#: Gathers of at most this many rows use the compiled path (more: the chunked, threaded one).
-KEPT_ROWS = 4096
+#: Gathers of at most this many rows are copied row by row (more: the chunked path).
+KEPT_ROWS = 128
 
 
 class KeptRows:
-    """Rows of chunks starting at ``bounds[:-1]`` (``bounds[-1]``: the row count), ``stored``
-    values each; ``load(c)`` returns chunk ``c`` as a read-only C-contiguous float32 view that
-    stays valid as long as this object, or None when it cannot (then :meth:`take` declines)."""
+    """Rows of chunks starting at ``bounds[:-1]`` (``bounds[-1]``: the row count); ``load(c)``
+    returns chunk ``c`` as a 2-D float32 array that stays valid as long as this object, or None
+    when it cannot (then :meth:`take` declines from then on)."""
 
-    def __init__(self, bounds: Sequence[int], stored: int,
-                 load: Callable[[int], np.ndarray | None]) -> None:
-        self._jit = jit_kernels("rerank_jit")
+    def __init__(self, bounds: Sequence[int], load: Callable[[int], np.ndarray | None]) -> None:
         self.bounds = np.asarray(bounds, np.int64)
-        self.stored = int(stored)
+        self._starts = self.bounds.tolist()
         self._load = load
-        self._loaded = np.zeros(max(len(self.bounds) - 1, 0), bool)
-        self._views: Any = None  # the typed list, made on first use (numba imported then)
-        self._usable = self._jit is not None
-        self._lock = threading.Lock()
-
-    def _slots(self) -> Any:
-        if self._views is None:
-            from numba import typed
-
-            empty = np.empty((0, self.stored), np.float32)
-            empty.setflags(write=False)
-            self._views = typed.List([empty] * len(self._loaded))
-        return self._views
+        self._views: list[np.ndarray | None] = [None] * (len(self._starts) - 1)
+        self._usable = True
 
     def take(self, positions: np.ndarray, out: np.ndarray) -> bool:
-        """Copy the rows at ``positions`` (int64, ascending, distinct, in range) into ``out``
-        (``(n, d)`` float32, ``d <= stored``); False, with ``out`` undefined, when this path
-        cannot (no numba, a chunk that is not a kept view, positions not as required)."""
-        if not self._usable or positions.dtype != np.int64 or out.dtype != np.float32 \
-                or out.shape[1] > self.stored or len(positions) != len(out):
+        """Copy the rows at ``positions`` (ascending, distinct, in range) into ``out`` (``(n, d)``
+        float32, ``d`` at most the chunks' width); False, with ``out`` undefined, when this path
+        cannot (a chunk that is not kept, positions not as required)."""
+        n = len(positions)
+        if not self._usable or n != len(out) or n == 0:
             return False
-        jit = self._jit
-        assert jit is not None
-        with self._lock:  # one gather at a time: a slot may be filled meanwhile
-            views = self._slots()
-            while True:
-                got = jit.gather_kept(views, self.bounds, self._loaded, positions, out)
-                if got == -1:
-                    return True
-                if got == -2:
-                    return False
-                arr = self._load(got)
-                rows = int(self.bounds[got + 1] - self.bounds[got])
-                if arr is None or arr.dtype != np.float32 or arr.flags.writeable \
-                        or not arr.flags.c_contiguous or arr.shape != (rows, self.stored):
+        pos = positions.tolist()
+        starts, views = self._starts, self._views
+        if not isinstance(pos[0], int) or pos[0] < 0 or pos[-1] >= starts[-1]:
+            return False
+        d = out.shape[1]
+        chunk = np.searchsorted(self.bounds, positions, side="right").tolist()
+        prev = -1
+        for j in range(n):
+            p, c = pos[j], chunk[j] - 1
+            if p <= prev:
+                return False
+            prev = p
+            view = views[c]
+            if view is None:
+                view = self._load(c)
+                if view is None or view.ndim != 2 or view.shape[0] != starts[c + 1] - starts[c] \
+                        or view.shape[1] < d:
                     self._usable = False
                     return False
-                views[got] = arr
-                self._loaded[got] = True
+                views[c] = view
+            out[j] = view[p - starts[c], :d]
+        return True
 
     def clear(self) -> None:
         """Drop the kept views (before their files are closed)."""
-        with self._lock:
-            self._views = None
-            self._loaded[:] = False
+        self._views = [None] * len(self._views)

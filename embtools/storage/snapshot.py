@@ -220,7 +220,7 @@ class Snapshot(ChunkedSource):
         self._chunks: list[Chunk] | None = None
         # uncapped: the views of the mapped embedding chunks handed out, (file, row group, dim)
         self._views: dict[tuple[int, int, int], np.ndarray] = {}
-        self._kept: dict[int, KeptRows] = {}  # uncapped: the compiled gather's views, per dim
+        self._kept: dict[int, KeptRows] = {}  # uncapped: the few-rows gather's views, per dim
         self._binary: dict[str, list[tuple[int, int, Any, Any]]] = {}
         self._meta_bytes = 0
         self._meta_lock = threading.Lock()
@@ -359,15 +359,16 @@ class Snapshot(ChunkedSource):
         return self._chunks
 
     def take_rows(self, dim: int, positions: Any, out: np.ndarray) -> None:
-        """See :meth:`ChunkedSource.take_rows`; without a cap a few rows are copied by one compiled
-        call from the kept views of the mapped chunks (:class:`~embtools.storage.kept_rows.KeptRows`)."""
+        """See :meth:`ChunkedSource.take_rows`; without a cap a few rows are copied one by one from
+        the kept views of the mapped chunks (:class:`~embtools.storage.kept_rows.KeptRows`)."""
         pos = positions
-        if not self.capped and 0 < len(out) <= KEPT_ROWS and isinstance(pos, np.ndarray) and pos.ndim == 1:
+        if not self.capped and 0 < len(out) <= KEPT_ROWS and isinstance(pos, np.ndarray) \
+                and pos.ndim == 1 and pos.dtype.kind in "iu":
             stored = self.resolve(dim)
             kept = self._kept.get(stored)
             if kept is None:
                 bounds = [c.start for c in self.chunks()] + [self.num_rows]
-                kept = self._kept.setdefault(stored, KeptRows(bounds, stored, self._kept_view(stored)))
+                kept = self._kept.setdefault(stored, KeptRows(bounds, self._kept_view(stored)))
             if kept.take(pos, out):
                 return
         super().take_rows(dim, positions, out)
