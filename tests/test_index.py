@@ -498,3 +498,39 @@ def test_screened_centroids_pick_the_float32_nearest(tmp_path, monkeypatch, metr
     monkeypatch.setattr(probe_mod, "SCREEN_CENTROIDS", 10**9)
     for v, got in zip(q[:8], screened, strict=True):
         assert got.equals(store.search(v, k=10, nprobe=4, metric=metric))
+
+
+def test_certified_cut_of_float_shortlists_keeps_the_exact_top_k(tmp_path, monkeypatch):
+    """Unit float codes of the full vectors (cosine) re-rank only the shortlisted rows whose codes'
+    score is within twice the codes' error of the k-th: the same results as re-ranking the whole
+    shortlist, with exact duplicates and rows an ulp apart, one query and many, and the exact
+    search's at full probe."""
+    import embtools.index.probe as probe_mod
+    from embtools.kernels.jit import JIT_ENV
+
+    monkeypatch.setenv(JIT_ENV, "1")
+    x, q = clustered(2000, seed=12)
+    x[200:230] = x[199]  # exact duplicates: float32 ties
+    x[230:260] = x[199] * np.float32(1 + 2**-22)  # the same direction, another length
+    x[260:290] = x[199] + np.float32(1e-6) * np.sign(x[199])  # near ties in float32
+    queries = np.concatenate([x[199:200], q[:20]])
+    store = et.EmbeddingStore(tmp_path / "s", backend="numpy")
+    store.add(x)
+    store.create_index(dimension=DIM, partitions=20, codes="float")
+    widths = []
+    cut = probe_mod.IvfIndex._certified
+
+    def spy(self, hs, hi, kk):
+        out = cut(self, hs, hi, kk)
+        widths.append(out.shape[1])
+        return out
+
+    monkeypatch.setattr(probe_mod.IvfIndex, "_certified", spy)
+    got = [store.search(queries, k=10, nprobe=3), *(store.search(v, k=10, nprobe=3) for v in queries)]
+    assert widths[1] == 18 and min(widths) == 10 and max(widths) <= 18  # the ties keep all 18
+    full = store.search(queries, k=10, nprobe=20, refine=100)
+    monkeypatch.setattr(probe_mod.IvfIndex, "_certified", lambda self, hs, hi, kk: hi)
+    want = [store.search(queries, k=10, nprobe=3), *(store.search(v, k=10, nprobe=3) for v in queries)]
+    for a, b in zip(got, want, strict=True):
+        assert a.equals(b)
+    assert full.equals(store.search(queries, k=10, exact=True))

@@ -334,7 +334,21 @@ class IvfIndex:
         jit.sort_heaps(hs, hi)
         self._touched += scored * self.code_dim * 4
         self._release_if_needed()
-        return hi
+        return self._certified(hs, hi, kk)
+
+    def _certified(self, hs: np.ndarray, hi: np.ndarray, kk: int) -> np.ndarray:
+        """The shortlist ``hi`` (scores ``hs``, best first) cut to the columns that can hold a
+        row of a query's exact top ``kk``, for unit float codes of the full vectors (cosine): a
+        code's float32 score is within ``eps = (2d + 16) u`` of the row's exact cosine (the two
+        roundings to unit length and the float32 product), so a row scoring more than ``2 eps``
+        below the ``kk``-th is below the exact scores of ``kk`` others and is not re-ranked."""
+        if not (self.kind == "float" and self.code_dim == self.dimension and self.metric == "cosine") \
+                or hi.shape[1] <= kk or not len(hi):
+            return hi
+        eps = (2 * self.code_dim + 16) * 2.0**-24
+        floor = hs[:, kk - 1] - np.float32(2 * eps)
+        keep = int((hs >= floor[:, None]).sum(axis=1).max())
+        return hi[:, :max(keep, kk)]
 
     def _scan(self, jit: Any, weights: np.ndarray, c0: np.ndarray, parts: np.ndarray, mask: np.ndarray,
               hs: np.ndarray, hi: np.ndarray) -> None:
