@@ -150,7 +150,6 @@ def test_take_rows_few_rows_gather_equals_the_chunked_path(tmp_path, rng, monkey
     """Without a cap a few rows are copied one by one from the kept views of the mapped chunks:
     the same rows as the chunked path, over files and row groups, prefixes of the stored
     dimension, and the same errors for positions that are not ascending or out of range."""
-    from embtools.storage import kept_rows
     from embtools.storage import snapshot as snap_mod
     from embtools.storage.source import ChunkedSource
 
@@ -160,7 +159,7 @@ def test_take_rows_few_rows_gather_equals_the_chunked_path(tmp_path, rng, monkey
         store.add(x[a:a + 250])
     src = store.source
     assert len(src.chunks()) >= 3
-    for n in (1, 2, 18, kept_rows.KEPT_ROWS, kept_rows.KEPT_ROWS + 1, 700):
+    for n in (1, 2, 18, snap_mod.FEW_TAKE_ROWS, snap_mod.FEW_TAKE_ROWS + 1, 700):
         pos = np.sort(rng.choice(700, n, replace=False)).astype(np.int64)
         for dim in (6, 4):
             out = np.empty((n, dim), np.float32)
@@ -169,7 +168,12 @@ def test_take_rows_few_rows_gather_equals_the_chunked_path(tmp_path, rng, monkey
             slow = np.empty((n, dim), np.float32)
             ChunkedSource.take_rows(src, dim, pos, slow)
             assert np.array_equal(out, slow)
-    assert src._kept and all(k._usable for k in src._kept.values())
+    taken = []
+    monkeypatch.setattr(snap_mod.Snapshot, "_take_kept",
+                        lambda self, *a, _f=snap_mod.Snapshot._take_kept: taken.append(_f(self, *a)) or taken[-1])
+    src.take_rows(6, pos[:18], np.empty((18, 6), np.float32))
+    assert taken == [True]  # the few-rows path served it
+    monkeypatch.undo()
     with pytest.raises(InvalidArgumentError):
         src.take_rows(6, np.array([3, 3], np.int64), np.empty((2, 6), np.float32))  # 1 of 2 rows
     with pytest.raises(InvalidArgumentError):
@@ -182,10 +186,10 @@ def test_take_rows_few_rows_gather_equals_the_chunked_path(tmp_path, rng, monkey
     out = np.empty((2, 6), np.float32)
     src.take_rows(6, np.array([3, 5], np.int64), out)  # a failed call leaves the path working
     assert np.array_equal(out, x[[3, 5]])
-    monkeypatch.setattr(snap_mod, "KEPT_ROWS", 0)  # the chunked path alone gives the same
+    assert snap_mod.FEW_TAKE_ROWS >= 18  # a single query's candidates
+    monkeypatch.setattr(snap_mod, "FEW_TAKE_ROWS", 0)  # the chunked path alone gives the same
     src.take_rows(6, np.array([3, 5], np.int64), out)
     assert np.array_equal(out, x[[3, 5]])
-    assert kept_rows.KEPT_ROWS >= 18  # a single query's candidates
     store.close()
 
 
@@ -196,4 +200,4 @@ def test_take_rows_under_a_cap_does_not_keep_views(tmp_path, rng):
     src = store.source
     out = np.empty((3, 4), np.float32)
     src.take_rows(4, np.array([0, 7, 299], np.int64), out)
-    assert np.array_equal(out, x[[0, 7, 299]]) and not src._kept
+    assert np.array_equal(out, x[[0, 7, 299]]) and not src._views

@@ -168,19 +168,23 @@ def merge_heaps(hs: np.ndarray, hi: np.ndarray, hs2: np.ndarray, hi2: np.ndarray
 
 
 @njit(nogil=True, cache=True, fastmath=True)
+def _dot(q: np.ndarray, row: np.ndarray) -> float:  # pragma: no cover - compiled
+    """The float32 product of ``q`` and ``row``: the one both centroid passes score with."""
+    acc = np.float32(0.0)
+    for t in range(row.shape[0]):
+        acc += q[t] * row[t]
+    return acc
+
+
+@njit(nogil=True, cache=True, fastmath=True)
 def centroid_scores(q: np.ndarray, centroids: np.ndarray, out: np.ndarray) -> None:  # pragma: no cover
     """``out[i, c] = q[i] . centroids[c]`` in float32, one row at a time (a few queries: no BLAS
     call, whose thread settings cost more than the product; 4000 x 384 takes ~0.1 ms)."""
-    d = centroids.shape[1]
     for i in range(q.shape[0]):
         qi = q[i]
         oi = out[i]
         for c in range(centroids.shape[0]):
-            row = centroids[c]
-            acc = np.float32(0.0)
-            for t in range(d):
-                acc += qi[t] * row[t]
-            oi[c] = acc
+            oi[c] = _dot(qi, centroids[c])
 
 
 @njit(nogil=True, cache=True, fastmath=True)
@@ -207,11 +211,7 @@ def screened_centroids(q: np.ndarray, w: np.ndarray, c0: float, codes: np.ndarra
     hi[:] = EMPTY
     for c in range(p):
         if approx[c] >= floor:
-            row = centroids[c]
-            acc = np.float32(0.0)
-            for t in range(d):
-                acc += q[t] * row[t]
-            _push(hs, hi, acc, c)
+            _push(hs, hi, _dot(q, centroids[c]), c)
     _sort_heaps(hs.reshape(1, n), hi.reshape(1, n))
     return hi
 
