@@ -87,9 +87,16 @@ def test_take_metadata_few_and_many_rows_over_row_groups(tmp_path, rng, monkeypa
         monkeypatch.undo()
         extra = src.take_metadata(pos, ["label"])
         assert extra.equals(fast)
-    res = store.search(rng.standard_normal((3, 4)).astype(np.float32), k=7)
-    assert res["text_id"].to_list() == [f"é{i}" * (i % 3 + 1) for i in res["row_id"].to_list()]
-    assert res["label"].to_list() == [lab[i] for i in res["row_id"].to_list()]
+    for nq in (1, 3):  # the result frame of a few hits is built in one go
+        q = rng.standard_normal((nq, 4)).astype(np.float32)
+        res = store.search(q, k=7)
+        assert res["text_id"].to_list() == [f"é{i}" * (i % 3 + 1) for i in res["row_id"].to_list()]
+        assert res["label"].to_list() == [lab[i] for i in res["row_id"].to_list()]
+        monkeypatch.setattr(snapshot, "FEW_ROWS", 0)
+        assert res.equals(store.search(q, k=7))
+        monkeypatch.undo()
+    with pytest.raises(InvalidArgumentError, match="out of range"):
+        src.few_base_columns(np.array([3, n]))
 
 
 def test_num_rows_checks_the_files_once(tmp_path, rng, monkeypatch):

@@ -64,6 +64,14 @@ def result_frame(
 ) -> pl.DataFrame:
     """The result DataFrame: ``query, rank, row_id, text_id, label, score`` (+ ``columns``)."""
     nq, kk = positions.shape
+    query = pl.Series("query", np.repeat(np.arange(nq, dtype=np.int64), kk))
+    rank = pl.Series("rank", np.tile(np.arange(kk, dtype=np.int64), nq))
+    score = pl.Series("score", scores.reshape(-1).astype(np.float32, copy=False))  # Float32
+    few = getattr(source, "few_base_columns", None)
+    if not columns and few is not None:  # a few hits: one frame, built once
+        base = few(positions.reshape(-1))
+        if base is not None:
+            return pl.DataFrame([query, rank, *base, score])
     try:  # repeats (a row hit by several queries) are gathered as often as they come
         meta = source.take_metadata(positions.reshape(-1), columns)
     except EmbtoolsError:
@@ -72,9 +80,6 @@ def result_frame(
         raise InvalidArgumentError(f"cannot read the metadata columns {columns!r}: {err}") from None
     base = [c for c in ("row_id", "text_id", "label") if c in meta.columns]
     extra = [c for c in (columns or []) if c not in ("row_id", "text_id", "label")]
-    query = pl.Series("query", np.repeat(np.arange(nq, dtype=np.int64), kk))
-    rank = pl.Series("rank", np.tile(np.arange(kk, dtype=np.int64), nq))
-    score = pl.Series("score", scores.reshape(-1).astype(np.float32, copy=False))  # Float32
     if meta.columns == base + extra:  # a frame of its own: the result columns go in in place
         meta.insert_column(0, rank)
         meta.insert_column(0, query)

@@ -179,9 +179,9 @@ class BaseRows:
         return None if text is None or label is None else (text, label)
 
     @staticmethod
-    def few_frame(hits: Sequence[tuple[BaseRows, int]]) -> pl.DataFrame:
-        """The frame of ``(rows, i)`` pairs, row ``i`` of ``rows`` each, in order, gathered element
-        by element (every ``rows.strings()`` must be views)."""
+    def few_columns(hits: Sequence[tuple[BaseRows, int]]) -> list[pl.Series]:
+        """The ``row_id, text_id, label`` series of ``(rows, i)`` pairs, row ``i`` of ``rows``
+        each, in order, gathered element by element (every ``rows.strings()`` must be views)."""
         ids: list[int] = []
         texts: list[str | None] = []
         labels: list[str | None] = []
@@ -191,9 +191,13 @@ class BaseRows:
             ids.append(int(rows.row_id[i]))
             texts.append(views[0].at(i))
             labels.append(views[1].at(i))
-        return pl.DataFrame([pl.Series(ROW_ID, ids, dtype=pl.Int64),
-                             pl.Series(TEXT_ID, texts, dtype=pl.String),
-                             pl.Series(LABEL, labels, dtype=pl.String)])
+        return [pl.Series(ROW_ID, ids, dtype=pl.Int64), pl.Series(TEXT_ID, texts, dtype=pl.String),
+                pl.Series(LABEL, labels, dtype=pl.String)]
+
+    @staticmethod
+    def few_frame(hits: Sequence[tuple[BaseRows, int]]) -> pl.DataFrame:
+        """The frame of :meth:`few_columns`."""
+        return pl.DataFrame(BaseRows.few_columns(hits))
 
 
 class Snapshot(ChunkedSource):
@@ -557,23 +561,37 @@ class Snapshot(ChunkedSource):
         pa.default_memory_pool().release_unused()
         return base.hstack(more)
 
+    def few_base_columns(self, positions: np.ndarray) -> list[pl.Series] | None:
+        """The ``row_id, text_id, label`` series of at most :data:`FEW_ROWS` ``positions`` (in
+        the order given), gathered element by element; None for more positions or columns that
+        are not plain strings (then :meth:`take_metadata`). A search's hits, without the frame.
+
+        Raises InvalidArgumentError for positions out of range."""
+        if positions.size > FEW_ROWS:
+            return None
+        pos = positions.tolist()
+        if pos and (min(pos) < 0 or max(pos) >= self.num_rows):
+            raise InvalidArgumentError(f"positions out of range 0..{self.num_rows - 1}")
+        starts, groups = self._group_starts()
+        found: dict[int, BaseRows] = {}
+        hits: list[tuple[BaseRows, int]] = []
+        for p, gi in zip(pos, np.searchsorted(starts, positions, side="right").tolist(), strict=True):
+            rows = found.get(gi)
+            if rows is None:
+                rows = found[gi] = self._base_rows(*groups[gi - 1])
+                if rows.strings() is None:
+                    return None
+            hits.append((rows, p - int(starts[gi - 1])))
+        return BaseRows.few_columns(hits)
+
     def _take_base(self, pos: np.ndarray) -> pl.DataFrame:
         """row_id, text_id, label of ``pos`` (in range), in the order given, from the cached
         base rows of the row groups that hold them."""
+        few = self.few_base_columns(pos)  # a search's hits: no dispatch per row group
+        if few is not None:
+            return pl.DataFrame(few)
         starts, groups = self._group_starts()
         g = np.searchsorted(starts, pos, side="right") - 1
-        if pos.size <= FEW_ROWS:  # a search's hits: element by element, no dispatch per row group
-            found: dict[int, BaseRows] = {}
-            hits: list[tuple[BaseRows, int]] = []
-            for p, gi in zip(pos.tolist(), g.tolist(), strict=True):
-                rows = found.get(gi)
-                if rows is None:
-                    rows = found[gi] = self._base_rows(*groups[gi])
-                    if rows.strings() is None:
-                        break
-                hits.append((rows, p - int(starts[gi])))
-            else:
-                return BaseRows.few_frame(hits)
         first = int(g[0])
         if (g == first).all():  # the common case: every hit in one row group
             return self._base_rows(*groups[first]).frame(pos - starts[first])
