@@ -764,11 +764,15 @@ class EmbeddingStore:
                               precision=precision, rescore=rescore, nprobe=nprobe, refine=refine,
                               exact=exact)
 
-    def compute_similarity(self, query: Any, dimension: int, top_k: int | None = None) -> Any:
-        """The seed's ``(similarities, indices)`` search (see :func:`embtools.search.compute_similarity`)."""
+    def compute_similarity(self, query: Any, dimension: int, top_k: int | None = None, *,
+                           nprobe: int | None = None, refine: int | None = None,
+                           exact: bool = False) -> Any:
+        """The seed's ``(similarities, indices)`` search, through a cosine index when one covers
+        the dimension (see :func:`embtools.search.compute_similarity`)."""
         from embtools.search import compute_similarity
 
-        return compute_similarity(self, query, dimension, top_k)
+        return compute_similarity(self, query, dimension, top_k, nprobe=nprobe, refine=refine,
+                                  exact=exact)
 
     def add_texts(self, texts: Any, text_ids: Any = None, labels: Any = None, metadata: Any = None,
                   model: Any = None, **kwargs: Any) -> Any:

@@ -534,3 +534,24 @@ def test_certified_cut_of_float_shortlists_keeps_the_exact_top_k(tmp_path, monke
     for a, b in zip(got, want, strict=True):
         assert a.equals(b)
     assert full.equals(store.search(queries, k=10, exact=True))
+
+
+def test_compute_similarity_goes_through_the_index(indexed):
+    """The seed's array form takes nprobe, refine and exact like search: the same rows and scores
+    as the search frame at the same probes, exact at full probe and with exact=True."""
+    store, x, q = indexed
+    for nprobe in (1, 6, 40):
+        frame = store.search(q, k=7, nprobe=nprobe)
+        sims, idx = store.compute_similarity(q, DIM, top_k=7, nprobe=nprobe)
+        assert np.array_equal(idx, ids(frame, len(q)))  # positions are row ids here: no deletes
+        np.testing.assert_array_equal(sims, frame["score"].to_numpy().reshape(len(q), -1))
+    assert np.array_equal(store.compute_similarity(q, DIM, top_k=7, nprobe=40)[1], brute(x, q, 7))
+    assert np.array_equal(store.compute_similarity(q, DIM, top_k=7, exact=True)[1], brute(x, q, 7))
+    few = store.compute_similarity(q, DIM, top_k=7, nprobe=1)[1]
+    assert recall(few, brute(x, q, 7)) < 1.0  # one probe misses rows: the index served it
+    one_s, one_i = store.compute_similarity(q[3], DIM, top_k=4, nprobe=6)
+    assert one_i.shape == (4,) and one_i.tolist() == ids(store.search(q[3], k=4, nprobe=6), 1)[0].tolist()
+    with pytest.raises(InvalidArgumentError, match="top_k=None"):
+        store.compute_similarity(q, DIM, nprobe=3)
+    with pytest.raises(InvalidArgumentError, match="exact=True"):
+        store.compute_similarity(q, DIM, top_k=3, nprobe=3, exact=True)

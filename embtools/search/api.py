@@ -215,11 +215,22 @@ def explain_search(
 
 
 def compute_similarity(
-    store: Any, query: Any, dimension: int | None = None, top_k: int | None = None
+    store: Any,
+    query: Any,
+    dimension: int | None = None,
+    top_k: int | None = None,
+    *,
+    nprobe: int | None = None,
+    refine: int | None = None,
+    exact: bool = False,
 ) -> tuple[Any, np.ndarray]:
     """The seed's form: cosine ``(similarities, indices)`` of the best ``top_k`` rows (all rows,
     sorted, when ``top_k`` is None). Similarities are in the store backend's array format, indices
     NumPy int64 positions; a 1-D query gives 1-D results, a 2-D query one row per query.
+
+    Like :func:`search_store` it goes through a cosine index of the dimension when one covers
+    it (``nprobe``, ``refine``; ``exact=True`` forbids it, as does ``top_k=None``), but builds no
+    metadata frame: the array form FAISS users know, for loops of single queries.
 
     Examples
     --------
@@ -233,11 +244,14 @@ def compute_similarity(
     source = store.source
     q, one = prepare_queries(query)
     dim = search_dimension(source, dimension, q.shape[1])
+    if top_k is None and (nprobe is not None or refine is not None):
+        raise InvalidArgumentError("top_k=None ranks every row exactly: nprobe and refine do not apply")
     k = source.num_rows if top_k is None else check_k(top_k, "top_k")
     if k == 0:
         top = TopK.empty(len(q))
     else:
-        req = SearchRequest.build(source, q, k, dimension=dim, metric="cosine")
+        req = SearchRequest.build(source, q, k, dimension=dim, metric="cosine", nprobe=nprobe,
+                                  refine=refine, exact=exact or top_k is None)
         top = run_search(req, SearchContext.of(store))
     scores, found = np.clip(top.scores, -1.0, 1.0), top.positions
     if one:
