@@ -96,7 +96,7 @@ def test_take_metadata_few_and_many_rows_over_row_groups(tmp_path, rng, monkeypa
         assert res.equals(store.search(q, k=7))
         monkeypatch.undo()
     with pytest.raises(InvalidArgumentError, match="out of range"):
-        src.few_base_columns(np.array([3, n]))
+        src.few_base_values(np.array([3, n]))
 
 
 def test_num_rows_checks_the_files_once(tmp_path, rng, monkeypatch):

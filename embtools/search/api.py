@@ -59,19 +59,25 @@ def _columns(columns: Any) -> list[str] | None:
     return list(columns)
 
 
+#: the result frame's columns when the store's text_id and label are plain strings
+_RESULT_SCHEMA = {"query": pl.Int64, "rank": pl.Int64, "row_id": pl.Int64, "text_id": pl.String,
+                  "label": pl.String, "score": pl.Float32}
+
+
 def result_frame(
     source: Any, scores: np.ndarray, positions: np.ndarray, columns: list[str] | None = None
 ) -> pl.DataFrame:
     """The result DataFrame: ``query, rank, row_id, text_id, label, score`` (+ ``columns``)."""
     nq, kk = positions.shape
-    query = pl.Series("query", np.repeat(np.arange(nq, dtype=np.int64), kk))
-    rank = pl.Series("rank", np.tile(np.arange(kk, dtype=np.int64), nq))
-    score = pl.Series("score", scores.reshape(-1).astype(np.float32, copy=False))  # Float32
-    few = getattr(source, "few_base_columns", None)
-    if not columns and few is not None:  # a few hits: one frame, built once
+    query = np.repeat(np.arange(nq, dtype=np.int64), kk)
+    rank = np.tile(np.arange(kk, dtype=np.int64), nq)
+    flat = scores.reshape(-1).astype(np.float32, copy=False)
+    few = getattr(source, "few_base_values", None)
+    if not columns and few is not None:  # a few hits: one frame of rows, built by polars at once
         base = few(positions.reshape(-1))
         if base is not None:
-            return pl.DataFrame([query, rank, *base, score])
+            rows = zip(query.tolist(), rank.tolist(), *base, flat.tolist(), strict=True)
+            return pl.DataFrame(list(rows), schema=_RESULT_SCHEMA, orient="row")
     try:  # repeats (a row hit by several queries) are gathered as often as they come
         meta = source.take_metadata(positions.reshape(-1), columns)
     except EmbtoolsError:
@@ -80,11 +86,12 @@ def result_frame(
         raise InvalidArgumentError(f"cannot read the metadata columns {columns!r}: {err}") from None
     base = [c for c in ("row_id", "text_id", "label") if c in meta.columns]
     extra = [c for c in (columns or []) if c not in ("row_id", "text_id", "label")]
+    qs, rs, ss = pl.Series("query", query), pl.Series("rank", rank), pl.Series("score", flat)
     if meta.columns == base + extra:  # a frame of its own: the result columns go in in place
-        meta.insert_column(0, rank)
-        meta.insert_column(0, query)
-        return meta.insert_column(2 + len(base), score)
-    return pl.DataFrame([query, rank, *(meta.get_column(c) for c in base), score,
+        meta.insert_column(0, rs)
+        meta.insert_column(0, qs)
+        return meta.insert_column(2 + len(base), ss)
+    return pl.DataFrame([qs, rs, *(meta.get_column(c) for c in base), ss,
                          *(meta.get_column(c) for c in extra)])
 
 

@@ -65,6 +65,8 @@ def metadata_frame(table: pa.Table) -> pl.DataFrame:
     return out
 
 
+#: the polars types of the base columns (text_id and label as plain strings)
+_BASE_SCHEMA = {ROW_ID: pl.Int64, TEXT_ID: pl.String, LABEL: pl.String}
 #: at most this many positions are gathered element by element (:meth:`BaseRows.few_frame`);
 #: more go through pyarrow's ``take`` (one dispatch of ~20 us per row group, then per element
 #: costs much less than the ~1 us of a Python-level gather)
@@ -179,8 +181,8 @@ class BaseRows:
         return None if text is None or label is None else (text, label)
 
     @staticmethod
-    def few_columns(hits: Sequence[tuple[BaseRows, int]]) -> list[pl.Series]:
-        """The ``row_id, text_id, label`` series of ``(rows, i)`` pairs, row ``i`` of ``rows``
+    def few_values(hits: Sequence[tuple[BaseRows, int]]) -> tuple[list[int], list[str | None], list[str | None]]:
+        """The ``row_id, text_id, label`` values of ``(rows, i)`` pairs, row ``i`` of ``rows``
         each, in order, gathered element by element (every ``rows.strings()`` must be views)."""
         ids: list[int] = []
         texts: list[str | None] = []
@@ -191,13 +193,15 @@ class BaseRows:
             ids.append(int(rows.row_id[i]))
             texts.append(views[0].at(i))
             labels.append(views[1].at(i))
-        return [pl.Series(ROW_ID, ids, dtype=pl.Int64), pl.Series(TEXT_ID, texts, dtype=pl.String),
-                pl.Series(LABEL, labels, dtype=pl.String)]
+        return ids, texts, labels
 
     @staticmethod
     def few_frame(hits: Sequence[tuple[BaseRows, int]]) -> pl.DataFrame:
-        """The frame of :meth:`few_columns`."""
-        return pl.DataFrame(BaseRows.few_columns(hits))
+        """The frame of :meth:`few_values`."""
+        ids, texts, labels = BaseRows.few_values(hits)
+        return pl.DataFrame([pl.Series(ROW_ID, ids, dtype=pl.Int64),
+                             pl.Series(TEXT_ID, texts, dtype=pl.String),
+                             pl.Series(LABEL, labels, dtype=pl.String)])
 
 
 class Snapshot(ChunkedSource):
@@ -561,10 +565,11 @@ class Snapshot(ChunkedSource):
         pa.default_memory_pool().release_unused()
         return base.hstack(more)
 
-    def few_base_columns(self, positions: np.ndarray) -> list[pl.Series] | None:
-        """The ``row_id, text_id, label`` series of at most :data:`FEW_ROWS` ``positions`` (in
+    def few_base_values(self, positions: np.ndarray) -> tuple[list[int], list[str | None],
+                                                              list[str | None]] | None:
+        """The ``row_id, text_id, label`` values of at most :data:`FEW_ROWS` ``positions`` (in
         the order given), gathered element by element; None for more positions or columns that
-        are not plain strings (then :meth:`take_metadata`). A search's hits, without the frame.
+        are not plain strings (then :meth:`take_metadata`). A search's hits, without a frame.
 
         Raises InvalidArgumentError for positions out of range."""
         if positions.size > FEW_ROWS:
@@ -582,14 +587,14 @@ class Snapshot(ChunkedSource):
                 if rows.strings() is None:
                     return None
             hits.append((rows, p - int(starts[gi - 1])))
-        return BaseRows.few_columns(hits)
+        return BaseRows.few_values(hits)
 
     def _take_base(self, pos: np.ndarray) -> pl.DataFrame:
         """row_id, text_id, label of ``pos`` (in range), in the order given, from the cached
         base rows of the row groups that hold them."""
-        few = self.few_base_columns(pos)  # a search's hits: no dispatch per row group
+        few = self.few_base_values(pos)  # a search's hits: no dispatch per row group
         if few is not None:
-            return pl.DataFrame(few)
+            return pl.DataFrame(list(zip(*few, strict=True)), schema=_BASE_SCHEMA, orient="row")
         starts, groups = self._group_starts()
         g = np.searchsorted(starts, pos, side="right") - 1
         first = int(g[0])
