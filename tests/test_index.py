@@ -472,13 +472,14 @@ def test_screened_centroids_pick_the_float32_nearest(tmp_path, monkeypatch, metr
     from embtools.kernels.jit import JIT_ENV, jit_kernels
 
     monkeypatch.setenv(JIT_ENV, "1")
+    monkeypatch.setattr(probe_mod, "SCREEN_BYTES", 0)  # small centroids: screened all the same
     jit = jit_kernels("ivf_jit")
     x, q = clustered(3000, seed=5)
     store = et.EmbeddingStore(tmp_path / "s", backend="numpy")
     store.add(x)
     store.create_index(dimension=DIM, partitions=300, codes="float", metric=metric)
     probe = store.find_index(DIM, metric)
-    assert probe.partitions >= probe_mod.SCREEN_CENTROIDS
+    assert probe._screens(4) and not probe._screens(10) and not probe._screens(300)
     rng = np.random.default_rng(6)
     original = probe.centroids
     c = probe.centroids.copy()
