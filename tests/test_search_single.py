@@ -281,6 +281,11 @@ def test_rerank_scores_are_shape_independent(monkeypatch, metric):
         s, p = top.scores, top.positions
         np.testing.assert_array_equal(p, np.take_along_axis(np.sort(cand, axis=1), order, axis=1))
         np.testing.assert_array_equal(s, np.take_along_axis(ref, order, axis=1).astype(np.float32))
+    ctx = SearchContext(src, get_backend("numpy"), MemoryBudget(None))
+    for i in range(nq):  # one query at a time: the compiled single-query re-rank, the same bits
+        one = refine.rerank(SearchRequest.build(src, q[i], m, metric=metric), ctx, cand[i:i + 1], 9)
+        np.testing.assert_array_equal(one.positions[0], np.sort(cand[i])[order[i, :9]])
+        np.testing.assert_array_equal(one.scores[0], ref[i, order[i, :9]].astype(np.float32))
     for sub in (1, 5000, 10**7):  # the float64 scores themselves, product blocks of any size
         got = refine._score(src, q64, d, np.sort(cand, axis=1), metric, sub)
         np.testing.assert_array_equal(got, ref)

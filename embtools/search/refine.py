@@ -108,12 +108,15 @@ def rerank(
         return TopK.empty(nq)
     dim, metric = req.dim, req.metric
     q = req.queries[:, :dim].astype(np.float64)
-    if metric == "cosine":
-        qn = np.linalg.norm(q, axis=1, keepdims=True)
-        q = q / np.where(qn == 0, 1.0, qn)
+    if metric == "cosine":  # np.linalg.norm's sum, without its checks
+        qn = np.sqrt(np.add.reduce(q * q, axis=1, keepdims=True))
+        q /= np.where(qn == 0, 1.0, qn)
     sizes = size_rerank(ctx.budget.available_bytes, nq, m, dim)
     if sizes is None:
         raise cap_error(ctx.budget, rerank_min_bytes(m, dim), "re-ranking candidates")
+    jit = jit_kernels("rerank_jit")
+    if nq == 1 and jit is not None and sizes.width == m:
+        return _rerank_one(jit, req, ctx, q, candidates[0], keep, sizes.nbytes)
     group, width = sizes.group, sizes.width
     out_s = np.empty((nq, keep), np.float32)
     out_p = np.empty((nq, keep), np.int64)
@@ -134,6 +137,20 @@ def rerank(
             out_s[a:b] = scores[rows, order]
             out_p[a:b] = cand[rows, order]
     return TopK(out_s, out_p)
+
+
+def _rerank_one(jit: Any, req: SearchRequest, ctx: SearchContext, q: np.ndarray, cand: np.ndarray,
+                keep: int, nbytes: int) -> TopK:
+    """:func:`rerank` of one query (``q``: float64, normalised for cosine) by the compiled kernel:
+    the same scores and order, without the batch's grouping (a single search's re-rank)."""
+    rows = np.sort(cand)
+    threads = ctx.budget.available_bytes is None
+    with ctx.budget.holding(f"rerank/{id(cand)}", nbytes, "re-ranking candidates",
+                            "raise max_memory_gb or use a smaller k or funnel"):
+        scores = _score_jit(jit, ctx.source, q, req.dim, rows, np.arange(len(rows))[None, :], req.metric,
+                            threads)[0]
+    order = np.argsort(scores if req.metric == "l2" else -scores, kind="stable")[:keep]
+    return TopK(scores[order][None, :].astype(np.float32), rows[order][None, :])
 
 
 def _score_jit(jit: Any, source: VectorSource, q: np.ndarray, dim: int, uniq: np.ndarray,
