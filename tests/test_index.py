@@ -551,7 +551,9 @@ def test_compute_similarity_goes_through_the_index(indexed):
     few = store.compute_similarity(q, DIM, top_k=7, nprobe=1)[1]
     assert recall(few, brute(x, q, 7)) < 1.0  # one probe misses rows: the index served it
     one_s, one_i = store.compute_similarity(q[3], DIM, top_k=4, nprobe=6)
-    assert one_i.shape == (4,) and one_i.tolist() == ids(store.search(q[3], k=4, nprobe=6), 1)[0].tolist()
+    one = store.search(q[3], k=4, nprobe=6)
+    assert one_i.shape == (4,) and one_i.tolist() == one["row_id"].to_list()
+    np.testing.assert_array_equal(one_s, one["score"].to_numpy())
     with pytest.raises(InvalidArgumentError, match="top_k=None"):
         store.compute_similarity(q, DIM, nprobe=3)
     with pytest.raises(InvalidArgumentError, match="exact=True"):
