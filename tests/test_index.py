@@ -558,3 +558,103 @@ def test_compute_similarity_goes_through_the_index(indexed):
         store.compute_similarity(q, DIM, nprobe=3)
     with pytest.raises(InvalidArgumentError, match="exact=True"):
         store.compute_similarity(q, DIM, top_k=3, nprobe=3, exact=True)
+
+
+@pytest.mark.parametrize("metric", ["cosine", "dot", "l2"])
+def test_rerank_from_the_codes_equals_the_data_files_rerank(tmp_path, monkeypatch, metric):
+    """Float codes of the search dimension are the rows as stored: a shortlist is re-ranked from
+    them (nothing read from the data files) to the same frame, bit for bit, as the re-rank of the
+    gathered rows: duplicate rows (ties by position), rows of very different norms, deleted rows,
+    a delta codes file, rows outside the index, a filter, one query and a batch, k past the rows."""
+    import embtools.index.probe as probe_mod
+    import embtools.search.ivf as ivf_mod
+
+    x, q = clustered(2000, seed=51)
+    x[::5] *= np.float32(40.0)  # norms from ~1 to ~40: cosine codes are not unit rows
+    x[100:110] = x[90]  # exact duplicates
+    q = np.concatenate([q, x[90:91]])
+    store = et.EmbeddingStore(tmp_path / "s", backend="numpy")
+    store.add(x[:1200])
+    store.add(x[1200:1700])
+    store.create_index(dimension=DIM, partitions=20, codes="float", metric=metric)
+    store.delete(where=pl.col("row_id") % 11 == 4)
+    store.add(x[1700:1900])
+    store.optimize_index(retrain_share=0.9)  # a delta codes file
+    assert store.indexes()[0]["partitions"] == 20 and len(store.source.manifest.indexes[0].files) >= 3
+    store.add(x[1900:])  # rows outside the index
+    if metric == "cosine":  # the stored norms are the re-rank's own bits
+        from embtools.index.files import CodesFile
+        from embtools.kernels.jit import jit_kernels
+
+        entry = store.source.manifest.indexes[0]
+        for rel, size in zip(entry.files[1:], entry.file_bytes[1:], strict=True):
+            f = CodesFile(os.path.join(store.path, rel), size, partitions=20)
+            assert np.array_equal(np.where(f.norms == 0, 1, f.norms), jit_kernels("rerank_jit").row_norms(f.codes))
+            f.close()
+    fused = []
+    real = probe_mod.IvfIndex.rerank_codes
+    monkeypatch.setattr(probe_mod.IvfIndex, "rerank_codes", lambda self, *a: fused.append(1) or real(self, *a))
+    cases = [dict(queries=q, k=10, nprobe=4), dict(queries=q, k=10, nprobe=20, refine=50),
+             dict(queries=q[-1], k=12, nprobe=3), dict(queries=q[:3], k=3000, nprobe=20),
+             dict(queries=q, k=7, nprobe=3, where=pl.col("row_id") % 5 != 0)]
+    got = [store.search(c.pop("queries"), metric=metric, **c) for c in [dict(c) for c in cases]]
+    assert len(fused) == len(cases)
+    slow = []
+    monkeypatch.setattr(probe_mod.IvfIndex, "codes_are_rows", lambda self, dim, m: False)
+    real_ragged = ivf_mod._rerank_ragged
+    monkeypatch.setattr(ivf_mod, "_rerank_ragged", lambda *a: slow.append(1) or real_ragged(*a))
+    for c, frame in zip(cases, got, strict=True):
+        c = dict(c)
+        assert frame.equals(store.search(c.pop("queries"), metric=metric, **c)), c
+    assert len(slow) == len(cases) and len(fused) == len(cases)
+    exact = store.search(q, k=10, metric=metric, exact=True)
+    assert store.search(q, k=10, nprobe=20, refine=200, metric=metric).equals(exact)
+
+
+def test_an_index_of_unit_codes_is_still_searched_and_extended(tmp_path, monkeypatch):
+    """Cosine indexes built before the codes were the rows hold unit rows (and no norms): they
+    re-rank from the data files, their deltas stay unit rows, and full probes are exact."""
+    import embtools.index.build as build_mod
+    import embtools.index.probe as probe_mod
+
+    x, q = clustered(1500, seed=53)
+    x[::4] *= np.float32(9.0)
+    store = et.EmbeddingStore(tmp_path / "s", backend="numpy")
+    store.add(x[:1200])
+    monkeypatch.setattr(build_mod, "raw_codes", lambda codes, code_dim, dimension: False)
+    store.create_index(dimension=DIM, partitions=15, codes="float")
+    monkeypatch.undo()
+    store.add(x[1200:])
+    store.optimize_index()
+    opened = []
+    real = probe_mod.IvfIndex.__init__
+
+    def spy(self, *a, **kw):
+        real(self, *a, **kw)
+        opened.append(self)
+
+    monkeypatch.setattr(probe_mod.IvfIndex, "__init__", spy)
+    full = store.search(q, k=10, nprobe=15, refine=1500)
+    index = opened[-1]
+    assert not index.raw and len(index.files) >= 2 and all(v is None for v in index._inv)
+    for f in index.files:  # unit rows
+        assert np.allclose(np.linalg.norm(f.codes, axis=1), 1, atol=1e-5)
+    assert full.equals(store.search(q, k=10, exact=True))
+    assert recall(ids(store.search(q, k=10, nprobe=5), len(q)), brute(x, q, 10)) >= 0.9
+
+
+def test_codes_file_with_bad_norms_is_corrupt_store_error(tmp_path):
+    from embtools.index.files import CodesFile, write_codes
+
+    os.makedirs(tmp_path / "_index" / "i")
+    codes = np.ones((3, 4), np.float32)
+    for bad in ([2.0, np.nan, 2.0], [2.0, np.inf, 2.0], [2.0, -1.0, 2.0]):
+        rel, size = write_codes(str(tmp_path), "i", np.arange(3), np.zeros(3, np.int32), codes,
+                                norms=np.array(bad))
+        with pytest.raises(CorruptStoreError, match="norm"):
+            CodesFile(os.path.join(tmp_path, rel), size, partitions=1)
+    rel, size = write_codes(str(tmp_path), "i", np.arange(3), np.zeros(3, np.int32), codes,
+                            norms=np.full(3, 2.0))
+    f = CodesFile(os.path.join(tmp_path, rel), size, partitions=1)
+    assert f.norms.tolist() == [2.0] * 3 and f.codes.shape == (3, 4)
+    f.close()

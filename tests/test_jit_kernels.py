@@ -84,7 +84,45 @@ def reference_heap(scores: np.ndarray, pos: np.ndarray, width: int) -> tuple[np.
     return s, p
 
 
-@pytest.mark.parametrize("kind", ["float", "int8", "l2", "masked"])
+@pytest.mark.parametrize("metric", ["dot", "cosine", "l2"])
+def test_code_top_is_the_rerank_of_rows_read_from_several_tables(metric):
+    """code_top's scores are rerank_scores' bits and its order theirs (ties to the lower position),
+    rows read through their addresses in several tables; -1 candidates skipped, short lists padded."""
+    from embtools.kernels.codes import CODE_SHIFT
+
+    rng = np.random.default_rng(17)
+    rows = rng.integers(-3, 4, (60, 24)).astype(np.float32)  # a coarse grid: many ties
+    rows[7] = rows[3]
+    rows[11] = 0  # a zero row (cosine 0)
+    tables = [rows[:25], rows[25:26], rows[26:]]
+    n = 100  # positions: rows placed at random positions of a version
+    pos_of = rng.permutation(n)[:60]
+    where = np.full(n, -1, np.int64)
+    for t, (a, b) in enumerate([(0, 25), (25, 26), (26, 60)]):
+        where[pos_of[a:b]] = (t << CODE_SHIFT) | np.arange(b - a)
+    q = rng.standard_normal((5, 24))
+    if metric == "cosine":
+        q /= np.linalg.norm(q, axis=1, keepdims=True)
+    q[4] = 0  # a zero query: every score ties
+    cand = np.stack([rng.permutation(pos_of)[:30] for _ in range(5)])
+    cand[1, 5:] = -1  # a short list
+    keep = 8
+    norms = [np.sqrt((t.astype(np.float64) ** 2).sum(axis=1)) for t in tables]  # 0 for the zero row
+    assert np.array_equal(np.concatenate(norms)[np.arange(60) != 11], rr.row_norms(rows)[np.arange(60) != 11])
+    s, p = rr.code_top(q, cand, where, *rr.code_tables(tables, norms), rr.METRICS[metric], keep)
+    for i in range(5):
+        c = cand[i][cand[i] >= 0]
+        c = np.sort(c)
+        inv = np.searchsorted(np.sort(pos_of), c)
+        ref = rr.rerank_scores(q[i:i + 1], rows[np.argsort(pos_of)], inv[None, :], rr.METRICS[metric])[0]
+        order = np.argsort(ref if metric == "l2" else -ref, kind="stable")[:keep]
+        m = len(order)
+        assert np.array_equal(p[i, :m], c[order]), i
+        assert np.array_equal(s[i, :m], ref[order].astype(np.float32)), i
+        assert (p[i, m:] == -1).all() and (s[i, m:] == (np.inf if metric == "l2" else -np.inf)).all()
+
+
+@pytest.mark.parametrize("kind", ["float", "int8", "l2", "masked", "scaled"])
 def test_scan_dense_keeps_the_best_rows_of_the_probed_partitions(kind):
     rng = np.random.default_rng(11)
     rows, dim, parts = 400, 16, 10
@@ -100,13 +138,16 @@ def test_scan_dense_keeps_the_best_rows_of_the_probed_partitions(kind):
     c0 = rng.integers(-3, 3, 6).astype(np.float32)
     sq = (codes.astype(np.float32) ** 2).sum(1).astype(np.float32) if kind == "l2" else np.zeros(0, np.float32)
     mask = rng.random(1001) < 0.5 if kind == "masked" else np.zeros(0, bool)
+    # cosine over rows as stored: each row's product times its inverse norm (powers of two: exact)
+    inv = (2.0 ** -rng.integers(0, 3, rows)).astype(np.float32) if kind == "scaled" else np.zeros(0, np.float32)
     probes = np.array([[0, 3, 5], [9, -1, -1], [3, -1, -1], [1, 2, 4], [8, 7, 6], [0, 1, 9]], np.int64)
     width = 12
     hs, hi = ivf.new_heaps(6, width)
     half = rows // 2  # the same heaps fed by two "files" (an index and its delta)
     first = np.minimum(starts, half)
-    ivf.scan_dense(w, c0, probes, first, codes[:half], pos[:half], sq[:half], mask, hs, hi)
-    ivf.scan_dense(w, c0, probes, np.maximum(starts - half, 0), codes[half:], pos[half:], sq[half:], mask, hs, hi)
+    ivf.scan_dense(w, c0, probes, first, codes[:half], pos[:half], sq[:half], mask, hs, hi, inv[:half])
+    ivf.scan_dense(w, c0, probes, np.maximum(starts - half, 0), codes[half:], pos[half:], sq[half:], mask, hs,
+                   hi, inv[half:])
     ivf.sort_heaps(hs, hi)
     for i in range(6):
         r = np.concatenate([np.arange(starts[p], starts[p + 1]) for p in probes[i] if p >= 0] or [np.zeros(0, int)])
@@ -116,6 +157,8 @@ def test_scan_dense_keeps_the_best_rows_of_the_probed_partitions(kind):
         s = codes[r].astype(np.float32) @ w[i] + c0[i]
         if kind == "l2":
             s = 2 * s - sq[r]
+        if kind == "scaled":
+            s = s * inv[r]
         ws, wp = reference_heap(s.astype(np.float32), pos[r], width)
         assert np.array_equal(hi[i], wp), i
         assert np.allclose(hs[i][wp >= 0], ws[wp >= 0], atol=1e-4)

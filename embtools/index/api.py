@@ -120,7 +120,9 @@ def find_index(store: Any, dim: int, metric: str) -> IvfIndex | None:
         cache.pop(old).close()
     avail = store.budget.available_bytes
     n = int(src.num_rows)
-    need = n * 24 + entry.dimension * 4 * int(entry.info.get("partitions", 0))
+    # row ids, positions; raw float codes: each row's address in them and its inverse norm
+    raw = entry.info.get("codes") == "float" and entry.info.get("code_dim") == entry.dimension
+    need = n * (36 if raw else 24) + entry.dimension * 4 * int(entry.info.get("partitions", 0))
     if avail is not None and need > avail // 2:
         raise MemoryLimitError(
             f"index {entry.name}: its centroids and row maps ({format_bytes(need)}) do not fit half "
@@ -203,14 +205,15 @@ def optimize_index(store: Any, dimension: int | None = None, metric: str | None 
         elif new:
             pos = idx.uncovered
             row_ids = src.take_metadata(pos, ["row_id"])["row_id"].to_numpy().astype(np.int64)
-            raw = entry.info.get("int8_ranges")
-            ranges = None if raw is None else np.asarray(raw, np.float32)
+            held = entry.info.get("int8_ranges")
+            ranges = None if held is None else np.asarray(held, np.float32)
             spill = delta_spill(src.root, entry.name, pos, row_ids, idx.centroids,
                                 int(entry.info["code_dim"]), entry.metric, idx.codes, store.budget,
-                                ranges)
+                                ranges, idx.raw)  # the delta's codes are as the index's
             written = assign_rows(src.root, entry.name, src, pos, row_ids, idx.centroids,
                                   entry.dimension, int(entry.info["code_dim"]), entry.metric,
-                                  store.backend, store.budget, progress, idx.codes, ranges, spill)
+                                  store.backend, store.budget, progress, idx.codes, ranges, spill,
+                                  idx.raw)
             from dataclasses import replace
 
             from embtools.storage.durable import fsync_dir

@@ -84,17 +84,24 @@ def default_sample_rows(rows: int, partitions: int) -> int:
 
 
 def encode(x: np.ndarray, code_dim: int, metric: str, kind: str = "float",
-           ranges: np.ndarray | None = None) -> np.ndarray:
+           ranges: np.ndarray | None = None, raw: bool = False) -> np.ndarray:
     """The probe codes of float32 rows ``x``: the ``code_dim`` prefix (unit length for cosine) as
-    float32, as int8 codes with ``ranges`` (``kind="int8"``) or as packed sign bits (``"binary"``).
+    float32, as int8 codes with ``ranges`` (``kind="int8"``) or as packed sign bits (``"binary"``);
+    ``raw``: float codes that are the rows as they are (also for cosine).
 
     Examples
     --------
     >>> x = np.array([[3.0, -4.0, 1.0]], np.float32)
     >>> encode(x, 2, "cosine").tolist(), encode(x, 3, "dot", "binary").tolist()
     ([[0.6000000238418579, -0.800000011920929]], [[160]])
+    >>> encode(x, 3, "cosine", raw=True).tolist()
+    [[3.0, -4.0, 1.0]]
     """
     codes = np.ascontiguousarray(x[:, :code_dim], dtype=np.float32)
+    if raw:
+        if kind != "float":
+            raise ValueError(f"raw codes are float codes, not {kind}")
+        return codes
     if metric == "cosine":
         codes = normalize_rows(codes)
     if kind == "int8":
@@ -103,6 +110,31 @@ def encode(x: np.ndarray, code_dim: int, metric: str, kind: str = "float",
     if kind == "binary":
         return pack_signs(codes)
     return codes
+
+
+def raw_codes(codes: str, code_dim: int, dimension: int) -> bool:
+    """Whether an index's codes are the rows as stored (float codes of the search dimension):
+    its shortlists are re-ranked from them, without reading the data files."""
+    return codes == "float" and code_dim == dimension
+
+
+def code_norms(codes: np.ndarray) -> np.ndarray:
+    """float64 norms of float32 ``codes``, the bits of the exact re-rank's
+    (``np.sqrt(np.sum(v64 * v64, axis=-1))``, :func:`~embtools.search.refine.rerank`): a re-rank
+    from the codes divides by them, and a scan multiplies a row's float32 product by
+    ``1 / norm`` in float32.
+
+    Examples
+    --------
+    >>> code_norms(np.array([[3, 4], [0, 0]], np.float32)).tolist()
+    [5.0, 0.0]
+    """
+    out = np.empty(len(codes), np.float64)
+    for a in range(0, len(codes), 4096):
+        v64 = codes[a:a + 4096].astype(np.float64)
+        np.multiply(v64, v64, out=v64)
+        np.sqrt(np.sum(v64, axis=-1), out=out[a:a + 4096])
+    return out
 
 
 def code_ranges(sample: np.ndarray, metric: str) -> np.ndarray:
@@ -182,7 +214,8 @@ def _chunk_plan(n: int, dim: int, code_bytes: int, partitions: int,
 
 def _assign_chunks(spill: Spill, source: Any, positions: np.ndarray, centroids: np.ndarray,
                    dim: int, code_dim: int, metric: str, kind: str, ranges: np.ndarray | None,
-                   backend: Any, budget: MemoryBudget, advance: Any) -> tuple[np.ndarray, list[Any], int]:
+                   backend: Any, budget: MemoryBudget, advance: Any,
+                   raw: bool = False) -> tuple[np.ndarray, list[Any], int]:
     """Step 2: each row's partition (int32, in ``positions`` order), each chunk's spill of codes
     sorted by partition (chunks already spilled by an earlier run are reused) and the chunk rows."""
     n, p = len(positions), len(centroids)
@@ -213,10 +246,8 @@ def _assign_chunks(spill: Spill, source: Any, positions: np.ndarray, centroids: 
         for s in range(a, b, batch):
             e = min(b, s + batch)
             x = gather_rows(source, dim, positions[s:e], out=buf[: e - s])
-            if metric == "cosine":
-                normalize_rows(x)
-            codes[s - a:e - a] = encode(x, code_dim, metric, kind, ranges)  # dot: not normalised
-            if metric == "dot":
+            codes[s - a:e - a] = encode(x, code_dim, metric, kind, ranges, raw)
+            if metric != "l2":
                 normalize_rows(x)  # spherical partitions
             top(x, parts[s:e])
             advance(e - s)
@@ -232,9 +263,9 @@ def _assign_chunks(spill: Spill, source: Any, positions: np.ndarray, centroids: 
 
 def _write_runs(root: str, name: str, parts: np.ndarray, row_ids: np.ndarray, spills: list[Any],
                 chunk: int, partitions: int, kind: str, code_dim: int, budget: MemoryBudget,
-                advance: Any) -> list[tuple[str, int]]:
+                advance: Any, norms: bool = False) -> list[tuple[str, int]]:
     """Step 3: the codes files, runs of whole partitions put together from the chunks' spills
-    (``chunk`` rows each)."""
+    (``chunk`` rows each); ``norms``: with the codes' norms (:func:`code_norms`)."""
     n = len(parts)
     dtype, width = _code_layout(kind, code_dim)
     code_bytes = dtype.itemsize * width
@@ -274,7 +305,8 @@ def _write_runs(root: str, name: str, parts: np.ndarray, row_ids: np.ndarray, sp
                 out[dest] = stage[: c1 - c0]
                 placed += cnt
             sel = order[lo:hi]
-            rel, size = write_codes(root, name, row_ids[sel], parts[sel], out[: hi - lo], durable=False)
+            rel, size = write_codes(root, name, row_ids[sel], parts[sel], out[: hi - lo], durable=False,
+                                    norms=code_norms(out[: hi - lo]) if norms else None)
             files.append((rel, size))
             synced.append(syncer.submit(fsync_path, os.path.join(root, rel)))
             if pool is not None:
@@ -288,22 +320,24 @@ def _write_runs(root: str, name: str, parts: np.ndarray, row_ids: np.ndarray, sp
 def assign_rows(root: str, name: str, source: Any, positions: np.ndarray, row_ids: np.ndarray,
                 centroids: np.ndarray, dim: int, code_dim: int, metric: str, backend: Any,
                 budget: MemoryBudget, show: bool | None = None, kind: str = "float",
-                ranges: np.ndarray | None = None, spill: Spill | None = None) -> list[tuple[str, int]]:
+                ranges: np.ndarray | None = None, spill: Spill | None = None,
+                raw: bool = False) -> list[tuple[str, int]]:
     """Assign the rows at ``positions`` (ascending; their ``row_ids``) to ``centroids`` and write
     their codes in partition order; the ``(path, bytes)`` of each codes file written. ``spill``
     (default: :func:`delta_spill`) keeps the finished chunks for a re-run; the caller removes it
-    after the commit."""
+    after the commit. ``raw``: float codes that are the rows as stored (:func:`encode`), with
+    their norms for cosine."""
     n = len(positions)
     if spill is None:
         spill = delta_spill(root, name, positions, row_ids, centroids, code_dim, metric, kind,
-                            budget, ranges)
+                            budget, ranges, raw)
     with progress(2 * n, f"index {name}: assigning and writing rows", enabled=show,
                      unit="rows") as advance:
         parts, spills, chunk = _assign_chunks(spill, source, positions, centroids, dim, code_dim,
-                                              metric, kind, ranges, backend, budget, advance)
+                                              metric, kind, ranges, backend, budget, advance, raw)
         _trim_heap()  # the batches' buffers, freed, go back before pyarrow's pages come
         return _write_runs(root, name, parts, row_ids, spills, chunk, len(centroids), kind,
-                           code_dim, budget, advance)
+                           code_dim, budget, advance, raw and metric == "cosine")
 
 
 def _digest(a: np.ndarray) -> str:
@@ -312,12 +346,12 @@ def _digest(a: np.ndarray) -> str:
 
 def delta_spill(root: str, name: str, positions: np.ndarray, row_ids: np.ndarray,
                 centroids: np.ndarray, code_dim: int, metric: str, kind: str,
-                budget: MemoryBudget, ranges: np.ndarray | None = None) -> Spill:
+                budget: MemoryBudget, ranges: np.ndarray | None = None, raw: bool = False) -> Spill:
     """The spill of :func:`assign_rows` for these rows and centroids (and the cap)."""
     return Spill(os.path.join(root, INDEX_DIR, name),
                  Spill.key(rows=_digest(positions), ids=_digest(row_ids), centroids=_digest(centroids),
                            code_dim=code_dim, metric=metric, kind=kind, cap=budget.cap_bytes,
-                           ranges=None if ranges is None else _digest(ranges)))
+                           ranges=None if ranges is None else _digest(ranges), raw=raw))
 
 
 def build_index(root: str, snapshot: Any, backend: Any, budget: MemoryBudget, *, dimension: int,
@@ -328,6 +362,7 @@ def build_index(root: str, snapshot: Any, backend: Any, budget: MemoryBudget, *,
     entry's ``info["build"]`` names the spills :func:`finish_build` removes after the commit)."""
     n = int(snapshot.num_rows)
     name = index_name(dimension, metric)
+    raw = raw_codes(codes, code_dim, dimension)
     p = default_partitions(n) if partitions is None else min(int(partitions), n)
     want = default_sample_rows(n, p) if sample_rows is None else min(int(sample_rows), n)
     want = max(want, p)
@@ -355,7 +390,7 @@ def build_index(root: str, snapshot: Any, backend: Any, budget: MemoryBudget, *,
                                     files=[f.path for f in snapshot.manifest.files], rows=n,
                                     dimension=dimension, metric=metric, partitions=p,
                                     sample_rows=rows_held, iterations=iterations, codes=codes,
-                                    code_dim=code_dim, cap=budget.cap_bytes))
+                                    code_dim=code_dim, cap=budget.cap_bytes, raw=raw))
     centroids = spill.load("centroids", np.float32, (p, dimension))
     ranges = spill.load("ranges", np.float32, (2, code_dim)) if codes == "int8" else None
     if centroids is None or not np.isfinite(centroids).all() or (codes == "int8" and ranges is None):
@@ -374,12 +409,12 @@ def build_index(root: str, snapshot: Any, backend: Any, budget: MemoryBudget, *,
     c_path = write_centroids(root, name, centroids)
     written = [c_path]
     written += assign_rows(root, name, snapshot, positions, row_ids, centroids, dimension,
-                           code_dim, metric, backend, budget, show, codes, ranges, spill)
+                           code_dim, metric, backend, budget, show, codes, ranges, spill, raw)
     fsync_dir(folder)
     crash_point("after_index_files")
     info = {"codes": codes, "code_dim": code_dim, "partitions": len(centroids), "rows": n,
             "built_version": int(snapshot.version), "sample_rows": int(rows_held),
-            "iterations": iterations, "delta_rows": 0, "build": spill.prefix[6:-1],
+            "iterations": iterations, "delta_rows": 0, "build": spill.prefix[6:-1], "raw_codes": raw,
             **({} if ranges is None else {"int8_ranges": ranges.tolist()})}
     return IndexEntry(name, dimension, metric, [f for f, _ in written], [b for _, b in written],
                       [f.path for f in snapshot.manifest.files], info)

@@ -4,7 +4,8 @@ An index is recorded in the manifest (:class:`~embtools.storage.manifest.IndexEn
 is the centroids file (``partition`` int32, ``emb_<d>`` float32 centroid), ``files[1:]`` the codes
 files. A codes file holds whole partitions, rows sorted by ``(partition, row_id)``: ``row_id``
 int64, ``partition`` int32 and the probe codes, ``emb_<m>`` float32 (``codes="float"``: the
-search dimension; an int: a stored Matryoshka prefix), unit length for cosine. Each file is one
+search dimension, the rows as stored, with their float64 norms in ``norm`` for cosine;
+an int: a stored Matryoshka prefix, unit length for cosine). Each file is one
 row group written by the store's data-file writer (:func:`~embtools.storage.datafile.write_data_file`,
 PLAIN, uncompressed, page-aligned as data files are), so a partition is one contiguous slice of a
 zero-copy mapped view. Its partition offsets are in the file's key-value metadata
@@ -43,6 +44,8 @@ __all__ = ["CodesFile", "read_centroids", "write_centroids", "write_codes"]
 _META_KEY = b"embtools.partitions"
 #: The column of int8 and binary codes (``fixed_size_binary``); float codes are ``emb_<m>``.
 CODE_COLUMN = "code"
+#: The float64 norms of float codes that are the rows as stored (cosine).
+NORM_COLUMN = "norm"
 
 
 def _new_path(root: str, name: str) -> tuple[str, str]:
@@ -60,9 +63,11 @@ def write_centroids(root: str, name: str, centroids: np.ndarray) -> tuple[str, i
 
 
 def write_codes(root: str, name: str, row_ids: np.ndarray, parts: np.ndarray,
-                codes: np.ndarray, durable: bool = True) -> tuple[str, int]:
+                codes: np.ndarray, durable: bool = True,
+                norms: np.ndarray | None = None) -> tuple[str, int]:
     """Write one codes file (rows already sorted by partition, then row id); ``(path, bytes)``
-    (relative to ``root``). ``durable=False``: not fsynced, the caller does it before the commit."""
+    (relative to ``root``). ``durable=False``: not fsynced, the caller does it before the commit.
+    ``norms``: each row's float64 norm (cosine over the rows as stored)."""
     rel, path = _new_path(root, name)
     parts = np.asarray(parts, np.int32)
     if codes.dtype == np.float32:
@@ -76,8 +81,11 @@ def write_codes(root: str, name: str, row_ids: np.ndarray, parts: np.ndarray,
     last = int(parts[-1]) if len(parts) else -1
     offsets = np.searchsorted(parts, np.arange(first, last + 2)).tolist()
     meta = {_META_KEY: json.dumps({"first": first, "offsets": offsets}).encode()}
-    table = pa.table({"row_id": pa.array(np.asarray(row_ids, np.int64)), "partition": pa.array(parts),
-                      column: values})
+    columns = {"row_id": pa.array(np.asarray(row_ids, np.int64)), "partition": pa.array(parts),
+               column: values}
+    if norms is not None:
+        columns[NORM_COLUMN] = pa.array(np.asarray(norms, np.float64))
+    table = pa.table(columns)
     table = table.replace_schema_metadata(meta)
     return rel, write_data_file(path, table, row_group_rows=max(1, len(parts)), durable=durable)
 
@@ -132,7 +140,8 @@ def read_centroids(path: str, size: int, dim: int, partitions: int) -> np.ndarra
 
 class CodesFile:
     """One opened codes file: ``row_ids`` (int64), ``starts`` (``partitions + 1`` row offsets of
-    each partition in this file) and ``codes`` (a read-only ``(rows, m)`` mapped view)."""
+    each partition in this file), ``codes`` (a read-only ``(rows, m)`` mapped view) and
+    ``norms`` (float64, None when the file has none)."""
 
     def __init__(self, path: str, size: int, partitions: int, code_dim: int | None = None) -> None:
         self.path = path
@@ -159,6 +168,10 @@ class CodesFile:
         if n and (parts[0] < 0 or parts[-1] >= partitions or (np.diff(parts) < 0).any()):
             raise CorruptStoreError(f"{path}: partitions are not sorted in 0..{partitions - 1}")
         self.starts = np.searchsorted(parts, np.arange(partitions + 1)).astype(np.int64)
+        self.norms = _column(path, NORM_COLUMN, np.float64) if NORM_COLUMN in schema.names else None
+        if self.norms is not None and (len(self.norms) != n
+                                       or not (np.isfinite(self.norms) & (self.norms >= 0)).all()):
+            raise CorruptStoreError(f"{path}: {NORM_COLUMN} does not hold a finite norm per row")
         raw = (self._f._arrow_schema.metadata or {}).get(_META_KEY)
         try:
             meta = json.loads(raw) if raw is not None else {}

@@ -10,6 +10,10 @@ search. It implements :class:`embtools.search.ivf.IndexProbe`.
 partitions (more when those hold fewer than ``k`` live rows), and groups the (query, partition)
 pairs by partition, so each partition's codes (a zero-copy slice of a mapped codes file) are read
 once per query group and scored against all the queries that probe it with one matrix product.
+
+Float codes of the search dimension are the rows as stored (cosine indexes keep each row's float64
+norm beside them; the scans multiply by its float32 inverse): :meth:`IvfIndex.rerank_codes`
+re-ranks a shortlist from them with the exact re-rank's bits, reading nothing from the data files.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import numpy as np
 from embtools.errors import CorruptStoreError
 from embtools.index.files import CodesFile, read_centroids
 from embtools.index.kmeans import normalize_rows
-from embtools.kernels.codes import decode_int8, int8_steps
+from embtools.kernels.codes import CODE_SHIFT, decode_int8, int8_steps
 from embtools.kernels.hamming import sign_scores
 from embtools.kernels.jit import jit_kernels
 from embtools.kernels.threads import ForkSafePool, one_blas_thread
@@ -87,6 +91,10 @@ class IvfIndex:
         self.kind = self.codes if self.codes in ("int8", "binary") else "float"
         self.default_refine = {"int8": 4, "binary": 10}.get(
             self.kind, 1 if self.code_dim >= self.dimension else 10)
+        #: float codes of the full dimension are the rows as stored (unit rows of cosine indexes
+        #: built before ``raw_codes``): a shortlist is re-ranked from them (:meth:`rerank_codes`)
+        self.raw = (self.kind == "float" and self.code_dim == self.dimension
+                    and (self.metric != "cosine" or bool(info.get("raw_codes", False))))
         ranges = info.get("int8_ranges")
         self.ranges = None if ranges is None else np.asarray(ranges, np.float32)
         if self.kind == "int8" and (self.ranges is None or self.ranges.shape != (2, self.code_dim)):
@@ -113,12 +121,17 @@ class IvfIndex:
         self.live_counts = np.zeros(self.partitions, np.int64)
         self.total_counts = np.zeros(self.partitions, np.int64)
         self._sq: list[np.ndarray | None] = []
-        for f in self.files:
+        self._inv: list[np.ndarray | None] = []  # raw cosine codes: each row's inverse norm
+        #: raw codes: each position's row in the codes (``file << CODE_SHIFT | row``; -1: none)
+        self._where = np.full(n if self.raw else 0, -1, np.int64)
+        for fi, f in enumerate(self.files):
             pos = np.searchsorted(row_ids, f.row_ids)
             pos = np.minimum(pos, max(n - 1, 0))
             ok = (row_ids[pos] == f.row_ids) if n else np.zeros(len(pos), bool)
             covered[pos[ok]] = True
             self.positions.append(np.where(ok, pos, -1))
+            if self.raw:
+                self._where[pos[ok]] = (fi << CODE_SHIFT) | np.flatnonzero(ok)
             sizes = np.diff(f.starts)
             self.total_counts += sizes
             part_of_row = np.repeat(np.arange(self.partitions), sizes)
@@ -128,6 +141,17 @@ class IvfIndex:
                 self._sq.append(np.einsum("ij,ij->i", block, block))
             else:
                 self._sq.append(None)
+            if self.raw and self.metric == "cosine":
+                if f.norms is None:
+                    raise CorruptStoreError(f"index {self.name}: {f.path} holds raw codes without their norms")
+                with np.errstate(divide="ignore"):
+                    self._inv.append(np.where(f.norms > 0, 1 / f.norms, 1.0).astype(np.float32))
+            else:
+                self._inv.append(None)
+        # the float32 error bound of :meth:`_certified` holds for rows of norms in this range
+        self._bounded = all(v is None or (float(v.min(initial=1)) >= 1e-15 and float(v.max(initial=1)) <= 1e15)
+                            for v in self._inv)
+        self._tables: Any = None  # the codes as the compiled re-rank reads them (built on first use)
         # which codes files hold rows of each partition ((partitions, files) bool): a scan skips
         # the files without rows in the probed partitions (each compiled call costs ~10 us)
         self._part_files = np.zeros((self.partitions, len(self.files)), bool)
@@ -152,7 +176,8 @@ class IvfIndex:
         """Bytes this object keeps (centroids, positions, row ids, norms, codes decoded into
         memory where the file cannot be mapped)."""
         return int(self.centroids.nbytes + sum(p.nbytes * 2 for p in self.positions)
-                   + self._part_files.nbytes
+                   + self._part_files.nbytes + self._where.nbytes
+                   + sum(0 if v is None else v.nbytes * 3 for v in self._inv)  # and the norms
                    + self.uncovered.nbytes + sum(0 if s is None else s.nbytes for s in self._sq)
                    + sum(f.nbytes for f in self.files if f.copied)
                    + (0 if self._part_of is None else self._part_of.nbytes)
@@ -349,12 +374,14 @@ class IvfIndex:
 
     def _certified(self, hs: np.ndarray, hi: np.ndarray, kk: int) -> np.ndarray:
         """The shortlist ``hi`` (scores ``hs``, best first) cut to the columns that can hold a
-        row of a query's exact top ``kk``, for unit float codes of the full vectors (cosine): a
-        code's float32 score is within ``eps = (2d + 16) u`` of the row's exact cosine (the two
-        roundings to unit length and the float32 product), so a row scoring more than ``2 eps``
-        below the ``kk``-th is below the exact scores of ``kk`` others and is not re-ranked."""
-        if not (self.kind == "float" and self.code_dim == self.dimension and self.metric == "cosine") \
-                or hi.shape[1] <= kk or not len(hi):
+        row of a query's exact top ``kk``, for float codes of the full vectors (cosine): a code's
+        float32 score is within ``eps = (2d + 16) u`` of the row's exact cosine (unit codes: the
+        two roundings to unit length and the float32 product; raw codes: the query's rounding to
+        unit length, the float32 product, the float32 inverse norm and the product with it, for
+        rows of norms within 1e-15..1e15), so a row scoring more than ``2 eps`` below the
+        ``kk``-th is below the exact scores of ``kk`` others and is not re-ranked."""
+        if not (self.kind == "float" and self.code_dim == self.dimension and self.metric == "cosine"
+                and self._bounded) or hi.shape[1] <= kk or not len(hi):
             return hi
         eps = (2 * self.code_dim + 16) * 2.0**-24
         floor = hs[:, kk - 1] - np.float32(2 * eps)
@@ -370,13 +397,14 @@ class IvfIndex:
         holding = self._part_files[parts[parts >= 0]].any(axis=0)  # files with rows to scan
         for fi in np.flatnonzero(holding).tolist():
             f = self.files[fi]
-            sq = self._sq[fi]
+            sq, inv = self._sq[fi], self._inv[fi]
             sq = none if sq is None else sq
             if self.kind == "binary":
                 jit.scan_signs(weights, parts, f.starts, f.codes, self.positions[fi], sq, mask, hs, hi)
             else:
                 codes = f.codes.view(np.int8) if self.kind == "int8" else f.codes
-                jit.scan_dense(weights, c0, parts, f.starts, codes, self.positions[fi], sq, mask, hs, hi)
+                jit.scan_dense(weights, c0, parts, f.starts, codes, self.positions[fi], sq, mask, hs, hi,
+                               none if inv is None else inv)
 
     def _weights(self, jit: Any, cq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """What the compiled scans score codes with: ``(weights, c0)``, float codes ``cq`` and 0,
@@ -408,9 +436,10 @@ class IvfIndex:
         scores = np.empty((total, m), np.float32)
         pos = np.empty(total, np.int64)
         sq = np.empty(total, np.float32) if self.metric == "l2" else None
+        inv = np.empty(total, np.float32) if self._inv and self._inv[0] is not None else None
         at = 0
         for fi, f in enumerate(self.files):
-            codes, rows_pos, rows_sq = f.codes, self.positions[fi], self._sq[fi]
+            codes, rows_pos, rows_sq, rows_inv = f.codes, self.positions[fi], self._sq[fi], self._inv[fi]
             for s, e in zip(f.starts[parts].tolist(), f.starts[parts + 1].tolist(), strict=True):
                 if s == e:
                     continue
@@ -424,6 +453,8 @@ class IvfIndex:
                 pos[at:b] = rows_pos[s:e]
                 if sq is not None and rows_sq is not None:
                     sq[at:b] = rows_sq[s:e]
+                if inv is not None and rows_inv is not None:
+                    inv[at:b] = rows_inv[s:e]
                 at = b
         self._touched += total * self.code_dim * 4
         self._release_if_needed()
@@ -432,6 +463,8 @@ class IvfIndex:
         if sq is not None:
             scores *= 2
             scores -= sq[:, None]
+        if inv is not None:
+            scores *= inv[:, None]
         scores[pos < 0 if sel is None else ~sel[0][pos]] = -np.inf
         return scores, pos
 
@@ -521,6 +554,9 @@ class IvfIndex:
                 sq = self._sq[fi]
                 assert sq is not None
                 scores = 2 * scores - sq[None, s:e]
+            inv = self._inv[fi]
+            if inv is not None:
+                scores *= inv[None, s:e]
             pos = self.positions[fi][s:e]
             dead = pos < 0 if mask is None else ~mask[pos]
             if dead.any():
@@ -529,6 +565,34 @@ class IvfIndex:
             flat_s[cols] = scores
             flat_p[cols] = pos[None, :]
             at = at + (e - s)
+
+    # -- re-ranking from the codes ------------------------------------------------------------------
+    def codes_are_rows(self, dim: int, metric: str) -> bool:
+        """See :meth:`embtools.search.ivf.IndexProbe.codes_are_rows`."""
+        return (self.raw and dim == self.dimension and metric == self.metric and bool(self.files)
+                and jit_kernels("rerank_jit") is not None)
+
+    def rerank_codes(self, q: np.ndarray, cand: np.ndarray, kk: int) -> tuple[np.ndarray, np.ndarray]:
+        """See :meth:`embtools.search.ivf.IndexProbe.rerank_codes`: the compiled
+        :func:`~embtools.kernels.rerank_jit.code_top` over the codes files (a shortlist's rows
+        were just scanned, so they are read from the cache, not from the data files)."""
+        jit = jit_kernels("rerank_jit")
+        assert jit is not None  # codes_are_rows said so
+        if self._tables is None:
+            none = np.zeros(0)
+            self._tables = jit.code_tables([f.codes for f in self.files],
+                                           [none if f.norms is None else f.norms for f in self.files])
+        q, cand = np.ascontiguousarray(q), np.ascontiguousarray(cand)
+        metric = jit.METRICS[self.metric]
+        if len(q) < JIT_SPLIT_QUERIES:
+            out: tuple[np.ndarray, np.ndarray] = jit.code_top(q, cand, self._where, *self._tables, metric, kk)
+            return out
+        # rows read at random from the codes (a cache miss each): two threads keep more in flight
+        halves = [(0, len(q) // 2), (len(q) // 2, len(q))]
+        parts = list(_POOL.get().map(
+            lambda ab: jit.code_top(q[ab[0]:ab[1]], cand[ab[0]:ab[1]], self._where, *self._tables, metric, kk),
+            halves))
+        return np.concatenate([s for s, _ in parts]), np.concatenate([p for _, p in parts])
 
     def _release_if_needed(self) -> None:
         """Give back mapped code pages once the probes touched a quarter of the cap's room."""

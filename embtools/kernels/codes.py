@@ -31,6 +31,7 @@ from __future__ import annotations
 import numpy as np
 
 __all__ = [
+    "CODE_SHIFT",
     "decode_int8",
     "encode_int8",
     "has_end_codes",
@@ -41,6 +42,9 @@ __all__ = [
     "sign_bytes",
     "unpack_signs",
 ]
+
+#: An index row's address in its codes: ``file << CODE_SHIFT | row`` (2**40 rows a file).
+CODE_SHIFT = 40
 
 #: rows encoded per pass (bounds the float32 temporaries of :func:`encode_int8`)
 ENCODE_ROWS = 16384

@@ -26,7 +26,8 @@ Examples
 >>> codes = np.array([[1, 0], [0, 1], [1, 1]], np.float32)
 >>> hs, hi = new_heaps(1, 2)
 >>> scan_dense(np.array([[1.0, 0.5]], np.float32), np.zeros(1, np.float32), np.array([[0]]),
-...            np.array([0, 3]), codes, np.arange(3), np.zeros(0, np.float32), np.zeros(0, bool), hs, hi)
+...            np.array([0, 3]), codes, np.arange(3), np.zeros(0, np.float32), np.zeros(0, bool), hs, hi,
+...            np.zeros(0, np.float32))
 >>> sort_heaps(hs, hi)
 >>> hi.tolist(), hs.tolist()
 ([[2, 0]], [[1.5, 1.0]])
@@ -95,12 +96,15 @@ def _push(hs: np.ndarray, hi: np.ndarray, s: float, p: int) -> None:  # pragma: 
 @njit(nogil=True, cache=True, fastmath=True)
 def scan_dense(w: np.ndarray, c0: np.ndarray, probes: np.ndarray, starts: np.ndarray,
                codes: np.ndarray, pos: np.ndarray, sq: np.ndarray, mask: np.ndarray,
-               hs: np.ndarray, hi: np.ndarray) -> None:  # pragma: no cover - compiled
+               hs: np.ndarray, hi: np.ndarray, inv: np.ndarray) -> None:  # pragma: no cover - compiled
     """Scan float32 or int8 ``codes`` ``(rows, d)``: query ``i`` (weights ``w[i]``, constant
     ``c0[i]``) scores the rows of partitions ``probes[i]`` (-1: none) into heap ``hs[i], hi[i]``.
     ``starts``: each partition's first row in ``codes`` (partitions + 1 entries); ``pos``: each
-    row's position in the version (-1: deleted)."""
+    row's position in the version (-1: deleted); ``sq`` (l2) each row's squared norm, ``inv``
+    (cosine over rows as stored) its inverse norm, ``mask`` the positions that may be returned
+    (each empty: none)."""
     l2 = len(sq) > 0
+    scaled = len(inv) > 0
     masked = len(mask) > 0
     d = codes.shape[1]
     for i in range(w.shape[0]):
@@ -123,6 +127,8 @@ def scan_dense(w: np.ndarray, c0: np.ndarray, probes: np.ndarray, starts: np.nda
                 acc += base
                 if l2:
                     acc = np.float32(2.0) * acc - sq[r]
+                elif scaled:
+                    acc *= inv[r]
                 _push(hsi, hii, acc, p)
 
 
@@ -283,7 +289,7 @@ def warm() -> None:
     for codes in (np.zeros((1, 8), np.float32), np.zeros((1, 8), np.int8)):
         hs, hi = new_heaps(1, 1)
         scan_dense(np.zeros((1, 8), np.float32), np.zeros(1, np.float32), parts, starts, codes, pos,
-                   empty_sq, empty_mask, hs, hi)
+                   empty_sq, empty_mask, hs, hi, empty_sq)
     hs, hi = new_heaps(1, 1)
     scan_signs(nibble_tables(np.zeros((1, 8), np.float32), 1), parts, starts, np.zeros((1, 1), np.uint8),
                pos, empty_sq, empty_mask, hs, hi)

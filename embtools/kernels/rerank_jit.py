@@ -21,11 +21,15 @@ Examples
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import numpy as np
 from numba import njit
 
-__all__ = ["COSINE", "DOT", "L2", "METRICS", "rerank_scores", "row_norms", "sum_program", "terms_sum", "warm"]
+from embtools.kernels.codes import CODE_SHIFT
+
+__all__ = ["CODE_SHIFT", "COSINE", "DOT", "L2", "METRICS", "code_tables", "code_top", "rerank_scores", "row_norms",
+           "sum_program", "terms_sum", "warm"]
 
 DOT, COSINE, L2 = 0, 1, 2
 #: the metric codes of :func:`rerank_scores`
@@ -242,7 +246,84 @@ def rerank_scores(q: np.ndarray, rows: np.ndarray, inv: np.ndarray, metric: int,
     return out
 
 
+@njit(nogil=True, cache=True)
+def _code_top(q: np.ndarray, cand: np.ndarray, where: np.ndarray, tables: Any, norms: Any, metric: int,
+              program: np.ndarray, out_s: np.ndarray, out_p: np.ndarray) -> None:  # pragma: no cover
+    """:func:`code_top` into ``out_s, out_p`` (``(nq, keep)``)."""
+    nq, w = cand.shape
+    keep = out_s.shape[1]
+    stack = np.empty(len(program))
+    mode = 1 if metric == L2 else 0
+    mask = (1 << CODE_SHIFT) - 1
+    keys = np.empty(keep)  # the kept rows' keys (smaller is better) and scores, best first
+    vals = np.empty(keep)
+    kept = np.empty(keep, np.int64)
+    for i in range(nq):
+        qi = q[i]
+        n = 0
+        for j in range(w):
+            p = cand[i, j]
+            if p < 0:
+                continue
+            at = where[p]
+            table, r = at >> CODE_SHIFT, at & mask
+            s = terms_sum(tables[table][r], qi, mode, program, stack)
+            if metric == COSINE:
+                norm = norms[table][r]
+                s = min(1.0, max(-1.0, s / (1.0 if norm == 0 else norm)))
+            key = s if metric == L2 else -s
+            if n == keep and (key > keys[n - 1] or (key == keys[n - 1] and p > kept[n - 1])):
+                continue
+            t = min(n, keep - 1)  # insert at t, shifting the worse rows right (the last drops)
+            while t > 0 and (keys[t - 1] > key or (keys[t - 1] == key and kept[t - 1] > p)):
+                keys[t], vals[t], kept[t] = keys[t - 1], vals[t - 1], kept[t - 1]
+                t -= 1
+            keys[t], vals[t], kept[t] = key, s, p
+            n = min(n + 1, keep)
+        for t in range(keep):
+            if t < n:
+                out_s[i, t] = np.float32(vals[t])
+                out_p[i, t] = kept[t]
+            else:
+                out_s[i, t] = np.inf if metric == L2 else -np.inf
+                out_p[i, t] = -1
+
+
+def code_tables(arrays: list[np.ndarray], norms: list[np.ndarray]) -> tuple[Any, Any]:
+    """The tables of :func:`code_top`: numba typed lists of the float32 rows (read-only views)
+    and of their float64 norms (:func:`row_norms`' bits, 0 read as 1; empty arrays where the
+    metric needs none)."""
+    from numba.typed import List
+
+    rows, sizes = List(), List()
+    for a, n in zip(arrays, norms, strict=True):
+        view = np.ascontiguousarray(a, dtype=np.float32).view()
+        view.flags.writeable = False
+        rows.append(view)
+        n = np.ascontiguousarray(n, dtype=np.float64).view()
+        n.flags.writeable = False
+        sizes.append(n)
+    return rows, sizes
+
+
+def code_top(q: np.ndarray, cand: np.ndarray, where: np.ndarray, tables: Any, norms: Any, metric: int,
+             keep: int) -> tuple[np.ndarray, np.ndarray]:
+    """The best ``keep`` of each query's candidate positions ``cand`` (``(nq, w)``, -1: none) by
+    float64 scores against their float32 rows, read where ``where[position]`` says
+    (``table << CODE_SHIFT | row`` in ``tables``, cosine divided by ``norms``; see
+    :func:`code_tables`): the scores and order of :func:`rerank_scores` (ties to the lower
+    position), float32 scores and positions ``(nq, keep)``, padded with -1 (and -inf, or inf
+    for l2)."""
+    out_s = np.empty((len(cand), keep), np.float32)
+    out_p = np.empty((len(cand), keep), np.int64)
+    if keep:
+        _code_top(q, cand, where, tables, norms, metric, sum_program(q.shape[1]), out_s, out_p)
+    return out_s, out_p
+
+
 def warm() -> None:
     """Run the kernel once on tiny inputs."""
     for metric in (DOT, COSINE):
         rerank_scores(np.zeros((1, 2)), np.zeros((1, 2), np.float32), np.zeros((1, 1), np.int64), metric)
+    code_top(np.zeros((1, 2)), np.zeros((1, 1), np.int64), np.zeros(1, np.int64),
+             *code_tables([np.zeros((1, 2), np.float32)], [np.ones(1)]), COSINE, 1)

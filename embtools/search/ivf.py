@@ -7,7 +7,9 @@ planner (:mod:`embtools.search.plan`) sizes the path with :func:`size_index` and
 1. :func:`index_top_k`: queries in groups sized under the cap; for each group the probe returns
    the best ``width = k * refine`` rows of the ``nprobe`` nearest partitions of each query (by the
    codes), and :func:`~embtools.search.refine.rerank` re-scores them in float64 from the stored
-   float32 vectors (the exact search's own re-rank);
+   float32 vectors (the exact search's own re-rank), or, where the codes are those vectors
+   (``codes="float"`` at the search dimension), the probe re-scores them from its codes with the
+   same bits, reading nothing more;
 2. the rows the index does not hold (added after it was built) are searched exactly;
 3. :func:`merge_top_k` merges the two, ties by lower position.
 
@@ -27,7 +29,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from embtools.search.refine import overfetch, rerank, rerank_min_bytes, size_rerank
+from embtools.search.refine import overfetch, rerank, rerank_min_bytes, rerank_queries, size_rerank
 from embtools.search.request import SearchContext, SearchRequest, TopK
 
 __all__ = ["IndexProbe", "IndexSizes", "exact_is_cheaper", "index_top_k", "merge_top_k", "outside_rows",
@@ -58,6 +60,16 @@ class IndexProbe(Protocol):
         """``(nq, width)`` int64 positions, best first by the codes, -1 where a query has fewer
         candidates; at least ``kk`` real ones when the index holds that many live rows (of the
         filter's selected ``positions``, the only rows returned when given)."""
+
+    def codes_are_rows(self, dim: int, metric: str) -> bool:
+        """Whether :meth:`rerank_codes` can re-rank a search of ``dim`` dimensions by ``metric``:
+        the codes are the rows as stored (and the compiled kernels are installed)."""
+
+    def rerank_codes(self, q: np.ndarray, cand: np.ndarray, kk: int) -> tuple[np.ndarray, np.ndarray]:
+        """The re-rank of candidates ``cand`` (a shortlist) for the float64 queries ``q``
+        (:func:`~embtools.search.refine.rerank_queries`), the rows read from the codes: the
+        float32 scores and positions ``(nq, kk)`` that :func:`~embtools.search.refine.rerank`
+        gives, padded as :func:`_rerank_ragged` pads."""
 
 
 @dataclass(frozen=True)
@@ -160,8 +172,11 @@ def index_top_k(req: SearchRequest, ctx: SearchContext, probe: IndexProbe, sizes
             b = min(nq, a + sizes.group)
             cand = probe.shortlist(req.queries[a:b], kk, sizes.nprobe, sizes.width, req.positions)
             sub = req if (a, b) == (0, nq) else req.subset(slice(a, b))
-            top = _rerank_ragged(sub, ctx, cand, kk)
-            out_s[a:b], out_p[a:b] = top.scores, top.positions
+            if probe.codes_are_rows(req.dim, req.metric):  # no read of the data files
+                out_s[a:b], out_p[a:b] = probe.rerank_codes(rerank_queries(sub), cand, kk)
+            else:
+                top = _rerank_ragged(sub, ctx, cand, kk)
+                out_s[a:b], out_p[a:b] = top.scores, top.positions
     return TopK(out_s, out_p)
 
 

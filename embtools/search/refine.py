@@ -34,7 +34,7 @@ from embtools.kernels.threads import ForkSafePool
 from embtools.search.request import SearchContext, SearchRequest, TopK, cap_error
 from embtools.storage.source import VectorSource, gather_rows
 
-__all__ = ["RerankSizes", "overfetch", "rerank", "rerank_min_bytes", "size_rerank"]
+__all__ = ["RerankSizes", "overfetch", "rerank", "rerank_min_bytes", "rerank_queries", "size_rerank"]
 
 #: Gathered candidate vectors re-ranked in one go are kept under this many bytes (and the cap).
 RERANK_CHUNK_BYTES = 64 * 1024**2
@@ -93,6 +93,16 @@ def size_rerank(avail: int | None, nq: int, m: int, dim: int) -> RerankSizes | N
     return RerankSizes(group, width, sub, sub + group * m * 24 + group * width * per_col)
 
 
+def rerank_queries(req: SearchRequest) -> np.ndarray:
+    """The queries as the re-rank scores them: ``req.dim`` dimensions in float64, unit length
+    for cosine (zero queries stay zero)."""
+    q = req.queries[:, :req.dim].astype(np.float64)
+    if req.metric == "cosine":  # np.linalg.norm's sum, without its checks
+        qn = np.sqrt(np.add.reduce(q * q, axis=1, keepdims=True))
+        q /= np.where(qn == 0, 1.0, qn)
+    return q
+
+
 def rerank(
     req: SearchRequest, ctx: SearchContext, candidates: np.ndarray, keep: int | None = None
 ) -> TopK:
@@ -107,10 +117,7 @@ def rerank(
     if m == 0 or nq == 0:
         return TopK.empty(nq)
     dim, metric = req.dim, req.metric
-    q = req.queries[:, :dim].astype(np.float64)
-    if metric == "cosine":  # np.linalg.norm's sum, without its checks
-        qn = np.sqrt(np.add.reduce(q * q, axis=1, keepdims=True))
-        q /= np.where(qn == 0, 1.0, qn)
+    q = rerank_queries(req)
     sizes = size_rerank(ctx.budget.available_bytes, nq, m, dim)
     if sizes is None:
         raise cap_error(ctx.budget, rerank_min_bytes(m, dim), "re-ranking candidates")
