@@ -97,7 +97,7 @@ def encode(x: np.ndarray, code_dim: int, metric: str, kind: str = "float",
     >>> encode(x, 3, "cosine", raw=True).tolist()
     [[3.0, -4.0, 1.0]]
     """
-    codes = np.ascontiguousarray(x[:, :code_dim], dtype=np.float32)
+    codes = np.array(x[:, :code_dim], dtype=np.float32)  # a copy: ``x`` is left as it is
     if raw:
         if kind != "float":
             raise ValueError(f"raw codes are float codes, not {kind}")
