@@ -22,6 +22,7 @@ import numpy as np
 from embtools.backends.base import check_k, check_metric
 from embtools.errors import CorruptStoreError, InvalidArgumentError, MemoryLimitError
 from embtools.index.build import build_index, commit_index, finish_build
+from embtools.index.files import raw_codes
 from embtools.index.probe import IvfIndex
 from embtools.memory import format_bytes
 
@@ -120,9 +121,12 @@ def find_index(store: Any, dim: int, metric: str) -> IvfIndex | None:
         cache.pop(old).close()
     avail = store.budget.available_bytes
     n = int(src.num_rows)
-    # row ids, positions; raw float codes: each row's address in them and its inverse norm
-    raw = entry.info.get("codes") == "float" and entry.info.get("code_dim") == entry.dimension
-    need = n * (36 if raw else 24) + entry.dimension * 4 * int(entry.info.get("partitions", 0))
+    # row ids and positions; raw codes: each row's address in them (and, cosine, its norm and
+    # inverse norm), as IvfIndex.resident_bytes counts them
+    per_row = 24
+    if raw_codes(entry.info.get("codes"), entry.info.get("code_dim"), entry.dimension):
+        per_row += 8 + (12 if entry.metric == "cosine" else 0)
+    need = n * per_row + entry.dimension * 4 * int(entry.info.get("partitions", 0))
     if avail is not None and need > avail // 2:
         raise MemoryLimitError(
             f"index {entry.name}: its centroids and row maps ({format_bytes(need)}) do not fit half "

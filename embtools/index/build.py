@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from embtools.errors import CorruptStoreError, MemoryLimitError
-from embtools.index.files import write_centroids, write_codes
+from embtools.index.files import raw_codes, write_centroids, write_codes
 from embtools.index.kmeans import (
     DEFAULT_ITERATIONS,
     Top1,
@@ -110,12 +110,6 @@ def encode(x: np.ndarray, code_dim: int, metric: str, kind: str = "float",
     if kind == "binary":
         return pack_signs(codes)
     return codes
-
-
-def raw_codes(codes: str, code_dim: int, dimension: int) -> bool:
-    """Whether an index's codes are the rows as stored (float codes of the search dimension):
-    its shortlists are re-ranked from them, without reading the data files."""
-    return codes == "float" and code_dim == dimension
 
 
 def code_norms(codes: np.ndarray) -> np.ndarray:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import os
 import uuid
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -39,13 +40,20 @@ from embtools.errors import CorruptStoreError
 from embtools.storage.datafile import MappedParquetFile, embedding_array, write_data_file
 from embtools.storage.manifest import INDEX_DIR
 
-__all__ = ["CodesFile", "read_centroids", "write_centroids", "write_codes"]
+__all__ = ["CodesFile", "raw_codes", "read_centroids", "write_centroids", "write_codes"]
 
 _META_KEY = b"embtools.partitions"
 #: The column of int8 and binary codes (``fixed_size_binary``); float codes are ``emb_<m>``.
 CODE_COLUMN = "code"
 #: The float64 norms of float codes that are the rows as stored (cosine).
 NORM_COLUMN = "norm"
+
+
+def raw_codes(codes: Any, code_dim: Any, dimension: int) -> bool:
+    """Whether an index's codes are the rows as stored (float codes of the search dimension):
+    its shortlists are re-ranked from them, without reading the data files (cosine indexes mark
+    it with ``raw_codes`` in their info: earlier ones hold unit rows)."""
+    return codes == "float" and code_dim == dimension
 
 
 def _new_path(root: str, name: str) -> tuple[str, str]:

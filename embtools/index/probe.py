@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from embtools.errors import CorruptStoreError
-from embtools.index.files import CodesFile, read_centroids
+from embtools.index.files import CodesFile, raw_codes, read_centroids
 from embtools.index.kmeans import normalize_rows
 from embtools.kernels.codes import CODE_SHIFT, decode_int8, int8_steps
 from embtools.kernels.hamming import sign_scores
@@ -93,8 +93,8 @@ class IvfIndex:
             self.kind, 1 if self.code_dim >= self.dimension else 10)
         #: float codes of the full dimension are the rows as stored (unit rows of cosine indexes
         #: built before ``raw_codes``): a shortlist is re-ranked from them (:meth:`rerank_codes`)
-        self.raw = (self.kind == "float" and self.code_dim == self.dimension
-                    and (self.metric != "cosine" or bool(info.get("raw_codes", False))))
+        self.raw = raw_codes(self.codes, self.code_dim, self.dimension) and (
+            self.metric != "cosine" or bool(info.get("raw_codes", False)))
         ranges = info.get("int8_ranges")
         self.ranges = None if ranges is None else np.asarray(ranges, np.float32)
         if self.kind == "int8" and (self.ranges is None or self.ranges.shape != (2, self.code_dim)):

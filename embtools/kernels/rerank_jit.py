@@ -295,15 +295,15 @@ def code_tables(arrays: list[np.ndarray], norms: list[np.ndarray]) -> tuple[Any,
     metric needs none)."""
     from numba.typed import List
 
-    rows, sizes = List(), List()
+    rows, norm_tables = List(), List()
     for a, n in zip(arrays, norms, strict=True):
         view = np.ascontiguousarray(a, dtype=np.float32).view()
         view.flags.writeable = False
         rows.append(view)
         n = np.ascontiguousarray(n, dtype=np.float64).view()
         n.flags.writeable = False
-        sizes.append(n)
-    return rows, sizes
+        norm_tables.append(n)
+    return rows, norm_tables
 
 
 def code_top(q: np.ndarray, cand: np.ndarray, where: np.ndarray, tables: Any, norms: Any, metric: int,

@@ -166,13 +166,14 @@ def index_top_k(req: SearchRequest, ctx: SearchContext, probe: IndexProbe, sizes
     out_p = np.empty((nq, kk), np.int64)
     key = f"index/search/{id(req)}"
     need = probe.workspace_bytes(min(sizes.group, nq), sizes.nprobe, sizes.width) + _mask_bytes(req, probe)
+    from_codes = probe.codes_are_rows(req.dim, req.metric)  # no read of the data files
     with ctx.budget.holding(key, need,
                             f"the index search ({probe.name})", "raise max_memory_gb or lower nprobe"):
         for a in range(0, nq, sizes.group):
             b = min(nq, a + sizes.group)
             cand = probe.shortlist(req.queries[a:b], kk, sizes.nprobe, sizes.width, req.positions)
             sub = req if (a, b) == (0, nq) else req.subset(slice(a, b))
-            if probe.codes_are_rows(req.dim, req.metric):  # no read of the data files
+            if from_codes:
                 out_s[a:b], out_p[a:b] = probe.rerank_codes(rerank_queries(sub), cand, kk)
             else:
                 top = _rerank_ragged(sub, ctx, cand, kk)

@@ -67,6 +67,12 @@ def metadata_frame(table: pa.Table) -> pl.DataFrame:
 
 #: the polars types of the base columns (text_id and label as plain strings)
 _BASE_SCHEMA = {ROW_ID: pl.Int64, TEXT_ID: pl.String, LABEL: pl.String}
+
+
+def _base_frame(values: tuple[list[int], list[str | None], list[str | None]]) -> pl.DataFrame:
+    """The ``row_id, text_id, label`` frame of a few rows' values, built by polars from rows."""
+    return pl.DataFrame(list(zip(*values, strict=True)), schema=_BASE_SCHEMA, orient="row")
+
 #: at most this many positions are gathered element by element (:meth:`BaseRows.few_frame`);
 #: more go through pyarrow's ``take`` (one dispatch of ~20 us per row group, then per element
 #: costs much less than the ~1 us of a Python-level gather)
@@ -198,10 +204,7 @@ class BaseRows:
     @staticmethod
     def few_frame(hits: Sequence[tuple[BaseRows, int]]) -> pl.DataFrame:
         """The frame of :meth:`few_values`."""
-        ids, texts, labels = BaseRows.few_values(hits)
-        return pl.DataFrame([pl.Series(ROW_ID, ids, dtype=pl.Int64),
-                             pl.Series(TEXT_ID, texts, dtype=pl.String),
-                             pl.Series(LABEL, labels, dtype=pl.String)])
+        return _base_frame(BaseRows.few_values(hits))
 
 
 class Snapshot(ChunkedSource):
@@ -594,7 +597,7 @@ class Snapshot(ChunkedSource):
         base rows of the row groups that hold them."""
         few = self.few_base_values(pos)  # a search's hits: no dispatch per row group
         if few is not None:
-            return pl.DataFrame(list(zip(*few, strict=True)), schema=_BASE_SCHEMA, orient="row")
+            return _base_frame(few)
         starts, groups = self._group_starts()
         g = np.searchsorted(starts, pos, side="right") - 1
         first = int(g[0])
