@@ -442,6 +442,7 @@ def test_scans_skip_codes_files_without_the_probed_partitions(tmp_path, monkeypa
         return real_scan(self, jit, weights, c0, parts, *rest)
 
     monkeypatch.setattr(probe_mod.IvfIndex, "_scan", counting)
+    monkeypatch.setattr(probe_mod, "JIT_SPLIT_ROWS", 0)  # single queries too through _scan, not search_few
     queries = [q[i] for i in range(6)] + [q]
     skip = [store.search(v, k=10, nprobe=3, metric=metric) for v in queries]
     assert scanned and min(scanned) < len(store.find_index(DIM, metric).files)
@@ -526,14 +527,23 @@ def test_certified_cut_of_float_shortlists_keeps_the_exact_top_k(tmp_path, monke
         widths.append(out.shape[1])
         return out
 
+    def searches() -> list[pl.DataFrame]:
+        return [store.search(queries, k=10, nprobe=3), *(store.search(v, k=10, nprobe=3) for v in queries)]
+
+    fused = searches()  # single queries cut inside search_few
     monkeypatch.setattr(probe_mod.IvfIndex, "_certified", spy)
-    got = [store.search(queries, k=10, nprobe=3), *(store.search(v, k=10, nprobe=3) for v in queries)]
+    monkeypatch.setattr(probe_mod, "JIT_SPLIT_ROWS", 0)  # single queries through _certified too
+    got = searches()
     assert widths[1] == 18 and min(widths) == 10 and max(widths) <= 18  # the ties keep all 18
     full = store.search(queries, k=10, nprobe=20, refine=100)
-    monkeypatch.setattr(probe_mod.IvfIndex, "_certified", lambda self, hs, hi, kk: hi)
-    want = [store.search(queries, k=10, nprobe=3), *(store.search(v, k=10, nprobe=3) for v in queries)]
-    for a, b in zip(got, want, strict=True):
-        assert a.equals(b)
+    monkeypatch.setattr(probe_mod.IvfIndex, "_cut_error", lambda self: 0.0)  # no cut anywhere
+    want = searches()
+    monkeypatch.undo()
+    monkeypatch.setenv(JIT_ENV, "1")
+    monkeypatch.setattr(probe_mod.IvfIndex, "_cut_error", lambda self: 0.0)
+    uncut = searches()
+    for a, b, c, d in zip(got, want, fused, uncut, strict=True):
+        assert a.equals(b) and c.equals(b) and d.equals(b)
     assert full.equals(store.search(queries, k=10, exact=True))
 
 
@@ -568,6 +578,7 @@ def test_rerank_from_the_codes_equals_the_data_files_rerank(tmp_path, monkeypatc
     a delta codes file, rows outside the index, a filter, one query and a batch, k past the rows."""
     import embtools.index.probe as probe_mod
     import embtools.search.ivf as ivf_mod
+    from embtools.kernels.jit import jit_kernels
 
     x, q = clustered(2000, seed=51)
     x[::5] *= np.float32(40.0)  # norms from ~1 to ~40: cosine codes are not unit rows
@@ -592,13 +603,21 @@ def test_rerank_from_the_codes_equals_the_data_files_rerank(tmp_path, monkeypatc
             assert np.array_equal(np.where(f.norms == 0, 1, f.norms), jit_kernels("rerank_jit").row_norms(f.codes))
             f.close()
     fused = []
-    real = probe_mod.IvfIndex.rerank_codes
-    monkeypatch.setattr(probe_mod.IvfIndex, "rerank_codes", lambda self, *a: fused.append(1) or real(self, *a))
+    real = probe_mod.IvfIndex.top_from_codes
+    monkeypatch.setattr(probe_mod.IvfIndex, "top_from_codes", lambda self, *a: fused.append(1) or real(self, *a))
+    few = jit_kernels("ivf_few_jit")
+    calls = []
+    real_few = few.search_few
+    monkeypatch.setattr(few, "search_few", lambda *a: calls.append(1) or real_few(*a))
     cases = [dict(queries=q, k=10, nprobe=4), dict(queries=q, k=10, nprobe=20, refine=50),
              dict(queries=q[-1], k=12, nprobe=3), dict(queries=q[:3], k=3000, nprobe=20),
-             dict(queries=q, k=7, nprobe=3, where=pl.col("row_id") % 5 != 0)]
+             dict(queries=q, k=7, nprobe=3, where=pl.col("row_id") % 5 != 0),
+             # one compiled call (search_few): one query, a few, a filter, k beyond two partitions
+             dict(queries=q[0], k=10, nprobe=2), dict(queries=q[:2], k=5, nprobe=2),
+             dict(queries=q[1], k=7, nprobe=3, where=pl.col("row_id") % 5 != 0),
+             dict(queries=q[2], k=300, nprobe=2)]
     got = [store.search(c.pop("queries"), metric=metric, **c) for c in [dict(c) for c in cases]]
-    assert len(fused) == len(cases)
+    assert len(fused) == len(cases) and len(calls) >= 5
     slow = []
     monkeypatch.setattr(probe_mod.IvfIndex, "codes_are_rows", lambda self, dim, m: False)
     real_ragged = ivf_mod._rerank_ragged

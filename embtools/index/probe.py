@@ -151,7 +151,7 @@ class IvfIndex:
         # the float32 error bound of :meth:`_certified` holds for rows of norms in this range
         self._bounded = all(v is None or (float(v.min(initial=1)) >= 1e-15 and float(v.max(initial=1)) <= 1e15)
                             for v in self._inv)
-        self._tables: Any = None  # the codes as the compiled re-rank reads them (built on first use)
+        self._tables: Any = None  # the codes as the compiled searches read them (:meth:`_code_lists`)
         # which codes files hold rows of each partition ((partitions, files) bool): a scan skips
         # the files without rows in the probed partitions (each compiled call costs ~10 us)
         self._part_files = np.zeros((self.partitions, len(self.files)), bool)
@@ -273,12 +273,10 @@ class IvfIndex:
         return (self.metric != "l2" and p >= SCREEN_CENTROIDS and nprobe * SCREEN_SHARE <= p
                 and self.centroids.nbytes >= SCREEN_BYTES)
 
-    def _screened(self, jit: Any, q: np.ndarray, nprobe: int) -> np.ndarray:
-        """Query ``q``'s ``nprobe`` nearest centroids by their float32 products, best first (ties
-        to the lower partition), through :func:`~embtools.kernels.ivf_jit.screened_centroids`:
-        scored from uint8 codes of the centroids (a quarter of their bytes, which a query's
-        other reads push out of the cache), then exactly within a certified margin: the codes'
-        error, ``sum |q_t| err_t``, plus bounds on the float32 rounding of both products."""
+    def _coarse_codes(self) -> tuple[np.ndarray, ...]:
+        """uint8 codes of the centroids (per-dimension buckets over their range), built on first
+        use and kept: ``(codes, minima, steps, largest error, largest |centroid|)`` per dimension
+        (the last two float64)."""
         if self._coarse is None:
             c = self.centroids.astype(np.float64)
             lo, hi = c.min(axis=0), c.max(axis=0)
@@ -287,14 +285,16 @@ class IvfIndex:
             codes = np.clip(np.rint((c - lo32) / step), 0, 255)
             err = np.abs(c - (lo32 + codes * step.astype(np.float64))).max(axis=0)
             self._coarse = (codes.astype(np.uint8), lo32, step, err, np.abs(c).max(axis=0))
-        codes, lo, step, err, cmax = self._coarse
-        qa = np.abs(q.astype(np.float64))
-        u, d = 2.0**-24, len(q)
-        size = float(qa @ (np.abs(lo) + 255 * step))  # bounds |the approximation's terms|
-        margin = (2 * (float(qa @ err) + 2 * (d + 4) * u * size + (d + 2) * u * float(qa @ cmax))
-                  + 4 * u * size)
-        w = (q * step).astype(np.float32)
-        c0 = float(np.float32(q.astype(np.float64) @ lo))
+        return self._coarse
+
+    def _screened(self, jit: Any, q: np.ndarray, nprobe: int) -> np.ndarray:
+        """Query ``q``'s ``nprobe`` nearest centroids by their float32 products, best first (ties
+        to the lower partition), through :func:`~embtools.kernels.ivf_jit.screened_centroids`:
+        scored from uint8 codes of the centroids (a quarter of their bytes, which a query's
+        other reads push out of the cache), then exactly within a certified margin: the codes'
+        error, ``sum |q_t| err_t``, plus bounds on the float32 rounding of both products."""
+        codes, lo, step, err, cmax = self._coarse_codes()
+        w, c0, margin = jit.screen_terms(q, lo, step, err, cmax)
         top: np.ndarray = jit.screened_centroids(q, w, c0, codes, margin, self.centroids, nprobe)
         return top
 
@@ -372,6 +372,15 @@ class IvfIndex:
         self._release_if_needed()
         return self._certified(hs, hi, kk)
 
+    def _cut_error(self) -> float:
+        """The certified error of a code's float32 score, for float codes of the full vectors
+        (cosine; 0 for other indexes, whose shortlists are not cut): ``eps = (2d + 16) u``, the
+        bound of :meth:`_certified`."""
+        if (self.kind == "float" and self.code_dim == self.dimension and self.metric == "cosine"
+                and self._bounded):
+            return (2 * self.code_dim + 16) * 2.0**-24
+        return 0.0
+
     def _certified(self, hs: np.ndarray, hi: np.ndarray, kk: int) -> np.ndarray:
         """The shortlist ``hi`` (scores ``hs``, best first) cut to the columns that can hold a
         row of a query's exact top ``kk``, for float codes of the full vectors (cosine): a code's
@@ -380,10 +389,9 @@ class IvfIndex:
         unit length, the float32 product, the float32 inverse norm and the product with it, for
         rows of norms within 1e-15..1e15), so a row scoring more than ``2 eps`` below the
         ``kk``-th is below the exact scores of ``kk`` others and is not re-ranked."""
-        if not (self.kind == "float" and self.code_dim == self.dimension and self.metric == "cosine"
-                and self._bounded) or hi.shape[1] <= kk or not len(hi):
+        eps = self._cut_error()
+        if not eps or hi.shape[1] <= kk or not len(hi):
             return hi
-        eps = (2 * self.code_dim + 16) * 2.0**-24
         floor = hs[:, kk - 1] - np.float32(2 * eps)
         keep = int((hs >= floor[:, None]).sum(axis=1).max())
         return hi[:, :max(keep, kk)]
@@ -572,25 +580,66 @@ class IvfIndex:
         return (self.raw and dim == self.dimension and metric == self.metric and bool(self.files)
                 and jit_kernels("rerank_jit") is not None)
 
+    def _code_lists(self) -> tuple[Any, ...]:
+        """The codes files as the compiled searches read them
+        (:func:`~embtools.kernels.ivf_few_jit.few_tables`), built on first use."""
+        if self._tables is None:
+            few = jit_kernels("ivf_few_jit")
+            assert few is not None
+            none32, none64 = np.zeros(0, np.float32), np.zeros(0)
+            self._tables = few.few_tables(
+                [f.starts for f in self.files], [f.codes for f in self.files], self.positions,
+                [none32 if v is None else v for v in self._sq], [none32 if v is None else v for v in self._inv],
+                [none64 if f.norms is None else f.norms for f in self.files])
+        return self._tables
+
+    def top_from_codes(self, queries: np.ndarray, q64: np.ndarray, kk: int, nprobe: int, width: int,
+                       positions: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """See :meth:`embtools.search.ivf.IndexProbe.top_from_codes`. A few queries whose probes
+        hold few rows run in one compiled call (:func:`~embtools.kernels.ivf_few_jit.search_few`),
+        falling back to the steps below for a query whose partitions hold fewer than ``kk``
+        rows; others are shortlisted (:meth:`shortlist`) and re-ranked from the codes
+        (:meth:`rerank_codes`)."""
+        nq = len(queries)
+        few = jit_kernels("ivf_few_jit")
+        if few is None or nq >= JIT_SPLIT_QUERIES or nq * self._rows_bound(nprobe) >= JIT_SPLIT_ROWS:
+            return self.rerank_codes(q64, self.shortlist(queries, kk, nprobe, width, positions), kk)
+        sel = None if positions is None else self.selection(positions)
+        live = self.live_counts if sel is None else sel[1]
+        need = min(kk, self._live_total if sel is None else int(live.sum()))
+        screen = self._coarse_codes() if self._screens(nprobe) else None
+        s, p, done, scanned = few.search_few(
+            self._queries(queries, self.dimension), np.ascontiguousarray(q64), self.centroids, screen,
+            nprobe, live, need, self._code_lists(), self._where, np.zeros(0, bool) if sel is None else sel[0],
+            width, kk, self.metric, self._cut_error(), self._c_sq)
+        self._touched += scanned * self.code_dim * 4
+        self._release_if_needed()
+        if not done.all():  # probes widened until they hold kk rows
+            rest = np.flatnonzero(~done)
+            cand = self.shortlist(queries[rest], kk, nprobe, width, positions)
+            s[rest], p[rest] = self.rerank_codes(q64[rest], cand, kk)
+        return s, p
+
     def rerank_codes(self, q: np.ndarray, cand: np.ndarray, kk: int) -> tuple[np.ndarray, np.ndarray]:
-        """See :meth:`embtools.search.ivf.IndexProbe.rerank_codes`: the compiled
-        :func:`~embtools.kernels.rerank_jit.code_top` over the codes files (a shortlist's rows
-        were just scanned, so they are read from the cache, not from the data files)."""
+        """The float32 scores and positions ``(nq, kk)`` of the best ``kk`` of the shortlist
+        ``cand`` for the float64 queries ``q`` (:func:`~embtools.search.refine.rerank_queries`),
+        the rows read from the codes: the compiled :func:`~embtools.kernels.rerank_jit.code_top`
+        (a shortlist's rows were just scanned, so they are read from the cache, not from the
+        data files); its scores and order are those of :func:`~embtools.search.refine.rerank`,
+        padded as :func:`~embtools.search.ivf._rerank_ragged` pads."""
         jit = jit_kernels("rerank_jit")
         assert jit is not None  # codes_are_rows said so
-        if self._tables is None:
-            none = np.zeros(0)
-            self._tables = jit.code_tables([f.codes for f in self.files],
-                                           [none if f.norms is None else f.norms for f in self.files])
+        lists = self._code_lists()
+        tables = (lists[1], lists[5])
         q, cand = np.ascontiguousarray(q), np.ascontiguousarray(cand)
         metric = jit.METRICS[self.metric]
         if len(q) < JIT_SPLIT_QUERIES:
-            out: tuple[np.ndarray, np.ndarray] = jit.code_top(q, cand, self._where, *self._tables, metric, kk)
+            out: tuple[np.ndarray, np.ndarray] = jit.code_top(q, cand, self._where, *tables, metric, kk)
             return out
         # rows read at random from the codes (a cache miss each): two threads keep more in flight
         halves = [(0, len(q) // 2), (len(q) // 2, len(q))]
         parts = list(_POOL.get().map(
-            lambda ab: jit.code_top(q[ab[0]:ab[1]], cand[ab[0]:ab[1]], self._where, *self._tables, metric, kk),
+            lambda ab: jit.code_top(q[ab[0]:ab[1]], cand[ab[0]:ab[1]], self._where, *tables, metric, kk),
             halves))
         return np.concatenate([s for s, _ in parts]), np.concatenate([p for _, p in parts])
 

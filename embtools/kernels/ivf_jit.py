@@ -44,6 +44,7 @@ __all__ = [
     "nibble_tables",
     "scan_dense",
     "scan_signs",
+    "screen_terms",
     "screened_centroids",
     "sort_heaps",
     "top_columns",
@@ -193,6 +194,32 @@ def centroid_scores(q: np.ndarray, centroids: np.ndarray, out: np.ndarray) -> No
             oi[c] = _dot(qi, centroids[c])
 
 
+@njit(nogil=True, cache=True)
+def screen_terms(q: np.ndarray, lo: np.ndarray, step: np.ndarray, err: np.ndarray,
+                 cmax: np.ndarray) -> tuple[np.ndarray, float, float]:  # pragma: no cover - compiled
+    """``(w, c0, margin)`` of :func:`~embtools.kernels.ivf_jit.screened_centroids` for the float32
+    query ``q`` against uint8 centroid codes of minima ``lo`` and steps ``step`` (float32), whose
+    largest errors are ``err`` and largest magnitudes ``cmax`` per dimension (float64): the
+    weights ``q * step``, the constant ``q . lo``, and the margin: twice the codes' error
+    ``sum |q_t| err_t`` and bounds on the float32 rounding of both products."""
+    d = q.shape[0]
+    u = 2.0**-24
+    size = 0.0  # bounds the magnitude of the approximation's terms
+    e = 0.0
+    cm = 0.0
+    c0 = 0.0
+    w = np.empty(d, np.float32)
+    for t in range(d):
+        a = abs(np.float64(q[t]))
+        size += a * (abs(np.float64(lo[t])) + 255.0 * np.float64(step[t]))
+        e += a * err[t]
+        cm += a * cmax[t]
+        c0 += np.float64(q[t]) * np.float64(lo[t])
+        w[t] = q[t] * step[t]
+    margin = 2.0 * (e + 2.0 * (d + 4) * u * size + (d + 2) * u * cm) + 4.0 * u * size
+    return w, np.float64(np.float32(c0)), margin
+
+
 @njit(nogil=True, cache=True, fastmath=True)
 def screened_centroids(q: np.ndarray, w: np.ndarray, c0: float, codes: np.ndarray, margin: float,
                        centroids: np.ndarray, n: int) -> np.ndarray:  # pragma: no cover - compiled
@@ -297,5 +324,6 @@ def warm() -> None:
     sort_heaps(hs, hi)
     top_columns(np.zeros((1, 2), np.float32), 1)
     centroid_scores(np.zeros((1, 8), np.float32), np.zeros((2, 8), np.float32), np.zeros((1, 2), np.float32))
+    screen_terms(np.zeros(8, np.float32), np.zeros(8, np.float32), np.ones(8, np.float32), np.ones(8), np.ones(8))
     screened_centroids(np.zeros(8, np.float32), np.zeros(8, np.float32), 0.0, np.zeros((2, 8), np.uint8), 0.0,
                        np.zeros((2, 8), np.float32), 1)

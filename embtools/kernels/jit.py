@@ -34,7 +34,7 @@ __all__ = ["JIT_ENV", "KERNEL_MODULES", "jit_kernels", "warm"]
 JIT_ENV = "EMBTOOLS_JIT"
 
 #: the compiled kernel modules, each with a ``warm()`` that runs its kernels once on tiny inputs
-KERNEL_MODULES = ("hamming_jit", "int8_jit", "ivf_jit", "rerank_jit")
+KERNEL_MODULES = ("hamming_jit", "int8_jit", "ivf_jit", "ivf_few_jit", "rerank_jit")
 
 _loaded: dict[str, ModuleType] = {}
 

@@ -28,7 +28,7 @@ from numba import njit
 
 from embtools.kernels.codes import CODE_SHIFT
 
-__all__ = ["CODE_SHIFT", "COSINE", "DOT", "L2", "METRICS", "code_tables", "code_top", "rerank_scores", "row_norms",
+__all__ = ["CODE_SHIFT", "COSINE", "DOT", "L2", "METRICS", "code_tables", "code_top", "frozen_list", "rerank_scores", "row_norms",
            "sum_program", "terms_sum", "warm"]
 
 DOT, COSINE, L2 = 0, 1, 2
@@ -289,21 +289,23 @@ def _code_top(q: np.ndarray, cand: np.ndarray, where: np.ndarray, tables: Any, n
                 out_p[i, t] = -1
 
 
-def code_tables(arrays: list[np.ndarray], norms: list[np.ndarray]) -> tuple[Any, Any]:
-    """The tables of :func:`code_top`: numba typed lists of the float32 rows (read-only views)
-    and of their float64 norms (:func:`row_norms`' bits, 0 read as 1; empty arrays where the
-    metric needs none)."""
+def frozen_list(arrays: list[np.ndarray], dtype: Any) -> Any:
+    """A numba typed list of read-only contiguous ``dtype`` views of ``arrays`` (one list type
+    whether the arrays are mapped, read-only, or in memory)."""
     from numba.typed import List
 
-    rows, norm_tables = List(), List()
-    for a, n in zip(arrays, norms, strict=True):
-        view = np.ascontiguousarray(a, dtype=np.float32).view()
+    out = List()
+    for a in arrays:
+        view = np.ascontiguousarray(a, dtype=dtype).view()
         view.flags.writeable = False
-        rows.append(view)
-        n = np.ascontiguousarray(n, dtype=np.float64).view()
-        n.flags.writeable = False
-        norm_tables.append(n)
-    return rows, norm_tables
+        out.append(view)
+    return out
+
+
+def code_tables(arrays: list[np.ndarray], norms: list[np.ndarray]) -> tuple[Any, Any]:
+    """The tables of :func:`code_top`: numba typed lists of the float32 rows and of their float64
+    norms (:func:`row_norms`' bits, 0 read as 1; empty arrays where the metric needs none)."""
+    return frozen_list(arrays, np.float32), frozen_list(norms, np.float64)
 
 
 def code_top(q: np.ndarray, cand: np.ndarray, where: np.ndarray, tables: Any, norms: Any, metric: int,

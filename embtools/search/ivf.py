@@ -62,13 +62,14 @@ class IndexProbe(Protocol):
         filter's selected ``positions``, the only rows returned when given)."""
 
     def codes_are_rows(self, dim: int, metric: str) -> bool:
-        """Whether :meth:`rerank_codes` can re-rank a search of ``dim`` dimensions by ``metric``:
-        the codes are the rows as stored (and the compiled kernels are installed)."""
+        """Whether :meth:`top_from_codes` can search ``dim`` dimensions by ``metric``: the codes
+        are the rows as stored (and the compiled kernels are installed)."""
 
-    def rerank_codes(self, q: np.ndarray, cand: np.ndarray, kk: int) -> tuple[np.ndarray, np.ndarray]:
-        """The re-rank of candidates ``cand`` (a shortlist) for the float64 queries ``q``
-        (:func:`~embtools.search.refine.rerank_queries`), the rows read from the codes: the
-        float32 scores and positions ``(nq, kk)`` that :func:`~embtools.search.refine.rerank`
+    def top_from_codes(self, queries: np.ndarray, q64: np.ndarray, kk: int, nprobe: int, width: int,
+                       positions: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The best ``kk`` rows of each query's shortlist (as :meth:`shortlist`) re-ranked from the
+        codes for the float64 queries ``q64`` (:func:`~embtools.search.refine.rerank_queries`):
+        the float32 scores and positions ``(nq, kk)`` that :func:`~embtools.search.refine.rerank`
         gives, padded as :func:`_rerank_ragged` pads."""
 
 
@@ -171,11 +172,12 @@ def index_top_k(req: SearchRequest, ctx: SearchContext, probe: IndexProbe, sizes
                             f"the index search ({probe.name})", "raise max_memory_gb or lower nprobe"):
         for a in range(0, nq, sizes.group):
             b = min(nq, a + sizes.group)
-            cand = probe.shortlist(req.queries[a:b], kk, sizes.nprobe, sizes.width, req.positions)
             sub = req if (a, b) == (0, nq) else req.subset(slice(a, b))
             if from_codes:
-                out_s[a:b], out_p[a:b] = probe.rerank_codes(rerank_queries(sub), cand, kk)
+                out_s[a:b], out_p[a:b] = probe.top_from_codes(
+                    sub.queries, rerank_queries(sub), kk, sizes.nprobe, sizes.width, req.positions)
             else:
+                cand = probe.shortlist(sub.queries, kk, sizes.nprobe, sizes.width, req.positions)
                 top = _rerank_ragged(sub, ctx, cand, kk)
                 out_s[a:b], out_p[a:b] = top.scores, top.positions
     return TopK(out_s, out_p)

@@ -1,0 +1,151 @@
+"""A few queries' whole IVF search in one compiled call: probe, scan and re-rank from the codes.
+
+For an index whose codes are the rows as stored (``codes="float"`` at the search dimension), a
+query's search is: pick its ``nprobe`` nearest centroids, scan the codes of those partitions in
+every codes file into a heap of the best ``width`` rows, cut the shortlist where the float32
+scores certify it (cosine), and re-rank the rest in float64 from the same codes. Run as separate
+NumPy and numba calls, the glue between the steps costs more than the steps for one query on a
+million rows; :func:`search_few` runs them back to back with the kernels of
+:mod:`embtools.kernels.ivf_jit` and :mod:`embtools.kernels.rerank_jit`, so its results are
+theirs, bit for bit.
+
+Load this module through :func:`embtools.kernels.jit.jit_kernels` (it imports numba).
+
+Examples
+--------
+>>> import numpy as np
+>>> rows = np.array([[1, 0], [0, 1], [1, 1]], np.float32)
+>>> t = few_tables([np.array([0, 1, 3])], [rows], [np.arange(3)], [np.zeros(0, np.float32)],
+...                [np.zeros(0, np.float32)], [np.zeros(0)])
+>>> cent = np.array([[1, 0], [0.5, 0.5]], np.float32)
+>>> s, p, done, scanned = search_few(np.array([[1.0, 0.5]], np.float32), np.array([[1.0, 0.5]]),
+...                                  cent, None, 2, np.array([1, 2]), 2, t, np.arange(3),
+...                                  np.zeros(0, bool), 3, 2, "dot", 0.0)
+>>> p.tolist(), s.tolist(), done.tolist(), scanned
+([[2, 0]], [[1.5, 1.0]], [True], 3)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from numba import njit
+
+from embtools.kernels.ivf_jit import EMPTY, _dot, _push, _sort_heaps, scan_dense, screen_terms, screened_centroids
+from embtools.kernels.rerank_jit import METRICS, _code_top, frozen_list, sum_program
+
+__all__ = ["few_tables", "search_few", "warm"]
+
+_L2 = METRICS["l2"]
+
+
+@njit(nogil=True, cache=True)
+def _nearest(q: np.ndarray, centroids: np.ndarray, c_sq: np.ndarray, l2: bool, n: int) -> np.ndarray:  # pragma: no cover
+    """The ``n`` best centroids of ``q`` by the float32 product (``2 q.c - |c|^2`` for l2), best
+    first, ties to the lower column (:func:`~embtools.kernels.ivf_jit.top_columns`' order)."""
+    hs = np.full((1, n), -np.inf, np.float32)
+    hi = np.full((1, n), EMPTY, np.int64)
+    for c in range(centroids.shape[0]):
+        s = np.float32(_dot(q, centroids[c]))
+        if l2:
+            s = np.float32(2.0) * s - c_sq[c]
+        _push(hs[0], hi[0], s, c)
+    _sort_heaps(hs, hi)
+    return hi[0]
+
+
+@njit(nogil=True, cache=True)
+def _search_few(q: np.ndarray, q64: np.ndarray, centroids: np.ndarray, c_sq: np.ndarray,
+                coarse: np.ndarray, lo: np.ndarray, step: np.ndarray, err: np.ndarray,
+                cmax: np.ndarray, nprobe: int, live: np.ndarray, need: int, starts: Any, codes: Any,
+                pos: Any, sq: Any, inv: Any, norms: Any, where: np.ndarray, mask: np.ndarray,
+                width: int, metric: int, eps: float, program: np.ndarray, out_s: np.ndarray,
+                out_p: np.ndarray, done: np.ndarray) -> int:  # pragma: no cover - compiled
+    """:func:`search_few` into ``out_s, out_p, done``; returns the rows scanned."""
+    p = centroids.shape[0]
+    kk = out_s.shape[1]
+    scanned = 0
+    zero = np.zeros(1, np.float32)
+    for i in range(q.shape[0]):
+        qi = q[i]
+        if nprobe >= p:
+            top = np.arange(p)
+        elif coarse.shape[0] > 0:
+            w, c0, margin = screen_terms(qi, lo, step, err, cmax)
+            top = screened_centroids(qi, w, c0, coarse, margin, centroids, nprobe)
+        else:
+            top = _nearest(qi, centroids, c_sq, metric == _L2, nprobe)
+        held = 0
+        for part in top:
+            held += live[part]
+        if held < need:  # the caller probes further partitions for this query
+            done[i] = False
+            continue
+        done[i] = True
+        hs = np.full((1, width), -np.inf, np.float32)
+        hi = np.full((1, width), EMPTY, np.int64)
+        probes = top.reshape(1, -1)
+        for f in range(len(codes)):
+            st = starts[f]
+            for part in top:
+                scanned += st[part + 1] - st[part]
+            scan_dense(q[i:i + 1], zero, probes, st, codes[f], pos[f], sq[f], mask, hs, hi, inv[f])
+        _sort_heaps(hs, hi)
+        keep = width
+        if eps > 0 and width > kk:  # the certified cut (IvfIndex._certified)
+            floor = hs[0, kk - 1] - np.float32(2 * eps)
+            keep = kk
+            while keep < width and hs[0, keep] >= floor:
+                keep += 1
+        _code_top(q64[i:i + 1], hi[:, :keep], where, codes, norms, metric, program,
+                  out_s[i:i + 1], out_p[i:i + 1])
+    return scanned
+
+
+def few_tables(starts: list[np.ndarray], codes: list[np.ndarray], positions: list[np.ndarray],
+               sq: list[np.ndarray], inv: list[np.ndarray], norms: list[np.ndarray]) -> tuple[Any, ...]:
+    """The codes files as :func:`search_few` reads them: numba typed lists
+    (:func:`~embtools.kernels.rerank_jit.frozen_list`), one entry per file: partition starts
+    (int64), float32 codes, positions (int64), squared norms and inverse norms (float32; empty
+    where the metric needs none) and float64 norms (cosine; empty otherwise)."""
+    return (frozen_list(starts, np.int64), frozen_list(codes, np.float32), frozen_list(positions, np.int64),
+            frozen_list(sq, np.float32), frozen_list(inv, np.float32), frozen_list(norms, np.float64))
+
+
+def search_few(q: np.ndarray, q64: np.ndarray, centroids: np.ndarray, screen: tuple[np.ndarray, ...] | None,
+               nprobe: int, live: np.ndarray, need: int, tables: tuple[Any, ...], where: np.ndarray,
+               mask: np.ndarray, width: int, kk: int, metric: str, eps: float,
+               c_sq: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """The top ``kk`` of each query: float32 scores and positions ``(nq, kk)`` (padded with -1 and
+    -inf, inf for l2), whether the query was searched (False where its ``nprobe`` nearest
+    partitions hold fewer than ``need`` rows of ``live``, the live rows of each partition) and
+    the rows scanned.
+
+    ``q``: ``(nq, d)`` float32 queries as the probe scores them (unit for cosine); ``q64`` the
+    float64 queries of the re-rank; ``screen``: the uint8 centroid codes, minima, steps, errors
+    and magnitudes (:meth:`embtools.index.IvfIndex._coarse_codes`) or None to score every
+    centroid; ``tables``: :func:`few_tables`; ``where``: each position's ``file << CODE_SHIFT |
+    row``; ``mask``: the positions that may be returned (empty: every live row); ``eps``: the
+    float32 scores' certified error (0: no cut); ``c_sq``: the centroids' squared norms (l2)."""
+    nq = len(q)
+    out_s = np.full((nq, kk), np.inf if metric == "l2" else -np.inf, np.float32)
+    out_p = np.full((nq, kk), -1, np.int64)
+    done = np.zeros(nq, bool)
+    none8, none32, none64 = np.zeros((0, 0), np.uint8), np.zeros(0, np.float32), np.zeros(0)
+    coarse, lo, step, err, cmax = screen if screen is not None else (none8, none32, none32, none64, none64)
+    scanned = _search_few(q, q64, centroids, none32 if c_sq is None else c_sq, coarse, lo, step, err, cmax,
+                nprobe, live, need, *tables, where, mask, width, METRICS[metric], eps,
+                sum_program(q.shape[1]), out_s, out_p, done)
+    return out_s, out_p, done, int(scanned)
+
+
+def warm() -> None:
+    """Run the kernel once on tiny inputs."""
+    rows = np.eye(2, dtype=np.float32)
+    t = few_tables([np.array([0, 1, 2])], [rows], [np.arange(2)], [np.zeros(0, np.float32)],
+                   [np.ones(2, np.float32)], [np.ones(2)])
+    screen = (np.zeros((2, 2), np.uint8), np.zeros(2, np.float32), np.ones(2, np.float32), np.ones(2), np.ones(2))
+    for s in (None, screen):
+        search_few(rows[:1], rows[:1].astype(np.float64), rows, s, 1, np.ones(2, np.int64), 1, t,
+                   np.arange(2), np.zeros(0, bool), 2, 1, "cosine", 1e-6)
