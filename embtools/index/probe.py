@@ -294,8 +294,8 @@ class IvfIndex:
         other reads push out of the cache), then exactly within a certified margin: the codes'
         error, ``sum |q_t| err_t``, plus bounds on the float32 rounding of both products."""
         codes, lo, step, err, cmax = self._coarse_codes()
-        w, c0, margin = jit.screen_terms(q, lo, step, err, cmax)
-        top: np.ndarray = jit.screened_centroids(q, w, c0, codes, margin, self.centroids, nprobe)
+        v, scale, c0, margin = jit.screen_terms(q, lo, step, err, cmax)
+        top: np.ndarray = jit.screened_centroids(q, v, scale, c0, codes, margin, self.centroids, nprobe)
         return top
 
     def shortlist(self, queries: np.ndarray, kk: int, nprobe: int, width: int,

@@ -38,6 +38,9 @@ from embtools.kernels.rerank_jit import METRICS, _code_top, frozen_list, sum_pro
 __all__ = ["few_tables", "search_few", "warm"]
 
 _L2 = METRICS["l2"]
+_NONE32 = np.zeros(0, np.float32)
+#: no screen (every centroid scored): empty codes, minima, steps, errors and magnitudes
+_NO_SCREEN = (np.zeros((0, 0), np.uint8), _NONE32, _NONE32, np.zeros(0), np.zeros(0))
 
 
 @njit(nogil=True, cache=True)
@@ -60,11 +63,14 @@ def _search_few(q: np.ndarray, q64: np.ndarray, centroids: np.ndarray, c_sq: np.
                 coarse: np.ndarray, lo: np.ndarray, step: np.ndarray, err: np.ndarray,
                 cmax: np.ndarray, nprobe: int, live: np.ndarray, need: int, starts: Any, codes: Any,
                 pos: Any, sq: Any, inv: Any, norms: Any, where: np.ndarray, mask: np.ndarray,
-                width: int, metric: int, eps: float, program: np.ndarray, out_s: np.ndarray,
-                out_p: np.ndarray, done: np.ndarray) -> int:  # pragma: no cover - compiled
-    """:func:`search_few` into ``out_s, out_p, done``; returns the rows scanned."""
+                width: int, kk: int, metric: int, eps: float,
+                program: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:  # pragma: no cover
+    """:func:`search_few`."""
     p = centroids.shape[0]
-    kk = out_s.shape[1]
+    nq = q.shape[0]
+    out_s = np.full((nq, kk), np.inf if metric == _L2 else -np.inf, np.float32)
+    out_p = np.full((nq, kk), -1, np.int64)
+    done = np.zeros(nq, np.bool_)
     scanned = 0
     zero = np.zeros(1, np.float32)
     for i in range(q.shape[0]):
@@ -72,8 +78,8 @@ def _search_few(q: np.ndarray, q64: np.ndarray, centroids: np.ndarray, c_sq: np.
         if nprobe >= p:
             top = np.arange(p)
         elif coarse.shape[0] > 0:
-            w, c0, margin = screen_terms(qi, lo, step, err, cmax)
-            top = screened_centroids(qi, w, c0, coarse, margin, centroids, nprobe)
+            v, scale, c0, margin = screen_terms(qi, lo, step, err, cmax)
+            top = screened_centroids(qi, v, scale, c0, coarse, margin, centroids, nprobe)
         else:
             top = _nearest(qi, centroids, c_sq, metric == _L2, nprobe)
         held = 0
@@ -100,7 +106,7 @@ def _search_few(q: np.ndarray, q64: np.ndarray, centroids: np.ndarray, c_sq: np.
                 keep += 1
         _code_top(q64[i:i + 1], hi[:, :keep], where, codes, norms, metric, program,
                   out_s[i:i + 1], out_p[i:i + 1])
-    return scanned
+    return out_s, out_p, done, scanned
 
 
 def few_tables(starts: list[np.ndarray], codes: list[np.ndarray], positions: list[np.ndarray],
@@ -128,15 +134,10 @@ def search_few(q: np.ndarray, q64: np.ndarray, centroids: np.ndarray, screen: tu
     centroid; ``tables``: :func:`few_tables`; ``where``: each position's ``file << CODE_SHIFT |
     row``; ``mask``: the positions that may be returned (empty: every live row); ``eps``: the
     float32 scores' certified error (0: no cut); ``c_sq``: the centroids' squared norms (l2)."""
-    nq = len(q)
-    out_s = np.full((nq, kk), np.inf if metric == "l2" else -np.inf, np.float32)
-    out_p = np.full((nq, kk), -1, np.int64)
-    done = np.zeros(nq, bool)
-    none8, none32, none64 = np.zeros((0, 0), np.uint8), np.zeros(0, np.float32), np.zeros(0)
-    coarse, lo, step, err, cmax = screen if screen is not None else (none8, none32, none32, none64, none64)
-    scanned = _search_few(q, q64, centroids, none32 if c_sq is None else c_sq, coarse, lo, step, err, cmax,
-                nprobe, live, need, *tables, where, mask, width, METRICS[metric], eps,
-                sum_program(q.shape[1]), out_s, out_p, done)
+    coarse, lo, step, err, cmax = _NO_SCREEN if screen is None else screen
+    out_s, out_p, done, scanned = _search_few(
+        q, q64, centroids, _NONE32 if c_sq is None else c_sq, coarse, lo, step, err, cmax, nprobe, live, need,
+        *tables, where, mask, width, kk, METRICS[metric], eps, sum_program(q.shape[1]))
     return out_s, out_p, done, int(scanned)
 
 

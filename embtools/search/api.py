@@ -250,17 +250,17 @@ def compute_similarity(
     """
     source = store.source
     q, one = prepare_queries(query)
-    dim = search_dimension(source, dimension, q.shape[1])
     if top_k is None and (nprobe is not None or refine is not None):
         raise InvalidArgumentError("top_k=None ranks every row exactly: nprobe and refine do not apply")
     k = source.num_rows if top_k is None else check_k(top_k, "top_k")
     if k == 0:
+        search_dimension(source, dimension, q.shape[1])
         top = TopK.empty(len(q))
-    else:
-        req = SearchRequest.build(source, q, k, dimension=dim, metric="cosine", nprobe=nprobe,
+    else:  # the request checks the queries again: a no-op on the prepared ones
+        req = SearchRequest.build(source, q, k, dimension=dimension, metric="cosine", nprobe=nprobe,
                                   refine=refine, exact=exact or top_k is None)
         top = run_search(req, SearchContext.of(store))
-    scores, found = np.clip(top.scores, -1.0, 1.0), top.positions
+    scores, found = np.minimum(np.maximum(top.scores, -1.0), 1.0), top.positions  # np.clip's overhead: 10 us
     if one:
         scores, found = scores[0], found[0]
     return store.backend.from_numpy(np.ascontiguousarray(scores)), np.ascontiguousarray(found)

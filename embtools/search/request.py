@@ -124,21 +124,20 @@ def prepare_queries(queries: Any, dim: int | None = None) -> tuple[np.ndarray, b
     >>> q.shape, one
     ((1, 2), True)
     """
-    from embtools.storage.ingest import reject_sparse
-
-    reject_sparse(queries, "queries")
-    if isinstance(queries, np.ndarray):
+    if isinstance(queries, np.ndarray):  # dense
         arr = queries
-    elif is_foreign_array(queries):
-        arr = np.asarray(to_numpy(queries))
     else:
-        try:
-            arr = np.asarray(queries)
-        except ValueError as err:
-            raise InvalidEmbeddingsError(f"queries are not a regular array: {err}") from None
-    if arr.dtype == object or not (
-        np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)
-    ):
+        from embtools.storage.ingest import reject_sparse
+
+        reject_sparse(queries, "queries")
+        if is_foreign_array(queries):
+            arr = np.asarray(to_numpy(queries))
+        else:
+            try:
+                arr = np.asarray(queries)
+            except ValueError as err:
+                raise InvalidEmbeddingsError(f"queries are not a regular array: {err}") from None
+    if arr.dtype.kind not in "fiu":  # float, signed or unsigned integer
         raise InvalidEmbeddingsError(f"queries must be a numeric array, got dtype {arr.dtype}")
     if arr.ndim not in (1, 2):
         raise InvalidEmbeddingsError(f"queries must be 1-D or 2-D, got shape {arr.shape}")
@@ -146,7 +145,7 @@ def prepare_queries(queries: Any, dim: int | None = None) -> tuple[np.ndarray, b
     q = np.ascontiguousarray(arr.reshape(1, -1) if one else arr, dtype=np.float32)
     if q.shape[0] == 0 or q.shape[1] == 0:
         raise InvalidEmbeddingsError(f"queries are empty (shape {arr.shape})")
-    if not np.isfinite(q).all():
+    if not math.isfinite(q.sum(dtype=np.float64)):  # a float64 sum of float32 values overflows never
         raise InvalidEmbeddingsError("queries contain NaN or inf values")
     if dim is not None and q.shape[1] != dim:
         raise DimensionMismatchError(
