@@ -374,6 +374,7 @@ def test_compiled_scan_of_one_query_split_over_two_threads(tmp_path, monkeypatch
     from embtools.kernels.jit import JIT_ENV
 
     monkeypatch.setenv(JIT_ENV, "1")
+    monkeypatch.setattr(probe_mod, "ONE_CALL_ROWS", 0)  # float codes: not one call (search_few)
     x, q = clustered(2000, seed=8)
     x[100:110] = x[90]  # exact duplicates: ties across the threads' heaps
     store = et.EmbeddingStore(tmp_path / "s", backend="numpy")
@@ -442,7 +443,7 @@ def test_scans_skip_codes_files_without_the_probed_partitions(tmp_path, monkeypa
         return real_scan(self, jit, weights, c0, parts, *rest)
 
     monkeypatch.setattr(probe_mod.IvfIndex, "_scan", counting)
-    monkeypatch.setattr(probe_mod, "JIT_SPLIT_ROWS", 0)  # single queries too through _scan, not search_few
+    monkeypatch.setattr(probe_mod, "ONE_CALL_ROWS", 0)  # single queries too through _scan, not search_few
     queries = [q[i] for i in range(6)] + [q]
     skip = [store.search(v, k=10, nprobe=3, metric=metric) for v in queries]
     assert scanned and min(scanned) < len(store.find_index(DIM, metric).files)
@@ -532,7 +533,7 @@ def test_certified_cut_of_float_shortlists_keeps_the_exact_top_k(tmp_path, monke
 
     fused = searches()  # single queries cut inside search_few
     monkeypatch.setattr(probe_mod.IvfIndex, "_certified", spy)
-    monkeypatch.setattr(probe_mod, "JIT_SPLIT_ROWS", 0)  # single queries through _certified too
+    monkeypatch.setattr(probe_mod, "ONE_CALL_ROWS", 0)  # single queries through _certified too
     got = searches()
     assert widths[1] == 18 and min(widths) == 10 and max(widths) <= 18  # the ties keep all 18
     full = store.search(queries, k=10, nprobe=20, refine=100)
