@@ -57,11 +57,12 @@ SCREEN_BYTES = 2 * 1024**2
 SCREEN_SHARE = 32
 #: Fewer queries whose probes hold at least this many rows have them scanned by two threads.
 JIT_SPLIT_ROWS = 4096
-#: A few queries of a raw-codes index whose probes can hold at most this many rows are searched
-#: in one compiled call (one thread), more by the steps (their scan split over two threads):
-#: measured on MiniLM, 885 partitions, one query: ~7k rows scanned took 745 us in one call
-#: against 850 us split, ~22k rows 2.3-2.9 ms against 1.9-2.0 ms.
-ONE_CALL_ROWS = 16384
+#: A few queries of a raw-codes index whose probes hold about this many rows or fewer (on average:
+#: ``nprobe`` partitions of the mean size) are searched in one compiled call (one thread), more
+#: by the steps (their scan split over two threads): measured on MiniLM, 885 partitions, one
+#: query: ~7k rows scanned took 745-980 us in one call against 850-1030 us split, ~22k rows
+#: 2.3-2.9 ms against 1.9-2.0 ms.
+ONE_CALL_ROWS = 12288
 
 
 def _split(cum_work: np.ndarray, parts: int) -> list[tuple[int, int]]:
@@ -296,8 +297,8 @@ class IvfIndex:
         """Query ``q``'s ``nprobe`` nearest centroids by their float32 products, best first (ties
         to the lower partition), through :func:`~embtools.kernels.ivf_jit.screened_centroids`:
         scored from uint8 codes of the centroids (a quarter of their bytes, which a query's
-        other reads push out of the cache), then exactly within a certified margin: the codes'
-        error, ``sum |q_t| err_t``, plus bounds on the float32 rounding of both products."""
+        other reads push out of the cache) against int16 weights, then exactly within a certified
+        margin (:func:`~embtools.kernels.ivf_jit.screen_terms`)."""
         codes, lo, step, err, cmax = self._coarse_codes()
         v, scale, c0, margin = jit.screen_terms(q, lo, step, err, cmax)
         top: np.ndarray = jit.screened_centroids(q, v, scale, c0, codes, margin, self.centroids, nprobe)
@@ -607,7 +608,8 @@ class IvfIndex:
         (:meth:`rerank_codes`)."""
         nq = len(queries)
         few = jit_kernels("ivf_few_jit")
-        if few is None or nq >= JIT_SPLIT_QUERIES or nq * self._rows_bound(nprobe) > ONE_CALL_ROWS:
+        rows = nq * min(nprobe, self.partitions) * self._live_total / max(1, self.partitions)
+        if few is None or nq >= JIT_SPLIT_QUERIES or rows > ONE_CALL_ROWS:
             return self.rerank_codes(q64, self.shortlist(queries, kk, nprobe, width, positions), kk)
         sel = None if positions is None else self.selection(positions)
         live = self.live_counts if sel is None else sel[1]
