@@ -374,7 +374,6 @@ def test_compiled_scan_of_one_query_split_over_two_threads(tmp_path, monkeypatch
     from embtools.kernels.jit import JIT_ENV
 
     monkeypatch.setenv(JIT_ENV, "1")
-    monkeypatch.setattr(probe_mod, "ONE_CALL_ROWS", 0)  # float codes: not one call (search_few)
     x, q = clustered(2000, seed=8)
     x[100:110] = x[90]  # exact duplicates: ties across the threads' heaps
     store = et.EmbeddingStore(tmp_path / "s", backend="numpy")
@@ -383,8 +382,9 @@ def test_compiled_scan_of_one_query_split_over_two_threads(tmp_path, monkeypatch
     store.delete(where=pl.col("row_id") % 9 == 4)
     queries = np.concatenate([x[90:91], q[:5]])
     got = {}
-    for rows in (10**9, 0):
+    for rows in (10**9, 0):  # one thread (float codes: one compiled call), or the scan split
         monkeypatch.setattr(probe_mod, "JIT_SPLIT_ROWS", rows)
+        monkeypatch.setattr(probe_mod, "ONE_CALL_ROWS", rows)
         got[rows] = [store.search(v, k=15, nprobe=7, metric=metric) for v in queries]
         got[rows].append(store.search(queries, k=15, nprobe=7, metric=metric))
     for one, two in zip(got[10**9], got[0], strict=True):
@@ -443,7 +443,8 @@ def test_scans_skip_codes_files_without_the_probed_partitions(tmp_path, monkeypa
         return real_scan(self, jit, weights, c0, parts, *rest)
 
     monkeypatch.setattr(probe_mod.IvfIndex, "_scan", counting)
-    monkeypatch.setattr(probe_mod, "ONE_CALL_ROWS", 0)  # single queries too through _scan, not search_few
+    # float codes too through _scan (the data-file re-rank), not the compiled calls of ivf_few_jit
+    monkeypatch.setattr(probe_mod.IvfIndex, "codes_are_rows", lambda self, dim, m: False)
     queries = [q[i] for i in range(6)] + [q]
     skip = [store.search(v, k=10, nprobe=3, metric=metric) for v in queries]
     assert scanned and min(scanned) < len(store.find_index(DIM, metric).files)
@@ -532,8 +533,10 @@ def test_certified_cut_of_float_shortlists_keeps_the_exact_top_k(tmp_path, monke
         return [store.search(queries, k=10, nprobe=3), *(store.search(v, k=10, nprobe=3) for v in queries)]
 
     fused = searches()  # single queries cut inside search_few
+    monkeypatch.setattr(probe_mod, "ONE_CALL_ROWS", 0)
+    split = searches()  # the scan split over two threads, cut inside finish_few
     monkeypatch.setattr(probe_mod.IvfIndex, "_certified", spy)
-    monkeypatch.setattr(probe_mod, "ONE_CALL_ROWS", 0)  # single queries through _certified too
+    monkeypatch.setattr(probe_mod.IvfIndex, "codes_are_rows", lambda self, dim, m: False)  # through _certified
     got = searches()
     assert widths[1] == 18 and min(widths) == 10 and max(widths) <= 18  # the ties keep all 18
     full = store.search(queries, k=10, nprobe=20, refine=100)
@@ -543,8 +546,8 @@ def test_certified_cut_of_float_shortlists_keeps_the_exact_top_k(tmp_path, monke
     monkeypatch.setenv(JIT_ENV, "1")
     monkeypatch.setattr(probe_mod.IvfIndex, "_cut_error", lambda self: 0.0)
     uncut = searches()
-    for a, b, c, d in zip(got, want, fused, uncut, strict=True):
-        assert a.equals(b) and c.equals(b) and d.equals(b)
+    for a, b, c, d, e in zip(got, want, fused, uncut, split, strict=True):
+        assert a.equals(b) and c.equals(b) and d.equals(b) and e.equals(b)
     assert full.equals(store.search(queries, k=10, exact=True))
 
 
@@ -619,6 +622,13 @@ def test_rerank_from_the_codes_equals_the_data_files_rerank(tmp_path, monkeypatc
              dict(queries=q[2], k=300, nprobe=2)]
     got = [store.search(c.pop("queries"), metric=metric, **c) for c in [dict(c) for c in cases]]
     assert len(fused) == len(cases) and len(calls) >= 5
+    monkeypatch.setattr(probe_mod, "ONE_CALL_ROWS", 0)  # a few queries' scan split over two threads
+    one_call = len(calls)
+    for c, frame in zip(cases, got, strict=True):
+        c = dict(c)
+        assert frame.equals(store.search(c.pop("queries"), metric=metric, **c)), c
+    assert len(calls) == one_call and len(fused) == 2 * len(cases)
+    monkeypatch.undo()
     slow = []
     monkeypatch.setattr(probe_mod.IvfIndex, "codes_are_rows", lambda self, dim, m: False)
     real_ragged = ivf_mod._rerank_ragged
@@ -626,7 +636,7 @@ def test_rerank_from_the_codes_equals_the_data_files_rerank(tmp_path, monkeypatc
     for c, frame in zip(cases, got, strict=True):
         c = dict(c)
         assert frame.equals(store.search(c.pop("queries"), metric=metric, **c)), c
-    assert len(slow) == len(cases) and len(fused) == len(cases)
+    assert len(slow) == len(cases) and len(fused) == 2 * len(cases)
     exact = store.search(q, k=10, metric=metric, exact=True)
     assert store.search(q, k=10, nprobe=20, refine=200, metric=metric).equals(exact)
 

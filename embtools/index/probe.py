@@ -601,24 +601,35 @@ class IvfIndex:
 
     def top_from_codes(self, queries: np.ndarray, q64: np.ndarray, kk: int, nprobe: int, width: int,
                        positions: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """See :meth:`embtools.search.ivf.IndexProbe.top_from_codes`. A few queries whose probes
-        hold few rows run in one compiled call (:func:`~embtools.kernels.ivf_few_jit.search_few`),
+        """See :meth:`embtools.search.ivf.IndexProbe.top_from_codes`. A few queries run in one
+        compiled call (:func:`~embtools.kernels.ivf_few_jit.search_few`), or, when their probes
+        hold many rows, in three (probe, the scan split over two threads, merge and re-rank),
         falling back to the steps below for a query whose partitions hold fewer than ``kk``
-        rows; others are shortlisted (:meth:`shortlist`) and re-ranked from the codes
+        rows; a batch is shortlisted (:meth:`shortlist`) and re-ranked from the codes
         (:meth:`rerank_codes`)."""
         nq = len(queries)
         few = jit_kernels("ivf_few_jit")
-        rows = nq * min(nprobe, self.partitions) * self._live_total / max(1, self.partitions)
-        if few is None or nq >= JIT_SPLIT_QUERIES or rows > ONE_CALL_ROWS:
+        if few is None or nq >= JIT_SPLIT_QUERIES:
             return self.rerank_codes(q64, self.shortlist(queries, kk, nprobe, width, positions), kk)
         sel = None if positions is None else self.selection(positions)
         live = self.live_counts if sel is None else sel[1]
         need = min(kk, self._live_total if sel is None else int(live.sum()))
         screen = self._coarse_codes() if self._screens(nprobe) else None
-        s, p, done, scanned = few.search_few(
-            self._queries(queries, self.dimension), np.ascontiguousarray(q64), self.centroids, screen,
-            nprobe, live, need, self._code_lists(), self._where, np.zeros(0, bool) if sel is None else sel[0],
-            width, kk, self.metric, self._cut_error(), self._c_sq)
+        q, q64 = self._queries(queries, self.dimension), np.ascontiguousarray(q64)
+        mask = np.zeros(0, bool) if sel is None else sel[0]
+        tables = self._code_lists()
+        if nq * min(nprobe, self.partitions) * self._live_total <= ONE_CALL_ROWS * max(1, self.partitions):
+            s, p, done, scanned = few.search_few(q, q64, self.centroids, screen, nprobe, live, need, tables,
+                                                 self._where, mask, width, kk, self.metric, self._cut_error(),
+                                                 self._c_sq)
+        else:  # many rows: every other partition scanned by a second thread
+            parts, done = few.probe_few(q, self.centroids, screen, nprobe, live, need, self.metric, self._c_sq)
+            other = _POOL.get().submit(few.scan_few, q, parts[:, 1::2], tables, mask, width)
+            hs, hi, scanned = few.scan_few(q, parts[:, 0::2], tables, mask, width)
+            hs2, hi2, scanned2 = other.result()
+            scanned += scanned2
+            s, p = few.finish_few([(hs, hi), (hs2, hi2)], q64, kk, tables, self._where, self.metric,
+                                  self._cut_error())
         self._touched += scanned * self.code_dim * 4
         self._release_if_needed()
         if not done.all():  # probes widened until they hold kk rows

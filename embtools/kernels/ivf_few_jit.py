@@ -32,10 +32,11 @@ from typing import Any
 import numpy as np
 from numba import njit
 
-from embtools.kernels.ivf_jit import EMPTY, _dot, _push, _sort_heaps, scan_dense, screen_terms, screened_centroids
+from embtools.kernels.ivf_jit import (EMPTY, _dot, _push, _sort_heaps, merge_heaps, new_heaps, scan_dense,
+                                      screen_terms, screened_centroids)
 from embtools.kernels.rerank_jit import METRICS, _code_top, frozen_list, sum_program
 
-__all__ = ["few_tables", "search_few", "warm"]
+__all__ = ["few_tables", "finish_few", "probe_few", "scan_few", "search_few", "warm"]
 
 _L2 = METRICS["l2"]
 _NONE32 = np.zeros(0, np.float32)
@@ -59,6 +60,75 @@ def _nearest(q: np.ndarray, centroids: np.ndarray, c_sq: np.ndarray, l2: bool, n
 
 
 @njit(nogil=True, cache=True)
+def _probe(qi: np.ndarray, centroids: np.ndarray, c_sq: np.ndarray, coarse: np.ndarray, lo: np.ndarray,
+           step: np.ndarray, err: np.ndarray, cmax: np.ndarray, nprobe: int,
+           l2: bool) -> np.ndarray:  # pragma: no cover - compiled
+    """The ``nprobe`` nearest partitions of ``qi``, best first (all when ``nprobe`` covers them)."""
+    p = centroids.shape[0]
+    if nprobe >= p:
+        return np.arange(p)
+    if coarse.shape[0] > 0:
+        v, scale, c0, margin = screen_terms(qi, lo, step, err, cmax)
+        return screened_centroids(qi, v, scale, c0, coarse, margin, centroids, nprobe)
+    return _nearest(qi, centroids, c_sq, l2, nprobe)
+
+
+@njit(nogil=True, cache=True)
+def _scan(q: np.ndarray, probes: np.ndarray, starts: Any, codes: Any, pos: Any, sq: Any, inv: Any,
+          mask: np.ndarray, hs: np.ndarray, hi: np.ndarray) -> int:  # pragma: no cover - compiled
+    """Scan partitions ``probes`` (``(nq, m)``, -1: none) of every codes file into the heaps
+    ``hs, hi`` of queries ``q``; returns the rows scanned."""
+    zero = np.zeros(q.shape[0], np.float32)
+    scanned = 0
+    for f in range(len(codes)):
+        st = starts[f]
+        for part in probes.ravel():
+            if part >= 0:
+                scanned += st[part + 1] - st[part]
+        scan_dense(q, zero, probes, st, codes[f], pos[f], sq[f], mask, hs, hi, inv[f])
+    return scanned
+
+
+@njit(nogil=True, cache=True)
+def _finish(hs: np.ndarray, hi: np.ndarray, q64: np.ndarray, eps: float, where: np.ndarray, codes: Any,
+            norms: Any, metric: int, program: np.ndarray, out_s: np.ndarray,
+            out_p: np.ndarray) -> None:  # pragma: no cover - compiled
+    """Sort the heaps of queries ``q64``, cut each shortlist where its float32 scores certify it
+    (``eps`` > 0; :meth:`embtools.index.IvfIndex._certified`) and re-rank it from the codes into
+    ``out_s, out_p``."""
+    _sort_heaps(hs, hi)
+    width, kk = hs.shape[1], out_s.shape[1]
+    for i in range(hs.shape[0]):
+        keep = width
+        if eps > 0 and width > kk:
+            floor = hs[i, kk - 1] - np.float32(2 * eps)
+            keep = kk
+            while keep < width and hs[i, keep] >= floor:
+                keep += 1
+        _code_top(q64[i:i + 1], hi[i:i + 1, :keep], where, codes, norms, metric, program,
+                  out_s[i:i + 1], out_p[i:i + 1])
+
+
+@njit(nogil=True, cache=True)
+def _probe_few(q: np.ndarray, centroids: np.ndarray, c_sq: np.ndarray, coarse: np.ndarray, lo: np.ndarray,
+               step: np.ndarray, err: np.ndarray, cmax: np.ndarray, nprobe: int, live: np.ndarray,
+               need: int, l2: bool) -> tuple[np.ndarray, np.ndarray]:  # pragma: no cover - compiled
+    """:func:`probe_few`."""
+    nq = q.shape[0]
+    parts = np.full((nq, min(nprobe, centroids.shape[0])), -1, np.int64)
+    done = np.zeros(nq, np.bool_)
+    for i in range(nq):
+        top = _probe(q[i], centroids, c_sq, coarse, lo, step, err, cmax, nprobe, l2)
+        held = 0
+        for part in top:
+            held += live[part]
+        if held >= need:  # else the caller probes further partitions for this query
+            done[i] = True
+            parts[i, :len(top)] = top
+    return parts, done
+
+
+@njit(nogil=True, cache=True)
 def _search_few(q: np.ndarray, q64: np.ndarray, centroids: np.ndarray, c_sq: np.ndarray,
                 coarse: np.ndarray, lo: np.ndarray, step: np.ndarray, err: np.ndarray,
                 cmax: np.ndarray, nprobe: int, live: np.ndarray, need: int, starts: Any, codes: Any,
@@ -66,46 +136,18 @@ def _search_few(q: np.ndarray, q64: np.ndarray, centroids: np.ndarray, c_sq: np.
                 width: int, kk: int, metric: int, eps: float,
                 program: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:  # pragma: no cover
     """:func:`search_few`."""
-    p = centroids.shape[0]
     nq = q.shape[0]
     out_s = np.full((nq, kk), np.inf if metric == _L2 else -np.inf, np.float32)
     out_p = np.full((nq, kk), -1, np.int64)
-    done = np.zeros(nq, np.bool_)
     scanned = 0
-    zero = np.zeros(1, np.float32)
-    for i in range(q.shape[0]):
-        qi = q[i]
-        if nprobe >= p:
-            top = np.arange(p)
-        elif coarse.shape[0] > 0:
-            v, scale, c0, margin = screen_terms(qi, lo, step, err, cmax)
-            top = screened_centroids(qi, v, scale, c0, coarse, margin, centroids, nprobe)
-        else:
-            top = _nearest(qi, centroids, c_sq, metric == _L2, nprobe)
-        held = 0
-        for part in top:
-            held += live[part]
-        if held < need:  # the caller probes further partitions for this query
-            done[i] = False
+    parts, done = _probe_few(q, centroids, c_sq, coarse, lo, step, err, cmax, nprobe, live, need, metric == _L2)
+    for i in range(nq):  # each query scanned and re-ranked while its rows are in the cache
+        if not done[i]:
             continue
-        done[i] = True
         hs = np.full((1, width), -np.inf, np.float32)
         hi = np.full((1, width), EMPTY, np.int64)
-        probes = top.reshape(1, -1)
-        for f in range(len(codes)):
-            st = starts[f]
-            for part in top:
-                scanned += st[part + 1] - st[part]
-            scan_dense(q[i:i + 1], zero, probes, st, codes[f], pos[f], sq[f], mask, hs, hi, inv[f])
-        _sort_heaps(hs, hi)
-        keep = width
-        if eps > 0 and width > kk:  # the certified cut (IvfIndex._certified)
-            floor = hs[0, kk - 1] - np.float32(2 * eps)
-            keep = kk
-            while keep < width and hs[0, keep] >= floor:
-                keep += 1
-        _code_top(q64[i:i + 1], hi[:, :keep], where, codes, norms, metric, program,
-                  out_s[i:i + 1], out_p[i:i + 1])
+        scanned += _scan(q[i:i + 1], parts[i:i + 1], starts, codes, pos, sq, inv, mask, hs, hi)
+        _finish(hs, hi, q64[i:i + 1], eps, where, codes, norms, metric, program, out_s[i:i + 1], out_p[i:i + 1])
     return out_s, out_p, done, scanned
 
 
@@ -141,6 +183,44 @@ def search_few(q: np.ndarray, q64: np.ndarray, centroids: np.ndarray, screen: tu
     return out_s, out_p, done, int(scanned)
 
 
+def probe_few(q: np.ndarray, centroids: np.ndarray, screen: tuple[np.ndarray, ...] | None, nprobe: int,
+              live: np.ndarray, need: int, metric: str,
+              c_sq: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The first step of :func:`search_few` on its own: ``(parts, done)``, each query's
+    ``nprobe`` nearest partitions ``(nq, nprobe)`` and whether they hold ``need`` rows of
+    ``live`` (a row of -1 where not)."""
+    coarse, lo, step, err, cmax = _NO_SCREEN if screen is None else screen
+    out: tuple[np.ndarray, np.ndarray] = _probe_few(
+        q, centroids, _NONE32 if c_sq is None else c_sq, coarse, lo, step, err, cmax, nprobe, live, need,
+        metric == "l2")
+    return out
+
+
+def scan_few(q: np.ndarray, parts: np.ndarray, tables: tuple[Any, ...], mask: np.ndarray,
+             width: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """The second step: the unsorted heaps ``(hs, hi)`` of the best ``width`` rows of partitions
+    ``parts`` (``(nq, m)``, -1: none) for each query, and the rows scanned. Two threads may each
+    scan a share of the partitions; :func:`finish_few` merges their heaps."""
+    hs, hi = new_heaps(len(q), width)
+    starts, codes, pos, sq, inv, _ = tables
+    scanned = _scan(q, np.ascontiguousarray(parts), starts, codes, pos, sq, inv, mask, hs, hi)
+    return hs, hi, int(scanned)
+
+
+def finish_few(heaps: list[tuple[np.ndarray, np.ndarray]], q64: np.ndarray, kk: int, tables: tuple[Any, ...],
+               where: np.ndarray, metric: str, eps: float) -> tuple[np.ndarray, np.ndarray]:
+    """The last step: merge the heaps of :func:`scan_few` calls, cut and re-rank each query's
+    shortlist from the codes: the scores and positions :func:`search_few` returns."""
+    hs, hi = heaps[0]
+    for hs2, hi2 in heaps[1:]:
+        merge_heaps(hs, hi, hs2, hi2)
+    code = METRICS[metric]
+    out_s = np.full((len(hs), kk), np.inf if code == _L2 else -np.inf, np.float32)
+    out_p = np.full((len(hs), kk), -1, np.int64)
+    _finish(hs, hi, q64, eps, where, tables[1], tables[5], code, sum_program(q64.shape[1]), out_s, out_p)
+    return out_s, out_p
+
+
 def warm() -> None:
     """Run the kernel once on tiny inputs."""
     rows = np.eye(2, dtype=np.float32)
@@ -150,3 +230,7 @@ def warm() -> None:
     for s in (None, screen):
         search_few(rows[:1], rows[:1].astype(np.float64), rows, s, 1, np.ones(2, np.int64), 1, t,
                    np.arange(2), np.zeros(0, bool), 2, 1, "cosine", 1e-6)
+        parts, _ = probe_few(rows[:1], rows, s, 1, np.ones(2, np.int64), 1, "cosine")
+        hs, hi, _ = scan_few(rows[:1], parts, t, np.zeros(0, bool), 2)
+        finish_few([(hs, hi), scan_few(rows[:1], parts, t, np.zeros(0, bool), 2)[:2]],
+                   rows[:1].astype(np.float64), 1, t, np.arange(2), "cosine", 1e-6)
