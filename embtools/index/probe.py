@@ -584,7 +584,7 @@ class IvfIndex:
     def codes_are_rows(self, dim: int, metric: str) -> bool:
         """See :meth:`embtools.search.ivf.IndexProbe.codes_are_rows`."""
         return (self.raw and dim == self.dimension and metric == self.metric and bool(self.files)
-                and jit_kernels("rerank_jit") is not None)
+                and jit_kernels("ivf_few_jit") is not None)
 
     def _code_lists(self) -> tuple[Any, ...]:
         """The codes files as the compiled searches read them
@@ -609,15 +609,16 @@ class IvfIndex:
         (:meth:`rerank_codes`)."""
         nq = len(queries)
         few = jit_kernels("ivf_few_jit")
-        if few is None or nq >= JIT_SPLIT_QUERIES:
-            return self.rerank_codes(q64, self.shortlist(queries, kk, nprobe, width, positions), kk)
+        assert few is not None  # codes_are_rows said so
         sel = None if positions is None else self.selection(positions)
-        live = self.live_counts if sel is None else sel[1]
-        need = min(kk, self._live_total if sel is None else int(live.sum()))
-        screen = self._coarse_codes() if self._screens(nprobe) else None
         q, q64 = self._queries(queries, self.dimension), np.ascontiguousarray(q64)
         mask = np.zeros(0, bool) if sel is None else sel[0]
         tables = self._code_lists()
+        if nq >= JIT_SPLIT_QUERIES:
+            return self._batch_from_codes(few, q, q64, kk, nprobe, width, sel, tables)
+        live = self.live_counts if sel is None else sel[1]
+        need = min(kk, self._live_total if sel is None else int(live.sum()))
+        screen = self._coarse_codes() if self._screens(nprobe) else None
         if nq * min(nprobe, self.partitions) * self._live_total <= ONE_CALL_ROWS * max(1, self.partitions):
             s, p, done, scanned = few.search_few(q, q64, self.centroids, screen, nprobe, live, need, tables,
                                                  self._where, mask, width, kk, self.metric, self._cut_error(),
@@ -638,28 +639,46 @@ class IvfIndex:
             s[rest], p[rest] = self.rerank_codes(q64[rest], cand, kk)
         return s, p
 
+    def _batch_from_codes(self, few: Any, q: np.ndarray, q64: np.ndarray, kk: int, nprobe: int, width: int,
+                          sel: tuple[np.ndarray, np.ndarray] | None,
+                          tables: tuple[Any, ...]) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`top_from_codes` of a batch: each of two threads picks its half's partitions
+        (:meth:`probes`, one BLAS thread), then scans, cuts and re-ranks query by query, the
+        shortlist's rows still in the cache (:func:`~embtools.kernels.ivf_few_jit.scan_rerank`)."""
+        counts = None if sel is None else sel[1]
+        mask = np.zeros(0, bool) if sel is None else sel[0]
+        jit = jit_kernels("ivf_jit")
+        eps = self._cut_error()
+
+        def run(a: int, b: int) -> tuple[np.ndarray, np.ndarray, int]:
+            probes = self.probes(q[a:b], kk, nprobe, counts, jit, q[a:b])
+            parts = np.full((b - a, max((len(x) for x in probes), default=0)), -1, np.int64)
+            for i, x in enumerate(probes):
+                parts[i, :len(x)] = x
+            out: tuple[np.ndarray, np.ndarray, int] = few.scan_rerank(
+                q[a:b], q64[a:b], parts, tables, self._where, mask, width, kk, self.metric, eps)
+            return out
+
+        half = len(q) // 2
+        with one_blas_thread():  # each thread runs its own products
+            done = list(_POOL.get().map(lambda ab: run(*ab), [(0, half), (half, len(q))]))
+        self._touched += sum(n for _, _, n in done) * self.code_dim * 4
+        self._release_if_needed()
+        return np.concatenate([s for s, _, _ in done]), np.concatenate([p for _, p, _ in done])
+
     def rerank_codes(self, q: np.ndarray, cand: np.ndarray, kk: int) -> tuple[np.ndarray, np.ndarray]:
         """The float32 scores and positions ``(nq, kk)`` of the best ``kk`` of the shortlist
         ``cand`` for the float64 queries ``q`` (:func:`~embtools.search.refine.rerank_queries`),
-        the rows read from the codes: the compiled :func:`~embtools.kernels.rerank_jit.code_top`
-        (a shortlist's rows were just scanned, so they are read from the cache, not from the
-        data files); its scores and order are those of :func:`~embtools.search.refine.rerank`,
-        padded as :func:`~embtools.search.ivf._rerank_ragged` pads."""
+        the rows read from the codes: the compiled :func:`~embtools.kernels.rerank_jit.code_top`,
+        whose scores and order are those of :func:`~embtools.search.refine.rerank`, padded as
+        :func:`~embtools.search.ivf._rerank_ragged` pads."""
         jit = jit_kernels("rerank_jit")
         assert jit is not None  # codes_are_rows said so
         lists = self._code_lists()
-        tables = (lists[1], lists[5])
-        q, cand = np.ascontiguousarray(q), np.ascontiguousarray(cand)
-        metric = jit.METRICS[self.metric]
-        if len(q) < JIT_SPLIT_QUERIES:
-            out: tuple[np.ndarray, np.ndarray] = jit.code_top(q, cand, self._where, *tables, metric, kk)
-            return out
-        # rows read at random from the codes (a cache miss each): two threads keep more in flight
-        halves = [(0, len(q) // 2), (len(q) // 2, len(q))]
-        parts = list(_POOL.get().map(
-            lambda ab: jit.code_top(q[ab[0]:ab[1]], cand[ab[0]:ab[1]], self._where, *tables, metric, kk),
-            halves))
-        return np.concatenate([s for s, _ in parts]), np.concatenate([p for _, p in parts])
+        out: tuple[np.ndarray, np.ndarray] = jit.code_top(
+            np.ascontiguousarray(q), np.ascontiguousarray(cand), self._where, lists[2], lists[6],
+            jit.METRICS[self.metric], kk)  # the codes and their norms
+        return out
 
     def _release_if_needed(self) -> None:
         """Give back mapped code pages once the probes touched a quarter of the cap's room."""

@@ -36,7 +36,7 @@ from embtools.kernels.ivf_jit import (EMPTY, _dot, _push, _sort_heaps, merge_hea
                                       screen_terms, screened_centroids)
 from embtools.kernels.rerank_jit import METRICS, _code_top, frozen_list, sum_program
 
-__all__ = ["few_tables", "finish_few", "probe_few", "scan_few", "search_few", "warm"]
+__all__ = ["few_tables", "finish_few", "probe_few", "scan_few", "scan_rerank", "search_few", "warm"]
 
 _L2 = METRICS["l2"]
 _NONE32 = np.zeros(0, np.float32)
@@ -74,13 +74,20 @@ def _probe(qi: np.ndarray, centroids: np.ndarray, c_sq: np.ndarray, coarse: np.n
 
 
 @njit(nogil=True, cache=True)
-def _scan(q: np.ndarray, probes: np.ndarray, starts: Any, codes: Any, pos: Any, sq: Any, inv: Any,
-          mask: np.ndarray, hs: np.ndarray, hi: np.ndarray) -> int:  # pragma: no cover - compiled
-    """Scan partitions ``probes`` (``(nq, m)``, -1: none) of every codes file into the heaps
-    ``hs, hi`` of queries ``q``; returns the rows scanned."""
+def _scan(q: np.ndarray, probes: np.ndarray, holds: np.ndarray, starts: Any, codes: Any, pos: Any, sq: Any,
+          inv: Any, mask: np.ndarray, hs: np.ndarray, hi: np.ndarray) -> int:  # pragma: no cover - compiled
+    """Scan partitions ``probes`` (``(nq, m)``, -1: none) of the codes files holding rows of them
+    (``holds[part, file]``) into the heaps ``hs, hi`` of queries ``q``; returns the rows
+    scanned. The other files are not touched (a typed list's item costs a reference count)."""
     zero = np.zeros(q.shape[0], np.float32)
     scanned = 0
-    for f in range(len(codes)):
+    for f in range(holds.shape[1]):
+        used = False
+        for part in probes.ravel():
+            if part >= 0 and holds[part, f]:
+                used = True
+        if not used:
+            continue
         st = starts[f]
         for part in probes.ravel():
             if part >= 0:
@@ -129,9 +136,26 @@ def _probe_few(q: np.ndarray, centroids: np.ndarray, c_sq: np.ndarray, coarse: n
 
 
 @njit(nogil=True, cache=True)
+def _scan_rerank(q: np.ndarray, q64: np.ndarray, parts: np.ndarray, holds: np.ndarray, starts: Any, codes: Any,
+                 pos: Any, sq: Any, inv: Any, norms: Any, where: np.ndarray, mask: np.ndarray, width: int,
+                 metric: int, eps: float, program: np.ndarray, out_s: np.ndarray,
+                 out_p: np.ndarray) -> int:  # pragma: no cover - compiled
+    """For each query: scan its partitions ``parts[i]`` (-1: none) into a heap of ``width``, then
+    cut and re-rank it into ``out_s[i], out_p[i]`` while its rows are in the cache; returns the
+    rows scanned."""
+    scanned = 0
+    for i in range(q.shape[0]):
+        hs = np.full((1, width), -np.inf, np.float32)
+        hi = np.full((1, width), EMPTY, np.int64)
+        scanned += _scan(q[i:i + 1], parts[i:i + 1], holds, starts, codes, pos, sq, inv, mask, hs, hi)
+        _finish(hs, hi, q64[i:i + 1], eps, where, codes, norms, metric, program, out_s[i:i + 1], out_p[i:i + 1])
+    return scanned
+
+
+@njit(nogil=True, cache=True)
 def _search_few(q: np.ndarray, q64: np.ndarray, centroids: np.ndarray, c_sq: np.ndarray,
                 coarse: np.ndarray, lo: np.ndarray, step: np.ndarray, err: np.ndarray,
-                cmax: np.ndarray, nprobe: int, live: np.ndarray, need: int, starts: Any, codes: Any,
+                cmax: np.ndarray, nprobe: int, live: np.ndarray, need: int, holds: np.ndarray, starts: Any, codes: Any,
                 pos: Any, sq: Any, inv: Any, norms: Any, where: np.ndarray, mask: np.ndarray,
                 width: int, kk: int, metric: int, eps: float,
                 program: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:  # pragma: no cover
@@ -139,26 +163,23 @@ def _search_few(q: np.ndarray, q64: np.ndarray, centroids: np.ndarray, c_sq: np.
     nq = q.shape[0]
     out_s = np.full((nq, kk), np.inf if metric == _L2 else -np.inf, np.float32)
     out_p = np.full((nq, kk), -1, np.int64)
-    scanned = 0
     parts, done = _probe_few(q, centroids, c_sq, coarse, lo, step, err, cmax, nprobe, live, need, metric == _L2)
-    for i in range(nq):  # each query scanned and re-ranked while its rows are in the cache
-        if not done[i]:
-            continue
-        hs = np.full((1, width), -np.inf, np.float32)
-        hi = np.full((1, width), EMPTY, np.int64)
-        scanned += _scan(q[i:i + 1], parts[i:i + 1], starts, codes, pos, sq, inv, mask, hs, hi)
-        _finish(hs, hi, q64[i:i + 1], eps, where, codes, norms, metric, program, out_s[i:i + 1], out_p[i:i + 1])
+    scanned = _scan_rerank(q, q64, parts, holds, starts, codes, pos, sq, inv, norms, where, mask, width, metric,
+                           eps, program, out_s, out_p)  # a query not done has no partitions: padding
     return out_s, out_p, done, scanned
 
 
 def few_tables(starts: list[np.ndarray], codes: list[np.ndarray], positions: list[np.ndarray],
                sq: list[np.ndarray], inv: list[np.ndarray], norms: list[np.ndarray]) -> tuple[Any, ...]:
-    """The codes files as :func:`search_few` reads them: numba typed lists
+    """The codes files as :func:`search_few` reads them: which files hold rows of each partition
+    (``(partitions, files)`` bool), then numba typed lists
     (:func:`~embtools.kernels.rerank_jit.frozen_list`), one entry per file: partition starts
     (int64), float32 codes, positions (int64), squared norms and inverse norms (float32; empty
     where the metric needs none) and float64 norms (cosine; empty otherwise)."""
-    return (frozen_list(starts, np.int64), frozen_list(codes, np.float32), frozen_list(positions, np.int64),
-            frozen_list(sq, np.float32), frozen_list(inv, np.float32), frozen_list(norms, np.float64))
+    holds = np.stack([np.diff(st) > 0 for st in starts], axis=1) if starts else np.zeros((0, 0), bool)
+    return (np.ascontiguousarray(holds), frozen_list(starts, np.int64), frozen_list(codes, np.float32),
+            frozen_list(positions, np.int64), frozen_list(sq, np.float32), frozen_list(inv, np.float32),
+            frozen_list(norms, np.float64))
 
 
 def search_few(q: np.ndarray, q64: np.ndarray, centroids: np.ndarray, screen: tuple[np.ndarray, ...] | None,
@@ -202,9 +223,22 @@ def scan_few(q: np.ndarray, parts: np.ndarray, tables: tuple[Any, ...], mask: np
     ``parts`` (``(nq, m)``, -1: none) for each query, and the rows scanned. Two threads may each
     scan a share of the partitions; :func:`finish_few` merges their heaps."""
     hs, hi = new_heaps(len(q), width)
-    starts, codes, pos, sq, inv, _ = tables
-    scanned = _scan(q, np.ascontiguousarray(parts), starts, codes, pos, sq, inv, mask, hs, hi)
+    holds, starts, codes, pos, sq, inv, _ = tables
+    scanned = _scan(q, np.ascontiguousarray(parts), holds, starts, codes, pos, sq, inv, mask, hs, hi)
     return hs, hi, int(scanned)
+
+
+def scan_rerank(q: np.ndarray, q64: np.ndarray, parts: np.ndarray, tables: tuple[Any, ...], where: np.ndarray,
+                mask: np.ndarray, width: int, kk: int, metric: str, eps: float) -> tuple[np.ndarray, np.ndarray, int]:
+    """The steps of :func:`search_few` after the probe, for partitions ``parts`` (``(nq, m)``, -1:
+    none) picked by the caller (a batch's BLAS products): each query's scan, cut and re-rank,
+    one query at a time; the scores, positions and rows scanned."""
+    code = METRICS[metric]
+    out_s = np.full((len(q), kk), np.inf if code == _L2 else -np.inf, np.float32)
+    out_p = np.full((len(q), kk), -1, np.int64)
+    scanned = _scan_rerank(q, q64, np.ascontiguousarray(parts), *tables, where, mask, width, code, eps,
+                           sum_program(q64.shape[1]), out_s, out_p)
+    return out_s, out_p, int(scanned)
 
 
 def finish_few(heaps: list[tuple[np.ndarray, np.ndarray]], q64: np.ndarray, kk: int, tables: tuple[Any, ...],
@@ -217,7 +251,7 @@ def finish_few(heaps: list[tuple[np.ndarray, np.ndarray]], q64: np.ndarray, kk: 
     code = METRICS[metric]
     out_s = np.full((len(hs), kk), np.inf if code == _L2 else -np.inf, np.float32)
     out_p = np.full((len(hs), kk), -1, np.int64)
-    _finish(hs, hi, q64, eps, where, tables[1], tables[5], code, sum_program(q64.shape[1]), out_s, out_p)
+    _finish(hs, hi, q64, eps, where, tables[2], tables[6], code, sum_program(q64.shape[1]), out_s, out_p)
     return out_s, out_p
 
 
@@ -234,3 +268,5 @@ def warm() -> None:
         hs, hi, _ = scan_few(rows[:1], parts, t, np.zeros(0, bool), 2)
         finish_few([(hs, hi), scan_few(rows[:1], parts, t, np.zeros(0, bool), 2)[:2]],
                    rows[:1].astype(np.float64), 1, t, np.arange(2), "cosine", 1e-6)
+        scan_rerank(rows[:1], rows[:1].astype(np.float64), parts, t, np.arange(2), np.zeros(0, bool), 2, 1,
+                    "cosine", 1e-6)
