@@ -603,10 +603,10 @@ class IvfIndex:
                        positions: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """See :meth:`embtools.search.ivf.IndexProbe.top_from_codes`. A few queries run in one
         compiled call (:func:`~embtools.kernels.ivf_few_jit.search_few`), or, when their probes
-        hold many rows, in three (probe, the scan split over two threads, merge and re-rank),
-        falling back to the steps below for a query whose partitions hold fewer than ``kk``
-        rows; a batch is shortlisted (:meth:`shortlist`) and re-ranked from the codes
-        (:meth:`rerank_codes`)."""
+        hold many rows, in three (probe, the scan split over two threads, merge and re-rank);
+        a query whose partitions hold fewer than ``kk`` rows is shortlisted (:meth:`shortlist`,
+        which probes further) and re-ranked (:meth:`rerank_codes`). A batch:
+        :meth:`_batch_from_codes`."""
         nq = len(queries)
         few = jit_kernels("ivf_few_jit")
         assert few is not None  # codes_are_rows said so
