@@ -604,9 +604,10 @@ class IvfIndex:
         """See :meth:`embtools.search.ivf.IndexProbe.top_from_codes`. A few queries run in one
         compiled call (:func:`~embtools.kernels.ivf_few_jit.search_few`), or, when their probes
         hold many rows, in three (probe, the scan split over two threads, merge and re-rank);
-        a query whose partitions hold fewer than ``kk`` rows is shortlisted (:meth:`shortlist`,
-        which probes further) and re-ranked (:meth:`rerank_codes`). A batch:
-        :meth:`_batch_from_codes`."""
+        a query whose partitions hold fewer than ``kk`` rows, and a batch, are shortlisted
+        (:meth:`shortlist`, which probes further where needed and scans each codes file for all
+        the batch's queries at once, so a file's rows stay in cache between queries) and
+        re-ranked (:meth:`rerank_codes`)."""
         nq = len(queries)
         few = jit_kernels("ivf_few_jit")
         assert few is not None  # codes_are_rows said so
@@ -614,8 +615,8 @@ class IvfIndex:
         q, q64 = self._queries(queries, self.dimension), np.ascontiguousarray(q64)
         mask = np.zeros(0, bool) if sel is None else sel[0]
         tables = self._code_lists()
-        if nq >= JIT_SPLIT_QUERIES:
-            return self._batch_from_codes(few, q, q64, kk, nprobe, width, sel, tables)
+        if nq >= JIT_SPLIT_QUERIES:  # each codes file scanned for the whole group (its rows stay in cache)
+            return self.rerank_codes(q64, self.shortlist(queries, kk, nprobe, width, positions), kk)
         live = self.live_counts if sel is None else sel[1]
         need = min(kk, self._live_total if sel is None else int(live.sum()))
         screen = self._coarse_codes() if self._screens(nprobe) else None
@@ -639,33 +640,6 @@ class IvfIndex:
             s[rest], p[rest] = self.rerank_codes(q64[rest], cand, kk)
         return s, p
 
-    def _batch_from_codes(self, few: Any, q: np.ndarray, q64: np.ndarray, kk: int, nprobe: int, width: int,
-                          sel: tuple[np.ndarray, np.ndarray] | None,
-                          tables: tuple[Any, ...]) -> tuple[np.ndarray, np.ndarray]:
-        """:meth:`top_from_codes` of a batch: each of two threads picks its half's partitions
-        (:meth:`probes`, one BLAS thread), then scans, cuts and re-ranks query by query, the
-        shortlist's rows still in the cache (:func:`~embtools.kernels.ivf_few_jit.scan_rerank`)."""
-        counts = None if sel is None else sel[1]
-        mask = np.zeros(0, bool) if sel is None else sel[0]
-        jit = jit_kernels("ivf_jit")
-        eps = self._cut_error()
-
-        def run(a: int, b: int) -> tuple[np.ndarray, np.ndarray, int]:
-            probes = self.probes(q[a:b], kk, nprobe, counts, jit, q[a:b])
-            parts = np.full((b - a, max((len(x) for x in probes), default=0)), -1, np.int64)
-            for i, x in enumerate(probes):
-                parts[i, :len(x)] = x
-            out: tuple[np.ndarray, np.ndarray, int] = few.scan_rerank(
-                q[a:b], q64[a:b], parts, tables, self._where, mask, width, kk, self.metric, eps)
-            return out
-
-        half = len(q) // 2
-        with one_blas_thread():  # each thread runs its own products
-            done = list(_POOL.get().map(lambda ab: run(*ab), [(0, half), (half, len(q))]))
-        self._touched += sum(n for _, _, n in done) * self.code_dim * 4
-        self._release_if_needed()
-        return np.concatenate([s for s, _, _ in done]), np.concatenate([p for _, p, _ in done])
-
     def rerank_codes(self, q: np.ndarray, cand: np.ndarray, kk: int) -> tuple[np.ndarray, np.ndarray]:
         """The float32 scores and positions ``(nq, kk)`` of the best ``kk`` of the shortlist
         ``cand`` for the float64 queries ``q`` (:func:`~embtools.search.refine.rerank_queries`),
@@ -675,10 +649,18 @@ class IvfIndex:
         jit = jit_kernels("rerank_jit")
         assert jit is not None  # codes_are_rows said so
         lists = self._code_lists()
-        out: tuple[np.ndarray, np.ndarray] = jit.code_top(
-            np.ascontiguousarray(q), np.ascontiguousarray(cand), self._where, lists[2], lists[6],
-            jit.METRICS[self.metric], kk)  # the codes and their norms
-        return out
+        tables = (lists[2], lists[6])  # the codes and their norms
+        q, cand = np.ascontiguousarray(q), np.ascontiguousarray(cand)
+        metric = jit.METRICS[self.metric]
+        if len(q) < JIT_SPLIT_QUERIES:
+            out: tuple[np.ndarray, np.ndarray] = jit.code_top(q, cand, self._where, *tables, metric, kk)
+            return out
+        # rows read at random from the codes (a cache miss each): two threads keep more in flight
+        halves = [(0, len(q) // 2), (len(q) // 2, len(q))]
+        parts = list(_POOL.get().map(
+            lambda ab: jit.code_top(q[ab[0]:ab[1]], cand[ab[0]:ab[1]], self._where, *tables, metric, kk),
+            halves))
+        return np.concatenate([s for s, _ in parts]), np.concatenate([p for _, p in parts])
 
     def _release_if_needed(self) -> None:
         """Give back mapped code pages once the probes touched a quarter of the cap's room."""

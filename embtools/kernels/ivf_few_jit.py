@@ -36,7 +36,7 @@ from embtools.kernels.ivf_jit import (EMPTY, _dot, _push, _sort_heaps, merge_hea
                                       screen_terms, screened_centroids)
 from embtools.kernels.rerank_jit import METRICS, _code_top, frozen_list, sum_program
 
-__all__ = ["few_tables", "finish_few", "probe_few", "scan_few", "scan_rerank", "search_few", "warm"]
+__all__ = ["few_tables", "finish_few", "probe_few", "scan_few", "search_few", "warm"]
 
 _L2 = METRICS["l2"]
 _NONE32 = np.zeros(0, np.float32)
@@ -228,19 +228,6 @@ def scan_few(q: np.ndarray, parts: np.ndarray, tables: tuple[Any, ...], mask: np
     return hs, hi, int(scanned)
 
 
-def scan_rerank(q: np.ndarray, q64: np.ndarray, parts: np.ndarray, tables: tuple[Any, ...], where: np.ndarray,
-                mask: np.ndarray, width: int, kk: int, metric: str, eps: float) -> tuple[np.ndarray, np.ndarray, int]:
-    """The steps of :func:`search_few` after the probe, for partitions ``parts`` (``(nq, m)``, -1:
-    none) picked by the caller (a batch's BLAS products): each query's scan, cut and re-rank,
-    one query at a time; the scores, positions and rows scanned."""
-    code = METRICS[metric]
-    out_s = np.full((len(q), kk), np.inf if code == _L2 else -np.inf, np.float32)
-    out_p = np.full((len(q), kk), -1, np.int64)
-    scanned = _scan_rerank(q, q64, np.ascontiguousarray(parts), *tables, where, mask, width, code, eps,
-                           sum_program(q64.shape[1]), out_s, out_p)
-    return out_s, out_p, int(scanned)
-
-
 def finish_few(heaps: list[tuple[np.ndarray, np.ndarray]], q64: np.ndarray, kk: int, tables: tuple[Any, ...],
                where: np.ndarray, metric: str, eps: float) -> tuple[np.ndarray, np.ndarray]:
     """The last step: merge the heaps of :func:`scan_few` calls, cut and re-rank each query's
@@ -268,5 +255,3 @@ def warm() -> None:
         hs, hi, _ = scan_few(rows[:1], parts, t, np.zeros(0, bool), 2)
         finish_few([(hs, hi), scan_few(rows[:1], parts, t, np.zeros(0, bool), 2)[:2]],
                    rows[:1].astype(np.float64), 1, t, np.arange(2), "cosine", 1e-6)
-        scan_rerank(rows[:1], rows[:1].astype(np.float64), parts, t, np.arange(2), np.zeros(0, bool), 2, 1,
-                    "cosine", 1e-6)
