@@ -594,7 +594,7 @@ class IvfIndex:
             assert few is not None
             none32, none64 = np.zeros(0, np.float32), np.zeros(0)
             self._tables = few.few_tables(
-                [f.starts for f in self.files], [f.codes for f in self.files], self.positions,
+                self._part_files, [f.starts for f in self.files], [f.codes for f in self.files], self.positions,
                 [none32 if v is None else v for v in self._sq], [none32 if v is None else v for v in self._inv],
                 [none64 if f.norms is None else f.norms for f in self.files])
         return self._tables

@@ -15,8 +15,8 @@ Examples
 --------
 >>> import numpy as np
 >>> rows = np.array([[1, 0], [0, 1], [1, 1]], np.float32)
->>> t = few_tables([np.array([0, 1, 3])], [rows], [np.arange(3)], [np.zeros(0, np.float32)],
-...                [np.zeros(0, np.float32)], [np.zeros(0)])
+>>> t = few_tables(np.array([[True], [True]]), [np.array([0, 1, 3])], [rows], [np.arange(3)],
+...                [np.zeros(0, np.float32)], [np.zeros(0, np.float32)], [np.zeros(0)])
 >>> cent = np.array([[1, 0], [0.5, 0.5]], np.float32)
 >>> s, p, done, scanned = search_few(np.array([[1.0, 0.5]], np.float32), np.array([[1.0, 0.5]]),
 ...                                  cent, None, 2, np.array([1, 2]), 2, t, np.arange(3),
@@ -169,15 +169,14 @@ def _search_few(q: np.ndarray, q64: np.ndarray, centroids: np.ndarray, c_sq: np.
     return out_s, out_p, done, scanned
 
 
-def few_tables(starts: list[np.ndarray], codes: list[np.ndarray], positions: list[np.ndarray],
+def few_tables(holds: np.ndarray, starts: list[np.ndarray], codes: list[np.ndarray], positions: list[np.ndarray],
                sq: list[np.ndarray], inv: list[np.ndarray], norms: list[np.ndarray]) -> tuple[Any, ...]:
-    """The codes files as :func:`search_few` reads them: which files hold rows of each partition
-    (``(partitions, files)`` bool), then numba typed lists
+    """The codes files as :func:`search_few` reads them: ``holds``, which files hold rows of each
+    partition (``(partitions, files)`` bool), then numba typed lists
     (:func:`~embtools.kernels.rerank_jit.frozen_list`), one entry per file: partition starts
     (int64), float32 codes, positions (int64), squared norms and inverse norms (float32; empty
     where the metric needs none) and float64 norms (cosine; empty otherwise)."""
-    holds = np.stack([np.diff(st) > 0 for st in starts], axis=1) if starts else np.zeros((0, 0), bool)
-    return (np.ascontiguousarray(holds), frozen_list(starts, np.int64), frozen_list(codes, np.float32),
+    return (np.ascontiguousarray(holds, dtype=bool), frozen_list(starts, np.int64), frozen_list(codes, np.float32),
             frozen_list(positions, np.int64), frozen_list(sq, np.float32), frozen_list(inv, np.float32),
             frozen_list(norms, np.float64))
 
@@ -245,7 +244,7 @@ def finish_few(heaps: list[tuple[np.ndarray, np.ndarray]], q64: np.ndarray, kk: 
 def warm() -> None:
     """Run the kernel once on tiny inputs."""
     rows = np.eye(2, dtype=np.float32)
-    t = few_tables([np.array([0, 1, 2])], [rows], [np.arange(2)], [np.zeros(0, np.float32)],
+    t = few_tables(np.ones((2, 1), bool), [np.array([0, 1, 2])], [rows], [np.arange(2)], [np.zeros(0, np.float32)],
                    [np.ones(2, np.float32)], [np.ones(2)])
     screen = (np.zeros((2, 2), np.uint8), np.zeros(2, np.float32), np.ones(2, np.float32), np.ones(2), np.ones(2))
     for s in (None, screen):
