@@ -32,8 +32,17 @@ from typing import Any
 import numpy as np
 from numba import njit
 
-from embtools.kernels.ivf_jit import (EMPTY, _dot, _push, _sort_heaps, merge_heaps, new_heaps, scan_dense,
-                                      screen_terms, screened_centroids)
+from embtools.kernels.ivf_jit import (
+    EMPTY,
+    _dot,
+    _push,
+    _sort_heaps,
+    merge_heaps,
+    new_heaps,
+    scan_dense,
+    screen_terms,
+    screened_centroids,
+)
 from embtools.kernels.rerank_jit import METRICS, _code_top, frozen_list, sum_program
 
 __all__ = ["few_tables", "finish_few", "probe_few", "scan_few", "search_few", "warm"]
@@ -197,9 +206,11 @@ def search_few(q: np.ndarray, q64: np.ndarray, centroids: np.ndarray, screen: tu
     row``; ``mask``: the positions that may be returned (empty: every live row); ``eps``: the
     float32 scores' certified error (0: no cut); ``c_sq``: the centroids' squared norms (l2)."""
     coarse, lo, step, err, cmax = _NO_SCREEN if screen is None else screen
+    holds, starts, codes, pos, sq, inv, norms = tables
     out_s, out_p, done, scanned = _search_few(
         q, q64, centroids, _NONE32 if c_sq is None else c_sq, coarse, lo, step, err, cmax, nprobe, live, need,
-        *tables, where, mask, width, kk, METRICS[metric], eps, sum_program(q.shape[1]))
+        holds, starts, codes, pos, sq, inv, norms, where, mask, width, kk, METRICS[metric], eps,
+        sum_program(q.shape[1]))
     return out_s, out_p, done, int(scanned)
 
 
