@@ -31,6 +31,33 @@ def test_terms_sum_is_numpys_pairwise_sum_to_the_bit(n):
     assert np.array_equal(got, np.sum(a, axis=-1))
 
 
+@pytest.mark.parametrize("dim", [8, 384, 3000])
+def test_screened_centroids_are_the_float32_nearest_at_any_width(dim):
+    """The integer screen of uint8 centroid codes picks the partitions of a float32 pass over every
+    centroid, in its order, at widths where the int16 weights must shrink to keep each row's sum
+    within int32 (3,000 dimensions: at most 2,806), for near ties and duplicate centroids too."""
+    rng = np.random.default_rng(dim)
+    c = rng.standard_normal((300, dim)).astype(np.float32)
+    c[10:20] = c[5]  # exact duplicates: ties to the lower column
+    c[30:40] = c[25] + np.float32(1e-6) * rng.standard_normal((10, dim)).astype(np.float32)
+    c64 = c.astype(np.float64)
+    lo, hi = c64.min(axis=0), c64.max(axis=0)
+    step = np.where(hi > lo, (hi - lo) / 255, 1.0).astype(np.float32)
+    lo32 = lo.astype(np.float32)
+    codes = np.clip(np.rint((c64 - lo32) / step), 0, 255)
+    err = np.abs(c64 - (lo32 + codes * step.astype(np.float64))).max(axis=0)
+    codes = codes.astype(np.uint8)
+    queries = np.concatenate([rng.standard_normal((20, dim)), c[[5, 25]], 1e4 * rng.standard_normal((2, dim))])
+    for q in queries.astype(np.float32):
+        v, scale, c0, margin = ivf.screen_terms(q, lo32, step, err, np.abs(c64).max(axis=0))
+        assert np.abs(v).max() <= min(32767, (2**31 - 1) // (255 * dim))
+        full = np.empty((1, len(c)), np.float32)
+        ivf.centroid_scores(q[None], c, full)
+        for n in (1, 3, 17):
+            got = ivf.screened_centroids(q, v, scale, c0, codes, margin, c, n)
+            assert np.array_equal(got, ivf.top_columns(full, n)[0]), (dim, n)
+
+
 @pytest.mark.parametrize("metric", ["cosine", "dot", "l2"])
 @pytest.mark.parametrize("dim", [3, 64, 384])
 def test_rerank_scores_equal_the_numpy_rerank(monkeypatch, metric, dim):
