@@ -609,14 +609,14 @@ class IvfIndex:
         the batch's queries at once, so a file's rows stay in cache between queries) and
         re-ranked (:meth:`rerank_codes`)."""
         nq = len(queries)
+        if nq >= JIT_SPLIT_QUERIES:  # each codes file scanned for the whole group (its rows stay in cache)
+            return self.rerank_codes(q64, self.shortlist(queries, kk, nprobe, width, positions), kk)
         few = jit_kernels("ivf_few_jit")
         assert few is not None  # codes_are_rows said so
         sel = None if positions is None else self.selection(positions)
         q, q64 = self._queries(queries, self.dimension), np.ascontiguousarray(q64)
         mask = np.zeros(0, bool) if sel is None else sel[0]
         tables = self._code_lists()
-        if nq >= JIT_SPLIT_QUERIES:  # each codes file scanned for the whole group (its rows stay in cache)
-            return self.rerank_codes(q64, self.shortlist(queries, kk, nprobe, width, positions), kk)
         live = self.live_counts if sel is None else sel[1]
         need = min(kk, self._live_total if sel is None else int(live.sum()))
         screen = self._coarse_codes() if self._screens(nprobe) else None
