@@ -54,6 +54,13 @@ _NO_SCREEN = (np.zeros((0, 0), np.uint8), _NONE32, _NONE32, np.zeros(0), np.zero
 
 
 @njit(nogil=True, cache=True)
+def _padded(nq: int, kk: int, metric: int) -> tuple[np.ndarray, np.ndarray]:  # pragma: no cover - compiled
+    """Empty results ``(scores, positions)`` of ``nq`` queries: -inf (inf for l2) and -1."""
+    return (np.full((nq, kk), np.inf if metric == _L2 else -np.inf, np.float32),
+            np.full((nq, kk), -1, np.int64))
+
+
+@njit(nogil=True, cache=True)
 def _nearest(q: np.ndarray, centroids: np.ndarray, c_sq: np.ndarray, l2: bool, n: int) -> np.ndarray:  # pragma: no cover
     """The ``n`` best centroids of ``q`` by the float32 product (``2 q.c - |c|^2`` for l2), best
     first, ties to the lower column (:func:`~embtools.kernels.ivf_jit.top_columns`' order)."""
@@ -169,9 +176,7 @@ def _search_few(q: np.ndarray, q64: np.ndarray, centroids: np.ndarray, c_sq: np.
                 width: int, kk: int, metric: int, eps: float,
                 program: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:  # pragma: no cover
     """:func:`search_few`."""
-    nq = q.shape[0]
-    out_s = np.full((nq, kk), np.inf if metric == _L2 else -np.inf, np.float32)
-    out_p = np.full((nq, kk), -1, np.int64)
+    out_s, out_p = _padded(q.shape[0], kk, metric)
     parts, done = _probe_few(q, centroids, c_sq, coarse, lo, step, err, cmax, nprobe, live, need, metric == _L2)
     scanned = _scan_rerank(q, q64, parts, holds, starts, codes, pos, sq, inv, norms, where, mask, width, metric,
                            eps, program, out_s, out_p)  # a query not done has no partitions: padding
@@ -246,8 +251,7 @@ def finish_few(heaps: list[tuple[np.ndarray, np.ndarray]], q64: np.ndarray, kk: 
     for hs2, hi2 in heaps[1:]:
         merge_heaps(hs, hi, hs2, hi2)
     code = METRICS[metric]
-    out_s = np.full((len(hs), kk), np.inf if code == _L2 else -np.inf, np.float32)
-    out_p = np.full((len(hs), kk), -1, np.int64)
+    out_s, out_p = _padded(len(hs), kk, code)
     _finish(hs, hi, q64, eps, where, tables[2], tables[6], code, sum_program(q64.shape[1]), out_s, out_p)
     return out_s, out_p
 
