@@ -209,7 +209,8 @@ class IvfIndex:
 
     # -- probing ----------------------------------------------------------------------------------
     def _queries(self, queries: np.ndarray, dim: int) -> np.ndarray:
-        q = np.ascontiguousarray(queries[:, :dim], dtype=np.float32)
+        """The float32 queries as the probe scores them (a copy: unit length for cosine)."""
+        q = np.array(queries[:, :dim], dtype=np.float32, order="C")
         return normalize_rows(q) if self.metric == "cosine" else q
 
     def partition_of(self) -> np.ndarray:

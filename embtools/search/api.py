@@ -15,6 +15,7 @@ Examples
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,6 +25,7 @@ import polars as pl
 from embtools.backends.base import check_k
 from embtools.errors import EmbtoolsError, InvalidArgumentError
 from embtools.search.join import similarity_join
+from embtools.search.lane import cached_lane, keep_lane, lane_key, open_lane
 from embtools.search.plan import plan_search, run_search
 from embtools.search.request import (
     SearchContext,
@@ -59,9 +61,12 @@ def _columns(columns: Any) -> list[str] | None:
     return list(columns)
 
 
-#: the result frame's columns when the store's text_id and label are plain strings
-_RESULT_SCHEMA = {"query": pl.Int64, "rank": pl.Int64, "row_id": pl.Int64, "text_id": pl.String,
-                  "label": pl.String, "score": pl.Float32}
+@functools.lru_cache(maxsize=64)
+def _query_rank(nq: int, kk: int) -> pl.DataFrame:
+    """The frame ``query, rank`` of ``nq`` queries' ``kk`` hits each (frames are immutable:
+    frames built on it share its columns)."""
+    return pl.DataFrame({"query": np.repeat(np.arange(nq, dtype=np.int64), kk),
+                         "rank": np.tile(np.arange(kk, dtype=np.int64), nq)})
 
 
 def result_frame(
@@ -69,15 +74,14 @@ def result_frame(
 ) -> pl.DataFrame:
     """The result DataFrame: ``query, rank, row_id, text_id, label, score`` (+ ``columns``)."""
     nq, kk = positions.shape
-    query = np.repeat(np.arange(nq, dtype=np.int64), kk)
-    rank = np.tile(np.arange(kk, dtype=np.int64), nq)
     flat = scores.reshape(-1).astype(np.float32, copy=False)
     few = getattr(source, "few_base_values", None)
-    if not columns and few is not None:  # a few hits: one frame of rows, built by polars at once
+    if not columns and few is not None:  # a few hits (FEW_ROWS): gathered one by one
         base = few(positions.reshape(-1))
-        if base is not None:
-            rows = zip(query.tolist(), rank.tolist(), *base, flat.tolist(), strict=True)
-            return pl.DataFrame(list(rows), schema=_RESULT_SCHEMA, orient="row")
+        if base is not None:  # the query and rank columns of this (small) shape are made once
+            return _query_rank(nq, kk).hstack([
+                pl.Series("row_id", base[0], pl.Int64), pl.Series("text_id", base[1], pl.String),
+                pl.Series("label", base[2], pl.String), pl.Series("score", flat)])
     try:  # repeats (a row hit by several queries) are gathered as often as they come
         meta = source.take_metadata(positions.reshape(-1), columns)
     except EmbtoolsError:
@@ -86,7 +90,8 @@ def result_frame(
         raise InvalidArgumentError(f"cannot read the metadata columns {columns!r}: {err}") from None
     base = [c for c in ("row_id", "text_id", "label") if c in meta.columns]
     extra = [c for c in (columns or []) if c not in ("row_id", "text_id", "label")]
-    qs, rs, ss = pl.Series("query", query), pl.Series("rank", rank), pl.Series("score", flat)
+    qs = pl.Series("query", np.repeat(np.arange(nq, dtype=np.int64), kk))
+    rs, ss = pl.Series("rank", np.tile(np.arange(kk, dtype=np.int64), nq)), pl.Series("score", flat)
     if meta.columns == base + extra:  # a frame of its own: the result columns go in in place
         meta.insert_column(0, rs)
         meta.insert_column(0, qs)
@@ -180,10 +185,35 @@ def search_store(
                                    screen=screen, progress=False, nprobe=nprobe, refine=refine)
             return pl.read_parquet(str(path) + "/*.parquet")
     cols = _columns(columns)
-    req = _request(store, queries, k, dimension, metric, where, funnel, batch_rows, screen,
-                   nprobe, refine, exact, precision, rescore)
-    top = run_search(req, SearchContext.of(store))
+    plain = (isinstance(queries, np.ndarray) and where is None and funnel is None and batch_rows is None
+             and screen is None and precision is None and rescore is None)
+    if plain:  # an array and no option the lane does not keep: a query loop may take it
+        q, _ = prepare_queries(queries)
+        top = _search_arrays(store, q, k, dimension, metric, nprobe, refine, exact,
+                             lane_key("search", k, dimension, metric, nprobe, refine, exact))
+    else:
+        req = _request(store, queries, k, dimension, metric, where, funnel, batch_rows, screen,
+                       nprobe, refine, exact, precision, rescore)
+        top = run_search(req, SearchContext.of(store))
     return result_frame(store.source, top.scores, top.positions, cols)
+
+
+def _search_arrays(store: Any, q: np.ndarray, k: Any, dimension: Any, metric: Any, nprobe: Any,
+                   refine: Any, exact: Any, key: tuple[Any, ...] | None) -> TopK:
+    """The top ``k`` of the prepared queries ``q``: through the lane kept under ``key`` when it
+    takes them (:mod:`embtools.search.lane`), else planned in full (and the lane kept)."""
+    lane = cached_lane(store, key)
+    top = None if lane is None else lane.run(q)
+    if top is not None:
+        return top
+    # the request checks the queries again: a no-op on the prepared ones
+    req = SearchRequest.build(store.source, q, k, dimension=dimension, metric=metric, nprobe=nprobe,
+                              refine=refine, exact=exact)
+    ctx = SearchContext.of(store)
+    plan = plan_search(req, ctx)
+    top = run_search(req, ctx, plan)
+    keep_lane(store, key, open_lane(req, ctx, plan))
+    return top
 
 
 def explain_search(
@@ -256,10 +286,9 @@ def compute_similarity(
     if k == 0:
         search_dimension(source, dimension, q.shape[1])
         top = TopK.empty(len(q))
-    else:  # the request checks the queries again: a no-op on the prepared ones
-        req = SearchRequest.build(source, q, k, dimension=dimension, metric="cosine", nprobe=nprobe,
-                                  refine=refine, exact=exact or top_k is None)
-        top = run_search(req, SearchContext.of(store))
+    else:
+        top = _search_arrays(store, q, k, dimension, "cosine", nprobe, refine, exact or top_k is None,
+                             lane_key("arrays", dimension, top_k, nprobe, refine, exact))
     scores, found = np.minimum(np.maximum(top.scores, -1.0), 1.0), top.positions  # np.clip's overhead: 10 us
     if one:
         scores, found = scores[0], found[0]

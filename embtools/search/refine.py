@@ -34,7 +34,8 @@ from embtools.kernels.threads import ForkSafePool
 from embtools.search.request import SearchContext, SearchRequest, TopK, cap_error
 from embtools.storage.source import VectorSource, gather_rows
 
-__all__ = ["RerankSizes", "overfetch", "rerank", "rerank_min_bytes", "rerank_queries", "size_rerank"]
+__all__ = ["RerankSizes", "float64_queries", "overfetch", "rerank", "rerank_min_bytes", "rerank_queries",
+           "size_rerank"]
 
 #: Gathered candidate vectors re-ranked in one go are kept under this many bytes (and the cap).
 RERANK_CHUNK_BYTES = 64 * 1024**2
@@ -96,8 +97,13 @@ def size_rerank(avail: int | None, nq: int, m: int, dim: int) -> RerankSizes | N
 def rerank_queries(req: SearchRequest) -> np.ndarray:
     """The queries as the re-rank scores them: ``req.dim`` dimensions in float64, unit length
     for cosine (zero queries stay zero)."""
-    q = req.queries[:, :req.dim].astype(np.float64)
-    if req.metric == "cosine":  # np.linalg.norm's sum, without its checks
+    return float64_queries(req.queries, req.dim, req.metric)
+
+
+def float64_queries(queries: np.ndarray, dim: int, metric: str) -> np.ndarray:
+    """:func:`rerank_queries` of float32 ``queries`` searched at ``dim`` by ``metric``."""
+    q = queries[:, :dim].astype(np.float64)
+    if metric == "cosine":  # np.linalg.norm's sum, without its checks
         qn = np.sqrt(np.add.reduce(q * q, axis=1, keepdims=True))
         q /= np.where(qn == 0, 1.0, qn)
     return q
