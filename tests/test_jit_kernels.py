@@ -31,6 +31,26 @@ def test_terms_sum_is_numpys_pairwise_sum_to_the_bit(n):
     assert np.array_equal(got, np.sum(a, axis=-1))
 
 
+@pytest.mark.parametrize("dim", [1, 7, 32, 129, 384, 1000])
+@pytest.mark.parametrize("metric", ["cosine", "dot", "l2"])
+def test_the_single_query_call_prepares_queries_as_the_probe_and_the_rerank_do(dim, metric):
+    """The compiled search divides the queries by their norms itself: the float32 queries of
+    the probe's batch path (unit_queries) and the float64 ones of the re-rank (float64_queries),
+    to the bit, at any scale, zero queries included."""
+    from embtools.kernels.rerank_jit import METRICS, sum_program
+    from embtools.search.refine import float64_queries, unit_queries
+
+    few = jit_kernels("ivf_few_jit")
+    rng = np.random.default_rng(dim)
+    q = (rng.standard_normal((40, dim)) * 10.0 ** rng.integers(-15, 15, (40, 1))).astype(np.float32)
+    q[3] = 0.0
+    q[4, 0] = np.float32(1e-30) if dim > 1 else q[4, 0]
+    got32, got64 = few._prepared(q, METRICS[metric] == METRICS["cosine"], sum_program(dim))
+    want32 = unit_queries(q, dim) if metric == "cosine" else q
+    assert np.array_equal(got32.view(np.uint32), want32.view(np.uint32))
+    assert np.array_equal(got64.view(np.uint64), float64_queries(q, dim, metric).view(np.uint64))
+
+
 @pytest.mark.parametrize("dim", [8, 384, 3000])
 def test_screened_centroids_are_the_float32_nearest_at_any_width(dim):
     """The integer screen of uint8 centroid codes picks the partitions of a float32 pass over every

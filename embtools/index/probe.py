@@ -27,12 +27,12 @@ import numpy as np
 
 from embtools.errors import CorruptStoreError
 from embtools.index.files import CodesFile, raw_codes, read_centroids
-from embtools.index.kmeans import normalize_rows
 from embtools.kernels.codes import CODE_SHIFT, decode_int8, int8_steps
 from embtools.kernels.hamming import sign_scores
 from embtools.kernels.jit import jit_kernels
 from embtools.kernels.threads import ForkSafePool, one_blas_thread
 from embtools.memory import MemoryBudget
+from embtools.search.refine import float64_queries, unit_queries
 from embtools.storage.manifest import IndexEntry
 
 __all__ = ["IvfIndex", "default_nprobe"]
@@ -209,9 +209,11 @@ class IvfIndex:
 
     # -- probing ----------------------------------------------------------------------------------
     def _queries(self, queries: np.ndarray, dim: int) -> np.ndarray:
-        """The float32 queries as the probe scores them (a copy: unit length for cosine)."""
-        q = np.array(queries[:, :dim], dtype=np.float32, order="C")
-        return normalize_rows(q) if self.metric == "cosine" else q
+        """The float32 queries as the probe scores them (a copy: unit length for cosine, as the
+        compiled single-query search makes them)."""
+        if self.metric == "cosine":
+            return unit_queries(queries, dim)
+        return np.array(queries[:, :dim], dtype=np.float32, order="C")
 
     def partition_of(self) -> np.ndarray:
         """The partition of each row of the version (int32; -1: not in the index), built on the
@@ -600,7 +602,7 @@ class IvfIndex:
                 [none64 if f.norms is None else f.norms for f in self.files])
         return self._tables
 
-    def top_from_codes(self, queries: np.ndarray, q64: np.ndarray, kk: int, nprobe: int, width: int,
+    def top_from_codes(self, queries: np.ndarray, kk: int, nprobe: int, width: int,
                        positions: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """See :meth:`embtools.search.ivf.IndexProbe.top_from_codes`. A few queries run in one
         compiled call (:func:`~embtools.kernels.ivf_few_jit.search_few`), or, when their probes
@@ -611,21 +613,23 @@ class IvfIndex:
         re-ranked (:meth:`rerank_codes`)."""
         nq = len(queries)
         if nq >= JIT_SPLIT_QUERIES:  # each codes file scanned for the whole group (its rows stay in cache)
-            return self.rerank_codes(q64, self.shortlist(queries, kk, nprobe, width, positions), kk)
+            cand = self.shortlist(queries, kk, nprobe, width, positions)
+            return self.rerank_codes(float64_queries(queries, self.dimension, self.metric), cand, kk)
         few = jit_kernels("ivf_few_jit")
         assert few is not None  # codes_are_rows said so
         sel = None if positions is None else self.selection(positions)
-        q, q64 = self._queries(queries, self.dimension), np.ascontiguousarray(q64)
         mask = np.zeros(0, bool) if sel is None else sel[0]
         tables = self._code_lists()
         live = self.live_counts if sel is None else sel[1]
         need = min(kk, self._live_total if sel is None else int(live.sum()))
         screen = self._coarse_codes() if self._screens(nprobe) else None
         if nq * min(nprobe, self.partitions) * self._live_total <= ONE_CALL_ROWS * max(1, self.partitions):
-            s, p, done, scanned = few.search_few(q, q64, self.centroids, screen, nprobe, live, need, tables,
+            asked = np.ascontiguousarray(queries[:, :self.dimension], dtype=np.float32)  # prepared in the call
+            s, p, done, scanned = few.search_few(asked, self.centroids, screen, nprobe, live, need, tables,
                                                  self._where, mask, width, kk, self.metric, self._cut_error(),
                                                  self._c_sq)
         else:  # many rows: every other partition scanned by a second thread
+            q, q64 = self._queries(queries, self.dimension), float64_queries(queries, self.dimension, self.metric)
             parts, done = few.probe_few(q, self.centroids, screen, nprobe, live, need, self.metric, self._c_sq)
             other = _POOL.get().submit(few.scan_few, q, parts[:, 1::2], tables, mask, width)
             hs, hi, scanned = few.scan_few(q, parts[:, 0::2], tables, mask, width)
@@ -638,7 +642,8 @@ class IvfIndex:
         if not done.all():  # probes widened until they hold kk rows
             rest = np.flatnonzero(~done)
             cand = self.shortlist(queries[rest], kk, nprobe, width, positions)
-            s[rest], p[rest] = self.rerank_codes(q64[rest], cand, kk)
+            s[rest], p[rest] = self.rerank_codes(float64_queries(queries[rest], self.dimension, self.metric),
+                                                 cand, kk)
         return s, p
 
     def rerank_codes(self, q: np.ndarray, cand: np.ndarray, kk: int) -> tuple[np.ndarray, np.ndarray]:

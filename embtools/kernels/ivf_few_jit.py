@@ -18,8 +18,8 @@ Examples
 >>> t = few_tables(np.array([[True], [True]]), [np.array([0, 1, 3])], [rows], [np.arange(3)],
 ...                [np.zeros(0, np.float32)], [np.zeros(0, np.float32)], [np.zeros(0)])
 >>> cent = np.array([[1, 0], [0.5, 0.5]], np.float32)
->>> s, p, done, scanned = search_few(np.array([[1.0, 0.5]], np.float32), np.array([[1.0, 0.5]]),
-...                                  cent, None, 2, np.array([1, 2]), 2, t, np.arange(3),
+>>> s, p, done, scanned = search_few(np.array([[1.0, 0.5]], np.float32), cent, None, 2,
+...                                  np.array([1, 2]), 2, t, np.arange(3),
 ...                                  np.zeros(0, bool), 3, 2, "dot", 0.0)
 >>> p.tolist(), s.tolist(), done.tolist(), scanned
 ([[2, 0]], [[1.5, 1.0]], [True], 3)
@@ -43,11 +43,12 @@ from embtools.kernels.ivf_jit import (
     screen_terms,
     screened_centroids,
 )
-from embtools.kernels.rerank_jit import METRICS, _code_top, frozen_list, sum_program
+from embtools.kernels.rerank_jit import METRICS, _code_top, _row_norms, frozen_list, sum_program
 
 __all__ = ["few_tables", "finish_few", "probe_few", "scan_few", "search_few", "warm"]
 
 _L2 = METRICS["l2"]
+_COSINE = METRICS["cosine"]
 _NONE32 = np.zeros(0, np.float32)
 #: no screen (every centroid scored): empty codes, minima, steps, errors and magnitudes
 _NO_SCREEN = (np.zeros((0, 0), np.uint8), _NONE32, _NONE32, np.zeros(0), np.zeros(0))
@@ -169,13 +170,35 @@ def _scan_rerank(q: np.ndarray, q64: np.ndarray, parts: np.ndarray, holds: np.nd
 
 
 @njit(nogil=True, cache=True)
-def _search_few(q: np.ndarray, q64: np.ndarray, centroids: np.ndarray, c_sq: np.ndarray,
+def _prepared(queries: np.ndarray, cosine: bool, program: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # pragma: no cover
+    """``(q, q64)``: the float32 queries the probe and scan score with and the float64 ones of the
+    re-rank, for cosine divided by the queries' float64 norms (1 for zero queries), rounded to
+    float32 for ``q``: :func:`~embtools.search.refine.unit_queries` and
+    :func:`~embtools.search.refine.float64_queries` to the bit (the norms are NumPy's pairwise
+    sums, :func:`~embtools.kernels.rerank_jit.row_norms`)."""
+    q64 = np.empty(queries.shape)
+    if not cosine:
+        q64[:] = queries
+        return queries, q64
+    q = np.empty_like(queries)
+    norms = _row_norms(queries, program)
+    for i in range(queries.shape[0]):
+        n, n32 = norms[i], np.float32(norms[i])
+        for t in range(queries.shape[1]):
+            q64[i, t] = np.float64(queries[i, t]) / n
+            q[i, t] = queries[i, t] / n32
+    return q, q64
+
+
+@njit(nogil=True, cache=True)
+def _search_few(queries: np.ndarray, centroids: np.ndarray, c_sq: np.ndarray,
                 coarse: np.ndarray, lo: np.ndarray, step: np.ndarray, err: np.ndarray,
                 cmax: np.ndarray, nprobe: int, live: np.ndarray, need: int, holds: np.ndarray, starts: Any, codes: Any,
                 pos: Any, sq: Any, inv: Any, norms: Any, where: np.ndarray, mask: np.ndarray,
                 width: int, kk: int, metric: int, eps: float,
                 program: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:  # pragma: no cover
     """:func:`search_few`."""
+    q, q64 = _prepared(queries, metric == _COSINE, program)
     out_s, out_p = _padded(q.shape[0], kk, metric)
     parts, done = _probe_few(q, centroids, c_sq, coarse, lo, step, err, cmax, nprobe, live, need, metric == _L2)
     scanned = _scan_rerank(q, q64, parts, holds, starts, codes, pos, sq, inv, norms, where, mask, width, metric,
@@ -195,7 +218,7 @@ def few_tables(holds: np.ndarray, starts: list[np.ndarray], codes: list[np.ndarr
             frozen_list(norms, np.float64))
 
 
-def search_few(q: np.ndarray, q64: np.ndarray, centroids: np.ndarray, screen: tuple[np.ndarray, ...] | None,
+def search_few(queries: np.ndarray, centroids: np.ndarray, screen: tuple[np.ndarray, ...] | None,
                nprobe: int, live: np.ndarray, need: int, tables: tuple[Any, ...], where: np.ndarray,
                mask: np.ndarray, width: int, kk: int, metric: str, eps: float,
                c_sq: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
@@ -204,8 +227,8 @@ def search_few(q: np.ndarray, q64: np.ndarray, centroids: np.ndarray, screen: tu
     partitions hold fewer than ``need`` rows of ``live``, the live rows of each partition) and
     the rows scanned.
 
-    ``q``: ``(nq, d)`` float32 queries as the probe scores them (unit for cosine); ``q64`` the
-    float64 queries of the re-rank; ``screen``: the uint8 centroid codes, minima, steps, errors
+    ``queries``: ``(nq, d)`` float32, C-contiguous, as asked (for cosine the call divides them by
+    their norms, as :meth:`embtools.index.IvfIndex._queries` and the re-rank do); ``screen``: the uint8 centroid codes, minima, steps, errors
     and magnitudes (:meth:`embtools.index.IvfIndex._coarse_codes`) or None to score every
     centroid; ``tables``: :func:`few_tables`; ``where``: each position's ``file << CODE_SHIFT |
     row``; ``mask``: the positions that may be returned (empty: every live row); ``eps``: the
@@ -213,9 +236,9 @@ def search_few(q: np.ndarray, q64: np.ndarray, centroids: np.ndarray, screen: tu
     coarse, lo, step, err, cmax = _NO_SCREEN if screen is None else screen
     holds, starts, codes, pos, sq, inv, norms = tables
     out_s, out_p, done, scanned = _search_few(
-        q, q64, centroids, _NONE32 if c_sq is None else c_sq, coarse, lo, step, err, cmax, nprobe, live, need,
+        queries, centroids, _NONE32 if c_sq is None else c_sq, coarse, lo, step, err, cmax, nprobe, live, need,
         holds, starts, codes, pos, sq, inv, norms, where, mask, width, kk, METRICS[metric], eps,
-        sum_program(q.shape[1]))
+        sum_program(queries.shape[1]))
     return out_s, out_p, done, int(scanned)
 
 
@@ -263,7 +286,7 @@ def warm() -> None:
                    [np.ones(2, np.float32)], [np.ones(2)])
     screen = (np.zeros((2, 2), np.uint8), np.zeros(2, np.float32), np.ones(2, np.float32), np.ones(2), np.ones(2))
     for s in (None, screen):
-        search_few(rows[:1], rows[:1].astype(np.float64), rows, s, 1, np.ones(2, np.int64), 1, t,
+        search_few(rows[:1], rows, s, 1, np.ones(2, np.int64), 1, t,
                    np.arange(2), np.zeros(0, bool), 2, 1, "cosine", 1e-6)
         parts, _ = probe_few(rows[:1], rows, s, 1, np.ones(2, np.int64), 1, "cosine")
         hs, hi, _ = scan_few(rows[:1], parts, t, np.zeros(0, bool), 2)

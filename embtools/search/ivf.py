@@ -29,7 +29,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from embtools.search.refine import overfetch, rerank, rerank_min_bytes, rerank_queries, size_rerank
+from embtools.search.refine import overfetch, rerank, rerank_min_bytes, size_rerank
 from embtools.search.request import SearchContext, SearchRequest, TopK
 
 __all__ = ["IndexProbe", "IndexSizes", "exact_is_cheaper", "index_top_k", "merge_top_k", "outside_rows",
@@ -65,12 +65,12 @@ class IndexProbe(Protocol):
         """Whether :meth:`top_from_codes` can search ``dim`` dimensions by ``metric``: the codes
         are the rows as stored (and the compiled kernels are installed)."""
 
-    def top_from_codes(self, queries: np.ndarray, q64: np.ndarray, kk: int, nprobe: int, width: int,
+    def top_from_codes(self, queries: np.ndarray, kk: int, nprobe: int, width: int,
                        positions: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """The best ``kk`` rows of each query's shortlist (as :meth:`shortlist`) re-ranked from the
-        codes for the float64 queries ``q64`` (:func:`~embtools.search.refine.rerank_queries`):
-        the float32 scores and positions ``(nq, kk)`` that :func:`~embtools.search.refine.rerank`
-        gives, padded as :func:`_rerank_ragged` pads."""
+        codes (the queries in float64 as :func:`~embtools.search.refine.rerank_queries` makes
+        them): the float32 scores and positions ``(nq, kk)`` that
+        :func:`~embtools.search.refine.rerank` gives, padded as :func:`_rerank_ragged` pads."""
 
 
 @dataclass(frozen=True)
@@ -174,8 +174,8 @@ def index_top_k(req: SearchRequest, ctx: SearchContext, probe: IndexProbe, sizes
             b = min(nq, a + sizes.group)
             sub = req if (a, b) == (0, nq) else req.subset(slice(a, b))
             if from_codes:
-                out_s[a:b], out_p[a:b] = probe.top_from_codes(
-                    sub.queries, rerank_queries(sub), kk, sizes.nprobe, sizes.width, req.positions)
+                out_s[a:b], out_p[a:b] = probe.top_from_codes(sub.queries, kk, sizes.nprobe, sizes.width,
+                                                              req.positions)
             else:
                 cand = probe.shortlist(sub.queries, kk, sizes.nprobe, sizes.width, req.positions)
                 top = _rerank_ragged(sub, ctx, cand, kk)

@@ -33,7 +33,6 @@ import numpy as np
 
 from embtools.memory import MemoryBudget
 from embtools.search.plan import SearchPlan, plan_search
-from embtools.search.refine import float64_queries
 from embtools.search.request import SearchContext, SearchRequest, TopK
 
 __all__ = ["IndexLane", "cached_lane", "keep_lane", "lane_key", "open_lane"]
@@ -65,8 +64,7 @@ class IndexLane:
         key = f"index/lane/{id(q)}"
         self.budget.hold(key, self.need, f"the index search ({self.probe.name})")
         try:
-            s, p = self.probe.top_from_codes(q, float64_queries(q, self.dim, self.metric), self.kk,
-                                             self.nprobe, self.width)
+            s, p = self.probe.top_from_codes(q, self.kk, self.nprobe, self.width)
         finally:
             self.budget.free(key)
         return TopK(s, p)

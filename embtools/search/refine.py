@@ -34,8 +34,8 @@ from embtools.kernels.threads import ForkSafePool
 from embtools.search.request import SearchContext, SearchRequest, TopK, cap_error
 from embtools.storage.source import VectorSource, gather_rows
 
-__all__ = ["RerankSizes", "float64_queries", "overfetch", "rerank", "rerank_min_bytes", "rerank_queries",
-           "size_rerank"]
+__all__ = ["RerankSizes", "float64_queries", "overfetch", "query_norms", "rerank", "rerank_min_bytes",
+           "rerank_queries", "size_rerank", "unit_queries"]
 
 #: Gathered candidate vectors re-ranked in one go are kept under this many bytes (and the cap).
 RERANK_CHUNK_BYTES = 64 * 1024**2
@@ -103,9 +103,25 @@ def rerank_queries(req: SearchRequest) -> np.ndarray:
 def float64_queries(queries: np.ndarray, dim: int, metric: str) -> np.ndarray:
     """:func:`rerank_queries` of float32 ``queries`` searched at ``dim`` by ``metric``."""
     q = queries[:, :dim].astype(np.float64)
-    if metric == "cosine":  # np.linalg.norm's sum, without its checks
-        qn = np.sqrt(np.add.reduce(q * q, axis=1, keepdims=True))
-        q /= np.where(qn == 0, 1.0, qn)
+    if metric == "cosine":
+        q /= query_norms(q)
+    return q
+
+
+def query_norms(q64: np.ndarray) -> np.ndarray:
+    """The float64 norms ``(nq, 1)`` of float64 rows (np.linalg.norm's pairwise sum, without its
+    checks), 1 for zero rows: what :func:`float64_queries` divides by, and, rounded to float32,
+    :func:`unit_queries` (the compiled :func:`~embtools.kernels.rerank_jit.row_norms` has the
+    same bits)."""
+    qn = np.sqrt(np.add.reduce(q64 * q64, axis=1, keepdims=True))
+    return np.where(qn == 0, 1.0, qn)
+
+
+def unit_queries(queries: np.ndarray, dim: int) -> np.ndarray:
+    """float32 ``queries`` at ``dim`` dimensions divided by their :func:`query_norms` rounded to
+    float32 (a new array): the cosine queries an index probe scores its codes with."""
+    q = np.array(queries[:, :dim], dtype=np.float32, order="C")
+    q /= query_norms(q.astype(np.float64)).astype(np.float32)
     return q
 
 
