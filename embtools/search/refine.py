@@ -119,7 +119,13 @@ def query_norms(q64: np.ndarray) -> np.ndarray:
 
 def unit_queries(queries: np.ndarray, dim: int) -> np.ndarray:
     """float32 ``queries`` at ``dim`` dimensions divided by their :func:`query_norms` rounded to
-    float32 (a new array): the cosine queries an index probe scores its codes with."""
+    float32 (a new array): the cosine queries an index probe scores its codes with.
+
+    Examples
+    --------
+    >>> unit_queries(np.array([[3.0, 4.0, 9.0], [0.0, 0.0, 1.0]], np.float32), 2).tolist()
+    [[0.6000000238418579, 0.800000011920929], [0.0, 0.0]]
+    """
     q = np.array(queries[:, :dim], dtype=np.float32, order="C")
     q /= query_norms(q.astype(np.float64)).astype(np.float32)
     return q
