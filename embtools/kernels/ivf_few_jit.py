@@ -153,23 +153,6 @@ def _probe_few(q: np.ndarray, centroids: np.ndarray, c_sq: np.ndarray, coarse: n
 
 
 @njit(nogil=True, cache=True)
-def _scan_rerank(q: np.ndarray, q64: np.ndarray, parts: np.ndarray, holds: np.ndarray, starts: Any, codes: Any,
-                 pos: Any, sq: Any, inv: Any, norms: Any, where: np.ndarray, mask: np.ndarray, width: int,
-                 metric: int, eps: float, program: np.ndarray, out_s: np.ndarray,
-                 out_p: np.ndarray) -> int:  # pragma: no cover - compiled
-    """For each query: scan its partitions ``parts[i]`` (-1: none) into a heap of ``width``, then
-    cut and re-rank it into ``out_s[i], out_p[i]`` while its rows are in the cache; returns the
-    rows scanned."""
-    scanned = 0
-    for i in range(q.shape[0]):
-        hs = np.full((1, width), -np.inf, np.float32)
-        hi = np.full((1, width), EMPTY, np.int64)
-        scanned += _scan(q[i:i + 1], parts[i:i + 1], holds, starts, codes, pos, sq, inv, mask, hs, hi)
-        _finish(hs, hi, q64[i:i + 1], eps, where, codes, norms, metric, program, out_s[i:i + 1], out_p[i:i + 1])
-    return scanned
-
-
-@njit(nogil=True, cache=True)
 def _prepared(queries: np.ndarray, cosine: bool, program: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # pragma: no cover
     """``(q, q64)``: the float32 queries the probe and scan score with and the float64 ones of the
     re-rank, for cosine divided by the queries' float64 norms (1 for zero queries), rounded to
@@ -201,8 +184,14 @@ def _search_few(queries: np.ndarray, centroids: np.ndarray, c_sq: np.ndarray,
     q, q64 = _prepared(queries, metric == _COSINE, program)
     out_s, out_p = _padded(q.shape[0], kk, metric)
     parts, done = _probe_few(q, centroids, c_sq, coarse, lo, step, err, cmax, nprobe, live, need, metric == _L2)
-    scanned = _scan_rerank(q, q64, parts, holds, starts, codes, pos, sq, inv, norms, where, mask, width, metric,
-                           eps, program, out_s, out_p)  # a query not done has no partitions: padding
+    scanned = 0
+    for i in range(q.shape[0]):  # each query scanned and re-ranked while its rows are in the cache
+        if not done[i]:  # left padded
+            continue
+        hs = np.full((1, width), -np.inf, np.float32)
+        hi = np.full((1, width), EMPTY, np.int64)
+        scanned += _scan(q[i:i + 1], parts[i:i + 1], holds, starts, codes, pos, sq, inv, mask, hs, hi)
+        _finish(hs, hi, q64[i:i + 1], eps, where, codes, norms, metric, program, out_s[i:i + 1], out_p[i:i + 1])
     return out_s, out_p, done, scanned
 
 
