@@ -10,7 +10,7 @@ process, and reports each one's best round (microseconds per query) and its spee
 * ``arrays``: ``store.compute_similarity(v, d, k, nprobe=)``, positions and scores;
 * ``arrays, full path``: the same with the single-query lane switched off (every call checked,
   planned and sized under the cap: :mod:`embtools.search.lane`);
-* ``compiled call``: ``IvfIndex.top_from_codes`` on the query, the search without any of the API
+* ``compiled call``: ``IvfIndex.top_whole`` on the query, the search without any of the API
   around it;
 * ``FAISS``: ``index.search(v[None], k)``.
 
@@ -62,7 +62,7 @@ def forms(store: Any, index: Any, dim: int, k: int, nprobe: int) -> dict[str, Ca
         "search": lambda v: store.search(v, k, nprobe=nprobe),
         "arrays": lambda v: store.compute_similarity(v, dim, k, nprobe=nprobe),
         "arrays, full path": full_path,
-        "compiled call": lambda v: lane.probe.top_from_codes(v[None], lane.kk, lane.nprobe, lane.width),
+        "compiled call": lambda v: lane.probe.top_whole(v[None], lane.kk, lane.nprobe, lane.width),
         "FAISS": lambda v: index.search(v[None], k),
     }
 

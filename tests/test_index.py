@@ -444,7 +444,7 @@ def test_scans_skip_codes_files_without_the_probed_partitions(tmp_path, monkeypa
 
     monkeypatch.setattr(probe_mod.IvfIndex, "_scan", counting)
     # float codes too through _scan (the data-file re-rank), not the compiled calls of ivf_few_jit
-    monkeypatch.setattr(probe_mod.IvfIndex, "codes_are_rows", lambda self, dim, m: False)
+    monkeypatch.setattr(probe_mod.IvfIndex, "searches_whole", lambda self, dim, m: False)
     queries = [q[i] for i in range(6)] + [q]
     skip = [store.search(v, k=10, nprobe=3, metric=metric) for v in queries]
     assert scanned and min(scanned) < len(store.find_index(DIM, metric).files)
@@ -536,7 +536,7 @@ def test_certified_cut_of_float_shortlists_keeps_the_exact_top_k(tmp_path, monke
     monkeypatch.setattr(probe_mod, "ONE_CALL_ROWS", 0)
     split = searches()  # the scan split over two threads, cut inside finish_few
     monkeypatch.setattr(probe_mod.IvfIndex, "_certified", spy)
-    monkeypatch.setattr(probe_mod.IvfIndex, "codes_are_rows", lambda self, dim, m: False)  # through _certified
+    monkeypatch.setattr(probe_mod.IvfIndex, "searches_whole", lambda self, dim, m: False)  # through _certified
     got = searches()
     assert widths[1] == 18 and min(widths) == 10 and max(widths) <= 18  # the ties keep all 18
     full = store.search(queries, k=10, nprobe=20, refine=100)
@@ -607,8 +607,8 @@ def test_rerank_from_the_codes_equals_the_data_files_rerank(tmp_path, monkeypatc
             assert np.array_equal(np.where(f.norms == 0, 1, f.norms), jit_kernels("rerank_jit").row_norms(f.codes))
             f.close()
     fused = []
-    real = probe_mod.IvfIndex.top_from_codes
-    monkeypatch.setattr(probe_mod.IvfIndex, "top_from_codes", lambda self, *a: fused.append(1) or real(self, *a))
+    real = probe_mod.IvfIndex.top_whole
+    monkeypatch.setattr(probe_mod.IvfIndex, "top_whole", lambda self, *a: fused.append(1) or real(self, *a))
     few = jit_kernels("ivf_few_jit")
     calls = []
     real_few = few.search_few
@@ -630,7 +630,7 @@ def test_rerank_from_the_codes_equals_the_data_files_rerank(tmp_path, monkeypatc
     assert len(calls) == one_call and len(fused) == 2 * len(cases)
     monkeypatch.undo()
     slow = []
-    monkeypatch.setattr(probe_mod.IvfIndex, "codes_are_rows", lambda self, dim, m: False)
+    monkeypatch.setattr(probe_mod.IvfIndex, "searches_whole", lambda self, dim, m: False)
     real_ragged = ivf_mod._rerank_ragged
     monkeypatch.setattr(ivf_mod, "_rerank_ragged", lambda *a: slow.append(1) or real_ragged(*a))
     for c, frame in zip(cases, got, strict=True):
@@ -688,3 +688,67 @@ def test_codes_file_with_bad_norms_is_corrupt_store_error(tmp_path):
     f = CodesFile(os.path.join(tmp_path, rel), size, partitions=1)
     assert f.norms.tolist() == [2.0] * 3 and f.codes.shape == (3, 4)
     f.close()
+
+
+@pytest.mark.parametrize(("metric", "stored"), [("cosine", DIM), ("dot", DIM), ("l2", DIM), ("cosine", 48)])
+def test_int8_codes_searched_whole_equal_the_gathered_rerank(tmp_path, monkeypatch, metric, stored):
+    """int8 codes of the search dimension, without a memory cap, are searched in compiled calls
+    that re-rank the shortlist from the mapped data files (a prefix of longer stored rows where
+    the index is of a Matryoshka dimension): the same frames, bit for bit, as the shortlist
+    re-ranked from gathered rows, for one query, a few and a batch, with deleted rows, a delta
+    codes file, rows outside the index, a filter and k past the probed rows; under a cap the
+    gathered re-rank serves."""
+    import embtools.index.probe as probe_mod
+    import embtools.search.ivf as ivf_mod
+    from embtools.kernels.jit import jit_kernels
+
+    rng = np.random.default_rng(61)
+    x, q = clustered(2000, dim=stored, seed=61)
+    x[::7] *= np.float32(25.0)  # rows of very different norms
+    x[100:110] = x[90]  # exact duplicates: ties by position
+    q = np.concatenate([q, x[90:91], rng.standard_normal((1, stored)).astype(np.float32)])
+    store = et.EmbeddingStore(tmp_path / "s", backend="numpy")
+    store.add(x[:1200])
+    store.add(x[1200:1700])
+    store.create_index(dimension=DIM, partitions=20, codes="int8", metric=metric)
+    store.delete(where=pl.col("row_id") % 11 == 4)
+    store.add(x[1700:1900])
+    store.optimize_index(retrain_share=0.9)  # a delta codes file
+    store.add(x[1900:])  # rows outside the index
+    probe = store.find_index(DIM, metric)
+    assert probe.kind == "int8" and len(probe.files) >= 2 and len(probe.uncovered) == 100
+    assert probe.searches_whole(DIM, metric)
+    fused = []
+    few = jit_kernels("ivf_few_jit")
+    real_few = few.search_few
+    monkeypatch.setattr(few, "search_few", lambda *a: fused.append(1) or real_few(*a))
+    qd = q[:, :DIM]
+    cases = [dict(queries=qd, k=10, nprobe=4), dict(queries=qd[-1], k=12, nprobe=3),
+             dict(queries=qd[-2], k=10, nprobe=2), dict(queries=qd[:3], k=5, nprobe=2),
+             dict(queries=qd[1], k=7, nprobe=3, where=pl.col("row_id") % 5 != 0),
+             dict(queries=qd, k=7, nprobe=3, where=pl.col("row_id") % 5 != 0),
+             dict(queries=qd[2], k=300, nprobe=2), dict(queries=qd[:4], k=3000, nprobe=20)]
+    got = [store.search(c.pop("queries"), metric=metric, dimension=DIM, **c) for c in [dict(c) for c in cases]]
+    assert len(fused) >= 5
+    arrays = store.compute_similarity(qd[0], DIM, 10, nprobe=3) if metric == "cosine" else None
+    monkeypatch.undo()
+    gathered = []
+    monkeypatch.setattr(probe_mod.IvfIndex, "searches_whole", lambda self, dim, m: False)
+    real_ragged = ivf_mod._rerank_ragged
+    monkeypatch.setattr(ivf_mod, "_rerank_ragged", lambda *a: gathered.append(1) or real_ragged(*a))
+    for c, frame in zip(cases, got, strict=True):
+        c = dict(c)
+        assert frame.equals(store.search(c.pop("queries"), metric=metric, dimension=DIM, **c)), c
+    assert len(gathered) == len(cases)
+    if arrays is not None:  # the seed's array form (through the lane) too
+        ref = store.compute_similarity(qd[0], DIM, 10, nprobe=3)
+        assert np.array_equal(arrays[0], ref[0]) and np.array_equal(arrays[1], ref[1])
+    monkeypatch.undo()
+    alive = (np.arange(len(x)) % 11 != 4) | (np.arange(len(x)) >= 1700)
+    full = store.search(qd, k=5, nprobe=20, refine=2000, metric=metric, dimension=DIM)
+    assert np.array_equal(ids(full, len(qd)), brute(x[:, :DIM], qd, 5, metric, alive=alive))
+    capped = et.EmbeddingStore(tmp_path / "s", backend="numpy", max_memory_gb=0.05)
+    assert not capped.find_index(DIM, metric).searches_whole(DIM, metric)
+    for c, frame in zip(cases[:4], got[:4], strict=True):
+        c = dict(c)
+        assert frame.equals(capped.search(c.pop("queries"), metric=metric, dimension=DIM, **c)), c

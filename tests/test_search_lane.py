@@ -159,13 +159,13 @@ def test_the_lane_holds_its_workspace_and_steps_aside_under_the_cap(tmp_path, mo
     first = store.search(queries[0], k=5, nprobe=3)
     (lane,) = _lanes(store).values()
     seen = []
-    real = lane.probe.top_from_codes
+    real = lane.probe.top_whole
 
     def spy(*args, **kwargs):
         seen.append(store.budget.held_bytes)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(lane.probe, "top_from_codes", spy)
+    monkeypatch.setattr(lane.probe, "top_whole", spy)
     assert store.search(queries[0], k=5, nprobe=3).equals(first)
     assert seen == [lane.need] and store.budget.held_bytes == 0
     # the cap now leaves less than the lane's workspace: the full path decides (exact search)

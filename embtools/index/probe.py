@@ -12,7 +12,7 @@ pairs by partition, so each partition's codes (a zero-copy slice of a mapped cod
 once per query group and scored against all the queries that probe it with one matrix product.
 
 Float codes of the search dimension are the rows as stored (cosine indexes keep each row's float64
-norm beside them; the scans multiply by its float32 inverse): :meth:`IvfIndex.rerank_codes`
+norm beside them; the scans multiply by its float32 inverse): :meth:`IvfIndex.rerank_whole`
 re-ranks a shortlist from them with the exact re-rank's bits, reading nothing from the data files.
 """
 
@@ -98,7 +98,7 @@ class IvfIndex:
         self.default_refine = {"int8": 4, "binary": 10}.get(
             self.kind, 1 if self.code_dim >= self.dimension else 10)
         #: float codes of the full dimension are the rows as stored (unit rows of cosine indexes
-        #: built before ``raw_codes``): a shortlist is re-ranked from them (:meth:`rerank_codes`)
+        #: built before ``raw_codes``): a shortlist is re-ranked from them (:meth:`rerank_whole`)
         self.raw = raw_codes(self.codes, self.code_dim, self.dimension) and (
             self.metric != "cosine" or bool(info.get("raw_codes", False)))
         ranges = info.get("int8_ranges")
@@ -106,6 +106,7 @@ class IvfIndex:
         if self.kind == "int8" and (self.ranges is None or self.ranges.shape != (2, self.code_dim)):
             raise CorruptStoreError(f"index {self.name}: int8 codes without their ranges")
         self.budget = budget
+        self._source = snapshot  # the data files an int8 shortlist is re-ranked from (:meth:`_row_tables`)
         self.centroids = read_centroids(os.path.join(root, entry.files[0]), entry.file_bytes[0],
                                         self.dimension, self.partitions)
         self._c_sq = np.einsum("ij,ij->i", self.centroids, self.centroids)
@@ -173,6 +174,8 @@ class IvfIndex:
         self._part_of: np.ndarray | None = None
         #: uint8 codes of the centroids for :meth:`_screened` (codes, start, step, error, max |c|)
         self._coarse: tuple[np.ndarray, ...] | None = None
+        #: what a shortlist is re-ranked from in one compiled call (:meth:`_row_tables`; False: none)
+        self._rows: tuple[Any, ...] | bool | None = None
 
     # -- sizes ------------------------------------------------------------------------------------
     def default_nprobe(self) -> int:
@@ -187,6 +190,7 @@ class IvfIndex:
                    + self.uncovered.nbytes + sum(0 if s is None else s.nbytes for s in self._sq)
                    + sum(f.nbytes for f in self.files if f.copied)
                    + (0 if self._part_of is None else self._part_of.nbytes)
+                   + (self._rows[0].nbytes if isinstance(self._rows, tuple) and self._rows[0] is not self._where else 0)
                    + (0 if self._coarse is None else sum(a.nbytes for a in self._coarse)))
 
     def _decode(self, codes: np.ndarray) -> np.ndarray:
@@ -430,11 +434,19 @@ class IvfIndex:
         if self.kind == "binary":
             return jit.nibble_tables(cq, (self.code_dim + 7) // 8), np.zeros(0, np.float32)
         if self.kind == "int8":
-            assert self.ranges is not None
-            starts, steps = int8_steps(self.ranges)
-            c0 = (cq @ (starts + np.float32(128.5) * steps)).astype(np.float32)
+            steps, centers = self._int8_terms()
+            # float64 products summed pairwise along the rows: the compiled single search's bits
+            c0 = np.sum(cq.astype(np.float64) * centers.astype(np.float64), axis=1).astype(np.float32)
             return np.ascontiguousarray(cq * steps, dtype=np.float32), c0
         return cq, np.zeros(len(cq), np.float32)
+
+    def _int8_terms(self) -> tuple[np.ndarray, np.ndarray]:
+        """int8 codes' per-dimension steps and the bucket centres of code 0 (float32): a code
+        ``c`` (-128..127) stands for ``centers + c * steps``, scored as ``q . centers +
+        (q * steps) . c`` (:func:`~embtools.kernels.codes.int8_steps`)."""
+        assert self.ranges is not None
+        starts, steps = int8_steps(self.ranges)
+        return steps.astype(np.float32), (starts + np.float32(128.5) * steps).astype(np.float32)
 
     def _block(self, parts: np.ndarray, cq: np.ndarray,
                sel: tuple[np.ndarray, np.ndarray] | None) -> tuple[np.ndarray, np.ndarray]:
@@ -583,11 +595,16 @@ class IvfIndex:
             flat_p[cols] = pos[None, :]
             at = at + (e - s)
 
-    # -- re-ranking from the codes ------------------------------------------------------------------
-    def codes_are_rows(self, dim: int, metric: str) -> bool:
-        """See :meth:`embtools.search.ivf.IndexProbe.codes_are_rows`."""
-        return (self.raw and dim == self.dimension and metric == self.metric and bool(self.files)
-                and jit_kernels("ivf_few_jit") is not None)
+    # -- whole searches: probe, scan and re-rank in compiled calls ---------------------------------
+    def searches_whole(self, dim: int, metric: str) -> bool:
+        """See :meth:`embtools.search.ivf.IndexProbe.searches_whole`: float codes that are the rows
+        as stored, or int8 codes of the full dimension with every data file mapped (no memory
+        cap; the first call keeps a view of each, as a single search's re-rank does)."""
+        if not (dim == self.dimension and metric == self.metric and self.files
+                and jit_kernels("ivf_few_jit") is not None):
+            return False
+        return self.raw or (self.kind == "int8" and self.code_dim == self.dimension
+                            and self._row_tables() is not None)
 
     def _code_lists(self) -> tuple[Any, ...]:
         """The codes files as the compiled searches read them
@@ -596,39 +613,71 @@ class IvfIndex:
             few = jit_kernels("ivf_few_jit")
             assert few is not None
             none32, none64 = np.zeros(0, np.float32), np.zeros(0)
+            codes = [f.codes.view(np.int8) if self.kind == "int8" else f.codes for f in self.files]
             self._tables = few.few_tables(
-                self._part_files, [f.starts for f in self.files], [f.codes for f in self.files], self.positions,
+                self._part_files, [f.starts for f in self.files], codes, self.positions,
                 [none32 if v is None else v for v in self._sq], [none32 if v is None else v for v in self._inv],
                 [none64 if f.norms is None else f.norms for f in self.files])
         return self._tables
 
-    def top_from_codes(self, queries: np.ndarray, kk: int, nprobe: int, width: int,
-                       positions: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """See :meth:`embtools.search.ivf.IndexProbe.top_from_codes`. A few queries run in one
-        compiled call (:func:`~embtools.kernels.ivf_few_jit.search_few`), or, when their probes
-        hold many rows, in three (probe, the scan split over two threads, merge and re-rank);
-        a query whose partitions hold fewer than ``kk`` rows, and a batch, are shortlisted
-        (:meth:`shortlist`, which probes further where needed and scans each codes file for all
-        the batch's queries at once, so a file's rows stay in cache between queries) and
-        re-ranked (:meth:`rerank_codes`)."""
+    def _row_tables(self) -> tuple[Any, ...] | None:
+        """``(where, rows, norms)``: what a shortlist is re-ranked from in compiled calls
+        (:func:`~embtools.kernels.rerank_jit.code_top`): for raw float codes the codes; for int8
+        codes the data files' rows as kept views of the mapped files
+        (:meth:`~embtools.storage.snapshot.Snapshot.row_views`; their norms computed as needed),
+        each position's ``chunk << CODE_SHIFT | row`` in them (8 bytes a row), built on first use;
+        None where there are none (a memory cap, files not mapped)."""
+        if self._rows is None:
+            self._rows = False
+            if self.raw:
+                lists = self._code_lists()
+                self._rows = (self._where, lists[2], lists[6])
+            elif self.kind == "int8" and hasattr(self._source, "row_views"):
+                got = self._source.row_views(self.dimension)
+                if got is not None:
+                    self._rows = self._data_rows(*got)
+        return self._rows if isinstance(self._rows, tuple) else None
+
+    def _data_rows(self, starts: np.ndarray, views: list[np.ndarray]) -> tuple[Any, ...] | bool:
+        """:meth:`_row_tables` of the data files' chunks (first positions ``starts``, rows ``views``)."""
+        jit = jit_kernels("rerank_jit")
+        n = len(self.uncovered) + self.live_rows
+        sizes = np.diff(np.r_[starts, n])
+        if jit is None or any(len(v) != z for v, z in zip(views, sizes.tolist(), strict=True)):
+            return False
+        chunk = np.repeat(np.arange(len(views), dtype=np.int64), sizes)
+        where = (chunk << CODE_SHIFT) | (np.arange(n, dtype=np.int64) - np.repeat(starts, sizes))
+        return (where, *jit.code_tables(views, [np.zeros(0)] * len(views)))
+
+    def top_whole(self, queries: np.ndarray, kk: int, nprobe: int, width: int,
+                  positions: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """See :meth:`embtools.search.ivf.IndexProbe.top_whole`. A few queries run in one
+        compiled call (:func:`~embtools.kernels.ivf_few_jit.search_few`), or, for float codes
+        whose probes hold many rows, in three (probe, the scan split over two threads, merge and
+        re-rank); a query whose partitions hold fewer than ``kk`` rows, and a batch, are
+        shortlisted (:meth:`shortlist`, which probes further where needed and scans each codes
+        file for all the batch's queries at once, so a file's rows stay in cache between
+        queries) and re-ranked (:meth:`rerank_whole`)."""
         nq = len(queries)
         if nq >= JIT_SPLIT_QUERIES:  # each codes file scanned for the whole group (its rows stay in cache)
             cand = self.shortlist(queries, kk, nprobe, width, positions)
-            return self.rerank_codes(float64_queries(queries, self.dimension, self.metric), cand, kk)
+            return self.rerank_whole(float64_queries(queries, self.dimension, self.metric), cand, kk)
         few = jit_kernels("ivf_few_jit")
-        assert few is not None  # codes_are_rows said so
+        rows = self._row_tables()
+        assert few is not None and rows is not None  # searches_whole said so
         sel = None if positions is None else self.selection(positions)
         mask = np.zeros(0, bool) if sel is None else sel[0]
         tables = self._code_lists()
         live = self.live_counts if sel is None else sel[1]
         need = min(kk, self._live_total if sel is None else int(live.sum()))
         screen = self._coarse_codes() if self._screens(nprobe) else None
-        if nq * min(nprobe, self.partitions) * self._live_total <= ONE_CALL_ROWS * max(1, self.partitions):
+        int8 = self.kind == "int8"
+        if int8 or nq * min(nprobe, self.partitions) * self._live_total <= ONE_CALL_ROWS * max(1, self.partitions):
             asked = np.ascontiguousarray(queries[:, :self.dimension], dtype=np.float32)  # prepared in the call
             s, p, done, scanned = few.search_few(asked, self.centroids, screen, nprobe, live, need, tables,
-                                                 self._where, mask, width, kk, self.metric, self._cut_error(),
-                                                 self._c_sq)
-        else:  # many rows: every other partition scanned by a second thread
+                                                 rows[0], mask, width, kk, self.metric, self._cut_error(),
+                                                 self._c_sq, self._int8_terms() if int8 else None, rows[1:])
+        else:  # many rows of float codes: every other partition scanned by a second thread
             q, q64 = self._queries(queries, self.dimension), float64_queries(queries, self.dimension, self.metric)
             parts, done = few.probe_few(q, self.centroids, screen, nprobe, live, need, self.metric, self._c_sq)
             other = _POOL.get().submit(few.scan_few, q, parts[:, 1::2], tables, mask, width)
@@ -637,35 +686,34 @@ class IvfIndex:
             scanned += scanned2
             s, p = few.finish_few([(hs, hi), (hs2, hi2)], q64, kk, tables, self._where, self.metric,
                                   self._cut_error())
-        self._touched += scanned * self.code_dim * 4
+        self._touched += scanned * self.code_dim * (1 if int8 else 4)
         self._release_if_needed()
         if not done.all():  # probes widened until they hold kk rows
             rest = np.flatnonzero(~done)
             cand = self.shortlist(queries[rest], kk, nprobe, width, positions)
-            s[rest], p[rest] = self.rerank_codes(float64_queries(queries[rest], self.dimension, self.metric),
+            s[rest], p[rest] = self.rerank_whole(float64_queries(queries[rest], self.dimension, self.metric),
                                                  cand, kk)
         return s, p
 
-    def rerank_codes(self, q: np.ndarray, cand: np.ndarray, kk: int) -> tuple[np.ndarray, np.ndarray]:
+    def rerank_whole(self, q: np.ndarray, cand: np.ndarray, kk: int) -> tuple[np.ndarray, np.ndarray]:
         """The float32 scores and positions ``(nq, kk)`` of the best ``kk`` of the shortlist
         ``cand`` for the float64 queries ``q`` (:func:`~embtools.search.refine.rerank_queries`),
-        the rows read from the codes: the compiled :func:`~embtools.kernels.rerank_jit.code_top`,
+        the rows read from :meth:`_row_tables`: the compiled :func:`~embtools.kernels.rerank_jit.code_top`,
         whose scores and order are those of :func:`~embtools.search.refine.rerank`, padded as
         :func:`~embtools.search.ivf._rerank_ragged` pads."""
         jit = jit_kernels("rerank_jit")
-        assert jit is not None  # codes_are_rows said so
-        lists = self._code_lists()
-        tables = (lists[2], lists[6])  # the codes and their norms
+        rows = self._row_tables()
+        assert jit is not None and rows is not None  # searches_whole said so
+        where, tables = rows[0], rows[1:]
         q, cand = np.ascontiguousarray(q), np.ascontiguousarray(cand)
         metric = jit.METRICS[self.metric]
         if len(q) < JIT_SPLIT_QUERIES:
-            out: tuple[np.ndarray, np.ndarray] = jit.code_top(q, cand, self._where, *tables, metric, kk)
+            out: tuple[np.ndarray, np.ndarray] = jit.code_top(q, cand, where, *tables, metric, kk)
             return out
-        # rows read at random from the codes (a cache miss each): two threads keep more in flight
+        # rows read at random (a cache miss each): two threads keep more in flight
         halves = [(0, len(q) // 2), (len(q) // 2, len(q))]
         parts = list(_POOL.get().map(
-            lambda ab: jit.code_top(q[ab[0]:ab[1]], cand[ab[0]:ab[1]], self._where, *tables, metric, kk),
-            halves))
+            lambda ab: jit.code_top(q[ab[0]:ab[1]], cand[ab[0]:ab[1]], where, *tables, metric, kk), halves))
         return np.concatenate([s for s, _ in parts]), np.concatenate([p for _, p in parts])
 
     def _release_if_needed(self) -> None:

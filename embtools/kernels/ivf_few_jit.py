@@ -3,7 +3,9 @@
 For an index whose codes are the rows as stored (``codes="float"`` at the search dimension), a
 query's search is: pick its ``nprobe`` nearest centroids, scan the codes of those partitions in
 every codes file into a heap of the best ``width`` rows, cut the shortlist where the float32
-scores certify it (cosine), and re-rank the rest in float64 from the same codes. Run as separate
+scores certify it (cosine), and re-rank the rest in float64 from the same codes. int8 codes of
+the search dimension are scanned the same way (each code a bucket centre) and their shortlist is
+re-ranked from the rows of the mapped data files. Run as separate
 NumPy and numba calls, the glue between the steps costs more than the steps for one query on a
 million rows; :func:`search_few` runs them back to back with the kernels of
 :mod:`embtools.kernels.ivf_jit` and :mod:`embtools.kernels.rerank_jit`, so its results are
@@ -43,7 +45,14 @@ from embtools.kernels.ivf_jit import (
     screen_terms,
     screened_centroids,
 )
-from embtools.kernels.rerank_jit import METRICS, _code_top, _row_norms, frozen_list, sum_program
+from embtools.kernels.rerank_jit import (
+    METRICS,
+    _code_top,
+    _row_norms,
+    frozen_list,
+    sum_program,
+    terms_sum,
+)
 
 __all__ = ["few_tables", "finish_few", "probe_few", "scan_few", "search_few", "warm"]
 
@@ -91,12 +100,13 @@ def _probe(qi: np.ndarray, centroids: np.ndarray, c_sq: np.ndarray, coarse: np.n
 
 
 @njit(nogil=True, cache=True)
-def _scan(q: np.ndarray, probes: np.ndarray, holds: np.ndarray, starts: Any, codes: Any, pos: Any, sq: Any,
-          inv: Any, mask: np.ndarray, hs: np.ndarray, hi: np.ndarray) -> int:  # pragma: no cover - compiled
+def _scan(q: np.ndarray, c0: np.ndarray, probes: np.ndarray, holds: np.ndarray, starts: Any, codes: Any,
+          pos: Any, sq: Any, inv: Any, mask: np.ndarray, hs: np.ndarray,
+          hi: np.ndarray) -> int:  # pragma: no cover - compiled
     """Scan partitions ``probes`` (``(nq, m)``, -1: none) of the codes files holding rows of them
-    (``holds[part, file]``) into the heaps ``hs, hi`` of queries ``q``; returns the rows
-    scanned. The other files are not touched (a typed list's item costs a reference count)."""
-    zero = np.zeros(q.shape[0], np.float32)
+    (``holds[part, file]``) into the heaps ``hs, hi`` of the scan weights ``q`` and constants
+    ``c0`` (:func:`_weights`); returns the rows scanned. The other files are not touched (a
+    typed list's item costs a reference count)."""
     scanned = 0
     for f in range(holds.shape[1]):
         used = False
@@ -109,7 +119,7 @@ def _scan(q: np.ndarray, probes: np.ndarray, holds: np.ndarray, starts: Any, cod
         for part in probes.ravel():
             if part >= 0:
                 scanned += st[part + 1] - st[part]
-        scan_dense(q, zero, probes, st, codes[f], pos[f], sq[f], mask, hs, hi, inv[f])
+        scan_dense(q, c0, probes, st, codes[f], pos[f], sq[f], mask, hs, hi, inv[f])
     return scanned
 
 
@@ -174,24 +184,47 @@ def _prepared(queries: np.ndarray, cosine: bool, program: np.ndarray) -> tuple[n
 
 
 @njit(nogil=True, cache=True)
+def _weights(q: np.ndarray, steps: np.ndarray, centers: np.ndarray,
+             program: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # pragma: no cover - compiled
+    """The scan weights and constants of the float32 queries ``q``: ``q`` and 0 for float codes
+    (``steps`` empty), for int8 codes ``q * steps`` and ``q . centers`` (the bucket centres of
+    code 0; float64 products summed in NumPy's pairwise order, rounded to float32), the bits of
+    :meth:`embtools.index.IvfIndex._weights`."""
+    nq = q.shape[0]
+    c0 = np.zeros(nq, np.float32)
+    if steps.shape[0] == 0:
+        return q, c0
+    w = np.empty_like(q)
+    q64 = np.empty(q.shape[1])
+    stack = np.empty(len(program))
+    for i in range(nq):
+        for t in range(q.shape[1]):
+            w[i, t] = q[i, t] * steps[t]
+            q64[t] = q[i, t]
+        c0[i] = np.float32(terms_sum(centers, q64, 0, program, stack))
+    return w, c0
+
+
+@njit(nogil=True, cache=True)
 def _search_few(queries: np.ndarray, centroids: np.ndarray, c_sq: np.ndarray,
                 coarse: np.ndarray, lo: np.ndarray, step: np.ndarray, err: np.ndarray,
                 cmax: np.ndarray, nprobe: int, live: np.ndarray, need: int, holds: np.ndarray, starts: Any, codes: Any,
-                pos: Any, sq: Any, inv: Any, norms: Any, where: np.ndarray, mask: np.ndarray,
-                width: int, kk: int, metric: int, eps: float,
+                pos: Any, sq: Any, inv: Any, steps: np.ndarray, centers: np.ndarray, rows: Any, norms: Any,
+                where: np.ndarray, mask: np.ndarray, width: int, kk: int, metric: int, eps: float,
                 program: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:  # pragma: no cover
     """:func:`search_few`."""
     q, q64 = _prepared(queries, metric == _COSINE, program)
     out_s, out_p = _padded(q.shape[0], kk, metric)
     parts, done = _probe_few(q, centroids, c_sq, coarse, lo, step, err, cmax, nprobe, live, need, metric == _L2)
+    w, c0 = _weights(q, steps, centers, program)
     scanned = 0
     for i in range(q.shape[0]):  # each query scanned and re-ranked while its rows are in the cache
         if not done[i]:  # left padded
             continue
         hs = np.full((1, width), -np.inf, np.float32)
         hi = np.full((1, width), EMPTY, np.int64)
-        scanned += _scan(q[i:i + 1], parts[i:i + 1], holds, starts, codes, pos, sq, inv, mask, hs, hi)
-        _finish(hs, hi, q64[i:i + 1], eps, where, codes, norms, metric, program, out_s[i:i + 1], out_p[i:i + 1])
+        scanned += _scan(w[i:i + 1], c0[i:i + 1], parts[i:i + 1], holds, starts, codes, pos, sq, inv, mask, hs, hi)
+        _finish(hs, hi, q64[i:i + 1], eps, where, rows, norms, metric, program, out_s[i:i + 1], out_p[i:i + 1])
     return out_s, out_p, done, scanned
 
 
@@ -200,9 +233,11 @@ def few_tables(holds: np.ndarray, starts: list[np.ndarray], codes: list[np.ndarr
     """The codes files as :func:`search_few` reads them: ``holds``, which files hold rows of each
     partition (``(partitions, files)`` bool), then numba typed lists
     (:func:`~embtools.kernels.rerank_jit.frozen_list`), one entry per file: partition starts
-    (int64), float32 codes, positions (int64), squared norms and inverse norms (float32; empty
-    where the metric needs none) and float64 norms (cosine; empty otherwise)."""
-    return (np.ascontiguousarray(holds, dtype=bool), frozen_list(starts, np.int64), frozen_list(codes, np.float32),
+    (int64), codes (float32, or int8), positions (int64), squared norms and inverse norms
+    (float32; empty where the metric needs none) and float64 norms (cosine float codes; empty
+    otherwise)."""
+    kind = np.int8 if codes and codes[0].dtype == np.int8 else np.float32
+    return (np.ascontiguousarray(holds, dtype=bool), frozen_list(starts, np.int64), frozen_list(codes, kind),
             frozen_list(positions, np.int64), frozen_list(sq, np.float32), frozen_list(inv, np.float32),
             frozen_list(norms, np.float64))
 
@@ -210,7 +245,8 @@ def few_tables(holds: np.ndarray, starts: list[np.ndarray], codes: list[np.ndarr
 def search_few(queries: np.ndarray, centroids: np.ndarray, screen: tuple[np.ndarray, ...] | None,
                nprobe: int, live: np.ndarray, need: int, tables: tuple[Any, ...], where: np.ndarray,
                mask: np.ndarray, width: int, kk: int, metric: str, eps: float,
-               c_sq: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+               c_sq: np.ndarray | None = None, int8: tuple[np.ndarray, np.ndarray] | None = None,
+               rows: tuple[Any, Any] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     """The top ``kk`` of each query: float32 scores and positions ``(nq, kk)`` (padded with -1 and
     -inf, inf for l2), whether the query was searched (False where its ``nprobe`` nearest
     partitions hold fewer than ``need`` rows of ``live``, the live rows of each partition) and
@@ -219,15 +255,21 @@ def search_few(queries: np.ndarray, centroids: np.ndarray, screen: tuple[np.ndar
     ``queries``: ``(nq, d)`` float32, C-contiguous, as asked (for cosine the call divides them by
     their norms, as :meth:`embtools.index.IvfIndex._queries` and the re-rank do); ``screen``: the uint8 centroid codes, minima, steps, errors
     and magnitudes (:meth:`embtools.index.IvfIndex._coarse_codes`) or None to score every
-    centroid; ``tables``: :func:`few_tables`; ``where``: each position's ``file << CODE_SHIFT |
-    row``; ``mask``: the positions that may be returned (empty: every live row); ``eps``: the
-    float32 scores' certified error (0: no cut); ``c_sq``: the centroids' squared norms (l2)."""
+    centroid; ``tables``: :func:`few_tables`; ``mask``: the positions that may be returned
+    (empty: every live row); ``eps``: the float32 scores' certified error (0: no cut);
+    ``c_sq``: the centroids' squared norms (l2); ``int8``: for int8 codes, their per-dimension
+    steps and the centres of code 0 (:func:`~embtools.kernels.codes.int8_steps`); ``rows``: the
+    tables the shortlist is re-ranked from (:func:`~embtools.kernels.rerank_jit.code_tables`;
+    None: the codes, which are the rows); ``where``: each position's ``table << CODE_SHIFT |
+    row`` in them."""
     coarse, lo, step, err, cmax = _NO_SCREEN if screen is None else screen
     holds, starts, codes, pos, sq, inv, norms = tables
+    steps, centers = (_NONE32, _NONE32) if int8 is None else int8
+    rows_, norms_ = (codes, norms) if rows is None else rows
     out_s, out_p, done, scanned = _search_few(
         queries, centroids, _NONE32 if c_sq is None else c_sq, coarse, lo, step, err, cmax, nprobe, live, need,
-        holds, starts, codes, pos, sq, inv, norms, where, mask, width, kk, METRICS[metric], eps,
-        sum_program(queries.shape[1]))
+        holds, starts, codes, pos, sq, inv, steps, centers, rows_, norms_, where, mask, width, kk, METRICS[metric],
+        eps, sum_program(queries.shape[1]))
     return out_s, out_p, done, int(scanned)
 
 
@@ -251,7 +293,8 @@ def scan_few(q: np.ndarray, parts: np.ndarray, tables: tuple[Any, ...], mask: np
     scan a share of the partitions; :func:`finish_few` merges their heaps."""
     hs, hi = new_heaps(len(q), width)
     holds, starts, codes, pos, sq, inv, _ = tables
-    scanned = _scan(q, np.ascontiguousarray(parts), holds, starts, codes, pos, sq, inv, mask, hs, hi)
+    scanned = _scan(q, np.zeros(len(q), np.float32), np.ascontiguousarray(parts), holds, starts, codes, pos, sq,
+                    inv, mask, hs, hi)
     return hs, hi, int(scanned)
 
 
@@ -274,6 +317,10 @@ def warm() -> None:
     t = few_tables(np.ones((2, 1), bool), [np.array([0, 1, 2])], [rows], [np.arange(2)], [np.zeros(0, np.float32)],
                    [np.ones(2, np.float32)], [np.ones(2)])
     screen = (np.zeros((2, 2), np.uint8), np.zeros(2, np.float32), np.ones(2, np.float32), np.ones(2), np.ones(2))
+    t8 = few_tables(np.ones((2, 1), bool), [np.array([0, 1, 2])], [np.eye(2, dtype=np.int8)], [np.arange(2)],
+                    [np.zeros(0, np.float32)], [np.zeros(0, np.float32)], [np.zeros(0)])
+    search_few(rows[:1], rows, None, 1, np.ones(2, np.int64), 1, t8, np.arange(2), np.zeros(0, bool), 2, 1,
+               "cosine", 0.0, None, (np.ones(2, np.float32), np.zeros(2, np.float32)), (t[2], frozen_list([np.zeros(0)], np.float64)))
     for s in (None, screen):
         search_few(rows[:1], rows, s, 1, np.ones(2, np.int64), 1, t,
                    np.arange(2), np.zeros(0, bool), 2, 1, "cosine", 1e-6)

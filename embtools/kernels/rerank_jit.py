@@ -267,9 +267,11 @@ def _code_top(q: np.ndarray, cand: np.ndarray, where: np.ndarray, tables: Any, n
                 continue
             at = where[p]
             table, r = at >> CODE_SHIFT, at & mask
-            s = terms_sum(tables[table][r], qi, mode, program, stack)
+            row = tables[table][r]
+            s = terms_sum(row, qi, mode, program, stack)
             if metric == COSINE:
-                norm = norms[table][r]
+                known = norms[table]  # empty: the row's norm computed here, as row_norms does
+                norm = known[r] if known.shape[0] else np.sqrt(terms_sum(row, row, 2, program, stack))
                 s = min(1.0, max(-1.0, s / (1.0 if norm == 0 else norm)))
             key = s if metric == L2 else -s
             if n == keep and (key > keys[n - 1] or (key == keys[n - 1] and p > kept[n - 1])):
@@ -304,7 +306,8 @@ def frozen_list(arrays: list[np.ndarray], dtype: Any) -> Any:
 
 def code_tables(arrays: list[np.ndarray], norms: list[np.ndarray]) -> tuple[Any, Any]:
     """The tables of :func:`code_top`: numba typed lists of the float32 rows and of their float64
-    norms (:func:`row_norms`' bits, 0 read as 1; empty arrays where the metric needs none)."""
+    norms (:func:`row_norms`' bits, 0 read as 1; empty arrays where the metric needs none, or
+    to have :func:`code_top` compute them)."""
     return frozen_list(arrays, np.float32), frozen_list(norms, np.float64)
 
 
@@ -312,8 +315,9 @@ def code_top(q: np.ndarray, cand: np.ndarray, where: np.ndarray, tables: Any, no
              keep: int) -> tuple[np.ndarray, np.ndarray]:
     """The best ``keep`` of each query's candidate positions ``cand`` (``(nq, w)``, -1: none) by
     float64 scores against their float32 rows, read where ``where[position]`` says
-    (``table << CODE_SHIFT | row`` in ``tables``, cosine divided by ``norms``; see
-    :func:`code_tables`): the scores and order of :func:`rerank_scores` (ties to the lower
+    (``table << CODE_SHIFT | row`` in ``tables``, whose rows may be longer than the queries:
+    their first ``q.shape[1]`` values are read; cosine divided by ``norms``, or by the norms of
+    :func:`row_norms` where a table's norms are empty; see :func:`code_tables`): the scores and order of :func:`rerank_scores` (ties to the lower
     position), float32 scores and positions ``(nq, keep)``, padded with -1 (and -inf, or inf
     for l2)."""
     out_s = np.empty((len(cand), keep), np.float32)

@@ -9,7 +9,8 @@ planner (:mod:`embtools.search.plan`) sizes the path with :func:`size_index` and
    codes), and :func:`~embtools.search.refine.rerank` re-scores them in float64 from the stored
    float32 vectors (the exact search's own re-rank), or, where the codes are those vectors
    (``codes="float"`` at the search dimension), the probe re-scores them from its codes with the
-   same bits, reading nothing more;
+   same bits, reading nothing more (int8 codes of the search dimension: from the mapped data
+   files, in the same compiled calls, when there is no memory cap);
 2. the rows the index does not hold (added after it was built) are searched exactly;
 3. :func:`merge_top_k` merges the two, ties by lower position.
 
@@ -61,14 +62,16 @@ class IndexProbe(Protocol):
         candidates; at least ``kk`` real ones when the index holds that many live rows (of the
         filter's selected ``positions``, the only rows returned when given)."""
 
-    def codes_are_rows(self, dim: int, metric: str) -> bool:
-        """Whether :meth:`top_from_codes` can search ``dim`` dimensions by ``metric``: the codes
-        are the rows as stored (and the compiled kernels are installed)."""
+    def searches_whole(self, dim: int, metric: str) -> bool:
+        """Whether :meth:`top_whole` can search ``dim`` dimensions by ``metric`` in compiled
+        calls, re-ranking without :func:`~embtools.search.refine.rerank`: the codes are the rows
+        as stored, or int8 codes whose rows the index reads from the mapped data files (no
+        memory cap), and the compiled kernels are installed."""
 
-    def top_from_codes(self, queries: np.ndarray, kk: int, nprobe: int, width: int,
-                       positions: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """The best ``kk`` rows of each query's shortlist (as :meth:`shortlist`) re-ranked from the
-        codes (the queries in float64 as :func:`~embtools.search.refine.rerank_queries` makes
+    def top_whole(self, queries: np.ndarray, kk: int, nprobe: int, width: int,
+                  positions: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The best ``kk`` rows of each query's shortlist (as :meth:`shortlist`) re-ranked exactly
+        (the queries in float64 as :func:`~embtools.search.refine.rerank_queries` makes
         them): the float32 scores and positions ``(nq, kk)`` that
         :func:`~embtools.search.refine.rerank` gives, padded as :func:`_rerank_ragged` pads."""
 
@@ -167,15 +170,15 @@ def index_top_k(req: SearchRequest, ctx: SearchContext, probe: IndexProbe, sizes
     out_p = np.empty((nq, kk), np.int64)
     key = f"index/search/{id(req)}"
     need = probe.workspace_bytes(min(sizes.group, nq), sizes.nprobe, sizes.width) + _mask_bytes(req, probe)
-    from_codes = probe.codes_are_rows(req.dim, req.metric)  # no read of the data files
+    whole = probe.searches_whole(req.dim, req.metric)  # probe, scan and re-rank compiled
     with ctx.budget.holding(key, need,
                             f"the index search ({probe.name})", "raise max_memory_gb or lower nprobe"):
         for a in range(0, nq, sizes.group):
             b = min(nq, a + sizes.group)
             sub = req if (a, b) == (0, nq) else req.subset(slice(a, b))
-            if from_codes:
-                out_s[a:b], out_p[a:b] = probe.top_from_codes(sub.queries, kk, sizes.nprobe, sizes.width,
-                                                              req.positions)
+            if whole:
+                out_s[a:b], out_p[a:b] = probe.top_whole(sub.queries, kk, sizes.nprobe, sizes.width,
+                                                         req.positions)
             else:
                 cand = probe.shortlist(sub.queries, kk, sizes.nprobe, sizes.width, req.positions)
                 top = _rerank_ragged(sub, ctx, cand, kk)

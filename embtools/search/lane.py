@@ -5,10 +5,10 @@ search again and again: the same ``k``, ``nprobe``, ``refine`` and dimension aga
 version. Checking the arguments, planning the path and sizing it under the cap cost more than the
 compiled search itself (about 90 us against 120 us at 1M rows). The first call of a loop takes
 the full path (:func:`~embtools.search.plan.plan_search`); when its plan is one query through
-an index whose codes are the rows, with no filter and no row outside the index, :func:`open_lane`
+an index searched whole in compiled calls (:meth:`~embtools.search.ivf.IndexProbe.searches_whole`), with no filter and no row outside the index, :func:`open_lane`
 keeps that plan as an :class:`IndexLane`, cached on the store under the call's arguments. Later
 calls with the same arguments check only the query (shape, dtype, finite values) and run
-:meth:`IndexLane.run`: the same compiled call (:meth:`~embtools.search.ivf.IndexProbe.top_from_codes`),
+:meth:`IndexLane.run`: the same compiled call (:meth:`~embtools.search.ivf.IndexProbe.top_whole`),
 holding the same workspace under the cap, so the results are the full path's bit for bit. A
 lane that cannot take a query (another dimension, a cap now too full) answers None and the call
 takes the full path, which raises what it raises. A new version drops the store's lanes.
@@ -56,7 +56,7 @@ class IndexLane:
         """The top ``kk`` of the prepared query ``q`` (float32 ``(1, dim)``), as the full path
         finds it; None when the lane cannot take ``q`` (another shape, the cap cannot hold the
         workspace now, or the compiled kernels were switched off since, ``EMBTOOLS_JIT=0``)."""
-        if q.shape != (1, self.dim) or not self.probe.codes_are_rows(self.dim, self.metric):
+        if q.shape != (1, self.dim) or not self.probe.searches_whole(self.dim, self.metric):
             return None
         avail = self.budget.available_bytes
         if avail is not None and self.need > avail:
@@ -64,7 +64,7 @@ class IndexLane:
         key = f"index/lane/{id(q)}"
         self.budget.hold(key, self.need, f"the index search ({self.probe.name})")
         try:
-            s, p = self.probe.top_from_codes(q, self.kk, self.nprobe, self.width)
+            s, p = self.probe.top_whole(q, self.kk, self.nprobe, self.width)
         finally:
             self.budget.free(key)
         return TopK(s, p)
@@ -72,15 +72,15 @@ class IndexLane:
 
 def open_lane(req: SearchRequest, ctx: SearchContext, plan: SearchPlan | None = None) -> IndexLane | None:
     """The lane of ``req`` planned as ``plan`` (default :func:`plan_search`), or None when its
-    search is not one unfiltered query through an index that holds every row and whose codes
-    are the rows."""
+    search is not one unfiltered query through an index that holds every row and searches it
+    whole."""
     if req.nq != 1 or req.positions is not None:
         return None
     plan = plan_search(req, ctx) if plan is None else plan
     probe, sizes = plan.probe, plan.index
     if plan.path != "index" or sizes is None or len(probe.uncovered):
         return None
-    if not probe.codes_are_rows(req.dim, req.metric) or sizes.group != 1:
+    if not probe.searches_whole(req.dim, req.metric) or sizes.group != 1:
         return None
     need = probe.workspace_bytes(1, sizes.nprobe, sizes.width)
     return IndexLane(probe, ctx.budget, req.dim, req.metric, req.kk, sizes.nprobe, sizes.width, need)

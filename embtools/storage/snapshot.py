@@ -409,6 +409,25 @@ class Snapshot(ChunkedSource):
             out[j] = got[0][p - got[1], :d]
         return True
 
+    def row_views(self, dim: int) -> tuple[np.ndarray, list[np.ndarray]] | None:
+        """Uncapped: the first position of every chunk and the chunk's rows of the stored
+        dimension serving ``dim`` (its first ``dim`` values are the rows), each a kept read-only
+        view of the mapped data file (checked against its CRCs once, as any read); None under a
+        cap or when a chunk is not such a view (a file written before embtools placed its pages)."""
+        if self.capped:
+            return None
+        stored = self.resolve(dim)
+        chunks = self.chunks()
+        views: list[np.ndarray] = []
+        for chunk, group in zip(chunks, self._group_starts()[1], strict=True):
+            key = (*group, stored)
+            if key not in self._views:
+                chunk.load(stored)  # keeps the view when it is one of the mapped file
+                if key not in self._views:
+                    return None
+            views.append(self._views[key])
+        return self._starts_of(chunks), views
+
     def load_column(self, i: int, rg: int, column: str) -> np.ndarray:
         """Fixed-width ``column`` (``emb_<d>`` or a fixed-size binary) of row group ``rg`` of file
         ``i``, its pages checked first: an aligned read-only view of the mapped file for files
