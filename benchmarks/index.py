@@ -3,7 +3,8 @@ IVF_PQ, in one run, on a synthetic clustered set and on the MiniLM docstring set
 
 For each data set:
 
-1. build: ``store.create_index`` (float codes) in a child process with ``max_memory_gb`` a quarter
+1. build: ``store.create_index`` (``--codes``: int8 by default, as ``create_index``'s; ``float``
+   for an IVF-Flat index like FAISS's) in a child process with ``max_memory_gb`` a quarter
    of the float data (its peak RSS measured) vs FAISS ``IndexIVFFlat`` train + add with the same
    partitions, k-means iterations and training rows;
 2. recall@10 (against the exact search) and queries per second for ``nprobe`` in a sweep: batches
@@ -21,6 +22,7 @@ Usage::
     python benchmarks/index.py                      # 1,000,000 x 384 + MiniLM
     python benchmarks/index.py --rows 200000        # smaller, when the machine is busy
     python benchmarks/index.py --rows 200000 --skip search,minilm --resume   # build figures only
+    python benchmarks/index.py --codes float        # float codes (the rows: IVF-Flat)
 """
 
 from __future__ import annotations
@@ -75,19 +77,20 @@ store = et.EmbeddingStore(path, backend="numpy", max_memory_gb=cap)
 base = [int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmRSS")][0] * 1024
 open("/proc/self/clear_refs", "w").write("5")  # reset the peak: a forked child starts with the parent's
 t = time.perf_counter()
-store.create_index(dimension=int(sys.argv[4]), partitions=partitions, codes="float", progress=False)
+codes = sys.argv[5] if sys.argv[5] in ("int8", "float", "binary") else int(sys.argv[5])
+store.create_index(dimension=int(sys.argv[4]), partitions=partitions, codes=codes, progress=False)
 peak = [int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")][0] * 1024
 print(json.dumps({"seconds": time.perf_counter() - t, "peak_rss": peak, "import_rss": base}))
 """
 
 
-def build_embtools(path: str, cap_gb: float, partitions: int, dim: int,
+def build_embtools(path: str, cap_gb: float, partitions: int, dim: int, codes: str,
                    crash: str | None = None) -> dict[str, float]:
     """``create_index`` in a child process under the cap: seconds, peak RSS, RSS before. With
     ``crash``, the child is killed at that crash point (``$EMBTOOLS_CRASH_AT``): its seconds only."""
     env = {**os.environ, **({"EMBTOOLS_CRASH_AT": crash} if crash else {})}
     t = time.perf_counter()
-    out = subprocess.run([sys.executable, "-c", BUILD, path, str(cap_gb), str(partitions), str(dim)],
+    out = subprocess.run([sys.executable, "-c", BUILD, path, str(cap_gb), str(partitions), str(dim), codes],
                          capture_output=True, text=True, check=crash is None, env=env)
     if crash:
         if out.returncode != -9:
@@ -135,14 +138,15 @@ def run_set(name: str, x: np.ndarray, q: np.ndarray, args: argparse.Namespace, w
 
     n, d = x.shape
     k = args.k
-    rows: list[str] = [f"### {name}: {n:,} x {d}, {len(q)} queries, k={k}"]
+    rows: list[str] = [f"### {name}: {n:,} x {d}, {len(q)} queries, k={k}, embtools {args.codes} codes "
+                       f"(re-ranked exactly), FAISS IndexIVFFlat"]
     path = os.path.join(workdir, name)
     cap = x.nbytes / 4 / 1024**3
     store = et.EmbeddingStore(path, backend="numpy", max_memory_gb=cap)
     for s in range(0, n, 200_000):
         store.add(x[s:s + 200_000])
     partitions = args.partitions or default_partitions(n)
-    build = build_embtools(path, cap, partitions, d)
+    build = build_embtools(path, cap, partitions, d, args.codes)
     store.close()  # searched like FAISS's in-memory index: no cap (the build above had it)
     store = et.EmbeddingStore(path, backend="numpy")
     sample = int(store.source.manifest.indexes[0].info["sample_rows"])  # FAISS trains on as many
@@ -158,8 +162,8 @@ def run_set(name: str, x: np.ndarray, q: np.ndarray, args: argparse.Namespace, w
                 f"training rows (what the cap allows), {ITERATIONS} k-means iterations for both")
     if args.resume:  # a build of the new version killed once its centroids are spilled, re-run
         store.close()
-        killed = build_embtools(path, cap, partitions, d, crash="after_index_centroids")
-        resumed = build_embtools(path, cap, partitions, d)
+        killed = build_embtools(path, cap, partitions, d, args.codes, crash="after_index_centroids")
+        resumed = build_embtools(path, cap, partitions, d, args.codes)
         store = et.EmbeddingStore(path, backend="numpy")
         rows.append(f"resume: a build killed after its k-means ({killed['seconds']:.1f} s, with the "
                     f"child's start), re-run: {resumed['seconds']:.1f} s, against "
@@ -209,9 +213,9 @@ def run_set(name: str, x: np.ndarray, q: np.ndarray, args: argparse.Namespace, w
         e_a = len(single) / ta
         rows.append(f"| {nprobe} | {r_e:.3f} | {e_b:.0f} | {r_f:.3f} | {f_b:.0f} | {e_s:.0f} | {e_a:.0f} "
                     f"| {f_s:.0f} |")
-        plot.setdefault(f"embtools batch ({name})", []).append((r_e, e_b))
+        plot.setdefault(f"embtools {args.codes} batch ({name})", []).append((r_e, e_b))
         plot.setdefault(f"FAISS IVFFlat batch ({name})", []).append((r_f, f_b))
-        plot.setdefault(f"embtools single ({name})", []).append((r_e, e_s))
+        plot.setdefault(f"embtools {args.codes} single ({name})", []).append((r_e, e_s))
         plot.setdefault(f"FAISS IVFFlat single ({name})", []).append((r_f, f_s))
         sweep.append({"nprobe": nprobe, "recall": r_e, "batch": e_b, "single": e_s, "arrays": e_a,
                       "faiss_recall": r_f, "faiss_batch": f_b, "faiss_single": f_s})
@@ -341,6 +345,8 @@ def main() -> None:
     p.add_argument("--single", type=int, default=200)
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--partitions", type=int, default=None)
+    p.add_argument("--codes", default="int8", help="embtools' probe codes: int8 (create_index's default), "
+                   "float, binary or a Matryoshka dimension")
     p.add_argument("--minilm", default=_find_minilm())
     p.add_argument("--skip", default="", help="comma list of: lancedb,minilm,synthetic,search "
                    "(search: stop after the build figures)")
