@@ -752,3 +752,28 @@ def test_int8_codes_searched_whole_equal_the_gathered_rerank(tmp_path, monkeypat
     for c, frame in zip(cases[:4], got[:4], strict=True):
         c = dict(c)
         assert frame.equals(capped.search(c.pop("queries"), metric=metric, dimension=DIM, **c)), c
+
+
+def test_int8_search_of_a_damaged_data_file_is_corrupt_store_error(tmp_path):
+    """The single compiled call re-ranks from views of the mapped data files: a flipped value in
+    one of them is CorruptStoreError (its CRC checked before the first view is kept), never a
+    wrong score; the other search forms say the same."""
+    from embtools.storage.footer import parse_footer
+
+    x, q = clustered(1500, seed=67)
+    store = et.EmbeddingStore(tmp_path / "s", backend="numpy")
+    store.add(x)
+    store.create_index(dimension=DIM, partitions=12, codes="int8")
+    path = os.path.join(store.path, store.source.manifest.files[0].path)
+    with open(path, "rb") as fh:
+        footer = parse_footer(fh.read())
+    chunk = next(c for c in footer.row_groups[0][1] if c.name == f"emb_{DIM}")
+    with open(path, "r+b") as fh:
+        fh.seek(chunk.start + chunk.length - 4 * 9 - 2)  # a byte of a row's values
+        b = fh.read(1)
+        fh.seek(-1, os.SEEK_CUR)
+        fh.write(bytes([b[0] ^ 0x10]))
+    for call in (lambda s: s.search(q[0], k=5, nprobe=3), lambda s: s.search(q, k=5, nprobe=3),
+                 lambda s: s.compute_similarity(q[1], DIM, 5, nprobe=3)):
+        with pytest.raises(CorruptStoreError):
+            call(et.EmbeddingStore(tmp_path / "s", backend="numpy"))

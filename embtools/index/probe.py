@@ -105,6 +105,7 @@ class IvfIndex:
         self.ranges = None if ranges is None else np.asarray(ranges, np.float32)
         if self.kind == "int8" and (self.ranges is None or self.ranges.shape != (2, self.code_dim)):
             raise CorruptStoreError(f"index {self.name}: int8 codes without their ranges")
+        self._int8 = self._int8_terms(self.ranges) if self.kind == "int8" and self.ranges is not None else None
         self.budget = budget
         self._source = snapshot  # the data files an int8 shortlist is re-ranked from (:meth:`_row_tables`)
         self.centroids = read_centroids(os.path.join(root, entry.files[0]), entry.file_bytes[0],
@@ -434,18 +435,19 @@ class IvfIndex:
         if self.kind == "binary":
             return jit.nibble_tables(cq, (self.code_dim + 7) // 8), np.zeros(0, np.float32)
         if self.kind == "int8":
-            steps, centers = self._int8_terms()
+            assert self._int8 is not None
+            steps, centers = self._int8
             # float64 products summed pairwise along the rows: the compiled single search's bits
             c0 = np.sum(cq.astype(np.float64) * centers.astype(np.float64), axis=1).astype(np.float32)
             return np.ascontiguousarray(cq * steps, dtype=np.float32), c0
         return cq, np.zeros(len(cq), np.float32)
 
-    def _int8_terms(self) -> tuple[np.ndarray, np.ndarray]:
-        """int8 codes' per-dimension steps and the bucket centres of code 0 (float32): a code
-        ``c`` (-128..127) stands for ``centers + c * steps``, scored as ``q . centers +
-        (q * steps) . c`` (:func:`~embtools.kernels.codes.int8_steps`)."""
-        assert self.ranges is not None
-        starts, steps = int8_steps(self.ranges)
+    @staticmethod
+    def _int8_terms(ranges: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """int8 codes' per-dimension steps and the bucket centres of code 0 (float32) for their
+        ``ranges``: a code ``c`` (-128..127) stands for ``centers + c * steps``, scored as
+        ``q . centers + (q * steps) . c`` (:func:`~embtools.kernels.codes.int8_steps`)."""
+        starts, steps = int8_steps(ranges)
         return steps.astype(np.float32), (starts + np.float32(128.5) * steps).astype(np.float32)
 
     def _block(self, parts: np.ndarray, cq: np.ndarray,
@@ -676,7 +678,7 @@ class IvfIndex:
             asked = np.ascontiguousarray(queries[:, :self.dimension], dtype=np.float32)  # prepared in the call
             s, p, done, scanned = few.search_few(asked, self.centroids, screen, nprobe, live, need, tables,
                                                  rows[0], mask, width, kk, self.metric, self._cut_error(),
-                                                 self._c_sq, self._int8_terms() if int8 else None, rows[1:])
+                                                 self._c_sq, self._int8 if int8 else None, rows[1:])
         else:  # many rows of float codes: every other partition scanned by a second thread
             q, q64 = self._queries(queries, self.dimension), float64_queries(queries, self.dimension, self.metric)
             parts, done = few.probe_few(q, self.centroids, screen, nprobe, live, need, self.metric, self._c_sq)
