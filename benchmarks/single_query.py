@@ -18,6 +18,7 @@ Usage::
 
     python benchmarks/single_query.py                      # 300,000 x 384, nprobe 2 and 16
     python benchmarks/single_query.py --rows 1000000 --nprobe 2,8,32
+    python benchmarks/single_query.py --codes int8          # the index's default codes
 """
 
 from __future__ import annotations
@@ -88,6 +89,7 @@ def main() -> None:
     p.add_argument("--nprobe", default="2,16", help="comma list of probes")
     p.add_argument("--queries", type=int, default=200)
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--codes", default="float", help="the index's codes: float (IVF-Flat, as FAISS's) or int8")
     args = p.parse_args()
     import faiss
 
@@ -102,9 +104,9 @@ def main() -> None:
     try:
         store = et.EmbeddingStore(os.path.join(workdir, "s"), backend="numpy")
         store.add(x)
-        store.create_index(dimension=args.dim, partitions=partitions, codes="float", progress=False)
+        store.create_index(dimension=args.dim, partitions=partitions, codes=args.codes, progress=False)
         index, _ = faiss_ivf(x, partitions, 64 * partitions)
-        print(f"{args.rows:,} x {args.dim}, {partitions} partitions, k={args.k}, {args.queries} queries "
+        print(f"{args.rows:,} x {args.dim}, {partitions} partitions, {args.codes} codes, k={args.k}, {args.queries} queries "
               f"x {args.rounds} rounds, one thread each; load average {os.getloadavg()[0]:.1f}")
         print("| nprobe | form | us per query | speed vs FAISS |")
         print("|---|---|---:|---:|")

@@ -14,6 +14,8 @@ once per query group and scored against all the queries that probe it with one m
 Float codes of the search dimension are the rows as stored (cosine indexes keep each row's float64
 norm beside them; the scans multiply by its float32 inverse): :meth:`IvfIndex.rerank_whole`
 re-ranks a shortlist from them with the exact re-rank's bits, reading nothing from the data files.
+Without a memory cap, int8 codes of the search dimension re-rank theirs from the rows of the mapped
+data files in the same compiled calls (:meth:`IvfIndex.searches_whole`).
 """
 
 from __future__ import annotations
