@@ -574,6 +574,21 @@ def test_compute_similarity_goes_through_the_index(indexed):
         store.compute_similarity(q, DIM, top_k=3, nprobe=3, exact=True)
 
 
+def _store_with_history(path, x: np.ndarray, codes: str, metric: str):
+    """A store of ``x`` (2,000 rows) indexed (20 partitions, ``codes``, ``metric``) with a history:
+    rows deleted since the build (``row_id % 11 == 4``, below 1,700), a delta codes file (rows
+    1,700-1,899) and rows outside the index (1,900 on)."""
+    store = et.EmbeddingStore(path, backend="numpy")
+    store.add(x[:1200])
+    store.add(x[1200:1700])
+    store.create_index(dimension=DIM, partitions=20, codes=codes, metric=metric)
+    store.delete(where=pl.col("row_id") % 11 == 4)
+    store.add(x[1700:1900])
+    store.optimize_index(retrain_share=0.9)  # a delta codes file
+    store.add(x[1900:])  # rows outside the index
+    return store
+
+
 @pytest.mark.parametrize("metric", ["cosine", "dot", "l2"])
 def test_rerank_from_the_codes_equals_the_data_files_rerank(tmp_path, monkeypatch, metric):
     """Float codes of the search dimension are the rows as stored: a shortlist is re-ranked from
@@ -588,15 +603,8 @@ def test_rerank_from_the_codes_equals_the_data_files_rerank(tmp_path, monkeypatc
     x[::5] *= np.float32(40.0)  # norms from ~1 to ~40: cosine codes are not unit rows
     x[100:110] = x[90]  # exact duplicates
     q = np.concatenate([q, x[90:91]])
-    store = et.EmbeddingStore(tmp_path / "s", backend="numpy")
-    store.add(x[:1200])
-    store.add(x[1200:1700])
-    store.create_index(dimension=DIM, partitions=20, codes="float", metric=metric)
-    store.delete(where=pl.col("row_id") % 11 == 4)
-    store.add(x[1700:1900])
-    store.optimize_index(retrain_share=0.9)  # a delta codes file
+    store = _store_with_history(tmp_path / "s", x, "float", metric)
     assert store.indexes()[0]["partitions"] == 20 and len(store.source.manifest.indexes[0].files) >= 3
-    store.add(x[1900:])  # rows outside the index
     if metric == "cosine":  # the stored norms are the re-rank's own bits
         from embtools.index.files import CodesFile
         from embtools.kernels.jit import jit_kernels
@@ -707,14 +715,7 @@ def test_int8_codes_searched_whole_equal_the_gathered_rerank(tmp_path, monkeypat
     x[::7] *= np.float32(25.0)  # rows of very different norms
     x[100:110] = x[90]  # exact duplicates: ties by position
     q = np.concatenate([q, x[90:91], rng.standard_normal((1, stored)).astype(np.float32)])
-    store = et.EmbeddingStore(tmp_path / "s", backend="numpy")
-    store.add(x[:1200])
-    store.add(x[1200:1700])
-    store.create_index(dimension=DIM, partitions=20, codes="int8", metric=metric)
-    store.delete(where=pl.col("row_id") % 11 == 4)
-    store.add(x[1700:1900])
-    store.optimize_index(retrain_share=0.9)  # a delta codes file
-    store.add(x[1900:])  # rows outside the index
+    store = _store_with_history(tmp_path / "s", x, "int8", metric)
     probe = store.find_index(DIM, metric)
     assert probe.kind == "int8" and len(probe.files) >= 2 and len(probe.uncovered) == 100
     assert probe.searches_whole(DIM, metric)
