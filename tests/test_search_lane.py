@@ -18,19 +18,19 @@ pytestmark = pytest.mark.usefixtures("compiled")
 
 @pytest.fixture
 def compiled(monkeypatch):
-    """The lane serves indexes whose float codes the compiled kernels read."""
+    """The lane serves indexes the compiled kernels search whole (float codes, int8 codes uncapped)."""
     from embtools.kernels.jit import JIT_ENV, jit_kernels
 
     monkeypatch.setenv(JIT_ENV, "1")
     assert jit_kernels("ivf_few_jit") is not None
 
 
-def _store(tmp_path, metric: str = "cosine", n: int = 3000, max_memory_gb=None):
+def _store(tmp_path, metric: str = "cosine", n: int = 3000, max_memory_gb=None, codes: str = "float"):
     x, q = clustered(n, seed=3)
     x[50:55] = x[40]  # exact duplicates: ties
     store = et.EmbeddingStore(tmp_path / "s", backend="numpy", max_memory_gb=max_memory_gb)
     store.add(x, text_ids=[f"t{i}" for i in range(n)])
-    store.create_index(dimension=DIM, partitions=24, codes="float", metric=metric)
+    store.create_index(dimension=DIM, partitions=24, codes=codes, metric=metric)
     store.delete(where=pl.col("row_id") % 11 == 3)
     return store, x, np.concatenate([x[40:41], q[:20]])
 
@@ -57,9 +57,10 @@ def _without_lane(monkeypatch, fn):
         return fn()
 
 
-@pytest.mark.parametrize("metric", ["cosine", "dot", "l2"])
-def test_a_loop_of_single_queries_equals_the_full_path(tmp_path, monkeypatch, metric):
-    store, x, queries = _store(tmp_path, metric)
+@pytest.mark.parametrize(("metric", "codes"), [("cosine", "float"), ("dot", "float"), ("l2", "float"),
+                                              ("cosine", "int8"), ("l2", "int8")])
+def test_a_loop_of_single_queries_equals_the_full_path(tmp_path, monkeypatch, metric, codes):
+    store, x, queries = _store(tmp_path, metric, codes=codes)
     before = queries.copy()
     loop = [store.search(v, k=12, nprobe=5, metric=metric) for v in queries]
     assert len(_lanes(store)) == 1  # the first call planned, the others took its lane
