@@ -574,6 +574,24 @@ def test_compute_similarity_goes_through_the_index(indexed):
         store.compute_similarity(q, DIM, top_k=3, nprobe=3, exact=True)
 
 
+def _gathered_frames_equal(monkeypatch, store, cases: list[dict], got: list[pl.DataFrame], **kw) -> int:
+    """Search each case again with the shortlists re-ranked from rows gathered from the data files
+    (the compiled whole searches switched off): every frame equals ``got``'s; returns how many
+    re-ranks gathered rows (the index's compiled calls are switched back on after)."""
+    import embtools.index.probe as probe_mod
+    import embtools.search.ivf as ivf_mod
+
+    gathered = []
+    with monkeypatch.context() as m:
+        m.setattr(probe_mod.IvfIndex, "searches_whole", lambda self, dim, metric: False)
+        real_ragged = ivf_mod._rerank_ragged
+        m.setattr(ivf_mod, "_rerank_ragged", lambda *a: gathered.append(1) or real_ragged(*a))
+        for c, frame in zip(cases, got, strict=True):
+            c = dict(c)
+            assert frame.equals(store.search(c.pop("queries"), **kw, **c)), c
+    return len(gathered)
+
+
 def _store_with_history(path, x: np.ndarray, codes: str, metric: str):
     """A store of ``x`` (2,000 rows) indexed (20 partitions, ``codes``, ``metric``) with a history:
     rows deleted since the build (``row_id % 11 == 4``, below 1,700), a delta codes file (rows
@@ -596,7 +614,6 @@ def test_rerank_from_the_codes_equals_the_data_files_rerank(tmp_path, monkeypatc
     gathered rows: duplicate rows (ties by position), rows of very different norms, deleted rows,
     a delta codes file, rows outside the index, a filter, one query and a batch, k past the rows."""
     import embtools.index.probe as probe_mod
-    import embtools.search.ivf as ivf_mod
     from embtools.kernels.jit import jit_kernels
 
     x, q = clustered(2000, seed=51)
@@ -637,14 +654,8 @@ def test_rerank_from_the_codes_equals_the_data_files_rerank(tmp_path, monkeypatc
         assert frame.equals(store.search(c.pop("queries"), metric=metric, **c)), c
     assert len(calls) == one_call and len(fused) == 2 * len(cases)
     monkeypatch.undo()
-    slow = []
-    monkeypatch.setattr(probe_mod.IvfIndex, "searches_whole", lambda self, dim, m: False)
-    real_ragged = ivf_mod._rerank_ragged
-    monkeypatch.setattr(ivf_mod, "_rerank_ragged", lambda *a: slow.append(1) or real_ragged(*a))
-    for c, frame in zip(cases, got, strict=True):
-        c = dict(c)
-        assert frame.equals(store.search(c.pop("queries"), metric=metric, **c)), c
-    assert len(slow) == len(cases) and len(fused) == 2 * len(cases)
+    assert _gathered_frames_equal(monkeypatch, store, cases, got, metric=metric) == len(cases)
+    assert len(fused) == 2 * len(cases)
     exact = store.search(q, k=10, metric=metric, exact=True)
     assert store.search(q, k=10, nprobe=20, refine=200, metric=metric).equals(exact)
 
@@ -707,7 +718,6 @@ def test_int8_codes_searched_whole_equal_the_gathered_rerank(tmp_path, monkeypat
     codes file, rows outside the index, a filter and k past the probed rows; under a cap the
     gathered re-rank serves."""
     import embtools.index.probe as probe_mod
-    import embtools.search.ivf as ivf_mod
     from embtools.kernels.jit import jit_kernels
 
     rng = np.random.default_rng(61)
@@ -733,18 +743,12 @@ def test_int8_codes_searched_whole_equal_the_gathered_rerank(tmp_path, monkeypat
     assert len(fused) >= 5
     arrays = store.compute_similarity(qd[0], DIM, 10, nprobe=3) if metric == "cosine" else None
     monkeypatch.undo()
-    gathered = []
-    monkeypatch.setattr(probe_mod.IvfIndex, "searches_whole", lambda self, dim, m: False)
-    real_ragged = ivf_mod._rerank_ragged
-    monkeypatch.setattr(ivf_mod, "_rerank_ragged", lambda *a: gathered.append(1) or real_ragged(*a))
-    for c, frame in zip(cases, got, strict=True):
-        c = dict(c)
-        assert frame.equals(store.search(c.pop("queries"), metric=metric, dimension=DIM, **c)), c
-    assert len(gathered) == len(cases)
-    if arrays is not None:  # the seed's array form (through the lane) too
-        ref = store.compute_similarity(qd[0], DIM, 10, nprobe=3)
+    assert _gathered_frames_equal(monkeypatch, store, cases, got, metric=metric, dimension=DIM) == len(cases)
+    if arrays is not None:  # the seed's array form too
+        with monkeypatch.context() as m:
+            m.setattr(probe_mod.IvfIndex, "searches_whole", lambda self, dim, metric: False)
+            ref = store.compute_similarity(qd[0], DIM, 10, nprobe=3)
         assert np.array_equal(arrays[0], ref[0]) and np.array_equal(arrays[1], ref[1])
-    monkeypatch.undo()
     alive = (np.arange(len(x)) % 11 != 4) | (np.arange(len(x)) >= 1700)
     full = store.search(qd, k=5, nprobe=20, refine=2000, metric=metric, dimension=DIM)
     assert np.array_equal(ids(full, len(qd)), brute(x[:, :DIM], qd, 5, metric, alive=alive))
