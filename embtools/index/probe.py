@@ -676,13 +676,13 @@ class IvfIndex:
         need = min(kk, self._live_total if sel is None else int(live.sum()))
         screen = self._coarse_codes() if self._screens(nprobe) else None
         int8 = self.kind == "int8"
+        asked = np.ascontiguousarray(queries[:, :self.dimension], dtype=np.float32)
         if int8 or nq * min(nprobe, self.partitions) * self._live_total <= ONE_CALL_ROWS * max(1, self.partitions):
-            asked = np.ascontiguousarray(queries[:, :self.dimension], dtype=np.float32)  # prepared in the call
             s, p, done, scanned = few.search_few(asked, self.centroids, screen, nprobe, live, need, tables,
                                                  rows[0], mask, width, kk, self.metric, self._cut_error(),
                                                  self._c_sq, self._int8 if int8 else None, rows[1:])
         else:  # many rows of float codes: every other partition scanned by a second thread
-            q, q64 = self._queries(queries, self.dimension), float64_queries(queries, self.dimension, self.metric)
+            q, q64 = few.prepared_queries(asked, self.metric)
             parts, done = few.probe_few(q, self.centroids, screen, nprobe, live, need, self.metric, self._c_sq)
             other = _POOL.get().submit(few.scan_few, q, parts[:, 1::2], tables, mask, width)
             hs, hi, scanned = few.scan_few(q, parts[:, 0::2], tables, mask, width)

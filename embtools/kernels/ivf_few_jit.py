@@ -54,7 +54,7 @@ from embtools.kernels.rerank_jit import (
     terms_sum,
 )
 
-__all__ = ["few_tables", "finish_few", "probe_few", "scan_few", "search_few", "warm"]
+__all__ = ["few_tables", "finish_few", "prepared_queries", "probe_few", "scan_few", "search_few", "warm"]
 
 _L2 = METRICS["l2"]
 _COSINE = METRICS["cosine"]
@@ -113,6 +113,7 @@ def _scan(q: np.ndarray, c0: np.ndarray, probes: np.ndarray, holds: np.ndarray, 
         for part in probes.ravel():
             if part >= 0 and holds[part, f]:
                 used = True
+                break
         if not used:
             continue
         st = starts[f]
@@ -271,6 +272,14 @@ def search_few(queries: np.ndarray, centroids: np.ndarray, screen: tuple[np.ndar
         holds, starts, codes, pos, sq, inv, steps, centers, rows_, norms_, where, mask, width, kk, METRICS[metric],
         eps, sum_program(queries.shape[1]))
     return out_s, out_p, done, int(scanned)
+
+
+def prepared_queries(queries: np.ndarray, metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(q, q64)``: the float32 queries the probe and scan score with and the float64 ones of the
+    re-rank, as :func:`search_few` prepares ``queries`` (``(nq, d)`` float32, C-contiguous): for
+    cosine divided by their norms, computed once for both."""
+    out: tuple[np.ndarray, np.ndarray] = _prepared(queries, metric == "cosine", sum_program(queries.shape[1]))
+    return out
 
 
 def probe_few(q: np.ndarray, centroids: np.ndarray, screen: tuple[np.ndarray, ...] | None, nprobe: int,
