@@ -778,7 +778,9 @@ def test_int8_search_of_a_damaged_data_file_is_corrupt_store_error(tmp_path):
         b = fh.read(1)
         fh.seek(-1, os.SEEK_CUR)
         fh.write(bytes([b[0] ^ 0x10]))
+    again = et.EmbeddingStore(tmp_path / "s", backend="numpy")  # raises at every call, not only the first
     for call in (lambda s: s.search(q[0], k=5, nprobe=3), lambda s: s.search(q, k=5, nprobe=3),
                  lambda s: s.compute_similarity(q[1], DIM, 5, nprobe=3)):
-        with pytest.raises(CorruptStoreError):
-            call(et.EmbeddingStore(tmp_path / "s", backend="numpy"))
+        for store in (et.EmbeddingStore(tmp_path / "s", backend="numpy"), again):
+            with pytest.raises(CorruptStoreError):
+                call(store)

@@ -632,14 +632,15 @@ class IvfIndex:
         each position's ``chunk << CODE_SHIFT | row`` in them (8 bytes a row), built on first use;
         None where there are none (a memory cap, files not mapped)."""
         if self._rows is None:
-            self._rows = False
+            rows: tuple[Any, ...] | bool = False
             if self.raw:
                 lists = self._code_lists()
-                self._rows = (self._where, lists[2], lists[6])
+                rows = (self._where, lists[2], lists[6])
             elif self.kind == "int8" and hasattr(self._source, "row_views"):
-                got = self._source.row_views(self.dimension)
+                got = self._source.row_views(self.dimension)  # a damaged file raises here, each time
                 if got is not None:
-                    self._rows = self._data_rows(*got)
+                    rows = self._data_rows(*got)
+            self._rows = rows
         return self._rows if isinstance(self._rows, tuple) else None
 
     def _data_rows(self, starts: np.ndarray, views: list[np.ndarray]) -> tuple[Any, ...] | bool:
