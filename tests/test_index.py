@@ -524,8 +524,8 @@ def test_certified_cut_of_float_shortlists_keeps_the_exact_top_k(tmp_path, monke
     widths = []
     cut = probe_mod.IvfIndex._certified
 
-    def spy(self, hs, hi, kk):
-        out = cut(self, hs, hi, kk)
+    def spy(self, jit, hs, hi, kk):
+        out = cut(self, jit, hs, hi, kk)
         widths.append(out.shape[1])
         return out
 

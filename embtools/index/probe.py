@@ -386,7 +386,7 @@ class IvfIndex:
         jit.sort_heaps(hs, hi)
         self._touched += scored * self.code_dim * 4
         self._release_if_needed()
-        return self._certified(hs, hi, kk)
+        return self._certified(jit, hs, hi, kk)
 
     def _cut_error(self) -> float:
         """The certified error of a code's float32 score, for float codes of the full vectors
@@ -397,20 +397,20 @@ class IvfIndex:
             return (2 * self.code_dim + 16) * 2.0**-24
         return 0.0
 
-    def _certified(self, hs: np.ndarray, hi: np.ndarray, kk: int) -> np.ndarray:
+    def _certified(self, jit: Any, hs: np.ndarray, hi: np.ndarray, kk: int) -> np.ndarray:
         """The shortlist ``hi`` (scores ``hs``, best first) cut to the columns that can hold a
         row of a query's exact top ``kk``, for float codes of the full vectors (cosine): a code's
         float32 score is within ``eps = (2d + 16) u`` of the row's exact cosine (unit codes: the
         two roundings to unit length and the float32 product; raw codes: the query's rounding to
         unit length, the float32 product, the float32 inverse norm and the product with it, for
         rows of norms within 1e-15..1e15), so a row scoring more than ``2 eps`` below the
-        ``kk``-th is below the exact scores of ``kk`` others and is not re-ranked."""
+        ``kk``-th is below the exact scores of ``kk`` others and is not re-ranked. A batch keeps
+        the widest query's cut (:func:`~embtools.kernels.ivf_jit.certified_width`, the rule a
+        single query's compiled call applies)."""
         eps = self._cut_error()
         if not eps or hi.shape[1] <= kk or not len(hi):
             return hi
-        floor = hs[:, kk - 1] - np.float32(2 * eps)
-        keep = int((hs >= floor[:, None]).sum(axis=1).max())
-        return hi[:, :max(keep, kk)]
+        return hi[:, :jit.certified_width(hs, kk, eps)]
 
     def _scan(self, jit: Any, weights: np.ndarray, c0: np.ndarray, parts: np.ndarray, mask: np.ndarray,
               hs: np.ndarray, hi: np.ndarray) -> None:

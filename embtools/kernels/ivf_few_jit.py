@@ -36,6 +36,7 @@ from numba import njit
 
 from embtools.kernels.ivf_jit import (
     EMPTY,
+    _certified_width,
     _dot,
     _push,
     _sort_heaps,
@@ -129,17 +130,12 @@ def _finish(hs: np.ndarray, hi: np.ndarray, q64: np.ndarray, eps: float, where: 
             norms: Any, metric: int, program: np.ndarray, out_s: np.ndarray,
             out_p: np.ndarray) -> None:  # pragma: no cover - compiled
     """Sort the heaps of queries ``q64``, cut each shortlist where its float32 scores certify it
-    (``eps`` > 0; :meth:`embtools.index.IvfIndex._certified`) and re-rank it from the codes into
-    ``out_s, out_p``."""
+    (``eps`` > 0; :func:`~embtools.kernels.ivf_jit._certified_width`) and re-rank it from the codes
+    into ``out_s, out_p``."""
     _sort_heaps(hs, hi)
-    width, kk = hs.shape[1], out_s.shape[1]
+    kk = out_s.shape[1]
     for i in range(hs.shape[0]):
-        keep = width
-        if eps > 0 and width > kk:
-            floor = hs[i, kk - 1] - np.float32(2 * eps)
-            keep = kk
-            while keep < width and hs[i, keep] >= floor:
-                keep += 1
+        keep = _certified_width(hs[i], kk, eps)
         _code_top(q64[i:i + 1], hi[i:i + 1, :keep], where, codes, norms, metric, program,
                   out_s[i:i + 1], out_p[i:i + 1])
 

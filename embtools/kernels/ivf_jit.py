@@ -40,6 +40,7 @@ from numba import njit
 
 __all__ = [
     "centroid_scores",
+    "certified_width",
     "new_heaps",
     "nibble_tables",
     "scan_dense",
@@ -310,6 +311,41 @@ def _sort_heaps(hs: np.ndarray, hi: np.ndarray) -> None:  # pragma: no cover - c
 def sort_heaps(hs: np.ndarray, hi: np.ndarray) -> None:
     """Order each heap best first, in place; empty slots end up last with position -1."""
     _sort_heaps(hs, hi)
+
+
+@njit(nogil=True, cache=True)
+def _certified_width(scores: np.ndarray, kk: int, eps: float) -> int:  # pragma: no cover - compiled
+    """How many of a shortlist's float32 ``scores`` (sorted, best first) can hold a row of the
+    exact top ``kk``: those within ``2 eps`` of the ``kk``-th (every one when ``eps`` is 0 or the
+    shortlist holds ``kk`` or fewer); the rule of :meth:`embtools.index.IvfIndex._certified`."""
+    width = scores.shape[0]
+    if eps <= 0 or width <= kk:
+        return width
+    floor = scores[kk - 1] - np.float32(2 * eps)
+    keep = kk
+    while keep < width and scores[keep] >= floor:
+        keep += 1
+    return keep
+
+
+@njit(nogil=True, cache=True)
+def _widest_cut(hs: np.ndarray, kk: int, eps: float) -> int:  # pragma: no cover - compiled
+    widest = 0
+    for i in range(hs.shape[0]):
+        widest = max(widest, _certified_width(hs[i], kk, eps))
+    return widest
+
+
+def certified_width(hs: np.ndarray, kk: int, eps: float) -> int:
+    """The widest certified cut (:func:`_certified_width`) of the sorted heaps ``hs`` (one row per
+    query): the columns a batch's shortlists keep.
+
+    Examples
+    --------
+    >>> certified_width(np.array([[0.9, 0.8, 0.79, 0.5]], np.float32), 2, 0.01)
+    3
+    """
+    return int(_widest_cut(hs, kk, eps)) if len(hs) else int(hs.shape[1])
 
 
 def nibble_tables(queries: np.ndarray, nbytes: int) -> np.ndarray:
