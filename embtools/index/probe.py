@@ -407,10 +407,7 @@ class IvfIndex:
         ``kk``-th is below the exact scores of ``kk`` others and is not re-ranked. A batch keeps
         the widest query's cut (:func:`~embtools.kernels.ivf_jit.certified_width`, the rule a
         single query's compiled call applies)."""
-        eps = self._cut_error()
-        if not eps or hi.shape[1] <= kk or not len(hi):
-            return hi
-        return hi[:, :jit.certified_width(hs, kk, eps)]
+        return hi[:, :jit.certified_width(hs, kk, self._cut_error())]
 
     def _scan(self, jit: Any, weights: np.ndarray, c0: np.ndarray, parts: np.ndarray, mask: np.ndarray,
               hs: np.ndarray, hi: np.ndarray) -> None:
@@ -432,16 +429,15 @@ class IvfIndex:
 
     def _weights(self, jit: Any, cq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """What the compiled scans score codes with: ``(weights, c0)``, float codes ``cq`` and 0,
-        int8 ``cq * step`` and ``q . (start + 128.5 step)`` (the bucket centres), binary the
-        nibble tables (and no constant)."""
+        int8 ``cq * step`` and ``q . (start + 128.5 step)`` (the bucket centres:
+        :func:`~embtools.kernels.ivf_jit.scan_weights`), binary the nibble tables (and no
+        constant)."""
         if self.kind == "binary":
             return jit.nibble_tables(cq, (self.code_dim + 7) // 8), np.zeros(0, np.float32)
         if self.kind == "int8":
             assert self._int8 is not None
-            steps, centers = self._int8
-            # float64 products summed pairwise along the rows: the compiled single search's bits
-            c0 = np.sum(cq.astype(np.float64) * centers.astype(np.float64), axis=1).astype(np.float32)
-            return np.ascontiguousarray(cq * steps, dtype=np.float32), c0
+            out: tuple[np.ndarray, np.ndarray] = jit.scan_weights(np.ascontiguousarray(cq), *self._int8)
+            return out
         return cq, np.zeros(len(cq), np.float32)
 
     @staticmethod
@@ -459,10 +455,10 @@ class IvfIndex:
         codes, and the rows' positions; rows that may not be returned score -inf."""
         m = len(cq)
         if self.kind == "int8":  # score the bucket centres: codes @ (q * step) + q . (start + 128.5 step)
-            assert self.ranges is not None
-            starts, steps = int8_steps(self.ranges)
+            assert self._int8 is not None
+            steps, centers = self._int8
             w = np.ascontiguousarray((cq * steps).T, dtype=np.float32)
-            c0 = (cq @ (starts + np.float32(128.5) * steps)).astype(np.float32)
+            c0 = (cq @ centers).astype(np.float32)
         else:
             w, c0 = np.ascontiguousarray(cq.T), None
         total = int(self.total_counts[parts].sum())

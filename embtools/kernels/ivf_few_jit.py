@@ -39,6 +39,7 @@ from embtools.kernels.ivf_jit import (
     _certified_width,
     _dot,
     _push,
+    _scan_weights,
     _sort_heaps,
     merge_heaps,
     new_heaps,
@@ -52,7 +53,6 @@ from embtools.kernels.rerank_jit import (
     _row_norms,
     frozen_list,
     sum_program,
-    terms_sum,
 )
 
 __all__ = ["few_tables", "finish_few", "prepared_queries", "probe_few", "scan_few", "search_few", "warm"]
@@ -106,7 +106,7 @@ def _scan(q: np.ndarray, c0: np.ndarray, probes: np.ndarray, holds: np.ndarray, 
           hi: np.ndarray) -> int:  # pragma: no cover - compiled
     """Scan partitions ``probes`` (``(nq, m)``, -1: none) of the codes files holding rows of them
     (``holds[part, file]``) into the heaps ``hs, hi`` of the scan weights ``q`` and constants
-    ``c0`` (:func:`_weights`); returns the rows scanned. The other files are not touched (a
+    ``c0`` (:func:`~embtools.kernels.ivf_jit.scan_weights`); returns the rows scanned. The other files are not touched (a
     typed list's item costs a reference count)."""
     scanned = 0
     for f in range(holds.shape[1]):
@@ -181,28 +181,6 @@ def _prepared(queries: np.ndarray, cosine: bool, program: np.ndarray) -> tuple[n
 
 
 @njit(nogil=True, cache=True)
-def _weights(q: np.ndarray, steps: np.ndarray, centers: np.ndarray,
-             program: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # pragma: no cover - compiled
-    """The scan weights and constants of the float32 queries ``q``: ``q`` and 0 for float codes
-    (``steps`` empty), for int8 codes ``q * steps`` and ``q . centers`` (the bucket centres of
-    code 0; float64 products summed in NumPy's pairwise order, rounded to float32), the bits of
-    :meth:`embtools.index.IvfIndex._weights`."""
-    nq = q.shape[0]
-    c0 = np.zeros(nq, np.float32)
-    if steps.shape[0] == 0:
-        return q, c0
-    w = np.empty_like(q)
-    q64 = np.empty(q.shape[1])
-    stack = np.empty(len(program))
-    for i in range(nq):
-        for t in range(q.shape[1]):
-            w[i, t] = q[i, t] * steps[t]
-            q64[t] = q[i, t]
-        c0[i] = np.float32(terms_sum(centers, q64, 0, program, stack))
-    return w, c0
-
-
-@njit(nogil=True, cache=True)
 def _search_few(queries: np.ndarray, centroids: np.ndarray, c_sq: np.ndarray,
                 coarse: np.ndarray, lo: np.ndarray, step: np.ndarray, err: np.ndarray,
                 cmax: np.ndarray, nprobe: int, live: np.ndarray, need: int, holds: np.ndarray, starts: Any, codes: Any,
@@ -213,7 +191,7 @@ def _search_few(queries: np.ndarray, centroids: np.ndarray, c_sq: np.ndarray,
     q, q64 = _prepared(queries, metric == _COSINE, program)
     out_s, out_p = _padded(q.shape[0], kk, metric)
     parts, done = _probe_few(q, centroids, c_sq, coarse, lo, step, err, cmax, nprobe, live, need, metric == _L2)
-    w, c0 = _weights(q, steps, centers, program)
+    w, c0 = _scan_weights(q, steps, centers, program)
     scanned = 0
     for i in range(q.shape[0]):  # each query scanned and re-ranked while its rows are in the cache
         if not done[i]:  # left padded

@@ -38,6 +38,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from embtools.kernels.rerank_jit import sum_program, terms_sum
+
 __all__ = [
     "centroid_scores",
     "certified_width",
@@ -45,6 +47,7 @@ __all__ = [
     "nibble_tables",
     "scan_dense",
     "scan_signs",
+    "scan_weights",
     "screen_terms",
     "screened_centroids",
     "sort_heaps",
@@ -311,6 +314,45 @@ def _sort_heaps(hs: np.ndarray, hi: np.ndarray) -> None:  # pragma: no cover - c
 def sort_heaps(hs: np.ndarray, hi: np.ndarray) -> None:
     """Order each heap best first, in place; empty slots end up last with position -1."""
     _sort_heaps(hs, hi)
+
+
+@njit(nogil=True, cache=True)
+def _scan_weights(q: np.ndarray, steps: np.ndarray, centers: np.ndarray,
+             program: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # pragma: no cover - compiled
+    """The scan weights and constants of the float32 queries ``q``: ``q`` and 0 for float codes
+    (``steps`` empty), for int8 codes ``q * steps`` and ``q . centers`` (the bucket centres of
+    code 0; float64 products summed in NumPy's pairwise order, rounded to float32), the bits of
+    every scan of int8 codes (:func:`scan_weights`)."""
+    nq = q.shape[0]
+    c0 = np.zeros(nq, np.float32)
+    if steps.shape[0] == 0:
+        return q, c0
+    w = np.empty_like(q)
+    q64 = np.empty(q.shape[1])
+    stack = np.empty(len(program))
+    for i in range(nq):
+        for t in range(q.shape[1]):
+            w[i, t] = q[i, t] * steps[t]
+            q64[t] = q[i, t]
+        c0[i] = np.float32(terms_sum(centers, q64, 0, program, stack))
+    return w, c0
+
+
+def scan_weights(q: np.ndarray, steps: np.ndarray, centers: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The weights and constants :func:`scan_dense` scores int8 codes with, for the float32
+    queries ``q`` (C-contiguous) and the codes' per-dimension ``steps`` and bucket centres of
+    code 0 (float32): ``q * steps`` and ``q . centers`` (float64 products summed in NumPy's
+    pairwise order, rounded to float32), what the compiled single-query call computes too.
+
+    Examples
+    --------
+    >>> w, c0 = scan_weights(np.array([[1, 2]], np.float32), np.array([0.5, 0.25], np.float32),
+    ...                      np.array([1, 1], np.float32))
+    >>> w.tolist(), c0.tolist()
+    ([[0.5, 0.5]], [3.0])
+    """
+    out: tuple[np.ndarray, np.ndarray] = _scan_weights(q, steps, centers, sum_program(q.shape[1]))
+    return out
 
 
 @njit(nogil=True, cache=True)
