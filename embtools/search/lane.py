@@ -5,8 +5,9 @@ search again and again: the same ``k``, ``nprobe``, ``refine`` and dimension aga
 version. Checking the arguments, planning the path and sizing it under the cap cost more than the
 compiled search itself (about 90 us against 120 us at 1M rows). The first call of a loop takes
 the full path (:func:`~embtools.search.plan.plan_search`); when its plan is one query through
-an index searched whole in compiled calls (:meth:`~embtools.search.ivf.IndexProbe.searches_whole`), with no filter and no row outside the index, :func:`open_lane`
-keeps that plan as an :class:`IndexLane`, cached on the store under the call's arguments. Later
+an index searched whole in compiled calls (:meth:`~embtools.search.ivf.IndexProbe.searches_whole`),
+with no filter and no row outside the index, :func:`open_lane` keeps that plan as an
+:class:`IndexLane`, cached on the store under the call's arguments. Later
 calls with the same arguments check only the query (shape, dtype, finite values) and run
 :meth:`IndexLane.run`: the same compiled call (:meth:`~embtools.search.ivf.IndexProbe.top_whole`),
 holding the same workspace under the cap, so the results are the full path's bit for bit. A
