@@ -97,7 +97,7 @@ class IvfIndex:
         self.code_dim = int(info["code_dim"])
         self.codes = str(info.get("codes", "float"))
         self.kind = self.codes if self.codes in ("int8", "binary") else "float"
-        self.default_refine = {"int8": 4, "binary": 10}.get(
+        self.default_refine = {"int8": 2, "binary": 10}.get(
             self.kind, 1 if self.code_dim >= self.dimension else 10)
         #: float codes of the full dimension are the rows as stored (unit rows of cosine indexes
         #: built before ``raw_codes``): a shortlist is re-ranked from them (:meth:`rerank_whole`)
