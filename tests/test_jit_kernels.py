@@ -31,6 +31,24 @@ def test_terms_sum_is_numpys_pairwise_sum_to_the_bit(n):
     assert np.array_equal(got, np.sum(a, axis=-1))
 
 
+@pytest.mark.parametrize("n", [3, 8, 15, 96, 128, 130, 384, 1000])
+def test_each_term_summed_from_float32_rows_is_numpys_to_the_bit(n):
+    """``x*y``, ``(x-y)**2`` and ``x*x`` of float32 rows and float64 queries, widened and summed in
+    eight vector lanes (:func:`~embtools.kernels.rerank_jit._eight_lanes`), give the bits of
+    NumPy's float64 expressions, for contiguous rows and for strided ones (a prefix of wider
+    rows, every other value) read value by value."""
+    rng = np.random.default_rng(n)
+    wide = (rng.standard_normal((50, 2 * n + 3)) * 10.0 ** rng.integers(-6, 6, (50, 1))).astype(np.float32)
+    y = rng.standard_normal(n)
+    program, stack = rr.sum_program(n), np.empty(64)
+    for rows in (np.ascontiguousarray(wide[:, :n]), wide[:, :n], wide[:, : 2 * n : 2]):
+        x64 = rows.astype(np.float64)
+        for mode, want in ((0, np.sum(x64 * y, axis=-1)), (1, np.sum((x64 - y) ** 2, axis=-1)),
+                           (2, np.sum(x64 * x64, axis=-1))):
+            got = np.array([rr.terms_sum(row, y, mode, program, stack) for row in rows])
+            assert np.array_equal(got.view(np.uint64), want.view(np.uint64)), (n, mode, rows.strides)
+
+
 @pytest.mark.parametrize("dim", [1, 7, 32, 129, 384, 1000])
 @pytest.mark.parametrize("metric", ["cosine", "dot", "l2"])
 def test_the_single_query_call_prepares_queries_as_the_probe_and_the_rerank_do(dim, metric):
