@@ -96,6 +96,8 @@ def _eight_lanes(term: str) -> Any:
 
     @intrinsic
     def block(typingctx: Any, x: Any, y: Any, lo: Any, n: Any) -> Any:  # pragma: no cover - compiled
+        if not all(isinstance(a, types.Array) and isinstance(a.dtype, types.Float) for a in (x, y)):
+            return None  # float rows and queries only (a typing error names the call)
         sig = types.float64(x, y, lo, n)
 
         def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
