@@ -318,7 +318,7 @@ def sort_heaps(hs: np.ndarray, hi: np.ndarray) -> None:
 
 @njit(nogil=True, cache=True)
 def _scan_weights(q: np.ndarray, steps: np.ndarray, centers: np.ndarray,
-             program: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # pragma: no cover - compiled
+                  program: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # pragma: no cover - compiled
     """The scan weights and constants of the float32 queries ``q``: ``q`` and 0 for float codes
     (``steps`` empty), for int8 codes ``q * steps`` and ``q . centers`` (the bucket centres of
     code 0; float64 products summed in NumPy's pairwise order, rounded to float32), the bits of
