@@ -53,23 +53,30 @@ def test_few_rows_equal_take_and_reference(rng, text_type, label, offset):
                                         pl.Series("text_id", slow.text_id),
                                         pl.Series("label", slow.label)]))
     assert (rows.strings() is None) == (label == "int")
-    if rows.strings() is not None:
-        assert BaseRows.few_frame([(rows, 5), (rows, 0)]).rows() == _reference(table, np.array([5, 0]))
+    if rows.strings() is not None:  # both element-by-element gathers: vectorised and one by one
+        idx = np.array([5, 0, 5, 249])
+        assert list(zip(*rows.values(idx), strict=True)) == _reference(table, idx)
+        assert list(zip(*BaseRows.few_values([(rows, i) for i in idx.tolist()]),
+                        strict=True)) == _reference(table, idx)
 
 
 def test_few_rows_of_an_empty_gather():
     rows = BaseRows.of(pa.table({"row_id": pa.array([4], pa.int64()), "text_id": ["a"],
                                  "label": pa.nulls(1, pa.string())}))
-    out = BaseRows.few_frame([])
+    out = snapshot.base_frame(BaseRows.few_values([]))
     assert out.height == 0 and out.columns == ["row_id", "text_id", "label"]
     assert rows.frame(np.zeros(0, np.int64)).schema == out.schema
 
 
 @pytest.mark.parametrize("labels", ["strings", "ints"])
-def test_take_metadata_few_and_many_rows_over_row_groups(tmp_path, rng, monkeypatch, labels):
+@pytest.mark.parametrize("joined", [True, False])
+def test_take_metadata_few_and_many_rows_over_row_groups(tmp_path, rng, monkeypatch, labels, joined):
     """A store of several files and row groups: hits spread over them, in any order, with repeats,
-    give the rows of the files as pyarrow reads them, the same frame on both paths."""
+    give the rows of the files as pyarrow reads them, the same frame on both paths, whether the
+    row groups' base rows are joined into one piece once all are cached or kept apart."""
     n, per = 900, 300
+    if not joined:
+        monkeypatch.setattr(snapshot.Snapshot, "_join_base_rows", lambda self, groups: None)
     store = et.EmbeddingStore(tmp_path / "s", backend="numpy")
     lab = [None if i % 4 == 1 else (f"é{i % 7}" if labels == "strings" else i % 7) for i in range(n)]
     for a in range(0, n, per):
@@ -82,19 +89,20 @@ def test_take_metadata_few_and_many_rows_over_row_groups(tmp_path, rng, monkeypa
         pos[: m // 4] = pos[-1]
         fast = src.take_metadata(pos)
         assert fast.rows() == _reference(ref, pos)
-        monkeypatch.setattr(snapshot, "FEW_ROWS", 0)  # every gather through pyarrow's take
-        assert fast.equals(src.take_metadata(pos))
-        monkeypatch.undo()
+        with monkeypatch.context() as m:
+            m.setattr(snapshot, "FEW_ROWS", 0)  # every gather through pyarrow's take
+            assert fast.equals(src.take_metadata(pos))
         extra = src.take_metadata(pos, ["label"])
         assert extra.equals(fast)
+    assert (src._whole_base is not None) == joined  # every row group was read: joined when allowed
     for nq in (1, 3):  # the result frame of a few hits is built in one go
         q = rng.standard_normal((nq, 4)).astype(np.float32)
         res = store.search(q, k=7)
         assert res["text_id"].to_list() == [f"é{i}" * (i % 3 + 1) for i in res["row_id"].to_list()]
         assert res["label"].to_list() == [lab[i] for i in res["row_id"].to_list()]
-        monkeypatch.setattr(snapshot, "FEW_ROWS", 0)
-        assert res.equals(store.search(q, k=7))
-        monkeypatch.undo()
+        with monkeypatch.context() as m:
+            m.setattr(snapshot, "FEW_ROWS", 0)
+            assert res.equals(store.search(q, k=7))
     with pytest.raises(InvalidArgumentError, match="out of range"):
         src.few_base_values(np.array([3, n]))
 
@@ -148,9 +156,12 @@ def test_invalid_utf8_is_corrupt_store_error():
     bad = pa.Array.from_buffers(pa.string(), 2, [None, pa.py_buffer(np.array([0, 1, 3], np.int32)),
                                                  pa.py_buffer(b"a\xff\xfe")])
     rows = BaseRows(np.array([1, 2], np.int64), bad, pa.array(["x", "y"]))
-    assert BaseRows.few_frame([(rows, 0)]).rows() == [(1, "a", "x")]
+    assert rows.frame(np.array([0])).rows() == [(1, "a", "x")]
+    assert BaseRows.few_values([(rows, 0)]) == ([1], ["a"], ["x"])
     with pytest.raises(CorruptStoreError):
-        BaseRows.few_frame([(rows, 1)])
+        rows.frame(np.array([0, 1]))
+    with pytest.raises(CorruptStoreError):
+        BaseRows.few_values([(rows, 1)])
 
 
 def test_take_rows_few_rows_gather_equals_the_chunked_path(tmp_path, rng, monkeypatch):
@@ -208,3 +219,25 @@ def test_take_rows_under_a_cap_does_not_keep_views(tmp_path, rng):
     out = np.empty((3, 4), np.float32)
     src.take_rows(4, np.array([0, 7, 299], np.int64), out)
     assert np.array_equal(out, x[[0, 7, 299]]) and not src._views
+
+
+def test_base_rows_are_joined_only_within_half_the_metadata_cache(tmp_path, rng, monkeypatch):
+    """The joined copy and its pieces are held together for a moment: the row groups are joined
+    only when they fill at most half of META_CACHE_BYTES, and the joined piece is then all the
+    cache holds."""
+    store = et.EmbeddingStore(tmp_path / "s", backend="numpy")
+    for a in range(0, 600, 200):
+        store.add(rng.standard_normal((200, 4)).astype(np.float32),
+                  text_ids=[f"t{i}" for i in range(a, a + 200)])
+    pos = np.arange(0, 600, 7)
+    total = sum(store.source._base_rows(g).nbytes for g in range(3))
+    for cap, joined in ((total * 3 // 2, False), (total * 2, True)):
+        monkeypatch.setattr(snapshot, "META_CACHE_BYTES", cap)
+        src = et.EmbeddingStore(tmp_path / "s", backend="numpy").source
+        got = src.take_metadata(pos)
+        assert got["text_id"].to_list() == [f"t{i}" for i in pos.tolist()]
+        assert (src._whole_base is not None) == joined
+        assert src._meta_bytes <= cap
+        if joined:
+            assert not src._meta_groups and src._meta_bytes == src._whole_base.nbytes
+            assert src.few_base_values(pos[:5])[1] == [f"t{i}" for i in pos[:5].tolist()]

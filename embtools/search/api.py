@@ -35,6 +35,8 @@ from embtools.search.request import (
     prepare_queries,
     search_dimension,
 )
+from embtools.storage.small_frame import small_frame
+from embtools.storage.snapshot import base_columns
 
 __all__ = [
     "compute_similarity",
@@ -62,11 +64,12 @@ def _columns(columns: Any) -> list[str] | None:
 
 
 @functools.lru_cache(maxsize=64)
-def _query_rank(nq: int, kk: int) -> pl.DataFrame:
-    """The frame ``query, rank`` of ``nq`` queries' ``kk`` hits each (frames are immutable:
-    frames built on it share its columns)."""
-    return pl.DataFrame({"query": np.repeat(np.arange(nq, dtype=np.int64), kk),
-                         "rank": np.tile(np.arange(kk, dtype=np.int64), nq)})
+def _query_rank(nq: int, kk: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``query`` and ``rank`` values of ``nq`` queries' ``kk`` hits each (read-only)."""
+    query = np.repeat(np.arange(nq, dtype=np.int64), kk)
+    rank = np.tile(np.arange(kk, dtype=np.int64), nq)
+    query.flags.writeable = rank.flags.writeable = False
+    return query, rank
 
 
 def result_frame(
@@ -78,10 +81,10 @@ def result_frame(
     few = getattr(source, "few_base_values", None)
     if not columns and few is not None:  # a few hits (FEW_ROWS): gathered one by one
         base = few(positions.reshape(-1))
-        if base is not None:  # the query and rank columns of this (small) shape are made once
-            return _query_rank(nq, kk).hstack([
-                pl.Series("row_id", base[0], pl.Int64), pl.Series("text_id", base[1], pl.String),
-                pl.Series("label", base[2], pl.String), pl.Series("score", flat)])
+        if base is not None:
+            query, rank = _query_rank(nq, kk)
+            return small_frame([("query", pl.Int64, query), ("rank", pl.Int64, rank),
+                                *base_columns(base), ("score", pl.Float32, flat)])
     try:  # repeats (a row hit by several queries) are gathered as often as they come
         meta = source.take_metadata(positions.reshape(-1), columns)
     except EmbtoolsError:

@@ -42,6 +42,7 @@ from embtools.storage.datafile import EMBEDDING_COLUMN, MappedParquetFile
 from embtools.storage.io import as_storage
 from embtools.storage.manifest import Manifest, StoreRoot, missing_file_error
 from embtools.storage.schema import LABEL, ROW_ID, TEXT_ID, emb_column, empty_table
+from embtools.storage.small_frame import Column, small_frame
 from embtools.storage.source import Chunk, ChunkedSource
 from embtools.storage.verify import CheckedFile
 
@@ -65,15 +66,21 @@ def metadata_frame(table: pa.Table) -> pl.DataFrame:
     return out
 
 
-#: the polars types of the base columns (text_id and label as plain strings)
-_BASE_SCHEMA = {ROW_ID: pl.Int64, TEXT_ID: pl.String, LABEL: pl.String}
+#: the ``row_id, text_id, label`` values of a few rows, a list each
+BaseValues = tuple[list[int], list[str | None], list[str | None]]
 
 
-def _base_frame(values: tuple[list[int], list[str | None], list[str | None]]) -> pl.DataFrame:
-    """The ``row_id, text_id, label`` frame of a few rows' values, built by polars from rows."""
-    return pl.DataFrame(list(zip(*values, strict=True)), schema=_BASE_SCHEMA, orient="row")
+def base_columns(values: BaseValues) -> list[Column]:
+    """The :func:`small_frame` columns ``row_id, text_id, label`` of a few rows' values."""
+    return [(ROW_ID, pl.Int64, values[0]), (TEXT_ID, pl.String, values[1]),
+            (LABEL, pl.String, values[2])]
 
-#: at most this many positions are gathered element by element (:meth:`BaseRows.few_frame`);
+
+def base_frame(values: BaseValues) -> pl.DataFrame:
+    """The ``row_id, text_id, label`` frame of a few rows' values."""
+    return small_frame(base_columns(values))
+
+#: at most this many positions are gathered element by element (:meth:`BaseRows.values`);
 #: more go through pyarrow's ``take`` (one dispatch of ~20 us per row group, then per element
 #: costs much less than the ~1 us of a Python-level gather)
 FEW_ROWS = 128
@@ -119,6 +126,25 @@ class _Strings:
         except UnicodeDecodeError:  # bytes Arrow's reader did not check
             raise CorruptStoreError("a string column holds bytes that are not UTF-8") from None
 
+    def gather(self, idx: np.ndarray) -> list[str | None]:
+        """Elements ``idx`` (an int64 array in range), in order."""
+        if self.nulls and self.valid is None:
+            return [None] * len(idx)
+        data, starts, stops = self.data, self.offsets[idx], self.offsets[idx + 1]
+        nulls: list[int] = []
+        if self.valid is not None:
+            bits = idx + self.bits
+            nulls = np.flatnonzero(((self.valid[bits >> 3] >> (bits & 7)) & 1) == 0).tolist()
+            stops[nulls] = starts[nulls]  # a null's bytes are not read
+        try:
+            out: list[str | None] = [str(data[a:b], "utf-8") for a, b in
+                                     zip(starts.tolist(), stops.tolist(), strict=True)]
+        except UnicodeDecodeError:  # bytes Arrow's reader did not check
+            raise CorruptStoreError("a string column holds bytes that are not UTF-8") from None
+        for j in nulls:
+            out[j] = None
+        return out
+
 
 @dataclass(frozen=True)
 class BaseRows:
@@ -136,8 +162,8 @@ class BaseRows:
     ...                              "label": pa.nulls(2, pa.string())}))
     >>> rows.frame(np.array([1, 1, 0])).rows()
     [(8, 'b', None), (8, 'b', None), (7, 'a', None)]
-    >>> BaseRows.few_frame([(rows, 1), (rows, 0)]).rows()
-    [(8, 'b', None), (7, 'a', None)]
+    >>> rows.values(np.array([1, 0]))
+    ([8, 7], ['b', 'a'], [None, None])
     """
 
     row_id: np.ndarray
@@ -162,6 +188,11 @@ class BaseRows:
         at = pa.array(idx, type=pa.int64())
         return BaseRows(self.row_id[idx], self.text_id.take(at), self.label.take(at))
 
+    def slice(self, start: int, length: int) -> BaseRows:
+        """Rows ``start .. start + length - 1`` (views, no copy)."""
+        return BaseRows(self.row_id[start:start + length], self.text_id.slice(start, length),
+                        self.label.slice(start, length))
+
     @staticmethod
     def concat(parts: Sequence[BaseRows]) -> BaseRows:
         """The rows of ``parts``, one after the other."""
@@ -171,8 +202,9 @@ class BaseRows:
 
     def frame(self, idx: np.ndarray | None = None) -> pl.DataFrame:
         """A polars frame ``row_id, text_id, label`` of the rows at ``idx`` (None: all)."""
-        if idx is not None and len(idx) <= FEW_ROWS and self.strings() is not None:
-            return BaseRows.few_frame([(self, i) for i in np.asarray(idx).tolist()])
+        few = self.values(np.asarray(idx, np.int64)) if idx is not None and len(idx) <= FEW_ROWS else None
+        if few is not None:
+            return base_frame(few)
         rows = self if idx is None else self.take(idx)
         return pl.DataFrame([pl.Series(ROW_ID, rows.row_id), pl.Series(TEXT_ID, rows.text_id),
                              pl.Series(LABEL, rows.label)])
@@ -186,8 +218,16 @@ class BaseRows:
         text, label = views
         return None if text is None or label is None else (text, label)
 
+    def values(self, idx: np.ndarray) -> BaseValues | None:
+        """The ``row_id, text_id, label`` values of the rows at ``idx`` (an int64 array in range),
+        in order, gathered element by element; None when the strings are not plain."""
+        views = self.strings()
+        if views is None:
+            return None
+        return self.row_id[idx].tolist(), views[0].gather(idx), views[1].gather(idx)
+
     @staticmethod
-    def few_values(hits: Sequence[tuple[BaseRows, int]]) -> tuple[list[int], list[str | None], list[str | None]]:
+    def few_values(hits: Sequence[tuple[BaseRows, int]]) -> BaseValues:
         """The ``row_id, text_id, label`` values of ``(rows, i)`` pairs, row ``i`` of ``rows``
         each, in order, gathered element by element (every ``rows.strings()`` must be views)."""
         ids: list[int] = []
@@ -200,11 +240,6 @@ class BaseRows:
             texts.append(views[0].at(i))
             labels.append(views[1].at(i))
         return ids, texts, labels
-
-    @staticmethod
-    def few_frame(hits: Sequence[tuple[BaseRows, int]]) -> pl.DataFrame:
-        """The frame of :meth:`few_values`."""
-        return _base_frame(BaseRows.few_values(hits))
 
 
 class Snapshot(ChunkedSource):
@@ -235,6 +270,8 @@ class Snapshot(ChunkedSource):
         self._views: dict[tuple[int, int, int], np.ndarray] = {}
         self._binary: dict[str, list[tuple[int, int, Any, Any]]] = {}
         self._meta_bytes = 0
+        # every row's base columns in one piece, once they fit (see _join_base_rows)
+        self._whole_base: BaseRows | None = None
         self._meta_lock = threading.Lock()
         self._verified: set[tuple[Any, ...]] = set()
 
@@ -331,6 +368,7 @@ class Snapshot(ChunkedSource):
             self._meta_files.clear()
             self._meta_groups.clear()
             self._meta_bytes = 0
+            self._whole_base = None
 
     # -- VectorSource ----------------------------------------------------------------------------
     def metadata(self) -> pl.LazyFrame:
@@ -587,8 +625,7 @@ class Snapshot(ChunkedSource):
         pa.default_memory_pool().release_unused()
         return base.hstack(more)
 
-    def few_base_values(self, positions: np.ndarray) -> tuple[list[int], list[str | None],
-                                                              list[str | None]] | None:
+    def few_base_values(self, positions: np.ndarray) -> BaseValues | None:
         """The ``row_id, text_id, label`` values of at most :data:`FEW_ROWS` ``positions`` (in
         the order given), gathered element by element; None for more positions or columns that
         are not plain strings (then :meth:`take_metadata`). A search's hits, without a frame.
@@ -599,13 +636,16 @@ class Snapshot(ChunkedSource):
         pos = positions.tolist()
         if pos and (min(pos) < 0 or max(pos) >= self.num_rows):
             raise InvalidArgumentError(f"positions out of range 0..{self.num_rows - 1}")
-        starts, groups = self._group_starts()
+        whole = self._whole_base
+        if whole is not None:
+            return whole.values(np.asarray(positions, np.int64))
+        starts, _ = self._group_starts()
         found: dict[int, BaseRows] = {}
         hits: list[tuple[BaseRows, int]] = []
         for p, gi in zip(pos, np.searchsorted(starts, positions, side="right").tolist(), strict=True):
             rows = found.get(gi)
             if rows is None:
-                rows = found[gi] = self._base_rows(*groups[gi - 1])
+                rows = found[gi] = self._base_rows(gi - 1)
                 if rows.strings() is None:
                     return None
             hits.append((rows, p - int(starts[gi - 1])))
@@ -616,16 +656,16 @@ class Snapshot(ChunkedSource):
         base rows of the row groups that hold them."""
         few = self.few_base_values(pos)  # a search's hits: no dispatch per row group
         if few is not None:
-            return _base_frame(few)
-        starts, groups = self._group_starts()
+            return base_frame(few)
+        starts, _ = self._group_starts()
         g = np.searchsorted(starts, pos, side="right") - 1
         first = int(g[0])
         if (g == first).all():  # the common case: every hit in one row group
-            return self._base_rows(*groups[first]).frame(pos - starts[first])
+            return self._base_rows(first).frame(pos - starts[first])
         order = np.argsort(g, kind="stable")
         gs, ps = g[order], pos[order]
         cuts = [0, *(np.flatnonzero(np.diff(gs)) + 1).tolist(), len(gs)]
-        pieces = [self._base_rows(*groups[int(gs[a])]).take(ps[a:b] - starts[gs[a]])
+        pieces = [self._base_rows(int(gs[a])).take(ps[a:b] - starts[gs[a]])
                   for a, b in itertools.pairwise(cuts)]
         inverse = np.empty_like(order)
         inverse[order] = np.arange(order.size)
@@ -641,9 +681,14 @@ class Snapshot(ChunkedSource):
             cached = self._groups = (starts, groups)
         return cached
 
-    def _base_rows(self, i: int, rg: int) -> BaseRows:
-        """row_id, text_id, label of row group ``rg`` of file ``i`` in the store's schema, kept in
-        a small per-snapshot cache (at most META_CACHE_BYTES, least recently used dropped)."""
+    def _base_rows(self, g: int) -> BaseRows:
+        """row_id, text_id, label of row group ``g`` of the snapshot in the store's schema, kept
+        in a small per-snapshot cache (at most META_CACHE_BYTES, least recently used dropped)."""
+        starts, groups = self._group_starts()
+        i, rg = groups[g]
+        whole = self._whole_base
+        if whole is not None:
+            return whole.slice(int(starts[g]), self.manifest.files[i].row_groups[rg])
         key = (i, rg, _BASE)
         with self._meta_lock:
             rows = self._meta_groups.get(key)
@@ -665,7 +710,21 @@ class Snapshot(ChunkedSource):
                 while self._meta_bytes > META_CACHE_BYTES:
                     _, old = self._meta_groups.popitem(last=False)
                     self._meta_bytes -= old.nbytes
+            self._join_base_rows(groups)
         return rows
+
+    def _join_base_rows(self, groups: list[tuple[int, int]]) -> None:
+        """(Holding the lock.) Once the base rows of every row group are cached in at most half
+        of META_CACHE_BYTES, one :class:`BaseRows` of them all replaces them (the copy and the
+        pieces fit the cap together): a search's hits are then gathered with a few vectorised
+        lookups, not a lookup of the row group per hit (~25 us less for ten hits)."""
+        if self._whole_base is not None or len(self._meta_groups) < len(groups) \
+                or self._meta_bytes > META_CACHE_BYTES // 2:
+            return
+        whole = BaseRows.concat([self._meta_groups[(i, rg, _BASE)] for i, rg in groups])
+        self._meta_groups.clear()
+        self._meta_bytes = whole.nbytes
+        self._whole_base = whole
 
     def _read_rows(self, i: int, local: np.ndarray, schema: pa.Schema) -> pa.Table:
         """Rows ``local`` (sorted) of file ``i``, reading only their row groups."""
