@@ -13,6 +13,9 @@ from embtools.kernels.jit import JIT_ENV, jit_kernels
 
 ivf = jit_kernels("ivf_jit")
 rr = jit_kernels("rerank_jit")
+code_sums_jit = jit_kernels("code_sums_jit")
+MAX_WEIGHT = code_sums_jit.MAX_WEIGHT
+host_has_vnni = code_sums_jit.host_has_vnni
 
 
 def test_the_kernels_load_and_the_switch_turns_them_off(monkeypatch):
@@ -85,15 +88,55 @@ def test_screened_centroids_are_the_float32_nearest_at_any_width(dim):
     codes = np.clip(np.rint((c64 - lo32) / step), 0, 255)
     err = np.abs(c64 - (lo32 + codes * step.astype(np.float64))).max(axis=0)
     codes = codes.astype(np.uint8)
+    padded = np.zeros((len(c), -(-dim // 64) * 64), np.uint8)  # as the index keeps them
+    padded[:, :dim] = codes
     queries = np.concatenate([rng.standard_normal((20, dim)), c[[5, 25]], 1e4 * rng.standard_normal((2, dim))])
     for q in queries.astype(np.float32):
         v, scale, c0, margin = ivf.screen_terms(q, lo32, step, err, np.abs(c64).max(axis=0))
-        assert np.abs(v).max() <= min(32767, (2**31 - 1) // (255 * dim))
+        assert np.abs(v).max() <= min(MAX_WEIGHT, (2**31 - 1) // (255 * dim))
         full = np.empty((1, len(c)), np.float32)
         ivf.centroid_scores(q[None], c, full)
         for n in (1, 3, 17):
-            got = ivf.screened_centroids(q, v, scale, c0, codes, margin, c, n)
-            assert np.array_equal(got, ivf.top_columns(full, n)[0]), (dim, n)
+            for cc in (codes, padded):
+                got = ivf.screened_centroids(q, v, scale, c0, cc, margin, c, n)
+                assert np.array_equal(got, ivf.top_columns(full, n)[0]), (dim, n)
+
+
+_SUMS = ["portable"] + (["vnni"] if host_has_vnni() else [])
+
+
+@pytest.mark.parametrize("kind", _SUMS)
+@pytest.mark.parametrize("rows", [0, 1, 3, 4, 5, 301])
+@pytest.mark.parametrize(("dim", "width"), [(1, 1), (8, 64), (63, 64), (64, 64), (100, 100), (100, 128),
+                                            (384, 384), (300, 384), (3000, 3008)])
+def test_code_sums_are_the_exact_integer_products(kind, rows, dim, width):
+    """Both forms of the centroid screen's integer sums (``vpdpbusd`` where the host has AVX-512
+    VNNI, plain loops elsewhere) give NumPy's int64 products exactly: any row count (groups of
+    four and the rest), widths with and without whole 64-byte blocks, padding past the
+    weights (whatever it holds), the extreme codes and weights, and strided rows."""
+    sums = {"portable": code_sums_jit.portable_code_sums, "vnni": code_sums_jit.vnni_code_sums}[kind]
+    rng = np.random.default_rng(rows * 7 + dim)
+    top = min(MAX_WEIGHT, (2**31 - 1) // (255 * dim))
+    codes = rng.integers(0, 256, (rows, width), dtype=np.uint8)
+    v = rng.integers(-top, top + 1, dim).astype(np.int16)
+    if rows:
+        codes[0, :dim], v[: dim // 2] = 255, top  # the largest sum of one sign
+        codes[-1] = 255 if rows > 1 else codes[-1]
+    if dim > 1:
+        v[-1] = -top
+    want = codes[:, :dim].astype(np.int64) @ v.astype(np.int64)
+    for cc in (codes, np.ascontiguousarray(codes[::-1])[::-1], np.repeat(codes, 2, axis=1)[:, ::2]):
+        out = np.full(rows, -7, np.int32)
+        sums(v, cc, out)
+        assert np.array_equal(out, want), (kind, rows, dim, width)
+
+
+def test_code_sums_pick_vnni_where_the_host_has_it(monkeypatch):
+    from numba.core import config
+
+    assert (code_sums_jit.code_sums is code_sums_jit.vnni_code_sums) == host_has_vnni()
+    monkeypatch.setattr(config, "CPU_NAME", "generic")  # a named target: the portable loops
+    assert not host_has_vnni()
 
 
 @pytest.mark.parametrize("metric", ["cosine", "dot", "l2"])

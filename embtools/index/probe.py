@@ -292,7 +292,8 @@ class IvfIndex:
     def _coarse_codes(self) -> tuple[np.ndarray, ...]:
         """uint8 codes of the centroids (per-dimension buckets over their range), built on first
         use and kept: ``(codes, minima, steps, largest error, largest |centroid|)`` per dimension
-        (the last two float64)."""
+        (the last two float64). The codes' rows are padded with zeros to a multiple of 64 bytes
+        (whole blocks for :func:`~embtools.kernels.code_sums_jit.code_sums`)."""
         if self._coarse is None:
             c = self.centroids.astype(np.float64)
             lo, hi = c.min(axis=0), c.max(axis=0)
@@ -300,7 +301,9 @@ class IvfIndex:
             lo32 = lo.astype(np.float32)
             codes = np.clip(np.rint((c - lo32) / step), 0, 255)
             err = np.abs(c - (lo32 + codes * step.astype(np.float64))).max(axis=0)
-            self._coarse = (codes.astype(np.uint8), lo32, step, err, np.abs(c).max(axis=0))
+            padded = np.zeros((len(c), -(-c.shape[1] // 64) * 64), np.uint8)
+            padded[:, :c.shape[1]] = codes
+            self._coarse = (padded, lo32, step, err, np.abs(c).max(axis=0))
         return self._coarse
 
     def _screened(self, jit: Any, q: np.ndarray, nprobe: int) -> np.ndarray:

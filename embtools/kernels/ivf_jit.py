@@ -38,6 +38,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from embtools.kernels.code_sums_jit import MAX_WEIGHT, code_sums
 from embtools.kernels.rerank_jit import sum_program, terms_sum
 
 __all__ = [
@@ -211,7 +212,7 @@ def screen_terms(q: np.ndarray, lo: np.ndarray, step: np.ndarray, err: np.ndarra
     float32 product's."""
     d = q.shape[0]
     u = 2.0**-24
-    top = min(32767, (2**31 - 1) // (255 * max(d, 1)))  # |v| <= top: 255 * top * d fits int32
+    top = min(MAX_WEIGHT, (2**31 - 1) // (255 * max(d, 1)))  # |v| <= top: 255 * top * d fits int32
     wmax = 0.0
     for t in range(d):
         wmax = max(wmax, abs(np.float64(q[t]) * np.float64(step[t])))
@@ -236,18 +237,6 @@ def screen_terms(q: np.ndarray, lo: np.ndarray, step: np.ndarray, err: np.ndarra
     return v, scale, c0, margin
 
 
-@njit(nogil=True, cache=True, fastmath=True)
-def _code_sums(v: np.ndarray, codes: np.ndarray, out: np.ndarray) -> None:  # pragma: no cover - compiled
-    """``out[c] = v . codes[c]`` in exact int32 arithmetic (a vector multiply-add of 16-bit
-    lanes: faster than the float32 product of the codes)."""
-    for c in range(codes.shape[0]):
-        row = codes[c]
-        acc = np.int32(0)
-        for t in range(codes.shape[1]):
-            acc += np.int32(row[t]) * np.int32(v[t])
-        out[c] = acc
-
-
 @njit(nogil=True, cache=True)
 def screened_centroids(q: np.ndarray, v: np.ndarray, scale: float, c0: float, codes: np.ndarray,
                        margin: float, centroids: np.ndarray, n: int) -> np.ndarray:  # pragma: no cover
@@ -258,7 +247,7 @@ def screened_centroids(q: np.ndarray, v: np.ndarray, scale: float, c0: float, co
     ``n``-th best approximation are scored from ``centroids``."""
     p = codes.shape[0]
     sums = np.empty(p, np.int32)
-    _code_sums(v, codes, sums)
+    code_sums(v, codes, sums)
     hs = np.full(n, -np.inf)
     hi = np.full(n, EMPTY, np.int64)
     for c in range(p):
