@@ -636,18 +636,19 @@ def test_rerank_from_the_codes_equals_the_data_files_rerank(tmp_path, monkeypatc
     monkeypatch.setattr(probe_mod.IvfIndex, "top_whole", lambda self, *a: fused.append(1) or real(self, *a))
     few = jit_kernels("ivf_few_jit")
     calls = []
-    real_few = few.search_few
-    monkeypatch.setattr(few, "search_few", lambda *a: calls.append(1) or real_few(*a))
+    real_few = few.search_with
+    monkeypatch.setattr(few, "search_with", lambda *a: calls.append(1) or real_few(*a))
     cases = [dict(queries=q, k=10, nprobe=4), dict(queries=q, k=10, nprobe=20, refine=50),
              dict(queries=q[-1], k=12, nprobe=3), dict(queries=q[:3], k=3000, nprobe=20),
              dict(queries=q, k=7, nprobe=3, where=pl.col("row_id") % 5 != 0),
-             # one compiled call (search_few): one query, a few, a filter, k beyond two partitions
+             # one compiled call (search_with): one query, a few, a filter, k beyond two partitions
              dict(queries=q[0], k=10, nprobe=2), dict(queries=q[:2], k=5, nprobe=2),
              dict(queries=q[1], k=7, nprobe=3, where=pl.col("row_id") % 5 != 0),
              dict(queries=q[2], k=300, nprobe=2)]
     got = [store.search(c.pop("queries"), metric=metric, **c) for c in [dict(c) for c in cases]]
     assert len(fused) == len(cases) and len(calls) >= 5
     monkeypatch.setattr(probe_mod, "ONE_CALL_ROWS", 0)  # a few queries' scan split over two threads
+    store.__dict__.pop("_lanes", None)  # the loops' kept calls were bound to the single call
     one_call = len(calls)
     for c, frame in zip(cases, got, strict=True):
         c = dict(c)
@@ -731,8 +732,8 @@ def test_int8_codes_searched_whole_equal_the_gathered_rerank(tmp_path, monkeypat
     assert probe.searches_whole(DIM, metric)
     fused = []
     few = jit_kernels("ivf_few_jit")
-    real_few = few.search_few
-    monkeypatch.setattr(few, "search_few", lambda *a: fused.append(1) or real_few(*a))
+    real_few = few.search_with
+    monkeypatch.setattr(few, "search_with", lambda *a: fused.append(1) or real_few(*a))
     qd = q[:, :DIM]
     cases = [dict(queries=qd, k=10, nprobe=4), dict(queries=qd[-1], k=12, nprobe=3),
              dict(queries=qd[-2], k=10, nprobe=2), dict(queries=qd[:3], k=5, nprobe=2),

@@ -4,6 +4,8 @@ steps aside when it cannot take a query, and follows new versions."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import polars as pl
 import pytest
@@ -78,6 +80,22 @@ def test_a_loop_of_single_queries_equals_the_full_path(tmp_path, monkeypatch, me
     wide = [store.search(v, k=12, nprobe=24, refine=300, metric=metric) for v in queries[:5]]
     for v, f in zip(queries[:5], wide, strict=True):
         assert f.equals(store.search(v, k=12, metric=metric, exact=True))
+
+
+@pytest.mark.parametrize("codes", ["float", "int8"])
+def test_the_lanes_bound_call_widens_through_the_full_search(tmp_path, monkeypatch, codes):
+    """k past what one probed partition holds (3,000 rows in 24 partitions, k = 200, nprobe 1):
+    the bound compiled call cannot answer some queries, which then take the widening search, and
+    a loop gives the full path's frames, with k rows each."""
+    store, _, queries = _store(tmp_path, codes=codes)
+    loop = [store.search(v, k=200, nprobe=1) for v in queries]
+    (lane,) = _lanes(store).values()
+    assert lane.call is not None
+    answered = [lane.call(v[None].astype(np.float32)) is not None for v in queries]
+    assert not all(answered)  # some queries' partition holds fewer than 200 live rows
+    full = _without_lane(monkeypatch, lambda: [store.search(v, k=200, nprobe=1) for v in queries])
+    for a, b in zip(loop, full, strict=True):
+        assert a.equals(b) and a.height == 200
 
 
 def test_compute_similarity_loop_equals_the_full_path(tmp_path, monkeypatch):
@@ -158,15 +176,15 @@ def test_the_lane_follows_new_versions(tmp_path, monkeypatch):
 def test_the_lane_holds_its_workspace_and_steps_aside_under_the_cap(tmp_path, monkeypatch):
     store, _, queries = _store(tmp_path, max_memory_gb=0.05)
     first = store.search(queries[0], k=5, nprobe=3)
-    (lane,) = _lanes(store).values()
+    ((key, lane),) = _lanes(store).items()
     seen = []
-    real = lane.probe.top_whole
+    assert lane.call is not None  # the compiled call, its arguments bound
 
-    def spy(*args, **kwargs):
+    def spy(q):
         seen.append(store.budget.held_bytes)
-        return real(*args, **kwargs)
+        return lane.call(q)
 
-    monkeypatch.setattr(lane.probe, "top_whole", spy)
+    _lanes(store)[key] = dataclasses.replace(lane, call=spy)
     assert store.search(queries[0], k=5, nprobe=3).equals(first)
     assert seen == [lane.need] and store.budget.held_bytes == 0
     # the cap now leaves less than the lane's workspace: the full path decides (exact search)

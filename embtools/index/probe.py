@@ -23,6 +23,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -667,21 +668,18 @@ class IvfIndex:
             cand = self.shortlist(queries, kk, nprobe, width, positions)
             return self.rerank_whole(float64_queries(queries, self.dimension, self.metric), cand, kk)
         few = jit_kernels("ivf_few_jit")
-        rows = self._row_tables()
-        assert few is not None and rows is not None  # searches_whole said so
+        assert few is not None  # searches_whole said so
         sel = None if positions is None else self.selection(positions)
-        mask = np.zeros(0, bool) if sel is None else sel[0]
-        tables = self._code_lists()
-        live = self.live_counts if sel is None else sel[1]
-        need = min(kk, self._live_total if sel is None else int(live.sum()))
-        screen = self._coarse_codes() if self._screens(nprobe) else None
-        int8 = self.kind == "int8"
         asked = np.ascontiguousarray(queries[:, :self.dimension], dtype=np.float32)
-        if int8 or nq * min(nprobe, self.partitions) * self._live_total <= ONE_CALL_ROWS * max(1, self.partitions):
-            s, p, done, scanned = few.search_few(asked, self.centroids, screen, nprobe, live, need, tables,
-                                                 rows[0], mask, width, kk, self.metric, self._cut_error(),
-                                                 self._c_sq, self._int8 if int8 else None, rows[1:])
+        args = self._one_call_args(few, nq, kk, nprobe, width, sel)
+        if args is not None:
+            s, p, done, scanned = few.search_with(asked, *args)
         else:  # many rows of float codes: every other partition scanned by a second thread
+            mask = np.zeros(0, bool) if sel is None else sel[0]
+            tables = self._code_lists()
+            live = self.live_counts if sel is None else sel[1]
+            need = min(kk, self._live_total if sel is None else int(live.sum()))
+            screen = self._coarse_codes() if self._screens(nprobe) else None
             q, q64 = few.prepared_queries(asked, self.metric)
             parts, done = few.probe_few(q, self.centroids, screen, nprobe, live, need, self.metric, self._c_sq)
             other = _POOL.get().submit(few.scan_few, q, parts[:, 1::2], tables, mask, width)
@@ -690,14 +688,55 @@ class IvfIndex:
             scanned += scanned2
             s, p = few.finish_few([(hs, hi), (hs2, hi2)], q64, kk, tables, self._where, self.metric,
                                   self._cut_error())
-        self._touched += scanned * self.code_dim * (1 if int8 else 4)
-        self._release_if_needed()
+        self._note_scanned(int(scanned))
         if not done.all():  # probes widened until they hold kk rows
             rest = np.flatnonzero(~done)
             cand = self.shortlist(queries[rest], kk, nprobe, width, positions)
             s[rest], p[rest] = self.rerank_whole(float64_queries(queries[rest], self.dimension, self.metric),
                                                  cand, kk)
         return s, p
+
+    def _one_call_args(self, few: Any, nq: int, kk: int, nprobe: int, width: int,
+                       sel: tuple[np.ndarray, np.ndarray] | None) -> tuple[Any, ...] | None:
+        """The arguments after the queries of :meth:`top_whole`'s single compiled call for ``nq``
+        queries (:func:`~embtools.kernels.ivf_few_jit.search_args`; ``sel``: a filter's mask and
+        live rows per partition), or None where it splits the scan over two threads instead
+        (float codes whose probes hold many rows)."""
+        int8 = self.kind == "int8"
+        if not int8 and nq * min(nprobe, self.partitions) * self._live_total > ONE_CALL_ROWS * max(1, self.partitions):
+            return None
+        rows = self._row_tables()
+        assert rows is not None  # searches_whole said so
+        live = self.live_counts if sel is None else sel[1]
+        return few.search_args(
+            self.centroids, self._coarse_codes() if self._screens(nprobe) else None, nprobe, live,
+            min(kk, self._live_total if sel is None else int(live.sum())), self._code_lists(), rows[0],
+            np.zeros(0, bool) if sel is None else sel[0], width, kk, self.metric, self._cut_error(),
+            self.dimension, self._c_sq, self._int8 if int8 else None, rows[1:])
+
+    def whole_search(self, kk: int, nprobe: int, width: int) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray] | None] | None:
+        """See :meth:`embtools.search.ivf.IndexProbe.whole_search`: :meth:`top_whole`'s single
+        compiled call for one unfiltered query with its arguments bound once; None where
+        :meth:`top_whole` would split the scan (or the kernels are off)."""
+        few = jit_kernels("ivf_few_jit")
+        if few is None or not self.searches_whole(self.dimension, self.metric):
+            return None
+        args = self._one_call_args(few, 1, kk, nprobe, width, None)
+        if args is None:
+            return None
+        search, dim = few.search_with, self.dimension
+
+        def call(q: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+            s, p, done, scanned = search(np.ascontiguousarray(q[:, :dim], dtype=np.float32), *args)
+            self._note_scanned(int(scanned))
+            return (s, p) if done[0] else None
+
+        return call
+
+    def _note_scanned(self, rows: int) -> None:
+        """Count the code bytes ``rows`` scanned rows touched (see :meth:`_release_if_needed`)."""
+        self._touched += rows * self.code_dim * (1 if self.kind == "int8" else 4)
+        self._release_if_needed()
 
     def rerank_whole(self, q: np.ndarray, cand: np.ndarray, kk: int) -> tuple[np.ndarray, np.ndarray]:
         """The float32 scores and positions ``(nq, kk)`` of the best ``kk`` of the shortlist

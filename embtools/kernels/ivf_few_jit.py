@@ -55,7 +55,8 @@ from embtools.kernels.rerank_jit import (
     sum_program,
 )
 
-__all__ = ["few_tables", "finish_few", "prepared_queries", "probe_few", "scan_few", "search_few", "warm"]
+__all__ = ["few_tables", "finish_few", "prepared_queries", "probe_few", "scan_few", "search_args", "search_few",
+           "search_with", "warm"]
 
 _L2 = METRICS["l2"]
 _COSINE = METRICS["cosine"]
@@ -203,6 +204,11 @@ def _search_few(queries: np.ndarray, centroids: np.ndarray, c_sq: np.ndarray,
     return out_s, out_p, done, scanned
 
 
+#: the compiled call of :func:`search_few`, ``search_with(queries, *search_args(...))``: a loop of
+#: single queries binds the arguments once (:meth:`embtools.index.IvfIndex.whole_search`)
+search_with = _search_few
+
+
 def few_tables(holds: np.ndarray, starts: list[np.ndarray], codes: list[np.ndarray], positions: list[np.ndarray],
                sq: list[np.ndarray], inv: list[np.ndarray], norms: list[np.ndarray]) -> tuple[Any, ...]:
     """The codes files as :func:`search_few` reads them: ``holds``, which files hold rows of each
@@ -237,15 +243,26 @@ def search_few(queries: np.ndarray, centroids: np.ndarray, screen: tuple[np.ndar
     tables the shortlist is re-ranked from (:func:`~embtools.kernels.rerank_jit.code_tables`;
     None: the codes, which are the rows); ``where``: each position's ``table << CODE_SHIFT |
     row`` in them."""
+    out_s, out_p, done, scanned = _search_few(queries, *search_args(
+        centroids, screen, nprobe, live, need, tables, where, mask, width, kk, metric, eps, queries.shape[1],
+        c_sq, int8, rows))
+    return out_s, out_p, done, int(scanned)
+
+
+def search_args(centroids: np.ndarray, screen: tuple[np.ndarray, ...] | None, nprobe: int, live: np.ndarray,
+                need: int, tables: tuple[Any, ...], where: np.ndarray, mask: np.ndarray, width: int, kk: int,
+                metric: str, eps: float, dim: int, c_sq: np.ndarray | None = None,
+                int8: tuple[np.ndarray, np.ndarray] | None = None,
+                rows: tuple[Any, Any] | None = None) -> tuple[Any, ...]:
+    """The arguments after the queries of the compiled call :func:`search_few` makes (the same
+    parameters, for ``dim``-dimensional queries), for :data:`search_with`."""
     coarse, lo, step, err, cmax = _NO_SCREEN if screen is None else screen
     holds, starts, codes, pos, sq, inv, norms = tables
     steps, centers = (_NONE32, _NONE32) if int8 is None else int8
     rows_, norms_ = (codes, norms) if rows is None else rows
-    out_s, out_p, done, scanned = _search_few(
-        queries, centroids, _NONE32 if c_sq is None else c_sq, coarse, lo, step, err, cmax, nprobe, live, need,
-        holds, starts, codes, pos, sq, inv, steps, centers, rows_, norms_, where, mask, width, kk, METRICS[metric],
-        eps, sum_program(queries.shape[1]))
-    return out_s, out_p, done, int(scanned)
+    return (centroids, _NONE32 if c_sq is None else c_sq, coarse, lo, step, err, cmax, nprobe, live, need,
+            holds, starts, codes, pos, sq, inv, steps, centers, rows_, norms_, where, mask, width, kk,
+            METRICS[metric], eps, sum_program(dim))
 
 
 def prepared_queries(queries: np.ndarray, metric: str) -> tuple[np.ndarray, np.ndarray]:

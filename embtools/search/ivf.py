@@ -25,6 +25,7 @@ Examples
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -74,6 +75,13 @@ class IndexProbe(Protocol):
         (the queries in float64 as :func:`~embtools.search.refine.rerank_queries` makes
         them): the float32 scores and positions ``(nq, kk)`` that
         :func:`~embtools.search.refine.rerank` gives, padded as :func:`_rerank_ragged` pads."""
+
+    def whole_search(self, kk: int, nprobe: int,
+                     width: int) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray] | None] | None:
+        """:meth:`top_whole` of one unfiltered ``(1, d)`` float32 query as a function with
+        everything but the query prepared once (a loop of single queries), giving what
+        :meth:`top_whole` gives, or None for a query it must widen (its partitions hold fewer
+        than ``kk`` rows: then :meth:`top_whole`); None where no such function is kept."""
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,8 @@ with no filter and no row outside the index, :func:`open_lane` keeps that plan a
 :class:`IndexLane`, cached on the store under the call's arguments. Later
 calls with the same arguments check only the query (shape, dtype, finite values) and run
 :meth:`IndexLane.run`: the same compiled call (:meth:`~embtools.search.ivf.IndexProbe.top_whole`),
-holding the same workspace under the cap, so the results are the full path's bit for bit. A
+its arguments bound once (:meth:`~embtools.search.ivf.IndexProbe.whole_search`), holding the same
+workspace under the cap, so the results are the full path's bit for bit. A
 lane that cannot take a query (another dimension, a cap now too full) answers None and the call
 takes the full path, which raises what it raises. A new version drops the store's lanes.
 
@@ -27,6 +28,7 @@ True
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,6 +54,8 @@ class IndexLane:
     width: int
     #: the workspace the full path holds for one query (:func:`~embtools.search.ivf.index_top_k`)
     need: int
+    #: the compiled call with its arguments bound (:meth:`~embtools.search.ivf.IndexProbe.whole_search`)
+    call: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray] | None] | None = None
 
     def run(self, q: np.ndarray) -> TopK | None:
         """The top ``kk`` of the prepared query ``q`` (float32 ``(1, dim)``), as the full path
@@ -65,7 +69,8 @@ class IndexLane:
         key = f"index/lane/{id(q)}"
         self.budget.hold(key, self.need, f"the index search ({self.probe.name})")
         try:
-            s, p = self.probe.top_whole(q, self.kk, self.nprobe, self.width)
+            found = None if self.call is None else self.call(q)
+            s, p = self.probe.top_whole(q, self.kk, self.nprobe, self.width) if found is None else found
         finally:
             self.budget.free(key)
         return TopK(s, p)
@@ -84,7 +89,8 @@ def open_lane(req: SearchRequest, ctx: SearchContext, plan: SearchPlan | None = 
     if not probe.searches_whole(req.dim, req.metric) or sizes.group != 1:
         return None
     need = probe.workspace_bytes(1, sizes.nprobe, sizes.width)
-    return IndexLane(probe, ctx.budget, req.dim, req.metric, req.kk, sizes.nprobe, sizes.width, need)
+    call = probe.whole_search(req.kk, sizes.nprobe, sizes.width)
+    return IndexLane(probe, ctx.budget, req.dim, req.metric, req.kk, sizes.nprobe, sizes.width, need, call)
 
 
 def lane_key(*args: Any) -> tuple[Any, ...] | None:
