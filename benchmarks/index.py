@@ -44,7 +44,7 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 NPROBES = [2, 4, 8, 16, 32, 64, 128, 256]
 #: rounds of the single queries, each party's best kept (:func:`single_rounds`)
-SINGLE_ROUNDS = 3
+SINGLE_ROUNDS = 5
 ITERATIONS = 10  # k-means iterations, embtools' default; FAISS gets the same
 
 

@@ -64,15 +64,20 @@ class IndexLane:
         if q.shape != (1, self.dim) or not self.probe.searches_whole(self.dim, self.metric):
             return None
         avail = self.budget.available_bytes
-        if avail is not None and self.need > avail:
+        if avail is None:  # no cap to hold the workspace under
+            return self._search(q)
+        if self.need > avail:
             return None
         key = f"index/lane/{id(q)}"
         self.budget.hold(key, self.need, f"the index search ({self.probe.name})")
         try:
-            found = None if self.call is None else self.call(q)
-            s, p = self.probe.top_whole(q, self.kk, self.nprobe, self.width) if found is None else found
+            return self._search(q)
         finally:
             self.budget.free(key)
+
+    def _search(self, q: np.ndarray) -> TopK:
+        found = None if self.call is None else self.call(q)
+        s, p = self.probe.top_whole(q, self.kk, self.nprobe, self.width) if found is None else found
         return TopK(s, p)
 
 
