@@ -70,10 +70,12 @@ def forms(store: Any, index: Any, dim: int, k: int, nprobe: int) -> dict[str, Ca
 
 def best_rounds(fns: dict[str, Callable[[np.ndarray], Any]], queries: np.ndarray,
                 rounds: int) -> dict[str, float]:
-    """Each form's best round, in microseconds per query (the forms alternate within a round)."""
+    """Each form's best round, in microseconds per query (the forms alternate within a round, and
+    the turns rotate from round to round: the first loop of a round runs slower here)."""
     best = {name: math.inf for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
+    order = list(fns.items())
+    for r in range(rounds):
+        for name, fn in order[r % len(order):] + order[:r % len(order)]:
             t = time.perf_counter()
             for v in queries:
                 fn(v)

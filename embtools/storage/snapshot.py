@@ -80,6 +80,7 @@ def base_frame(values: BaseValues) -> pl.DataFrame:
     """The ``row_id, text_id, label`` frame of a few rows' values."""
     return small_frame(base_columns(values))
 
+
 #: at most this many positions are gathered element by element (:meth:`BaseRows.values`);
 #: more go through pyarrow's ``take`` (one dispatch of ~20 us per row group, then per element
 #: costs much less than the ~1 us of a Python-level gather)
