@@ -1,8 +1,8 @@
 """Exact integer products of uint8 codes with int16 weights: the centroid screen's inner loop.
 
 ``code_sums(v, codes, out)`` sets ``out[c] = v . codes[c, :len(v)]`` in int32 (the caller keeps
-``|v| <= MAX_WEIGHT`` and ``255 * MAX_WEIGHT * len(v)`` within int32). A single query on a
-million rows spends a third of its time here (4,000 centroids x 384 dimensions).
+``|v| <= MAX_WEIGHT`` and ``255 * MAX_WEIGHT * len(v)`` within int32). It is the largest step
+of a single query on a million rows (4,000 centroids x 384 dimensions: 30 of 61 us).
 
 Where the host has AVX-512 VNNI (Intel Ice Lake and later, AMD Zen 4 and later) the sums run on
 ``vpdpbusd``, four rows at a time: each weight is split as ``v = 128 * hi + lo`` (``hi`` and
