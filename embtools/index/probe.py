@@ -675,11 +675,8 @@ class IvfIndex:
         if args is not None:
             s, p, done, scanned = few.search_with(asked, *args)
         else:  # many rows of float codes: every other partition scanned by a second thread
-            mask = np.zeros(0, bool) if sel is None else sel[0]
+            screen, live, need, mask = self._probe_inputs(kk, nprobe, sel)
             tables = self._code_lists()
-            live = self.live_counts if sel is None else sel[1]
-            need = min(kk, self._live_total if sel is None else int(live.sum()))
-            screen = self._coarse_codes() if self._screens(nprobe) else None
             q, q64 = few.prepared_queries(asked, self.metric)
             parts, done = few.probe_few(q, self.centroids, screen, nprobe, live, need, self.metric, self._c_sq)
             other = _POOL.get().submit(few.scan_few, q, parts[:, 1::2], tables, mask, width)
@@ -707,12 +704,20 @@ class IvfIndex:
             return None
         rows = self._row_tables()
         assert rows is not None  # searches_whole said so
+        screen, live, need, mask = self._probe_inputs(kk, nprobe, sel)
+        return few.search_args(self.centroids, screen, nprobe, live, need, self._code_lists(), rows[0], mask,
+                               width, kk, self.metric, self._cut_error(), self.dimension, self._c_sq,
+                               self._int8 if int8 else None, rows[1:])
+
+    def _probe_inputs(self, kk: int, nprobe: int, sel: tuple[np.ndarray, np.ndarray] | None
+                      ) -> tuple[tuple[np.ndarray, ...] | None, np.ndarray, int, np.ndarray]:
+        """What the compiled probe of a few queries takes: the centroid screen (None: every
+        centroid scored), the live rows per partition, the rows the probes must hold (``kk``, or
+        fewer where fewer are live) and the filter's mask (empty: every live row)."""
         live = self.live_counts if sel is None else sel[1]
-        return few.search_args(
-            self.centroids, self._coarse_codes() if self._screens(nprobe) else None, nprobe, live,
-            min(kk, self._live_total if sel is None else int(live.sum())), self._code_lists(), rows[0],
-            np.zeros(0, bool) if sel is None else sel[0], width, kk, self.metric, self._cut_error(),
-            self.dimension, self._c_sq, self._int8 if int8 else None, rows[1:])
+        need = min(kk, self._live_total if sel is None else int(live.sum()))
+        mask = np.zeros(0, bool) if sel is None else sel[0]
+        return self._coarse_codes() if self._screens(nprobe) else None, live, need, mask
 
     def whole_search(self, kk: int, nprobe: int, width: int) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray] | None] | None:
         """See :meth:`embtools.search.ivf.IndexProbe.whole_search`: :meth:`top_whole`'s single
