@@ -111,8 +111,8 @@ _SUMS = ["portable"] + (["vnni"] if host_has_vnni() else [])
                                             (384, 384), (300, 384), (3000, 3008)])
 def test_code_sums_are_the_exact_integer_products(kind, rows, dim, width):
     """Both forms of the centroid screen's integer sums (``vpdpbusd`` where the host has AVX-512
-    VNNI, plain loops elsewhere) give NumPy's int64 products exactly: any row count (groups of
-    four and the rest), widths with and without whole 64-byte blocks, padding past the
+    VNNI, plain loops elsewhere) give NumPy's int64 products exactly: any row count, widths with
+    and without whole 64-byte blocks (up to 8 held in registers, and 47), padding past the
     weights (whatever it holds), the extreme codes and weights, and strided rows."""
     sums = {"portable": code_sums_jit.portable_code_sums, "vnni": code_sums_jit.vnni_code_sums}[kind]
     rng = np.random.default_rng(rows * 7 + dim)
@@ -230,16 +230,13 @@ def test_code_top_is_the_rerank_of_rows_read_from_several_tables(metric):
         assert (p[i, m:] == -1).all() and (s[i, m:] == (np.inf if metric == "l2" else -np.inf)).all()
 
 
-@pytest.mark.parametrize("kind", ["float", "int8", "l2", "masked", "scaled"])
+@pytest.mark.parametrize("kind", ["float", "l2", "masked", "scaled"])
 def test_scan_dense_keeps_the_best_rows_of_the_probed_partitions(kind):
     rng = np.random.default_rng(11)
     rows, dim, parts = 400, 16, 10
     starts = np.r_[0, np.sort(rng.integers(0, rows, parts - 1)), rows].astype(np.int64)
     starts[3] = starts[4]  # an empty partition
-    if kind == "int8":
-        codes = rng.integers(-128, 128, (rows, dim)).astype(np.int8)
-    else:  # a coarse grid: many equal scores, so the ties are tested
-        codes = rng.integers(-2, 3, (rows, dim)).astype(np.float32)
+    codes = rng.integers(-2, 3, (rows, dim)).astype(np.float32)  # a coarse grid: many ties
     pos = rng.permutation(1000)[:rows].astype(np.int64)
     pos[::13] = -1  # deleted rows
     w = rng.integers(-2, 3, (6, dim)).astype(np.float32)
@@ -270,6 +267,86 @@ def test_scan_dense_keeps_the_best_rows_of_the_probed_partitions(kind):
         ws, wp = reference_heap(s.astype(np.float32), pos[r], width)
         assert np.array_equal(hi[i], wp), i
         assert np.allclose(hs[i][wp >= 0], ws[wp >= 0], atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", _SUMS)
+@pytest.mark.parametrize("dim", [1, 8, 63, 64, 100, 384, 520, 768])
+def test_signed_sums_are_the_exact_integer_products_of_int8_codes(kind, dim):
+    """The int8 scan's integer sums (``vpdpbusd`` on the codes plus 128 where the host has AVX-512
+    VNNI, plain loops elsewhere) are NumPy's int64 products, for any run of rows: rows of fewer
+    than 64 bytes, whole blocks and a tail, weights held in registers (up to 8 blocks) or not,
+    the extreme codes and weights, and strided rows (the plain loop)."""
+    sums = {"portable": code_sums_jit.portable_signed_sums, "vnni": code_sums_jit.vnni_signed_sums}[kind]
+    rng = np.random.default_rng(dim)
+    top = min(MAX_WEIGHT, (2**31 - 1) // (255 * dim))
+    codes = rng.integers(-128, 128, (70, dim)).astype(np.int8)
+    codes[0], codes[1], codes[2, ::2] = -128, 127, -128
+    v = rng.integers(-top, top + 1, dim).astype(np.int16)
+    v[: (dim + 1) // 2] = top
+    v[-1] = -top
+    want = codes.astype(np.int64) @ v.astype(np.int64)
+    split = code_sums_jit.split_weights(v, dim)
+    for cc in (codes, np.repeat(codes, 2, axis=1)[:, ::2]):
+        for a, b in [(0, 70), (0, 1), (2, 5), (65, 70), (9, 9)]:
+            out = np.full(b - a, 7, np.int32)
+            sums(v, split, cc, a, b, out)
+            assert np.array_equal(out, want[a:b]), (kind, dim, a, b)
+
+
+def test_int8_weights_round_the_weights_within_the_bound():
+    rng = np.random.default_rng(4)
+    for dim in (1, 16, 384, 2000):
+        w = (rng.standard_normal((5, dim)) * 10.0 ** rng.integers(-6, 3, (5, 1))).astype(np.float32)
+        w[4] = 0  # a zero query: weights 0, scale 1
+        v, scale = ivf.int8_weights(w)
+        top = min(MAX_WEIGHT, (2**31 - 1) // (255 * dim))
+        assert v.dtype == np.int16 and np.abs(v).max() == top
+        assert np.array_equal(np.abs(v).max(axis=1)[:4], [top] * 4) and not v[4].any() and scale[4] == 1
+        assert (np.abs(v[:4] * scale[:4, None] - w[:4]) <= scale[:4, None] / 2 * (1 + 1e-9)).all()
+
+
+@pytest.mark.parametrize("kind", ["int8", "l2", "masked", "scaled"])
+@pytest.mark.parametrize("nq", [1, 6])
+def test_scan_int8_keeps_the_best_rows_by_their_integer_sums(kind, nq):
+    """scan_int8's heaps hold the best rows by ``float32(scale * (v . codes)) + c0`` (then L2's
+    ``2 s - |x|^2`` or the inverse norm), computed in NumPy from int64 products: the same rows and
+    bits, for one query and for several (scanned partition by partition), over two files."""
+    rng = np.random.default_rng(12)
+    rows, dim, parts = 500, 100, 10  # 100: one block and a tail
+    starts = np.r_[0, np.sort(rng.integers(0, rows, parts - 1)), rows].astype(np.int64)
+    starts[3] = starts[4]  # an empty partition
+    codes = rng.integers(-3, 4, (rows, dim)).astype(np.int8)  # a coarse grid: ties
+    pos = rng.permutation(1000)[:rows].astype(np.int64)
+    pos[::13] = -1  # deleted rows
+    v, scale = ivf.int8_weights(rng.standard_normal((6, dim)).astype(np.float32))
+    c0 = rng.standard_normal(6).astype(np.float32)
+    sq = rng.random(rows).astype(np.float32) if kind == "l2" else np.zeros(0, np.float32)
+    mask = rng.random(1001) < 0.5 if kind == "masked" else np.zeros(0, bool)
+    inv = rng.random(rows).astype(np.float32) if kind == "scaled" else np.zeros(0, np.float32)
+    probes = np.array([[0, 3, 5], [9, -1, -1], [3, -1, -1], [1, 2, 4], [8, 7, 6], [0, 1, 9]], np.int64)
+    width = 12
+    for first in range(0, 6, nq):
+        q = slice(first, first + nq)
+        hs, hi = ivf.new_heaps(nq, width)
+        half = rows // 2  # the same heaps fed by two "files" (an index and its delta)
+        ivf.scan_int8(v[q], scale[q], c0[q], probes[q], np.minimum(starts, half), codes[:half], pos[:half],
+                      sq[:half], mask, hs, hi, inv[:half])
+        ivf.scan_int8(v[q], scale[q], c0[q], probes[q], np.maximum(starts - half, 0), codes[half:], pos[half:],
+                      sq[half:], mask, hs, hi, inv[half:])
+        ivf.sort_heaps(hs, hi)
+        for j, i in enumerate(range(first, first + nq)):
+            r = np.concatenate([np.arange(starts[p], starts[p + 1]) for p in probes[i] if p >= 0])
+            r = r[pos[r] >= 0]
+            if kind == "masked":
+                r = r[mask[pos[r]]]
+            s = (scale[i] * (codes[r].astype(np.int64) @ v[i].astype(np.int64))).astype(np.float32) + c0[i]
+            if kind == "l2":
+                s = np.float32(2) * s - sq[r]
+            if kind == "scaled":
+                s = s * inv[r]
+            ws, wp = reference_heap(s, pos[r], width)
+            assert np.array_equal(hi[j], wp), i
+            assert np.array_equal(hs[j], ws), i
 
 
 def test_scan_signs_scores_equal_sign_scores():

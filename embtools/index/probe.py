@@ -420,15 +420,19 @@ class IvfIndex:
         none = np.zeros(0, np.float32)
         parts = np.ascontiguousarray(parts)
         holding = self._part_files[parts[parts >= 0]].any(axis=0)  # files with rows to scan
+        if self.kind == "int8":
+            v, scale = jit.int8_weights(weights)
         for fi in np.flatnonzero(holding).tolist():
             f = self.files[fi]
             sq, inv = self._sq[fi], self._inv[fi]
             sq = none if sq is None else sq
             if self.kind == "binary":
                 jit.scan_signs(weights, parts, f.starts, f.codes, self.positions[fi], sq, mask, hs, hi)
+            elif self.kind == "int8":
+                jit.scan_int8(v, scale, c0, parts, f.starts, f.codes.view(np.int8), self.positions[fi], sq, mask,
+                              hs, hi, none if inv is None else inv)
             else:
-                codes = f.codes.view(np.int8) if self.kind == "int8" else f.codes
-                jit.scan_dense(weights, c0, parts, f.starts, codes, self.positions[fi], sq, mask, hs, hi,
+                jit.scan_dense(weights, c0, parts, f.starts, f.codes, self.positions[fi], sq, mask, hs, hi,
                                none if inv is None else inv)
 
     def _weights(self, jit: Any, cq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -1,17 +1,21 @@
-"""Exact integer products of uint8 codes with int16 weights: the centroid screen's inner loop.
+"""Exact integer products of 8-bit codes with int16 weights: the inner loops of the centroid
+screen and of the int8 scan.
 
-``code_sums(v, codes, out)`` sets ``out[c] = v . codes[c, :len(v)]`` in int32 (the caller keeps
-``|v| <= MAX_WEIGHT`` and ``255 * MAX_WEIGHT * len(v)`` within int32). It is the largest step
-of a single query on a million rows (4,000 centroids x 384 dimensions: 30 of 61 us).
+``code_sums(v, codes, out)`` sets ``out[c] = v . codes[c, :len(v)]`` for uint8 ``codes`` (the
+centroid screen: 4,000 centroids x 384 dimensions, the largest step of a single query on a
+million rows); ``signed_sums(v, split, codes, a, b, out)`` sets ``out[r - a] = v . codes[r]`` for
+rows ``a..b - 1`` of int8 ``codes`` (an int8 index's partitions). Both in int32: the caller keeps
+``|v| <= MAX_WEIGHT`` and ``255 * MAX_WEIGHT * len(v)`` within int32.
 
 Where the host has AVX-512 VNNI (Intel Ice Lake and later, AMD Zen 4 and later) the sums run on
-``vpdpbusd``, four rows at a time: each weight is split as ``v = 128 * hi + lo`` (``hi`` and
-``lo`` int8) and each 64-byte block of a row takes two instructions, against six for LLVM's
-widening multiply-adds of the portable loop. Both give the same integers (the sums are exact);
-the choice is made once, at import, from the CPU that numba compiles for (no choice is cached
-for another CPU: numba's cache is keyed by it). Rows whose width is a multiple of 64 (the
-padded centroid codes of :meth:`embtools.index.probe.IvfIndex._coarse_codes`) need no
-per-row tail.
+``vpdpbusd`` (unsigned bytes times signed bytes): each weight is split as ``v = 128 * hi + lo``
+(``hi`` and ``lo`` int8), so each 64-byte block of a row takes two instructions, against six for
+LLVM's widening multiply-adds of the portable loop; int8 codes go in with their top bit flipped
+(the code plus 128) and ``128 * sum(v)`` comes off. Rows of up to eight blocks keep the weights
+in registers and run one after another: the scan's rows, streamed from memory, ran 3-4x slower
+four rows at a time. Both forms give the same integers (the sums are exact); the choice is made
+once, at import, from the CPU that numba compiles for (no choice is cached for another CPU:
+numba's cache is keyed by it).
 
 Load this module through :func:`embtools.kernels.jit.jit_kernels` (it imports numba).
 
@@ -34,13 +38,14 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-__all__ = ["MAX_WEIGHT", "code_sums", "host_has_vnni", "portable_code_sums", "vnni_code_sums"]
+__all__ = ["MAX_WEIGHT", "code_sums", "host_has_vnni", "portable_code_sums", "portable_signed_sums", "signed_sums",
+           "split_weights", "vnni_code_sums", "vnni_signed_sums"]
 
 #: the largest ``|v|`` :func:`code_sums` takes: ``128 * hi + lo`` with ``hi`` in -128..127 and
 #: ``lo`` in 0..127
 MAX_WEIGHT = 16383
-#: rows per ``vpdpbusd`` pass: eight independent accumulator chains hide the instruction's latency
-_ROWS = 4
+#: the most 64-byte blocks of weights :func:`_block_sums` holds in registers (2 x 8 of the 32)
+_HELD_BLOCKS = 8
 
 
 def host_has_vnni() -> bool:
@@ -68,49 +73,114 @@ def portable_code_sums(v: np.ndarray, codes: np.ndarray, out: np.ndarray) -> Non
         out[c] = acc
 
 
-def _dpbusd_typing(typingctx: Any, codes: Any, first: Any, hi: Any, lo: Any, blocks: Any) -> Any:  # pragma: no cover
-    """``(hi . codes[first + r], lo . codes[first + r])`` for ``r < _ROWS``, over the first
-    ``64 * blocks`` bytes of each row (``codes`` uint8 C-contiguous, ``hi`` and ``lo`` int8
-    C-contiguous), in ``vpdpbusd`` accumulators of sixteen int32 lanes."""
-    sig = types.UniTuple(types.int32, 2 * _ROWS)(codes, first, hi, lo, blocks)
+def _block_sums(flip: bool) -> Any:
+    """An intrinsic ``(codes, a, b, hi, lo, blocks, out)``: ``out[r - a]`` for rows ``a..b - 1``
+    of ``codes`` (C-contiguous rows of bytes) the sum over their first ``64 * blocks`` bytes
+    ``x`` of ``(128 * hi + lo) * x`` (``hi`` and ``lo`` int8 C-contiguous, ``out`` int32), on
+    ``vpdpbusd``; ``x`` is the byte as uint8, or with ``flip`` the int8 byte plus 128 (its top
+    bit flipped: ``vpdpbusd`` multiplies unsigned bytes by signed ones). Up to
+    :data:`_HELD_BLOCKS` blocks the weights are loaded into registers once and the rows run one
+    after another (streamed rows ran 3-4x slower four at a time); wider rows load them per block."""
 
-    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
-        cty, fty, hty, lty, bty = signature.args
-        rows = context.make_array(cty)(context, builder, args[0])
-        hi_a = context.make_array(hty)(context, builder, args[2])
-        lo_a = context.make_array(lty)(context, builder, args[3])
-        i32, i64 = ir.IntType(32), ir.IntType(64)
-        lanes, block = ir.VectorType(i32, 16), ir.VectorType(ir.IntType(8), 64)
-        stride = cgutils.unpack_tuple(builder, rows.strides)[0]
-        start = context.cast(builder, args[1], fty, types.int64)
-        bases = [builder.gep(rows.data, [builder.mul(builder.add(start, ir.Constant(i64, r)), stride)])
-                 for r in range(_ROWS)]
-        # the <16 x i32> form of LLVM 14-20; later LLVMs upgrade it to their <64 x i8> form
-        dp = cgutils.get_or_insert_function(builder.module, ir.FunctionType(lanes, [lanes] * 3),
-                                            "llvm.x86.avx512.vpdpbusd.512")
-        accs = [cgutils.alloca_once_value(builder, ir.Constant(lanes, None)) for _ in range(2 * _ROWS)]
-        count = context.cast(builder, args[4], bty, types.int64)
-        with cgutils.for_range(builder, count) as loop:
-            offset = builder.mul(loop.index, ir.Constant(i64, 64))
+    def typing(typingctx: Any, codes: Any, a: Any, b: Any, hi: Any, lo: Any, blocks: Any,
+               out: Any) -> Any:  # pragma: no cover - compiled
+        sig = types.none(codes, a, b, hi, lo, blocks, out)
 
-            def load(ptr: Any) -> Any:
-                at = builder.bitcast(builder.gep(ptr, [offset]), block.as_pointer())
-                return builder.bitcast(builder.load(at, align=1), lanes)
+        def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+            cty, aty, bty, hty, lty, kty, oty = signature.args
+            rows = context.make_array(cty)(context, builder, args[0])
+            hi_a = context.make_array(hty)(context, builder, args[3])
+            lo_a = context.make_array(lty)(context, builder, args[4])
+            out_a = context.make_array(oty)(context, builder, args[6])
+            i8, i32, i64 = ir.IntType(8), ir.IntType(32), ir.IntType(64)
+            lanes, block = ir.VectorType(i32, 16), ir.VectorType(i8, 64)
+            stride = cgutils.unpack_tuple(builder, rows.strides)[0]
+            first = context.cast(builder, args[1], aty, types.int64)
+            count = builder.sub(context.cast(builder, args[2], bty, types.int64), first)
+            nblocks = context.cast(builder, args[5], kty, types.int64)
+            data = builder.bitcast(rows.data, i8.as_pointer())
+            sums = builder.bitcast(out_a.data, i32.as_pointer())
+            # the <16 x i32> form of LLVM 14-20; later LLVMs upgrade it to their <64 x i8> form
+            dp = cgutils.get_or_insert_function(builder.module, ir.FunctionType(lanes, [lanes] * 3),
+                                                "llvm.x86.avx512.vpdpbusd.512")
+            total = cgutils.get_or_insert_function(builder.module, ir.FunctionType(i32, [lanes]),
+                                                   "llvm.vector.reduce.add.v16i32")
+            top_bits = ir.Constant(block, [0x80] * 64)
 
-            w_hi, w_lo = load(hi_a.data), load(lo_a.data)
-            for r in range(_ROWS):
-                x = load(bases[r])
-                for acc, w in ((accs[2 * r], w_hi), (accs[2 * r + 1], w_lo)):
-                    builder.store(builder.call(dp, [builder.load(acc), x, w]), acc)
-        total = cgutils.get_or_insert_function(builder.module, ir.FunctionType(i32, [lanes]),
-                                               "llvm.vector.reduce.add.v16i32")
-        sums = [builder.call(total, [builder.load(acc)]) for acc in accs]
-        return context.make_tuple(builder, signature.return_type, sums)
+            def load(ptr: Any, offset: Any, flipped: bool = False) -> Any:
+                at = builder.bitcast(builder.gep(builder.bitcast(ptr, i8.as_pointer()), [offset]), block.as_pointer())
+                x = builder.load(at, align=1)
+                return builder.bitcast(builder.xor(x, top_bits) if flipped else x, lanes)
 
-    return sig, codegen
+            def store(index: Any, acc: list[Any]) -> None:
+                """The row's sum: lane by lane ``128 * hi + lo`` (each lane a partial sum within
+                the caller's bound), then across the lanes."""
+                h, lo_ = builder.add(acc[0], acc[2]), builder.add(acc[1], acc[3])
+                both = builder.add(builder.shl(h, ir.Constant(lanes, [7] * 16)), lo_)
+                builder.store(builder.call(total, [both]), builder.gep(sums, [index]))
+
+            def row_at(index: Any) -> Any:
+                return builder.gep(data, [builder.mul(builder.add(first, index), stride)])
+
+            done = builder.append_basic_block("done")
+            wide = builder.append_basic_block("wide")
+            switch = builder.switch(nblocks, wide)
+            for k in range(1, _HELD_BLOCKS + 1):  # the weights held in registers
+                case = builder.append_basic_block(f"blocks{k}")
+                switch.add_case(ir.Constant(i64, k), case)
+                builder.position_at_end(case)
+                w_hi = [load(hi_a.data, ir.Constant(i64, 64 * j)) for j in range(k)]
+                w_lo = [load(lo_a.data, ir.Constant(i64, 64 * j)) for j in range(k)]
+                with cgutils.for_range(builder, count) as loop:
+                    base = row_at(loop.index)
+                    acc = [ir.Constant(lanes, None)] * 4  # even and odd blocks: two chains each
+                    for j in range(k):
+                        x = load(base, ir.Constant(i64, 64 * j), flip)
+                        c = 2 * (j % 2)
+                        acc[c] = builder.call(dp, [acc[c], x, w_hi[j]])
+                        acc[c + 1] = builder.call(dp, [acc[c + 1], x, w_lo[j]])
+                    store(loop.index, acc)
+                builder.branch(done)
+            builder.position_at_end(wide)  # no blocks, or more than are held
+            with cgutils.for_range(builder, count) as loop:
+                base = row_at(loop.index)
+                accs = [cgutils.alloca_once_value(builder, ir.Constant(lanes, None)) for _ in range(2)]
+                for acc in accs:
+                    builder.store(ir.Constant(lanes, None), acc)
+                with cgutils.for_range(builder, nblocks) as inner:
+                    offset = builder.mul(inner.index, ir.Constant(i64, 64))
+                    x = load(base, offset, flip)
+                    for acc, w in ((accs[0], load(hi_a.data, offset)), (accs[1], load(lo_a.data, offset))):
+                        builder.store(builder.call(dp, [builder.load(acc), x, w]), acc)
+                zero = ir.Constant(lanes, None)
+                store(loop.index, [builder.load(accs[0]), builder.load(accs[1]), zero, zero])
+            builder.branch(done)
+            builder.position_at_end(done)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return intrinsic(typing)
 
 
-_dpbusd_rows: Any = intrinsic(_dpbusd_typing)
+_unsigned_sums: Any = _block_sums(False)
+_signed_sums: Any = _block_sums(True)
+
+
+@njit(nogil=True, cache=True)
+def split_weights(v: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray, int]:  # pragma: no cover - compiled
+    """``(hi, lo, shift)``: int8 of ``width`` (zero past ``len(v)``) with ``v = 128 * hi + lo`` and
+    ``lo`` in 0..127 (``|v| <= MAX_WEIGHT``), and ``128 * sum(v)`` over the whole 64-byte blocks
+    of ``v`` (:func:`vnni_signed_sums` takes the codes plus 128)."""
+    hi = np.zeros(width, np.int8)
+    lo = np.zeros(width, np.int8)
+    shift = np.int32(0)
+    for t in range(v.shape[0]):
+        hi[t] = np.int8(np.int32(v[t]) >> 7)
+        lo[t] = np.int8(np.int32(v[t]) & 127)
+        if t < v.shape[0] // 64 * 64:
+            shift += np.int32(v[t])
+    return hi, lo, np.int32(128) * shift
 
 
 @njit(nogil=True, cache=True)
@@ -118,30 +188,55 @@ def vnni_code_sums(v: np.ndarray, codes: np.ndarray, out: np.ndarray) -> None:  
     """:func:`code_sums` on ``vpdpbusd`` (only on hosts with AVX-512 VNNI: :func:`host_has_vnni`)."""
     p, width = codes.shape
     d = v.shape[0]
-    hi = np.zeros(width, np.int8)
-    lo = np.zeros(width, np.int8)
-    for t in range(d):  # v = 128 * hi + lo, lo in 0..127 (|v| <= MAX_WEIGHT)
-        hi[t] = np.int8(np.int32(v[t]) >> 7)
-        lo[t] = np.int8(np.int32(v[t]) & 127)
+    hi, lo, _ = split_weights(v, width)
     blocks = width // 64  # the weights are zero past d: padding adds nothing
     tail = min(blocks * 64, d)
-    c = 0
     if codes.strides[1] == 1:
-        while c + _ROWS <= p:
-            s = _dpbusd_rows(codes, c, hi, lo, blocks)
-            for r in range(_ROWS):
-                out[c + r] = np.int32(128) * s[2 * r] + s[2 * r + 1]
-            c += _ROWS
+        _unsigned_sums(codes, 0, p, hi, lo, blocks, out)
     else:  # rows not contiguous: every row by the loop below
         tail = 0
+        out[:] = 0
     for r in range(p):
-        acc = np.int32(0) if r >= c else out[r]
-        start = tail if r < c else 0
+        acc = out[r]
         row = codes[r]
-        for t in range(start, d):
+        for t in range(tail, d):
             acc += np.int32(row[t]) * np.int32(v[t])
         out[r] = acc
 
 
+@njit(nogil=True, cache=True, fastmath=True)
+def portable_signed_sums(v: np.ndarray, split: tuple[np.ndarray, np.ndarray, int], codes: np.ndarray, a: int,
+                         b: int, out: np.ndarray) -> None:  # pragma: no cover - compiled
+    """:func:`signed_sums` in plain loops."""
+    for r in range(a, b):
+        row = codes[r]
+        acc = np.int32(0)
+        for t in range(v.shape[0]):
+            acc += np.int32(row[t]) * np.int32(v[t])
+        out[r - a] = acc
+
+
+@njit(nogil=True, cache=True)
+def vnni_signed_sums(v: np.ndarray, split: tuple[np.ndarray, np.ndarray, int], codes: np.ndarray, a: int, b: int,
+                     out: np.ndarray) -> None:  # pragma: no cover - compiled
+    """:func:`signed_sums` on ``vpdpbusd`` (only on hosts with AVX-512 VNNI): the rows' bytes
+    plus 128 (unsigned) times the weights, less ``128 * sum(v)``, each row's bytes past its last
+    whole 64 in a plain loop."""
+    hi, lo, shift = split
+    d = v.shape[0]
+    head = d // 64 * 64 if codes.strides[1] == 1 else 0
+    if head:
+        _signed_sums(codes, a, b, hi, lo, head // 64, out)
+    for r in range(a, b):
+        acc = out[r - a] - shift if head else np.int32(0)
+        row = codes[r]
+        for t in range(head, d):
+            acc += np.int32(row[t]) * np.int32(v[t])
+        out[r - a] = acc
+
+
 #: ``code_sums(v, codes, out)``: ``out[c] = v . codes[c, :len(v)]``, int32 (see the module docstring)
 code_sums = vnni_code_sums if host_has_vnni() else portable_code_sums
+#: ``signed_sums(v, split, codes, a, b, out)``: ``out[r - a] = v . codes[r]`` for rows ``a``..``b - 1``
+#: of int8 ``codes``, int32, ``split = split_weights(v, len(v))`` (see the module docstring)
+signed_sums = vnni_signed_sums if host_has_vnni() else portable_signed_sums

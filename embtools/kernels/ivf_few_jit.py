@@ -41,9 +41,10 @@ from embtools.kernels.ivf_jit import (
     _push,
     _scan_weights,
     _sort_heaps,
+    int8_weights,
     merge_heaps,
     new_heaps,
-    scan_dense,
+    scan_codes,
     screen_terms,
     screened_centroids,
 )
@@ -102,13 +103,14 @@ def _probe(qi: np.ndarray, centroids: np.ndarray, c_sq: np.ndarray, coarse: np.n
 
 
 @njit(nogil=True, cache=True)
-def _scan(q: np.ndarray, c0: np.ndarray, probes: np.ndarray, holds: np.ndarray, starts: Any, codes: Any,
-          pos: Any, sq: Any, inv: Any, mask: np.ndarray, hs: np.ndarray,
+def _scan(q: np.ndarray, c0: np.ndarray, v: np.ndarray, scale: np.ndarray, probes: np.ndarray, holds: np.ndarray,
+          starts: Any, codes: Any, pos: Any, sq: Any, inv: Any, mask: np.ndarray, hs: np.ndarray,
           hi: np.ndarray) -> int:  # pragma: no cover - compiled
     """Scan partitions ``probes`` (``(nq, m)``, -1: none) of the codes files holding rows of them
     (``holds[part, file]``) into the heaps ``hs, hi`` of the scan weights ``q`` and constants
-    ``c0`` (:func:`~embtools.kernels.ivf_jit.scan_weights`); returns the rows scanned. The other files are not touched (a
-    typed list's item costs a reference count)."""
+    ``c0`` (:func:`~embtools.kernels.ivf_jit.scan_weights`; int8 codes: their integer weights
+    ``v, scale``, :func:`~embtools.kernels.ivf_jit.int8_weights`); returns the rows scanned. The
+    other files are not touched (a typed list's item costs a reference count)."""
     scanned = 0
     for f in range(holds.shape[1]):
         used = False
@@ -122,7 +124,7 @@ def _scan(q: np.ndarray, c0: np.ndarray, probes: np.ndarray, holds: np.ndarray, 
         for part in probes.ravel():
             if part >= 0:
                 scanned += st[part + 1] - st[part]
-        scan_dense(q, c0, probes, st, codes[f], pos[f], sq[f], mask, hs, hi, inv[f])
+        scan_codes(q, c0, v, scale, probes, st, codes[f], pos[f], sq[f], mask, hs, hi, inv[f])
     return scanned
 
 
@@ -193,13 +195,15 @@ def _search_few(queries: np.ndarray, centroids: np.ndarray, c_sq: np.ndarray,
     out_s, out_p = _padded(q.shape[0], kk, metric)
     parts, done = _probe_few(q, centroids, c_sq, coarse, lo, step, err, cmax, nprobe, live, need, metric == _L2)
     w, c0 = _scan_weights(q, steps, centers, program)
+    v, scale = int8_weights(w) if steps.shape[0] > 0 else (np.zeros((q.shape[0], 0), np.int16), np.ones(q.shape[0]))
     scanned = 0
     for i in range(q.shape[0]):  # each query scanned and re-ranked while its rows are in the cache
         if not done[i]:  # left padded
             continue
         hs = np.full((1, width), -np.inf, np.float32)
         hi = np.full((1, width), EMPTY, np.int64)
-        scanned += _scan(w[i:i + 1], c0[i:i + 1], parts[i:i + 1], holds, starts, codes, pos, sq, inv, mask, hs, hi)
+        scanned += _scan(w[i:i + 1], c0[i:i + 1], v[i:i + 1], scale[i:i + 1], parts[i:i + 1], holds, starts, codes,
+                         pos, sq, inv, mask, hs, hi)
         _finish(hs, hi, q64[i:i + 1], eps, where, rows, norms, metric, program, out_s[i:i + 1], out_p[i:i + 1])
     return out_s, out_p, done, scanned
 
@@ -293,8 +297,8 @@ def scan_few(q: np.ndarray, parts: np.ndarray, tables: tuple[Any, ...], mask: np
     scan a share of the partitions; :func:`finish_few` merges their heaps."""
     hs, hi = new_heaps(len(q), width)
     holds, starts, codes, pos, sq, inv, _ = tables
-    scanned = _scan(q, np.zeros(len(q), np.float32), np.ascontiguousarray(parts), holds, starts, codes, pos, sq,
-                    inv, mask, hs, hi)
+    scanned = _scan(q, np.zeros(len(q), np.float32), np.zeros((len(q), 0), np.int16), np.ones(len(q)),
+                    np.ascontiguousarray(parts), holds, starts, codes, pos, sq, inv, mask, hs, hi)
     return hs, hi, int(scanned)
 
 
