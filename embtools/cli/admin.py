@@ -59,7 +59,8 @@ def _index_line(info: dict[str, Any]) -> str:
     if held is None:
         return f"{info['partitions']} partitions, codes {info['codes']} (does not fit the memory cap)"
     share = held / max(1, held + outside)
-    return (f"{info['partitions']} partitions, codes {info['codes']}; covers {held:,} rows "
+    soar = "" if info.get("soar_lambda") is None else f", SOAR lambda {info['soar_lambda']:g}"
+    return (f"{info['partitions']} partitions, codes {info['codes']}{soar}; covers {held:,} rows "
             f"({share:.0%}), {outside:,} added since are searched exactly")
 
 

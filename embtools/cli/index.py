@@ -29,14 +29,16 @@ def _codes(value: str) -> str | int:
               help="Probe codes: int8, binary, float, or a Matryoshka prefix dimension such as 64.")
 @click.option("--metric", type=click.Choice(["cosine", "dot", "l2"]), default="cosine", show_default=True)
 @click.option("--sample-rows", type=int, default=None, help="Training rows (default: 64 per partition, >= 100,000).")
+@click.option("--soar-lambda", type=float, default=None,
+              help="Also write each row to a second partition chosen by SOAR (1.0 is a good start).")
 @click.option("--optimize", is_flag=True, help="Index the rows added since the build (or rebuild).")
 @click.option("--drop", is_flag=True, help="Remove the index of --dim and --metric.")
 @click.option("--backend", default=None, help="Compute backend: numpy, torch or mlx (default: auto).")
 @click.option("--device", default=None, help="Device for the backend.")
 @click.option("--max-memory-gb", type=float, default=None, help="Cap on embedding bytes held at once.")
 def index(store: str, dim: int | None, partitions: int | None, codes: str, metric: str,
-          sample_rows: int | None, optimize: bool, drop: bool, backend: str | None,
-          device: str | None, max_memory_gb: float | None) -> None:
+          sample_rows: int | None, soar_lambda: float | None, optimize: bool, drop: bool,
+          backend: str | None, device: str | None, max_memory_gb: float | None) -> None:
     """Build an IVF index over STORE (a new version); searches then probe it (--nprobe)."""
     if optimize and drop:
         raise click.UsageError("give --optimize or --drop, not both")
@@ -51,9 +53,10 @@ def index(store: str, dim: int | None, partitions: int | None, codes: str, metri
     else:
         d = dim if dim is not None else (max(s.dimensions) if s.dimensions else 384)
         version = s.create_index(dimension=d, partitions=partitions, codes=_codes(codes),
-                                 sample_rows=sample_rows, metric=metric)
+                                 sample_rows=sample_rows, metric=metric, soar_lambda=soar_lambda)
     for info in s.indexes():
-        click.echo(f"index {info['name']}: {info['partitions']} partitions, codes {info['codes']}, "
+        soar = "" if info["soar_lambda"] is None else f", SOAR lambda {info['soar_lambda']:g}"
+        click.echo(f"index {info['name']}: {info['partitions']} partitions, codes {info['codes']}{soar}, "
                    f"{info['indexed_rows']:,} rows indexed, {info['unindexed_rows']:,} searched exactly")
     click.echo(f"version {version} ({time.perf_counter() - start:.1f} s)")
 

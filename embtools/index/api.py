@@ -24,6 +24,7 @@ from embtools.errors import CorruptStoreError, InvalidArgumentError, MemoryLimit
 from embtools.index.build import build_index, commit_index, finish_build
 from embtools.index.files import raw_codes
 from embtools.index.probe import IvfIndex
+from embtools.index.soar import check_soar_lambda
 from embtools.memory import format_bytes
 
 __all__ = ["CODES", "create_index", "drop_index", "find_index", "index_info", "optimize_index"]
@@ -60,7 +61,7 @@ def _code_dim(codes: Any, dimension: int, metric: str) -> tuple[str, int]:
 
 def create_index(store: Any, dimension: int = 384, partitions: int | None = None,
                  codes: Any = "int8", sample_rows: int | None = None, metric: str = "cosine",
-                 *, progress: bool | None = None) -> int:
+                 *, soar_lambda: float | None = None, progress: bool | None = None) -> int:
     """Train and commit an IVF index of ``dimension`` for ``metric``; the new version.
 
     See :meth:`embtools.store.EmbeddingStore.create_index`.
@@ -75,11 +76,12 @@ def create_index(store: Any, dimension: int = 384, partitions: int | None = None
         partitions = check_k(partitions, "partitions")
     if sample_rows is not None:
         sample_rows = check_k(sample_rows, "sample_rows")
+    soar = check_soar_lambda(soar_lambda)
     if src.num_rows == 0:
         raise InvalidArgumentError("the store has no rows to index")
     entry = build_index(src.root, src, store.backend, store.budget, dimension=dim, metric=metric,
                         code_dim=code_dim, codes=kind, partitions=partitions,
-                        sample_rows=sample_rows, show=progress)
+                        sample_rows=sample_rows, show=progress, soar=soar)
     commit_index(src.root, entry)
     finish_build(src.root, entry.name, entry.info.get("build"))
     return store.refresh()
@@ -126,7 +128,8 @@ def find_index(store: Any, dim: int, metric: str) -> IvfIndex | None:
     per_row = 24
     if raw_codes(entry.info.get("codes"), entry.info.get("code_dim"), entry.dimension):
         per_row += 8 + (12 if entry.metric == "cosine" else 0)
-    need = n * per_row + entry.dimension * 4 * int(entry.info.get("partitions", 0))
+    copies = 1 if entry.info.get("soar_lambda") is None else 2  # row maps per entry: a SOAR row is two
+    need = n * per_row * copies + entry.dimension * 4 * int(entry.info.get("partitions", 0))
     if avail is not None and need > avail // 2:
         raise MemoryLimitError(
             f"index {entry.name}: its centroids and row maps ({format_bytes(need)}) do not fit half "
@@ -149,9 +152,18 @@ def find_index(store: Any, dim: int, metric: str) -> IvfIndex | None:
     return index
 
 
+def _soar_shown(value: Any) -> float | None:
+    """SOAR's lambda as the manifest holds it, None where it is not a valid one."""
+    try:
+        return check_soar_lambda(value)
+    except InvalidArgumentError:
+        return None
+
+
 def index_info(store: Any) -> list[dict[str, Any]]:
-    """One dict per index of the open version: name, dimension, metric, codes, partitions, rows
-    indexed (live), rows outside it, rows deleted since it was built, files and bytes."""
+    """One dict per index of the open version: name, dimension, metric, codes, SOAR's lambda
+    (None: one partition per row), partitions, rows indexed (live), rows outside it, rows
+    deleted since it was built, files and bytes."""
     manifest = getattr(store.source, "manifest", None)
     out = []
     for entry in [] if manifest is None else manifest.indexes:
@@ -164,6 +176,7 @@ def index_info(store: Any) -> list[dict[str, Any]]:
         out.append({
             "name": entry.name, "dimension": entry.dimension, "metric": entry.metric,
             "codes": entry.info.get("codes"), "code_dim": entry.info.get("code_dim"),
+            "soar_lambda": idx.soar if idx is not None else _soar_shown(entry.info.get("soar_lambda")),
             "partitions": entry.info.get("partitions"), "built_version": entry.info.get("built_version"),
             "indexed_rows": live,
             "unindexed_rows": None if idx is None else len(idx.uncovered),
@@ -203,7 +216,7 @@ def optimize_index(store: Any, dimension: int | None = None, metric: str | None 
             fresh = build_index(src.root, src, store.backend, store.budget, dimension=entry.dimension,
                                 metric=entry.metric, code_dim=int(entry.info["code_dim"]),
                                 codes=idx.codes, partitions=None,
-                                sample_rows=None, show=progress)
+                                sample_rows=None, show=progress, soar=idx.soar)
             commit_index(src.root, fresh, operation="optimize_index")
             finish_build(src.root, fresh.name, fresh.info.get("build"))
         elif new:
@@ -213,11 +226,11 @@ def optimize_index(store: Any, dimension: int | None = None, metric: str | None 
             ranges = None if held is None else np.asarray(held, np.float32)
             spill = delta_spill(src.root, entry.name, pos, row_ids, idx.centroids,
                                 int(entry.info["code_dim"]), entry.metric, idx.codes, store.budget,
-                                ranges, idx.raw)  # the delta's codes are as the index's
+                                ranges, idx.raw, idx.soar)  # the delta's codes are as the index's
             written = assign_rows(src.root, entry.name, src, pos, row_ids, idx.centroids,
                                   entry.dimension, int(entry.info["code_dim"]), entry.metric,
                                   store.backend, store.budget, progress, idx.codes, ranges, spill,
-                                  idx.raw)
+                                  idx.raw, idx.soar)
             from dataclasses import replace
 
             from embtools.storage.durable import fsync_dir

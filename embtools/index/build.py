@@ -45,6 +45,7 @@ from embtools.index.kmeans import (
     normalize_rows,
     train_centroids,
 )
+from embtools.index.soar import second_partitions
 from embtools.index.spill import Spill, read_rows
 from embtools.kernels.codes import encode_int8, int8_ranges, pack_signs, sign_bytes
 from embtools.memory import MemoryBudget, format_bytes
@@ -206,17 +207,26 @@ def _chunk_plan(n: int, dim: int, code_bytes: int, partitions: int,
     return int(min(chunk, max(n, 1))), int(min(batch, chunk, max(n, 1))), cols
 
 
+def _entry_rows(n: int, chunk: int, copies: int) -> np.ndarray:
+    """The row (index into the positions) of each entry of the index, chunk by chunk: a chunk's
+    rows, ``copies`` times over (with SOAR, first in their nearest partition, then in the second)."""
+    return np.concatenate([np.tile(np.arange(a, min(n, a + chunk)), copies) for a in range(0, n, chunk)]
+                          or [np.zeros(0, np.int64)])
+
+
 def _assign_chunks(spill: Spill, source: Any, positions: np.ndarray, centroids: np.ndarray,
                    dim: int, code_dim: int, metric: str, kind: str, ranges: np.ndarray | None,
                    backend: Any, budget: MemoryBudget, advance: Any,
-                   raw: bool = False) -> tuple[np.ndarray, list[Any], int]:
-    """Step 2: each row's partition (int32, in ``positions`` order), each chunk's spill of codes
-    sorted by partition (chunks already spilled by an earlier run are reused) and the chunk rows."""
+                   raw: bool = False, soar: float | None = None) -> tuple[np.ndarray, list[Any], int]:
+    """Step 2: each entry's partition (int32; one entry per row in ``positions`` order, with
+    ``soar`` two per row, :func:`_entry_rows`), each chunk's spill of codes sorted by
+    (partition, row) (chunks already spilled by an earlier run are reused) and the chunk rows."""
     n, p = len(positions), len(centroids)
+    copies = 1 if soar is None else 2
     dtype, width = _code_layout(kind, code_dim)
     code_bytes = dtype.itemsize * width
-    chunk, batch, cols = _chunk_plan(n, dim, code_bytes, p, budget.available_bytes)
-    parts = np.empty(n, np.int32)
+    chunk, batch, cols = _chunk_plan(n, dim, code_bytes * copies, p, budget.available_bytes)
+    parts = np.empty(n * copies, np.int32)
     spills: list[Any] = []
     top: Top1 | None = None
     buf: np.ndarray | None = None
@@ -224,11 +234,12 @@ def _assign_chunks(spill: Spill, source: Any, positions: np.ndarray, centroids: 
     for i, a in enumerate(range(0, n, chunk)):
         b = min(n, a + chunk)
         m = b - a
+        mine = parts[a * copies:b * copies]  # the chunk's entries: its rows' first partitions, then their second
         what = f"c{i:06d}"
-        done = spill.load(f"{what}-parts", np.int32, (m,))
-        hit = None if done is None else spill.path(f"{what}-codes", dtype, (m, width))
+        done = spill.load(f"{what}-parts", np.int32, (m * copies,))
+        hit = None if done is None else spill.path(f"{what}-codes", dtype, (m * copies, width))
         if done is not None and hit is not None and int(done.min()) >= 0 and int(done.max()) < p:
-            parts[a:b] = done
+            mine[:] = done
             spills.append(hit)
             advance(m)
             continue
@@ -243,13 +254,16 @@ def _assign_chunks(spill: Spill, source: Any, positions: np.ndarray, centroids: 
             codes[s - a:e - a] = encode(x, code_dim, metric, kind, ranges, raw)
             if metric != "l2":
                 normalize_rows(x)  # spherical partitions
-            top(x, parts[s:e])
+            top(x, mine[s - a:e - a])
+            if soar is not None:
+                mine[m + s - a:m + e - a] = second_partitions(x, mine[s - a:e - a], centroids, soar, max(1, cols // 3))
             advance(e - s)
-        order = np.argsort(parts[a:b], kind="stable")  # partition order, then position order
-        with spill.writer(f"{what}-codes", dtype, (m, width)) as w:
-            for s in range(0, m, batch):
-                w.write(codes[order[s:s + batch]])
-        spill.save(f"{what}-parts", parts[a:b])
+        rows = np.tile(np.arange(m), copies)
+        order = np.lexsort((rows, mine))  # partition order, then position order
+        with spill.writer(f"{what}-codes", dtype, (m * copies, width)) as w:
+            for s in range(0, m * copies, batch):
+                w.write(codes[rows[order[s:s + batch]]])
+        spill.save(f"{what}-parts", mine)
         crash_point("after_index_chunk")
         spills.append(w.written)
     return parts, spills, chunk
@@ -257,9 +271,13 @@ def _assign_chunks(spill: Spill, source: Any, positions: np.ndarray, centroids: 
 
 def _write_runs(root: str, name: str, parts: np.ndarray, row_ids: np.ndarray, spills: list[Any],
                 chunk: int, partitions: int, kind: str, code_dim: int, budget: MemoryBudget,
-                advance: Any, norms: bool = False) -> list[tuple[str, int]]:
+                advance: Any, norms: bool = False, copies: int = 1) -> list[tuple[str, int]]:
     """Step 3: the codes files, runs of whole partitions put together from the chunks' spills
-    (``chunk`` rows each); ``norms``: with the codes' norms (:func:`code_norms`)."""
+    (``chunk`` rows each, ``copies`` entries a row: ``parts`` holds the entries' partitions,
+    :func:`_entry_rows`); ``norms``: with the codes' norms (:func:`code_norms`)."""
+    rows_of = _entry_rows(len(row_ids), chunk, copies)
+    row_ids = row_ids[rows_of]
+    chunk *= copies
     n = len(parts)
     dtype, width = _code_layout(kind, code_dim)
     code_bytes = dtype.itemsize * width
@@ -275,7 +293,7 @@ def _write_runs(root: str, name: str, parts: np.ndarray, row_ids: np.ndarray, sp
     cuts = np.array([p for run in runs for p in run])
     starts = np.array([np.r_[0, np.cumsum(np.bincount(parts[a:a + chunk], minlength=partitions))][cuts]
                        for a in range(0, n, chunk)])
-    order = np.argsort(parts, kind="stable")  # (partition, position): the rows of the index
+    order = np.lexsort((rows_of, parts))  # (partition, position): the rows of the index
     out = np.empty((max(int(ends[p1] - ends[p0]) for p0, p1 in runs), width), dtype)
     stage = np.empty((int((starts[:, 1::2] - starts[:, 0::2]).max()), width), dtype)
     pool = _arrow_pool()
@@ -315,23 +333,25 @@ def assign_rows(root: str, name: str, source: Any, positions: np.ndarray, row_id
                 centroids: np.ndarray, dim: int, code_dim: int, metric: str, backend: Any,
                 budget: MemoryBudget, show: bool | None = None, kind: str = "float",
                 ranges: np.ndarray | None = None, spill: Spill | None = None,
-                raw: bool = False) -> list[tuple[str, int]]:
+                raw: bool = False, soar: float | None = None) -> list[tuple[str, int]]:
     """Assign the rows at ``positions`` (ascending; their ``row_ids``) to ``centroids`` and write
     their codes in partition order; the ``(path, bytes)`` of each codes file written. ``spill``
     (default: :func:`delta_spill`) keeps the finished chunks for a re-run; the caller removes it
     after the commit. ``raw``: float codes that are the rows as stored (:func:`encode`), with
-    their norms for cosine."""
+    their norms for cosine; ``soar``: SOAR's lambda, each row written to a second partition too
+    (:mod:`embtools.index.soar`)."""
     n = len(positions)
+    copies = 1 if soar is None else 2
     if spill is None:
         spill = delta_spill(root, name, positions, row_ids, centroids, code_dim, metric, kind,
-                            budget, ranges, raw)
-    with progress(2 * n, f"index {name}: assigning and writing rows", enabled=show,
-                     unit="rows") as advance:
+                            budget, ranges, raw, soar)
+    with progress((1 + copies) * n, f"index {name}: assigning and writing rows", enabled=show,
+                  unit="rows") as advance:
         parts, spills, chunk = _assign_chunks(spill, source, positions, centroids, dim, code_dim,
-                                              metric, kind, ranges, backend, budget, advance, raw)
+                                              metric, kind, ranges, backend, budget, advance, raw, soar)
         _trim_heap()  # the batches' buffers, freed, go back before pyarrow's pages come
         return _write_runs(root, name, parts, row_ids, spills, chunk, len(centroids), kind,
-                           code_dim, budget, advance, raw and metric == "cosine")
+                           code_dim, budget, advance, raw and metric == "cosine", copies)
 
 
 def _digest(a: np.ndarray) -> str:
@@ -340,18 +360,20 @@ def _digest(a: np.ndarray) -> str:
 
 def delta_spill(root: str, name: str, positions: np.ndarray, row_ids: np.ndarray,
                 centroids: np.ndarray, code_dim: int, metric: str, kind: str,
-                budget: MemoryBudget, ranges: np.ndarray | None = None, raw: bool = False) -> Spill:
+                budget: MemoryBudget, ranges: np.ndarray | None = None, raw: bool = False,
+                soar: float | None = None) -> Spill:
     """The spill of :func:`assign_rows` for these rows and centroids (and the cap)."""
     return Spill(os.path.join(root, INDEX_DIR, name),
                  Spill.key(rows=_digest(positions), ids=_digest(row_ids), centroids=_digest(centroids),
                            code_dim=code_dim, metric=metric, kind=kind, cap=budget.cap_bytes,
-                           ranges=None if ranges is None else _digest(ranges), raw=raw))
+                           ranges=None if ranges is None else _digest(ranges), raw=raw,
+                           **({} if soar is None else {"soar": soar})))
 
 
 def build_index(root: str, snapshot: Any, backend: Any, budget: MemoryBudget, *, dimension: int,
                 metric: str, code_dim: int, codes: str, partitions: int | None,
                 sample_rows: int | None, iterations: int = DEFAULT_ITERATIONS,
-                show: bool | None = None) -> IndexEntry:
+                show: bool | None = None, soar: float | None = None) -> IndexEntry:
     """Train and write the index of ``snapshot``'s rows (files fsynced, nothing committed; the
     entry's ``info["build"]`` names the spills :func:`finish_build` removes after the commit)."""
     n = int(snapshot.num_rows)
@@ -384,7 +406,8 @@ def build_index(root: str, snapshot: Any, backend: Any, budget: MemoryBudget, *,
                                     files=[f.path for f in snapshot.manifest.files], rows=n,
                                     dimension=dimension, metric=metric, partitions=p,
                                     sample_rows=rows_held, iterations=iterations, codes=codes,
-                                    code_dim=code_dim, cap=budget.cap_bytes, raw=raw))
+                                    code_dim=code_dim, cap=budget.cap_bytes, raw=raw,
+                                    **({} if soar is None else {"soar": soar})))
     centroids = spill.load("centroids", np.float32, (p, dimension))
     ranges = spill.load("ranges", np.float32, (2, code_dim)) if codes == "int8" else None
     if centroids is None or not np.isfinite(centroids).all() or (codes == "int8" and ranges is None):
@@ -403,12 +426,13 @@ def build_index(root: str, snapshot: Any, backend: Any, budget: MemoryBudget, *,
     c_path = write_centroids(root, name, centroids)
     written = [c_path]
     written += assign_rows(root, name, snapshot, positions, row_ids, centroids, dimension,
-                           code_dim, metric, backend, budget, show, codes, ranges, spill, raw)
+                           code_dim, metric, backend, budget, show, codes, ranges, spill, raw, soar)
     fsync_dir(folder)
     crash_point("after_index_files")
     info = {"codes": codes, "code_dim": code_dim, "partitions": len(centroids), "rows": n,
             "built_version": int(snapshot.version), "sample_rows": int(rows_held),
             "iterations": iterations, "delta_rows": 0, "build": spill.prefix[6:-1], "raw_codes": raw,
+            **({} if soar is None else {"soar_lambda": soar}),
             **({} if ranges is None else {"int8_ranges": ranges.tolist()})}
     return IndexEntry(name, dimension, metric, [f for f, _ in written], [b for _, b in written],
                       [f.path for f in snapshot.manifest.files], info)

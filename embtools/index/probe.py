@@ -28,8 +28,9 @@ from typing import Any
 
 import numpy as np
 
-from embtools.errors import CorruptStoreError
+from embtools.errors import CorruptStoreError, InvalidArgumentError
 from embtools.index.files import CodesFile, raw_codes, read_centroids
+from embtools.index.soar import check_soar_lambda
 from embtools.kernels.codes import CODE_SHIFT, decode_int8, int8_steps
 from embtools.kernels.hamming import sign_scores
 from embtools.kernels.jit import jit_kernels
@@ -78,6 +79,17 @@ def _split(cum_work: np.ndarray, parts: int) -> list[tuple[int, int]]:
     return [(a, b) for a, b in itertools.pairwise(edges) if b > a]
 
 
+def _first_of_each(cand: np.ndarray, width: int) -> np.ndarray:
+    """``(m, width)``: each row of positions ``cand`` in its order with a position's second
+    appearance (SOAR's second copy of a row) and -1 dropped, cut to ``width`` and padded with -1."""
+    out = np.full((len(cand), width), -1, np.int64)
+    for i, row in enumerate(cand):
+        row = row[row >= 0]
+        keep = row[np.sort(np.unique(row, return_index=True)[1])][:width]
+        out[i, :len(keep)] = keep
+    return out
+
+
 def default_nprobe(partitions: int) -> int:
     """Partitions probed by default: about ``sqrt(partitions)``, at least 8 (all when fewer)."""
     return int(min(partitions, max(8, round(math.sqrt(partitions)))))
@@ -98,6 +110,13 @@ class IvfIndex:
         self.code_dim = int(info["code_dim"])
         self.codes = str(info.get("codes", "float"))
         self.kind = self.codes if self.codes in ("int8", "binary") else "float"
+        try:
+            #: SOAR's lambda: each row is in two partitions (None: in one; :mod:`embtools.index.soar`)
+            self.soar = check_soar_lambda(info.get("soar_lambda"))
+        except InvalidArgumentError:
+            raise CorruptStoreError(f"index {self.name}: soar_lambda {info.get('soar_lambda')!r}") from None
+        #: entries per row: a partition's live entries of ``copies * k`` hold ``k`` rows
+        self.copies = 1 if self.soar is None else 2
         self.default_refine = {"int8": 2, "binary": 10}.get(
             self.kind, 1 if self.code_dim >= self.dimension else 10)
         #: float codes of the full dimension are the rows as stored (unit rows of cosine indexes
@@ -259,7 +278,7 @@ class IvfIndex:
         q = self._queries(queries, self.dimension) if prepared is None else prepared
         p = self.partitions
         live = self.live_counts if counts is None else counts
-        need = min(kk, self._live_total if counts is None else int(live.sum()))
+        need = min(kk * self.copies, self._live_total) if counts is None else min(kk, int(live.sum()))
         few = jit is not None and len(q) < JIT_SPLIT_QUERIES
         if few and self._screens(nprobe):
             picked = [self._screened(jit, v, nprobe) for v in q]
@@ -342,7 +361,8 @@ class IvfIndex:
             out = np.full((nq, width), -1, np.int64)
             for i in range(nq):
                 scores, pos = self._block(probes[i], cq[i:i + 1], sel)
-                best = self._best(scores, pos, width)
+                best = self._best(scores, pos, width * self.copies)
+                best = _first_of_each(best, width) if self.copies > 1 else best
                 out[i, :best.shape[1]] = best
             return out
 
@@ -559,7 +579,7 @@ class IvfIndex:
             list(_POOL.get().map(lambda ab: run(*ab), halves))
         self._touched += int(size.sum()) * self.code_dim * 4
         self._release_if_needed()
-        w = min(width, buf_s.shape[1])
+        w = min(width * self.copies, buf_s.shape[1])
         if buf_s.shape[1] > w:
             pick = np.argpartition(-buf_s, w - 1, axis=1)[:, :w]
         else:
@@ -569,6 +589,8 @@ class IvfIndex:
         best = np.argsort(-s_pick, axis=1, kind="stable")
         out = np.take_along_axis(p_pick, best, axis=1)
         out[np.take_along_axis(s_pick, best, axis=1) == -np.inf] = -1
+        if self.copies > 1:
+            return _first_of_each(out, width)
         if w < width:
             out = np.concatenate([out, np.full((nq, width - w), -1, np.int64)], axis=1)
         return out
@@ -719,7 +741,7 @@ class IvfIndex:
         centroid scored), the live rows per partition, the rows the probes must hold (``kk``, or
         fewer where fewer are live) and the filter's mask (empty: every live row)."""
         live = self.live_counts if sel is None else sel[1]
-        need = min(kk, self._live_total if sel is None else int(live.sum()))
+        need = min(kk * self.copies, self._live_total) if sel is None else min(kk, int(live.sum()))
         mask = np.zeros(0, bool) if sel is None else sel[0]
         return self._coarse_codes() if self._screens(nprobe) else None, live, need, mask
 

@@ -105,6 +105,20 @@ def _push(hs: np.ndarray, hi: np.ndarray, s: float, p: int) -> None:  # pragma: 
     _sift_down(hs, hi, len(hs))
 
 
+@njit(nogil=True, cache=True)
+def _push_row(hs: np.ndarray, hi: np.ndarray, s: float, p: int) -> None:  # pragma: no cover - compiled
+    """:func:`_push` of an index row: a position the heap holds already (the second copy of a
+    row of a SOAR index, :mod:`embtools.index.soar`, which scores the same) is not pushed again."""
+    if not (s > hs[0] or (s == hs[0] and p < hi[0])):
+        return
+    for t in range(len(hi)):
+        if hi[t] == p:
+            return
+    hs[0] = s
+    hi[0] = p
+    _sift_down(hs, hi, len(hs))
+
+
 @njit(nogil=True, cache=True, fastmath=True)
 def scan_dense(w: np.ndarray, c0: np.ndarray, probes: np.ndarray, starts: np.ndarray,
                codes: np.ndarray, pos: np.ndarray, sq: np.ndarray, mask: np.ndarray,
@@ -141,7 +155,7 @@ def scan_dense(w: np.ndarray, c0: np.ndarray, probes: np.ndarray, starts: np.nda
                     acc = np.float32(2.0) * acc - sq[r]
                 elif scaled:
                     acc *= inv[r]
-                _push(hsi, hii, acc, p)
+                _push_row(hsi, hii, acc, p)
 
 
 #: rows of a partition whose integer sums :func:`scan_int8` takes at a time
@@ -183,7 +197,7 @@ def _push_sums(sums: np.ndarray, a: int, b: int, sc: float, base: float, pos: np
             acc = np.float32(2.0) * acc - sq[r]
         elif len(inv) > 0:
             acc *= inv[r]
-        _push(hs, hi, acc, p)
+        _push_row(hs, hi, acc, p)
 
 
 @njit(nogil=True, cache=True)
@@ -283,7 +297,7 @@ def scan_signs(tables: np.ndarray, probes: np.ndarray, starts: np.ndarray, codes
                     acc += ti[2 * b, v >> 4] + ti[2 * b + 1, v & 15]
                 if l2:
                     acc = np.float32(2.0) * acc - sq[r]
-                _push(hsi, hii, acc, p)
+                _push_row(hsi, hii, acc, p)
 
 
 @njit(nogil=True, cache=True)
@@ -293,7 +307,7 @@ def merge_heaps(hs: np.ndarray, hi: np.ndarray, hs2: np.ndarray, hi2: np.ndarray
     for i in range(hs.shape[0]):
         for j in range(hs2.shape[1]):
             if hi2[i, j] != EMPTY:
-                _push(hs[i], hi[i], hs2[i, j], hi2[i, j])
+                _push_row(hs[i], hi[i], hs2[i, j], hi2[i, j])
 
 
 @njit(nogil=True, cache=True, fastmath=True)
