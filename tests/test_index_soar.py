@@ -200,3 +200,17 @@ def test_a_capped_soar_build_killed_after_a_chunk_resumes_to_the_same_index(tmp_
     got = entries(killed)  # searched uncapped
     assert got == entries(whole) and len(got) == 2 * len(x)
     assert killed.search(q, k=5, nprobe=8, refine=2000).equals(killed.search(q, k=5, exact=True))
+
+
+def test_a_single_query_split_over_two_threads_returns_each_row_once(tmp_path, monkeypatch):
+    """Float codes whose probes hold many rows: the scan split over two threads, their heaps
+    merged (a row whose two copies fell to different threads is kept once)."""
+    import embtools.index.probe as probe
+
+    store, _x, q = soar_store(tmp_path, "float", n=1500, partitions=16)
+    monkeypatch.setattr(probe, "ONE_CALL_ROWS", 0)
+    for v in q[:8]:
+        got = store.search(v, k=10, nprobe=16, refine=200)
+        assert got.equals(store.search(v, k=10, exact=True))
+        few = store.search(v, k=10, nprobe=3)["row_id"].to_list()
+        assert len(set(few)) == 10
