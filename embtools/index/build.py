@@ -275,8 +275,12 @@ def _write_runs(root: str, name: str, parts: np.ndarray, row_ids: np.ndarray, sp
     """Step 3: the codes files, runs of whole partitions put together from the chunks' spills
     (``chunk`` rows each, ``copies`` entries a row: ``parts`` holds the entries' partitions,
     :func:`_entry_rows`); ``norms``: with the codes' norms (:func:`code_norms`)."""
-    rows_of = _entry_rows(len(row_ids), chunk, copies)
-    row_ids = row_ids[rows_of]
+    if copies > 1:  # (partition, position): the rows of the index
+        rows_of = _entry_rows(len(row_ids), chunk, copies)
+        row_ids, order = row_ids[rows_of], np.lexsort((rows_of, parts))
+        del rows_of
+    else:
+        order = np.argsort(parts, kind="stable")
     chunk *= copies
     n = len(parts)
     dtype, width = _code_layout(kind, code_dim)
@@ -293,7 +297,6 @@ def _write_runs(root: str, name: str, parts: np.ndarray, row_ids: np.ndarray, sp
     cuts = np.array([p for run in runs for p in run])
     starts = np.array([np.r_[0, np.cumsum(np.bincount(parts[a:a + chunk], minlength=partitions))][cuts]
                        for a in range(0, n, chunk)])
-    order = np.lexsort((rows_of, parts))  # (partition, position): the rows of the index
     out = np.empty((max(int(ends[p1] - ends[p0]) for p0, p1 in runs), width), dtype)
     stage = np.empty((int((starts[:, 1::2] - starts[:, 0::2]).max()), width), dtype)
     pool = _arrow_pool()

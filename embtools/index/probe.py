@@ -739,7 +739,8 @@ class IvfIndex:
                       ) -> tuple[tuple[np.ndarray, ...] | None, np.ndarray, int, np.ndarray]:
         """What the compiled probe of a few queries takes: the centroid screen (None: every
         centroid scored), the live rows per partition, the rows the probes must hold (``kk``, or
-        fewer where fewer are live) and the filter's mask (empty: every live row)."""
+        fewer where fewer are live; twice as many entries of a SOAR index, whose rows are in two
+        partitions) and the filter's mask (empty: every live row)."""
         live = self.live_counts if sel is None else sel[1]
         need = min(kk * self.copies, self._live_total) if sel is None else min(kk, int(live.sum()))
         mask = np.zeros(0, bool) if sel is None else sel[0]
