@@ -4,8 +4,9 @@ For an index whose codes are the rows as stored (``codes="float"`` at the search
 query's search is: pick its ``nprobe`` nearest centroids, scan the codes of those partitions in
 every codes file into a heap of the best ``width`` rows, cut the shortlist where the float32
 scores certify it (cosine), and re-rank the rest in float64 from the same codes. int8 codes of
-the search dimension are scanned the same way (each code a bucket centre) and their shortlist is
-re-ranked from the rows of the mapped data files. Run as separate
+the search dimension are scanned by exact integer sums (each code a bucket centre:
+:func:`~embtools.kernels.ivf_jit.scan_int8`) and their shortlist is re-ranked from the rows of
+the mapped data files. Run as separate
 NumPy and numba calls, the glue between the steps costs more than the steps for one query on a
 million rows; :func:`search_few` runs them back to back with the kernels of
 :mod:`embtools.kernels.ivf_jit` and :mod:`embtools.kernels.rerank_jit`, so its results are
