@@ -188,7 +188,6 @@ def lance_ivfpq(x: np.ndarray, partitions: int, workdir: str) -> tuple[Any, floa
 
 def run_set(name: str, x: np.ndarray, q: np.ndarray, args: argparse.Namespace, workdir: str,
             plot: dict[str, list[tuple[float, float]]]) -> list[str]:
-
     import embtools as et
     from embtools.index.build import default_partitions
 
