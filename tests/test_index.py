@@ -490,18 +490,26 @@ def test_screened_centroids_pick_the_float32_nearest(tmp_path, monkeypatch, metr
     c[30:40] = c[25] + np.float32(1e-6) * rng.standard_normal((10, DIM)).astype(np.float32)  # near ties
     queries = np.concatenate([q, c[[5, 25]], 3 * q[:4]]).astype(np.float32)  # dot: unnormalised too
     for cents in (probe.centroids, c):
-        probe.centroids, probe._coarse = cents, None
-        for v in probe._queries(queries, DIM):
-            full = np.empty((1, probe.partitions), np.float32)
-            jit.centroid_scores(v[None], cents, full)
-            for nprobe in (1, 2, 7, 40):
-                got = probe._screened(jit, v, nprobe)
-                assert np.array_equal(got, jit.top_columns(full, nprobe)[0]), nprobe
-    probe.centroids, probe._coarse = original, None
+        probe.centroids, probe._coarse, probe._packed = cents, None, None
+        prepared = probe._queries(queries, DIM)
+        full = np.empty((len(prepared), probe.partitions), np.float32)
+        jit.centroid_scores(prepared, cents, full)
+        for nprobe in (1, 2, 7, 40):
+            want = jit.top_columns(full, nprobe)
+            for v, row in zip(prepared, want, strict=True):
+                assert np.array_equal(probe._screened(jit, v, nprobe), row), nprobe
+            # a batch's sums computed together (chunks of 64 queries, tiles of 8): the same rows
+            assert np.array_equal(probe._screened_batch(jit, prepared, nprobe), want), nprobe
+            assert np.array_equal(probe._screened_batch(jit, prepared[:1], nprobe), want[:1]), nprobe
+    probe.centroids, probe._coarse, probe._packed = original, None, None
     screened = [store.search(v, k=10, nprobe=4, metric=metric) for v in q[:8]]
+    batch = store.search(q, k=10, nprobe=4, metric=metric)
+    monkeypatch.setattr(jit, "FAST_BATCH_SCREEN", True)  # the batch screen on hosts without VNNI too
+    assert store.search(q, k=10, nprobe=4, metric=metric).equals(batch)
     monkeypatch.setattr(probe_mod, "SCREEN_CENTROIDS", 10**9)
     for v, got in zip(q[:8], screened, strict=True):
         assert got.equals(store.search(v, k=10, nprobe=4, metric=metric))
+    assert store.search(q, k=10, nprobe=4, metric=metric).equals(batch)  # every centroid in float32
 
 
 def test_certified_cut_of_float_shortlists_keeps_the_exact_top_k(tmp_path, monkeypatch):

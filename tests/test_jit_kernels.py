@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from embtools.kernels.codes import pack_signs
+from embtools.kernels.codes import pack_codes, pack_signs
 from embtools.kernels.hamming import sign_scores
 from embtools.kernels.jit import JIT_ENV, jit_kernels
 
@@ -92,14 +92,20 @@ def test_screened_centroids_are_the_float32_nearest_at_any_width(dim):
     padded[:, :dim] = codes
     queries = np.concatenate([rng.standard_normal((20, dim)), c[[5, 25]], 1e4 * rng.standard_normal((2, dim))])
     for q in queries.astype(np.float32):
-        v, scale, c0, margin = ivf.screen_terms(q, lo32, step, err, np.abs(c64).max(axis=0))
+        v, scale, margin = ivf.screen_terms(q, lo32, step, err, np.abs(c64).max(axis=0))
         assert np.abs(v).max() <= min(MAX_WEIGHT, (2**31 - 1) // (255 * dim))
         full = np.empty((1, len(c)), np.float32)
         ivf.centroid_scores(q[None], c, full)
         for n in (1, 3, 17):
             for cc in (codes, padded):
-                got = ivf.screened_centroids(q, v, scale, c0, cc, margin, c, n)
+                got = ivf.screened_centroids(q, v, scale, cc, margin, c, n)
                 assert np.array_equal(got, ivf.top_columns(full, n)[0]), (dim, n)
+    full = np.empty((len(queries), len(c)), np.float32)
+    ivf.centroid_scores(queries.astype(np.float32), c, full)
+    for n in (1, 3, 17):  # the batch form: the same centroids for every query
+        got = ivf.screened_batch(queries.astype(np.float32), lo32, step, err, np.abs(c64).max(axis=0),
+                                 pack_codes(codes, dim), c, n)
+        assert np.array_equal(got, ivf.top_columns(full, n)), (dim, n)
 
 
 _SUMS = ["portable"] + (["vnni"] if host_has_vnni() else [])
@@ -129,6 +135,39 @@ def test_code_sums_are_the_exact_integer_products(kind, rows, dim, width):
         out = np.full(rows, -7, np.int32)
         sums(v, cc, out)
         assert np.array_equal(out, want), (kind, rows, dim, width)
+
+
+@pytest.mark.parametrize("kind", _SUMS)
+@pytest.mark.parametrize(("queries", "rows", "dim"), [(1, 1, 1), (1, 16, 4), (3, 17, 5), (8, 15, 63), (9, 33, 64),
+                                                      (17, 100, 384), (70, 530, 384), (2, 40, 3000)])
+def test_padded_sums_are_the_exact_integer_products(kind, queries, rows, dim):
+    """The batch form of the centroid screen's sums (tiles of 8 queries by 16 packed codes, passes
+    of 512 codes; plain loops without VNNI) gives NumPy's int64 products exactly, with the
+    extreme codes and weights, and zero sums in its padding (rows past the queries, columns past
+    the codes)."""
+    sums = {"portable": code_sums_jit.portable_padded_sums, "vnni": code_sums_jit.vnni_padded_sums}[kind]
+    rng = np.random.default_rng(queries * 31 + rows + dim)
+    top = min(MAX_WEIGHT, (2**31 - 1) // (255 * dim))
+    codes = rng.integers(0, 256, (rows, dim), dtype=np.uint8)
+    v = rng.integers(-top, top + 1, (queries, dim)).astype(np.int16)
+    codes[0], v[0, : dim // 2 + 1] = 255, top  # the largest sum of one sign
+    v[-1, -1] = -top
+    want = v.astype(np.int64) @ codes.astype(np.int64).T
+    got = sums(v, pack_codes(codes, dim))
+    assert got.shape == (-(-queries // 8) * 8, -(-rows // 16) * 16)
+    assert np.array_equal(got[:queries, :rows], want)
+    assert not got[queries:].any() and not got[:, rows:].any()
+
+
+def test_pack_codes_puts_four_bytes_of_sixteen_rows_in_each_block():
+    codes = np.arange(17 * 6, dtype=np.uint8).reshape(17, 6)
+    packed = pack_codes(codes, 5)  # the sixth byte is past the dimensions: left out
+    assert packed.shape == (2, 2, 64)
+    for r in range(17):
+        for t in range(8):
+            want = codes[r, t] if t < 5 else 0
+            assert packed[r // 16, t // 4, 4 * (r % 16) + t % 4] == want
+    assert not packed[1, :, 4:].any()  # rows past the last
 
 
 def test_code_sums_pick_vnni_where_the_host_has_it(monkeypatch):

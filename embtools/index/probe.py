@@ -31,7 +31,7 @@ import numpy as np
 from embtools.errors import CorruptStoreError, InvalidArgumentError
 from embtools.index.files import CodesFile, raw_codes, read_centroids
 from embtools.index.soar import check_soar_lambda
-from embtools.kernels.codes import CODE_SHIFT, decode_int8, int8_steps
+from embtools.kernels.codes import CODE_SHIFT, decode_int8, int8_steps, pack_codes
 from embtools.kernels.hamming import sign_scores
 from embtools.kernels.jit import jit_kernels
 from embtools.kernels.threads import ForkSafePool, one_blas_thread
@@ -197,6 +197,8 @@ class IvfIndex:
         self._part_of: np.ndarray | None = None
         #: uint8 codes of the centroids for :meth:`_screened` (codes, start, step, error, max |c|)
         self._coarse: tuple[np.ndarray, ...] | None = None
+        #: the same codes as :meth:`_screened_batch` reads them (:func:`~embtools.kernels.code_sums_jit.pack_codes`)
+        self._packed: np.ndarray | None = None
         #: what a shortlist is re-ranked from in one compiled call (:meth:`_row_tables`; False: none)
         self._rows: tuple[Any, ...] | bool | None = None
 
@@ -214,7 +216,8 @@ class IvfIndex:
                    + sum(f.nbytes for f in self.files if f.copied)
                    + (0 if self._part_of is None else self._part_of.nbytes)
                    + (self._rows[0].nbytes if isinstance(self._rows, tuple) and self._rows[0] is not self._where else 0)
-                   + (0 if self._coarse is None else sum(a.nbytes for a in self._coarse)))
+                   + (0 if self._coarse is None else sum(a.nbytes for a in self._coarse))
+                   + (0 if self._packed is None else self._packed.nbytes))
 
     def _decode(self, codes: np.ndarray) -> np.ndarray:
         """float32 rows of a block of codes (int8: the bucket centres; float: as they are)."""
@@ -280,8 +283,8 @@ class IvfIndex:
         live = self.live_counts if counts is None else counts
         need = min(kk * self.copies, self._live_total) if counts is None else min(kk, int(live.sum()))
         few = jit is not None and len(q) < JIT_SPLIT_QUERIES
-        if few and self._screens(nprobe):
-            picked = [self._screened(jit, v, nprobe) for v in q]
+        if jit is not None and self._screens(nprobe) and (few or jit.FAST_BATCH_SCREEN):
+            picked = [self._screened(jit, v, nprobe) for v in q] if few else list(self._screened_batch(jit, q, nprobe))
             if all(int(live[t].sum()) >= need for t in picked):
                 return picked
         if few:  # a few queries: no BLAS call
@@ -333,8 +336,19 @@ class IvfIndex:
         other reads push out of the cache) against int16 weights, then exactly within a certified
         margin (:func:`~embtools.kernels.ivf_jit.screen_terms`)."""
         codes, lo, step, err, cmax = self._coarse_codes()
-        v, scale, c0, margin = jit.screen_terms(q, lo, step, err, cmax)
-        top: np.ndarray = jit.screened_centroids(q, v, scale, c0, codes, margin, self.centroids, nprobe)
+        v, scale, margin = jit.screen_terms(q, lo, step, err, cmax)
+        top: np.ndarray = jit.screened_centroids(q, v, scale, codes, margin, self.centroids, nprobe)
+        return top
+
+    def _screened_batch(self, jit: Any, q: np.ndarray, nprobe: int) -> np.ndarray:
+        """:meth:`_screened` of each row of ``q`` (the same partitions), the codes' integer sums of
+        a chunk of queries computed together (:func:`~embtools.kernels.ivf_jit.screened_batch`:
+        on AVX-512 VNNI, 7 ms for 500 queries and 4,000 centroids of 384 dimensions against 16 ms
+        for their float32 product on one core here)."""
+        codes, lo, step, err, cmax = self._coarse_codes()
+        if self._packed is None:
+            self._packed = pack_codes(codes, self.dimension)
+        top: np.ndarray = jit.screened_batch(q, lo, step, err, cmax, self._packed, self.centroids, nprobe)
         return top
 
     def shortlist(self, queries: np.ndarray, kk: int, nprobe: int, width: int,

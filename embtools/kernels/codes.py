@@ -32,12 +32,14 @@ import numpy as np
 
 __all__ = [
     "CODE_SHIFT",
+    "PACK_LANES",
     "decode_int8",
     "encode_int8",
     "has_end_codes",
     "int8_radius",
     "int8_ranges",
     "int8_steps",
+    "pack_codes",
     "pack_signs",
     "sign_bytes",
     "unpack_signs",
@@ -201,3 +203,25 @@ def unpack_signs(codes: np.ndarray, dim: int, dtype: type = np.float32) -> np.nd
     out *= 2
     out -= 1
     return out
+
+
+#: rows per 64-byte block of :func:`pack_codes`' layout (16 lanes of 4 bytes)
+PACK_LANES = 16
+
+
+def pack_codes(codes: np.ndarray, dim: int) -> np.ndarray:
+    """uint8 codes ``(rows, >= dim)`` in the layout of :func:`~embtools.kernels.code_sums_jit.padded_sums`:
+    ``(blocks, words, 64)`` with ``out[b, g, 4 j + t] = codes[16 b + j, 4 g + t]`` (``words = ceil(dim / 4)``; rows past
+    the last and bytes past ``dim`` zero), so that one 64-byte load holds four bytes of 16 rows.
+
+    Examples
+    --------
+    >>> pack_codes(np.arange(6, dtype=np.uint8).reshape(2, 3), 3)[0, :, :8].tolist()
+    [[0, 1, 2, 0, 3, 4, 5, 0]]
+    """
+    rows = codes.shape[0]
+    words = -(-dim // 4)
+    padded = np.zeros((-(-rows // PACK_LANES) * PACK_LANES, words * 4), np.uint8)
+    padded[:rows, :dim] = codes[:, :dim]
+    blocks = padded.reshape(-1, PACK_LANES, words, 4).transpose(0, 2, 1, 3)
+    return np.ascontiguousarray(blocks).reshape(-1, words, 4 * PACK_LANES)

@@ -98,8 +98,8 @@ def _probe(qi: np.ndarray, centroids: np.ndarray, c_sq: np.ndarray, coarse: np.n
     if nprobe >= p:
         return np.arange(p)
     if coarse.shape[0] > 0:
-        v, scale, c0, margin = screen_terms(qi, lo, step, err, cmax)
-        return screened_centroids(qi, v, scale, c0, coarse, margin, centroids, nprobe)
+        v, scale, margin = screen_terms(qi, lo, step, err, cmax)
+        return screened_centroids(qi, v, scale, coarse, margin, centroids, nprobe)
     return _nearest(qi, centroids, c_sq, l2, nprobe)
 
 

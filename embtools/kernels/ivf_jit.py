@@ -42,10 +42,18 @@ import numpy as np
 from numba import njit, types
 from numba.extending import overload
 
-from embtools.kernels.code_sums_jit import MAX_WEIGHT, code_sums, signed_sums, split_weights
+from embtools.kernels.code_sums_jit import (
+    MAX_WEIGHT,
+    code_sums,
+    host_has_vnni,
+    padded_sums,
+    signed_sums,
+    split_weights,
+)
 from embtools.kernels.rerank_jit import sum_program, terms_sum
 
 __all__ = [
+    "FAST_BATCH_SCREEN",
     "centroid_scores",
     "certified_width",
     "int8_weights",
@@ -57,6 +65,7 @@ __all__ = [
     "scan_signs",
     "scan_weights",
     "screen_terms",
+    "screened_batch",
     "screened_centroids",
     "sort_heaps",
     "top_columns",
@@ -64,6 +73,10 @@ __all__ = [
 ]
 
 
+#: whether a batch's probes are picked by :func:`screened_batch` rather than a float32 product of
+#: the queries and centroids (on AVX-512 VNNI: half its instructions; elsewhere the portable
+#: integer loops lose to BLAS)
+FAST_BATCH_SCREEN = host_has_vnni()
 #: the position of an empty heap slot: worse than any row at the same score (-inf)
 EMPTY = np.iinfo(np.int64).max
 
@@ -335,12 +348,12 @@ def centroid_scores(q: np.ndarray, centroids: np.ndarray, out: np.ndarray) -> No
 
 @njit(nogil=True, cache=True)
 def screen_terms(q: np.ndarray, lo: np.ndarray, step: np.ndarray, err: np.ndarray,
-                 cmax: np.ndarray) -> tuple[np.ndarray, float, float, float]:  # pragma: no cover - compiled
-    """``(v, scale, c0, margin)`` of :func:`screened_centroids` for the float32 query ``q`` against
+                 cmax: np.ndarray) -> tuple[np.ndarray, float, float]:  # pragma: no cover - compiled
+    """``(v, scale, margin)`` of :func:`screened_centroids` for the float32 query ``q`` against
     uint8 centroid codes of minima ``lo`` and steps ``step`` (float32), whose largest errors are
     ``err`` and largest magnitudes ``cmax`` per dimension (float64): int16 weights ``v``
     with ``v * scale`` the nearest to ``q * step``, small enough
-    that a row's integer sum stays within int32; the constant ``q . lo``; and the margin: twice
+    that a row's integer sum stays within int32; and the margin: twice
     a bound on the approximation's error (the codes' ``sum |q_t| err_t``, the weights'
     rounding ``255 sum |q_t step_t - v_t scale|``, the float rounding of the terms) and on the
     float32 product's."""
@@ -354,7 +367,6 @@ def screen_terms(q: np.ndarray, lo: np.ndarray, step: np.ndarray, err: np.ndarra
     size = 0.0  # bounds the magnitude of the approximation's terms
     e = 0.0
     cm = 0.0
-    c0 = 0.0
     rounding = 0.0
     v = np.empty(d, np.int16)
     for t in range(d):
@@ -362,38 +374,91 @@ def screen_terms(q: np.ndarray, lo: np.ndarray, step: np.ndarray, err: np.ndarra
         size += a * (abs(np.float64(lo[t])) + 255.0 * np.float64(step[t]))
         e += a * err[t]
         cm += a * cmax[t]
-        c0 += np.float64(q[t]) * np.float64(lo[t])
         w = np.float64(q[t]) * np.float64(step[t])
         v[t] = min(top, max(-top, int(np.rint(w / scale))))
         rounding += abs(w - v[t] * scale)
     e += 255.0 * rounding
     margin = 2.0 * (e + 2.0 * (d + 4) * u * size + (d + 2) * u * cm) + 4.0 * u * size
-    return v, scale, c0, margin
+    return v, scale, margin
 
 
 @njit(nogil=True, cache=True)
-def screened_centroids(q: np.ndarray, v: np.ndarray, scale: float, c0: float, codes: np.ndarray,
-                       margin: float, centroids: np.ndarray, n: int) -> np.ndarray:  # pragma: no cover
+def screened_centroids(q: np.ndarray, v: np.ndarray, scale: float, codes: np.ndarray, margin: float,
+                       centroids: np.ndarray, n: int) -> np.ndarray:  # pragma: no cover - compiled
     """The ``n`` best centroids of query ``q`` by the float32 product, best first, ties to the lower
-    column: ``c0 + scale * (v . codes[c])`` approximates each score from ``uint8`` codes of the
+    column: ``q . lo + scale * (v . codes[c])`` approximates each score from ``uint8`` codes of the
     centroids (a quarter of their bytes; :func:`screen_terms`), and only the centroids within
     ``margin`` (a bound on twice the approximation's error plus the float32 product's) of the
     ``n``-th best approximation are scored from ``centroids``."""
-    p = codes.shape[0]
-    sums = np.empty(p, np.int32)
+    sums = np.empty(codes.shape[0], np.int32)
     code_sums(v, codes, sums)
-    hs = np.full(n, -np.inf)
+    return _screened_pick(q, scale, sums, margin, centroids, n)
+
+
+@njit(nogil=True, cache=True)
+def _nth_largest(sums: np.ndarray, p: int, n: int) -> int:  # pragma: no cover - compiled
+    """The ``n``-th largest of ``sums[:p]`` (very small where ``p < n``): a min-heap of ints."""
+    best = np.full(n, -(2**62), np.int64)
+    for c in range(p):
+        s = np.int64(sums[c])
+        if s > best[0]:
+            i = 0
+            while True:  # sift ``s`` down from the root
+                k = 2 * i + 1
+                if k >= n:
+                    break
+                if k + 1 < n and best[k + 1] < best[k]:
+                    k += 1
+                if best[k] >= s:
+                    break
+                best[i] = best[k]
+                i = k
+            best[i] = s
+    return int(best[0])
+
+
+@njit(nogil=True, cache=True)
+def _screened_pick(q: np.ndarray, scale: float, sums: np.ndarray, margin: float, centroids: np.ndarray,
+                   n: int) -> np.ndarray:  # pragma: no cover - compiled
+    """:func:`screened_centroids` from the integer sums ``sums`` of its centroids' codes (the
+    first ``len(centroids)`` read): the approximations are ``q . lo + scale * sums``, so those within
+    ``margin`` of the ``n``-th best are the sums within ``margin / scale`` of the ``n``-th largest
+    (one more kept against the rounding of the division)."""
+    p = centroids.shape[0]
+    floor = _nth_largest(sums, p, n) - margin / scale - 1.0
+    top_s = np.full(n, -np.inf, np.float32)
     hi = np.full(n, EMPTY, np.int64)
     for c in range(p):
-        _push(hs, hi, c0 + scale * sums[c], c)
-    floor = hs[0] - margin
-    top_s = np.full(n, -np.inf, np.float32)
-    hi[:] = EMPTY
-    for c in range(p):
-        if c0 + scale * sums[c] >= floor:
+        if sums[c] >= floor:
             _push(top_s, hi, _dot(q, centroids[c]), c)
     _sort_heaps(top_s.reshape(1, n), hi.reshape(1, n))
     return hi
+
+
+#: queries whose centroid sums :func:`screened_batch` holds at once (64 x 4,000 int32: 1 MiB)
+_SCREEN_CHUNK = 64
+
+
+@njit(nogil=True, cache=True)
+def screened_batch(q: np.ndarray, lo: np.ndarray, step: np.ndarray, err: np.ndarray, cmax: np.ndarray,
+                   packed: np.ndarray, centroids: np.ndarray, n: int) -> np.ndarray:  # pragma: no cover
+    """:func:`screened_centroids` of each row of ``q`` (``(queries, n)`` int64), the codes'
+    integer sums of a chunk of queries computed together (:func:`~embtools.kernels.code_sums_jit.padded_sums`
+    of ``packed``, :func:`~embtools.kernels.code_sums_jit.pack_codes` of the codes whose minima,
+    steps, errors and magnitudes :func:`screen_terms` takes): the same centroids, each block of
+    16 codes read once for 8 queries."""
+    nq, d = q.shape
+    out = np.empty((nq, n), np.int64)
+    for a in range(0, nq, _SCREEN_CHUNK):
+        b = min(nq, a + _SCREEN_CHUNK)
+        v = np.empty((b - a, d), np.int16)
+        terms = np.empty((b - a, 2))
+        for i in range(a, b):
+            v[i - a], terms[i - a, 0], terms[i - a, 1] = screen_terms(q[i], lo, step, err, cmax)
+        sums = padded_sums(v, packed)
+        for i in range(a, b):
+            out[i] = _screened_pick(q[i], terms[i - a, 0], sums[i - a], terms[i - a, 1], centroids, n)
+    return out
 
 
 @njit(nogil=True, cache=True)
@@ -546,7 +611,7 @@ def warm() -> None:
     sort_heaps(hs, hi)
     top_columns(np.zeros((1, 2), np.float32), 1)
     centroid_scores(np.zeros((1, 8), np.float32), np.zeros((2, 8), np.float32), np.zeros((1, 2), np.float32))
-    v, scale, c0, margin = screen_terms(np.ones(8, np.float32), np.zeros(8, np.float32), np.ones(8, np.float32),
-                                        np.ones(8), np.ones(8))
-    screened_centroids(np.zeros(8, np.float32), v, scale, c0, np.zeros((2, 8), np.uint8), margin,
+    v, scale, margin = screen_terms(np.ones(8, np.float32), np.zeros(8, np.float32), np.ones(8, np.float32),
+                                    np.ones(8), np.ones(8))
+    screened_centroids(np.zeros(8, np.float32), v, scale, np.zeros((2, 8), np.uint8), margin,
                        np.zeros((2, 8), np.float32), 1)
