@@ -248,8 +248,8 @@ def rerank_scores(q: np.ndarray, rows: np.ndarray, inv: np.ndarray, metric: int,
 
 @intrinsic
 def _prefetch(typingctx: Any, arr: Any, idx: Any) -> Any:  # pragma: no cover - compiled
-    """Hint the CPU to load the cache line of ``arr[idx]`` (``llvm.prefetch``: a read, kept in
-    every cache level); no load is waited for and nothing changes."""
+    """Hint the CPU to load the cache line of ``arr[idx]`` into its L2 cache (``llvm.prefetch``:
+    a read, locality 2, ``prefetcht1``); no load is waited for and nothing changes."""
     sig = types.void(arr, idx)
 
     def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
@@ -259,15 +259,18 @@ def _prefetch(typingctx: Any, arr: Any, idx: Any) -> Any:  # pragma: no cover - 
         i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
         fn = builder.module.declare_intrinsic(
             "llvm.prefetch", [i8p], ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]))
-        builder.call(fn, [builder.bitcast(ptr, i8p), i32(0), i32(3), i32(1)])
+        builder.call(fn, [builder.bitcast(ptr, i8p), i32(0), i32(2), i32(1)])
         return context.get_dummy_value()
 
     return sig, codegen
 
 
-#: candidates whose rows :func:`_code_top` asks the CPU for before it scores them (their rows are
-#: read at random: 1.5x faster on 1M rows of 384 values than waiting for each row's lines in turn)
-PREFETCH_AHEAD = 4
+#: candidates whose rows :func:`_code_top` asks the CPU for before it scores them: the rows are
+#: read at random, and a query's whole shortlist of 20 asked for at once into L2 (36 KiB of 384
+#: float32 values) re-ranked 500 queries of 1M rows in 4.1-5.1 ms here, against 7.2-8.0 ms four
+#: rows ahead into L1 (whose few outstanding misses the other lines wait for) and 9 ms waiting
+#: for each row's lines in turn
+PREFETCH_AHEAD = 24
 
 
 @njit(nogil=True, cache=True)
