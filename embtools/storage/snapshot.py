@@ -658,6 +658,9 @@ class Snapshot(ChunkedSource):
         few = self.few_base_values(pos)  # a search's hits: no dispatch per row group
         if few is not None:
             return base_frame(few)
+        whole = self._whole_base
+        if whole is not None:  # one gather (a batch's hits fall in every row group)
+            return whole.frame(pos)
         starts, _ = self._group_starts()
         g = np.searchsorted(starts, pos, side="right") - 1
         first = int(g[0])
