@@ -157,6 +157,8 @@ def test_padded_sums_are_the_exact_integer_products(kind, queries, rows, dim):
     assert got.shape == (-(-queries // 8) * 8, -(-rows // 16) * 16)
     assert np.array_equal(got[:queries, :rows], want)
     assert not got[queries:].any() and not got[:, rows:].any()
+    with pytest.raises(ValueError, match="wider"):  # weights past the packed codes: refused, not read
+        sums(np.zeros((1, dim + 4), np.int16), pack_codes(codes, dim))
 
 
 def test_pack_codes_puts_four_bytes_of_sixteen_rows_in_each_block():

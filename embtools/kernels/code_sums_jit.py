@@ -265,6 +265,8 @@ def _padded_weights(v: np.ndarray, words: int) -> tuple[np.ndarray, np.ndarray]:
 def vnni_padded_sums(v: np.ndarray, packed: np.ndarray) -> np.ndarray:  # pragma: no cover - compiled
     """:func:`padded_sums` on ``vpdpbusd`` (only on hosts with AVX-512 VNNI: :func:`host_has_vnni`):
     each pass scores every query against :data:`_PASS_BLOCKS` blocks, 8 queries at a time."""
+    if v.shape[1] > 4 * packed.shape[1] or packed.shape[2] != 4 * PACK_LANES:  # the tiles read no further
+        raise ValueError("the weights are wider than the packed codes")
     hi, lo = _padded_weights(v, packed.shape[1])
     sums = np.empty((hi.shape[0], packed.shape[0] * PACK_LANES), np.int32)
     for b0 in range(0, packed.shape[0], _PASS_BLOCKS):
@@ -278,6 +280,8 @@ def vnni_padded_sums(v: np.ndarray, packed: np.ndarray) -> np.ndarray:  # pragma
 def portable_padded_sums(v: np.ndarray, packed: np.ndarray) -> np.ndarray:  # pragma: no cover - compiled
     """:func:`padded_sums` in plain loops."""
     nq, d = v.shape
+    if d > 4 * packed.shape[1] or packed.shape[2] != 4 * PACK_LANES:
+        raise ValueError("the weights are wider than the packed codes")
     sums = np.zeros((-(-nq // TILE_QUERIES) * TILE_QUERIES, packed.shape[0] * PACK_LANES), np.int32)
     for i in range(nq):
         for block in range(packed.shape[0]):
@@ -367,7 +371,7 @@ code_sums = vnni_code_sums if host_has_vnni() else portable_code_sums
 #: of int8 ``codes``, int32, ``split = split_weights(v, len(v))`` (see the module docstring)
 signed_sums = vnni_signed_sums if host_has_vnni() else portable_signed_sums
 #: ``padded_sums(v, packed)``: int32 ``sums[i, c] = v[i] . codes[c, :v.shape[1]]`` for int16 weights
-#: ``(queries, d)`` and ``packed = pack_codes(codes, d)`` (:func:`~embtools.kernels.codes.pack_codes`), in an array of ``ceil(queries / 8) * 8``
-#: rows and ``16 * blocks`` columns (those past the queries and codes hold sums of zero weights or
-#: zero codes)
+#: ``(queries, d)`` and ``packed = pack_codes(codes, d)`` (:func:`~embtools.kernels.codes.pack_codes`),
+#: in an array of ``ceil(queries / 8) * 8`` rows and ``16 * blocks`` columns (those past the queries
+#: and codes hold sums of zero weights or zero codes)
 padded_sums = vnni_padded_sums if host_has_vnni() else portable_padded_sums
