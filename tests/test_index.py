@@ -506,6 +506,9 @@ def test_screened_centroids_pick_the_float32_nearest(tmp_path, monkeypatch, metr
     batch = store.search(q, k=10, nprobe=4, metric=metric)
     monkeypatch.setattr(jit, "FAST_BATCH_SCREEN", True)  # the batch screen on hosts without VNNI too
     assert store.search(q, k=10, nprobe=4, metric=metric).equals(batch)
+    monkeypatch.setattr(probe_mod, "SCREEN_BYTES", 10**12)  # centroids that stay in cache: a batch still screens
+    assert not probe._screens(4) and probe._screens(4, batch=True) and not probe._screens(10, batch=True)
+    assert store.search(q, k=10, nprobe=4, metric=metric).equals(batch)
     monkeypatch.setattr(probe_mod, "SCREEN_CENTROIDS", 10**9)
     for v, got in zip(q[:8], screened, strict=True):
         assert got.equals(store.search(v, k=10, nprobe=4, metric=metric))

@@ -55,7 +55,9 @@ JIT_SPLIT_QUERIES = 8
 #: ``SCREEN_BYTES`` (more than stays in cache between searches), pick a few queries' partitions by
 #: :meth:`IvfIndex._screened` (uint8 codes of the centroids first) when they probe at most
 #: one in ``SCREEN_SHARE`` of them; others score every centroid (measured on 885 x 384
-#: centroids, 1.4 MB: the screen was no faster at nprobe 2-32 and 40 us slower at 128).
+#: centroids, 1.4 MB: the screen was no faster at nprobe 2-32 and 40 us slower at 128). A batch's
+#: screen (:meth:`IvfIndex._screened_batch`) needs no more bytes: 500 queries of those 885
+#: centroids at nprobe 16 took 4.9 ms against 5.7-6.8 ms for the float32 product and selection.
 SCREEN_CENTROIDS = 256
 SCREEN_BYTES = 2 * 1024**2
 SCREEN_SHARE = 32
@@ -283,10 +285,14 @@ class IvfIndex:
         live = self.live_counts if counts is None else counts
         need = min(kk * self.copies, self._live_total) if counts is None else min(kk, int(live.sum()))
         few = jit is not None and len(q) < JIT_SPLIT_QUERIES
-        if jit is not None and self._screens(nprobe) and (few or jit.FAST_BATCH_SCREEN):
-            picked = [self._screened(jit, v, nprobe) for v in q] if few else list(self._screened_batch(jit, q, nprobe))
-            if all(int(live[t].sum()) >= need for t in picked):
-                return picked
+        if few and self._screens(nprobe):
+            picked = [self._screened(jit, v, nprobe) for v in q]
+        elif not few and jit is not None and jit.FAST_BATCH_SCREEN and self._screens(nprobe, batch=True):
+            picked = list(self._screened_batch(jit, q, nprobe))
+        else:
+            picked = None
+        if picked is not None and all(int(live[t].sum()) >= need for t in picked):
+            return picked
         if few:  # a few queries: no BLAS call
             scores = np.empty((len(q), p), np.float32)
             jit.centroid_scores(q, self.centroids, scores)
@@ -306,11 +312,12 @@ class IvfIndex:
             out[i] = order[:max(nprobe, int(reach))]
         return out
 
-    def _screens(self, nprobe: int) -> bool:
-        """Whether a few queries probing ``nprobe`` partitions pick them by :meth:`_screened`."""
+    def _screens(self, nprobe: int, batch: bool = False) -> bool:
+        """Whether a few queries (or with ``batch``, a batch) probing ``nprobe`` partitions pick
+        them by :meth:`_screened` (:meth:`_screened_batch`)."""
         p = self.partitions
         return (self.metric != "l2" and p >= SCREEN_CENTROIDS and nprobe * SCREEN_SHARE <= p
-                and self.centroids.nbytes >= SCREEN_BYTES)
+                and (batch or self.centroids.nbytes >= SCREEN_BYTES))
 
     def _coarse_codes(self) -> tuple[np.ndarray, ...]:
         """uint8 codes of the centroids (per-dimension buckets over their range), built on first
