@@ -475,7 +475,6 @@ def test_screened_centroids_pick_the_float32_nearest(tmp_path, monkeypatch, metr
     from embtools.kernels.jit import JIT_ENV, jit_kernels
 
     monkeypatch.setenv(JIT_ENV, "1")
-    monkeypatch.setattr(probe_mod, "SCREEN_BYTES", 0)  # small centroids: screened all the same
     jit = jit_kernels("ivf_jit")
     x, q = clustered(3000, seed=5)
     store = et.EmbeddingStore(tmp_path / "s", backend="numpy")
@@ -505,9 +504,6 @@ def test_screened_centroids_pick_the_float32_nearest(tmp_path, monkeypatch, metr
     screened = [store.search(v, k=10, nprobe=4, metric=metric) for v in q[:8]]
     batch = store.search(q, k=10, nprobe=4, metric=metric)
     monkeypatch.setattr(jit, "FAST_BATCH_SCREEN", True)  # the batch screen on hosts without VNNI too
-    assert store.search(q, k=10, nprobe=4, metric=metric).equals(batch)
-    monkeypatch.setattr(probe_mod, "SCREEN_BYTES", 10**12)  # centroids that stay in cache: a batch still screens
-    assert not probe._screens(4) and probe._screens(4, batch=True) and not probe._screens(10, batch=True)
     assert store.search(q, k=10, nprobe=4, metric=metric).equals(batch)
     monkeypatch.setattr(probe_mod, "SCREEN_CENTROIDS", 10**9)
     for v, got in zip(q[:8], screened, strict=True):

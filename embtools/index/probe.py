@@ -51,15 +51,12 @@ _POOL = ForkSafePool(_THREADS, "embtools-probe")
 GROUP_MIN_SHARE = 2.0
 #: Batches of at least this many queries are split over the threads by the compiled shortlist.
 JIT_SPLIT_QUERIES = 8
-#: Indexes of at least this many partitions, whose float32 centroids take at least
-#: ``SCREEN_BYTES`` (more than stays in cache between searches), pick a few queries' partitions by
-#: :meth:`IvfIndex._screened` (uint8 codes of the centroids first) when they probe at most
-#: one in ``SCREEN_SHARE`` of them; others score every centroid (measured on 885 x 384
-#: centroids, 1.4 MB: the screen was no faster at nprobe 2-32 and 40 us slower at 128). A batch's
-#: screen (:meth:`IvfIndex._screened_batch`) needs no more bytes: 500 queries of those 885
-#: centroids at nprobe 16 took 4.9 ms against 5.7-6.8 ms for the float32 product and selection.
+#: Indexes of at least this many partitions pick a query's partitions by :meth:`IvfIndex._screened`
+#: (a batch's by :meth:`IvfIndex._screened_batch`: uint8 codes of the centroids first) when it
+#: probes at most one in ``SCREEN_SHARE`` of them; others score every centroid in float32. On
+#: MiniLM's 885 x 384 centroids at nprobe 16 a single query's pick took 14 us against 30 us for
+#: the float32 scores and selection, and 500 queries' 4.9 ms against 5.7-6.8 ms.
 SCREEN_CENTROIDS = 256
-SCREEN_BYTES = 2 * 1024**2
 SCREEN_SHARE = 32
 #: Fewer queries whose probes hold at least this many rows have them scanned by two threads.
 JIT_SPLIT_ROWS = 4096
@@ -287,7 +284,7 @@ class IvfIndex:
         few = jit is not None and len(q) < JIT_SPLIT_QUERIES
         if few and self._screens(nprobe):
             picked = [self._screened(jit, v, nprobe) for v in q]
-        elif not few and jit is not None and jit.FAST_BATCH_SCREEN and self._screens(nprobe, batch=True):
+        elif not few and jit is not None and jit.FAST_BATCH_SCREEN and self._screens(nprobe):
             picked = list(self._screened_batch(jit, q, nprobe))
         else:
             picked = None
@@ -312,12 +309,11 @@ class IvfIndex:
             out[i] = order[:max(nprobe, int(reach))]
         return out
 
-    def _screens(self, nprobe: int, batch: bool = False) -> bool:
-        """Whether a few queries (or with ``batch``, a batch) probing ``nprobe`` partitions pick
-        them by :meth:`_screened` (:meth:`_screened_batch`)."""
+    def _screens(self, nprobe: int) -> bool:
+        """Whether queries probing ``nprobe`` partitions pick them by :meth:`_screened` (a batch
+        by :meth:`_screened_batch`, on CPUs with AVX-512 VNNI)."""
         p = self.partitions
-        return (self.metric != "l2" and p >= SCREEN_CENTROIDS and nprobe * SCREEN_SHARE <= p
-                and (batch or self.centroids.nbytes >= SCREEN_BYTES))
+        return self.metric != "l2" and p >= SCREEN_CENTROIDS and nprobe * SCREEN_SHARE <= p
 
     def _coarse_codes(self) -> tuple[np.ndarray, ...]:
         """uint8 codes of the centroids (per-dimension buckets over their range), built on first
