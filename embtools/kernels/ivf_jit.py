@@ -50,6 +50,7 @@ from embtools.kernels.code_sums_jit import (
     signed_sums,
     split_weights,
 )
+from embtools.kernels.int8_jit import _heap_replace_min
 from embtools.kernels.rerank_jit import sum_program, terms_sum
 
 __all__ = [
@@ -415,18 +416,7 @@ def _nth_largest(sums: np.ndarray, p: int, n: int) -> int:  # pragma: no cover -
     for c in range(p):
         s = np.int64(sums[c])
         if s > best[0]:
-            i = 0
-            while True:  # sift ``s`` down from the root
-                k = 2 * i + 1
-                if k >= n:
-                    break
-                if k + 1 < n and best[k + 1] < best[k]:
-                    k += 1
-                if best[k] >= s:
-                    break
-                best[i] = best[k]
-                i = k
-            best[i] = s
+            _heap_replace_min(best, s)
     return int(best[0])
 
 
