@@ -196,7 +196,7 @@ class IvfIndex:
         self._part_of: np.ndarray | None = None
         #: uint8 codes of the centroids for :meth:`_screened` (codes, start, step, error, max |c|)
         self._coarse: tuple[np.ndarray, ...] | None = None
-        #: the same codes as :meth:`_screened_batch` reads them (:func:`~embtools.kernels.code_sums_jit.pack_codes`)
+        #: the same codes as :meth:`_screened_batch` reads them (:func:`~embtools.kernels.codes.pack_codes`)
         self._packed: np.ndarray | None = None
         #: what a shortlist is re-ranked from in one compiled call (:meth:`_row_tables`; False: none)
         self._rows: tuple[Any, ...] | bool | None = None

@@ -210,9 +210,10 @@ PACK_LANES = 16
 
 
 def pack_codes(codes: np.ndarray, dim: int) -> np.ndarray:
-    """uint8 codes ``(rows, >= dim)`` in the layout of :func:`~embtools.kernels.code_sums_jit.padded_sums`:
-    ``(blocks, words, 64)`` with ``out[b, g, 4 j + t] = codes[16 b + j, 4 g + t]`` (``words = ceil(dim / 4)``; rows past
-    the last and bytes past ``dim`` zero), so that one 64-byte load holds four bytes of 16 rows.
+    """uint8 codes ``(rows, >= dim)`` in the layout of
+    :func:`~embtools.kernels.code_sums_jit.padded_sums`: ``(blocks, words, 64)`` with
+    ``out[b, g, 4 j + t] = codes[16 b + j, 4 g + t]`` (``words = ceil(dim / 4)``; rows past the
+    last and bytes past ``dim`` zero), so that one 64-byte load holds four bytes of 16 rows.
 
     Examples
     --------

@@ -267,9 +267,8 @@ def _prefetch(typingctx: Any, arr: Any, idx: Any) -> Any:  # pragma: no cover - 
 
 #: candidates whose rows :func:`_code_top` asks the CPU for before it scores them: the rows are
 #: read at random, and a query's whole shortlist of 20 asked for at once into L2 (36 KiB of 384
-#: float32 values) re-ranked 500 queries of 1M rows in 4.1-5.1 ms here, against 7.2-8.0 ms four
-#: rows ahead into L1 (whose few outstanding misses the other lines wait for) and 9 ms waiting
-#: for each row's lines in turn
+#: float32 values) re-ranked 500 queries of 1M rows in 4.1-5.1 ms here, against 7.2-9.1 ms four
+#: rows ahead into L1 (whose few outstanding misses the other lines wait for)
 PREFETCH_AHEAD = 24
 
 
