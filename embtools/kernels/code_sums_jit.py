@@ -81,6 +81,15 @@ def portable_code_sums(v: np.ndarray, codes: np.ndarray, out: np.ndarray) -> Non
         out[c] = acc
 
 
+def _vpdpbusd(builder: Any) -> Any:  # pragma: no cover - compiled
+    """``llvm.x86.avx512.vpdpbusd.512`` in the builder's module: ``(acc, unsigned bytes, signed
+    bytes)`` as ``<16 x i32>`` each (the form of LLVM 14-20; later LLVMs upgrade it to their
+    ``<64 x i8>`` form)."""
+    lanes = ir.VectorType(ir.IntType(32), 16)
+    return cgutils.get_or_insert_function(builder.module, ir.FunctionType(lanes, [lanes] * 3),
+                                          "llvm.x86.avx512.vpdpbusd.512")
+
+
 def _block_sums(flip: bool) -> Any:
     """An intrinsic ``(codes, a, b, hi, lo, blocks, out)``: ``out[r - a]`` for rows ``a..b - 1``
     of ``codes`` (C-contiguous rows of bytes) the sum over their first ``64 * blocks`` bytes
@@ -108,9 +117,7 @@ def _block_sums(flip: bool) -> Any:
             nblocks = context.cast(builder, args[5], kty, types.int64)
             data = builder.bitcast(rows.data, i8.as_pointer())
             sums = builder.bitcast(out_a.data, i32.as_pointer())
-            # the <16 x i32> form of LLVM 14-20; later LLVMs upgrade it to their <64 x i8> form
-            dp = cgutils.get_or_insert_function(builder.module, ir.FunctionType(lanes, [lanes] * 3),
-                                                "llvm.x86.avx512.vpdpbusd.512")
+            dp = _vpdpbusd(builder)
             total = cgutils.get_or_insert_function(builder.module, ir.FunctionType(i32, [lanes]),
                                                    "llvm.vector.reduce.add.v16i32")
             top_bits = ir.Constant(block, [0x80] * 64)
@@ -201,8 +208,7 @@ def _tile_typing(typingctx: Any, packed: Any, hi: Any, lo: Any, r0: Any, b0: Any
         b0 = context.cast(builder, args[4], b0ty, types.int64)
         count = builder.sub(context.cast(builder, args[5], b1ty, types.int64), b0)
         codes = builder.bitcast(packed_a.data, i8.as_pointer())
-        dp = cgutils.get_or_insert_function(builder.module, ir.FunctionType(lanes, [lanes] * 3),
-                                            "llvm.x86.avx512.vpdpbusd.512")
+        dp = _vpdpbusd(builder)
         rows = [(builder.gep(builder.bitcast(a.data, i8.as_pointer()),
                              [builder.mul(builder.add(r0, ir.Constant(i64, r)), w_stride)]))
                 for r in range(TILE_QUERIES) for a in (hi_a, lo_a)]
@@ -250,14 +256,11 @@ _PASS_BLOCKS = 32
 def _padded_weights(v: np.ndarray, words: int) -> tuple[np.ndarray, np.ndarray]:  # pragma: no cover - compiled
     """``(hi, lo)`` int8 of ``ceil(queries / 8) * 8`` rows of ``4 * words`` with ``v = 128 * hi + lo``
     (zero past ``v``)."""
-    nq, d = v.shape
-    rows = -(-nq // TILE_QUERIES) * TILE_QUERIES
+    rows = -(-v.shape[0] // TILE_QUERIES) * TILE_QUERIES
     hi = np.zeros((rows, 4 * words), np.int8)
     lo = np.zeros((rows, 4 * words), np.int8)
-    for i in range(nq):
-        for t in range(d):
-            hi[i, t] = np.int8(np.int32(v[i, t]) >> 7)
-            lo[i, t] = np.int8(np.int32(v[i, t]) & 127)
+    for i in range(v.shape[0]):
+        hi[i], lo[i], _ = split_weights(v[i], 4 * words)
     return hi, lo
 
 

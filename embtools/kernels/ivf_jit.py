@@ -447,7 +447,7 @@ def screened_batch(q: np.ndarray, lo: np.ndarray, step: np.ndarray, err: np.ndar
                    packed: np.ndarray, centroids: np.ndarray, n: int) -> np.ndarray:  # pragma: no cover
     """:func:`screened_centroids` of each row of ``q`` (``(queries, n)`` int64), the codes'
     integer sums of a chunk of queries computed together (:func:`~embtools.kernels.code_sums_jit.padded_sums`
-    of ``packed``, :func:`~embtools.kernels.code_sums_jit.pack_codes` of the codes whose minima,
+    of ``packed``, :func:`~embtools.kernels.codes.pack_codes` of the codes whose minima,
     steps, errors and magnitudes :func:`screen_terms` takes): the same centroids, each block of
     16 codes read once for 8 queries."""
     nq, d = q.shape
