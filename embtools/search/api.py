@@ -176,6 +176,14 @@ def search_store(
     >>> search_store(store, [1.0, 0.0], k=5, where="label = 'a'")["text_id"].to_list()
     ['x', 'z']
     """
+    if (isinstance(queries, np.ndarray) and where is None and funnel is None and batch_rows is None
+            and screen is None and precision is None and rescore is None):
+        # an array and no option the lane does not keep: a query loop may take it
+        cols = _columns(columns)
+        q, _ = prepare_queries(queries)
+        top = _search_arrays(store, q, k, dimension, metric, nprobe, refine, exact,
+                             lane_key("search", k, dimension, metric, nprobe, refine, exact))
+        return result_frame(store.source, top.scores, top.positions, cols)
     if is_store(queries):
         if funnel is not None or columns is not None or precision not in (None, "float32"):
             raise InvalidArgumentError(
@@ -188,16 +196,9 @@ def search_store(
                                    screen=screen, progress=False, nprobe=nprobe, refine=refine)
             return pl.read_parquet(str(path) + "/*.parquet")
     cols = _columns(columns)
-    plain = (isinstance(queries, np.ndarray) and where is None and funnel is None and batch_rows is None
-             and screen is None and precision is None and rescore is None)
-    if plain:  # an array and no option the lane does not keep: a query loop may take it
-        q, _ = prepare_queries(queries)
-        top = _search_arrays(store, q, k, dimension, metric, nprobe, refine, exact,
-                             lane_key("search", k, dimension, metric, nprobe, refine, exact))
-    else:
-        req = _request(store, queries, k, dimension, metric, where, funnel, batch_rows, screen,
-                       nprobe, refine, exact, precision, rescore)
-        top = run_search(req, SearchContext.of(store))
+    req = _request(store, queries, k, dimension, metric, where, funnel, batch_rows, screen,
+                   nprobe, refine, exact, precision, rescore)
+    top = run_search(req, SearchContext.of(store))
     return result_frame(store.source, top.scores, top.positions, cols)
 
 

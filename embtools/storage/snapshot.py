@@ -66,8 +66,8 @@ def metadata_frame(table: pa.Table) -> pl.DataFrame:
     return out
 
 
-#: the ``row_id, text_id, label`` values of a few rows, a list each
-BaseValues = tuple[list[int], list[str | None], list[str | None]]
+#: the ``row_id, text_id, label`` values of a few rows: int64 row ids, the strings as lists
+BaseValues = tuple[np.ndarray, list[str | None], list[str | None]]
 
 
 def base_columns(values: BaseValues) -> list[Column]:
@@ -131,14 +131,14 @@ class _Strings:
         """Elements ``idx`` (an int64 array in range), in order."""
         if self.nulls and self.valid is None:
             return [None] * len(idx)
-        data, starts, stops = self.data, self.offsets[idx], self.offsets[idx + 1]
+        data, starts, stops = self.data, self.offsets[idx], self.offsets[1:][idx]
         nulls: list[int] = []
         if self.valid is not None:
             bits = idx + self.bits
             nulls = np.flatnonzero(((self.valid[bits >> 3] >> (bits & 7)) & 1) == 0).tolist()
             stops[nulls] = starts[nulls]  # a null's bytes are not read
-        try:
-            out: list[str | None] = [str(data[a:b], "utf-8") for a, b in
+        try:  # tobytes().decode(): half the time of str(view, "utf-8")
+            out: list[str | None] = [data[a:b].tobytes().decode() for a, b in
                                      zip(starts.tolist(), stops.tolist(), strict=True)]
         except UnicodeDecodeError:  # bytes Arrow's reader did not check
             raise CorruptStoreError("a string column holds bytes that are not UTF-8") from None
@@ -163,7 +163,8 @@ class BaseRows:
     ...                              "label": pa.nulls(2, pa.string())}))
     >>> rows.frame(np.array([1, 1, 0])).rows()
     [(8, 'b', None), (8, 'b', None), (7, 'a', None)]
-    >>> rows.values(np.array([1, 0]))
+    >>> ids, texts, labels = rows.values(np.array([1, 0]))
+    >>> ids.tolist(), texts, labels
     ([8, 7], ['b', 'a'], [None, None])
     """
 
@@ -225,7 +226,7 @@ class BaseRows:
         views = self.strings()
         if views is None:
             return None
-        return self.row_id[idx].tolist(), views[0].gather(idx), views[1].gather(idx)
+        return self.row_id[idx], views[0].gather(idx), views[1].gather(idx)
 
     @staticmethod
     def few_values(hits: Sequence[tuple[BaseRows, int]]) -> BaseValues:
@@ -240,7 +241,7 @@ class BaseRows:
             ids.append(int(rows.row_id[i]))
             texts.append(views[0].at(i))
             labels.append(views[1].at(i))
-        return ids, texts, labels
+        return np.array(ids, np.int64), texts, labels
 
 
 class Snapshot(ChunkedSource):
