@@ -716,7 +716,7 @@ class IvfIndex:
         asked = np.ascontiguousarray(queries[:, :self.dimension], dtype=np.float32)
         args = self._one_call_args(few, nq, kk, nprobe, width, sel)
         if args is not None:
-            s, p, done, scanned = few.search_with(asked, *args)
+            s, p, done, scanned = few.search_with(asked, args)
         else:  # many rows of float codes: every other partition scanned by a second thread
             screen, live, need, mask = self._probe_inputs(kk, nprobe, sel)
             tables = self._code_lists()
@@ -737,7 +737,7 @@ class IvfIndex:
         return s, p
 
     def _one_call_args(self, few: Any, nq: int, kk: int, nprobe: int, width: int,
-                       sel: tuple[np.ndarray, np.ndarray] | None) -> tuple[Any, ...] | None:
+                       sel: tuple[np.ndarray, np.ndarray] | None) -> Any:
         """The arguments after the queries of :meth:`top_whole`'s single compiled call for ``nq``
         queries (:func:`~embtools.kernels.ivf_few_jit.search_args`; ``sel``: a filter's mask and
         live rows per partition), or None where it splits the scan over two threads instead
@@ -776,7 +776,7 @@ class IvfIndex:
         search, dim = few.search_with, self.dimension
 
         def call(q: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
-            s, p, done, scanned = search(np.ascontiguousarray(q[:, :dim], dtype=np.float32), *args)
+            s, p, done, scanned = search(np.ascontiguousarray(q[:, :dim], dtype=np.float32), args)
             self._note_scanned(int(scanned))
             return (s, p) if done[0] else None
 

@@ -33,7 +33,8 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from numba import njit
+from numba import njit, types
+from numba.experimental import structref
 
 from embtools.kernels.ivf_jit import (
     EMPTY,
@@ -57,8 +58,8 @@ from embtools.kernels.rerank_jit import (
     sum_program,
 )
 
-__all__ = ["few_tables", "finish_few", "prepared_queries", "probe_few", "scan_few", "search_args", "search_few",
-           "search_with", "warm"]
+__all__ = ["BoundArgs", "few_tables", "finish_few", "prepared_queries", "probe_few", "scan_few", "search_args",
+           "search_few", "search_with", "warm"]
 
 _L2 = METRICS["l2"]
 _COSINE = METRICS["cosine"]
@@ -209,9 +210,45 @@ def _search_few(queries: np.ndarray, centroids: np.ndarray, c_sq: np.ndarray,
     return out_s, out_p, done, scanned
 
 
-#: the compiled call of :func:`search_few`, ``search_with(queries, *search_args(...))``: a loop of
-#: single queries binds the arguments once (:meth:`embtools.index.IvfIndex.whole_search`)
-search_with = _search_few
+@structref.register
+class _BoundType(types.StructRef):  # type: ignore[misc]  # numba's classes are untyped
+    """The numba type of :class:`BoundArgs` (one per combination of its fields' types)."""
+
+    def preprocess_fields(self, fields: Any) -> tuple[tuple[str, Any], ...]:
+        return tuple((name, types.unliteral(t)) for name, t in fields)
+
+
+class BoundArgs(structref.StructRefProxy):  # type: ignore[misc]
+    """The arguments after the queries of :func:`search_few`'s compiled call, bound once
+    (:func:`search_args`): numba unboxes this one object in well under a microsecond, where its
+    27 fields one by one (seven typed lists among them) took about 7 us a call."""
+
+
+_BOUND_FIELDS = ("centroids", "c_sq", "coarse", "lo", "step", "err", "cmax", "nprobe", "live", "need", "holds",
+                 "starts", "codes", "pos", "sq", "inv", "steps", "centers", "rows", "norms", "where", "mask",
+                 "width", "kk", "metric", "eps", "program")
+structref.define_proxy(BoundArgs, _BoundType, list(_BOUND_FIELDS))
+
+
+@njit(cache=True)
+def _bind(centroids: Any, c_sq: Any, coarse: Any, lo: Any, step: Any, err: Any, cmax: Any, nprobe: Any, live: Any,
+          need: Any, holds: Any, starts: Any, codes: Any, pos: Any, sq: Any, inv: Any, steps: Any, centers: Any,
+          rows: Any, norms: Any, where: Any, mask: Any, width: Any, kk: Any, metric: Any, eps: Any,
+          program: Any) -> Any:  # pragma: no cover - compiled
+    """A :class:`BoundArgs` of these fields (compiled and cached: the proxy's own constructor
+    would compile in every process)."""
+    return BoundArgs(centroids, c_sq, coarse, lo, step, err, cmax, nprobe, live, need, holds, starts, codes, pos, sq,
+                     inv, steps, centers, rows, norms, where, mask, width, kk, metric, eps, program)
+
+
+@njit(nogil=True, cache=True)
+def search_with(queries: np.ndarray, a: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:  # pragma: no cover
+    """:func:`search_few` of ``queries`` (``(nq, d)`` float32, C-contiguous) with the arguments
+    ``a`` bound by :func:`search_args`: a loop of single queries binds them once
+    (:meth:`embtools.index.IvfIndex.whole_search`)."""
+    return _search_few(queries, a.centroids, a.c_sq, a.coarse, a.lo, a.step, a.err, a.cmax, a.nprobe, a.live,
+                       a.need, a.holds, a.starts, a.codes, a.pos, a.sq, a.inv, a.steps, a.centers, a.rows,
+                       a.norms, a.where, a.mask, a.width, a.kk, a.metric, a.eps, a.program)
 
 
 def few_tables(holds: np.ndarray, starts: list[np.ndarray], codes: list[np.ndarray], positions: list[np.ndarray],
@@ -248,7 +285,7 @@ def search_few(queries: np.ndarray, centroids: np.ndarray, screen: tuple[np.ndar
     tables the shortlist is re-ranked from (:func:`~embtools.kernels.rerank_jit.code_tables`;
     None: the codes, which are the rows); ``where``: each position's ``table << CODE_SHIFT |
     row`` in them."""
-    out_s, out_p, done, scanned = _search_few(queries, *search_args(
+    out_s, out_p, done, scanned = search_with(queries, search_args(
         centroids, screen, nprobe, live, need, tables, where, mask, width, kk, metric, eps, queries.shape[1],
         c_sq, int8, rows))
     return out_s, out_p, done, int(scanned)
@@ -258,16 +295,16 @@ def search_args(centroids: np.ndarray, screen: tuple[np.ndarray, ...] | None, np
                 need: int, tables: tuple[Any, ...], where: np.ndarray, mask: np.ndarray, width: int, kk: int,
                 metric: str, eps: float, dim: int, c_sq: np.ndarray | None = None,
                 int8: tuple[np.ndarray, np.ndarray] | None = None,
-                rows: tuple[Any, Any] | None = None) -> tuple[Any, ...]:
+                rows: tuple[Any, Any] | None = None) -> BoundArgs:
     """The arguments after the queries of the compiled call :func:`search_few` makes (the same
-    parameters, for ``dim``-dimensional queries), for :data:`search_with`."""
+    parameters, for ``dim``-dimensional queries), bound for :func:`search_with`."""
     coarse, lo, step, err, cmax = _NO_SCREEN if screen is None else screen
     holds, starts, codes, pos, sq, inv, norms = tables
     steps, centers = (_NONE32, _NONE32) if int8 is None else int8
     rows_, norms_ = (codes, norms) if rows is None else rows
-    return (centroids, _NONE32 if c_sq is None else c_sq, coarse, lo, step, err, cmax, nprobe, live, need,
-            holds, starts, codes, pos, sq, inv, steps, centers, rows_, norms_, where, mask, width, kk,
-            METRICS[metric], eps, sum_program(dim))
+    return _bind(centroids, _NONE32 if c_sq is None else c_sq, coarse, lo, step, err, cmax, int(nprobe), live,
+                 int(need), holds, starts, codes, pos, sq, inv, steps, centers, rows_, norms_, where, mask, int(width),
+                 int(kk), METRICS[metric], float(eps), sum_program(dim))
 
 
 def prepared_queries(queries: np.ndarray, metric: str) -> tuple[np.ndarray, np.ndarray]:
