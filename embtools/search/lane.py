@@ -102,7 +102,7 @@ def lane_key(*args: Any) -> tuple[Any, ...] | None:
     """The arguments of a call as a cache key: each with its type (``10``, ``10.0`` and ``True``
     are equal keys of a dict but not equal arguments: the full path rejects two of them); None
     when one cannot be a key (the full path says what is wrong with it)."""
-    key = tuple((type(a), a) for a in args)
+    key = tuple(zip(map(type, args), args, strict=True))
     try:
         hash(key)
     except TypeError:

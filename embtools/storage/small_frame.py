@@ -46,17 +46,25 @@ def _typed_constructors() -> Callable[[Sequence[Column]], pl.DataFrame] | None:
         except ImportError:
             return None
 
-    def column(name: str, dtype: Any, values: Any) -> Any:
-        if dtype == pl.String:
-            return PySeries.new_str(name, values, True)
-        if isinstance(values, np.ndarray):
-            if dtype == pl.Float32:
-                return PySeries.new_f32(name, np.ascontiguousarray(values, np.float32), False)
-            return PySeries.new_i64(name, np.ascontiguousarray(values, np.int64), False)
-        return PySeries.new_opt_i64(name, values, True)
+    try:
+        new_str, new_i64, new_opt_i64, new_f32 = (PySeries.new_str, PySeries.new_i64, PySeries.new_opt_i64,
+                                                  PySeries.new_f32)
+        from_pydf = pl.DataFrame._from_pydf
+    except AttributeError:
+        return None
 
     def build(columns: Sequence[Column]) -> pl.DataFrame:
-        return pl.DataFrame._from_pydf(PyDataFrame([column(*c) for c in columns]))
+        series = []  # one loop, no call per column: a search in a loop builds a frame each time
+        for name, dtype, values in columns:
+            if dtype == pl.String:
+                series.append(new_str(name, values, True))
+            elif not isinstance(values, np.ndarray):
+                series.append(new_opt_i64(name, values, True))
+            elif dtype == pl.Float32:
+                series.append(new_f32(name, np.ascontiguousarray(values, np.float32), False))
+            else:
+                series.append(new_i64(name, np.ascontiguousarray(values, np.int64), False))
+        return from_pydf(PyDataFrame(series))
 
     return build
 
