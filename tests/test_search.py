@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import polars as pl
 import pytest
@@ -221,8 +223,13 @@ def test_bad_input_raises_typed_errors(tmp_path):
         search_store(store, np.ones((2, 5), np.float32), 3)
     with pytest.raises(DimensionMismatchError):
         search_store(store, q, 3, dimension=3)
-    with pytest.raises(InvalidEmbeddingsError):
-        search_store(store, np.array([[np.nan, 0, 0, 0]]), 3)
+    for bad in (np.nan, np.inf, -np.inf):  # in one query of a few, or both infinities in one
+        for one in (np.array([[bad, 0, 0, 0]]), np.array([[0, 1, 0, 0], [1, bad, 0, 0]])):
+            with pytest.raises(InvalidEmbeddingsError):
+                search_store(store, one, 3)
+    with warnings.catch_warnings(), pytest.raises(InvalidEmbeddingsError):
+        warnings.simplefilter("error")  # the check itself warns of nothing (no inf - inf)
+        search_store(store, np.array([[np.inf, -np.inf, 0, 0]], np.float32)[0], 3)
     with pytest.raises(InvalidEmbeddingsError):
         search_store(store, np.zeros((0, 4)), 3)
     with pytest.raises(InvalidArgumentError):
@@ -237,3 +244,16 @@ def test_bad_input_raises_typed_errors(tmp_path):
         search_store(store, q, 3, funnel=[(2, 1)])
     with pytest.raises(InvalidArgumentError):
         compute_similarity(store, q, 4, top_k=0)
+
+
+def test_all_finite_agrees_with_isfinite_at_the_float32_extremes(rng):
+    from embtools.search.request import all_finite
+
+    big = np.finfo(np.float32).max
+    for shape in ((1, 384), (7, 5), (3, 4096)):
+        q = rng.choice(np.array([big, -big, 1e-45, -0.0, 1.0], np.float32), size=shape)
+        assert all_finite(q)  # the largest magnitudes of every sign, in every dimension: no overflow
+        for bad in (np.nan, np.inf, -np.inf):
+            r = q.copy()
+            r[rng.integers(shape[0]), rng.integers(shape[1])] = bad
+            assert all_finite(r) is False and not np.isfinite(r).all()
