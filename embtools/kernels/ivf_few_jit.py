@@ -221,7 +221,7 @@ class _BoundType(types.StructRef):  # type: ignore[misc]  # numba's classes are 
 class BoundArgs(structref.StructRefProxy):  # type: ignore[misc]
     """The arguments after the queries of :func:`search_few`'s compiled call, bound once
     (:func:`search_args`): numba unboxes this one object in well under a microsecond, where its
-    27 fields one by one (seven typed lists among them) took about 7 us a call."""
+    27 fields one by one (seven typed lists among them) took about 6 us of an 80 us MiniLM query."""
 
 
 _BOUND_FIELDS = ("centroids", "c_sq", "coarse", "lo", "step", "err", "cmax", "nprobe", "live", "need", "holds",

@@ -123,7 +123,7 @@ class _Strings:
                 return None
         off = self.offsets
         try:
-            return str(self.data[off[i]:off[i + 1]], "utf-8")
+            return self.data[off[i]:off[i + 1]].tobytes().decode()
         except UnicodeDecodeError:  # bytes Arrow's reader did not check
             raise CorruptStoreError("a string column holds bytes that are not UTF-8") from None
 
